@@ -1,0 +1,33 @@
+"""Where LLM calls go: the `Backend` protocol, its request/response models, and backends.
+
+Backends depend only on their own libraries, never on `treadle.runtime`.
+"""
+
+from treadle.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    LLMRequest,
+    LLMResponse,
+    Message,
+    SchedulingHints,
+    StreamChunk,
+    ToolCall,
+    Usage,
+)
+from treadle.backends.scripted import ScriptedBackend, ScriptRule
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Capabilities",
+    "LLMRequest",
+    "LLMResponse",
+    "Message",
+    "SchedulingHints",
+    "ScriptRule",
+    "ScriptedBackend",
+    "StreamChunk",
+    "ToolCall",
+    "Usage",
+]

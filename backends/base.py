@@ -1,0 +1,173 @@
+"""The `Backend` protocol and the pydantic models every backend speaks.
+
+A request carries OpenAI-style chat messages and tool definitions plus `SchedulingHints`:
+what treadle's scheduler knows about the call (priority, program id, pin TTL, last step).
+Each backend maps those hints onto its own server's fields, or ignores what it cannot use,
+as declared by its `Capabilities`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class ToolCall(BaseModel):
+    """One function call requested by the model; `arguments` is the raw JSON text."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+class Message(BaseModel):
+    """One chat message in the OpenAI chat format."""
+
+    role: Role
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class SchedulingHints(BaseModel):
+    """What the runtime knows about a call that a serving engine can use.
+
+    `priority` follows treadle's convention: *lower runs first* (as vLLM). Dialects flip it
+    for servers that run higher values first.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    priority: int = 0
+    program_id: str | None = None
+    request_id: str | None = None
+    pin_ttl_s: float | None = None
+    is_last_step: bool = False
+    next_tool: str | None = None
+    tenant: str | None = None
+
+
+class LLMRequest(BaseModel):
+    """A chat completion request as treadle issues it."""
+
+    model: str
+    messages: list[Message]
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    response_schema: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stream: bool = False
+    hints: SchedulingHints = Field(default_factory=SchedulingHints)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class LLMResponse(BaseModel):
+    """A finished chat completion."""
+
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: Usage = Field(default_factory=Usage)
+    model: str | None = None
+    replica: str | None = None
+    #: seconds from send to first token, when the backend measured it
+    ttft_s: float | None = None
+
+
+class StreamChunk(BaseModel):
+    """An increment of a streamed response. The last chunk carries `finish_reason` and usage."""
+
+    delta: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class Capabilities(BaseModel):
+    """What a backend can do with `SchedulingHints` and what it reports."""
+
+    model_config = ConfigDict(frozen=True)
+
+    streaming: bool = False
+    tool_calls: bool = True
+    prefix_cache: bool = False
+    priority: bool = False
+    pin_ttl: bool = False
+    program_id: bool = False
+    metrics: bool = False
+
+
+class BackendError(Exception):
+    """A backend failed to produce a usable response.
+
+    `retryable` says whether the same request may succeed on another attempt or replica.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False, replica: str | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.replica = replica
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Anything that answers chat requests."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    async def generate(self, request: LLMRequest) -> LLMResponse: ...
+
+
+@runtime_checkable
+class StreamingBackend(Backend, Protocol):
+    def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]: ...
+
+
+async def collect_stream(chunks: AsyncIterator[StreamChunk]) -> LLMResponse:
+    """Fold a stream of chunks into one response."""
+    text: list[str] = []
+    calls: list[ToolCall] = []
+    finish = "stop"
+    usage = Usage()
+    async for chunk in chunks:
+        text.append(chunk.delta)
+        calls.extend(chunk.tool_calls)
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return LLMResponse(
+        content="".join(text) or None, tool_calls=calls, finish_reason=finish, usage=usage
+    )

@@ -1,0 +1,700 @@
+"""Prefix-aware routing across replicas of one model: the pure logic, no I/O.
+
+A prompt is cut into fixed-size chunks and each full chunk is named by a *chained* hash (the
+hash of its parent's hash and its own content), so one hash stands for the whole prefix that
+ends with that chunk, as in vLLM's block hashes. Each replica gets an approximate
+`PrefixIndex` (chained hash -> last touch) that the router updates when it sends a request
+there and ages like the engine's cache: bounded capacity in chunks with least-recently-touched
+eviction, and an optional TTL. `LoadTracker` keeps each replica's in-flight requests and
+outstanding tokens.
+
+Policies share one interface, `choose(request, replicas) -> replica index`:
+- `round_robin` — the next available replica in turn;
+- `least_load` — fewest outstanding tokens (then fewest in-flight requests);
+- `cache_aware` — sgl-router's policy with its command-line defaults (see `CacheAwareConfig`);
+- `treadle` — two candidates per request as in DualMap (best prefix match vs least loaded)
+  compared by estimated cost (queueing delay + prefill time of the uncached part), session
+  affinity per program with work stealing from an overloaded replica, and the sgl-router
+  imbalance guard.
+
+Chunking of text prompts: when `treadle.backends.sim.tokenizer` is importable its tokenizer
+gives token ids, chunked by `chunk_tokens`; otherwise the prompt text is cut into chunks of
+`chunk_tokens * CHARS_PER_TOKEN` characters (a character chunk is an equally valid prefix key;
+only the token counts are estimates then). Each decision costs O(prompt chunks) per replica
+holding a match, and the walk stops at the first miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+from treadle.backends.base import LLMRequest
+
+#: engine KV block size (vLLM default), also the default routing chunk
+DEFAULT_CHUNK_TOKENS = 16
+#: characters per token when no tokenizer is available (the usual English estimate)
+CHARS_PER_TOKEN = 4
+#: seed of every chain: the hash of "no parent"
+_ROOT = 0x5EED
+
+
+class NoReplicaAvailable(RuntimeError):
+    """Every replica is marked unavailable; there is nothing to route to."""
+
+
+# -- chunking ------------------------------------------------------------------------------
+
+
+def chain_token_chunks(
+    tokens: Sequence[int], chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[int, ...]:
+    """Chained hashes of the full `chunk_tokens`-sized chunks of `tokens` (a partial tail is
+    not a key: engines cache only full blocks). Python's hash of a tuple of ints is stable
+    across processes (hash randomisation applies to str/bytes only)."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    out: list[int] = []
+    parent = _ROOT
+    for start in range(0, len(tokens) - chunk_tokens + 1, chunk_tokens):
+        parent = hash((parent, tuple(tokens[start : start + chunk_tokens])))
+        out.append(parent)
+    return tuple(out)
+
+
+def chain_block_ids(block_ids: Sequence[int]) -> tuple[int, ...]:
+    """Chain ids that already name whole blocks (Mooncake `hash_ids`: equal id = equal
+    content); chaining makes a key stand for the prefix, not the block alone."""
+    out: list[int] = []
+    parent = _ROOT
+    for block in block_ids:
+        parent = hash((parent, int(block)))
+        out.append(parent)
+    return tuple(out)
+
+
+def chain_text_chunks(text: str, chunk_chars: int) -> tuple[int, ...]:
+    """Chained hashes of full `chunk_chars`-character chunks (blake2b, stable across runs)."""
+    if chunk_chars <= 0:
+        raise ValueError(f"chunk_chars must be positive, got {chunk_chars}")
+    out: list[int] = []
+    parent = b""
+    data = text.encode("utf-8")
+    # Bytes, not characters, keep the cut cheap; a multi-byte character split across two
+    # chunks still hashes deterministically, which is all a prefix key needs.
+    for start in range(0, len(data) - chunk_chars + 1, chunk_chars):
+        parent = hashlib.blake2b(parent + data[start : start + chunk_chars], digest_size=8).digest()
+        out.append(int.from_bytes(parent, "big"))
+    return tuple(out)
+
+
+def prompt_text(request: LLMRequest) -> str:
+    """The request as the text an engine would see first: tools, then messages in order.
+
+    The exact chat template does not matter for routing, only that equal conversation
+    prefixes give equal text prefixes, which this rendering preserves."""
+    parts: list[str] = []
+    if request.tools:
+        parts.append(json.dumps(request.tools, sort_keys=True, separators=(",", ":")))
+    for message in request.messages:
+        parts.append(f"<|{message.role}|>{message.content or ''}")
+        for call in message.tool_calls:
+            parts.append(f"<|call|>{call.name}{call.arguments}")
+    return "\n".join(parts)
+
+
+def _load_tokenizer() -> Callable[[str], Sequence[int]] | None:
+    """The simulator's tokenizer's encode function, if that module exists."""
+    try:
+        from treadle.backends.sim import tokenizer as sim_tokenizer
+    except ImportError:
+        return None
+    for name in ("encode", "tokenize"):
+        fn = getattr(sim_tokenizer, name, None)
+        if callable(fn):
+            return cast(Callable[[str], Sequence[int]], fn)
+    for cls_name in ("Tokenizer", "SimTokenizer"):
+        cls = getattr(sim_tokenizer, cls_name, None)
+        if cls is not None:
+            try:
+                encode = cls().encode
+            except Exception:  # a tokenizer that needs arguments: fall back to characters
+                return None
+            return cast(Callable[[str], Sequence[int]], encode)
+    return None
+
+
+_TOKENIZER: list[Callable[[str], Sequence[int]] | None] = []
+
+
+def text_tokenizer() -> Callable[[str], Sequence[int]] | None:
+    """Cached lookup of the simulator's tokenizer (None: character chunks are used)."""
+    if not _TOKENIZER:
+        _TOKENIZER.append(_load_tokenizer())
+    return _TOKENIZER[0]
+
+
+# -- request features ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFeatures:
+    """What a policy sees of a request.
+
+    `chunks` are chained hashes, one per full chunk of `chunk_tokens` tokens; `now` is the
+    decision time in the caller's clock (virtual seconds in the simulator, monotonic
+    seconds in the pool)."""
+
+    chunks: tuple[int, ...]
+    prompt_tokens: int
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    output_tokens: int = 0
+    program_id: str | None = None
+    pinned: bool = False
+    now: float = 0.0
+
+    @classmethod
+    def from_request(
+        cls,
+        request: LLMRequest,
+        *,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        now: float = 0.0,
+    ) -> RequestFeatures:
+        text = prompt_text(request)
+        encode = text_tokenizer()
+        if encode is not None:
+            tokens = list(encode(text))
+            chunks = chain_token_chunks(tokens, chunk_tokens)
+            n_tokens = len(tokens)
+        else:
+            chunks = chain_text_chunks(text, chunk_tokens * CHARS_PER_TOKEN)
+            n_tokens = max(1, len(text) // CHARS_PER_TOKEN) if text else 0
+        return cls(
+            chunks=chunks,
+            prompt_tokens=n_tokens,
+            chunk_tokens=chunk_tokens,
+            output_tokens=request.max_tokens or 0,
+            program_id=request.hints.program_id,
+            pinned=request.hints.pin_ttl_s is not None and request.hints.pin_ttl_s > 0,
+            now=now,
+        )
+
+
+# -- the approximate per-replica prefix index -----------------------------------------------
+
+
+class PrefixIndex:
+    """Which prefixes one replica probably holds: chained chunk hash -> last-touch time.
+
+    Ordered by touch time, least recent first, so eviction is O(1) per chunk. A chain is
+    touched tail first, so its root ends up most recent and is evicted last: the engine
+    (vLLM) frees a request's blocks in reverse order for the same reason — evicting a
+    parent before its children would strand them."""
+
+    __slots__ = (
+        "_entries",
+        "actual_tokens",
+        "capacity",
+        "max_capacity",
+        "predicted_tokens",
+        "ttl_s",
+    )
+
+    def __init__(self, capacity_chunks: int | None = None, *, ttl_s: float | None = None):
+        if capacity_chunks is not None and capacity_chunks <= 0:
+            raise ValueError(f"capacity_chunks must be positive or None, got {capacity_chunks}")
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive or None, got {ttl_s}")
+        self._entries: OrderedDict[int, float] = OrderedDict()
+        self.capacity = capacity_chunks
+        self.max_capacity = capacity_chunks
+        self.ttl_s = ttl_s
+        #: feedback totals: what the index predicted vs what the engine reported
+        self.predicted_tokens = 0
+        self.actual_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, chunk: int) -> bool:
+        return chunk in self._entries
+
+    def touched_at(self, chunk: int) -> float | None:
+        """When `chunk` was last touched (None: not held)."""
+        return self._entries.get(chunk)
+
+    def match(self, chunks: Sequence[int], now: float) -> int:
+        """Number of leading chunks present (and not older than the TTL)."""
+        entries = self._entries
+        ttl = self.ttl_s
+        n = 0
+        for chunk in chunks:
+            touched = entries.get(chunk)
+            if touched is None or (ttl is not None and now - touched > ttl):
+                break
+            n += 1
+        return n
+
+    def insert(self, chunks: Sequence[int], now: float) -> None:
+        """Record that the replica now holds every prefix of `chunks`; evict beyond capacity."""
+        entries = self._entries
+        for chunk in reversed(chunks):
+            entries[chunk] = now
+            entries.move_to_end(chunk)
+        self.evict_to(self.capacity, now)
+
+    def evict_to(self, capacity: int | None, now: float) -> int:
+        """Drop least recently touched chunks down to `capacity` and any past the TTL."""
+        entries = self._entries
+        dropped = 0
+        if capacity is not None:
+            while len(entries) > capacity:
+                entries.popitem(last=False)
+                dropped += 1
+        if self.ttl_s is not None:
+            horizon = now - self.ttl_s
+            while entries:
+                oldest = next(iter(entries.values()))
+                if oldest >= horizon:
+                    break
+                entries.popitem(last=False)
+                dropped += 1
+        return dropped
+
+    def forget(self, chunks: Sequence[int], keep: int) -> None:
+        """Remove `chunks[keep:]`: what a failed request was assumed to leave behind."""
+        for chunk in chunks[keep:]:
+            self._entries.pop(chunk, None)
+
+    def observe(self, predicted_tokens: int, actual_tokens: int, *, adapt: bool = False) -> None:
+        """Correct the index from what the engine reported as cached for a request.
+
+        With `adapt`, the capacity estimate shrinks multiplicatively when the engine held
+        less than predicted (its cache is smaller than assumed, e.g. running requests hold
+        blocks) and regrows additively up to the configured capacity when it held as much."""
+        self.predicted_tokens += predicted_tokens
+        self.actual_tokens += actual_tokens
+        if not adapt or self.capacity is None or self.max_capacity is None:
+            return
+        if actual_tokens < predicted_tokens:
+            self.capacity = max(self.max_capacity // 8, int(self.capacity * 0.95))
+        elif predicted_tokens > 0:
+            self.capacity = min(self.max_capacity, self.capacity + max(1, self.max_capacity // 200))
+
+
+# -- load tracking ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    """What the router knows about one replica's load and health."""
+
+    index: int
+    name: str
+    available: bool = True
+    in_flight: int = 0
+    #: prompt tokens routed there, not known to be cached, whose prefill has not finished
+    pending_prefill_tokens: int = 0
+    #: expected output tokens of the requests in flight
+    pending_decode_tokens: int = 0
+    routed: int = 0
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return self.pending_prefill_tokens + self.pending_decode_tokens
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One routed request, returned by `Router.route`, handed back on progress."""
+
+    replica: int
+    request: RequestFeatures
+    predicted_cached_tokens: int
+    prefill_open: bool = True
+    done: bool = False
+
+    @property
+    def prefill_tokens(self) -> int:
+        return max(0, self.request.prompt_tokens - self.predicted_cached_tokens)
+
+
+class LoadTracker:
+    """In-flight requests and outstanding tokens per replica, from the router's own view."""
+
+    def __init__(self, names: Sequence[str]):
+        if not names:
+            raise ValueError("a pool needs at least one replica")
+        self.states = [ReplicaState(index=i, name=n) for i, n in enumerate(names)]
+
+    def begin(self, ticket: Ticket) -> None:
+        state = self.states[ticket.replica]
+        state.in_flight += 1
+        state.routed += 1
+        state.pending_prefill_tokens += ticket.prefill_tokens
+        state.pending_decode_tokens += ticket.request.output_tokens
+
+    def prefill_done(self, ticket: Ticket) -> None:
+        if ticket.prefill_open and not ticket.done:
+            ticket.prefill_open = False
+            self.states[ticket.replica].pending_prefill_tokens -= ticket.prefill_tokens
+
+    def end(self, ticket: Ticket) -> None:
+        if ticket.done:
+            return
+        self.prefill_done(ticket)
+        ticket.done = True
+        state = self.states[ticket.replica]
+        state.in_flight -= 1
+        state.pending_decode_tokens -= ticket.request.output_tokens
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+
+class Policy(Protocol):
+    """A routing policy. `choose` may update the policy's own index (as sgl-router inserts
+    the request into its tree when it selects a worker) and sets `last_cached_tokens`: how
+    many prompt tokens it expects the chosen replica to have cached."""
+
+    name: str
+    last_cached_tokens: int
+
+    def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int: ...
+
+    def feedback(
+        self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float
+    ) -> None: ...
+
+
+def _available(replicas: Sequence[ReplicaState]) -> list[ReplicaState]:
+    live = [r for r in replicas if r.available]
+    if not live:
+        raise NoReplicaAvailable("no replica is available")
+    return live
+
+
+def _is_imbalanced(loads: Sequence[int], abs_threshold: float, rel_threshold: float) -> bool:
+    """sgl-router: imbalanced when max - min > abs and max > rel * min."""
+    hi, lo = max(loads), min(loads)
+    return hi - lo > abs_threshold and hi > rel_threshold * lo
+
+
+class RoundRobinPolicy:
+    """The next available replica in turn (no cache or load knowledge)."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+        self.last_cached_tokens = 0
+
+    def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
+        _available(replicas)
+        n = len(replicas)
+        for _ in range(n):
+            idx = next(self._counter) % n
+            if replicas[idx].available:
+                return idx
+        raise NoReplicaAvailable("no replica is available")  # unreachable: checked above
+
+    def feedback(self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float) -> None:
+        return None
+
+
+class LeastLoadPolicy:
+    """Fewest outstanding tokens, then fewest in-flight requests, then lowest index."""
+
+    name = "least_load"
+
+    def __init__(self) -> None:
+        self.last_cached_tokens = 0
+
+    def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
+        best = min(_available(replicas), key=lambda r: (r.outstanding_tokens, r.in_flight, r.index))
+        return best.index
+
+    def feedback(self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class CacheAwareConfig:
+    """sgl-router's cache-aware policy, with the defaults of its command line
+    (sgl-project/sglang, `sgl-router/src/main.rs`, `CliArgs`: `--cache-threshold 0.3`,
+    `--balance-abs-threshold 64`, `--balance-rel-threshold 1.5`, `--eviction-interval 120`,
+    `--max-tree-size 67108864`). (`CacheAwareConfig::default()` in
+    `sgl-router/src/policies/mod.rs` has other values — 0.5, 32, 1.1, 30 s, 10,000 — but a
+    router started from the CLI, the normal way, gets the ones above.)
+
+    The router's tree stores characters; `max_tree_size` is counted here in tokens, one
+    character of sgl-router's tree standing for one token of ours."""
+
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    eviction_interval_s: float = 120.0
+    max_tree_size: int = 67_108_864
+
+
+class CacheAwarePolicy:
+    """sgl-router `cache_aware` (`sgl-router/src/policies/cache_aware.rs`).
+
+    Load = in-flight requests per worker. When imbalanced (max - min > abs and max > rel *
+    min) go to the shortest queue; otherwise, when the best prefix match covers more than
+    `cache_threshold` of the prompt, go to the worker with that match, else to the worker
+    with the smallest tree. The chosen worker's tree gets the request in both cases. Trees
+    are only trimmed to `max_tree_size` every `eviction_interval_s`, LRU first — they do
+    not know what the engine evicted."""
+
+    name = "cache_aware"
+
+    def __init__(self, n_replicas: int, config: CacheAwareConfig | None = None):
+        self.config = config or CacheAwareConfig()
+        self.trees = [PrefixIndex(None) for _ in range(n_replicas)]
+        self._last_eviction: float | None = None
+        self._chunk_tokens = DEFAULT_CHUNK_TOKENS
+        self.last_cached_tokens = 0
+
+    def _maybe_evict(self, now: float) -> None:
+        if self._last_eviction is None:
+            self._last_eviction = now
+            return
+        if now - self._last_eviction >= self.config.eviction_interval_s:
+            self._last_eviction = now
+            for tree in self.trees:
+                # upstream counts characters; here tokens, held as chunks of chunk_tokens
+                tree.evict_to(max(1, self.config.max_tree_size // self._chunk_tokens), now)
+
+    def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
+        live = _available(replicas)
+        now = request.now
+        self._chunk_tokens = request.chunk_tokens
+        self._maybe_evict(now)
+        cfg = self.config
+        loads = [r.in_flight for r in replicas]
+        if _is_imbalanced(loads, cfg.balance_abs_threshold, cfg.balance_rel_threshold):
+            idx = min(live, key=lambda r: (r.in_flight, r.index)).index
+        else:
+            best_idx, best_match = -1, 0
+            best_touch = float("-inf")
+            for r in live:
+                tree = self.trees[r.index]
+                m = tree.match(request.chunks, now)
+                if m == 0:
+                    continue
+                touched = tree.touched_at(request.chunks[m - 1]) or 0.0
+                if m > best_match or (m == best_match and touched > best_touch):
+                    best_idx, best_match, best_touch = r.index, m, touched
+            matched_tokens = best_match * request.chunk_tokens
+            rate = matched_tokens / request.prompt_tokens if request.prompt_tokens else 0.0
+            if best_idx >= 0 and rate > cfg.cache_threshold:
+                idx = best_idx
+            else:
+                idx = min(live, key=lambda r: (len(self.trees[r.index]), r.index)).index
+        self.last_cached_tokens = self.trees[idx].match(request.chunks, now) * request.chunk_tokens
+        self.trees[idx].insert(request.chunks, now)
+        return idx
+
+    def feedback(self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float) -> None:
+        # sgl-router leaves its tree as it is on completion (on_request_complete only logs).
+        return None
+
+
+@dataclass(frozen=True)
+class TreadleConfig:
+    """Knobs of the `treadle` policy.
+
+    `capacity_chunks` should be the engine's prefix-cache capacity in chunks (KV blocks
+    for 16-token chunks) so the index ages like the engine's LRU cache; `prefill_tokens_per_s`
+    converts tokens to seconds in the cost estimate (the engine profile's prefill rate)."""
+
+    prefill_tokens_per_s: float = 20_000.0
+    capacity_chunks: int | None = None
+    ttl_s: float | None = None
+    #: sgl-router-style guard on in-flight requests (same defaults as cache_aware)
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    #: a program's replica keeps its work until its queueing delay exceeds this ...
+    steal_delay_s: float = 1.0
+    #: ... and exceeds the least loaded replica's by this factor
+    steal_factor: float = 2.0
+    #: forget a program's replica after this long without requests
+    affinity_ttl_s: float = 600.0
+    #: correct the index capacity from the cached tokens engines report
+    adapt_capacity: bool = True
+
+
+class TreadlePolicy:
+    """Cost-based choice between the best-matching and the least-loaded replica.
+
+    cost(r) = queueing delay(r) + prefill time of the part of the prompt r does not hold,
+    with queueing delay = tokens routed to r whose prefill has not finished / prefill rate.
+    A program sticks to its replica (where its cache, possibly pinned, lives) unless that
+    replica is overloaded; then another replica steals the work and becomes the program's."""
+
+    name = "treadle"
+
+    def __init__(self, n_replicas: int, config: TreadleConfig | None = None):
+        self.config = config or TreadleConfig()
+        cfg = self.config
+        self.indexes = [
+            PrefixIndex(cfg.capacity_chunks, ttl_s=cfg.ttl_s) for _ in range(n_replicas)
+        ]
+        self.affinity: dict[str, tuple[int, float]] = {}
+        self.last_cached_tokens = 0
+        self.steals = 0
+        self.guarded = 0
+
+    def queue_delay_s(self, replica: ReplicaState) -> float:
+        return replica.pending_prefill_tokens / self.config.prefill_tokens_per_s
+
+    def cost_s(self, replica: ReplicaState, request: RequestFeatures, matched_chunks: int) -> float:
+        uncached = max(0, request.prompt_tokens - matched_chunks * request.chunk_tokens)
+        return self.queue_delay_s(replica) + uncached / self.config.prefill_tokens_per_s
+
+    def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
+        cfg = self.config
+        live = _available(replicas)
+        now = request.now
+        matches = {r.index: self.indexes[r.index].match(request.chunks, now) for r in live}
+        # ties (an idle pool) go to the replica whose cache holds least: spreads new content
+        least = min(
+            live,
+            key=lambda r: (
+                r.pending_prefill_tokens,
+                r.in_flight,
+                len(self.indexes[r.index]),
+                r.index,
+            ),
+        )
+        idx: int | None = None
+
+        loads = [r.in_flight for r in replicas]
+        if _is_imbalanced(loads, cfg.balance_abs_threshold, cfg.balance_rel_threshold):
+            self.guarded += 1
+            idx = min(live, key=lambda r: (r.in_flight, r.index)).index
+
+        if idx is None and request.program_id is not None:
+            sticky = self.affinity.get(request.program_id)
+            if sticky is not None and now - sticky[1] <= cfg.affinity_ttl_s:
+                home = replicas[sticky[0]]
+                if home.available:
+                    delay = self.queue_delay_s(home)
+                    overloaded = delay > cfg.steal_delay_s and delay > cfg.steal_factor * (
+                        self.queue_delay_s(least)
+                    )
+                    if not overloaded:
+                        idx = home.index
+                    else:
+                        self.steals += 1
+
+        if idx is None:
+            best = max(
+                live,
+                key=lambda r: (
+                    matches[r.index],
+                    -self.cost_s(r, request, matches[r.index]),
+                    -r.index,
+                ),
+            )
+            c_best = self.cost_s(best, request, matches[best.index])
+            c_least = self.cost_s(least, request, matches[least.index])
+            idx = best.index if c_best <= c_least else least.index
+
+        self.last_cached_tokens = matches[idx] * request.chunk_tokens
+        self.indexes[idx].insert(request.chunks, now)
+        if request.program_id is not None:
+            self.affinity[request.program_id] = (idx, now)
+        return idx
+
+    def feedback(self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float) -> None:
+        index = self.indexes[ticket.replica]
+        request = ticket.request
+        if not ok:
+            # The prompt never reached the replica's cache: take back what routing assumed.
+            index.forget(request.chunks, ticket.predicted_cached_tokens // request.chunk_tokens)
+            if request.program_id is not None:
+                home = self.affinity.get(request.program_id)
+                if home is not None and home[0] == ticket.replica:
+                    del self.affinity[request.program_id]
+            return
+        if cached_tokens is not None:
+            index.observe(
+                ticket.predicted_cached_tokens, cached_tokens, adapt=self.config.adapt_capacity
+            )
+
+
+POLICIES = ("round_robin", "least_load", "cache_aware", "treadle")
+
+
+def make_policy(name: str, n_replicas: int, **options: Any) -> Policy:
+    """Build a policy by name; `options` go to its config (`CacheAwareConfig`,
+    `TreadleConfig`)."""
+    if name == "round_robin":
+        _no_options(name, options)
+        return RoundRobinPolicy()
+    if name == "least_load":
+        _no_options(name, options)
+        return LeastLoadPolicy()
+    if name == "cache_aware":
+        return CacheAwarePolicy(n_replicas, CacheAwareConfig(**options))
+    if name == "treadle":
+        return TreadlePolicy(n_replicas, TreadleConfig(**options))
+    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+def _no_options(name: str, options: dict[str, Any]) -> None:
+    if options:
+        raise ValueError(f"policy {name!r} takes no options, got {sorted(options)}")
+
+
+# -- the router: policy + load tracking -------------------------------------------------------
+
+
+@dataclass
+class Router:
+    """A policy plus the load it acts on. The caller reports progress on each ticket."""
+
+    policy: Policy
+    names: Sequence[str]
+    tracker: LoadTracker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tracker = LoadTracker(self.names)
+
+    @property
+    def states(self) -> list[ReplicaState]:
+        return self.tracker.states
+
+    def set_available(self, index: int, available: bool) -> None:
+        self.tracker.states[index].available = available
+
+    def route(self, request: RequestFeatures) -> Ticket:
+        idx = self.policy.choose(request, self.tracker.states)
+        if not self.tracker.states[idx].available:
+            raise RuntimeError(f"policy {self.policy.name} chose unavailable replica {idx}")
+        ticket = Ticket(
+            replica=idx,
+            request=request,
+            predicted_cached_tokens=min(self.policy.last_cached_tokens, request.prompt_tokens),
+        )
+        self.tracker.begin(ticket)
+        return ticket
+
+    def prefill_done(self, ticket: Ticket) -> None:
+        self.tracker.prefill_done(ticket)
+
+    def finish(
+        self, ticket: Ticket, *, now: float, cached_tokens: int | None = None, ok: bool = True
+    ) -> None:
+        if ticket.done:
+            return
+        self.tracker.end(ticket)
+        self.policy.feedback(ticket, cached_tokens=cached_tokens, ok=ok, now=now)

@@ -1,0 +1,206 @@
+"""The `scripted` backend: deterministic answers, so every workflow runs offline.
+
+Rules (`ScriptRule`) match a regular expression against the latest user message and answer
+with fixed content or tool calls. Without a matching rule, the answer is generated from the
+request's response schema: a value that validates against it, derived from a hash of the
+prompt, so equal prompts give equal answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, Field
+
+from treadle.backends.base import (
+    Capabilities,
+    LLMRequest,
+    LLMResponse,
+    Message,
+    StreamChunk,
+    ToolCall,
+    Usage,
+)
+
+_WORDS = (
+    "alpha bravo cedar delta ember fjord grove harbor island juniper kestrel lumen meadow "
+    "north orchid prairie quartz river summit tundra umber valley willow xenon yarrow zephyr"
+).split()
+
+
+class ScriptedToolCall(BaseModel):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScriptRule(BaseModel):
+    """Answer requests whose latest user message matches `match` (a regex, searched).
+
+    With `tool_calls`, the rule fires only before any tool result has come back for that
+    user message; the model's next turn (after the results) falls through to later rules
+    or to schema generation. `content` may be text or a JSON value; text may use
+    `{tool_results}` (the results so far, one a line) and `{groups[N]}` from the match.
+    """
+
+    match: str = ""
+    content: Any = None
+    tool_calls: list[ScriptedToolCall] = Field(default_factory=list)
+
+
+def _approx_tokens(text: str) -> int:
+    return max(1, len(text) // 4) if text else 0
+
+
+class ScriptedBackend:
+    """Deterministic stand-in for an LLM. `latency_s` adds a fixed delay per call."""
+
+    def __init__(self, rules: list[ScriptRule] | None = None, *, latency_s: float = 0.0):
+        self.rules = list(rules or [])
+        self.latency_s = latency_s
+        self.calls = 0
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(streaming=True, tool_calls=True)
+
+    async def generate(self, request: LLMRequest) -> LLMResponse:
+        self.calls += 1
+        if self.latency_s:
+            await anyio.sleep(self.latency_s)
+        content, calls = self._answer(request)
+        prompt_text = "".join(m.content or "" for m in request.messages)
+        completion = content or "".join(c.arguments for c in calls)
+        return LLMResponse(
+            content=content,
+            tool_calls=calls,
+            finish_reason="tool_calls" if calls else "stop",
+            usage=Usage(
+                prompt_tokens=_approx_tokens(prompt_text),
+                completion_tokens=_approx_tokens(completion),
+            ),
+            model=request.model,
+        )
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]:
+        response = await self.generate(request)
+        for piece in re.findall(r"\S+\s*|\s+", response.content or ""):
+            yield StreamChunk(delta=piece)
+        yield StreamChunk(
+            tool_calls=response.tool_calls,
+            finish_reason=response.finish_reason,
+            usage=response.usage,
+        )
+
+    # -- answering ---------------------------------------------------------------------
+
+    def _answer(self, request: LLMRequest) -> tuple[str | None, list[ToolCall]]:
+        last_user, results = _conversation_tail(request.messages)
+        for rule in self.rules:
+            m = re.search(rule.match, last_user, flags=re.S)
+            if m is None:
+                continue
+            if rule.tool_calls:
+                if results:
+                    continue
+                return None, [
+                    ToolCall(
+                        id=f"call_{i}_{_digest(last_user)[:8]}",
+                        name=c.name,
+                        arguments=json.dumps(c.arguments),
+                    )
+                    for i, c in enumerate(rule.tool_calls)
+                ]
+            if rule.content is None:
+                continue
+            return _render(rule.content, m, results), []
+        seed = _digest(json.dumps([m.model_dump() for m in request.messages], default=str))
+        if request.response_schema is not None:
+            value = generate_from_schema(request.response_schema, seed)
+            return json.dumps(value), []
+        return f"Answer ({seed[:6]}): {' '.join(_words(seed, 8))}.", []
+
+
+def _conversation_tail(messages: list[Message]) -> tuple[str, list[str]]:
+    """The latest user message and the tool results that came after it."""
+    results: list[str] = []
+    for msg in reversed(messages):
+        if msg.role == "tool":
+            results.append(msg.content or "")
+        elif msg.role == "user":
+            return msg.content or "", list(reversed(results))
+    return "", list(reversed(results))
+
+
+def _render(content: Any, match: re.Match[str], results: list[str]) -> str:
+    if not isinstance(content, str):
+        return json.dumps(content)
+    groups = [match.group(0), *match.groups()]
+    return content.format(tool_results="\n".join(results), groups=groups)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _words(seed: str, n: int) -> list[str]:
+    return [_WORDS[int(seed[i * 2 : i * 2 + 2], 16) % len(_WORDS)] for i in range(n)]
+
+
+def generate_from_schema(schema: dict[str, Any], seed: str) -> Any:
+    """A deterministic value that validates against `schema` (the subset pydantic emits)."""
+    defs = schema.get("$defs", {})
+
+    def gen(s: dict[str, Any], path: str) -> Any:
+        h = _digest(seed + path)
+        if "$ref" in s:
+            return gen(defs[s["$ref"].rsplit("/", 1)[-1]], path)
+        if "const" in s:
+            return s["const"]
+        if "enum" in s:
+            return s["enum"][int(h[:4], 16) % len(s["enum"])]
+        if "default" in s and s.get("type") not in ("object", "array"):
+            return s["default"]
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                options = [o for o in s[key] if o.get("type") != "null"] or s[key]
+                return gen(options[0], path)
+        if "allOf" in s:
+            return gen(s["allOf"][0], path)
+        kind = s.get("type", "string")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind == "object":
+            props = s.get("properties", {})
+            if not props and isinstance(s.get("additionalProperties"), dict):
+                return {w: gen(s["additionalProperties"], f"{path}.{w}") for w in _words(h, 2)}
+            return {k: gen(v, f"{path}.{k}") for k, v in props.items()}
+        if kind == "array":
+            if "prefixItems" in s:
+                return [gen(x, f"{path}[{i}]") for i, x in enumerate(s["prefixItems"])]
+            n = max(int(s.get("minItems", 0)), min(int(s.get("maxItems", 3)), 3))
+            return [gen(s.get("items", {}), f"{path}[{i}]") for i in range(n)]
+        if kind == "integer":
+            lo = int(s.get("minimum", 0))
+            hi = int(s.get("maximum", lo + 100))
+            return lo + int(h[:6], 16) % (hi - lo + 1)
+        if kind == "number":
+            lo = float(s.get("minimum", 0.0))
+            hi = float(s.get("maximum", lo + 1.0))
+            return round(lo + (int(h[:6], 16) / 0xFFFFFF) * (hi - lo), 4)
+        if kind == "boolean":
+            return int(h[0], 16) % 2 == 0
+        if kind == "null":
+            return None
+        text = " ".join(_words(h, 4))
+        lo_len = int(s.get("minLength", 0))
+        text = (text + " " + text * (lo_len // max(len(text), 1) + 1))[: max(lo_len, len(text))]
+        if "maxLength" in s:
+            text = text[: int(s["maxLength"])]
+        return text
+
+    return gen(schema, "$")

@@ -1,0 +1,1 @@
+"""Reproducible measurements; each module is also a `treadle bench NAME` subcommand."""

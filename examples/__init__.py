@@ -1,0 +1,1 @@
+"""Runnable example workflows (Python modules and workflow files)."""

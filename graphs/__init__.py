@@ -1,0 +1,2 @@
+"""Declaring programs: typed DAG specs, the SDK builder, workflow files, validation and
+static analysis."""

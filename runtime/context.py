@@ -1,0 +1,81 @@
+"""Per-run state shared by every graph scope of a run: ids, the event sequence, the journal,
+restored outputs, and the services nodes call (LLM gateway, tools)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from treadle.runtime.events import Event, RunStarted
+from treadle.runtime.journal import Journal
+
+if TYPE_CHECKING:
+    from treadle.runtime.llm import LLMGateway
+
+
+@dataclass
+class RunOptions:
+    #: stream LLM tokens as `LLMTokens` events (backends that can stream)
+    stream_tokens: bool = False
+    #: at most this many node attempts run at once in the run (None: no limit)
+    max_concurrency: int | None = None
+    tenant: str | None = None
+
+
+class RunContext:
+    """Everything one run's node executions share."""
+
+    def __init__(
+        self,
+        run_id: str,
+        journal: Journal,
+        gateway: LLMGateway,
+        *,
+        options: RunOptions,
+        restored: dict[str, bytes] | None = None,
+        first_seq: int = 1,
+    ) -> None:
+        self.run_id = run_id
+        self.journal = journal
+        self.gateway = gateway
+        self.options = options
+        self.restored = restored or {}
+        self._seq = first_seq - 1
+        self.log: list[Event] = []
+        self._listeners: list[Callable[[Event], None]] = []
+        self._changed: anyio.Event | None = None
+        self.limiter = (
+            anyio.CapacityLimiter(options.max_concurrency) if options.max_concurrency else None
+        )
+        self.started = time.perf_counter()
+        self.llm_call_counter = 0
+
+    def emit(self, cls: type[Event], **fields: Any) -> Event:
+        self._seq += 1
+        event = cls(seq=self._seq, run_id=self.run_id, ts=time.time(), **fields)
+        self.log.append(event)
+        self.journal.add(event)
+        if self._changed is not None:
+            changed, self._changed = self._changed, None
+            changed.set()
+        for listener in self._listeners:
+            listener(event)
+        return event
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
+
+    async def wait_for_events(self, after: int) -> None:
+        """Return once the log holds more than `after` events."""
+        while len(self.log) <= after:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
+    def start_event(self, graph: str, resumed: bool) -> None:
+        self.emit(RunStarted, graph=graph, resumed=resumed)
+

@@ -1,0 +1,208 @@
+"""Typed run events. Every state change of a run is one event with a sequence number.
+
+Events are small slotted dataclasses (they are created on the orchestrator's hot path) and
+turn into plain dicts for stores, streams and traces with `to_dict` / `event_from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(slots=True)
+class Event:
+    seq: int
+    run_id: str
+    ts: float
+    kind: ClassVar[str] = "event"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["kind"] = self.kind
+        return out
+
+
+@dataclass(slots=True)
+class RunStarted(Event):
+    graph: str
+    resumed: bool = False
+    kind: ClassVar[str] = "run_started"
+
+
+@dataclass(slots=True)
+class NodeReady(Event):
+    node: str
+    kind: ClassVar[str] = "node_ready"
+
+
+@dataclass(slots=True)
+class NodeStarted(Event):
+    node: str
+    attempt: int = 1
+    kind: ClassVar[str] = "node_started"
+
+
+@dataclass(slots=True)
+class NodeRetrying(Event):
+    node: str
+    attempt: int
+    error: str
+    delay_s: float
+    kind: ClassVar[str] = "node_retrying"
+
+
+@dataclass(slots=True)
+class NodeFinished(Event):
+    node: str
+    duration_s: float
+    kind: ClassVar[str] = "node_finished"
+
+
+@dataclass(slots=True)
+class NodeFailed(Event):
+    node: str
+    error: str
+    attempt: int = 1
+    policy: str = "fail"
+    kind: ClassVar[str] = "node_failed"
+
+
+@dataclass(slots=True)
+class NodeSkipped(Event):
+    node: str
+    reason: str
+    kind: ClassVar[str] = "node_skipped"
+
+
+@dataclass(slots=True)
+class GraphExtended(Event):
+    """A node added instances to the run's DAG (a map's elements, a planner's tasks)."""
+
+    node: str
+    instances: list[str]
+    kind: ClassVar[str] = "graph_extended"
+
+
+@dataclass(slots=True)
+class LLMCallQueued(Event):
+    node: str
+    call_id: str
+    model: str
+    prompt_tokens: int = 0
+    kind: ClassVar[str] = "llm_call_queued"
+
+
+@dataclass(slots=True)
+class LLMCallDispatched(Event):
+    node: str
+    call_id: str
+    replica: str | None = None
+    priority: int = 0
+    queue_wait_s: float = 0.0
+    kind: ClassVar[str] = "llm_call_dispatched"
+
+
+@dataclass(slots=True)
+class LLMTokens(Event):
+    node: str
+    call_id: str
+    text: str
+    kind: ClassVar[str] = "llm_tokens"
+
+
+@dataclass(slots=True)
+class LLMCallFinished(Event):
+    node: str
+    call_id: str
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    duration_s: float = 0.0
+    ttft_s: float | None = None
+    tool_calls: int = 0
+    replica: str | None = None
+    error: str | None = None
+    kind: ClassVar[str] = "llm_call_finished"
+
+
+@dataclass(slots=True)
+class ToolCallStarted(Event):
+    node: str
+    call_id: str
+    tool: str
+    kind: ClassVar[str] = "tool_call_started"
+
+
+@dataclass(slots=True)
+class ToolCallFinished(Event):
+    node: str
+    call_id: str
+    tool: str
+    duration_s: float
+    ok: bool = True
+    error: str | None = None
+    kind: ClassVar[str] = "tool_call_finished"
+
+
+@dataclass(slots=True)
+class PinSet(Event):
+    node: str
+    call_id: str
+    ttl_s: float
+    tokens: int = 0
+    kind: ClassVar[str] = "pin_set"
+
+
+@dataclass(slots=True)
+class PinReleased(Event):
+    node: str
+    call_id: str
+    reason: str
+    used: bool = False
+    kind: ClassVar[str] = "pin_released"
+
+
+@dataclass(slots=True)
+class RunFinished(Event):
+    status: str  # "succeeded" | "failed" | "cancelled"
+    error: str | None = None
+    duration_s: float = 0.0
+    kind: ClassVar[str] = "run_finished"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        RunStarted,
+        NodeReady,
+        NodeStarted,
+        NodeRetrying,
+        NodeFinished,
+        NodeFailed,
+        NodeSkipped,
+        GraphExtended,
+        LLMCallQueued,
+        LLMCallDispatched,
+        LLMTokens,
+        LLMCallFinished,
+        ToolCallStarted,
+        ToolCallFinished,
+        PinSet,
+        PinReleased,
+        RunFinished,
+    )
+}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Rebuild an event from `Event.to_dict` output (unknown keys are an error)."""
+    fields = dict(data)
+    kind = fields.pop("kind")
+    try:
+        cls = EVENT_TYPES[kind]
+    except KeyError:
+        raise ValueError(f"unknown event kind {kind!r}") from None
+    return cls(**fields)

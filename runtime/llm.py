@@ -1,0 +1,303 @@
+"""LLM and tool execution inside a run: the gateway every LLM call goes through, the
+tool-calling conversation of an `llm` node (parallel tool calls run at once), and `tool`
+nodes.
+
+The gateway is where scheduling hints are attached and where the scheduler (when one is
+configured) decides the order of calls across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from pydantic import BaseModel, ValidationError
+
+from treadle.backends.base import (
+    Backend,
+    BackendError,
+    LLMRequest,
+    LLMResponse,
+    Message,
+    SchedulingHints,
+    StreamingBackend,
+    ToolCall,
+    collect_stream,
+)
+from treadle.graphs.analysis import LLMFacts
+from treadle.graphs.spec import LLMNode
+from treadle.runtime.errors import NodeError, OutputError
+from treadle.runtime.events import (
+    LLMCallDispatched,
+    LLMCallFinished,
+    LLMCallQueued,
+    LLMTokens,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+from treadle.runtime.values import as_text
+from treadle.tools import Tool, ToolArgumentError, ToolError
+
+if TYPE_CHECKING:
+    from treadle.runtime.context import RunContext
+
+
+class CallAdmission(Protocol):
+    """Decides when an LLM call may go to its backend (the scheduler implements this)."""
+
+    async def admit(self, ctx: RunContext, node: str, request: LLMRequest) -> Any: ...
+
+    def release(self, ticket: Any, response: LLMResponse | None) -> None: ...
+
+
+class LLMGateway:
+    """Maps model aliases to backends and sends calls, emitting the call events."""
+
+    def __init__(
+        self, backends: Mapping[str, Backend], admission: CallAdmission | None = None
+    ) -> None:
+        self.backends = dict(backends)
+        self.admission = admission
+
+    def backend(self, alias: str) -> Backend:
+        try:
+            return self.backends[alias]
+        except KeyError:
+            known = ", ".join(sorted(self.backends)) or "none"
+            raise NodeError(alias, f"no backend for model {alias!r} (known: {known})") from None
+
+    async def call(self, ctx: RunContext, node: str, alias: str, request: LLMRequest) -> LLMResponse:
+        backend = self.backend(alias)
+        ctx.llm_call_counter += 1
+        call_id = f"{node}#{ctx.llm_call_counter}"
+        ctx.emit(LLMCallQueued, node=node, call_id=call_id, model=alias)
+        queued = time.perf_counter()
+        ticket = None
+        if self.admission is not None:
+            ticket = await self.admission.admit(ctx, node, request)
+        ctx.emit(
+            LLMCallDispatched,
+            node=node,
+            call_id=call_id,
+            priority=request.hints.priority,
+            queue_wait_s=time.perf_counter() - queued,
+        )
+        started = time.perf_counter()
+        response: LLMResponse | None = None
+        try:
+            if ctx.options.stream_tokens and isinstance(backend, StreamingBackend):
+                response = await self._streamed(ctx, backend, node, call_id, request)
+            else:
+                response = await backend.generate(request)
+        except BackendError as exc:
+            ctx.emit(
+                LLMCallFinished,
+                node=node,
+                call_id=call_id,
+                model=alias,
+                duration_s=time.perf_counter() - started,
+                error=str(exc),
+                replica=exc.replica,
+            )
+            raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
+        finally:
+            if self.admission is not None:
+                self.admission.release(ticket, response)
+        usage = response.usage
+        ctx.emit(
+            LLMCallFinished,
+            node=node,
+            call_id=call_id,
+            model=alias,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_prompt_tokens=usage.cached_prompt_tokens,
+            duration_s=time.perf_counter() - started,
+            ttft_s=response.ttft_s,
+            tool_calls=len(response.tool_calls),
+            replica=response.replica,
+        )
+        return response
+
+    async def _streamed(
+        self,
+        ctx: RunContext,
+        backend: StreamingBackend,
+        node: str,
+        call_id: str,
+        request: LLMRequest,
+    ) -> LLMResponse:
+        async def chunks():  # type: ignore[no-untyped-def]
+            async for chunk in backend.stream(request.model_copy(update={"stream": True})):
+                if chunk.delta:
+                    ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
+                yield chunk
+
+        return await collect_stream(chunks())
+
+
+async def run_llm_node(
+    ctx: RunContext, spec: LLMNode, facts: LLMFacts | None, node: str, inputs: dict[str, Any]
+) -> Any:
+    """Run an `llm` node's conversation to its final, parsed answer."""
+    text = {k: as_text(v) for k, v in inputs.items()}
+    messages: list[Message] = []
+    if spec.system:
+        messages.append(Message(role="system", content=spec.system.format(**text)))
+    messages.append(Message(role="user", content=spec.prompt.format(**text)))
+    schema = _schema_of(spec.output)
+    tools = {t.name: t for t in spec.tools}
+    tool_specs = [t.openai_schema() for t in spec.tools]
+    # with tools, any turn may call one, so only a tool-less last node is a last step
+    last_step = facts is not None and facts.is_last_llm_step and not tools
+    next_tool = next(iter(tools), None) or (facts.next_tools[0] if facts and facts.next_tools else None)
+    repaired = False
+    for turn in range(1, spec.max_turns + 1):
+        request = LLMRequest(
+            model=spec.model,
+            messages=list(messages),
+            tools=tool_specs,
+            response_schema=schema,
+            temperature=spec.temperature,
+            max_tokens=spec.max_tokens,
+            hints=SchedulingHints(
+                program_id=ctx.run_id,
+                request_id=f"{ctx.run_id}:{node}:{turn}",
+                tenant=ctx.options.tenant,
+                next_tool=next_tool,
+                is_last_step=last_step,
+            ),
+        )
+        response = await ctx.gateway.call(ctx, node, spec.model, request)
+        if response.tool_calls and tools and turn < spec.max_turns:
+            messages.append(
+                Message(role="assistant", content=response.content, tool_calls=response.tool_calls)
+            )
+            results = await run_tool_calls(ctx, node, response.tool_calls, tools)
+            messages.extend(
+                Message(role="tool", tool_call_id=call.id, name=call.name, content=result)
+                for call, result in zip(response.tool_calls, results, strict=True)
+            )
+            continue
+        if response.tool_calls and not response.content:
+            raise NodeError(
+                node,
+                f"model still asked for tools after {spec.max_turns} turns (max_turns)",
+            )
+        try:
+            return parse_output(spec.output, response.content, node)
+        except OutputError as exc:
+            if repaired or turn >= spec.max_turns:
+                raise
+            repaired = True
+            messages.append(Message(role="assistant", content=response.content))
+            messages.append(
+                Message(
+                    role="user",
+                    content=f"That answer was invalid ({exc.reason}). Answer again with "
+                    "only a JSON object that matches the schema.",
+                )
+            )
+    raise NodeError(node, "no answer within max_turns")
+
+
+async def run_tool_calls(
+    ctx: RunContext, node: str, calls: list[ToolCall], tools: Mapping[str, Tool]
+) -> list[str]:
+    """Run a model turn's tool calls concurrently; errors become results the model reads."""
+    results: list[str] = [""] * len(calls)
+
+    async def one(i: int, call: ToolCall) -> None:
+        call_id = f"{node}:{call.id}"
+        tool = tools.get(call.name)
+        ctx.emit(ToolCallStarted, node=node, call_id=call_id, tool=call.name)
+        started = time.perf_counter()
+        if tool is None:
+            known = ", ".join(tools)
+            results[i] = f"error: unknown tool {call.name!r} (available: {known})"
+            ok, error = False, results[i]
+        else:
+            try:
+                key = None if tool.idempotent else f"{ctx.run_id}:{call_id}"
+                value = await tool.invoke(call.arguments, idempotency_key=key)
+                results[i] = as_text(value)
+                ok, error = True, None
+            except ToolError as exc:
+                results[i] = f"error: {exc.reason}"
+                ok, error = False, exc.reason
+        ctx.emit(
+            ToolCallFinished,
+            node=node,
+            call_id=call_id,
+            tool=call.name,
+            duration_s=time.perf_counter() - started,
+            ok=ok,
+            error=error,
+        )
+
+    async with anyio.create_task_group() as tg:
+        for i, call in enumerate(calls):
+            tg.start_soon(one, i, call)
+    return results
+
+
+async def run_tool_node(
+    ctx: RunContext, tool: Tool, node: str, inputs: dict[str, Any], attempt: int
+) -> Any:
+    call_id = f"{node}@{attempt}"
+    ctx.emit(ToolCallStarted, node=node, call_id=call_id, tool=tool.name)
+    started = time.perf_counter()
+    try:
+        key = None if tool.idempotent else f"{ctx.run_id}:{node}:{attempt}"
+        value = await tool.invoke(inputs, idempotency_key=key)
+    except ToolError as exc:
+        ctx.emit(
+            ToolCallFinished,
+            node=node,
+            call_id=call_id,
+            tool=tool.name,
+            duration_s=time.perf_counter() - started,
+            ok=False,
+            error=exc.reason,
+        )
+        raise NodeError(
+            node, str(exc), retryable=not isinstance(exc, ToolArgumentError)
+        ) from exc
+    ctx.emit(
+        ToolCallFinished,
+        node=node,
+        call_id=call_id,
+        tool=tool.name,
+        duration_s=time.perf_counter() - started,
+    )
+    return value
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
+
+
+def parse_output(output: Any, content: str | None, node: str) -> Any:
+    """The model's answer as the node's declared output type."""
+    if output is str or output is Any:
+        return content or ""
+    text = content or ""
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        if isinstance(output, type) and issubclass(output, BaseModel):
+            return output.model_validate_json(text)
+        return json.loads(text)
+    except (ValidationError, ValueError) as exc:
+        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise OutputError(node, f"answer does not match {getattr(output, '__name__', output)}: {detail}") from None
+
+
+def _schema_of(output: Any) -> dict[str, Any] | None:
+    if isinstance(output, type) and issubclass(output, BaseModel):
+        return output.model_json_schema()
+    return None

@@ -1,0 +1,69 @@
+"""The in-memory `StateStore`: the SDK's and the tests' default. Nothing survives the
+process, but it keeps the same journal discipline as the durable stores."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from treadle.runtime.events import Event
+from treadle.runtime.store import RunNotFound, RunRecord
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._runs: dict[str, RunRecord] = {}
+        self._events: dict[str, list[Event]] = {}
+        self._outputs: dict[str, dict[str, bytes]] = {}
+
+    async def create_run(self, record: RunRecord) -> None:
+        self._runs[record.run_id] = record.model_copy()
+        self._events.setdefault(record.run_id, [])
+        self._outputs.setdefault(record.run_id, {})
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        rec = self._runs.get(run_id)
+        return rec.model_copy() if rec is not None else None
+
+    async def update_run(self, run_id: str, **changes: Any) -> None:
+        rec = self._runs.get(run_id)
+        if rec is None:
+            raise RunNotFound(run_id)
+        self._runs[run_id] = rec.model_copy(update={**changes, "updated_at": time.time()})
+
+    async def list_runs(
+        self,
+        *,
+        tenant: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        runs = [
+            r
+            for r in self._runs.values()
+            if (tenant is None or r.tenant == tenant) and (status is None or r.status == status)
+        ]
+        runs.sort(key=lambda r: r.created_at, reverse=True)
+        return [r.model_copy() for r in runs[offset : offset + limit]]
+
+    async def record(
+        self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
+    ) -> None:
+        if run_id not in self._runs:
+            raise RunNotFound(run_id)
+        if outputs:
+            self._outputs[run_id].update(outputs)
+        self._events[run_id].extend(events)
+
+    async def load_outputs(self, run_id: str) -> dict[str, bytes]:
+        return dict(self._outputs.get(run_id, {}))
+
+    async def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        events = self._events.get(run_id, [])
+        # seqs are dense from 1, so the index of seq n is n-1
+        return events[after_seq:] if after_seq >= 0 else list(events)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,337 @@
+"""`RedisStore`: the `StateStore` of the daemon and of workers on several machines.
+
+Layout (`prefix` defaults to "treadle"; every key of one run carries the hash tag `{run_id}`,
+so all of them live in one Redis Cluster slot and one script may touch them together):
+
+- `treadle:{run}:meta`   hash: `data` = the `RunRecord` as JSON, `last_seq` = the journal's
+  last event seq;
+- `treadle:{run}:out`    hash: node instance id -> output JSON bytes;
+- `treadle:{run}:events` stream: one entry per event, entry id `<seq>-0`, field `e` = JSON;
+- `treadle:lease:{run}`  the run's lease (see `treadle.runtime.workqueue`);
+- `treadle:runs`         sorted set of all run ids by `created_at` (the listing index), and
+  `treadle:tenant:<tenant>:runs` the same per tenant. These are not keys *of a run* (they
+  span runs), so they are written after the run's meta, in a separate round trip.
+
+`record` is ONE Lua script (EVALSHA: one round trip, executed atomically like MULTI/EXEC)
+rather than a MULTI/EXEC block, because it must refuse before writing anything when the run
+does not exist, when the batch does not continue the journal, or (for a `fenced` store) when
+the caller no longer holds the run's lease, and MULTI/EXEC cannot branch. The script is also
+idempotent: a batch that is already in the journal, byte for byte (a client retry after a
+lost reply), is accepted without writing it twice.
+
+Durability is the server's: with `appendonly yes` and `appendfsync always` a reply is sent
+only after the write is fsynced to the append-only file; with `everysec` up to a second of
+acknowledged writes can be lost in a crash of the server machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from treadle.runtime.events import Event
+from treadle.runtime.store import RunNotFound, RunRecord
+from treadle.runtime.stores import codec
+
+_EVENTS_PAGE = 1000  # XRANGE page size for read_events
+_SCAN_CHUNK = 200  # index entries fetched per round trip when list_runs filters by status
+
+
+class LeaseLost(RuntimeError):
+    """This worker no longer holds the run's lease: another worker may be running it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """The key layout, in one place (the store and the work queue share it)."""
+
+    prefix: str = "treadle"
+
+    def meta(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:meta"
+
+    def outputs(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:out"
+
+    def events(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:events"
+
+    def lease(self, run_id: str) -> str:
+        return f"{self.prefix}:lease:{{{run_id}}}"
+
+    def runs(self) -> str:
+        return f"{self.prefix}:runs"
+
+    def tenant_runs(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:runs"
+
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    def run_keys(self, run_id: str) -> list[str]:
+        """Every key that belongs to one run (all share the `{run_id}` hash tag)."""
+        return [self.meta(run_id), self.outputs(run_id), self.events(run_id), self.lease(run_id)]
+
+
+# KEYS: meta, out, events, lease.  ARGV: fence owner ('' = none), number of events n,
+# then n pairs (seq, event JSON), then pairs (node, output bytes).
+_RECORD_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('TREADLE_NORUN')
+end
+if ARGV[1] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[1] then
+  return redis.error_reply('TREADLE_LEASE')
+end
+local n = tonumber(ARGV[2])
+local i = 3
+if n > 0 then
+  local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+  local first = tonumber(ARGV[3])
+  if first <= last then
+    -- a retried batch that is already stored, entry for entry, is not an error
+    local stored = redis.call('XRANGE', KEYS[3], ARGV[3] .. '-0', ARGV[1 + 2 * n] .. '-0')
+    local same = #stored == n
+    for k = 1, n do
+      if not same then break end
+      local entry = stored[k]
+      same = entry[1] == ARGV[1 + 2 * k] .. '-0' and entry[2][2] == ARGV[2 + 2 * k]
+    end
+    if not same then
+      return redis.error_reply('TREADLE_SEQ ' .. last)
+    end
+    return 0
+  end
+  for k = 1, n do
+    redis.call('XADD', KEYS[3], ARGV[i] .. '-0', 'e', ARGV[i + 1])
+    i = i + 2
+  end
+  redis.call('HSET', KEYS[1], 'last_seq', ARGV[i - 2])
+end
+while i <= #ARGV do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+return n
+"""
+
+# KEYS: meta, lease.  ARGV: the record JSON read before, the new JSON, fence owner ('' = none).
+# Compare-and-set, so two concurrent update_run calls never lose one another's change.
+_UPDATE_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'data')
+if not cur then
+  return redis.error_reply('TREADLE_NORUN')
+end
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then
+  return redis.error_reply('TREADLE_LEASE')
+end
+if cur ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'data', ARGV[2])
+return 1
+"""
+
+
+class RedisStore:
+    """A `StateStore` on Redis (redis-py asyncio).
+
+    `url_or_client` is a URL (`redis://host:6379/0`; the store owns that client and closes
+    it) or an existing `redis.asyncio.Redis` made with `decode_responses=False` (outputs are
+    bytes), which the caller keeps and closes.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | Redis,
+        *,
+        prefix: str = "treadle",
+        _fence: str | None = None,
+    ) -> None:
+        if isinstance(url_or_client, str):
+            self._redis: Redis = Redis.from_url(url_or_client, decode_responses=False)
+            self._owns_client = True
+        else:
+            kwargs = getattr(url_or_client.connection_pool, "connection_kwargs", {})
+            if kwargs.get("decode_responses"):
+                raise ValueError("RedisStore needs a client with decode_responses=False")
+            self._redis = url_or_client
+            self._owns_client = False
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        self.keys = RedisKeys(prefix)
+        self._fence = _fence
+        self._record_script = self._redis.register_script(_RECORD_LUA)
+        self._update_script = self._redis.register_script(_UPDATE_LUA)
+
+    @property
+    def client(self) -> Redis:
+        return self._redis
+
+    def fenced(self, owner: str) -> RedisStore:
+        """A view of this store whose `record` and `update_run` succeed only while `owner`
+        holds the run's lease (`treadle:lease:{run}`), checked atomically with the write;
+        otherwise they raise `LeaseLost` and write nothing. A worker writes through it so
+        that, once its lease has passed to another worker, it cannot add to the journal.
+        """
+        if not owner:
+            raise ValueError("owner must not be empty")
+        view = RedisStore(self._redis, prefix=self.keys.prefix, _fence=owner)
+        return view
+
+    # -- StateStore ------------------------------------------------------------------------
+
+    async def create_run(self, record: RunRecord) -> None:
+        _check_run_id(record.run_id)
+        data = codec.encode_record(record)
+        meta = self.keys.meta(record.run_id)
+        old_raw = await self._redis.hget(meta, "data")
+        old = codec.decode_record(old_raw) if old_raw is not None else None
+        # meta first, index after: an index entry always points at a run that exists
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(meta, "data", data)
+            pipe.zadd(self.keys.runs(), {record.run_id: record.created_at})
+            if old is not None and old.tenant is not None and old.tenant != record.tenant:
+                pipe.zrem(self.keys.tenant_runs(old.tenant), record.run_id)
+            if record.tenant is not None:
+                pipe.zadd(self.keys.tenant_runs(record.tenant), {record.run_id: record.created_at})
+            await pipe.execute()
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        raw = await self._redis.hget(self.keys.meta(run_id), "data")
+        return codec.decode_record(raw) if raw is not None else None
+
+    async def update_run(self, run_id: str, **changes: Any) -> None:
+        meta = self.keys.meta(run_id)
+        while True:
+            raw = await self._redis.hget(meta, "data")
+            if raw is None:
+                raise RunNotFound(run_id)
+            old = codec.decode_record(raw)
+            new = codec.apply_changes(old, changes)
+            try:
+                done = await self._update_script(
+                    keys=[meta, self.keys.lease(run_id)],
+                    args=[raw, codec.encode_record(new), self._fence or ""],
+                )
+            except ResponseError as exc:
+                raise self._translate(exc, run_id) from None
+            if done:
+                break
+            # another writer changed the record between our read and our write: redo
+        if new.tenant != old.tenant or new.created_at != old.created_at:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.runs(), {run_id: new.created_at})
+                if old.tenant is not None and old.tenant != new.tenant:
+                    pipe.zrem(self.keys.tenant_runs(old.tenant), run_id)
+                if new.tenant is not None:
+                    pipe.zadd(self.keys.tenant_runs(new.tenant), {run_id: new.created_at})
+                await pipe.execute()
+
+    async def list_runs(
+        self,
+        *,
+        tenant: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        """Newest first. With `status`, the index is scanned in chunks and filtered, so the
+        cost grows with the number of newer runs of other statuses."""
+        codec.check_page(limit, offset)
+        if limit == 0:
+            return []
+        index = self.keys.runs() if tenant is None else self.keys.tenant_runs(tenant)
+        if status is None:
+            ids = await self._redis.zrevrange(index, offset, offset + limit - 1)
+            return [r for r in await self._fetch(ids) if tenant is None or r.tenant == tenant]
+        out: list[RunRecord] = []
+        skip = offset
+        pos = 0
+        chunk = max(_SCAN_CHUNK, offset + limit)
+        while True:
+            ids = await self._redis.zrevrange(index, pos, pos + chunk - 1)
+            for rec in await self._fetch(ids):
+                if rec.status != status or (tenant is not None and rec.tenant != tenant):
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                out.append(rec)
+                if len(out) == limit:
+                    return out
+            if len(ids) < chunk:
+                return out
+            pos += chunk
+
+    async def record(
+        self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
+    ) -> None:
+        codec.check_batch(events)
+        args: list[str | bytes | int] = [self._fence or "", len(events)]
+        for ev in events:
+            args.append(ev.seq)
+            args.append(codec.encode_event(ev))
+        for node, value in codec.check_outputs(outputs).items():
+            args.append(node)
+            args.append(value)
+        try:
+            await self._record_script(keys=self.keys.run_keys(run_id), args=args)
+        except ResponseError as exc:
+            raise self._translate(exc, run_id, events[0].seq if events else 0) from None
+
+    async def load_outputs(self, run_id: str) -> dict[str, bytes]:
+        raw = await self._redis.hgetall(self.keys.outputs(run_id))
+        return {k.decode("utf-8"): v for k, v in raw.items()}
+
+    async def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        key = self.keys.events(run_id)
+        start = f"{after_seq + 1}-0" if after_seq >= 0 else "-"
+        out: list[Event] = []
+        while True:
+            entries = await self._redis.xrange(key, min=start, max="+", count=_EVENTS_PAGE)
+            for _entry_id, fields in entries:
+                out.append(codec.decode_event(fields[b"e"]))
+            if len(entries) < _EVENTS_PAGE:
+                return out
+            last_seq = int(entries[-1][0].split(b"-", 1)[0])
+            start = f"{last_seq + 1}-0"
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._redis.aclose()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _fetch(self, run_ids: Sequence[bytes]) -> list[RunRecord]:
+        if not run_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for rid in run_ids:
+                pipe.hget(self.keys.meta(rid.decode("utf-8")), "data")
+            raws = await pipe.execute()
+        # an index entry whose meta is gone (deleted by hand, expired) is skipped
+        return [codec.decode_record(raw) for raw in raws if raw is not None]
+
+    def _translate(self, exc: ResponseError, run_id: str, first_seq: int = 0) -> Exception:
+        msg = str(exc)
+        if msg.startswith("TREADLE_NORUN"):
+            return RunNotFound(run_id)
+        if msg.startswith("TREADLE_LEASE"):
+            return LeaseLost(f"run {run_id!r}: the lease is no longer held by {self._fence!r}")
+        if msg.startswith("TREADLE_SEQ"):
+            last = msg.split()[1]
+            return codec.JournalError(
+                f"run {run_id!r}: event seq {first_seq} must be greater than {last} "
+                "(seqs start at 1 and each batch continues the journal)"
+            )
+        return exc
+
+
+def _check_run_id(run_id: str) -> None:
+    # an empty id would give the keys an empty hash tag, which Redis Cluster ignores
+    if not run_id:
+        raise ValueError("run_id must not be empty")

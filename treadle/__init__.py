@@ -1,0 +1,1 @@
+"""treadle: an async runtime for agent workflows."""
