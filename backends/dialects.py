@@ -41,6 +41,8 @@ import inspect
 import re
 from typing import Any, ClassVar
 
+from pydantic import validate_call
+
 from treadle.backends.base import Capabilities, SchedulingHints
 from treadle.backends.server_metrics import MetricNames
 
@@ -144,6 +146,7 @@ class VLLMDialect(_SaltMixin, Dialect):
     metric_names = VLLM_METRICS
     health_path = "/health"
 
+    @validate_call
     def __init__(
         self,
         *,
@@ -205,6 +208,7 @@ class SGLangDialect(_SaltMixin, Dialect):
     metric_names = SGLANG_METRICS
     health_path = "/health"
 
+    @validate_call
     def __init__(
         self,
         *,
@@ -254,6 +258,7 @@ class ContinuumDialect(_SaltMixin, Dialect):
     metric_names = VLLM_METRICS
     health_path = "/health"
 
+    @validate_call
     def __init__(self, *, cache_salt_secret: str | None = None) -> None:
         self.cache_salt_secret = cache_salt_secret
 
@@ -313,7 +318,8 @@ DIALECTS: dict[str, type[Dialect]] = {
 
 
 def make_dialect(name: str, **options: Any) -> Dialect:
-    """The dialect called `name`, configured with `options`; ValueError names a bad one."""
+    """The dialect called `name`, configured with `options`. `ValueError` names an unknown
+    dialect or option; a `pydantic.ValidationError` (also a `ValueError`) a mistyped one."""
     cls = DIALECTS.get(name)
     if cls is None:
         raise ValueError(f"unknown dialect {name!r}; expected one of {', '.join(DIALECTS)}")

@@ -606,7 +606,8 @@ class TreadlePolicy:
             )
             c_best = self.cost_s(best, request, matches[best.index])
             c_least = self.cost_s(least, request, matches[least.index])
-            idx = best.index if c_best <= c_least else least.index
+            # equal cost: the least loaded keeps queues short for what comes next
+            idx = best.index if c_best < c_least else least.index
 
         self.last_cached_tokens = matches[idx] * request.chunk_tokens
         self.indexes[idx].insert(request.chunks, now)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -116,6 +115,9 @@ def windowed_hit_rate(previous: ServerLoad | None, current: ServerLoad) -> float
 
 
 def _collect_samples(text: str) -> dict[str, list[float]]:
+    # prometheus-client belongs to the `server` extra: import it only when metrics are read.
+    from prometheus_client.parser import text_string_to_metric_families
+
     samples: dict[str, list[float]] = defaultdict(list)
     try:
         for family in text_string_to_metric_families(text):

@@ -4,6 +4,8 @@ restored outputs, and the services nodes call (LLM gateway, tools)."""
 from __future__ import annotations
 
 import time
+
+_now = time.time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,7 +47,8 @@ class RunContext:
         self.options = options
         self.restored = restored or {}
         self._seq = first_seq - 1
-        self.log: list[Event] = []
+        #: every event of this run in this process; the journal persists it incrementally
+        self.log: list[Event] = journal.log
         self._listeners: list[Callable[[Event], None]] = []
         self._changed: anyio.Event | None = None
         self.limiter = (
@@ -54,11 +57,11 @@ class RunContext:
         self.started = time.perf_counter()
         self.llm_call_counter = 0
 
-    def emit(self, cls: type[Event], **fields: Any) -> Event:
+    def emit(self, cls: type[Event], *args: Any, **fields: Any) -> Event:
+        """Record an event; the fields after (seq, run_id, ts) are given in order or by name."""
         self._seq += 1
-        event = cls(seq=self._seq, run_id=self.run_id, ts=time.time(), **fields)
+        event = cls(self._seq, self.run_id, _now(), *args, **fields)
         self.log.append(event)
-        self.journal.add(event)
         if self._changed is not None:
             changed, self._changed = self._changed, None
             changed.set()

@@ -19,20 +19,19 @@ class Journal:
     def __init__(self, store: StateStore, run_id: str) -> None:
         self.store = store
         self.run_id = run_id
-        self.events: list[Event] = []
+        #: the run's events, appended by the run; `log[self._durable:]` is not yet durable
+        self.log: list[Event] = []
+        self._durable = 0
         self.outputs: dict[str, bytes] = {}
         self._filling = 0  # number of the batch being filled
         self._written = -1  # number of the last batch that is durable
         self._writing = False
         self._flushed: anyio.Event | None = None
 
-    def add(self, event: Event) -> None:
-        self.events.append(event)
-
-    async def commit(self, outputs: dict[str, bytes] | None = None) -> None:
-        """Make everything added so far (and `outputs`) durable."""
-        if outputs:
-            self.outputs.update(outputs)
+    async def commit(self, node: str | None = None, output: bytes | None = None) -> None:
+        """Make every event so far, and `node`'s `output` if given, durable."""
+        if node is not None and output is not None:
+            self.outputs[node] = output
         target = self._filling
         while self._written < target:
             if self._writing:
@@ -41,17 +40,18 @@ class Journal:
                 await self._flushed.wait()
                 continue
             self._writing = True
-            events, self.events = self.events, []
+            end = len(self.log)
+            events = self.log[self._durable : end]
             batch_outputs, self.outputs = self.outputs, {}
             number = self._filling
             self._filling += 1
             try:
                 if events or batch_outputs:
                     await self.store.record(self.run_id, events, batch_outputs)
+                self._durable = end
                 self._written = number
             except BaseException:
-                # put the batch back so a later commit retries it in order
-                self.events[:0] = events
+                # keep the batch so that a later commit retries it, in order
                 self.outputs = {**batch_outputs, **self.outputs}
                 self._filling = number
                 raise
@@ -62,4 +62,4 @@ class Journal:
                     flushed.set()
 
     def pending(self) -> dict[str, Any]:
-        return {"events": len(self.events), "outputs": len(self.outputs)}
+        return {"events": len(self.log) - self._durable, "outputs": len(self.outputs)}

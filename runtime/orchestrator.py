@@ -46,7 +46,7 @@ from treadle.runtime.events import (
     NodeStarted,
 )
 from treadle.runtime.llm import run_llm_node, run_tool_node
-from treadle.runtime.values import Getter, dump_value, load_value, make_getter
+from treadle.runtime.values import Getter, adapter, dump_value, load_value, make_getter
 
 #: an inline chain yields to the event loop this often, so it can be cancelled
 _YIELD_EVERY = 64
@@ -79,6 +79,16 @@ class NodePlan:
     inline: bool
     inner: NodePlan | None = None
     over: Getter | None = None
+
+    def dump(self, value: Any) -> bytes:
+        """The output as JSON for the journal (ValueError if it cannot be serialized)."""
+        try:
+            return self._dump_json(value, warnings="error")  # type: ignore[no-any-return]
+        except Exception:
+            return dump_value(self.cn.output_type, value)
+
+    def __post_init__(self) -> None:
+        self._dump_json = adapter(self.cn.output_type).dump_json
 
     @property
     def id(self) -> str:
@@ -159,6 +169,8 @@ class GraphScope:
     def _dispatch(self, local: deque[str] | None) -> None:
         """Hand out ready nodes: quick inline ones (and one other) stay with the caller's
         task via `local`; the rest get tasks of their own."""
+        if not self.ready:
+            return
         assert self._tg is not None
         keep_one = local is not None and not any(
             not self.plans[n].inline for n in local
@@ -185,7 +197,7 @@ class GraphScope:
         if reason is not None:
             self._mark_skipped(nid, reason)
             return
-        self.ctx.emit(NodeReady, node=self.prefix + nid)
+        self.ctx.emit(NodeReady, self.prefix + nid)
         self.ready.append(nid)
 
     def _skip_reason(self, plan: NodePlan) -> str | None:
@@ -237,27 +249,27 @@ class GraphScope:
             self._mark_skipped(nid, result.reason)
             return
         value, data_out, started = result
-        self.ctx.emit(NodeFinished, node=iid, duration_s=time.perf_counter() - started)
-        await self.ctx.journal.commit({iid: data_out})
+        self.ctx.emit(NodeFinished, iid, time.perf_counter() - started)
+        await self.ctx.journal.commit(iid, data_out)
         self.values[nid] = value
         self._settled(nid)
 
     def _run_inline(
         self, plan: NodePlan, iid: str, kwargs: dict[str, Any]
     ) -> tuple[Any, bytes, float] | _Skip:
-        self.ctx.emit(NodeStarted, node=iid, attempt=1)
+        self.ctx.emit(NodeStarted, iid, 1)
         started = time.perf_counter()
         try:
             if isinstance(plan.spec, FuncNode):
                 value = plan.spec.fn(**kwargs)
             else:
                 value = self._route(plan, kwargs)
-            return value, dump_value(plan.cn.output_type, value), started
+            return value, plan.dump(value), started
         except Exception as exc:
             outcome = self._on_final_error(plan, iid, _describe(exc), 1)
             if isinstance(outcome, _Skip):
                 return outcome
-            return outcome, dump_value(plan.cn.output_type, outcome), started
+            return outcome, plan.dump(outcome), started
 
     async def _run_with_policy(
         self, plan: NodePlan, iid: str, kwargs: dict[str, Any]
@@ -274,7 +286,7 @@ class GraphScope:
                 else:
                     value = await self._attempt(plan, iid, kwargs, attempt, policy.timeout_s)
                 try:
-                    return value, dump_value(plan.cn.output_type, value), started
+                    return value, plan.dump(value), started
                 except ValueError as exc:
                     raise OutputError(iid, str(exc), retryable=False) from None
             except Exception as exc:
@@ -291,7 +303,7 @@ class GraphScope:
                 outcome = self._on_final_error(plan, iid, message, attempt)
                 if isinstance(outcome, _Skip):
                     return outcome
-                return outcome, dump_value(plan.cn.output_type, outcome), started
+                return outcome, plan.dump(outcome), started
 
     def _on_final_error(self, plan: NodePlan, iid: str, message: str, attempt: int) -> Any:
         policy = plan.spec.policy
@@ -397,7 +409,7 @@ class GraphScope:
             return result
         value, data, started = result
         self.ctx.emit(NodeFinished, node=inst, duration_s=time.perf_counter() - started)
-        await self.ctx.journal.commit({inst: data})
+        await self.ctx.journal.commit(inst, data)
         # a retry of the whole map then reuses the elements that already finished
         self.ctx.restored[inst] = data
         return value

@@ -118,13 +118,15 @@ def _read(tool_name: str, root: Path, path: str, max_bytes: int) -> FileContent:
         raise ToolError(tool_name, f"permission denied: {shown!r}") from None
     except OSError as exc:
         raise ToolError(tool_name, f"cannot open {shown!r}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
             raise ToolError(tool_name, f"{shown!r} is a directory, not a file")
         if not stat.S_ISREG(info.st_mode):
             raise ToolError(tool_name, f"{shown!r} is not a regular file")
-        data = handle.read(max_bytes + 1)
+        data = _read_at_most(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
     truncated = len(data) > max_bytes
     data = data[:max_bytes]
     if b"\x00" in data:
@@ -139,6 +141,18 @@ def _read(tool_name: str, root: Path, path: str, max_bytes: int) -> FileContent:
             tool_name, f"{shown!r} is not UTF-8 text (bad byte at offset {exc.start})"
         ) from None
     return FileContent(path=shown, size_bytes=info.st_size, text=text, truncated=truncated)
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 #: the default tool: confined to $TREADLE_FILES_ROOT or the working directory, per call

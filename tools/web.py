@@ -153,9 +153,12 @@ def _check_url(tool_name: str, url: str) -> httpx.URL:
         target = httpx.URL(url.strip())
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise ToolError(tool_name, f"not a valid URL: {url!r} ({exc})") from None
+    if not target.scheme:
+        raise ToolError(tool_name, f"URL {url!r} has no scheme; write http:// or https://")
     if target.scheme not in ("http", "https"):
-        shown = target.scheme or "(none)"
-        raise ToolError(tool_name, f"only http:// and https:// URLs can be fetched, not {shown}")
+        raise ToolError(
+            tool_name, f"only http:// and https:// URLs can be fetched, not {target.scheme}:"
+        )
     if not target.host:
         raise ToolError(tool_name, f"URL {url!r} has no host")
     return target

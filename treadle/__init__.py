@@ -1,1 +1,142 @@
-"""treadle: an async runtime for agent workflows."""
+"""treadle: an async runtime for agent workflows.
+
+Declare a program as a typed DAG (`Graph`), run it with a `Runtime`:
+
+    from treadle import Graph, Runtime
+    g = Graph("hello", inputs={"name": str})
+    greet = g.llm("greet", "Say hello to {name}.", inputs={"name": g.input.name})
+    g.output(text=greet.out)
+    result = treadle.run_sync(g, {"name": "Ada"})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+
+from treadle.backends import (
+    Backend,
+    BackendError,
+    Capabilities,
+    LLMRequest,
+    LLMResponse,
+    Message,
+    ScriptedBackend,
+    ScriptRule,
+    ToolCall,
+    Usage,
+)
+from treadle.graphs.analysis import GraphFacts, LLMFacts
+from treadle.graphs.builder import ITEM_REF as ITEM
+from treadle.graphs.builder import Graph, NodeHandle, step
+from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
+from treadle.graphs.spec import (
+    BranchNode,
+    FirstOf,
+    FuncNode,
+    GraphSpec,
+    InputSpec,
+    LLMNode,
+    MapNode,
+    NodeSpec,
+    Policy,
+    Ref,
+    SubgraphNode,
+    ToolNode,
+    first_of,
+)
+from treadle.runtime import (
+    Event,
+    InvalidInputs,
+    MemoryStore,
+    NodeError,
+    RunCancelled,
+    RunFailed,
+    RunHandle,
+    RunRecord,
+    RunResult,
+    Runtime,
+    StateStore,
+)
+from treadle.runtime import events
+from treadle.tools import Tool, ToolArgumentError, ToolError, tool
+
+__version__ = "0.1.0"
+
+
+def load_workflow(path: str) -> GraphSpec:
+    """Load a workflow file (YAML or JSON) into the same `GraphSpec` the SDK builds."""
+    from treadle.graphs.loader import load_workflow as _load
+
+    return _load(path)
+
+
+def run_sync(
+    graph: Graph | GraphSpec | CompiledGraph,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    runtime: Runtime | None = None,
+) -> RunResult:
+    """Run a graph to completion from synchronous code (raises `RunFailed` on failure)."""
+    rt = runtime or Runtime()
+
+    async def main() -> RunResult:
+        return await rt.run(graph, inputs)
+
+    return anyio.run(main)
+
+
+__all__ = [
+    "ITEM",
+    "Backend",
+    "BackendError",
+    "BranchNode",
+    "Capabilities",
+    "CompiledGraph",
+    "Event",
+    "FirstOf",
+    "FuncNode",
+    "Graph",
+    "GraphFacts",
+    "GraphSpec",
+    "GraphValidationError",
+    "InputSpec",
+    "InvalidInputs",
+    "LLMFacts",
+    "LLMNode",
+    "LLMRequest",
+    "LLMResponse",
+    "MapNode",
+    "MemoryStore",
+    "Message",
+    "NodeError",
+    "NodeHandle",
+    "NodeSpec",
+    "Policy",
+    "Ref",
+    "RunCancelled",
+    "RunFailed",
+    "RunHandle",
+    "RunRecord",
+    "RunResult",
+    "Runtime",
+    "ScriptRule",
+    "ScriptedBackend",
+    "StateStore",
+    "SubgraphNode",
+    "Tool",
+    "ToolArgumentError",
+    "ToolCall",
+    "ToolError",
+    "ToolNode",
+    "Usage",
+    "compile_graph",
+    "events",
+    "first_of",
+    "load_workflow",
+    "run_sync",
+    "step",
+    "tool",
+]

@@ -25,9 +25,6 @@ from treadle.runtime.store import RunRecord
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 _DECODER = json.JSONDecoder()
 
-#: fields of `RunRecord` that `update_run` may not change: the run's identity
-_IMMUTABLE_FIELDS = frozenset({"run_id"})
-
 
 class JournalError(ValueError):
     """A batch of events does not continue the run's journal (seqs must increase from 1)."""
@@ -107,15 +104,12 @@ def check_outputs(outputs: Mapping[str, bytes] | None) -> dict[str, bytes]:
 def apply_changes(record: RunRecord, changes: Mapping[str, Any]) -> RunRecord:
     """`record` with `changes` applied and validated, and `updated_at` set to now.
 
-    Unknown fields, a changed `run_id` and ill-typed values (a status that is not a
+    Unknown fields and ill-typed values (a status that is not a
     `RunStatus`) are errors: a durable store must never hold a record it cannot read back.
     """
     unknown = set(changes) - set(RunRecord.model_fields)
     if unknown:
         raise ValueError(f"run {record.run_id!r}: unknown run field(s) {sorted(unknown)}")
-    for name in _IMMUTABLE_FIELDS & set(changes):
-        if changes[name] != getattr(record, name):
-            raise ValueError(f"run {record.run_id!r}: {name} cannot be changed")
     data = record.model_dump()
     data.update(changes)
     data["updated_at"] = time.time()

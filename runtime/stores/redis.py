@@ -26,13 +26,13 @@ acknowledged writes can be lost in a crash of the server machine.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
-
 from treadle.runtime.events import Event
 from treadle.runtime.store import RunNotFound, RunRecord
 from treadle.runtime.stores import codec
@@ -149,7 +149,6 @@ class RedisStore:
         url_or_client: str | Redis,
         *,
         prefix: str = "treadle",
-        _fence: str | None = None,
     ) -> None:
         if isinstance(url_or_client, str):
             self._redis: Redis = Redis.from_url(url_or_client, decode_responses=False)
@@ -163,7 +162,7 @@ class RedisStore:
         if not prefix:
             raise ValueError("prefix must not be empty")
         self.keys = RedisKeys(prefix)
-        self._fence = _fence
+        self._fence: str | None = None
         self._record_script = self._redis.register_script(_RECORD_LUA)
         self._update_script = self._redis.register_script(_UPDATE_LUA)
 
@@ -179,7 +178,9 @@ class RedisStore:
         """
         if not owner:
             raise ValueError("owner must not be empty")
-        view = RedisStore(self._redis, prefix=self.keys.prefix, _fence=owner)
+        view = copy.copy(self)
+        view._fence = owner
+        view._owns_client = False  # closing the view must not close the shared client
         return view
 
     # -- StateStore ------------------------------------------------------------------------
@@ -246,14 +247,14 @@ class RedisStore:
             return []
         index = self.keys.runs() if tenant is None else self.keys.tenant_runs(tenant)
         if status is None:
-            ids = await self._redis.zrevrange(index, offset, offset + limit - 1)
+            ids = _strs(await self._redis.zrevrange(index, offset, offset + limit - 1))
             return [r for r in await self._fetch(ids) if tenant is None or r.tenant == tenant]
         out: list[RunRecord] = []
         skip = offset
         pos = 0
         chunk = max(_SCAN_CHUNK, offset + limit)
         while True:
-            ids = await self._redis.zrevrange(index, pos, pos + chunk - 1)
+            ids = _strs(await self._redis.zrevrange(index, pos, pos + chunk - 1))
             for rec in await self._fetch(ids):
                 if rec.status != status or (tenant is not None and rec.tenant != tenant):
                     continue
@@ -285,19 +286,19 @@ class RedisStore:
 
     async def load_outputs(self, run_id: str) -> dict[str, bytes]:
         raw = await self._redis.hgetall(self.keys.outputs(run_id))
-        return {k.decode("utf-8"): v for k, v in raw.items()}
+        return {_str(k): _bytes(v) for k, v in raw.items()}
 
     async def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         key = self.keys.events(run_id)
         start = f"{after_seq + 1}-0" if after_seq >= 0 else "-"
         out: list[Event] = []
         while True:
-            entries = await self._redis.xrange(key, min=start, max="+", count=_EVENTS_PAGE)
+            entries = await self._redis.xrange(key, min=start, max="+", count=_EVENTS_PAGE) or []
             for _entry_id, fields in entries:
-                out.append(codec.decode_event(fields[b"e"]))
+                out.append(codec.decode_event(_bytes((fields or {})[b"e"])))
             if len(entries) < _EVENTS_PAGE:
                 return out
-            last_seq = int(entries[-1][0].split(b"-", 1)[0])
+            last_seq = int(_str(entries[-1][0] or b"0").split("-", 1)[0])
             start = f"{last_seq + 1}-0"
 
     async def close(self) -> None:
@@ -306,12 +307,12 @@ class RedisStore:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _fetch(self, run_ids: Sequence[bytes]) -> list[RunRecord]:
+    async def _fetch(self, run_ids: Sequence[str]) -> list[RunRecord]:
         if not run_ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for rid in run_ids:
-                pipe.hget(self.keys.meta(rid.decode("utf-8")), "data")
+                pipe.hget(self.keys.meta(rid), "data")
             raws = await pipe.execute()
         # an index entry whose meta is gone (deleted by hand, expired) is skipped
         return [codec.decode_record(raw) for raw in raws if raw is not None]
@@ -329,6 +330,18 @@ class RedisStore:
                 "(seqs start at 1 and each batch continues the journal)"
             )
         return exc
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _strs(values: Sequence[Any]) -> list[str]:
+    return [_str(v) for v in values]
 
 
 def _check_run_id(run_id: str) -> None:

@@ -32,7 +32,7 @@ def feats(
         prompt_tokens=tokens if tokens is not None else 16 * len(blocks),
         chunk_tokens=16,
         now=now,
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
@@ -240,7 +240,7 @@ def test_cache_aware_trims_trees_only_at_eviction_interval() -> None:
 
 
 def treadle(n: int = 3, **cfg: object) -> TreadlePolicy:
-    return TreadlePolicy(n, TreadleConfig(prefill_tokens_per_s=1000.0, **cfg))  # type: ignore[arg-type]
+    return TreadlePolicy(n, TreadleConfig(prefill_tokens_per_s=1000.0, **cfg))
 
 
 def test_treadle_prefers_match_when_cheaper_than_queueing_elsewhere() -> None:

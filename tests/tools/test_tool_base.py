@@ -9,7 +9,6 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 from pydantic import BaseModel, Field
-
 from treadle.tools import Tool, ToolArgumentError, ToolError, ToolTimeout, tool
 
 # -- schema --------------------------------------------------------------------------------
@@ -213,7 +212,7 @@ async def test_argument_errors_are_clear_and_nothing_is_called(
         return a
 
     with pytest.raises(ToolArgumentError) as info:
-        await pick.invoke(arguments)  # type: ignore[arg-type]
+        await pick.invoke(arguments)
     assert info.value.tool == "pick"
     assert expected in info.value.reason
     assert str(info.value).startswith("tool 'pick': ")

@@ -1,0 +1,214 @@
+"""Hardware + model profiles: the numbers behind the simulator's memory and step-time model.
+
+A profile is a JSON file (`backends/sim/profiles/*.json`) that says what GPU(s) run which
+model under which vLLM limits, and how efficiently. Every number carries a note in the
+file's `sources` mapping (dotted field name -> where the number comes from); loading a
+profile whose numbers lack a source is an error, so a profile always says where its numbers
+came from.
+
+Public API (stable):
+
+    Profile.load(name_or_path) -> Profile      # "h100_sxm_llama31_8b" or a path to a .json
+    Profile.default() -> Profile               # the H100 SXM + Llama-3.1-8B profile
+    available_profiles() -> list[str]
+    p.kv_bytes_per_token                       # 2 * layers * kv_heads * head_dim * dtype
+    p.weight_bytes                             # params * dtype bytes
+    p.kv_capacity_tokens / p.kv_capacity_blocks
+    p.step_time(tokens, attn_ctx, kv_read_tokens) -> seconds   # the roofline, one step
+    p.prefill_time(n, cached=0) -> seconds     # a lone request's TTFT, chunked as the engine
+    p.prefill_tokens_per_s(n) -> float
+    p.decode_step_time(batch, context) -> seconds
+
+The step-time model (BENCHMARKS.md): `t = overhead + max(flops / (peak * mfu),
+bytes / (bandwidth * mbu))` where `flops = 2 * params * tokens + 4 * layers * (heads *
+head_dim) * attn_ctx` (attn_ctx: the sum over the step's new tokens of the context each
+attends to, itself included), and `bytes = weights + kv_bytes_per_token * (kv_read_tokens +
+tokens)` — the weights once per step, the KV cache each decoding request (and each prefill
+chunk's already-computed prefix) reads, and the KV the step's new tokens write.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_PROFILE = "h100_sxm_llama31_8b"
+
+
+class GPUSpec(BaseModel):
+    """One GPU's peak numbers and how many of them serve one replica (tensor parallel)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    count: int = Field(1, ge=1)
+    peak_flops: float = Field(gt=0, description="dense bf16 FLOP/s per GPU")
+    hbm_bandwidth: float = Field(gt=0, description="HBM bytes/s per GPU")
+    memory_bytes: float = Field(gt=0, description="HBM bytes per GPU")
+
+
+class ModelSpec(BaseModel):
+    """The model's size and attention shape."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    params: float = Field(gt=0)
+    layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    dtype_bytes: int = Field(ge=1)
+    max_model_len: int = Field(ge=1)
+
+
+class Efficiency(BaseModel):
+    """What fraction of the peaks real kernels reach, and the fixed cost of one step."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mfu: float = Field(gt=0, le=1, description="achieved / peak FLOP/s")
+    mbu: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
+    step_overhead_s: float = Field(ge=0, description="scheduler + launch cost per step")
+
+
+class EngineLimits(BaseModel):
+    """vLLM's engine arguments that shape batching and memory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    block_size: int = Field(16, ge=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+
+
+class Profile(BaseModel):
+    """A GPU + model + engine profile; see the module docstring."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    gpu: GPUSpec
+    model: ModelSpec
+    efficiency: Efficiency
+    engine: EngineLimits
+    #: dotted field name (e.g. "gpu.peak_flops") -> where the number comes from
+    sources: dict[str, str]
+
+    @model_validator(mode="after")
+    def _every_number_has_a_source(self) -> Profile:
+        missing = [
+            f"{section}.{field}"
+            for section in ("gpu", "model", "efficiency", "engine")
+            for field, value in getattr(self, section)
+            if isinstance(value, int | float) and f"{section}.{field}" not in self.sources
+        ]
+        if missing:
+            raise ValueError(f"profile {self.name!r}: no source note for {', '.join(missing)}")
+        if self.engine.max_num_seqs > self.engine.max_num_batched_tokens:
+            raise ValueError("engine.max_num_seqs must not exceed engine.max_num_batched_tokens")
+        if self.kv_capacity_blocks < 1:
+            raise ValueError(f"profile {self.name!r}: the weights leave no memory for KV cache")
+        return self
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Profile:
+        """Load a bundled profile by name, or any profile file by path."""
+        path = Path(name_or_path)
+        if not path.suffix and not path.exists():
+            path = PROFILES_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no simulator profile {str(name_or_path)!r}; bundled: "
+                f"{', '.join(available_profiles())}"
+            )
+        return cls.model_validate(json.loads(path.read_text()))
+
+    @classmethod
+    def default(cls) -> Profile:
+        return cls.load(DEFAULT_PROFILE)
+
+    # -- memory ----------------------------------------------------------------------------
+
+    @cached_property
+    def kv_bytes_per_token(self) -> int:
+        """K and V, every layer, every KV head (summed over tensor-parallel shards)."""
+        m = self.model
+        return 2 * m.layers * m.kv_heads * m.head_dim * m.dtype_bytes
+
+    @cached_property
+    def weight_bytes(self) -> float:
+        return self.model.params * self.model.dtype_bytes
+
+    @cached_property
+    def kv_capacity_blocks(self) -> int:
+        """(memory * utilization - weights) / KV bytes per token, in whole blocks."""
+        usable = (
+            self.gpu.memory_bytes * self.gpu.count * self.engine.gpu_memory_utilization
+            - self.weight_bytes
+        )
+        block_bytes = self.kv_bytes_per_token * self.engine.block_size
+        return max(0, int(usable // block_bytes))
+
+    @cached_property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_capacity_blocks * self.engine.block_size
+
+    # -- time ------------------------------------------------------------------------------
+
+    @cached_property
+    def effective_flops(self) -> float:
+        """FLOP/s one replica reaches: peak * GPUs * mfu."""
+        return self.gpu.peak_flops * self.gpu.count * self.efficiency.mfu
+
+    @cached_property
+    def effective_bandwidth(self) -> float:
+        """Bytes/s one replica reaches: bandwidth * GPUs * mbu."""
+        return self.gpu.hbm_bandwidth * self.gpu.count * self.efficiency.mbu
+
+    @cached_property
+    def attn_flops_per_ctx_token(self) -> float:
+        """FLOPs for one new token attending to one context token: QK^T and AV, all layers."""
+        m = self.model
+        return 4.0 * m.layers * m.num_heads * m.head_dim
+
+    def step_time(self, tokens: float, attn_ctx: float, kv_read_tokens: float) -> float:
+        """Seconds for one engine step that computes `tokens` new tokens (see module doc)."""
+        flops = 2.0 * self.model.params * tokens + self.attn_flops_per_ctx_token * attn_ctx
+        nbytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read_tokens + tokens)
+        return self.efficiency.step_overhead_s + max(
+            flops / self.effective_flops, nbytes / self.effective_bandwidth
+        )
+
+    def prefill_time(self, n: int, cached: int = 0) -> float:
+        """Time to first token of a lone request with an `n`-token prompt, `cached` of them
+        already in the prefix cache: the engine's chunks of `max_num_batched_tokens`."""
+        if n < 1 or not 0 <= cached < n:
+            raise ValueError("need n >= 1 and 0 <= cached < n")
+        budget = self.engine.max_num_batched_tokens
+        done, total = cached, 0.0
+        while done < n:
+            c = min(budget, n - done)
+            total += self.step_time(c, c * done + c * (c + 1) / 2, done)
+            done += c
+        return total
+
+    def prefill_tokens_per_s(self, n: int) -> float:
+        return n / self.prefill_time(n)
+
+    def decode_step_time(self, batch: int, context: int) -> float:
+        """One decode step for `batch` requests that each hold `context` tokens of KV."""
+        return self.step_time(batch, batch * (context + 1), batch * context)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))

@@ -1,0 +1,130 @@
+"""Drawing a graph: Mermaid (for Markdown) and Graphviz DOT (and PNG when `dot` exists)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from treadle.graphs.spec import (
+    INPUT,
+    ITEM,
+    BranchNode,
+    FirstOf,
+    GraphSpec,
+    MapNode,
+    NodeSpec,
+    Ref,
+    SubgraphNode,
+)
+
+
+def _label(node: NodeSpec) -> str:
+    if isinstance(node, MapNode) and node.node is not None:
+        inner = _label(node.node).split("\\n", 1)[1]
+        return f"{node.id}\\nmap × {inner}"
+    detail = ""
+    tool = getattr(node, "tool", None)
+    if tool is not None:
+        detail = f": {tool.name}"
+    model = getattr(node, "model", None)
+    if model is not None and node.kind == "llm":
+        detail = f": {model}"
+    return f"{node.id}\\n{node.kind}{detail}"
+
+
+def _edges(spec: GraphSpec) -> Iterator[tuple[str, str, str, bool]]:
+    """(source, target, label, is_control) for every edge, graph input and output included."""
+
+    def refs(binding: object) -> Iterator[Ref]:
+        if isinstance(binding, Ref):
+            yield binding
+        elif isinstance(binding, FirstOf):
+            yield from binding.refs
+
+    def source(ref: Ref) -> str | None:
+        if ref.node == ITEM:
+            return None
+        return "__input__" if ref.node == INPUT else ref.node
+
+    for node in spec.nodes:
+        bindings = list(node.inputs.items())
+        if isinstance(node, MapNode):
+            bindings.append(("over", node.over))
+            if node.node is not None:
+                bindings += [(f"{k}", v) for k, v in node.node.inputs.items()]
+        for name, binding in bindings:
+            for ref in refs(binding):
+                src = source(ref)
+                if src is not None:
+                    field = ".".join(ref.path)
+                    yield src, node.id, f"{field}→{name}" if field else name, False
+        if isinstance(node, BranchNode):
+            for label, targets in node.routes.items():
+                for target in targets:
+                    yield node.id, target, label, True
+    for name, binding in spec.outputs.items():
+        for ref in refs(binding):
+            src = source(ref)
+            if src is not None:
+                yield src, "__output__", name, False
+
+
+def _mermaid_id(node_id: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in node_id)
+
+
+def to_mermaid(spec: GraphSpec) -> str:
+    lines = ["flowchart TD"]
+    if spec.inputs:
+        lines.append(f'  __input__(["inputs: {", ".join(spec.inputs)}"])')
+    for node in spec.nodes:
+        nid, text = _mermaid_id(node.id), _label(node).replace("\\n", "<br/>")
+        if isinstance(node, BranchNode):
+            lines.append(f'  {nid}{{"{text}"}}')
+        elif isinstance(node, MapNode):
+            lines.append(f'  {nid}[/"{text}"/]')
+        elif isinstance(node, SubgraphNode):
+            lines.append(f'  {nid}[["{text}"]]')
+        elif node.kind == "llm":
+            lines.append(f'  {nid}("{text}")')
+        else:
+            lines.append(f'  {nid}["{text}"]')
+    if spec.outputs:
+        lines.append(f'  __output__(["outputs: {", ".join(spec.outputs)}"])')
+    for src, dst, label, control in _edges(spec):
+        arrow = "-.->" if control else "-->"
+        lines.append(f'  {_mermaid_id(src)} {arrow}|"{label}"| {_mermaid_id(dst)}')
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(spec: GraphSpec) -> str:
+    shapes = {"llm": "ellipse", "tool": "box", "func": "box", "branch": "diamond"}
+    lines = [
+        f'digraph "{spec.name}" {{',
+        "  rankdir=TB;",
+        '  node [fontname="Helvetica", fontsize=10];',
+        '  edge [fontname="Helvetica", fontsize=8];',
+    ]
+    if spec.inputs:
+        lines.append(f'  "__input__" [label="inputs\\n{", ".join(spec.inputs)}", shape=invhouse];')
+    for node in spec.nodes:
+        shape = shapes.get(node.kind, "box3d" if isinstance(node, MapNode) else "component")
+        style = ', style="rounded"' if node.kind == "func" else ""
+        lines.append(f'  "{node.id}" [label="{_label(node)}", shape={shape}{style}];')
+    if spec.outputs:
+        lines.append(f'  "__output__" [label="outputs\\n{", ".join(spec.outputs)}", shape=house];')
+    for src, dst, label, control in _edges(spec):
+        style = ", style=dashed" if control else ""
+        lines.append(f'  "{src}" -> "{dst}" [label="{label}"{style}];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_png(spec: GraphSpec, path: Path) -> None:
+    """Render with Graphviz's `dot`; raises RuntimeError if Graphviz is not installed."""
+    dot = shutil.which("dot")
+    if dot is None:
+        raise RuntimeError("Graphviz is not installed (no `dot` on PATH); use --format dot")
+    subprocess.run([dot, "-Tpng", "-o", str(path)], input=to_dot(spec).encode(), check=True)

@@ -1,0 +1,300 @@
+"""The `treadle` command line: run, validate, draw and describe workflows; benchmarks;
+the simulator server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+import yaml
+from rich.console import Console
+from rich.live import Live
+
+from treadle.graphs.compile import GraphValidationError, compile_graph
+from treadle.programs import ProgramNotFound, load_program
+
+app = typer.Typer(
+    name="treadle",
+    help="An async runtime for agent workflows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Reproducible benchmarks (treadle and baselines in one run).")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ProgramArg = Annotated[
+    str, typer.Argument(help="A workflow file (.yaml/.json) or a Python graph (file.py:attr).")
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(ref: str) -> Any:
+    from treadle.graphs.loader import WorkflowFileError
+
+    try:
+        return load_program(ref)
+    except (ProgramNotFound, WorkflowFileError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _parse_inputs(raw: str | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    text = raw
+    if raw.startswith("@"):
+        path = Path(raw[1:])
+        if not path.exists():
+            raise _fail(f"--input {raw}: no such file")
+        text = path.read_text()
+    try:
+        value = json.loads(text) if not raw.startswith("@") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise _fail(f"--input is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _fail("--input must be a JSON object of input names to values")
+    return value
+
+
+def default_db() -> Path:
+    home = Path(os.environ.get("TREADLE_HOME", Path.home() / ".treadle"))
+    return home / "runs.db"
+
+
+def _open_store(store: str, db: Path | None) -> Any:
+    if store == "memory":
+        from treadle.runtime.stores.memory import MemoryStore
+
+        return MemoryStore()
+    if store == "sqlite":
+        from treadle.runtime.stores.sqlite import SqliteStore
+
+        path = db or default_db()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SqliteStore(path)
+    if store.startswith(("redis://", "rediss://", "unix://")):
+        from treadle.runtime.stores.redis import RedisStore
+
+        return RedisStore(store)
+    raise _fail(f"--store must be memory, sqlite or a redis:// URL, not {store!r}")
+
+
+StoreOpt = Annotated[
+    str, typer.Option("--store", help="memory, sqlite (default) or a redis:// URL.")
+]
+DbOpt = Annotated[Path | None, typer.Option("--db", help="SQLite file (default ~/.treadle/runs.db).")]
+
+
+@app.command()
+def run(
+    program: Annotated[str | None, typer.Argument(help="Workflow file or file.py:attr.")] = None,
+    input: Annotated[
+        str | None, typer.Option("--input", "-i", help="Inputs as JSON, or @file.json/@file.yaml.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Resume an interrupted run by id.")
+    ] = None,
+    store: StoreOpt = "sqlite",
+    db: DbOpt = None,
+) -> None:
+    """Run a workflow and print its result."""
+    from treadle.runtime.runtime import InvalidInputs, Runtime
+
+    async def main() -> int:
+        state = _open_store(store, db)
+        runtime = Runtime(store=state)
+        try:
+            if resume is not None:
+                record = await state.get_run(resume)
+                if record is None:
+                    raise _fail(f"no run {resume!r} in the store")
+                ref = program or record.source
+                if ref is None:
+                    raise _fail("this run does not record its program; pass it as an argument")
+                cg = runtime.compile(_load(ref))
+                result = await _watch(runtime, cg, None, as_json, resume_id=resume)
+            else:
+                if program is None:
+                    raise _fail("missing the workflow to run")
+                cg = runtime.compile(_load(program))
+                source = str(Path(program).resolve()) if Path(program).exists() else program
+                result = await _watch(runtime, cg, _parse_inputs(input), as_json, source=source)
+        except GraphValidationError as exc:
+            raise _fail(str(exc)) from None
+        except InvalidInputs as exc:
+            raise _fail(str(exc)) from None
+        finally:
+            await runtime.aclose()
+        return 0 if result.ok else 1
+
+    raise typer.Exit(anyio.run(main))
+
+
+async def _watch(
+    runtime: Any,
+    cg: Any,
+    inputs: dict[str, Any] | None,
+    as_json: bool,
+    *,
+    source: str | None = None,
+    resume_id: str | None = None,
+) -> Any:
+    from treadle.display import RunView, render_result
+
+    view = RunView(list(cg.nodes))
+    live_ok = not as_json and console.is_terminal
+    if resume_id is not None:
+        result = await runtime.resume(resume_id, cg, check=False)
+        for event in result.events:
+            view.feed(event)
+    else:
+        async with runtime.start(cg, inputs, source=source) as handle:
+            if live_ok:
+                with Live(view.table(), console=console, refresh_per_second=10) as live:
+                    async for event in handle.events():
+                        view.feed(event)
+                        live.update(view.table())
+            else:
+                async for event in handle.events():
+                    view.feed(event)
+            result = await handle.result()
+    if as_json:
+        output = result.output
+        dumped = output.model_dump(mode="json") if hasattr(output, "model_dump") else output
+        payload = {
+            "run_id": result.run_id,
+            "status": result.status,
+            "output": dumped,
+            "error": result.error,
+            "duration_s": round(result.duration_s, 6),
+        }
+        typer.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        if not live_ok:
+            console.print(view.table())
+        render_result(console, result, view)
+    return result
+
+
+@app.command()
+def validate(program: ProgramArg) -> None:
+    """Check a workflow without running it."""
+    spec = _load(program)
+    try:
+        cg = compile_graph(spec)
+    except GraphValidationError as exc:
+        raise _fail(str(exc), 1) from None
+    facts = cg.facts
+    console.print(
+        f"[green]ok[/] {spec.name}: {len(cg.nodes)} nodes, "
+        f"critical path {' → '.join(facts.critical_path)} "
+        f"(~{facts.critical_path_cost_s:.2f} s estimated)",
+        highlight=False,
+    )
+
+
+@app.command()
+def graph(
+    program: ProgramArg,
+    format: Annotated[str, typer.Option("--format", "-f", help="mermaid, dot or png.")] = "mermaid",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+) -> None:
+    """Draw a workflow as Mermaid, Graphviz DOT, or PNG."""
+    from treadle.graphs.render import to_dot, to_mermaid, to_png
+
+    spec = _load(program)
+    if format == "png":
+        if output is None:
+            raise _fail("--format png needs --output FILE.png")
+        try:
+            to_png(spec, output)
+        except RuntimeError as exc:
+            raise _fail(str(exc), 1) from None
+        return
+    if format not in ("mermaid", "dot"):
+        raise _fail(f"--format must be mermaid, dot or png, not {format!r}")
+    text = to_mermaid(spec) if format == "mermaid" else to_dot(spec)
+    if output is not None:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the workflow file format."""
+    from treadle.graphs.fileformat import workflow_json_schema
+
+    typer.echo(json.dumps(workflow_json_schema(), indent=2))
+
+
+@app.command()
+def runs(
+    store: StoreOpt = "sqlite",
+    db: DbOpt = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+) -> None:
+    """List recorded runs."""
+    from rich.table import Table
+
+    async def main() -> list[Any]:
+        state = _open_store(store, db)
+        try:
+            return list(await state.list_runs(limit=limit, status=status))
+        finally:
+            await state.close()
+
+    records = anyio.run(main)
+    table = Table("run", "graph", "status", "created", "error")
+    import datetime as dt
+
+    for r in records:
+        created = dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(r.run_id, r.graph, r.status, created, (r.error or "")[:60])
+    console.print(table)
+
+
+def _register_optional() -> None:
+    """Subcommands whose modules may be absent in a partial install."""
+    import importlib
+
+    for name in ("overhead", "dispatch", "agents", "parallel", "service"):
+        try:
+            module = importlib.import_module(f"treadle.benchmarks.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"treadle.benchmarks.{name}":
+                raise
+            continue
+        bench_app.command(name)(module.main)
+    try:
+        from treadle.cli_sim import app as sim_app
+    except ModuleNotFoundError as exc:
+        if exc.name != "treadle.cli_sim":
+            raise
+        return
+    app.add_typer(sim_app, name="sim")
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
