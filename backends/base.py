@@ -80,6 +80,8 @@ class LLMRequest(BaseModel):
     temperature: float | None = None
     stream: bool = False
     hints: SchedulingHints = Field(default_factory=SchedulingHints)
+    #: extra HTTP headers for backends that speak HTTP (e.g. W3C `traceparent`)
+    headers: dict[str, str] = Field(default_factory=dict)
 
 
 class Usage(BaseModel):

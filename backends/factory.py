@@ -3,8 +3,9 @@
 ```yaml
 models:
   fast:    {backend: scripted, rules: [...], latency_s: 0.05}
-  local:   {backend: openai_compat, base_url: "http://gpu1:8000/v1", model: meta-llama/Llama-3.1-8B-Instruct,
-            dialect: vllm, dialect_options: {priority_scheduling: true}}
+  local:   {backend: openai_compat, base_url: "http://gpu1:8000/v1",
+            model: meta-llama/Llama-3.1-8B-Instruct, dialect: vllm,
+            dialect_options: {priority_scheduling: true}, api_key_env: VLLM_KEY}
   remote:  {backend: litellm, model: openai/gpt-4o-mini, api_key_env: OPENAI_API_KEY}
   sim:     {backend: sim, ...}            # treadle.backends.sim.backend.SimBackend options
   cluster: {backend: pool, policy: treadle, replicas: [{backend: openai_compat, ...}, ...]}
@@ -35,9 +36,14 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _StrictScriptRule(ScriptRule):
+    # `ScriptRule` itself ignores unknown keys; in a workflow file one is a typo.
+    model_config = ConfigDict(extra="forbid")
+
+
 class ScriptedConfig(_Config):
     backend: Literal["scripted"]
-    rules: list[ScriptRule] = Field(default_factory=list)
+    rules: list[_StrictScriptRule] = Field(default_factory=list)
     latency_s: float = Field(default=0.0, ge=0)
 
 
@@ -114,7 +120,7 @@ def create_backend(config: Mapping[str, Any]) -> Backend:
 
 def _build_scripted(cfg: BaseModel) -> Backend:
     assert isinstance(cfg, ScriptedConfig)
-    return ScriptedBackend(cfg.rules, latency_s=cfg.latency_s)
+    return ScriptedBackend(list(cfg.rules), latency_s=cfg.latency_s)
 
 
 def _build_openai_compat(cfg: BaseModel) -> Backend:
@@ -122,7 +128,9 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
     from treadle.backends.openai_compat import OpenAICompatBackend
 
     if cfg.api_key is not None and cfg.api_key_env is not None:
-        raise ValueError("invalid 'openai_compat' model entry: give api_key or api_key_env, not both")
+        raise ValueError(
+            "invalid 'openai_compat' model entry: give api_key or api_key_env, not both"
+        )
     api_key = cfg.api_key
     if cfg.api_key_env is not None:
         api_key = os.environ.get(cfg.api_key_env)
@@ -161,7 +169,9 @@ def _build_litellm(cfg: BaseModel) -> Backend:
     params = dict(cfg.params)
     clash = {"model", "messages", "stream"} & set(params)
     if clash:
-        raise ValueError(f"invalid 'litellm' model entry: params: {', '.join(sorted(clash))} is set by treadle")
+        raise ValueError(
+            f"invalid 'litellm' model entry: params: {', '.join(sorted(clash))} is set by treadle"
+        )
     if cfg.api_base is not None:
         params["api_base"] = cfg.api_base
     if cfg.timeout_s is not None:
@@ -212,10 +222,12 @@ def _optional(kind: str, module: str, attr: str) -> Callable[..., Backend]:
     try:
         found = getattr(importlib.import_module(module), attr)
     except ImportError as exc:
-        raise ValueError(f"backend {kind!r} is not available: cannot import {module} ({exc})") from None
+        raise ValueError(
+            f"backend {kind!r} is not available: cannot import {module} ({exc})"
+        ) from None
     except AttributeError:
         raise ValueError(f"backend {kind!r} is not available: {module} has no {attr}") from None
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def _extras(cfg: BaseModel) -> dict[str, Any]:
@@ -228,8 +240,13 @@ def _check_options(
     params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [n for n, p in params.items() if n not in skip and n != "self" and p.kind in (
-        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    accepted = [
+        n
+        for n, p in params.items()
+        if n not in skip
+        and n != "self"
+        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(

@@ -30,6 +30,7 @@ from treadle.backends.base import (
     StreamChunk,
     ToolCall,
     Usage,
+    collect_stream,
 )
 from treadle.backends.dialects import Dialect, make_dialect
 from treadle.backends.server_metrics import (
@@ -50,11 +51,12 @@ class OpenAICompatBackend:
 
     `base_url` is the API base (`http://host:8000/v1`); without a trailing `/v1` it is taken
     as the server root and `/v1` is added. The wire `model` is this backend's `model`, not
-    `LLMRequest.model` (the workflow's alias). `headers` go with every request (W3C
-    `traceparent`/`tracestate` among them pass through untouched); `request_headers` is a
-    hook called per request (e.g. to inject the current trace context), and `generate` /
-    `stream` take `extra_headers` for one call. `timeout_s` bounds each wait for bytes from
-    the server (for a stream: the gap between chunks), `connect_timeout_s` the connection.
+    `LLMRequest.model` (the workflow's alias). Headers, later ones winning: `headers` (with
+    every request), the dialect's hint headers, the `request_headers(request)` hook (e.g. to
+    inject the current trace context), `LLMRequest.headers` (W3C `traceparent`/`tracestate`
+    pass through untouched), and `extra_headers` given to one `generate`/`stream` call.
+    `timeout_s` bounds each wait for bytes from the server (for a stream: the gap between
+    chunks), `connect_timeout_s` the connection.
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class OpenAICompatBackend:
         headers = {**self._headers, **hint_headers}
         if self._request_headers is not None:
             headers.update(self._request_headers(request))
+        headers.update(request.headers)
         if extra_headers:
             headers.update(extra_headers)
         return body, headers
@@ -180,25 +183,13 @@ class OpenAICompatBackend:
         also measures the time to first token (`ttft_s`)."""
         if request.stream:
             timing = _Timing()
-            chunks = self._stream(request, extra_headers, timing)
-            text: list[str] = []
-            calls: list[ToolCall] = []
-            finish, usage = "stop", Usage()
-            async for chunk in chunks:
-                text.append(chunk.delta)
-                calls.extend(chunk.tool_calls)
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-                if chunk.usage is not None:
-                    usage = chunk.usage
-            return LLMResponse(
-                content="".join(text) or None,
-                tool_calls=calls,
-                finish_reason=finish,
-                usage=usage,
-                model=timing.model or self.model,
-                replica=self.name,
-                ttft_s=timing.ttft_s,
+            folded = await collect_stream(self._stream(request, extra_headers, timing))
+            return folded.model_copy(
+                update={
+                    "model": timing.model or self.model,
+                    "replica": self.name,
+                    "ttft_s": timing.ttft_s,
+                }
             )
         body, headers = self.build_request(request, stream=False, extra_headers=extra_headers)
         response = await self._send(body, headers, stream=False)

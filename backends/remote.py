@@ -21,8 +21,8 @@ from treadle.backends.base import (
     LLMRequest,
     LLMResponse,
     StreamChunk,
-    ToolCall,
     Usage,
+    collect_stream,
 )
 from treadle.backends.openai_compat import ToolCallAccumulator
 
@@ -108,7 +108,11 @@ class LiteLLMBackend:
                     f"{self.name}: environment variable {self.api_key_env} is not set"
                 )
             call["api_key"] = key
-        headers = {**(self.kwargs.get("extra_headers") or {}), **(extra_headers or {})}
+        headers = {
+            **(self.kwargs.get("extra_headers") or {}),
+            **request.headers,
+            **(extra_headers or {}),
+        }
         if headers:
             call["extra_headers"] = headers
         return call
@@ -118,25 +122,21 @@ class LiteLLMBackend:
     ) -> LLMResponse:
         if request.stream:
             started = time.perf_counter()
-            ttft: float | None = None
-            text: list[str] = []
-            calls: list[ToolCall] = []
-            finish, usage = "stop", Usage()
-            async for chunk in self.stream(request, extra_headers=extra_headers):
-                if ttft is None and (chunk.delta or chunk.tool_calls):
-                    ttft = time.perf_counter() - started
-                text.append(chunk.delta)
-                calls.extend(chunk.tool_calls)
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
-            return LLMResponse(
-                content="".join(text) or None,
-                tool_calls=calls,
-                finish_reason=finish,
-                usage=usage,
-                model=self.model,
-                replica=self.name,
-                ttft_s=ttft,
+            first: list[float] = []
+
+            async def timed() -> AsyncIterator[StreamChunk]:
+                async for chunk in self.stream(request, extra_headers=extra_headers):
+                    if not first and (chunk.delta or chunk.tool_calls):
+                        first.append(time.perf_counter() - started)
+                    yield chunk
+
+            folded = await collect_stream(timed())
+            return folded.model_copy(
+                update={
+                    "model": self.model,
+                    "replica": self.name,
+                    "ttft_s": first[0] if first else None,
+                }
             )
         litellm = load_litellm()
         call = self.build_call(request, stream=False, extra_headers=extra_headers)
@@ -191,11 +191,15 @@ class LiteLLMBackend:
     def _parse(self, response: Any) -> LLMResponse:
         choices = getattr(response, "choices", None)
         if not choices:
-            raise BackendError(f"{self.name} returned no choices", retryable=True, replica=self.name)
+            raise BackendError(
+                f"{self.name} returned no choices", retryable=True, replica=self.name
+            )
         choice = choices[0]
         message = getattr(choice, "message", None)
         if message is None:
-            raise BackendError(f"{self.name} returned a choice without a message", replica=self.name)
+            raise BackendError(
+                f"{self.name} returned a choice without a message", replica=self.name
+            )
         calls = ToolCallAccumulator(self.name)
         for i, call in enumerate(getattr(message, "tool_calls", None) or []):
             function = getattr(call, "function", None)
@@ -226,7 +230,9 @@ class LiteLLMBackend:
             getattr(litellm, "ServiceUnavailableError", ()),
             getattr(litellm, "InternalServerError", ()),
         )
-        retryable = isinstance(exc, transient) or (isinstance(status, int) and status in _RETRY_STATUS)
+        retryable = isinstance(exc, transient) or (
+            isinstance(status, int) and status in _RETRY_STATUS
+        )
         return BackendError(
             f"{self.name}: {type(exc).__name__}: {exc}", retryable=retryable, replica=self.name
         )

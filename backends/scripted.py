@@ -44,7 +44,8 @@ class ScriptRule(BaseModel):
     With `tool_calls`, the rule fires only before any tool result has come back for that
     user message; the model's next turn (after the results) falls through to later rules
     or to schema generation. `content` may be text or a JSON value; text may use
-    `{tool_results}` (the results so far, one a line) and `{groups[N]}` from the match.
+    `{tool_results}` (the results so far, one a line) and `{groups[N]}` from the match
+    (escaped when the text is JSON). Other braces are left alone.
     """
 
     match: str = ""
@@ -136,11 +137,25 @@ def _conversation_tail(messages: list[Message]) -> tuple[str, list[str]]:
     return "", list(reversed(results))
 
 
+_PLACEHOLDER = re.compile(r"\{(tool_results|groups\[(\d+)\])\}")
+
+
 def _render(content: Any, match: re.Match[str], results: list[str]) -> str:
+    """Fill `{tool_results}` and `{groups[N]}`; inside JSON content, values are escaped."""
     if not isinstance(content, str):
         return json.dumps(content)
     groups = [match.group(0), *match.groups()]
-    return content.format(tool_results="\n".join(results), groups=groups)
+    is_json = content.lstrip().startswith(("{", "["))
+
+    def fill(m: re.Match[str]) -> str:
+        if m.group(2) is not None:
+            index = int(m.group(2))
+            value = (groups[index] or "") if index < len(groups) else ""
+        else:
+            value = "\n".join(results)
+        return json.dumps(value)[1:-1] if is_json else value
+
+    return _PLACEHOLDER.sub(fill, content)
 
 
 def _digest(text: str) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from treadle.graphs.spec import LLMNode, MapNode, NodeSpec, SubgraphNode, ToolNode
+from treadle.graphs.spec import LLMNode, MapNode, NodeSpec, PlannerNode, SubgraphNode, ToolNode
 
 if TYPE_CHECKING:
     from treadle.graphs.compile import CompiledNode
@@ -65,6 +65,8 @@ class GraphFacts:
 def node_cost_s(spec: NodeSpec) -> float:
     if isinstance(spec, LLMNode):
         return LLM_STEP_COST_S
+    if isinstance(spec, PlannerNode):
+        return 2 * LLM_STEP_COST_S + TOOL_COST_S  # plan, its tasks, join
     if isinstance(spec, ToolNode):
         expected = spec.tool.expected_duration_s if spec.tool is not None else None
         return expected if expected is not None else TOOL_COST_S
@@ -79,6 +81,8 @@ def llm_steps(spec: NodeSpec) -> int:
     """LLM steps a node itself contributes on a path (a map counts once: it is parallel)."""
     if isinstance(spec, LLMNode):
         return 1
+    if isinstance(spec, PlannerNode):
+        return 2
     if isinstance(spec, MapNode) and spec.node is not None:
         return llm_steps(spec.node)
     if isinstance(spec, SubgraphNode):
@@ -92,10 +96,10 @@ def _count_llm(spec: SubgraphNode) -> int:
     return sum(llm_steps(n) for n in spec.graph.nodes)
 
 
-def _llm_spec(spec: NodeSpec) -> LLMNode | None:
-    if isinstance(spec, LLMNode):
+def _llm_spec(spec: NodeSpec) -> LLMNode | PlannerNode | None:
+    if isinstance(spec, LLMNode | PlannerNode):
         return spec
-    if isinstance(spec, MapNode) and isinstance(spec.node, LLMNode):
+    if isinstance(spec, MapNode) and isinstance(spec.node, LLMNode | PlannerNode):
         return spec.node
     return None
 
@@ -108,7 +112,7 @@ def _tool_names(spec: NodeSpec) -> tuple[str, ...]:
     return ()
 
 
-def prefix_key(spec: LLMNode) -> str:
+def prefix_key(spec: LLMNode | PlannerNode) -> str:
     head = spec.prompt.split("{", 1)[0]
     raw = "\x00".join((spec.model, spec.system or "", head))
     return hashlib.blake2b(raw.encode(), digest_size=6).hexdigest()

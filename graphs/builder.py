@@ -32,6 +32,7 @@ from treadle.graphs.spec import (
     LLMNode,
     MapNode,
     NodeSpec,
+    PlannerNode,
     Policy,
     Ref,
     SubgraphNode,
@@ -42,8 +43,37 @@ from treadle.tools import Tool
 if TYPE_CHECKING:
     from treadle.graphs.compile import CompiledGraph
 
+class Out:
+    """A reference under construction: attribute access names a field of the output.
+
+    `plan.out.queries.first` refers to field `first` of field `queries` of node `plan`.
+    (A plain `Ref` has no such magic, so output fields may be called anything.)
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, ref: Ref) -> None:
+        object.__setattr__(self, "_ref", ref)
+
+    def __getattr__(self, name: str) -> Out:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return Out(Ref(self._ref.node, (*self._ref.path, name)))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("references are read-only")
+
+    def __repr__(self) -> str:
+        return f"Out({self._ref})"
+
+
 #: inside a `map`, the current element
-ITEM_REF = Ref(ITEM)
+ITEM_REF = Out(Ref(ITEM))
+
+
+def first_of(*refs: Any) -> FirstOf:
+    """The first of several references whose node ran (joins the sides of a branch)."""
+    return FirstOf(tuple(_binding(r) for r in refs))
 
 
 class NodeHandle:
@@ -57,16 +87,18 @@ class NodeHandle:
         return self.spec.id
 
     @property
-    def out(self) -> Ref:
-        return Ref(self.spec.id)
+    def out(self) -> Out:
+        return Out(Ref(self.spec.id))
 
     def __repr__(self) -> str:
         return f"<{self.spec.kind} node {self.spec.id!r}>"
 
 
 def _binding(value: Any) -> Any:
+    if isinstance(value, Out):
+        return value._ref
     if isinstance(value, NodeHandle):
-        return value.out
+        return Ref(value.id)
     if isinstance(value, Graph):
         raise TypeError("a Graph cannot be an input value; use graph.subgraph(...)")
     return value
@@ -137,6 +169,33 @@ class step:
         )
 
     @staticmethod
+    def planner(
+        prompt: str,
+        *,
+        tools: Iterable[Tool],
+        inputs: Mapping[str, Any] | None = None,
+        model: str = "default",
+        system: str | None = None,
+        output: Any = str,
+        max_replans: int = 2,
+        joiner: str | None = None,
+        id: str = "",
+        **policy: Any,
+    ) -> PlannerNode:
+        return PlannerNode(
+            id=id,
+            inputs=_inputs(inputs),
+            policy=_policy(policy),
+            prompt=prompt,
+            model=model,
+            system=system,
+            tools=tuple(tools),
+            output=output,
+            max_replans=max_replans,
+            joiner=joiner,
+        )
+
+    @staticmethod
     def subgraph(
         graph: Graph | GraphSpec,
         *,
@@ -167,9 +226,9 @@ class Graph:
         )
 
     @property
-    def input(self) -> Ref:
+    def input(self) -> Out:
         """The graph's inputs: `g.input.question` refers to input `question`."""
-        return Ref(INPUT)
+        return Out(Ref(INPUT))
 
     def add(self, node: NodeSpec) -> NodeHandle:
         if not node.id:
@@ -219,6 +278,35 @@ class Graph:
                 max_turns=max_turns,
                 temperature=temperature,
                 max_tokens=max_tokens,
+                id=id,
+                **policy,
+            )
+        )
+
+    def planner(
+        self,
+        id: str,
+        prompt: str,
+        *,
+        tools: Iterable[Tool],
+        inputs: Mapping[str, Any] | None = None,
+        model: str = "default",
+        system: str | None = None,
+        output: Any = str,
+        max_replans: int = 2,
+        joiner: str | None = None,
+        **policy: Any,
+    ) -> NodeHandle:
+        return self.add(
+            step.planner(
+                prompt,
+                tools=tools,
+                inputs=inputs,
+                model=model,
+                system=system,
+                output=output,
+                max_replans=max_replans,
+                joiner=joiner,
                 id=id,
                 **policy,
             )
@@ -310,4 +398,4 @@ def _input_specs(inputs: Mapping[str, Any] | type[BaseModel] | None) -> dict[str
     return {name: tp if isinstance(tp, InputSpec) else InputSpec(tp) for name, tp in inputs.items()}
 
 
-__all__ = ["ITEM_REF", "FirstOf", "Graph", "NodeHandle", "route_label", "step"]
+__all__ = ["ITEM_REF", "FirstOf", "Graph", "NodeHandle", "Out", "first_of", "route_label", "step"]

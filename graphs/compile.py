@@ -30,6 +30,7 @@ from treadle.graphs.spec import (
     LLMNode,
     MapNode,
     NodeSpec,
+    PlannerNode,
     Pos,
     Ref,
     SubgraphNode,
@@ -188,11 +189,13 @@ class _Compiler:
         input_model = self.input_model()
         if self.issues:
             raise GraphValidationError(spec.name, self.issues)
-        used = frozenset(n.spec.model for n in compiled.values() if isinstance(n.spec, LLMNode))
+        used = frozenset(
+            n.spec.model for n in compiled.values() if isinstance(n.spec, LLMNode | PlannerNode)
+        )
         inner_used = {
             n.inner.spec.model
             for n in compiled.values()
-            if n.inner is not None and isinstance(n.inner.spec, LLMNode)
+            if n.inner is not None and isinstance(n.inner.spec, LLMNode | PlannerNode)
         }
         ordered = {nid: compiled[nid] for nid in order}
         return CompiledGraph(
@@ -222,6 +225,12 @@ class _Compiler:
             }
             return CompiledNode(node.id, node, params, node.tool.output_type)
         if isinstance(node, LLMNode):
+            names = _template_fields(node.prompt, node, self, "prompt")
+            if node.system:
+                names |= _template_fields(node.system, node, self, "system")
+            params = {name: Param(Any, True) for name in sorted(names)}
+            return CompiledNode(node.id, node, params, node.output)
+        if isinstance(node, PlannerNode):
             names = _template_fields(node.prompt, node, self, "prompt")
             if node.system:
                 names |= _template_fields(node.system, node, self, "system")
@@ -309,6 +318,16 @@ class _Compiler:
         if not 0 <= p.jitter <= 1:
             self.issue("jitter must be between 0 and 1", node, prefix + "jitter")
 
+        if isinstance(node, PlannerNode):
+            if node.model not in self.known_models:
+                known = ", ".join(sorted(self.known_models))
+                self.issue(
+                    f"unknown model alias {node.model!r} (known: {known})", node, prefix + "model"
+                )
+            if not node.tools:
+                self.issue("a planner needs at least one tool", node, prefix + "tools")
+            if node.max_replans < 0:
+                self.issue("max_replans must be >= 0", node, prefix + "max_replans")
         if isinstance(node, LLMNode):
             if node.model not in self.known_models:
                 known = ", ".join(sorted(self.known_models))
@@ -340,7 +359,7 @@ class _Compiler:
             where = f"{prefix}inputs.{name}"
             param = cn.params.get(name)
             if param is None and not cn.accepts_extra:
-                if isinstance(node, LLMNode):
+                if isinstance(node, LLMNode | PlannerNode):
                     self.issue(f"input {name!r} is not used by the prompt or system", node, where)
                 else:
                     expected = ", ".join(cn.params) or "none"

@@ -18,7 +18,8 @@ import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
-from treadle.graphs.spec import NODE_KINDS, Policy
+
+from treadle.graphs.spec import Policy
 
 #: JSON Schema dialect of `workflow_json_schema()` (pydantic emits draft 2020-12)
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -88,14 +89,18 @@ def _shape_tag(value: Any) -> str | None:
     return None
 
 
+#: node kinds a workflow file can declare (every kind of `treadle.graphs.spec`)
+FILE_KINDS: tuple[str, ...] = ("func", "tool", "llm", "map", "branch", "subgraph", "planner")
+
+
 def _node_tag(value: Any) -> str | None:
     """Tag a node by its `kind`; None (an error) when it is missing or unknown."""
     kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
-    return f"#{kind}" if isinstance(kind, str) and kind in NODE_KINDS else None
+    return f"#{kind}" if isinstance(kind, str) and kind in FILE_KINDS else None
 
 
 #: tags the discriminators above can return, so the loader can recognise them in a location
-UNION_TAGS = frozenset({"#text", "#mapping"} | {f"#{k}" for k in NODE_KINDS})
+UNION_TAGS = frozenset({"#text", "#mapping"} | {f"#{k}" for k in FILE_KINDS})
 
 
 class _Model(BaseModel):
@@ -203,6 +208,17 @@ class _LLMFields(_Model):
     max_tokens: int | None = Field(None, ge=1)
 
 
+class _PlannerFields(_Model):
+    kind: Literal["planner"]
+    prompt: str = Field(description="Template over the inputs: what the plan must achieve.")
+    system: str | None = Field(None, description="System prompt (a template too).")
+    model: str = Field("default", min_length=1, description="A model alias.")
+    tools: list[ToolRef] = Field(min_length=1, description="Tools the plan may call.")
+    output: TypeString = Field("str", description="str, or the type the answer must parse to.")
+    max_replans: int = Field(2, ge=0, description="New plans the joiner may ask for.")
+    joiner: str | None = Field(None, description="The joiner's instructions.")
+
+
 class _MapFields(_Model):
     kind: Literal["map"]
     over: ValueOrRef = Field(description="The list to fan out over, usually a reference.")
@@ -240,10 +256,11 @@ class _SubgraphFields(_Model):
 
 
 def label_text(value: Any) -> Any:
-    """A route label as a string: YAML `true` -> "true", `1` -> "1" (others unchanged)."""
+    """A route label as a string, as the SDK's `route_label` makes it: YAML `true` ->
+    "true", `1` -> "1" (anything but a bool or number is left for validation to judge)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
+    if isinstance(value, int | float):
         return str(value)
     return value
 
@@ -261,8 +278,13 @@ class LLMNode(_PolicyFields, _Inputs, _LLMFields, _TopId):
     """A chat call (optionally with tools)."""
 
 
-class MapNode(_PolicyFields, _Inputs, _MapFields, _TopId):
-    """Run a node once per element of a list."""
+class PlannerNode(_PolicyFields, _Inputs, _PlannerFields, _TopId):
+    """An LLM that plans tool calls, run as they stream in, then joins the results."""
+
+
+class MapNode(_PolicyFields, _MapFields, _TopId):
+    """Run a node once per element of a list (a map reads only `over`; the inner node has
+    the inputs)."""
 
 
 class BranchNode(_PolicyFields, _Inputs, _BranchFields, _TopId):
@@ -285,7 +307,11 @@ class InnerLLMNode(_PolicyFields, _Inputs, _LLMFields, _InnerId):
     """A chat call (inside a map)."""
 
 
-class InnerMapNode(_PolicyFields, _Inputs, _MapFields, _InnerId):
+class InnerPlannerNode(_PolicyFields, _Inputs, _PlannerFields, _InnerId):
+    """A planner (inside a map)."""
+
+
+class InnerMapNode(_PolicyFields, _MapFields, _InnerId):
     """A nested map (inside a map)."""
 
 
@@ -297,7 +323,7 @@ class InnerSubgraphNode(_PolicyFields, _Inputs, _SubgraphFields, _InnerId):
     """A subgraph (inside a map)."""
 
 
-_KIND_MESSAGE = "a node needs `kind`: one of " + ", ".join(NODE_KINDS)
+_KIND_MESSAGE = "a node needs `kind`: one of " + ", ".join(FILE_KINDS)
 
 Node = Annotated[
     (
@@ -307,6 +333,7 @@ Node = Annotated[
         | Annotated[MapNode, Tag("#map")]
         | Annotated[BranchNode, Tag("#branch")]
         | Annotated[SubgraphNode, Tag("#subgraph")]
+        | Annotated[PlannerNode, Tag("#planner")]
     ),
     Discriminator(_node_tag, custom_error_type="node_kind", custom_error_message=_KIND_MESSAGE),
 ]
@@ -318,11 +345,12 @@ InnerNode = Annotated[
         | Annotated[InnerMapNode, Tag("#map")]
         | Annotated[InnerBranchNode, Tag("#branch")]
         | Annotated[InnerSubgraphNode, Tag("#subgraph")]
+        | Annotated[InnerPlannerNode, Tag("#planner")]
     ),
     Discriminator(_node_tag, custom_error_type="node_kind", custom_error_message=_KIND_MESSAGE),
 ]
 
-AnyNode = FuncNode | ToolNode | LLMNode | MapNode | BranchNode | SubgraphNode
+AnyNode = FuncNode | ToolNode | LLMNode | MapNode | BranchNode | SubgraphNode | PlannerNode
 AnyInnerNode = (
     InnerFuncNode
     | InnerToolNode
@@ -330,6 +358,7 @@ AnyInnerNode = (
     | InnerMapNode
     | InnerBranchNode
     | InnerSubgraphNode
+    | InnerPlannerNode
 )
 
 # -- the document ----------------------------------------------------------------------

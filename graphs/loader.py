@@ -41,6 +41,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
+
 from treadle.graphs import fileformat as ff
 from treadle.graphs.spec import (
     INPUT,
@@ -53,6 +54,7 @@ from treadle.graphs.spec import (
     LLMNode,
     MapNode,
     NodeSpec,
+    PlannerNode,
     Policy,
     Pos,
     Ref,
@@ -146,6 +148,12 @@ class _Doc:
     data: Any
     values: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
     keys: dict[DocPath, tuple[int, int]] = field(default_factory=dict)
+    #: problems found while converting; raised once the data is complete, so that the
+    #: field path can name nodes by their ids
+    refused: list[tuple[DocPath, str]] = field(default_factory=list)
+
+    def refuse(self, path: DocPath, problem: str) -> None:
+        self.refused.append((path, problem))
 
     def pos(self, path: DocPath, *, key: bool = False) -> Pos:
         """Position of the value at `path` (or of its key), else of the nearest parent."""
@@ -182,6 +190,8 @@ def _parse(text: str, file: str, fmt: Format) -> _Doc:
     root = _load_yaml(text, file)
     doc = _Doc(file, None)
     doc.data = _plain(root, (), doc, set(), strict=True)
+    if doc.refused:
+        raise doc.error(*doc.refused[0])
     return doc
 
 
@@ -246,7 +256,13 @@ def _duplicate_key_error(text: str, file: str) -> WorkflowFileError:
     if found is None:  # pragma: no cover - ruamel found one, so we do too
         return WorkflowFileError(file, 1, 1, DOCUMENT, "duplicate mapping key")
     path, key, first, second = found
-    field = ".".join(str(p) for p in (*path, key))
+    try:  # the data (last value wins) only serves to name nodes by id in the field path
+        lenient = YAML(typ="rt")
+        lenient.allow_duplicate_keys = True
+        data = _plain(lenient.load(text), (), _Doc(file, None), set(), strict=False)
+    except YAMLError:  # pragma: no cover - it parsed up to the duplicate a moment ago
+        data = None
+    field = _field_text(data, (*path, key))
     return WorkflowFileError(
         file,
         second.start_mark.line + 1,
@@ -290,10 +306,10 @@ def _plain(node: Any, path: DocPath, doc: _Doc, active: set[int], *, strict: boo
     if isinstance(node, CommentedBase) and strict:
         tag = getattr(getattr(node, "tag", None), "value", None)
         if tag is not None and not isinstance(node, TaggedScalar):
-            raise doc.error(path, f"YAML tags are not supported here ({tag})")
+            return doc.refuse(path, f"YAML tags are not supported here ({tag})")
     if isinstance(node, CommentedMap | CommentedSeq):
-        if id(node) in active:
-            raise doc.error(path, "a YAML alias refers to a mapping or list that contains it")
+        if id(node) in active:  # pragma: no cover - ruamel 0.18+ turns such an alias into null
+            return doc.refuse(path, "a YAML alias refers to a mapping or list that contains it")
         active.add(id(node))
         try:
             return _plain_container(node, path, doc, active, strict=strict)
@@ -302,7 +318,7 @@ def _plain(node: Any, path: DocPath, doc: _Doc, active: set[int], *, strict: boo
     if isinstance(node, TaggedScalar):
         if node.tag.value == _STD_STR_TAG:
             return str(node.value)
-        raise doc.error(path, f"YAML tags are not supported here ({node.tag.value})")
+        return doc.refuse(path, f"YAML tags are not supported here ({node.tag.value})")
     if isinstance(node, ScalarBoolean):
         return bool(node)
     if isinstance(node, bool) or node is None:
@@ -327,7 +343,7 @@ def _plain(node: Any, path: DocPath, doc: _Doc, active: set[int], *, strict: boo
     if isinstance(node, datetime.date | bytes):
         return node
     if strict:
-        raise doc.error(path, f"unsupported YAML value of type {type(node).__name__}")
+        return doc.refuse(path, f"unsupported YAML value of type {type(node).__name__}")
     return node
 
 
@@ -339,7 +355,8 @@ def _plain_container(
         for k, v in node.items():
             key = _plain(k, (*path, "[key]"), doc, active, strict=strict)
             if isinstance(key, list | dict):
-                raise doc.error(path, "mapping keys must be plain values")
+                doc.refuse(path, "mapping keys must be plain values")
+                continue
             sub = (*path, key)
             entry = node.lc.data.get(k)
             if entry is not None:  # merged (`<<`) keys have no position of their own
@@ -434,6 +451,8 @@ def _problem(doc: _Doc, err: Any) -> _Problem:
     path, found, on_key = _locate(doc.data, loc)
     kind = err["type"]
     value = doc.at(path) if found else None
+    if on_key and path:  # the problem is the key itself (a name that breaks a pattern)
+        value = path[-1]
     if kind == "missing":
         return _Problem(doc.error(path, "required field is missing"), missing=True)
     if kind == "extra_forbidden":
@@ -507,7 +526,7 @@ def _find_key(mapping: dict[Any, Any], part: Any) -> Any:
 
 
 def _kind_error(doc: _Doc, path: DocPath, value: Any) -> WorkflowFileError:
-    kinds = ", ".join(ff.NODE_KINDS)
+    kinds = ", ".join(ff.FILE_KINDS)
     if not isinstance(value, dict):
         return doc.error(
             path, f"a node must be a mapping with `kind` ({kinds}), got {_describe_value(value)}"
@@ -519,7 +538,7 @@ def _kind_error(doc: _Doc, path: DocPath, value: Any) -> WorkflowFileError:
         return doc.error((*path, "kind"), f"expected one of {kinds}, got {_describe_value(kind)}")
     return doc.error(
         (*path, "kind"),
-        f"unknown kind {kind!r}{did_you_mean(kind, ff.NODE_KINDS)}; expected one of {kinds}",
+        f"unknown kind {kind!r}{did_you_mean(kind, ff.FILE_KINDS)}; expected one of {kinds}",
     )
 
 
@@ -726,7 +745,8 @@ class _Builder:
     # -- nodes -------------------------------------------------------------------------
 
     def node(self, m: ff.AnyNode | ff.AnyInnerNode, path: DocPath, node_id: str) -> NodeSpec:
-        inputs = {k: self.value(v, (*path, "inputs", k)) for k, v in m.inputs.items()}
+        raw_inputs: dict[str, Any] = getattr(m, "inputs", {})  # a map has none of its own
+        inputs = {k: self.value(v, (*path, "inputs", k)) for k, v in raw_inputs.items()}
         policy = Policy(**{f: getattr(m, f) for f in ff.POLICY_FIELDS if f in m.model_fields_set})
         fields = self.field_positions(path)
         common: dict[str, Any] = {"id": node_id, "inputs": inputs, "policy": policy}
@@ -748,6 +768,18 @@ class _Builder:
                 max_turns=m.max_turns,
                 temperature=m.temperature,
                 max_tokens=m.max_tokens,
+            )
+        if isinstance(m, ff.PlannerNode | ff.InnerPlannerNode):
+            return PlannerNode(
+                **common,
+                source=source,
+                prompt=m.prompt,
+                model=m.model,
+                system=m.system,
+                tools=tuple(self.tool(t, (*path, "tools", i)) for i, t in enumerate(m.tools)),
+                output=self.resolve_type(m.output, (*path, "output")),
+                max_replans=m.max_replans,
+                joiner=m.joiner,
             )
         if isinstance(m, ff.MapNode | ff.InnerMapNode):
             over = self.value(m.over, (*path, "over"))

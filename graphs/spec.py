@@ -20,7 +20,7 @@ INPUT = "$input"
 ITEM = "$item"
 
 ErrorPolicy = Literal["fail", "skip", "fallback"]
-NodeKind = Literal["func", "tool", "llm", "map", "branch", "subgraph"]
+NodeKind = Literal["func", "tool", "llm", "map", "branch", "subgraph", "planner"]
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,12 @@ class SourceInfo:
 class Ref:
     """A reference to a node's output, or to a field inside it (`path`).
 
-    `Ref("plan", ("queries",))` is `$plan.queries` in a workflow file. Attribute access
-    extends the path, so in the SDK `plan.out.queries` builds the same reference.
+    `Ref("plan", ("queries",))` is `$plan.queries` in a workflow file; in the SDK,
+    `plan.out.queries` builds the same reference.
     """
 
     node: str
     path: tuple[str, ...] = ()
-
-    def __getattr__(self, name: str) -> Ref:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return Ref(self.node, (*self.path, name))
 
     def __str__(self) -> str:
         return "$" + ".".join((self.node.lstrip("$"), *self.path))
@@ -79,10 +74,6 @@ class FirstOf:
     """
 
     refs: tuple[Ref, ...]
-
-
-def first_of(*refs: Ref) -> FirstOf:
-    return FirstOf(tuple(refs))
 
 
 def input_ref(name: str) -> Ref:
@@ -188,8 +179,28 @@ class SubgraphNode(NodeSpec):
     kind: ClassVar[NodeKind] = "subgraph"
 
 
+@dataclass
+class PlannerNode(NodeSpec):
+    """An LLM that writes a plan of tool calls, one task a line, in LLMCompiler's format
+    (`1. search("x")`, `2. calculator("$1 * 2")`, `3. join()`). Each task is dispatched as
+    soon as its line has arrived and its dependencies are done. A joiner then answers
+    (parsed as `output`) or asks for a new plan, at most `max_replans` times.
+    """
+
+    prompt: str = ""
+    model: str = "default"
+    system: str | None = None
+    tools: tuple[Tool, ...] = ()
+    output: Any = str
+    max_replans: int = 2
+    #: the joiner's instructions (a default is used when None)
+    joiner: str | None = None
+    kind: ClassVar[NodeKind] = "planner"
+
+
 NODE_KINDS: dict[str, type[NodeSpec]] = {
-    cls.kind: cls for cls in (FuncNode, ToolNode, LLMNode, MapNode, BranchNode, SubgraphNode)
+    cls.kind: cls
+    for cls in (FuncNode, ToolNode, LLMNode, MapNode, BranchNode, SubgraphNode, PlannerNode)
 }
 
 _MISSING: Any = object()

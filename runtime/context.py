@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 _now = time.time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,10 @@ from treadle.runtime.journal import Journal
 
 if TYPE_CHECKING:
     from treadle.runtime.llm import LLMGateway
+
+
+#: called synchronously with every event of a run (tracing, metrics, displays)
+Listener = Callable[["RunContext", Event], None]
 
 
 @dataclass
@@ -40,6 +44,7 @@ class RunContext:
         options: RunOptions,
         restored: dict[str, bytes] | None = None,
         first_seq: int = 1,
+        listeners: Sequence[Listener] = (),
     ) -> None:
         self.run_id = run_id
         self.journal = journal
@@ -49,7 +54,9 @@ class RunContext:
         self._seq = first_seq - 1
         #: every event of this run in this process; the journal persists it incrementally
         self.log: list[Event] = journal.log
-        self._listeners: list[Callable[[Event], None]] = []
+        self._listeners: list[Listener] = list(listeners)
+        #: extra HTTP headers per LLM call id, filled by listeners (e.g. trace context)
+        self.call_headers: dict[str, dict[str, str]] = {}
         self._changed: anyio.Event | None = None
         self.limiter = (
             anyio.CapacityLimiter(options.max_concurrency) if options.max_concurrency else None
@@ -66,10 +73,10 @@ class RunContext:
             changed, self._changed = self._changed, None
             changed.set()
         for listener in self._listeners:
-            listener(event)
+            listener(self, event)
         return event
 
-    def add_listener(self, listener: Callable[[Event], None]) -> None:
+    def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     async def wait_for_events(self, after: int) -> None:

@@ -86,6 +86,9 @@ class LLMGateway:
             priority=request.hints.priority,
             queue_wait_s=time.perf_counter() - queued,
         )
+        headers = ctx.call_headers.pop(call_id, None)
+        if headers:
+            request = request.model_copy(update={"headers": {**request.headers, **headers}})
         started = time.perf_counter()
         response: LLMResponse | None = None
         try:

@@ -30,6 +30,7 @@ from treadle.graphs.spec import (
     LLMNode,
     MapNode,
     NodeSpec,
+    PlannerNode,
     Ref,
     SubgraphNode,
     ToolNode,
@@ -342,6 +343,12 @@ class GraphScope:
             return self._route(plan, kwargs)
         if isinstance(spec, MapNode):
             return await self._run_map(plan, iid)
+        if isinstance(spec, PlannerNode):
+            from treadle.runtime.planner import run_planner_node
+
+            return await run_planner_node(
+                self.ctx, spec, self.cg.facts.llm.get(plan.id), iid, kwargs
+            )
         if isinstance(spec, SubgraphNode):
             assert plan.cn.child is not None
             return await GraphScope(self.ctx, plan.cn.child, kwargs, f"{iid}/").run()

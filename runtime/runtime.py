@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,7 @@ from treadle.backends.scripted import ScriptedBackend
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import DEFAULT_MODEL, CompiledGraph, compile_graph
 from treadle.graphs.spec import GraphSpec
-from treadle.runtime.context import RunContext, RunOptions
+from treadle.runtime.context import Listener, RunContext, RunOptions
 from treadle.runtime.errors import RunCancelled, RunFailed
 from treadle.runtime.events import Event, RunFinished
 from treadle.runtime.journal import Journal
@@ -123,6 +123,7 @@ class Runtime:
         max_concurrency: int | None = None,
         stream_tokens: bool = False,
         admission: CallAdmission | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
         self.store: StateStore = store if store is not None else MemoryStore()
         self._models: dict[str, Backend] = {}
@@ -135,6 +136,7 @@ class Runtime:
         self.max_concurrency = max_concurrency
         self.stream_tokens = stream_tokens
         self.admission = admission
+        self.listeners = list(listeners)
         self._created: dict[str, Backend] = {}
 
     # -- graphs and backends -----------------------------------------------------------
@@ -238,6 +240,7 @@ class Runtime:
             ),
             restored=restored,
             first_seq=first_seq,
+            listeners=self.listeners,
         )
         inputs = {name: getattr(inputs_model, name) for name in type(inputs_model).model_fields}
         scope = anyio.CancelScope()

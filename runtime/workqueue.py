@@ -34,8 +34,9 @@ import anyio
 from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
+
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.redis import LeaseLost, RedisKeys
+from treadle.runtime.stores.redis import LeaseLost, RedisKeys, connect
 
 __all__ = ["Job", "LeaseKeeper", "LeaseLost", "WorkQueue"]
 
@@ -103,9 +104,12 @@ class WorkQueue:
         if lease_ms <= 0:
             raise ValueError("lease_ms must be > 0")
         if isinstance(url_or_client, str):
-            self._redis: Redis = Redis.from_url(url_or_client, decode_responses=False)
+            self._redis: Redis = connect(url_or_client)
             self._owns_client = True
         else:
+            kwargs = getattr(url_or_client.connection_pool, "connection_kwargs", {})
+            if kwargs.get("decode_responses"):
+                raise ValueError("WorkQueue needs a client with decode_responses=False")
             self._redis = url_or_client
             self._owns_client = False
         self.keys = RedisKeys(prefix)

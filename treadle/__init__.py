@@ -30,7 +30,7 @@ from treadle.backends import (
 )
 from treadle.graphs.analysis import GraphFacts, LLMFacts
 from treadle.graphs.builder import ITEM_REF as ITEM
-from treadle.graphs.builder import Graph, NodeHandle, step
+from treadle.graphs.builder import Graph, NodeHandle, Out, first_of, step
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
 from treadle.graphs.spec import (
     BranchNode,
@@ -45,7 +45,6 @@ from treadle.graphs.spec import (
     Ref,
     SubgraphNode,
     ToolNode,
-    first_of,
 )
 from treadle.runtime import (
     Event,
@@ -114,6 +113,7 @@ __all__ = [
     "NodeError",
     "NodeHandle",
     "NodeSpec",
+    "Out",
     "Policy",
     "Ref",
     "RunCancelled",

@@ -11,9 +11,9 @@ It is not a real BPE vocabulary; it only has to behave like one where the simula
   text always gives equal ids, in every process (no salted hashing).
 - **Prefix stability**: a text's tokens are the concatenation of its pieces' tokens, so two
   texts that agree up to a piece boundary (the end of a word, number or punctuation run
-  that is followed by a space or a newline) agree on their tokens up to that point. The chat template tokenizes every message on its own, so
-  requests whose messages agree on a prefix of messages agree on a prefix of tokens, which
-  is what prefix caching needs.
+  that is followed by a space or a newline) agree on their tokens up to that point. The
+  chat template tokenizes every message on its own, so requests whose messages agree on a
+  prefix of messages agree on a prefix of tokens, which is what prefix caching needs.
 
 Public API (stable):
 

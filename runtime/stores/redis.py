@@ -31,14 +31,38 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ResponseError
+
 from treadle.runtime.events import Event
 from treadle.runtime.store import RunNotFound, RunRecord
 from treadle.runtime.stores import codec
 
 _EVENTS_PAGE = 1000  # XRANGE page size for read_events
 _SCAN_CHUNK = 200  # index entries fetched per round trip when list_runs filters by status
+
+
+def connect(url: str, *, max_connections: int = 64) -> Redis:
+    """A client for `url` for the stores and the work queue.
+
+    - Its pool makes a caller wait for a free connection when `max_connections` are busy
+      (redis-py's default pool fails at once instead, which a fan-out of a thousand nodes
+      finishing together would hit).
+    - It retries a command on connection errors for a few seconds, long enough to ride out
+      a Redis restart. Every write of this module is safe to repeat: `record` recognises a
+      batch it already stored, the other writes are idempotent or compare-and-set, and the
+      work queue is at-least-once anyway.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=None,  # wait for a connection as long as it takes; callers set deadlines
+        decode_responses=False,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=6),
+    )
+    return Redis.from_pool(pool)
 
 
 class LeaseLost(RuntimeError):
@@ -151,7 +175,7 @@ class RedisStore:
         prefix: str = "treadle",
     ) -> None:
         if isinstance(url_or_client, str):
-            self._redis: Redis = Redis.from_url(url_or_client, decode_responses=False)
+            self._redis: Redis = connect(url_or_client)
             self._owns_client = True
         else:
             kwargs = getattr(url_or_client.connection_pool, "connection_kwargs", {})

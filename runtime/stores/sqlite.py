@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import anyio
+
 from treadle.runtime.events import Event
 from treadle.runtime.store import RunNotFound, RunRecord
 from treadle.runtime.stores import codec

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -30,49 +30,49 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 VLLM_METRICS_TEXT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 3.0
-vllm:num_requests_running{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 2.0
+vllm:num_requests_running{engine="0",model_name="llama-8b"} 3.0
+vllm:num_requests_running{engine="1",model_name="llama-8b"} 2.0
 # HELP vllm:num_requests_waiting Number of requests waiting to be processed.
 # TYPE vllm:num_requests_waiting gauge
-vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 4.0
-vllm:num_requests_waiting{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1.0
-# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.DEPRECATED: Use vllm:kv_cache_usage_perc instead.
+vllm:num_requests_waiting{engine="0",model_name="llama-8b"} 4.0
+vllm:num_requests_waiting{engine="1",model_name="llama-8b"} 1.0
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. DEPRECATED: Use vllm:kv_cache_usage_perc.
 # TYPE vllm:gpu_cache_usage_perc gauge
-vllm:gpu_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.5
-vllm:gpu_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.3
+vllm:gpu_cache_usage_perc{engine="0",model_name="llama-8b"} 0.5
+vllm:gpu_cache_usage_perc{engine="1",model_name="llama-8b"} 0.3
 # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
 # TYPE vllm:kv_cache_usage_perc gauge
-vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.5
-vllm:kv_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.3
+vllm:kv_cache_usage_perc{engine="0",model_name="llama-8b"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="llama-8b"} 0.3
 # HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
 # TYPE vllm:prefix_cache_queries_total counter
-vllm:prefix_cache_queries_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 6000.0
-vllm:prefix_cache_queries_total{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 4000.0
+vllm:prefix_cache_queries_total{engine="0",model_name="llama-8b"} 6000.0
+vllm:prefix_cache_queries_total{engine="1",model_name="llama-8b"} 4000.0
 # HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
 # TYPE vllm:prefix_cache_hits_total counter
-vllm:prefix_cache_hits_total{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 3000.0
-vllm:prefix_cache_hits_total{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1000.0
+vllm:prefix_cache_hits_total{engine="0",model_name="llama-8b"} 3000.0
+vllm:prefix_cache_hits_total{engine="1",model_name="llama-8b"} 1000.0
 # HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
 # TYPE vllm:time_to_first_token_seconds histogram
-vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.0
-vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="meta-llama/Llama-3.1-8B-Instruct"} 10.0
-vllm:time_to_first_token_seconds_count{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 10.0
-vllm:time_to_first_token_seconds_sum{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1.25
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="llama-8b"} 7.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="llama-8b"} 10.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="llama-8b"} 10.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="llama-8b"} 1.25
 """
 
 SGLANG_METRICS_TEXT = """\
 # HELP sglang:num_running_reqs The number of running requests.
 # TYPE sglang:num_running_reqs gauge
-sglang:num_running_reqs{model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.0
+sglang:num_running_reqs{model_name="llama-8b"} 7.0
 # HELP sglang:num_queue_reqs The number of requests in the waiting queue.
 # TYPE sglang:num_queue_reqs gauge
-sglang:num_queue_reqs{model_name="meta-llama/Llama-3.1-8B-Instruct"} 2.0
+sglang:num_queue_reqs{model_name="llama-8b"} 2.0
 # HELP sglang:token_usage The token usage.
 # TYPE sglang:token_usage gauge
-sglang:token_usage{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.28
+sglang:token_usage{model_name="llama-8b"} 0.28
 # HELP sglang:cache_hit_rate The prefix cache hit rate.
 # TYPE sglang:cache_hit_rate gauge
-sglang:cache_hit_rate{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.75
+sglang:cache_hit_rate{model_name="llama-8b"} 0.75
 """
 
 
@@ -147,7 +147,7 @@ def create_fake_app(state: FakeState) -> FastAPI:
         return Response(status_code=200 if scenario == "ok" else 503)
 
     @app.post("/{scenario}/v1/chat/completions")
-    async def chat(scenario: str, request: Request) -> Response:  # noqa: C901 - a menu
+    async def chat(scenario: str, request: Request) -> Response:
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -232,7 +232,12 @@ def create_fake_app(state: FakeState) -> FastAPI:
             parts += [_chunk({"content": piece}) for piece in ("Hel", "lo", " wor", "ld")]
             parts.append(": keep-alive comment\n\n")
             parts.append(_chunk({}, "stop"))
-            usage_event = {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}
+            usage_event = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": USAGE,
+            }
             parts.append(f"data: {json.dumps(usage_event)}\n\n")
             parts.append("data: [DONE]\n\n")
             return _sse(parts)
@@ -241,11 +246,31 @@ def create_fake_app(state: FakeState) -> FastAPI:
             # the events themselves split across network writes.
             events = [
                 _chunk({"role": "assistant", "content": None}),
-                _chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                        "function": {"name": "get_weather", "arguments": ""}}]}),
+                _chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""},
+                            }
+                        ]
+                    }
+                ),
                 _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
-                _chunk({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
-                                        "function": {"name": "get_time", "arguments": '{"tz"'}}]}),
+                _chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 1,
+                                "id": "call_2",
+                                "type": "function",
+                                "function": {"name": "get_time", "arguments": '{"tz"'},
+                            }
+                        ]
+                    }
+                ),
                 _chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Par'}}]}),
                 _chunk({"tool_calls": [{"index": 1, "function": {"arguments": ': "CET"}'}}]}),
                 _chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'is"}'}}]}),
@@ -283,7 +308,7 @@ class RunningServer:
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, lifespan: str = "auto") -> Iterator[str]:
+def serve_in_thread(app: Any, *, lifespan: Literal["auto", "on", "off"] = "auto") -> Iterator[str]:
     """Run `app` under uvicorn on a free port in a thread; yield its URL."""
     port = free_port()
     config = uvicorn.Config(

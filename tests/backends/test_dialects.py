@@ -158,7 +158,10 @@ def test_metric_names_match_servers() -> None:
     assert vllm.prefix_queries[0] == "vllm:prefix_cache_queries"
     sglang = SGLangDialect.metric_names
     assert sglang is not None
-    assert (sglang.running, sglang.waiting) == (("sglang:num_running_reqs",), ("sglang:num_queue_reqs",))
+    assert (sglang.running, sglang.waiting) == (
+        ("sglang:num_running_reqs",),
+        ("sglang:num_queue_reqs",),
+    )
     assert sglang.kv_usage == ("sglang:token_usage",)
     assert sglang.prefix_hit_rate == ("sglang:cache_hit_rate",)
 

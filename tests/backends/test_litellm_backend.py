@@ -17,10 +17,16 @@ import pytest
 from treadle.backends.base import BackendError, LLMRequest, Message, ToolCall, collect_stream
 from treadle.backends.remote import INSTALL_HINT, LiteLLMBackend
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    # litellm's own types trip a pydantic warning on import; not ours to fix
+    pytest.mark.filterwarnings("ignore:.*ReadOnly.*:UserWarning"),
+]
 
 HAS_LITELLM = importlib.util.find_spec("litellm") is not None
-needs_litellm = pytest.mark.skipif(not HAS_LITELLM, reason="litellm (treadle[remote]) not installed")
+needs_litellm = pytest.mark.skipif(
+    not HAS_LITELLM, reason="litellm (treadle[remote]) not installed"
+)
 
 
 def _request(**kw: Any) -> LLMRequest:
@@ -108,8 +114,14 @@ async def test_generate_maps_request_and_parses_model_response(
     tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
     backend = LiteLLMBackend("openai/gpt-4o-mini", num_retries=3, api_base="http://gw")
     result = await backend.generate(
-        _request(tools=tools, max_tokens=50, temperature=0.0, response_schema=schema),
-        extra_headers={"traceparent": "00-abc-def-01"},
+        _request(
+            tools=tools,
+            max_tokens=50,
+            temperature=0.0,
+            response_schema=schema,
+            headers={"traceparent": "00-abc-def-01"},
+        ),
+        extra_headers={"x-extra": "1"},
     )
     assert result.tool_calls == [ToolCall(id="call_1", name="search", arguments='{"q": "kv"}')]
     assert result.finish_reason == "tool_calls"
@@ -123,7 +135,7 @@ async def test_generate_maps_request_and_parses_model_response(
     assert (call["max_tokens"], call["temperature"]) == (50, 0.0)
     assert call["response_format"]["json_schema"] == {"name": "Out", "schema": schema}
     assert call["num_retries"] == 3 and call["api_base"] == "http://gw"
-    assert call["extra_headers"] == {"traceparent": "00-abc-def-01"}
+    assert call["extra_headers"] == {"traceparent": "00-abc-def-01", "x-extra": "1"}
     assert call["stream"] is False
 
 
@@ -135,10 +147,12 @@ async def test_anthropic_style_cache_reads_count_as_cached(monkeypatch: pytest.M
 
     response = ModelResponse(
         model="claude",
-        choices=[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
-    )
-    response.usage = LiteUsage(
-        prompt_tokens=50, completion_tokens=2, total_tokens=52, cache_read_input_tokens=40
+        choices=[
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+        ],
+        usage=LiteUsage(
+            prompt_tokens=50, completion_tokens=2, total_tokens=52, cache_read_input_tokens=40
+        ),
     )
     monkeypatch.setattr(litellm, "acompletion", FakeAcompletion(response))
     result = await LiteLLMBackend("anthropic/claude-x").generate(_request())
@@ -147,20 +161,31 @@ async def test_anthropic_style_cache_reads_count_as_cached(monkeypatch: pytest.M
 
 
 @needs_litellm
-async def test_stream_assembles_tool_calls_from_real_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stream_assembles_tool_calls_from_real_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import litellm
     from litellm.types.utils import ModelResponseStream
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> Any:
-        return ModelResponseStream(
-            model="m", choices=[{"index": 0, "delta": delta, "finish_reason": finish}]
-        )
+        choices: list[Any] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return ModelResponseStream(model="m", choices=choices)
 
     chunks = [
         chunk({"role": "assistant", "content": "Let me "}),
         chunk({"content": "check."}),
-        chunk({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
-                               "function": {"name": "get_weather", "arguments": '{"ci'}}]}),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"ci'},
+                    }
+                ]
+            }
+        ),
         chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]}),
         chunk({}, "tool_calls"),
         ModelResponseStream(
@@ -176,7 +201,9 @@ async def test_stream_assembles_tool_calls_from_real_chunks(monkeypatch: pytest.
     assert [p.delta for p in pieces[:-1]] == ["Let me ", "check."]
     folded = await collect_stream(_aiter(pieces))
     assert folded.content == "Let me check."
-    assert folded.tool_calls == [ToolCall(id="c1", name="get_weather", arguments='{"city": "Oslo"}')]
+    assert folded.tool_calls == [
+        ToolCall(id="c1", name="get_weather", arguments='{"city": "Oslo"}')
+    ]
     assert folded.finish_reason == "tool_calls"
     assert folded.usage.prompt_tokens == 9
     assert fake.calls[0]["stream_options"] == {"include_usage": True}
@@ -233,7 +260,11 @@ async def test_invalid_tool_arguments_are_an_error(monkeypatch: pytest.MonkeyPat
                 "message": {
                     "role": "assistant",
                     "tool_calls": [
-                        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{bad"},
+                        }
                     ],
                 },
             }
@@ -249,7 +280,11 @@ async def test_api_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import litellm
     from litellm import ModelResponse
 
-    fake = FakeAcompletion(ModelResponse(model="m", choices=[{"index": 0, "message": {"role": "assistant", "content": "x"}}]))
+    fake = FakeAcompletion(
+        ModelResponse(
+            model="m", choices=[{"index": 0, "message": {"role": "assistant", "content": "x"}}]
+        )
+    )
     monkeypatch.setattr(litellm, "acompletion", fake)
     backend = LiteLLMBackend("openai/x", api_key_env="TREADLE_TEST_KEY")
     monkeypatch.delenv("TREADLE_TEST_KEY", raising=False)

@@ -196,7 +196,9 @@ async def test_garbage_answers_name_the_server(
         ("stream_error", "CUDA out of memory"),
     ],
 )
-async def test_broken_streams_raise(fake_server: RunningServer, scenario: str, expected: str) -> None:
+async def test_broken_streams_raise(
+    fake_server: RunningServer, scenario: str, expected: str
+) -> None:
     async with _backend(fake_server, scenario) as backend:
         with pytest.raises(BackendError) as info:
             await collect_stream(backend.stream(_request()))
@@ -223,16 +225,18 @@ async def test_headers_hints_and_trace_context_pass_through(fake_server: Running
         dialect="vllm",
         dialect_options={"priority_scheduling": True},
         api_key="sk-test",
-        headers={"traceparent": traceparent},
+        headers={"traceparent": "00-stale-stale-00", "x-team": "infra"},
         request_headers=lambda req: {"x-treadle-model": req.model},
     )
     hints = SchedulingHints(priority=3, request_id="req-42", program_id="run-1")
+    request = _request(hints=hints, headers={"traceparent": traceparent})
     async with backend:
-        await backend.generate(_request(hints=hints), extra_headers={"tracestate": "k=v"})
+        await backend.generate(request, extra_headers={"tracestate": "k=v"})
     headers = fake_server.state.headers["ok"][-1]
     body = fake_server.state.requests["ok"][-1]
-    assert headers["traceparent"] == traceparent
+    assert headers["traceparent"] == traceparent  # the request's own wins over the default
     assert headers["tracestate"] == "k=v"
+    assert headers["x-team"] == "infra"
     assert headers["authorization"] == "Bearer sk-test"
     assert headers["x-request-id"] == "req-42"
     assert headers["x-treadle-model"] == "alias"
@@ -258,11 +262,11 @@ async def test_metrics_parse_vllm_text_and_window_the_hit_rate(fake_server: Runn
         assert load.kv_usage == pytest.approx(0.4)
         assert load.prefix_hit_rate == pytest.approx(0.4)  # 4000 / 10000 since start
         fake_server.state.metrics_text = fake_server.state.metrics_text.replace(
-            'engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 4000.0',
-            'engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 5000.0',
+            'engine="1",model_name="llama-8b"} 4000.0',
+            'engine="1",model_name="llama-8b"} 5000.0',
         ).replace(
-            'engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1000.0',
-            'engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1900.0',
+            'engine="1",model_name="llama-8b"} 1000.0',
+            'engine="1",model_name="llama-8b"} 1900.0',
         )
         try:
             load = await backend.metrics()
@@ -287,7 +291,7 @@ async def test_metrics_errors_are_clear(fake_server: RunningServer) -> None:
         with pytest.raises(BackendError, match="not Prometheus text exposition"):
             await backend.metrics()
     async with _backend(fake_server, "missing", dialect="sglang") as backend:
-        with pytest.raises(BackendError, match="answered 404.*--enable-metrics"):
+        with pytest.raises(BackendError, match=r"answered 404.*--enable-metrics"):
             await backend.metrics()
     async with _backend(fake_server, "ok", dialect="openai") as backend:
         with pytest.raises(BackendError, match="exports no load metrics"):
@@ -314,7 +318,9 @@ def test_base_url_forms_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="unknown dialect 'tgi'"):
         OpenAICompatBackend("http://h", "m", dialect="tgi")
     with pytest.raises(ValueError, match="no option 'priority_scheduling'"):
-        OpenAICompatBackend("http://h", "m", dialect="continuum", dialect_options={"priority_scheduling": True})
+        OpenAICompatBackend(
+            "http://h", "m", dialect="continuum", dialect_options={"priority_scheduling": True}
+        )
 
 
 def test_tool_call_accumulator_without_indexes() -> None:

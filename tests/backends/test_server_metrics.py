@@ -70,11 +70,17 @@ def test_garbage_text() -> None:
 
 
 def test_windowed_hit_rate() -> None:
-    first = ServerLoad(running=0, waiting=0, prefix_hits=100, prefix_queries=1000, prefix_hit_rate=0.1)
-    later = ServerLoad(running=0, waiting=0, prefix_hits=600, prefix_queries=1500, prefix_hit_rate=0.4)
+    first = ServerLoad(
+        running=0, waiting=0, prefix_hits=100, prefix_queries=1000, prefix_hit_rate=0.1
+    )
+    later = ServerLoad(
+        running=0, waiting=0, prefix_hits=600, prefix_queries=1500, prefix_hit_rate=0.4
+    )
     assert windowed_hit_rate(None, first) == pytest.approx(0.1)
     assert windowed_hit_rate(first, later) == pytest.approx(1.0)
-    restarted = ServerLoad(running=0, waiting=0, prefix_hits=5, prefix_queries=10, prefix_hit_rate=0.5)
+    restarted = ServerLoad(
+        running=0, waiting=0, prefix_hits=5, prefix_queries=10, prefix_hit_rate=0.5
+    )
     assert windowed_hit_rate(later, restarted) == pytest.approx(0.5)
     idle = later.model_copy()
     assert windowed_hit_rate(later, idle) == pytest.approx(0.4)

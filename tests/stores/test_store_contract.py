@@ -229,7 +229,7 @@ async def test_outputs_must_be_bytes(store: StateStore) -> None:
     durable_only(store)
     await store.create_run(run("r"))
     with pytest.raises(TypeError):
-        await store.record("r", [], {"a": "not bytes"})  # type: ignore[dict-item]
+        await store.record("r", [], {"a": "not bytes"})
     assert await store.load_outputs("r") == {}
 
 
