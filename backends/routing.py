@@ -30,7 +30,7 @@ import hashlib
 import itertools
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -67,13 +67,15 @@ def chain_token_chunks(
     return tuple(out)
 
 
-def chain_block_ids(block_ids: Sequence[int]) -> tuple[int, ...]:
+def chain_block_ids(block_ids: Sequence[Hashable]) -> tuple[int, ...]:
     """Chain ids that already name whole blocks (Mooncake `hash_ids`: equal id = equal
-    content); chaining makes a key stand for the prefix, not the block alone."""
+    content); chaining makes a key stand for the prefix, not the block alone. An id may be
+    any hashable value, e.g. `(hash_id, n_tokens)` where a partial last block must not
+    match the full block of the same id."""
     out: list[int] = []
     parent = _ROOT
     for block in block_ids:
-        parent = hash((parent, int(block)))
+        parent = hash((parent, block))
         out.append(parent)
     return tuple(out)
 

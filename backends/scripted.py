@@ -204,9 +204,9 @@ def generate_from_schema(schema: dict[str, Any], seed: str) -> Any:
             hi = int(s.get("maximum", lo + 100))
             return lo + int(h[:6], 16) % (hi - lo + 1)
         if kind == "number":
-            lo = float(s.get("minimum", 0.0))
-            hi = float(s.get("maximum", lo + 1.0))
-            return round(lo + (int(h[:6], 16) / 0xFFFFFF) * (hi - lo), 4)
+            low = float(s.get("minimum", 0.0))
+            high = float(s.get("maximum", low + 1.0))
+            return round(low + (int(h[:6], 16) / 0xFFFFFF) * (high - low), 4)
         if kind == "boolean":
             return int(h[0], 16) % 2 == 0
         if kind == "null":

@@ -179,7 +179,7 @@ def run_bench(
     reps: int,
     stores: list[str],
     redis_url: str | None,
-    langgraph: bool,
+    with_langgraph: bool,
 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +200,7 @@ def run_bench(
                 return out
 
             results[system] = anyio.run(measure)
-    if langgraph:
+    if with_langgraph:
         try:
             import langgraph  # noqa: F401
         except ImportError:
@@ -222,7 +222,7 @@ def main(
     reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median).")] = 7,
     stores: Annotated[str, typer.Option("--stores", help="Comma list: memory,sqlite,redis.")] = "memory,sqlite",
     redis_url: Annotated[str | None, typer.Option("--redis-url", envvar="TREADLE_REDIS_URL")] = None,
-    langgraph: Annotated[bool, typer.Option("--langgraph/--no-langgraph")] = True,
+    with_langgraph: Annotated[bool, typer.Option("--langgraph/--no-langgraph")] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Orchestrator overhead per node: treadle vs LangGraph on trivial nodes."""
@@ -234,7 +234,7 @@ def main(
     config = {"nodes": nodes, "reps": reps, "stores": store_list, "diamond": "10x10"}
     typer.echo(f"bench overhead: {config}")
     results = run_bench(
-        n=nodes, reps=reps, stores=store_list, redis_url=redis_url, langgraph=langgraph
+        n=nodes, reps=reps, stores=store_list, redis_url=redis_url, with_langgraph=with_langgraph
     )
     ratios: dict[str, Any] = {}
     if "langgraph" in results and "treadle" in results:

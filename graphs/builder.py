@@ -51,6 +51,7 @@ class Out:
     """
 
     __slots__ = ("_ref",)
+    _ref: Ref
 
     def __init__(self, ref: Ref) -> None:
         object.__setattr__(self, "_ref", ref)

@@ -268,11 +268,10 @@ class _Compiler:
                 self.issue("a map needs an inner node", node, "node")
                 return CompiledNode(node.id, node, {}, list[Any])
             inner = self.describe(node.node, item_type)
-            out: Any = list[inner.output_type]  # type: ignore[name-defined]
+            collected: Any = list[inner.output_type]  # type: ignore[name-defined]
             if node.reduce is not None:
-                hints = _hints(node.reduce)
-                out = hints.get("return", Any)
-            return CompiledNode(node.id, node, {}, out, inner=inner, child=inner.child)
+                collected = _hints(node.reduce).get("return", Any)
+            return CompiledNode(node.id, node, {}, collected, inner=inner, child=inner.child)
         self.issue(f"unknown node kind {type(node).__name__}", node)
         return CompiledNode(node.id, node, {}, Any)
 
@@ -400,6 +399,8 @@ class _Compiler:
             return types_[0] if len(set(map(repr, types_))) == 1 else Union[tuple(types_)]  # noqa: UP007
         if isinstance(binding, Ref):
             return self.ref_type(binding, node, where, by_id, item_type, deps)
+        if isinstance(binding, str | int | bool) and not isinstance(binding, enum.Enum):
+            return Literal[binding]  # a literal fits a Literal input that lists its value
         return type(binding) if binding is not None else Any
 
     def ref_type(
@@ -437,7 +438,7 @@ class _Compiler:
                 return None
             deps.append(ref.node)
             tp = self.out_types.get(ref.node, Any)
-        walked = []
+        walked: list[str] = []
         for part in path:
             nxt = field_type(tp, part)
             if nxt is None:
@@ -527,16 +528,19 @@ class _Compiler:
     def check_outputs(self, compiled: dict[str, CompiledNode]) -> Any:
         if not self.spec.outputs:
             sinks = [n for n in compiled.values() if not n.dependents]
-            fields = {n.id: (typing.Optional[n.output_type], None) for n in sinks}  # noqa: UP045
-            return create_model(f"{_ident(self.spec.name)}_result", **fields)  # type: ignore[call-overload]
+            sink_fields: dict[str, Any] = {
+                n.id: (typing.Optional[n.output_type], None)  # noqa: UP045
+                for n in sinks
+            }
+            return create_model(f"{_ident(self.spec.name)}_result", **sink_fields)
         by_id = {n.id: n.spec for n in compiled.values()}
-        fields = {}
+        fields: dict[str, Any] = {}
         holder = NodeSpec(id="", source=self.spec.source)
         for name, binding in self.spec.outputs.items():
             tp = self.binding_type(binding, holder, f"outputs.{name}", by_id, None, [])
             if isinstance(binding, FirstOf | Ref) or binding is not None:
                 fields[name] = (tp if tp is not None else Any, ...)
-        return create_model(f"{_ident(self.spec.name)}_outputs", **fields)  # type: ignore[call-overload]
+        return create_model(f"{_ident(self.spec.name)}_outputs", **fields)
 
     def check_connected(self, compiled: dict[str, CompiledNode]) -> None:
         if len(compiled) < 2:
@@ -559,7 +563,7 @@ class _Compiler:
             name: (decl.type, ... if decl.required else decl.default)
             for name, decl in self.spec.inputs.items()
         }
-        return create_model(f"{_ident(self.spec.name)}_inputs", **fields)  # type: ignore[call-overload,no-any-return]
+        return create_model(f"{_ident(self.spec.name)}_inputs", **fields)  # type: ignore[call-overload]
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -619,10 +623,9 @@ def _reads_any_ref(spec: NodeSpec) -> bool:
 
 def _find_cycle(stuck: list[str], compiled: dict[str, CompiledNode]) -> list[str]:
     stuck_set = set(stuck)
-    start = stuck[0]
     path: list[str] = []
     seen: dict[str, int] = {}
-    cur = start
+    cur = stuck[0]
     while cur not in seen:
         seen[cur] = len(path)
         path.append(cur)
@@ -632,7 +635,8 @@ def _find_cycle(stuck: list[str], compiled: dict[str, CompiledNode]) -> list[str
         cur = nxt
     cycle = path[seen[cur] :]
     cycle.reverse()  # deps point backwards; report in execution order
-    return cycle
+    start = cycle.index(min(cycle, key=stuck.index))  # begin where the user declared first
+    return cycle[start:] + cycle[:start]
 
 
 def _ident(name: str) -> str:

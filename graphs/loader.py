@@ -411,12 +411,12 @@ def _field_text(data: Any, path: DocPath) -> str:
 # -- pass 2: structure -----------------------------------------------------------------
 
 
-def _validate(doc: _Doc, model: type[ff.Workflow] = ff.Workflow) -> ff.Workflow:
+def _validate(doc: _Doc) -> ff.Workflow:
     if not isinstance(doc.data, dict):
         got = "an empty document" if doc.data is None else _describe_value(doc.data)
         raise doc.error((), f"the top level must be a mapping (name:, nodes:, ...), got {got}")
     try:
-        return model.model_validate(doc.data)
+        return ff.Workflow.model_validate(doc.data)
     except ValidationError as exc:
         problems = [_problem(doc, err) for err in exc.errors()]
         # a typo (unknown field) explains a "missing" one better than the other way round

@@ -84,7 +84,7 @@ class NodePlan:
     def dump(self, value: Any) -> bytes:
         """The output as JSON for the journal (ValueError if it cannot be serialized)."""
         try:
-            return self._dump_json(value, warnings="error")  # type: ignore[no-any-return]
+            return self._dump_json(value, warnings="error")
         except Exception:
             return dump_value(self.cn.output_type, value)
 
@@ -135,7 +135,7 @@ def plans_for(cg: CompiledGraph) -> dict[str, NodePlan]:
     if cached is None:
         cached = {nid: _plan(cn) for nid, cn in cg.nodes.items()}
         cg.__dict__["_plans"] = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 class GraphScope:

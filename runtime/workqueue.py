@@ -158,6 +158,17 @@ class WorkQueue:
         if not worker_id:
             raise ValueError("worker_id must not be empty")
         await self.ensure_group()
+        try:
+            return await self._claim(worker_id, block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # the group vanished (a Redis that restarted without persistence): make it again
+            self._group_ready = False
+            await self.ensure_group()
+            return await self._claim(worker_id, block_ms)
+
+    async def _claim(self, worker_id: str, block_ms: int) -> Job | None:
         for entry_id, fields in await self._autoclaim(worker_id):
             job = await self._to_job(entry_id, fields, worker_id, reclaimed=True)
             if job is not None:
@@ -260,7 +271,7 @@ class WorkQueue:
         except (KeyError, ValueError, TypeError):
             # not ours to interpret; acking it keeps it from being redelivered forever
             log.error("dropping malformed queue entry %s: %r", eid, fields)
-            await self._redis.xack(self.keys.queue(), self.group, eid)
+            await self.ack(Job(id=eid, run_id=""))
             return None
         if not await self.acquire_lease(run_id, worker_id):
             log.info("run %s is leased by another worker; leaving entry %s", run_id, eid)

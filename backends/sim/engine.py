@@ -12,6 +12,7 @@ Public API (stable):
     engine.submit(req)                 # arrives now (clock.now()); returns req
     engine.submit_at(t, req)           # schedules the arrival on the clock
     engine.release_pins(key) -> int    # on-demand pin release (key: program id)
+    engine.abort(req) -> bool          # the client went away: free its blocks
     engine.probe(prompt) -> int        # tokens a request with this prompt would hit now
     engine.metrics() -> EngineMetrics  # running, waiting, kv usage, prefix, pins, ...
     engine.num_running, engine.num_waiting, engine.kv_usage
@@ -154,6 +155,7 @@ class EngineMetrics:
     generation_tokens: int
     submitted: int
     finished: int
+    aborted: int
     steps: int
     busy_s: float
     evicted_blocks: int
@@ -189,6 +191,7 @@ class SimRequest:
         "_target",
         "_wait_epoch",
         "_watermark",
+        "aborted",
         "arrival_time",
         "cached_tokens",
         "finish_time",
@@ -277,6 +280,7 @@ class SimRequest:
         self.recomputed_tokens = 0
         self.output_tokens = 0
         self.num_preemptions = 0
+        self.aborted = False
         # engine state
         self._keys = sequence.keys
         self._ends = sequence.ends
@@ -419,6 +423,7 @@ class Engine:
         # counters
         self.submitted = 0
         self.n_finished = 0
+        self.n_aborted = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.pins_set = 0
@@ -503,6 +508,39 @@ class Engine:
             self._release_pin(pin, "api")
         return len(pins)
 
+    def abort(self, request: SimRequest) -> bool:
+        """Stop `request` (a client went away): its blocks are freed (cached ones stay
+        cached), no pin is set, `on_finish` is not called. False if it already finished."""
+        if request.state == WAITING:
+            self._take_waiting(request)  # its queue entries are skipped from now on
+        elif request.state == DECODE:
+            L = self._leave_decode(request)
+            if request._n_held < len(request._ends):
+                self._register(request, L)
+        elif request.state == PREFILL:
+            if self._busy and any(r is request for r, _ in self._chunks):
+                # Its chunk is in the step in flight; drop it at the step's end instead.
+                request.aborted = True
+                return True
+            del self._pre[request._seq]
+        else:
+            return False
+        self.cache.release(request._held)
+        self.cache.free_private(request._private)
+        request._held = []
+        request._private = 0
+        request.state = FINISHED
+        request.aborted = True
+        request.finish_time = self.clock.now()
+        self._watched.discard(request)
+        self.n_aborted += 1
+        if self._n_waiting and not self._planning:
+            if self._busy:
+                self._interrupt()
+            else:
+                self._request_plan()
+        return True
+
     def pinned_programs(self) -> list[str]:
         return list(self._pins)
 
@@ -533,6 +571,7 @@ class Engine:
             generation_tokens=self.generation_tokens,
             submitted=self.submitted,
             finished=self.n_finished,
+            aborted=self.n_aborted,
             steps=self.steps,
             busy_s=self.busy_s,
             evicted_blocks=self.cache.evicted_blocks,
@@ -678,6 +717,8 @@ class Engine:
             c = min(target - hit, budget)
             extra = max(0, -(-(hit + c) // bs) - mblocks)
             if not self._make_room(extra, matched):
+                if self._peek_waiting() is not r:
+                    continue  # released pins reordered the queue (program policy)
                 break
             self._take_waiting(r)
             cache.acquire(matched)
@@ -865,6 +906,10 @@ class Engine:
         chunks = self._chunks
         self._chunks = []
         for r, c in chunks:
+            if r.aborted:
+                r.aborted = False  # abort() sets it again once the request is out
+                self.abort(r)
+                continue
             a = r._computed
             b = a + c
             if r._watermark > a:

@@ -27,19 +27,22 @@ acknowledged writes can be lost in a crash of the server machine.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from treadle.runtime.events import Event
 from treadle.runtime.store import RunNotFound, RunRecord
 from treadle.runtime.stores import codec
 
+_MAX_BATCH = 256  # record calls sent in one pipeline at most
 _EVENTS_PAGE = 1000  # XRANGE page size for read_events
 _SCAN_CHUNK = 200  # index entries fetched per round trip when list_runs filters by status
 
@@ -142,6 +145,8 @@ end
 return n
 """
 
+_RECORD_SHA = hashlib.sha1(_RECORD_LUA.encode()).hexdigest()
+
 # KEYS: meta, lease.  ARGV: the record JSON read before, the new JSON, fence owner ('' = none).
 # Compare-and-set, so two concurrent update_run calls never lose one another's change.
 _UPDATE_LUA = """
@@ -187,7 +192,9 @@ class RedisStore:
             raise ValueError("prefix must not be empty")
         self.keys = RedisKeys(prefix)
         self._fence: str | None = None
-        self._record_script = self._redis.register_script(_RECORD_LUA)
+        # group commit: record calls that arrive while one is in flight go out together
+        self._pending: list[_PendingRecord] = []
+        self._send_lock = anyio.Lock()
         self._update_script = self._redis.register_script(_UPDATE_LUA)
 
     @property
@@ -295,7 +302,11 @@ class RedisStore:
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:
+        """One atomic script per call. Calls made while another is in flight are sent
+        together in one pipeline (group commit: one round trip, and with `appendfsync
+        always` one fsync, for all of them); each still succeeds or fails on its own."""
         codec.check_batch(events)
+        first_seq = events[0].seq if events else 0
         args: list[str | bytes | int] = [self._fence or "", len(events)]
         for ev in events:
             args.append(ev.seq)
@@ -303,10 +314,10 @@ class RedisStore:
         for node, value in codec.check_outputs(outputs).items():
             args.append(node)
             args.append(value)
-        try:
-            await self._record_script(keys=self.keys.run_keys(run_id), args=args)
-        except ResponseError as exc:
-            raise self._translate(exc, run_id, events[0].seq if events else 0) from None
+        item = _PendingRecord(run_id, self.keys.run_keys(run_id), args, self._fence, first_seq)
+        await self._submit(item)
+        if item.error is not None:
+            raise item.error
 
     async def load_outputs(self, run_id: str) -> dict[str, bytes]:
         raw = await self._redis.hgetall(self.keys.outputs(run_id))
@@ -331,6 +342,55 @@ class RedisStore:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    async def _submit(self, item: _PendingRecord) -> None:
+        self._pending.append(item)
+        async with self._send_lock:
+            while not item.done:
+                batch = self._pending[:_MAX_BATCH]
+                del self._pending[: len(batch)]
+                try:
+                    await self._send(batch)
+                except Exception as exc:
+                    for it in batch:
+                        if not it.done:
+                            it.done, it.error = True, exc
+                except BaseException:
+                    # cancelled mid-send: the others in the batch are still waiting, and the
+                    # next sender sends them again (the script recognises a stored batch)
+                    self._pending[:0] = [it for it in batch if not it.done]
+                    raise
+
+    async def _send(self, batch: list[_PendingRecord]) -> None:
+        if len(batch) == 1:
+            it = batch[0]
+            try:
+                await self._redis.evalsha(_RECORD_SHA, len(it.keys), *it.keys, *it.args)
+            except NoScriptError:
+                await self._redis.script_load(_RECORD_LUA)  # a restarted or new server
+                return await self._send(batch)
+            except ResponseError as exc:
+                it.error = self._translate(exc, it.run_id, it.first_seq, it.fence)
+            it.done = True
+            return None
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for it in batch:
+                pipe.evalsha(_RECORD_SHA, len(it.keys), *it.keys, *it.args)
+            results = await pipe.execute(raise_on_error=False)
+        again: list[_PendingRecord] = []
+        for it, res in zip(batch, results, strict=True):
+            if isinstance(res, NoScriptError):
+                again.append(it)
+                continue
+            if isinstance(res, ResponseError):
+                it.error = self._translate(res, it.run_id, it.first_seq, it.fence)
+            elif isinstance(res, Exception):
+                it.error = res
+            it.done = True
+        if again:
+            await self._redis.script_load(_RECORD_LUA)
+            await self._send(again)
+        return None
+
     async def _fetch(self, run_ids: Sequence[str]) -> list[RunRecord]:
         if not run_ids:
             return []
@@ -341,12 +401,15 @@ class RedisStore:
         # an index entry whose meta is gone (deleted by hand, expired) is skipped
         return [codec.decode_record(raw) for raw in raws if raw is not None]
 
-    def _translate(self, exc: ResponseError, run_id: str, first_seq: int = 0) -> Exception:
+    def _translate(
+        self, exc: ResponseError, run_id: str, first_seq: int = 0, fence: str | None = None
+    ) -> Exception:
         msg = str(exc)
         if msg.startswith("TREADLE_NORUN"):
             return RunNotFound(run_id)
         if msg.startswith("TREADLE_LEASE"):
-            return LeaseLost(f"run {run_id!r}: the lease is no longer held by {self._fence!r}")
+            owner = fence or self._fence
+            return LeaseLost(f"run {run_id!r}: the lease is not held by {owner!r}")
         if msg.startswith("TREADLE_SEQ"):
             last = msg.split()[1]
             return codec.JournalError(
@@ -354,6 +417,19 @@ class RedisStore:
                 "(seqs start at 1 and each batch continues the journal)"
             )
         return exc
+
+
+@dataclass(slots=True)
+class _PendingRecord:
+    """One `record` call waiting to be sent."""
+
+    run_id: str
+    keys: list[str]
+    args: list[str | bytes | int]
+    fence: str | None
+    first_seq: int
+    done: bool = False
+    error: BaseException | None = field(default=None)
 
 
 def _str(value: bytes | str) -> str:

@@ -278,6 +278,17 @@ def test_json_positions() -> None:
     assert_at(err, 7, 13, "nodes[a].fn", "import path")
 
 
+def test_json_that_ruamel_cannot_read_still_loads() -> None:
+    # YAML limits implicit keys to 1024 characters; JSON does not. The content comes from
+    # `json`, only the positions are lost (errors then point at 1:1).
+    long_key = "k" * 1100
+    doc = {"name": "j", "models": {"default": {long_key: 1}}}
+    spec = load_workflow_text(json.dumps(doc), fmt="json")
+    assert spec.models == {"default": {long_key: 1}}
+    err = load_error(json.dumps({**doc, "nodes": [{"id": "a", "kind": "llm"}]}), fmt="json")
+    assert_at(err, 1, 1, "nodes[a].prompt", "missing")
+
+
 def test_builtin_tools_by_name(helpers: ModuleType) -> None:
     text = HEAD + "  - {id: a, kind: llm, prompt: p, tools: [calculator, 'wf_helpers:lookup']}\n"
     try:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from treadle.runtime.events import NodeFinished, RunStarted
-from treadle.runtime.store import RunRecord
+from treadle.runtime.store import RunNotFound, RunRecord
 from treadle.runtime.stores.codec import JournalError
 from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore
 from treadle.runtime.workqueue import WorkQueue
@@ -190,5 +191,37 @@ async def test_list_by_status_scans_past_one_chunk(redis_url: str) -> None:
         failed = await store.list_runs(status="failed")
         assert [r.run_id for r in failed] == ["r300", "r150", "r000"]
         assert [r.run_id for r in await store.list_runs(status="failed", offset=2)] == ["r000"]
+    finally:
+        await store.close()
+
+
+async def test_concurrent_records_are_sent_together_and_fail_alone(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    w1 = store.fenced("w1")
+    queue = WorkQueue(store.client)
+    try:
+        for i in range(30):
+            await store.create_run(RunRecord(run_id=f"r{i}", graph="g"))
+        assert await queue.acquire_lease("r0", "w2")
+        await store.client.script_flush()  # the batch must load the script itself
+        errors: dict[str, BaseException] = {}
+
+        async def call(run_id: str, target: RedisStore) -> None:
+            try:
+                await target.record(run_id, [finished(run_id, 1)], {"a": run_id.encode()})
+            except Exception as exc:
+                errors[run_id] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i in range(1, 30):
+                tg.start_soon(call, f"r{i}", store)
+            tg.start_soon(call, "missing", store)
+            tg.start_soon(call, "r0", w1)  # the lease is w2's
+        assert isinstance(errors.pop("missing"), RunNotFound)
+        assert isinstance(errors.pop("r0"), LeaseLost)
+        assert errors == {}
+        for i in range(1, 30):
+            assert await store.load_outputs(f"r{i}") == {"a": f"r{i}".encode()}
+        assert await store.load_outputs("r0") == {}
     finally:
         await store.close()

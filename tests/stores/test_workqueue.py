@@ -232,3 +232,22 @@ async def test_bad_arguments(queue: WorkQueue) -> None:
         LeaseKeeper(queue, "r", "A", interval_s=1.0)  # not shorter than the 0.3 s lease
     with pytest.raises(ValueError):
         WorkQueue(queue.client, lease_ms=0)
+
+
+async def test_the_group_is_made_again_if_redis_lost_it(queue: WorkQueue) -> None:
+    await queue.enqueue("r1")
+    await queue.client.delete(queue.keys.queue())  # as after a restart without persistence
+    await queue.enqueue("r2")
+    job = await queue.claim("w1")
+    assert job is not None and job.run_id == "r2"
+
+
+async def test_a_malformed_entry_is_dropped(queue: WorkQueue) -> None:
+    await queue.ensure_group()
+    await queue.client.xadd(queue.keys.queue(), {"something": "else"})
+    await queue.enqueue("r")
+    job = await queue.claim("w1")
+    assert job is None  # the malformed one was taken and dropped
+    job = await queue.claim("w1")
+    assert job is not None and job.run_id == "r"
+    assert await queue.client.xlen(queue.keys.queue()) == 1

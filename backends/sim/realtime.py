@@ -1,0 +1,245 @@
+"""A simulated replica in real time: answers chat requests with scripted content, paced by
+the engine.
+
+`SimReplica` puts an `Engine` on a `RealTimeClock` (in the running asyncio loop) and turns
+an `LLMRequest` into a simulated request: the prompt is the chat template's tokens
+(`tokenizer.encode_chat`), the answer comes from a `ScriptedBackend` (rules, tool calls,
+schema-valid JSON), and its tokens (`tokenizer.encode_completion`) are what the engine
+generates — so the output length is the content's, and the next turn of a conversation hits
+the cache for this turn's prompt *and* answer. Time to first token, token pacing and
+queueing are the engine's.
+
+Several replicas may share one `RealTimeClock` (one process, one loop).
+
+Public API (stable):
+
+    replica = SimReplica.create(profile="h100_sxm_llama31_8b", policy="fcfs", rules=None,
+                                speed=1.0, name="sim-0", model=None, clock=None, config=None)
+    await replica.complete(request: LLMRequest) -> SimCompletion
+    async for item in replica.stream(request): ...   # str deltas, then one SimCompletion
+    replica.engine, replica.clock, replica.name, replica.model
+
+Errors: a request that can never fit (too long for the model or the KV cache) raises
+`ValueError` before it is queued; if the engine itself fails, every pending request gets
+that error (`SimulatorFailure`) and the replica refuses new work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from treadle.backends.base import LLMRequest, ToolCall
+from treadle.backends.scripted import ScriptedBackend, ScriptRule
+from treadle.backends.sim.blocks import Prompt
+from treadle.backends.sim.clock import RealTimeClock
+from treadle.backends.sim.engine import Engine, EngineConfig, Policy, SimRequest
+from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
+from treadle.backends.sim.tokenizer import (
+    completion_text_ends,
+    encode_chat,
+    encode_completion,
+)
+
+
+class SimulatorFailure(RuntimeError):
+    """The simulated engine raised; the replica is unusable."""
+
+
+@dataclass
+class SimCompletion:
+    """A finished simulated chat completion (token counts from the engine)."""
+
+    content: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    #: wall seconds from arrival to the first token
+    ttft_s: float | None
+    request: SimRequest = field(repr=False)
+
+
+@dataclass
+class _Answer:
+    content: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    output_ids: list[int]
+    text_ends: list[int]  # char end of each content token
+
+
+class SimReplica:
+    """One simulated engine replica on a real-time clock (module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        content: ScriptedBackend | None = None,
+        *,
+        model: str | None = None,
+    ):
+        if not isinstance(engine.clock, RealTimeClock):
+            raise TypeError("a SimReplica needs an engine on a RealTimeClock")
+        self.engine = engine
+        self.clock: RealTimeClock = engine.clock
+        self.content = content or ScriptedBackend()
+        self.name = engine.name
+        self.model = model or f"sim-{Path(engine.profile.model.name).name}"
+        self._pending: dict[
+            SimRequest, tuple[asyncio.Future[SimRequest], asyncio.Event | None]
+        ] = {}
+        self._failure: BaseException | None = None
+        previous = self.clock.on_error
+
+        def on_error(exc: BaseException) -> None:
+            self._fail(exc)
+            if previous is not None:
+                previous(exc)
+
+        self.clock.on_error = on_error
+
+    @classmethod
+    def create(
+        cls,
+        profile: str | Profile = DEFAULT_PROFILE,
+        *,
+        policy: Policy = "fcfs",
+        rules: list[ScriptRule] | None = None,
+        speed: float = 1.0,
+        name: str = "sim-0",
+        model: str | None = None,
+        clock: RealTimeClock | None = None,
+        config: EngineConfig | None = None,
+    ) -> SimReplica:
+        prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+        cfg = config or EngineConfig(policy=policy)
+        engine = Engine(prof, clock or RealTimeClock(speed), cfg, name=name)
+        return cls(engine, ScriptedBackend(rules), model=model)
+
+    # -- answering -------------------------------------------------------------------------
+
+    async def _answer(self, request: LLMRequest) -> _Answer:
+        scripted = await self.content.generate(request)
+        content, calls = scripted.content, list(scripted.tool_calls)
+        output_ids = encode_completion(content, calls)
+        ends = completion_text_ends(content)
+        finish = "tool_calls" if calls else "stop"
+        limit = request.max_tokens
+        if limit is not None and len(output_ids) > limit:
+            if limit < 1:
+                raise ValueError("max_tokens must be >= 1")
+            # Cut like a real model would: the content's first `limit` tokens, no calls.
+            cut = min(limit, len(ends))
+            content = (content or "")[: ends[cut - 1]] if cut else ""
+            calls = []
+            output_ids = output_ids[:limit]
+            ends = ends[:cut]
+            finish = "length"
+        return _Answer(content, calls, finish, output_ids, ends)
+
+    def _submit(
+        self, request: LLMRequest, answer: _Answer, wake: asyncio.Event | None = None
+    ) -> tuple[SimRequest, asyncio.Future[SimRequest]]:
+        if self._failure is not None:
+            raise SimulatorFailure(f"replica {self.name} failed: {self._failure}")
+        hints = request.hints
+        prompt = Prompt.from_tokens(
+            encode_chat(request.messages, request.tools), self.engine.block_size
+        )
+        fut: asyncio.Future[SimRequest] = asyncio.get_running_loop().create_future()
+
+        def done(r: SimRequest) -> None:
+            self._pending.pop(r, None)
+            if not fut.done():
+                fut.set_result(r)
+            if wake is not None:
+                wake.set()
+
+        sim = SimRequest(
+            prompt,
+            output_tokens=answer.output_ids,
+            request_id=hints.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            priority=hints.priority,
+            program_id=hints.program_id,
+            pin_ttl_s=hints.pin_ttl_s,
+            is_last_step=hints.is_last_step,
+            on_finish=done,
+            on_token=None if wake is None else (lambda r: wake.set()),
+        )
+        self.engine.submit(sim)  # ValueError if it can never fit
+        self._pending[sim] = (fut, wake)
+        return sim, fut
+
+    def _completion(self, sim: SimRequest, answer: _Answer) -> SimCompletion:
+        ttft = sim.ttft
+        return SimCompletion(
+            content=answer.content,
+            tool_calls=answer.tool_calls,
+            finish_reason=answer.finish_reason,
+            prompt_tokens=sim.prompt_tokens,
+            completion_tokens=sim.output_tokens,
+            cached_tokens=sim.cached_tokens or 0,
+            ttft_s=None if ttft is None else ttft / self.clock.speed,
+            request=sim,
+        )
+
+    async def complete(self, request: LLMRequest) -> SimCompletion:
+        """Run `request` through the engine; returns when its last token is generated."""
+        answer = await self._answer(request)
+        sim, fut = self._submit(request, answer)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self._abort(sim, fut)
+            raise
+        return self._completion(sim, answer)
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[str | SimCompletion]:
+        """Yield the content as the engine generates it (text deltas), then the completion."""
+        answer = await self._answer(request)
+        wake = asyncio.Event()
+        sim, fut = self._submit(request, answer, wake)
+        text = answer.content or ""
+        ends = answer.text_ends
+        sent = 0
+        try:
+            while not fut.done():
+                await wake.wait()
+                wake.clear()
+                if fut.done():
+                    break
+                tokens = min(self.engine.decoded_tokens(sim), len(ends))
+                upto = ends[tokens - 1] if tokens else 0
+                if upto > sent:
+                    yield text[sent:upto]
+                    sent = upto
+            fut.result()  # the engine's failure, if any
+        finally:
+            if not fut.done():
+                self._abort(sim, fut)
+        if sent < len(text):
+            yield text[sent:]
+        yield self._completion(sim, answer)
+
+    # -- failure ---------------------------------------------------------------------------
+
+    def _abort(self, sim: SimRequest, fut: asyncio.Future[SimRequest]) -> None:
+        self._pending.pop(sim, None)
+        fut.cancel()
+        if self._failure is None:
+            self.engine.abort(sim)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        err = SimulatorFailure(f"replica {self.name} failed: {exc!r}")
+        for fut, wake in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+            if wake is not None:
+                wake.set()
+        self._pending.clear()
