@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from treadle.runtime.events import (
     Event,
@@ -56,10 +56,9 @@ from treadle.runtime.events import (
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.trace import Span, Tracer, TracerProvider
+    from opentelemetry.trace import Span, SpanContext, Tracer, TracerProvider
 
     from treadle.runtime.context import RunContext
 
@@ -156,6 +155,7 @@ class _RunTrace:
         "first_token",
         "llm",
         "llm_calls",
+        "llm_done",
         "nodes",
         "pins",
         "ready",
@@ -180,6 +180,8 @@ class _RunTrace:
         self.nodes: dict[str, Span] = {}
         self.ready: dict[str, float] = {}
         self.llm: dict[str, Span] = {}
+        #: span contexts of finished LLM calls, for the pins that refer to them
+        self.llm_done: dict[str, SpanContext] = {}
         self.tools: dict[str, Span] = {}
         self.pins: dict[str, Span] = {}
         self.first_token: set[str] = set()
@@ -204,13 +206,11 @@ class OtelTracer:
             raise TracingUnavailable(
                 "tracing needs OpenTelemetry: pip install 'treadle[otel]'"
             ) from exc
-        from treadle import __version__
-
         self._trace = trace
         self._propagate = propagate
         self.provider = tracer_provider or trace.get_tracer_provider()
         self._owns_provider = owns_provider
-        self.tracer: Tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, __version__)
+        self.tracer: Tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, _version())
         self._runs: dict[str, _RunTrace] = {}
         self._parents: dict[str, Context] = {}
         self._handlers: dict[type[Event], Callable[[_RunTrace, Any], None]] = {
@@ -276,9 +276,7 @@ class OtelTracer:
                 log.warning("run %s: ignoring its trace parent: %s", run_id, exc)
         return None  # the current context: the caller's span, if any
 
-    def _begin(
-        self, event: Event, *, tenant: str | None, parent: Context | None
-    ) -> _RunTrace:
+    def _begin(self, event: Event, *, tenant: str | None, parent: Context | None) -> _RunTrace:
         old = self._runs.pop(event.run_id, None)
         if old is not None:  # a second RunStarted without RunFinished (resumed in-process)
             self._close(old, event.ts, status="interrupted", error=None)
@@ -313,15 +311,17 @@ class OtelTracer:
             return
         handler(state, event)
         if kind is LLMCallDispatched:
-            # the gateway merges these into the request right after this event
-            span = state.llm.get(event.call_id) if state.recording else None  # type: ignore[attr-defined]
-            context = (
-                self._trace.set_span_in_context(span) if span is not None else state.run_ctx
-            )
-            carrier: dict[str, str] = {}
-            self._propagate.inject(carrier, context=context)
-            if carrier:
-                ctx.call_headers.setdefault(event.call_id, {}).update(carrier)  # type: ignore[attr-defined]
+            self._inject(ctx, state, cast(LLMCallDispatched, event))
+
+    def _inject(self, ctx: RunContext, state: _RunTrace, event: LLMCallDispatched) -> None:
+        """Hand the call's trace context to the gateway, which merges `call_headers` into
+        the request right after this event."""
+        span = state.llm.get(event.call_id) if state.recording else None
+        context = self._trace.set_span_in_context(span) if span is not None else state.run_ctx
+        carrier: dict[str, str] = {}
+        self._propagate.inject(carrier, context=context)
+        if carrier:
+            ctx.call_headers.setdefault(event.call_id, {}).update(carrier)
 
     def replay(
         self,
@@ -332,7 +332,9 @@ class OtelTracer:
     ) -> None:
         """Build the spans of a recorded run from its journal (e.g. read from a store)."""
         parent = self.extract(traceparent) if traceparent else None
+        last: dict[str, float] = {}
         for event in events:
+            last[event.run_id] = event.ts
             state = self._runs.get(event.run_id)
             if isinstance(event, RunStarted) or state is None:
                 state = self._begin(event, tenant=tenant, parent=parent)
@@ -341,8 +343,11 @@ class OtelTracer:
             handler = self._handlers.get(type(event))
             if handler is not None:
                 handler(state, event)
-        for run_id in [r for r in self._runs if r in {e.run_id for e in []}]:
-            del self._runs[run_id]
+        # a journal that stops without RunFinished (a crash, a run still going)
+        for run_id, ts in last.items():
+            state = self._runs.pop(run_id, None)
+            if state is not None:
+                self._close(state, ts, status="interrupted", error=None)
 
     def open_runs(self) -> list[str]:
         """Runs whose `run` span is still open (started, not finished)."""
@@ -459,9 +464,7 @@ class OtelTracer:
             return
         span = state.nodes.get(e.node)
         if span is not None:
-            span.add_event(
-                "graph.extended", {T_INSTANCES: len(e.instances)}, timestamp=_ns(e.ts)
-            )
+            span.add_event("graph.extended", {T_INSTANCES: len(e.instances)}, timestamp=_ns(e.ts))
 
     # -- LLM calls ---------------------------------------------------------------------
 
@@ -545,6 +548,7 @@ class OtelTracer:
             self._error(span, e.error, "backend_error")
             span.set_attribute(T_ERROR, e.error)
         span.end(end_time=_ns(e.ts))
+        state.llm_done[e.call_id] = span.get_span_context()
 
     # -- tool calls --------------------------------------------------------------------
 
@@ -601,10 +605,8 @@ class OtelTracer:
         llm = state.llm.get(e.call_id)
         if llm is not None:  # the pin rides on the finishing call's request
             llm.set_attribute(T_PIN_TTL_S, e.ttl_s)
-        links = []
-        pinned_by = self._finished_llm_context(state, e.call_id, llm)
-        if pinned_by is not None:
-            links.append(Link(pinned_by))
+        pinned_by = llm.get_span_context() if llm is not None else state.llm_done.get(e.call_id)
+        links = [Link(pinned_by)] if pinned_by is not None else []
         old = state.pins.pop(e.call_id, None)
         if old is not None:  # re-pinned: the old pin ends where the new one starts
             old.end(end_time=_ns(e.ts))
@@ -621,11 +623,6 @@ class OtelTracer:
             links=links,
             start_time=_ns(e.ts),
         )
-
-    def _finished_llm_context(self, state: _RunTrace, call_id: str, open_span: Span | None) -> Any:
-        if open_span is not None:
-            return open_span.get_span_context()
-        return None
 
     def _on_pin_released(self, state: _RunTrace, e: PinReleased) -> None:
         if not state.recording:
@@ -763,17 +760,16 @@ def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
             raise TracingUnavailable(
                 f"OTLP over grpc needs {package}: pip install {package}"
             ) from None
-        return GrpcExporter()  # type: ignore[no-any-return]
+        return GrpcExporter()
     raise ValueError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} "
-        "(http/protobuf or grpc)"
+        f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} (http/protobuf or grpc)"
     )
 
 
-def tracer_provider_of(tracer: OtelTracer) -> SdkTracerProvider | None:
-    """The SDK provider behind `tracer`, when it is one (for flushing in tests)."""
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        from opentelemetry.sdk.trace import TracerProvider as SdkProvider
-    except ImportError:
-        return None
-    return tracer.provider if isinstance(tracer.provider, SdkProvider) else None
+        return version("treadle")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0"
