@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import httpx
+
 from treadle.backends.base import (
     Backend,
     BackendError,

@@ -8,6 +8,7 @@ Metric: wall-clock microseconds per node, the median of the repetitions after a 
 
 from __future__ import annotations
 
+import itertools
 import operator
 import statistics
 import tempfile
@@ -57,9 +58,7 @@ def treadle_graph(shape: str, n: int, depth: int = 10, width: int = 10) -> tuple
         root = g.func("root", _step, inputs={"x": g.input.x})
         layer = {"p0": root.out}
         for d in range(depth):
-            layer = {
-                f"p{w}": g.func(f"d{d}_{w}", _join, inputs=layer).out for w in range(width)
-            }
+            layer = {f"p{w}": g.func(f"d{d}_{w}", _join, inputs=layer).out for w in range(width)}
         g.output(out=g.func("sink", _join, inputs=layer).out)
         return g, depth * width + 2
     raise ValueError(f"unknown shape {shape!r}")
@@ -95,7 +94,7 @@ def langgraph_app(shape: str, n: int, depth: int = 10, width: int = 10) -> Any:
         for name in names:
             g.add_node(name, node)
         g.add_edge(START, names[0])
-        for a, b in zip(names, names[1:], strict=False):
+        for a, b in itertools.pairwise(names):
             g.add_edge(a, b)
         g.add_edge(names[-1], END)
     elif shape == "fanout":
@@ -138,7 +137,9 @@ def time_langgraph(app: Any, reps: int, limit: int) -> list[float]:
 # -- stores ---------------------------------------------------------------------------
 
 
-def _store_factories(stores: list[str], redis_url: str | None, tmp: Path) -> dict[str, Callable[[], Awaitable[StateStore]]]:
+def _store_factories(
+    stores: list[str], redis_url: str | None, tmp: Path
+) -> dict[str, Callable[[], Awaitable[StateStore]]]:
     factories: dict[str, Callable[[], Awaitable[StateStore]]] = {}
     for name in stores:
         if name == "memory":
@@ -160,9 +161,8 @@ def _store_factories(stores: list[str], redis_url: str | None, tmp: Path) -> dic
         elif name == "redis":
             if redis_url is None:
                 raise typer.BadParameter("--stores redis needs --redis-url")
-            url = redis_url
 
-            async def redis() -> StateStore:
+            async def redis(url: str = redis_url) -> StateStore:
                 from treadle.runtime.stores.redis import RedisStore
 
                 return RedisStore(url)
@@ -185,7 +185,9 @@ def run_bench(
     with tempfile.TemporaryDirectory() as tmp:
         for system, factory in _store_factories(stores, redis_url, Path(tmp)).items():
 
-            async def measure(factory: Callable[[], Awaitable[StateStore]] = factory) -> dict[str, float]:
+            async def measure(
+                factory: Callable[[], Awaitable[StateStore]] = factory,
+            ) -> dict[str, float]:
                 store = await factory()
                 runtime = Runtime(store=store)
                 out = {}
@@ -220,8 +222,12 @@ def main(
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes, for smoke runs.")] = False,
     nodes: Annotated[int, typer.Option("--nodes", help="Chain length and fan-out width.")] = 1000,
     reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median).")] = 7,
-    stores: Annotated[str, typer.Option("--stores", help="Comma list: memory,sqlite,redis.")] = "memory,sqlite",
-    redis_url: Annotated[str | None, typer.Option("--redis-url", envvar="TREADLE_REDIS_URL")] = None,
+    stores: Annotated[
+        str, typer.Option("--stores", help="Comma list: memory,sqlite,redis.")
+    ] = "memory,sqlite",
+    redis_url: Annotated[
+        str | None, typer.Option("--redis-url", envvar="TREADLE_REDIS_URL")
+    ] = None,
     with_langgraph: Annotated[bool, typer.Option("--langgraph/--no-langgraph")] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:

@@ -23,7 +23,8 @@ MODELS = {
         "backend": "scripted",
         "rules": [
             {
-                "match": "# Incident: ([^\\n]+).*?Mitigation: (.+?)\\.\\s+Follow-up: (.+?)\\.?\\s*$",
+                "match": "# Incident: ([^\\n]+).*?"
+                "Mitigation: (.+?)\\.\\s+Follow-up: (.+?)\\.?\\s*$",
                 "content": '{"title": "{groups[1]}", "summary": "Mitigated: {groups[2]}.", '
                 '"follow_ups": ["{groups[3]}"]}',
             }
@@ -73,7 +74,7 @@ def summarize_doc() -> Graph:
 
 
 def collect(results: list[BaseModel]) -> list[DocSummary]:
-    return [DocSummary.model_validate(getattr(r, "summary")) for r in results]
+    return [DocSummary.model_validate(r.summary) for r in results]
 
 
 def build() -> Graph:

@@ -104,7 +104,10 @@ def execute_sql(db_path: str, sql: str) -> QueryResult:
 
 
 def answer(question: str, result: QueryResult) -> Answer:
-    lines = [", ".join(f"{c}={v}" for c, v in zip(result.columns, row, strict=True)) for row in result.rows]
+    lines = [
+        ", ".join(f"{c}={v}" for c, v in zip(result.columns, row, strict=True))
+        for row in result.rows
+    ]
     return Answer(question=question, sql=result.sql, answer="; ".join(lines) or "no rows")
 
 

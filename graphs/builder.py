@@ -43,6 +43,7 @@ from treadle.tools import Tool
 if TYPE_CHECKING:
     from treadle.graphs.compile import CompiledGraph
 
+
 class Out:
     """A reference under construction: attribute access names a field of the output.
 

@@ -589,7 +589,8 @@ def _hints(fn: Any) -> dict[str, Any]:
     try:
         return typing.get_type_hints(fn)
     except Exception:
-        target = getattr(fn, "__call__", None) if not inspect.isroutine(fn) else None
+        # a callable object: its __call__ carries the annotations
+        target = type(fn).__call__ if not inspect.isroutine(fn) and callable(fn) else None
         try:
             return typing.get_type_hints(target) if target is not None else {}
         except Exception:

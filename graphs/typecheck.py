@@ -103,7 +103,8 @@ def is_compatible(src: Any, dst: Any) -> bool:
         except TypeError:
             return True
         # pydantic coerces a dict into a model and a model into a dict
-        return _is_model(s_origin) and d_origin is dict or s_origin is dict and _is_model(d_origin)
+        model_to_dict = _is_model(s_origin) and d_origin is dict
+        return model_to_dict or (s_origin is dict and _is_model(d_origin))
     # typing constructs we do not model (TypeVar, Callable, Annotated...) are not errors
     return True
 

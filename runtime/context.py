@@ -4,8 +4,6 @@ restored outputs, and the services nodes call (LLM gateway, tools)."""
 from __future__ import annotations
 
 import time
-
-_now = time.time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +15,8 @@ from treadle.runtime.journal import Journal
 
 if TYPE_CHECKING:
     from treadle.runtime.llm import LLMGateway
+
+_now = time.time
 
 
 #: called synchronously with every event of a run (tracing, metrics, displays)
@@ -88,4 +88,3 @@ class RunContext:
 
     def start_event(self, graph: str, resumed: bool) -> None:
         self.emit(RunStarted, graph=graph, resumed=resumed)
-

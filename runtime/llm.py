@@ -70,7 +70,9 @@ class LLMGateway:
             known = ", ".join(sorted(self.backends)) or "none"
             raise NodeError(alias, f"no backend for model {alias!r} (known: {known})") from None
 
-    async def call(self, ctx: RunContext, node: str, alias: str, request: LLMRequest) -> LLMResponse:
+    async def call(
+        self, ctx: RunContext, node: str, alias: str, request: LLMRequest
+    ) -> LLMResponse:
         backend = self.backend(alias)
         ctx.llm_call_counter += 1
         call_id = f"{node}#{ctx.llm_call_counter}"
@@ -157,7 +159,9 @@ async def run_llm_node(
     tool_specs = [t.openai_schema() for t in spec.tools]
     # with tools, any turn may call one, so only a tool-less last node is a last step
     last_step = facts is not None and facts.is_last_llm_step and not tools
-    next_tool = next(iter(tools), None) or (facts.next_tools[0] if facts and facts.next_tools else None)
+    next_tool = next(iter(tools), None) or (
+        facts.next_tools[0] if facts and facts.next_tools else None
+    )
     repaired = False
     for turn in range(1, spec.max_turns + 1):
         request = LLMRequest(
@@ -267,9 +271,7 @@ async def run_tool_node(
             ok=False,
             error=exc.reason,
         )
-        raise NodeError(
-            node, str(exc), retryable=not isinstance(exc, ToolArgumentError)
-        ) from exc
+        raise NodeError(node, str(exc), retryable=not isinstance(exc, ToolArgumentError)) from exc
     ctx.emit(
         ToolCallFinished,
         node=node,
@@ -297,7 +299,9 @@ def parse_output(output: Any, content: str | None, node: str) -> Any:
         return json.loads(text)
     except (ValidationError, ValueError) as exc:
         detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-        raise OutputError(node, f"answer does not match {getattr(output, '__name__', output)}: {detail}") from None
+        raise OutputError(
+            node, f"answer does not match {getattr(output, '__name__', output)}: {detail}"
+        ) from None
 
 
 def _schema_of(output: Any) -> dict[str, Any] | None:

@@ -173,9 +173,7 @@ class GraphScope:
         if not self.ready:
             return
         assert self._tg is not None
-        keep_one = local is not None and not any(
-            not self.plans[n].inline for n in local
-        )
+        keep_one = local is not None and not any(not self.plans[n].inline for n in local)
         while self.ready:
             nid = self.ready.popleft()
             if local is not None and (self.plans[nid].inline or keep_one):
@@ -308,9 +306,7 @@ class GraphScope:
 
     def _on_final_error(self, plan: NodePlan, iid: str, message: str, attempt: int) -> Any:
         policy = plan.spec.policy
-        self.ctx.emit(
-            NodeFailed, node=iid, error=message, attempt=attempt, policy=policy.on_error
-        )
+        self.ctx.emit(NodeFailed, node=iid, error=message, attempt=attempt, policy=policy.on_error)
         if policy.on_error == "skip":
             return _Skip(f"failed: {message}")
         if policy.on_error == "fallback":
@@ -374,7 +370,9 @@ class GraphScope:
         results: list[Any] = [None] * len(items)
         skipped: set[int] = set()
         inner = plan.inner
-        limiter = anyio.CapacityLimiter(spec.policy.concurrency) if spec.policy.concurrency else None
+        limiter = (
+            anyio.CapacityLimiter(spec.policy.concurrency) if spec.policy.concurrency else None
+        )
 
         async def one(i: int) -> None:
             inst = instances[i]

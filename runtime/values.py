@@ -54,10 +54,7 @@ def load_value(tp: Any, data: bytes) -> Any:
 
 def get_path(value: Any, path: tuple[str, ...]) -> Any:
     for part in path:
-        if isinstance(value, dict):
-            value = value[part]
-        else:
-            value = getattr(value, part)
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
     return value
 
 

@@ -34,9 +34,7 @@ async def test_research_example() -> None:
 async def test_text_to_sql_example_repairs_the_bad_draft(tmp_path: Path) -> None:
     from treadle.runtime.events import NodeSkipped
 
-    result = await Runtime().run(
-        text_to_sql.graph, {"database": str(tmp_path / "shop.db")}
-    )
+    result = await Runtime().run(text_to_sql.graph, {"database": str(tmp_path / "shop.db")})
     assert result.output.answer.answer.startswith("country=US, revenue=1114.0")
     skipped = {e.node for e in result.events if isinstance(e, NodeSkipped)}
     assert skipped == {"execute"}  # the draft was invalid, so the repaired path ran
@@ -52,9 +50,19 @@ async def test_doc_digest_example() -> None:
 
 def test_cli_runs_an_example_as_json(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "treadle", "run", str(EXAMPLES / "research.yaml"), "--json",
-         "--db", str(tmp_path / "runs.db")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "treadle",
+            "run",
+            str(EXAMPLES / "research.yaml"),
+            "--json",
+            "--db",
+            str(tmp_path / "runs.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
+
 from treadle.tools.base import Tool, ToolError
 
 #: environment variable naming the default `read_file` root

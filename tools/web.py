@@ -28,6 +28,7 @@ from typing import Annotated
 import anyio
 import httpx
 from pydantic import BaseModel, Field
+
 from treadle.tools.base import Tool, ToolError, ToolTimeout
 
 DEFAULT_MAX_BYTES = 1024 * 1024

@@ -58,8 +58,8 @@ from treadle.runtime import (
     RunResult,
     Runtime,
     StateStore,
+    events,
 )
-from treadle.runtime import events
 from treadle.tools import Tool, ToolArgumentError, ToolError, tool
 
 __version__ = "0.1.0"

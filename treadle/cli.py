@@ -94,7 +94,9 @@ def _open_store(store: str, db: Path | None) -> Any:
 StoreOpt = Annotated[
     str, typer.Option("--store", help="memory, sqlite (default) or a redis:// URL.")
 ]
-DbOpt = Annotated[Path | None, typer.Option("--db", help="SQLite file (default ~/.treadle/runs.db).")]
+DbOpt = Annotated[
+    Path | None, typer.Option("--db", help="SQLite file (default ~/.treadle/runs.db).")
+]
 
 
 @app.command()

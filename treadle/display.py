@@ -116,11 +116,17 @@ def render_result(console: Console, result: RunResult, view: RunView | None) -> 
     if result.error:
         parts.append(Text(result.error, style="red"))
     if result.output is not None:
-        dumped = result.output.model_dump(mode="json") if hasattr(result.output, "model_dump") else result.output
+        dumped = (
+            result.output.model_dump(mode="json")
+            if hasattr(result.output, "model_dump")
+            else result.output
+        )
         parts.append(Syntax(json.dumps(dumped, indent=2, default=str), "json", word_wrap=True))
     summary = f"{result.duration_s:.2f} s"
     if view is not None:
-        summary += f" · {view.llm_calls} LLM calls · {view.tool_calls} tool calls · {view.tokens} tokens"
+        summary += (
+            f" · {view.llm_calls} LLM calls · {view.tool_calls} tool calls · {view.tokens} tokens"
+        )
     console.print(
         Panel(
             Group(*parts) if parts else Text("(no output)"),

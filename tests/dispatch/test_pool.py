@@ -17,6 +17,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, HTTPException
+
 from treadle.backends.base import (
     BackendError,
     Capabilities,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from treadle.backends.base import LLMRequest, Message, SchedulingHints
 from treadle.backends.routing import (
     CacheAwareConfig,

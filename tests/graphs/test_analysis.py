@@ -27,7 +27,9 @@ class Plan(BaseModel):
 
 def agent() -> Graph:
     g = Graph("agent", inputs={"q": str})
-    plan = g.llm("plan", "Plan searches for {q}", system="You plan.", output=Plan, inputs={"q": g.input.q})
+    plan = g.llm(
+        "plan", "Plan searches for {q}", system="You plan.", output=Plan, inputs={"q": g.input.q}
+    )
     search = g.map("search", plan.out.queries, step.tool(slow_search, inputs={"query": ITEM}))
     calc = g.tool("calc", fast_calc, inputs={"expression": g.input.q})
     draft = g.llm("draft", "Draft from {hits}", system="You write.", inputs={"hits": search})

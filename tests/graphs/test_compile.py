@@ -86,7 +86,10 @@ def test_type_mismatch_along_an_edge_and_missing_field() -> None:
     g.func("nofield", inc, inputs={"x": p.out.z})
     g.func("ok", inc, inputs={"x": p.out.y})
     found = problems(g)
-    assert any("'wrong'" in f and "type mismatch: int is bound to an input of type list[int]" in f for f in found)
+    assert any(
+        "'wrong'" in f and "type mismatch: int is bound to an input of type list[int]" in f
+        for f in found
+    )
     assert any("'text'" in f and "str is bound to an input of type int" in f for f in found)
     assert any("'nofield'" in f and "has no field 'z'" in f for f in found)
     assert not any("'ok'" in f for f in found)
@@ -134,7 +137,9 @@ def test_tool_node_inputs_follow_the_tool_schema() -> None:
     g.tool("ok", lookup, inputs={"key": g.input.k})
     g.tool("bad", lookup, inputs={"key": g.input.k, "limit": "many"})
     found = problems(g)
-    assert any("'bad'" in f and "Literal['many'] is bound to an input of type int" in f for f in found)
+    assert any(
+        "'bad'" in f and "Literal['many'] is bound to an input of type int" in f for f in found
+    )
 
 
 def test_disconnected_node_is_reported() -> None:
@@ -161,8 +166,12 @@ def test_branch_routes_that_can_never_be_taken() -> None:
     g.branch("b3", {"red": ["x"], "green": ["x"]}, inputs={"c": g.input.c})
     g.branch("b4", {"true": ["ghost"]}, inputs={"f": g.input.flag})
     found = problems(g)
-    assert any("'b1'" in f and "route 'huge' can never be taken (possible: big, small)" in f for f in found)
-    assert any("'b2'" in f and "route 'yes' can never be taken (possible: false, true)" in f for f in found)
+    assert any(
+        "'b1'" in f and "route 'huge' can never be taken (possible: big, small)" in f for f in found
+    )
+    assert any(
+        "'b2'" in f and "route 'yes' can never be taken (possible: false, true)" in f for f in found
+    )
     assert any("'b3'" in f and "route 'green' can never be taken" in f for f in found)
     assert any("'b4'" in f and "route target 'ghost' is not a node" in f for f in found)
 

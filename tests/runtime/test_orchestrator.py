@@ -100,7 +100,9 @@ async def test_map_with_reduce_and_empty_list() -> None:
 async def test_branch_skips_the_untaken_side_and_first_of_joins() -> None:
     g = Graph("branch", inputs={"x": int})
     check = g.branch(
-        "check", {"true": ["big"], "false": ["small"]}, inputs={"v": g.input.x},
+        "check",
+        {"true": ["big"], "false": ["small"]},
+        inputs={"v": g.input.x},
         route=lambda v: v > 10,
     )
     big = g.func("big", lambda x: f"big {x}", inputs={"x": g.input.x})
@@ -141,7 +143,11 @@ async def test_retries_exhausted_fail_the_run_with_the_node_named() -> None:
         raise ValueError("bad value")
 
     g = Graph("fail", inputs={"x": int})
-    g.output(out=g.func("boom", boom, inputs={"x": g.input.x}, retries=1, backoff_s=0.001, blocking=True).out)
+    g.output(
+        out=g.func(
+            "boom", boom, inputs={"x": g.input.x}, retries=1, backoff_s=0.001, blocking=True
+        ).out
+    )
     result = await Runtime().run(g, {"x": 1}, check=False)
     assert result.status == "failed"
     assert "boom" in (result.error or "") and "bad value" in (result.error or "")
@@ -170,7 +176,9 @@ async def test_error_policies_skip_and_fallback() -> None:
     skipped = g.func("skipped", boom, inputs={"x": g.input.x}, on_error="skip")
     after = g.func("after", inc, inputs={"x": skipped})
     fb = g.func("fb", boom, inputs={"x": g.input.x}, on_error="fallback", fallback=42)
-    g.output(fb=fb.out, alt=g.func("alt", lambda v: v, inputs={"v": first_of(after.out, fb.out)}).out)
+    g.output(
+        fb=fb.out, alt=g.func("alt", lambda v: v, inputs={"v": first_of(after.out, fb.out)}).out
+    )
     result = await Runtime().run(g, {"x": 1})
     assert result.output.fb == 42 and result.output.alt == 42
     policies = {e.node: e.policy for e in result.events if isinstance(e, NodeFailed)}

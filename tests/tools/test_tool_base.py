@@ -9,6 +9,7 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 from pydantic import BaseModel, Field
+
 from treadle.tools import Tool, ToolArgumentError, ToolError, ToolTimeout, tool
 
 # -- schema --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from treadle.tools import BUILTINS, ToolArgumentError, ToolError, calculator
 from treadle.tools.calc import MAX_INT_BITS, CalculatorError, evaluate
 

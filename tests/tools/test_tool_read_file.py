@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from treadle.tools import BUILTINS, FileContent, ToolError, make_read_file, read_file
 from treadle.tools.files import ROOT_ENV
 
