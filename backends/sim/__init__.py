@@ -33,6 +33,7 @@ from treadle.backends.sim.engine import (
     PinPressure,
     Policy,
     SimRequest,
+    StepInfo,
 )
 from treadle.backends.sim.profile import Profile, available_profiles
 from treadle.backends.sim.tokenizer import encode_chat, encode_completion, tokenize
@@ -50,6 +51,7 @@ __all__ = [
     "Prompt",
     "RealTimeClock",
     "SimRequest",
+    "StepInfo",
     "TraceRow",
     "VirtualClock",
     "available_profiles",

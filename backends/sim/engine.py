@@ -17,6 +17,7 @@ Public API (stable):
     engine.metrics() -> EngineMetrics  # running, waiting, kv usage, prefix, pins, ...
     engine.num_running, engine.num_waiting, engine.kv_usage
     engine.finished                    # finished requests (EngineConfig.keep_finished)
+    engine.on_step = callback          # observe launched steps (StepInfo)
 
 `SimRequest` is both the input and the record. After it finishes: `arrival_time`,
 `first_token_time`, `finish_time`, `prompt_tokens`, `cached_tokens` (prefix-cache hit at
@@ -167,6 +168,18 @@ class EngineMetrics:
             if self.prefix_queries_tokens
             else 0.0
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """One launched step, or a run of `steps` identical decode steps (for observers)."""
+
+    start: float
+    end: float
+    steps: int
+    decode_requests: int
+    prefill_tokens: int
+    prefill_requests: int
 
 
 class SimRequest:
@@ -386,6 +399,9 @@ class Engine:
             raise ValueError("max_num_seqs must not exceed max_num_batched_tokens")
         self.cache = BlockCache(cfg.kv_capacity_blocks or profile.kv_capacity_blocks)
         self.finished: list[SimRequest] = []
+        #: called with a StepInfo whenever a step (or a decode run) is launched; a run that
+        #: an arrival later truncates is reported as planned
+        self.on_step: Callable[[StepInfo], None] | None = None
         # step-time coefficients (Profile.step_time, split for closed-form sums)
         flops = profile.effective_flops
         bw = profile.effective_bandwidth
@@ -773,6 +789,8 @@ class Engine:
         self._t0 = now
         self._busy = True
         self._timer = self.clock.schedule(now + dt, self._end_step)
+        if self.on_step is not None:
+            self.on_step(StepInfo(now, now + dt, k, B, sum(c for _, c in chunks), len(chunks)))
 
     def _jump_length(self, S: int) -> int:
         """How many identical decode steps can run before anything changes."""

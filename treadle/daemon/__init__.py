@@ -1,0 +1,1 @@
+"""The multi-tenant daemon: HTTP API, tenants, quotas, workflow registry."""
