@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, ConfigDict, create_model
 
 from treadle.graphs.analysis import GraphFacts, analyze
 from treadle.graphs.spec import (
@@ -563,7 +563,10 @@ class _Compiler:
             name: (decl.type, ... if decl.required else decl.default)
             for name, decl in self.spec.inputs.items()
         }
-        return create_model(f"{_ident(self.spec.name)}_inputs", **fields)  # type: ignore[call-overload]
+        # an input the graph does not declare is almost always a typo: refuse it
+        return create_model(
+            f"{_ident(self.spec.name)}_inputs", __config__=ConfigDict(extra="forbid"), **fields
+        )
 
 
 # -- helpers ---------------------------------------------------------------------------

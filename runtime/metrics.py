@@ -175,7 +175,10 @@ class RuntimeMetrics:
         self._runs: dict[str, tuple[str, str]] = {}
         self._models: dict[tuple[str, str], str] = {}
         self._ready: dict[tuple[str, str], float] = {}
-        self._started: dict[tuple[str, str], float] = {}
+        # the hot path (every node) skips the label lookups
+        self._finished = self.nodes.labels("finished")
+        self._node_duration = self.node_duration
+        self._ready_wait = self.node_ready_wait
         self._pins: dict[str, set[str]] = {}
 
     # -- registry API for other components ---------------------------------------------
@@ -244,21 +247,16 @@ class RuntimeMetrics:
         if isinstance(event, NodeReady):
             self._ready[(run, event.node)] = event.ts
         elif isinstance(event, NodeStarted):
-            key = (run, event.node)
-            if key not in self._started:  # the first attempt starts the node's clock
-                self._started[key] = event.ts
-                ready = self._ready.pop(key, None)
-                if ready is not None:
-                    self.node_ready_wait.observe(max(0.0, event.ts - ready))
+            # the first attempt ends the wait (a retry finds nothing here)
+            ready = self._ready.pop((run, event.node), None)
+            if ready is not None:
+                self._ready_wait.observe(max(0.0, event.ts - ready))
         elif isinstance(event, NodeFinished):
-            self.nodes.labels("finished").inc()
-            self._started.pop((run, event.node), None)
-            self.node_duration.observe(event.duration_s)
+            self._finished.inc()
+            self._node_duration.observe(event.duration_s)
         elif isinstance(event, NodeFailed):
-            self._started.pop((run, event.node), None)
             self.nodes.labels("failed").inc()
         elif isinstance(event, NodeSkipped):
-            self._started.pop((run, event.node), None)
             self._ready.pop((run, event.node), None)
             self.nodes.labels("skipped").inc()
         elif isinstance(event, NodeRetrying):
@@ -323,7 +321,7 @@ class RuntimeMetrics:
         held = self._pins.pop(run, set())
         if held:
             self.pins_active.dec(len(held))
-        for table in (self._models, self._ready, self._started):
+        for table in (self._models, self._ready):
             for key in [k for k in table if k[0] == run]:
                 del table[key]
 

@@ -328,7 +328,11 @@ class GraphScope:
             if inspect.iscoroutinefunction(spec.fn):
                 return await spec.fn(**kwargs)
             if spec.blocking:
-                return await anyio.to_thread.run_sync(partial(spec.fn, **kwargs))
+                # on cancellation the thread is left to finish on its own: the node is not
+                # recorded, so it runs again on resume (at-least-once), and Ctrl-C is prompt
+                return await anyio.to_thread.run_sync(
+                    partial(spec.fn, **kwargs), abandon_on_cancel=True
+                )
             return spec.fn(**kwargs)
         if isinstance(spec, LLMNode):
             return await run_llm_node(self.ctx, spec, self.cg.facts.llm.get(plan.id), iid, kwargs)

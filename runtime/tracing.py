@@ -53,6 +53,7 @@ from treadle.runtime.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
+from treadle.runtime.timeline import parent_instance
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -131,21 +132,13 @@ class TracingUnavailable(RuntimeError):
     """Tracing was asked for but the OpenTelemetry packages are not installed."""
 
 
+#: a node's wait between ready and started is recorded when at least this long (a slot
+#: under a concurrency limit; shorter is the orchestrator's own step)
+_NOTABLE_WAIT_S = 0.001
+
+
 def _ns(ts: float) -> int:
     return int(ts * 1e9)
-
-
-def parent_instance(instance: str) -> str | None:
-    """The node instance that contains `instance`: `m[3]` → `m`, `sub/x` → `sub`,
-    `planner/task2` → `planner`, `sub/m[0]` → `sub/m`, `m[0]/x` → `m[0]`; None at the top."""
-    if instance.endswith("]"):
-        i = instance.rfind("[")
-        if i > 0:
-            return instance[:i]
-    j = instance.rfind("/")
-    if j > 0:
-        return instance[:j]
-    return None
 
 
 class _RunTrace:
@@ -387,10 +380,14 @@ class OtelTracer:
     def _node_span(self, state: _RunTrace, node: str, start: float, attempt: int = 1) -> Span:
         parent = parent_instance(node)
         context = self._context_of(state, parent) if parent is not None else state.run_ctx
-        attrs: dict[str, Any] = {T_NODE: node, T_RUN_ID: state.run_id, T_ATTEMPT: attempt}
+        # few attributes: each costs the SDK a validation on a per-node hot path; the run
+        # id is on the run span, the attempt is set when there is a second one
+        attrs: dict[str, Any] = {T_NODE: node}
+        if attempt > 1:
+            attrs[T_ATTEMPT] = attempt
         ready = state.ready.pop(node, None)
-        if ready is not None:
-            attrs[T_READY_WAIT_S] = max(0.0, start - ready)
+        if ready is not None and start - ready >= _NOTABLE_WAIT_S:
+            attrs[T_READY_WAIT_S] = start - ready
         span = self.tracer.start_span(
             SPAN_NODE, context=context, attributes=attrs, start_time=_ns(start)
         )

@@ -115,6 +115,8 @@ def run(
     """Run a workflow and print its result."""
     from treadle.runtime.runtime import InvalidInputs, Runtime
 
+    started: list[str] = []  # the run's id, once it exists
+
     async def main() -> int:
         state = _open_store(store, db)
         runtime = Runtime(store=state)
@@ -127,22 +129,56 @@ def run(
                 if ref is None:
                     raise _fail("this run does not record its program; pass it as an argument")
                 cg = runtime.compile(_load(ref))
+                started.append(resume)
                 result = await _watch(runtime, cg, None, as_json, resume_id=resume)
             else:
                 if program is None:
                     raise _fail("missing the workflow to run")
                 cg = runtime.compile(_load(program))
-                source = str(Path(program).resolve()) if Path(program).exists() else program
-                result = await _watch(runtime, cg, _parse_inputs(input), as_json, source=source)
+                result = await _watch(
+                    runtime,
+                    cg,
+                    _parse_inputs(input),
+                    as_json,
+                    source=_source_of(program),
+                    on_start=started.append,
+                )
         except GraphValidationError as exc:
             raise _fail(str(exc)) from None
         except InvalidInputs as exc:
             raise _fail(str(exc)) from None
+        except anyio.get_cancelled_exc_class():
+            # Ctrl-C: the journal already holds every finished node; say how to go on
+            with anyio.CancelScope(shield=True):
+                if started:
+                    await state.update_run(
+                        started[0], status="cancelled", error="interrupted; resumable"
+                    )
+            raise
         finally:
-            await runtime.aclose()
+            with anyio.CancelScope(shield=True):
+                await runtime.aclose()
         return 0 if result.ok else 1
 
-    raise typer.Exit(anyio.run(main))
+    try:
+        code = anyio.run(main)
+    except KeyboardInterrupt:
+        hint = f": resume with `treadle run --resume {started[0]}`" if started else ""
+        err_console.print(f"[yellow]interrupted[/]{hint}", highlight=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # the journal is durable; do not wait for abandoned worker threads to finish
+        os._exit(130)
+    raise typer.Exit(code)
+
+
+def _source_of(program: str) -> str:
+    """The program reference as it will still work from another directory."""
+    file_part, sep, attr = program.partition(":")
+    path = Path(file_part)
+    if path.suffix and path.exists():
+        return str(path.resolve()) + sep + attr
+    return program
 
 
 async def _watch(
@@ -153,6 +189,7 @@ async def _watch(
     *,
     source: str | None = None,
     resume_id: str | None = None,
+    on_start: Any = None,
 ) -> Any:
     from treadle.display import RunView, render_result
 
@@ -164,6 +201,8 @@ async def _watch(
             view.feed(event)
     else:
         async with runtime.start(cg, inputs, source=source) as handle:
+            if on_start is not None:
+                on_start(handle.run_id)
             if live_ok:
                 with Live(view.table(), console=console, refresh_per_second=10) as live:
                     async for event in handle.events():

@@ -20,6 +20,11 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+@app.callback()
+def sim() -> None:
+    """Simulated GPU serving engines (keeps `serve` a subcommand however the app is mounted)."""
+
+
 @app.command()
 def serve(
     replicas: Annotated[int, typer.Option("--replicas", "-n", min=1, help="Replicas.")] = 1,
@@ -45,8 +50,7 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve N simulated replicas, each on its own port (POST /v1/chat/completions,
-    GET /v1/models, /health, /metrics)."""
+    """Serve N simulated replicas on ports PORT..PORT+N-1 (OpenAI chat API + /metrics)."""
     from treadle.backends.sim.engine import POLICIES, Policy
     from treadle.backends.sim.profile import Profile
     from treadle.backends.sim.server import build_replicas, load_rules

@@ -1,0 +1,194 @@
+"""The command line, run as a user runs it: a subprocess of `python -m treadle`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def treadle(
+    *args: str, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "treadle", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_validate_ok_and_errors_with_file_line_column(tmp_path: Path) -> None:
+    ok = treadle("validate", str(EXAMPLES / "text_to_sql.yaml"))
+    assert ok.returncode == 0 and "ok text_to_sql: 8 nodes" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        textwrap.dedent(
+            """\
+            name: bad
+            inputs: {q: str}
+            nodes:
+              - id: a
+                kind: llm
+                model: nowhere
+                prompt: "Answer {q}"
+                inputs: {q: $input.q}
+            """
+        )
+    )
+    out = treadle("validate", str(bad))
+    assert out.returncode == 1
+    assert f"{bad}:6:" in out.stderr and "unknown model alias 'nowhere'" in out.stderr
+
+
+def test_graph_renders_mermaid_and_dot() -> None:
+    mermaid = treadle("graph", str(EXAMPLES / "research.yaml"))
+    assert mermaid.returncode == 0 and mermaid.stdout.startswith("flowchart TD")
+    dot = treadle("graph", str(EXAMPLES / "research.yaml"), "--format", "dot")
+    assert dot.stdout.startswith('digraph "research"')
+
+
+def test_schema_is_json_schema() -> None:
+    out = treadle("schema")
+    schema = json.loads(out.stdout)
+    assert schema["title"] == "treadle workflow" and "properties" in schema
+
+
+def test_run_with_input_and_bad_input(tmp_path: Path) -> None:
+    db = str(tmp_path / "runs.db")
+    good = treadle(
+        "run",
+        str(EXAMPLES / "research.yaml"),
+        "--json",
+        "--db",
+        db,
+        "--input",
+        '{"question": "What is prefix caching?"}',
+    )
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["output"]["report"]["summary"].startswith("What is prefix")
+    bad = treadle("run", str(EXAMPLES / "research.yaml"), "--db", db, "--input", '{"question": 3')
+    assert bad.returncode == 2 and "--input is not valid JSON" in bad.stderr
+    wrong = treadle("run", str(EXAMPLES / "research.yaml"), "--db", db, "--input", '{"q": 1}')
+    assert wrong.returncode == 2 and "q: Extra inputs are not permitted" in wrong.stderr
+    listed = treadle("runs", "--db", db)
+    assert "research" in listed.stdout and "succeeded" in listed.stdout
+
+
+PROGRAM = """
+import os, time
+from pathlib import Path
+from treadle import Graph
+
+LOG = Path(os.environ["TREADLE_TEST_LOG"])
+
+def step(name, x, slow=0.0, fail_once=False):
+    with LOG.open("a") as f:
+        f.write(name + "\\n")
+    if fail_once and not (LOG.parent / "fixed").exists():
+        raise RuntimeError("not yet")
+    time.sleep(slow)
+    return x + 1
+
+def a(x: int) -> int: return step("a", x)
+def b(x: int) -> int: return step("b", x, slow=float(os.environ.get("SLOW", "0")))
+def c(x: int) -> int: return step("c", x, fail_once=True)
+
+graph = Graph("resumable", inputs={"x": int})
+na = graph.func("a", a, inputs={"x": graph.input.x})
+nb = graph.func("b", b, inputs={"x": na}, blocking=True)
+graph.output(out=graph.func("c", c, inputs={"x": nb}).out)
+"""
+
+
+def _program(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    path = tmp_path / "prog.py"
+    path.write_text(PROGRAM)
+    env = {**os.environ, "TREADLE_TEST_LOG": str(tmp_path / "log.txt"), "COLUMNS": "200"}
+    return path, env
+
+
+def _log(tmp_path: Path) -> list[str]:
+    return (tmp_path / "log.txt").read_text().split()
+
+
+def test_resume_after_failure_does_not_repeat_finished_nodes(tmp_path: Path) -> None:
+    prog, env = _program(tmp_path)
+    db = str(tmp_path / "runs.db")
+    base = [sys.executable, "-m", "treadle", "run", "--db", db, "--json"]
+    first = subprocess.run(
+        [*base, f"{prog}:graph", "--input", '{"x": 1}'],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert first.returncode == 1
+    run_id = json.loads(first.stdout)["run_id"]
+    (tmp_path / "fixed").write_text("")
+    second = subprocess.run(
+        [*base, "--resume", run_id], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["output"] == {"out": 4}
+    assert _log(tmp_path) == ["a", "b", "c", "c"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_resume_after_interrupt_or_kill(tmp_path: Path, sig: signal.Signals) -> None:
+    prog, env = _program(tmp_path)
+    (tmp_path / "fixed").write_text("")
+    env["SLOW"] = "30"
+    db = str(tmp_path / "runs.db")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "treadle",
+            "run",
+            "--db",
+            db,
+            f"{prog}:graph",
+            "--input",
+            '{"x": 1}',
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "log.txt").exists() or "b" not in _log(tmp_path):
+        assert time.monotonic() < deadline, "node b never started"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "resume with" in err
+    listed = treadle("runs", "--db", db)
+    run_id = (
+        listed.stdout.split("│")[1].strip() if "│" in listed.stdout else listed.stdout.split()[4]
+    )
+    env["SLOW"] = "0"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "treadle", "run", "--db", db, "--json", "--resume", run_id],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["output"] == {"out": 4}
+    # a finished before the interruption and is not repeated; b was running and runs again
+    assert _log(tmp_path) == ["a", "b", "b", "c"]
