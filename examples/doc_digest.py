@@ -7,6 +7,7 @@ summarise, as a subgraph per document), then merge the follow-ups into one diges
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -73,7 +74,8 @@ def summarize_doc() -> Graph:
     return g
 
 
-def collect(results: list[BaseModel]) -> list[DocSummary]:
+def collect(results: list[Any]) -> list[DocSummary]:
+    """The summaries out of each document's subgraph result."""
     return [DocSummary.model_validate(r.summary) for r in results]
 
 

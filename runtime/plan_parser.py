@@ -253,13 +253,13 @@ class PlanParser:
             return [Thought(thought.group(1).strip())]
         match = _TASK_LINE.match(line)
         if match is None:
+            if _BARE_JOIN.fullmatch(stripped):
+                self.joined = True
+                return [Join(None, stripped)]
             if _BARE_CALL.match(line):
                 return [
                     PlanError(line, "a task line must start with its id, e.g. '1. search(\"x\")'")
                 ]
-            if _BARE_JOIN.fullmatch(stripped):
-                self.joined = True
-                return [Join(None, stripped)]
             return [Thought(stripped)]  # prose around the plan: kept for the joiner
         idx, body = int(match.group(1)), match.group(2)
         head = _CALL_HEAD.match(body)
@@ -658,7 +658,7 @@ def _substitute(value: Any, schema: Any, sch: _Schema, results: Mapping[int, Any
         if len(value.parts) == 1:
             return _coerce(_lookup(value.parts[0], results), schema, sch)  # type: ignore[arg-type]
         text = "".join(
-            p if isinstance(p, str) else as_text(_plain(_lookup(p, results))) for p in value.parts
+            p if isinstance(p, str) else as_text(_lookup(p, results)) for p in value.parts
         )
         return _coerce(text, schema, sch)
     if isinstance(value, list):

@@ -435,6 +435,7 @@ class Engine:
         self._k = 0
         self._coef = (0.0, 0.0, 0.0, 0.0)
         self._chunks: list[tuple[SimRequest, int]] = []
+        self._abort_later: list[SimRequest] = []
         self._seqs = itertools.count(1)
         # counters
         self.submitted = 0
@@ -526,7 +527,21 @@ class Engine:
 
     def abort(self, request: SimRequest) -> bool:
         """Stop `request` (a client went away): its blocks are freed (cached ones stay
-        cached), no pin is set, `on_finish` is not called. False if it already finished."""
+        cached), no pin is set, `on_finish` is not called. False if it already finished.
+
+        A running request is taken out at the end of the step in flight (its blocks for
+        that step are already allocated); it reports `aborted` at once."""
+        if request.state == FINISHED or request.state == NEW or request.aborted:
+            return False
+        request.aborted = True
+        if request.state != WAITING and self._busy:
+            self._abort_later.append(request)
+            self._interrupt()  # the batch changes shape at the end of this step
+        else:
+            self._abort_now(request)
+        return True
+
+    def _abort_now(self, request: SimRequest) -> None:
         if request.state == WAITING:
             self._take_waiting(request)  # its queue entries are skipped from now on
         elif request.state == DECODE:
@@ -534,28 +549,19 @@ class Engine:
             if request._n_held < len(request._ends):
                 self._register(request, L)
         elif request.state == PREFILL:
-            if self._busy and any(r is request for r, _ in self._chunks):
-                # Its chunk is in the step in flight; drop it at the step's end instead.
-                request.aborted = True
-                return True
             del self._pre[request._seq]
         else:
-            return False
+            return
         self.cache.release(request._held)
         self.cache.free_private(request._private)
         request._held = []
         request._private = 0
         request.state = FINISHED
-        request.aborted = True
         request.finish_time = self.clock.now()
         self._watched.discard(request)
         self.n_aborted += 1
-        if self._n_waiting and not self._planning:
-            if self._busy:
-                self._interrupt()
-            else:
-                self._request_plan()
-        return True
+        if self._n_waiting and not self._busy and not self._planning:
+            self._request_plan()
 
     def pinned_programs(self) -> list[str]:
         return list(self._pins)
@@ -923,11 +929,13 @@ class Engine:
         S = self._S
         chunks = self._chunks
         self._chunks = []
+        if self._abort_later:
+            for r in self._abort_later:
+                self._abort_now(r)
+            self._abort_later.clear()
         for r, c in chunks:
-            if r.aborted:
-                r.aborted = False  # abort() sets it again once the request is out
-                self.abort(r)
-                continue
+            if r.state != PREFILL:
+                continue  # aborted
             a = r._computed
             b = a + c
             if r._watermark > a:

@@ -376,17 +376,20 @@ def test_decode_runs_in_one_event_equal_single_steps() -> None:
 
 
 def test_abort_frees_everything() -> None:
-    clock, engine = make()
+    clock, engine = make(max_num_seqs=2)
     finished: list[SimRequest] = []
     gone = engine.submit(SimRequest(Prompt.from_tokens(toks(800, 3000)), 500))
     stays = engine.submit(
-        SimRequest(Prompt.from_tokens(toks(801, 100)), 50, on_finish=finished.append)
+        SimRequest(Prompt.from_tokens(toks(801, 100)), 200, on_finish=finished.append)
     )
-    clock.run_until(0.5)
+    queued = engine.submit(SimRequest(Prompt.from_tokens(toks(802, 100)), 50))
+    clock.run_until(0.5)  # `gone` is mid-decode, `queued` waits for a seat
     assert engine.abort(gone) and gone.aborted and not engine.abort(gone)
+    assert engine.abort(queued) and engine.num_waiting == 0
     clock.run()
-    assert finished == [stays] and gone.output_tokens < 500
-    assert engine.metrics().aborted == 1
+    assert finished == [stays] and 0 < gone.output_tokens < 500
+    assert queued.output_tokens == 0 and queued.first_token_time is None
+    assert engine.metrics().aborted == 2
     settled(engine)
 
 
