@@ -531,13 +531,18 @@ class TreadleConfig:
     affinity_ttl_s: float = 600.0
     #: correct the index capacity from the cached tokens engines report
     adapt_capacity: bool = True
+    #: prefill a choice adds is counted (1 + work_weight) times: once for this request's
+    #: own TTFT, and work_weight times for the requests that will queue behind it there
+    #: (recomputing a cached prefix elsewhere delays them too)
+    work_weight: float = 1.0
 
 
 class TreadlePolicy:
     """Cost-based choice between the best-matching and the least-loaded replica.
 
-    cost(r) = queueing delay(r) + prefill time of the part of the prompt r does not hold,
-    with queueing delay = tokens routed to r whose prefill has not finished / prefill rate.
+    cost(r) = queueing delay(r) + (1 + work_weight) x prefill time of the part of the prompt
+    r does not hold, with queueing delay = tokens routed to r whose prefill has not finished /
+    prefill rate.
     A program sticks to its replica (where its cache, possibly pinned, lives) unless that
     replica is overloaded; then another replica steals the work and becomes the program's."""
 
@@ -558,8 +563,12 @@ class TreadlePolicy:
         return replica.pending_prefill_tokens / self.config.prefill_tokens_per_s
 
     def cost_s(self, replica: ReplicaState, request: RequestFeatures, matched_chunks: int) -> float:
+        cfg = self.config
         uncached = max(0, request.prompt_tokens - matched_chunks * request.chunk_tokens)
-        return self.queue_delay_s(replica) + uncached / self.config.prefill_tokens_per_s
+        return (
+            self.queue_delay_s(replica)
+            + (1.0 + cfg.work_weight) * uncached / cfg.prefill_tokens_per_s
+        )
 
     def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
         cfg = self.config

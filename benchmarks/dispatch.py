@@ -47,9 +47,11 @@ from rich.console import Console
 
 from treadle.backends.routing import (
     POLICIES,
+    CacheAwareConfig,
     Policy,
     RequestFeatures,
     Router,
+    TreadleConfig,
     chain_block_ids,
     make_policy,
 )
@@ -99,9 +101,7 @@ class Workload:
 
 def stamp_resolution_s(rows: Sequence[TraceRow]) -> float:
     """1.0 when the trace's timestamps sit on whole seconds (within 5 ms), else 0."""
-    on_second = sum(
-        1 for r in rows if abs(r.arrival_s - round(r.arrival_s)) <= 0.005
-    )
+    on_second = sum(1 for r in rows if abs(r.arrival_s - round(r.arrival_s)) <= 0.005)
     return 1.0 if rows and on_second >= 0.99 * len(rows) else 0.0
 
 
@@ -179,7 +179,9 @@ def pooled_cache_hits(workload: Workload, total_blocks: int, block_size: int) ->
     return hits
 
 
-def absolute_floor_p99(profile: Profile, workload: Workload, unbounded_hits: Sequence[int]) -> float:
+def absolute_floor_p99(
+    profile: Profile, workload: Workload, unbounded_hits: Sequence[int]
+) -> float:
     """p99 over requests of the TTFT each would have alone on an idle replica that holds
     every earlier prompt: a lower bound of p99 TTFT for every policy at every rate."""
     floors = [
@@ -243,9 +245,7 @@ class Bench:
         rows = self.workload.rows
         n = len(rows)
         clock = VirtualClock()
-        engines = [
-            Engine(self.profile, clock, name=f"replica-{i}") for i in range(self.replicas)
-        ]
+        engines = [Engine(self.profile, clock, name=f"replica-{i}") for i in range(self.replicas)]
         router = Router(self.make_policy(policy_name), [e.name for e in engines])
         block_size = engines[0].block_size
         # p99 (linear interpolation) exceeds the SLO once data[floor(0.99 (n-1))] does,
@@ -417,10 +417,11 @@ def run_bench(
         slo_mode=mode_used,
         cold_prefill_s=cold,
         policy_options={
+            "cache_aware": {},  # sgl-router's command-line defaults
             "treadle": {
                 "prefill_tokens_per_s": prefill_tps,
                 "capacity_chunks": profile.kv_capacity_tokens // CHUNK_TOKENS,
-            }
+            },
         },
     )
     config: dict[str, Any] = {
@@ -441,10 +442,8 @@ def run_bench(
         "ref_scale": ref_scale,
         "tolerance": tolerance,
         "policies": list(policies),
-        "cache_aware": dataclasses.asdict(bench.make_policy("cache_aware").config)  # type: ignore[attr-defined]
-        if "cache_aware" in policies
-        else None,
-        "treadle": bench.policy_options["treadle"],
+        "cache_aware": dataclasses.asdict(CacheAwareConfig(**bench.policy_options["cache_aware"])),
+        "treadle": dataclasses.asdict(TreadleConfig(**bench.policy_options["treadle"])),
     }
     echo(
         f"bench dispatch: {workload.name}, {len(workload.rows)} requests over "

@@ -564,7 +564,7 @@ class _Compiler:
             for name, decl in self.spec.inputs.items()
         }
         # an input the graph does not declare is almost always a typo: refuse it
-        return create_model(  # type: ignore[call-overload,no-any-return]
+        return create_model(  # type: ignore[call-overload]
             f"{_ident(self.spec.name)}_inputs", __config__=ConfigDict(extra="forbid"), **fields
         )
 

@@ -53,7 +53,8 @@ def serve(
     """Serve N simulated replicas on ports PORT..PORT+N-1 (OpenAI chat API + /metrics)."""
     from treadle.backends.sim.engine import POLICIES, Policy
     from treadle.backends.sim.profile import Profile
-    from treadle.backends.sim.server import build_replicas, load_rules
+    from treadle.backends.sim.realtime import load_rules
+    from treadle.backends.sim.server import build_replicas
     from treadle.backends.sim.server import serve as run_servers
 
     if policy not in POLICIES:

@@ -8,7 +8,6 @@ that holds it; its bar is placed on the run's time axis, one character cell per
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from rich.console import Console, Group, RenderableType
@@ -85,9 +84,9 @@ def render_timeline(timeline: Timeline, *, width: int = 120) -> RenderableType:
     rows = _fold(timeline.rows)
     name_width = min(40, max([len(_name(r)) for r in rows if isinstance(r, Row)] + [4]))
     # fixed columns: mark 1, name, start 8, took 8, and 2 cells between columns; the bar
-    # gets what is left after leaving the detail column about 30
+    # gets about 55% of the rest, the detail column what remains
     fixed = 1 + name_width + 8 + 8 + 2 * 5
-    bar_width = max(20, min(100, width - fixed - 30))
+    bar_width = max(20, min(100, int((width - fixed) * 0.55)))
     detail_width = max(10, width - fixed - bar_width)
     scale = bar_width / timeline.duration_s if timeline.duration_s > 0 else 0.0
     table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
@@ -99,7 +98,10 @@ def render_timeline(timeline: Timeline, *, width: int = 120) -> RenderableType:
     table.add_column("detail", width=detail_width, no_wrap=True, overflow="ellipsis")
     for row in rows:
         if isinstance(row, _Folded):
-            table.add_row("", Text(row.text, style="bright_black"), "", "", "", "")
+            table.add_row(
+                "", Text(row.indent + "…", style="bright_black"), "", "",
+                Text(row.text, style="bright_black"), "",
+            )  # fmt: skip
             continue
         mark, style = _STATUS.get(row.status, ("·", ""))
         took = row.duration_s
@@ -107,7 +109,7 @@ def render_timeline(timeline: Timeline, *, width: int = 120) -> RenderableType:
             Text(mark, style=style),
             Text(_name(row), style="bold" if row.depth == 0 and row.kind == "node" else ""),
             _fmt_s(row.start_s),
-            _fmt_s(took) if took is not None else "…",
+            _took(row, took),
             _bar(row, scale, bar_width, timeline.duration_s),
             _detail(row),
         )
@@ -167,17 +169,17 @@ def _bar(row: Row, scale: float, width: int, duration: float) -> Text:
     drawn = False
     for seg in row.segments:
         glyph, style = GLYPHS.get(seg.kind, ("█", ""))
-        lo = min(width - 1, max(0, math.floor(seg.start_s * scale)))
+        lo = min(width - 1, max(0, round(seg.start_s * scale)))
         hi = min(width, round(seg.end_s * scale))
         for i in range(lo, hi):
             cells[i] = (glyph, style)
             drawn = True
     if not drawn and row.segments:  # all shorter than a cell: one cell of the longest
         seg = max(row.segments, key=lambda s: s.end_s - s.start_s)
-        at = min(width - 1, max(0, math.floor(seg.start_s * scale)))
+        at = min(width - 1, max(0, round(seg.start_s * scale)))
         cells[at] = GLYPHS.get(seg.kind, ("█", ""))
     elif not row.segments:  # an instant: a skipped node, a call still queued
-        at = min(width - 1, max(0, math.floor(row.start_s * scale)))
+        at = min(width - 1, max(0, round(row.start_s * scale)))
         cells[at] = ("·" if row.status == "skipped" else "▏", "bright_black")
     text = Text()
     for glyph, style in cells:
@@ -220,7 +222,10 @@ def _detail(row: Row) -> str:
 
 
 class _Folded:
-    def __init__(self, text: str) -> None:
+    """A line standing for the child nodes left out under one parent."""
+
+    def __init__(self, indent: str, text: str) -> None:
+        self.indent = indent
         self.text = text
 
 
@@ -244,10 +249,18 @@ def _fold(rows: list[Row]) -> list[Row | _Folded]:
             if row.kind == "node":
                 visit(row.id, depth + 1)
         if hidden:
-            out.append(_Folded("  " * depth + f"… {hidden} more under {parent}"))
+            out.append(_Folded("  " * depth, f"{hidden} more under {parent}"))
 
     visit(None, 0)
     return out
+
+
+def _took(row: Row, took: float | None) -> str:
+    if took is None:
+        return "…"  # still open when the journal ends
+    if row.status == "skipped" and not row.segments:
+        return ""  # decided, never run
+    return _fmt_s(took)
 
 
 def _fmt_s(seconds: float) -> str:

@@ -8,14 +8,16 @@ or an HTTP hop; `treadle sim serve` offers the same replica over HTTP.
 Public API (stable):
 
     backend = SimBackend()                                   # default profile, fcfs
-    backend = SimBackend(SimReplica.create(policy="program", rules=[...], speed=10.0))
-    backend = SimBackend.create(profile=..., policy=..., rules=..., speed=..., name=...)
+    backend = SimBackend(policy="program", rules=[...], script="rules.yaml", speed=10.0)
+    backend = SimBackend(SimReplica.create(...))             # a replica you built
+    backend = SimBackend.create(**SimReplica.create kwargs)
     backend.capabilities      # streaming, tool_calls, prefix_cache, priority, pin_ttl,
                               # program_id, metrics
     await backend.generate(request) -> LLMResponse       # usage.cached_prompt_tokens, ttft_s
     async for chunk in backend.stream(request): ...      # StreamChunk
     backend.metrics() -> EngineMetrics
     backend.release_pins(program_id) -> int
+    backend.name, backend.replica
 
 Hints: `priority` (lower first, under the `priority` policy), `program_id`, `request_id`,
 `pin_ttl_s`, `is_last_step` map one to one onto `SimRequest`. A request that can never fit
@@ -25,7 +27,8 @@ the replica raises `BackendError(retryable=False)`; an engine failure raises
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from treadle.backends.base import (
@@ -36,15 +39,56 @@ from treadle.backends.base import (
     StreamChunk,
     Usage,
 )
-from treadle.backends.sim.engine import EngineMetrics
-from treadle.backends.sim.realtime import SimCompletion, SimReplica, SimulatorFailure
+from treadle.backends.scripted import ScriptRule
+from treadle.backends.sim.engine import EngineConfig, EngineMetrics, PinPressure, Policy
+from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
+from treadle.backends.sim.realtime import SimCompletion, SimReplica, SimulatorFailure, load_rules
 
 
 class SimBackend:
-    """A `Backend` over one simulated replica (module docstring)."""
+    """A `Backend` over one simulated replica (module docstring).
 
-    def __init__(self, replica: SimReplica | None = None):
+    Either pass a `replica`, or the options to build one (as a workflow file's
+    `{backend: sim, ...}` entry does): `profile`, `policy`, `rules` (ScriptRule objects or
+    dicts), `script` (a YAML/JSON rules file), `speed`, `name`, `model`, `pin_pressure`,
+    `max_pinned_fraction`, `kv_capacity_blocks`. The replica is built on first use, so a
+    backend can be configured outside an event loop.
+    """
+
+    def __init__(
+        self,
+        replica: SimReplica | None = None,
+        *,
+        profile: str = DEFAULT_PROFILE,
+        policy: Policy = "fcfs",
+        rules: Sequence[ScriptRule | Mapping[str, Any]] | None = None,
+        script: str | Path | None = None,
+        speed: float = 1.0,
+        name: str = "sim-0",
+        model: str | None = None,
+        pin_pressure: PinPressure = "keep",
+        max_pinned_fraction: float = 0.5,
+        kv_capacity_blocks: int | None = None,
+    ):
         self._replica = replica
+        if replica is not None:
+            return
+        # Validate now, so that a bad option fails where it is configured.
+        self._profile = Profile.load(profile)
+        self._config = EngineConfig(
+            policy=policy,
+            pin_pressure=pin_pressure,
+            max_pinned_fraction=max_pinned_fraction,
+            kv_capacity_blocks=kv_capacity_blocks,
+        )
+        self._rules = [ScriptRule.model_validate(r) for r in rules or []]
+        if script is not None:
+            self._rules += load_rules(script)
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        self._speed = speed
+        self._name = name
+        self._model = model
 
     @classmethod
     def create(cls, **kwargs: Any) -> SimBackend:
@@ -52,10 +96,20 @@ class SimBackend:
         return cls(SimReplica.create(**kwargs))
 
     @property
+    def name(self) -> str:
+        return self._replica.name if self._replica is not None else self._name
+
+    @property
     def replica(self) -> SimReplica:
-        # Created lazily so that a default SimBackend() can be built outside an event loop.
         if self._replica is None:
-            self._replica = SimReplica.create()
+            self._replica = SimReplica.create(
+                self._profile,
+                rules=self._rules,
+                speed=self._speed,
+                name=self._name,
+                model=self._model,
+                config=self._config,
+            )
         return self._replica
 
     @property

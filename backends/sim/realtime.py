@@ -18,6 +18,7 @@ Public API (stable):
     await replica.complete(request: LLMRequest) -> SimCompletion
     async for item in replica.stream(request): ...   # str deltas, then one SimCompletion
     replica.engine, replica.clock, replica.name, replica.model
+    load_rules(path) -> list[ScriptRule]     # a YAML/JSON file of scripted-answer rules
 
 Errors: a request that can never fit (too long for the model or the KV cache) raises
 `ValueError` before it is queued; if the engine itself fails, every pending request gets
@@ -31,6 +32,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
 
 from treadle.backends.base import LLMRequest, ToolCall
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
@@ -243,3 +247,16 @@ class SimReplica:
             if wake is not None:
                 wake.set()
         self._pending.clear()
+
+
+def load_rules(path: str | Path) -> list[ScriptRule]:
+    """Script rules from a YAML or JSON file: a list of rules, or `{"rules": [...]}`."""
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, dict) and "rules" in data:
+        data = data["rules"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of script rules (or {{rules: [...]}})")
+    try:
+        return [ScriptRule.model_validate(r) for r in data]
+    except ValidationError as exc:
+        raise ValueError(f"{path}: invalid script rule: {exc}") from exc

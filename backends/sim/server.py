@@ -31,7 +31,8 @@ Request extension fields (beyond OpenAI's), top level or inside vLLM's `vllm_xar
   program this call belongs to (pins and the `program` policy).
 - `pin_ttl_s` (float > 0): after this request finishes, keep its KV pinned for that long.
 - `is_last_step` (bool): the program's last call: release its pins and set none.
-- `request_id` (str): used as the response `id` and the engine's request id.
+- `request_id` (str; or the `X-Request-Id` header): the response `id` and the engine's
+  request id.
 
 Also honoured: `max_tokens` / `max_completion_tokens` (cuts the answer, `finish_reason:
 "length"`), `response_format` (`json_schema` or `json_object`: the scripted content
@@ -41,7 +42,7 @@ prompt that cannot fit, 404 for an unknown model.
 
 Public API (stable): `create_app(replica, *, served_model_name=None) -> FastAPI`,
 `build_replicas(n, *, profile, policy, rules, speed, model) -> list[SimReplica]`,
-`load_rules(path) -> list[ScriptRule]`, `async serve(replicas, host, port)`.
+`async serve(replicas, host, port)`; rules files load with `realtime.load_rules`.
 """
 
 from __future__ import annotations
@@ -53,11 +54,9 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -400,7 +399,7 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
         return {"released": replica.engine.release_pins(body.program_id)}
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest) -> Response | dict[str, Any]:
+    async def chat(body: ChatCompletionRequest, http: Request) -> Response | dict[str, Any]:
         if body.model != model_name:
             raise _RequestError(
                 404,
@@ -413,7 +412,11 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
             request = body.to_llm_request()
         except (ValueError, ValidationError) as exc:
             raise _bad(str(exc)) from exc
-        completion_id = request.hints.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        completion_id = (
+            request.hints.request_id
+            or http.headers.get("x-request-id")
+            or f"chatcmpl-{uuid.uuid4().hex}"
+        )
         request = request.model_copy(
             update={"hints": request.hints.model_copy(update={"request_id": completion_id})}
         )
@@ -506,19 +509,6 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
 
 
 # -- running replicas ----------------------------------------------------------------------
-
-
-def load_rules(path: str | Path) -> list[ScriptRule]:
-    """Script rules from a YAML or JSON file: a list of rules, or `{"rules": [...]}`."""
-    data = yaml.safe_load(Path(path).read_text())
-    if isinstance(data, dict) and "rules" in data:
-        data = data["rules"]
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of script rules (or {{rules: [...]}})")
-    try:
-        return [ScriptRule.model_validate(r) for r in data]
-    except ValidationError as exc:
-        raise ValueError(f"{path}: invalid script rule: {exc}") from exc
 
 
 def build_replicas(

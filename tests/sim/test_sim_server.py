@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from treadle.backends.base import Message
 from treadle.backends.scripted import ScriptedToolCall, ScriptRule
 from treadle.backends.sim.engine import EngineConfig
-from treadle.backends.sim.realtime import SimReplica
-from treadle.backends.sim.server import build_replicas, create_app, load_rules
+from treadle.backends.sim.realtime import SimReplica, load_rules
+from treadle.backends.sim.server import build_replicas, create_app
 from treadle.backends.sim.tokenizer import encode_chat, encode_completion
 from treadle.cli_sim import app as sim_cli
 
