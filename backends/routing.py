@@ -17,8 +17,9 @@ Policies share one interface, `choose(request, replicas) -> replica index`:
   affinity per program with work stealing from an overloaded replica, and the sgl-router
   imbalance guard.
 
-Chunking of text prompts: when `treadle.backends.sim.tokenizer` is importable its tokenizer
-gives token ids, chunked by `chunk_tokens`; otherwise the prompt text is cut into chunks of
+Chunking of chat requests: when `treadle.backends.sim.tokenizer` is importable, its chat
+encoding (`encode_chat`, the tokens a simulated replica caches) gives token ids, chunked by
+`chunk_tokens`; otherwise the rendered prompt text is cut into chunks of
 `chunk_tokens * CHARS_PER_TOKEN` characters (a character chunk is an equally valid prefix key;
 only the token counts are estimates then). Each decision costs O(prompt chunks) per replica
 holding a match, and the walk stops at the first miss.
@@ -110,35 +111,35 @@ def prompt_text(request: LLMRequest) -> str:
     return "\n".join(parts)
 
 
-def _load_tokenizer() -> Callable[[str], Sequence[int]] | None:
-    """The simulator's tokenizer's encode function, if that module exists."""
+Encoder = Callable[[LLMRequest], Sequence[int]]
+
+
+def _load_encoder() -> Encoder | None:
+    """The simulator tokenizer's chat encoding (the very tokens a simulated replica
+    caches), or its plain tokenizer over `prompt_text`; None when the module is absent."""
     try:
         from treadle.backends.sim import tokenizer as sim_tokenizer
     except ImportError:
         return None
-    for name in ("encode", "tokenize"):
-        fn = getattr(sim_tokenizer, name, None)
-        if callable(fn):
-            return cast(Callable[[str], Sequence[int]], fn)
-    for cls_name in ("Tokenizer", "SimTokenizer"):
-        cls = getattr(sim_tokenizer, cls_name, None)
-        if cls is not None:
-            try:
-                encode = cls().encode
-            except Exception:  # a tokenizer that needs arguments: fall back to characters
-                return None
-            return cast(Callable[[str], Sequence[int]], encode)
+    encode_chat = getattr(sim_tokenizer, "encode_chat", None)
+    if callable(encode_chat):
+        return lambda request: cast(
+            Sequence[int], encode_chat(request.messages, request.tools or None)
+        )
+    tokenize = getattr(sim_tokenizer, "tokenize", None)
+    if callable(tokenize):
+        return lambda request: cast(Sequence[int], tokenize(prompt_text(request)))
     return None
 
 
-_TOKENIZER: list[Callable[[str], Sequence[int]] | None] = []
+_ENCODER: list[Encoder | None] = []
 
 
-def text_tokenizer() -> Callable[[str], Sequence[int]] | None:
+def request_encoder() -> Encoder | None:
     """Cached lookup of the simulator's tokenizer (None: character chunks are used)."""
-    if not _TOKENIZER:
-        _TOKENIZER.append(_load_tokenizer())
-    return _TOKENIZER[0]
+    if not _ENCODER:
+        _ENCODER.append(_load_encoder())
+    return _ENCODER[0]
 
 
 # -- request features ----------------------------------------------------------------------
@@ -168,13 +169,13 @@ class RequestFeatures:
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         now: float = 0.0,
     ) -> RequestFeatures:
-        text = prompt_text(request)
-        encode = text_tokenizer()
+        encode = request_encoder()
         if encode is not None:
-            tokens = list(encode(text))
+            tokens = list(encode(request))
             chunks = chain_token_chunks(tokens, chunk_tokens)
             n_tokens = len(tokens)
         else:
+            text = prompt_text(request)
             chunks = chain_text_chunks(text, chunk_tokens * CHARS_PER_TOKEN)
             n_tokens = max(1, len(text) // CHARS_PER_TOKEN) if text else 0
         return cls(

@@ -222,7 +222,7 @@ def build_timeline(
             row.status = "failed"
             row.detail["error"] = e.error
             row.detail["policy"] = e.policy
-            if e.policy == "fail":
+            if e.policy not in ("skip", "fallback"):  # those settle it with a later event
                 row.end_s = at
         elif isinstance(e, NodeSkipped):
             row = node_row(e.node, at)

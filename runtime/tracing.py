@@ -137,6 +137,12 @@ class TracingUnavailable(RuntimeError):
 _NOTABLE_WAIT_S = 0.001
 
 
+#: error policies after whose `NodeFailed` the orchestrator still settles the node: `skip`
+#: emits `NodeSkipped`, `fallback` emits `NodeFinished` (with the fallback value); after
+#: `fail` (or a planner task's `observe`) nothing more comes for the node
+_SETTLED_LATER = frozenset({"skip", "fallback"})
+
+
 def _ns(ts: float) -> int:
     return int(ts * 1e9)
 
@@ -443,9 +449,8 @@ class OtelTracer:
         span = self._open_node(state, e.node, e.ts)
         self._error(span, e.error, "node_failed")
         span.set_attributes({T_ERROR: e.error, T_ERROR_POLICY: e.policy, T_ATTEMPT: e.attempt})
-        if e.policy == "fail":
+        if e.policy not in _SETTLED_LATER:
             span.end(end_time=_ns(e.ts))
-        # skip / fallback: NodeSkipped / NodeFinished follows and ends the span
 
     def _on_node_skipped(self, state: _RunTrace, e: NodeSkipped) -> None:
         if not state.recording:

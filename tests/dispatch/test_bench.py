@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -37,7 +38,7 @@ RESULT_KEYS = {
 
 def write_mooncake(path: Path, n_conversations: int = 6, turns: int = 4) -> Path:
     """Conversations whose turns extend the previous turn's blocks, on whole-second stamps."""
-    lines = []
+    lines: list[dict[str, Any]] = []
     next_id = 1000
     for c in range(n_conversations):
         blocks = [0]  # a system prompt every request shares

@@ -398,3 +398,26 @@ async def test_http_health_checks(http_server: tuple[str, dict[str, bool]]) -> N
     assert await pool.check_health() == {"up": True, "down": False}
     assert "ConnectError" in (pool.status()[1].last_error or "")
     assert (await pool.generate(request())).replica == "up"
+
+
+# -- over simulated engines (real-time SimBackend replicas) -------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("policy", "expect_hit"), [("treadle", True), ("round_robin", False)])
+async def test_prefix_routing_turns_into_engine_cache_hits(policy: str, expect_hit: bool) -> None:
+    from treadle.backends.sim.backend import SimBackend
+
+    replicas = [SimBackend(name=f"sim-{i}", speed=50.0) for i in range(3)]
+    pool = ReplicaPool(replicas, policy=policy, names=[r.name for r in replicas])
+    system = "You are the coding agent of a large repository. Follow the style guide. " * 40
+    first = await pool.generate(request(system + "Fix the failing test in module one."))
+    second = await pool.generate(request(system + "Now add a docstring to module two."))
+    assert first.usage.cached_prompt_tokens == 0
+    if expect_hit:
+        # same replica, and the engine really served the shared prefix from its cache
+        assert second.replica == first.replica
+        assert second.usage.cached_prompt_tokens > 0.8 * first.usage.prompt_tokens
+    else:
+        assert second.replica != first.replica
+        assert second.usage.cached_prompt_tokens == 0

@@ -307,3 +307,16 @@ def test_treadle_failure_feedback_takes_back_the_assumed_cache() -> None:
     router.finish(ticket, now=1.0, ok=False)
     assert policy.indexes[ticket.replica].match(chain_block_ids([1, 2, 3]), now=1.0) == 0
     assert "p" not in policy.affinity
+
+
+def test_character_chunks_without_the_simulator_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from treadle.backends import routing
+
+    monkeypatch.setattr(routing, "_ENCODER", [None])
+    system = Message(role="system", content="Shared instructions for every call. " * 30)
+    a = LLMRequest(model="m", messages=[system, Message(role="user", content="alpha " * 40)])
+    b = LLMRequest(model="m", messages=[system, Message(role="user", content="omega " * 40)])
+    fa = RequestFeatures.from_request(a, chunk_tokens=16)
+    fb = RequestFeatures.from_request(b, chunk_tokens=16)
+    assert fa.prompt_tokens == len(routing.prompt_text(a)) // routing.CHARS_PER_TOKEN
+    assert fa.chunks[:10] == fb.chunks[:10] and fa.chunks[-1] != fb.chunks[-1]

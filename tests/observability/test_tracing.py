@@ -26,6 +26,7 @@ from treadle.runtime.events import (
     LLMCallDispatched,
     LLMCallFinished,
     LLMCallQueued,
+    NodeFailed,
     NodeFinished,
     NodeReady,
     NodeStarted,
@@ -435,3 +436,49 @@ def test_no_global_provider_is_touched() -> None:
     before = trace.get_tracer_provider()
     memory_tracer()
     assert trace.get_tracer_provider() is before
+
+
+async def test_a_real_planner_run_nests_its_tasks() -> None:
+    from obs_sample import lookup
+
+    from treadle import ScriptedBackend, ScriptRule
+
+    g = Graph("plan", inputs={"q": str})
+    g.output(a=g.planner("plan", "Question: {q}", tools=[lookup], inputs={"q": g.input.q}).out)
+    backend = ScriptedBackend(
+        [
+            ScriptRule(match="Question: .*Observation", content="Thought: ok\nAction: Finish(ok)"),
+            ScriptRule(
+                match="Question:",
+                content='1. lookup("Oslo")\n2. lookup("Rome")\n3. join()\n<END_OF_PLAN>',
+            ),
+        ]
+    )
+    tracer = memory_tracer()
+    result = await Runtime(models={"default": backend}, listeners=[tracer.listener]).run(
+        g, {"q": "weather?"}
+    )
+    assert result.ok
+    tree = Tree(exporter_of(tracer).get_finished_spans())
+    plan = tree.node("plan")
+    tasks = sorted(attr(s, "treadle.node") for s in tree.children(plan) if s.name == "node")
+    assert tasks == ["plan/task1", "plan/task2"]
+    for task in tasks:
+        assert [s.name for s in tree.children(tree.node(task))] == ["tool.call"]
+    assert {s.name for s in tree.children(plan)} == {"node", "llm.call"}
+
+
+def test_a_failure_handed_to_the_joiner_ends_the_task_span_there() -> None:
+    j = Journal()
+    j.at(0, RunStarted, graph="g")
+    j.at(0, NodeStarted, node="plan")
+    j.at(0.1, NodeStarted, node="plan/task1")
+    j.at(0.2, NodeFailed, node="plan/task1", error="disk on fire", policy="observe")
+    j.at(1.0, NodeFinished, node="plan", duration_s=1.0)
+    j.at(1.0, RunFinished, status="succeeded", duration_s=1.0)
+    tracer = memory_tracer()
+    tracer.replay(j.events)
+    task = Tree(exporter_of(tracer).get_finished_spans()).node("plan/task1")
+    assert task.end_time == ns(j.events[3].ts)
+    assert task.status.status_code is StatusCode.ERROR
+    assert attr(task, "treadle.unfinished") is None

@@ -65,3 +65,17 @@ async def test_requests_that_cannot_fit_raise_backend_error() -> None:
     with pytest.raises(BackendError) as info:
         await backend.generate(request("many words " * 100))
     assert not info.value.retryable and info.value.replica == "sim-0"
+
+
+async def test_options_form_as_a_workflow_file_gives_them(tmp_path: object) -> None:
+    backend = SimBackend(
+        policy="priority", rules=[{"match": "ping", "content": "pong"}], speed=50.0, name="s1"
+    )
+    assert backend.name == "s1"
+    answer = await backend.generate(request("ping", hints=SchedulingHints(priority=-3)))
+    assert answer.content == "pong" and answer.replica == "s1"
+    assert backend.replica.engine.policy == "priority"
+    with pytest.raises(FileNotFoundError):
+        SimBackend(profile="no_such_profile")
+    with pytest.raises(ValueError):
+        SimBackend(policy="lifo")

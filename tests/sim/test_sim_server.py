@@ -219,6 +219,10 @@ async def test_prompt_that_cannot_fit_is_a_400_streaming_or_not() -> None:
 
 async def test_models_health_and_max_tokens() -> None:
     async with serving() as (client, replica):
+        tagged = await client.post(
+            "/v1/chat/completions", json=chat("hi"), headers={"X-Request-Id": "req-42"}
+        )
+        assert tagged.json()["id"] == "req-42"
         models = (await client.get("/v1/models")).json()
         assert [m["id"] for m in models["data"]] == [MODEL]
         assert (await client.get("/health")).json()["replica"] == replica.name

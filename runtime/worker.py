@@ -1,0 +1,457 @@
+"""The worker loop: take runs from the work queue and execute them, many at a time.
+
+A `Worker` claims queue entries (`WorkQueue.claim`: new entries, and entries whose worker
+stopped heartbeating), and runs each claimed run as a task of its own while it holds the
+run's lease (`LeaseKeeper`). For one run it:
+
+1. reads the run's record, the journal's last seq and the run's cancel flag (one round
+   trip); a run that is already terminal is only acknowledged (a duplicate delivery);
+2. loads the program through a `ProgramLoader` (the daemon's loader reads a registered
+   definition from Redis and caches compiled graphs by definition hash);
+3. starts it — or, when the journal already has events (the run was taken over from a
+   worker that died), resumes it: finished nodes are restored, not run again;
+4. writes everything through `RedisStore.fenced(worker_id)`, so that once the lease has
+   passed to another worker this one cannot add to the journal; a lost lease cancels the
+   run here (`LeaseKeeper`) and the queue entry is left to the new owner;
+5. once the record is terminal, calls the `on_settled` hook (quota bookkeeping) and
+   acknowledges the queue entry. A crash between the two is harmless: the entry is
+   delivered again and step 1 acknowledges it.
+
+Cancelling: `request_cancel` sets a flag key of the run (`treadle:{run}:cancel`) and
+publishes the run id on `treadle:cancel`. Every worker subscribes to that channel and also
+polls the flags of its own runs every `cancel_poll_s`, because a message published while
+its subscription was down (a Redis restart) is lost.
+
+Shutting down (`stop()`): no more claims; runs in progress get `drain_s` to finish, then
+are interrupted without being marked (their leases are released and their queue entries
+stay pending, so another worker resumes them from the journal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from treadle.graphs.compile import CompiledGraph
+from treadle.runtime.context import Listener
+from treadle.runtime.runtime import RunHandle, Runtime
+from treadle.runtime.store import TERMINAL, RunRecord
+from treadle.runtime.stores import codec
+from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore
+from treadle.runtime.workqueue import Job, WorkQueue
+
+if TYPE_CHECKING:
+    from treadle.backends.base import Backend
+    from treadle.runtime.tracing import OtelTracer
+
+__all__ = [
+    "ProgramError",
+    "ProgramLoader",
+    "Worker",
+    "WorkerOptions",
+    "WorkerStats",
+    "cancel_channel",
+    "cancel_key",
+    "new_worker_id",
+    "request_cancel",
+]
+
+log = logging.getLogger(__name__)
+
+#: how long a cancel flag outlives the request (a run still queued after that is unusual)
+CANCEL_FLAG_TTL_S = 7 * 24 * 3600
+
+
+def cancel_key(keys: RedisKeys, run_id: str) -> str:
+    """The run's cancel flag; it carries the run's hash tag like the run's other keys."""
+    return f"{keys.prefix}:{{{run_id}}}:cancel"
+
+
+def cancel_channel(keys: RedisKeys) -> str:
+    return f"{keys.prefix}:cancel"
+
+
+async def request_cancel(redis: Redis, keys: RedisKeys, run_id: str) -> None:
+    """Ask whichever worker runs (or will run) `run_id` to cancel it."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(cancel_key(keys, run_id), b"1", ex=CANCEL_FLAG_TTL_S)
+        pipe.publish(cancel_channel(keys), run_id)
+        await pipe.execute()
+
+
+def new_worker_id() -> str:
+    """Unique per process start: a restarted worker must not inherit its predecessor's
+    leases (they have to expire so the runs are resumed from their journals)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ProgramError(Exception):
+    """The run's program cannot be loaded (unknown or invalid definition): the run fails."""
+
+
+class ProgramLoader(Protocol):
+    """Finds the program of a run from its record (`RunRecord.source`)."""
+
+    async def load(self, record: RunRecord) -> CompiledGraph:
+        """The compiled graph; raises `ProgramError` when there is none to run. Redis errors
+        propagate (the run is then retried later, not failed)."""
+        ...
+
+
+#: called once a run is terminal, before its queue entry is acknowledged
+SettledHook = Callable[[RunRecord], Awaitable[None]]
+
+
+@dataclass
+class WorkerOptions:
+    #: runs executed at once by this worker
+    concurrency: int = 64
+    #: how long one claim waits for a new queue entry (ms)
+    block_ms: int = 1000
+    #: how often the cancel flags of the runs in progress are polled (s)
+    cancel_poll_s: float = 1.0
+    #: on `stop()`, how long runs in progress may take to finish before being handed over
+    drain_s: float = 30.0
+    #: None: `new_worker_id()`
+    worker_id: str | None = None
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    reclaimed: int = 0
+    resumed: int = 0
+    settled: int = 0
+    duplicates: int = 0
+    lease_lost: int = 0
+    interrupted: int = 0
+    retried_later: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class _WorkerRuntime(Runtime):
+    """A `Runtime` that runs a record that exists already and hands back the run's handle.
+
+    `Runtime.start` creates a new record (the API has made one, with its tenant, trace
+    context and creation time) and `Runtime.resume` hides the handle, which cancelling
+    needs; both call `_start`, which this subclass exposes.
+    """
+
+    def open_run(
+        self, cg: CompiledGraph, record: RunRecord, *, resume: bool
+    ) -> AbstractAsyncContextManager[RunHandle]:
+        return self._start(cg, record, resume=resume)
+
+
+@dataclass
+class _Slot:
+    """One run this worker is executing."""
+
+    run_id: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    handle: RunHandle | None = None
+    cancel_requested: bool = False
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+class Worker:
+    """Executes runs from `queue` with `store` (see the module docstring).
+
+    `store` must be a `RedisStore` on the same Redis as `queue`; the worker writes through
+    its `fenced` view. `models` and `listeners` go to the worker's `Runtime`.
+    """
+
+    def __init__(
+        self,
+        queue: WorkQueue,
+        store: RedisStore,
+        loader: ProgramLoader,
+        *,
+        models: Mapping[str, Backend | Mapping[str, Any]] | None = None,
+        listeners: Sequence[Listener] = (),
+        on_settled: SettledHook | None = None,
+        tracer: OtelTracer | None = None,
+        options: WorkerOptions | None = None,
+    ) -> None:
+        self.options = options or WorkerOptions()
+        if self.options.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.worker_id = self.options.worker_id or new_worker_id()
+        self.queue = queue
+        self.keys = store.keys
+        self._client = store.client
+        self.store = store.fenced(self.worker_id)
+        self.loader = loader
+        self.on_settled = on_settled
+        self.tracer = tracer
+        all_listeners = list(listeners)
+        if tracer is not None:
+            all_listeners.append(tracer.listener)
+        self.runtime = _WorkerRuntime(store=self.store, models=models, listeners=all_listeners)
+        self.stats = WorkerStats()
+        self._slots: dict[str, _Slot] = {}
+        self._capacity = anyio.Semaphore(self.options.concurrency)
+        self._stopping = anyio.Event()
+        self._claiming: anyio.CancelScope | None = None
+        self._idle: anyio.Event | None = None
+        self._stopped = anyio.Event()
+
+    # -- public ------------------------------------------------------------------------
+
+    @property
+    def active_runs(self) -> list[str]:
+        return list(self._slots)
+
+    def stop(self) -> None:
+        """Stop claiming; `run()` returns once the runs in progress are done or handed over
+        (after `drain_s`)."""
+        self._stopping.set()
+        if self._claiming is not None:
+            self._claiming.cancel()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Claim and execute runs until `stop()` is called (or the task is cancelled)."""
+        try:
+            async with anyio.create_task_group() as services:
+                services.start_soon(self._subscribe_cancels)
+                services.start_soon(self._poll_cancels)
+                task_status.started()
+                log.info(
+                    "worker %s started (concurrency %d)", self.worker_id, self.options.concurrency
+                )
+                async with anyio.create_task_group() as runs:
+                    await self._claim_loop(runs)
+                    await self._drain()
+                services.cancel_scope.cancel()
+        finally:
+            self._stopped.set()
+            log.info("worker %s stopped: %s", self.worker_id, self.stats)
+
+    # -- claiming ----------------------------------------------------------------------
+
+    async def _claim_loop(self, runs: TaskGroup) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            job: Job | None = None
+            with anyio.CancelScope() as self._claiming:
+                await self._capacity.acquire()
+                try:
+                    job = await self.queue.claim(self.worker_id, block_ms=self.options.block_ms)
+                    failures = 0
+                except (RedisError, OSError) as exc:
+                    failures += 1
+                    delay = min(0.1 * 2**failures, 2.0)
+                    log.warning("claim failed (%s); retrying in %.1f s", exc, delay)
+                    await anyio.sleep(delay)
+                finally:
+                    if job is None:
+                        self._capacity.release()
+            self._claiming = None
+            if job is not None:
+                runs.start_soon(self._run_job, job)
+
+    async def _drain(self) -> None:
+        if self._slots:
+            log.info(
+                "worker %s: waiting up to %.0f s for %d runs",
+                self.worker_id,
+                self.options.drain_s,
+                len(self._slots),
+            )
+            with anyio.move_on_after(self.options.drain_s):
+                while self._slots:
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
+        for slot in list(self._slots.values()):
+            # not cancelled by a user: interrupted, and resumed by another worker
+            slot.scope.cancel()
+
+    # -- one run -----------------------------------------------------------------------
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            if job.run_id in self._slots:
+                # a second queue entry for a run this worker is executing (an enqueue that
+                # was retried): the first entry stays pending until that run settles
+                self.stats.duplicates += 1
+                await self.queue.ack(job)
+                return
+            self.stats.claimed += 1
+            self.stats.reclaimed += job.reclaimed
+            slot = _Slot(job.run_id)
+            self._slots[job.run_id] = slot
+            try:
+                async with self.queue.keep_lease(job, self.worker_id):
+                    with slot.scope:
+                        final = await self._execute(slot)
+                        if final is not None:
+                            await self._settle(job, final)
+                    if slot.scope.cancelled_caught:
+                        self.stats.interrupted += 1
+            finally:
+                del self._slots[job.run_id]
+                if not self._slots and self._idle is not None:
+                    self._idle.set()
+        except LeaseLost as exc:
+            # another worker owns the run now; its journal is safe (writes are fenced)
+            self.stats.lease_lost += 1
+            log.warning("worker %s stopped run %s: %s", self.worker_id, job.run_id, exc)
+        except (RedisError, OSError) as exc:
+            # the entry stays pending; after `claim_idle_ms` a worker takes it over
+            self.stats.retried_later += 1
+            log.warning("run %s: Redis error, left for a later retry: %s", job.run_id, exc)
+        finally:
+            self._capacity.release()
+
+    async def _execute(self, slot: _Slot) -> RunRecord | _Gone | None:
+        """Run the run to a terminal state; its final record, `_GONE` (no such run: drop
+        the entry), or None (not terminal: leave the entry pending)."""
+        run_id = slot.run_id
+        record, last_seq, flagged = await self._read_state(run_id)
+        if record is None:
+            log.error("queue entry for run %s, which does not exist: dropping it", run_id)
+            return _GONE
+        if record.status in TERMINAL:
+            return record
+        if flagged:
+            await self.store.update_run(
+                run_id, status="cancelled", error="cancelled before it started"
+            )
+            return await self.store.get_run(run_id)
+        try:
+            cg = await self.loader.load(record)
+        except ProgramError as exc:
+            await self.store.update_run(
+                run_id, status="failed", error=f"cannot load the program: {exc}"
+            )
+            return await self.store.get_run(run_id)
+        resume = last_seq > 0
+        if resume:
+            self.stats.resumed += 1
+        else:
+            await self.store.update_run(run_id, status="running")
+        self._set_trace_parent(record)
+        try:
+            async with self.runtime.open_run(cg, record, resume=resume) as handle:
+                slot.handle = handle
+                if slot.cancel_requested:
+                    handle.cancel()
+                result = await handle.result()
+        except (RedisError, OSError, LeaseLost):
+            raise
+        except Exception as exc:
+            # e.g. inputs that no longer validate: fail the run rather than retry it forever
+            log.exception("run %s could not be executed", run_id)
+            await self.store.update_run(
+                run_id, status="failed", error=f"internal error: {type(exc).__name__}: {exc}"
+            )
+            return await self.store.get_run(run_id)
+        final = await self.store.get_run(run_id)
+        if final is None or final.status not in TERMINAL:
+            # the runtime could not record the end (a store error): resume later
+            log.warning("run %s ended as %s but is not recorded as terminal", run_id, result.status)
+            return None
+        return final
+
+    async def _settle(self, job: Job, final: RunRecord | _Gone) -> None:
+        if isinstance(final, RunRecord):
+            if self.on_settled is not None:
+                await self.on_settled(final)
+            self.stats.settled += 1
+            self.stats.by_status[final.status] = self.stats.by_status.get(final.status, 0) + 1
+        await self.queue.ack(job)
+
+    async def _read_state(self, run_id: str) -> tuple[RunRecord | None, int, bool]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
+            pipe.exists(cancel_key(self.keys, run_id))
+            (raw, last_seq), flagged = await pipe.execute()
+        record = codec.decode_record(raw) if raw is not None else None
+        return record, int(last_seq or 0), bool(flagged)
+
+    def _set_trace_parent(self, record: RunRecord) -> None:
+        parent = record.meta.get("traceparent")
+        if self.tracer is None or not parent:
+            return
+        try:
+            self.tracer.set_parent(record.run_id, parent, record.meta.get("tracestate"))
+        except ValueError as exc:
+            log.warning("run %s: ignoring its trace parent: %s", record.run_id, exc)
+
+    # -- cancellation ------------------------------------------------------------------
+
+    def _cancel(self, run_id: str) -> None:
+        slot = self._slots.get(run_id)
+        if slot is not None and not slot.cancel_requested:
+            log.info("worker %s: cancelling run %s", self.worker_id, run_id)
+            slot.cancel()
+
+    async def _subscribe_cancels(self) -> None:
+        channel = cancel_channel(self.keys)
+        failures = 0
+        while True:
+            try:
+                async for run_id in _messages(self._client, channel):
+                    failures = 0
+                    self._cancel(run_id)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                delay = min(0.1 * 2**failures, 5.0)
+                log.warning("cancel subscription lost (%s); again in %.1f s", exc, delay)
+                await anyio.sleep(delay)
+
+    async def _poll_cancels(self) -> None:
+        while True:
+            await anyio.sleep(self.options.cancel_poll_s)
+            ids = [rid for rid, slot in self._slots.items() if not slot.cancel_requested]
+            if not ids:
+                continue
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for rid in ids:
+                        pipe.exists(cancel_key(self.keys, rid))
+                    flags = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("polling cancel flags failed: %s", exc)
+                continue
+            for rid, flagged in zip(ids, flags, strict=True):
+                if flagged:
+                    self._cancel(rid)
+
+
+class _Gone:
+    """The queue entry names a run that does not exist."""
+
+
+_GONE = _Gone()
+
+
+async def _messages(client: Redis, channel: str) -> AsyncIterator[str]:
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(channel)
+        async for message in pubsub.listen():
+            if message.get("type") == "message":
+                data = message["data"]
+                yield data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pubsub.aclose()

@@ -1,0 +1,184 @@
+"""The `llm` node: templated prompts, typed outputs, the tool-calling conversation, output
+repair, and the scripted backend that runs it all offline."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from treadle import Graph, Runtime, ScriptedBackend, ScriptRule, tool
+from treadle.backends.base import LLMRequest, Message
+from treadle.backends.scripted import generate_from_schema
+from treadle.runtime.events import LLMCallFinished, ToolCallFinished, ToolCallStarted
+
+pytestmark = pytest.mark.anyio
+
+
+class Weather(BaseModel):
+    city: str
+    celsius: float
+
+
+class Nested(BaseModel):
+    tags: list[str]
+    score: int
+    inner: Weather | None
+    mode: str = "fast"
+
+
+def test_schema_generation_validates_and_is_deterministic() -> None:
+    schema = Nested.model_json_schema()
+    a = generate_from_schema(schema, "seed")
+    assert Nested.model_validate(a) and a == generate_from_schema(schema, "seed")
+    assert generate_from_schema(schema, "other") != a
+
+
+@tool(expected_duration_s=0.01)
+async def get_weather(city: str) -> Weather:
+    """Current weather in a city."""
+    await anyio.sleep(0.005)  # a real call waits on I/O
+    return Weather(city=city, celsius=21.5 if city == "Lisbon" else 8.0)
+
+
+def weather_graph(rules: list[ScriptRule], max_turns: int = 4) -> tuple[Graph, Runtime]:
+    g = Graph("weather", inputs={"q": str})
+    node = g.llm(
+        "ask",
+        "Question: {q}",
+        output=Weather,
+        tools=[get_weather],
+        inputs={"q": g.input.q},
+        max_turns=max_turns,
+    )
+    g.output(answer=node.out)
+    return g, Runtime(models={"default": ScriptedBackend(rules)})
+
+
+async def test_tool_calls_run_in_parallel_and_results_go_back_to_the_model() -> None:
+    rules = [
+        ScriptRule(
+            match="warmer",
+            tool_calls=[
+                {"name": "get_weather", "arguments": {"city": "Lisbon"}},
+                {"name": "get_weather", "arguments": {"city": "Oslo"}},
+            ],
+        ),
+        ScriptRule(match="warmer", content='{"city": "Lisbon", "celsius": 21.5}'),
+    ]
+    g, rt = weather_graph(rules)
+    result = await rt.run(g, {"q": "Is Lisbon or Oslo warmer?"})
+    assert result.output.answer == Weather(city="Lisbon", celsius=21.5)
+    kinds = [
+        type(e).__name__ for e in result.events if isinstance(e, ToolCallStarted | ToolCallFinished)
+    ]
+    # both calls started before either finished: they ran concurrently
+    assert kinds[:2] == ["ToolCallStarted", "ToolCallStarted"]
+    calls = [e for e in result.events if isinstance(e, LLMCallFinished)]
+    assert [c.tool_calls for c in calls] == [2, 0]
+
+
+async def test_tool_errors_are_returned_to_the_model_not_raised() -> None:
+    seen: list[str] = []
+
+    class Recording(ScriptedBackend):
+        async def generate(self, request: LLMRequest):  # type: ignore[no-untyped-def]
+            seen.extend(m.content or "" for m in request.messages if m.role == "tool")
+            return await super().generate(request)
+
+    rules = [
+        ScriptRule(
+            match="x",
+            tool_calls=[
+                {"name": "get_weather", "arguments": {"town": "Rome"}},
+                {"name": "no_such_tool", "arguments": {}},
+            ],
+        ),
+        ScriptRule(match="x", content='{"city": "Rome", "celsius": 1}'),
+    ]
+    g = Graph("errs", inputs={"q": str})
+    g.output(
+        a=g.llm("ask", "{q}", output=Weather, tools=[get_weather], inputs={"q": g.input.q}).out
+    )
+    result = await Runtime(models={"default": Recording(rules)}).run(g, {"q": "x"})
+    assert result.output.a.city == "Rome"
+    assert any("city: required, but missing" in s or "city" in s for s in seen[:1])
+    assert any("unknown tool 'no_such_tool'" in s for s in seen)
+    failed = [e for e in result.events if isinstance(e, ToolCallFinished) and not e.ok]
+    assert len(failed) == 2
+
+
+async def test_invalid_answer_is_repaired_once_then_fails_clearly() -> None:
+    class Sequence(ScriptedBackend):
+        def __init__(self, answers: list[str]):
+            super().__init__()
+            self.answers = answers
+
+        async def generate(self, request: LLMRequest):  # type: ignore[no-untyped-def]
+            response = await super().generate(request)
+            return response.model_copy(update={"content": self.answers.pop(0)})
+
+    g = Graph("repair", inputs={"q": str})
+    g.output(a=g.llm("ask", "{q}", output=Weather, inputs={"q": g.input.q}).out)
+    ok = await Runtime(
+        models={"default": Sequence(["not json", '{"city": "A", "celsius": 2}'])}
+    ).run(g, {"q": "?"})
+    assert ok.output.a.city == "A"
+    bad = await Runtime(models={"default": Sequence(["nope", "still not json"])}).run(
+        g, {"q": "?"}, check=False
+    )
+    assert bad.status == "failed" and "answer does not match Weather" in (bad.error or "")
+
+
+async def test_turn_limit_with_pending_tool_calls_fails_clearly() -> None:
+    rules = [
+        ScriptRule(match="loop", tool_calls=[{"name": "get_weather", "arguments": {"city": "A"}}])
+    ]
+
+    class Looping(ScriptedBackend):
+        async def generate(self, request: LLMRequest):  # type: ignore[no-untyped-def]
+            # always asks for the tool again, however many results it already has
+            fresh = request.model_copy(update={"messages": [Message(role="user", content="loop")]})
+            return await super().generate(fresh)
+
+    g = Graph("limit", inputs={"q": str})
+    g.output(
+        a=g.llm(
+            "ask", "{q}", output=Weather, tools=[get_weather], inputs={"q": g.input.q}, max_turns=3
+        ).out
+    )
+    result = await Runtime(models={"default": Looping(rules)}).run(g, {"q": "loop"}, check=False)
+    assert result.status == "failed" and "after 3 turns" in (result.error or "")
+
+
+async def test_templates_render_typed_inputs_as_json() -> None:
+    prompts: list[str] = []
+
+    class Capture(ScriptedBackend):
+        async def generate(self, request: LLMRequest):  # type: ignore[no-untyped-def]
+            prompts.append(request.messages[-1].content or "")
+            return await super().generate(request)
+
+    g = Graph("tpl", inputs={"w": Weather, "n": list[int]})
+    g.output(a=g.llm("ask", "W={w} N={n}", inputs={"w": g.input.w, "n": g.input.n}).out)
+    await Runtime(models={"default": Capture()}).run(
+        g, {"w": {"city": "A", "celsius": 1}, "n": [1, 2]}
+    )
+    assert prompts == ['W={"city":"A","celsius":1.0} N=[1, 2]']
+    assert json.loads(prompts[0].split("N=")[1]) == [1, 2]
+
+
+async def test_streaming_emits_token_events() -> None:
+    from treadle.runtime.events import LLMTokens
+
+    g = Graph("stream", inputs={"q": str})
+    g.output(a=g.llm("ask", "{q}", inputs={"q": g.input.q}).out)
+    rt = Runtime(
+        models={"default": ScriptedBackend([ScriptRule(match="hi", content="one two three")])},
+        stream_tokens=True,
+    )
+    result = await rt.run(g, {"q": "hi"})
+    assert result.output.a == "one two three"
+    assert "".join(e.text for e in result.events if isinstance(e, LLMTokens)) == "one two three"
