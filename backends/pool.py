@@ -9,6 +9,10 @@ failure). Replicas that have an `async health()` method are probed every
 `health_interval_s` while the pool is entered (`async with pool:`), or on demand with
 `check_health()`; a failed probe takes the replica out of routing until a probe succeeds.
 When no replica is usable, the error lists every replica's state.
+
+Load tracking: a streamed request leaves the router's prefill queue at its first chunk; a
+non-streamed one only when it completes (the pool cannot see its first token), so the
+`treadle` policy's queueing estimate is then an upper bound.
 """
 
 from __future__ import annotations
@@ -338,10 +342,11 @@ class ReplicaPool:
         for i, status in enumerate(self.status()):
             note = " (failed for this request)" if i in tried else ""
             lines.append(status.describe() + note)
-        return BackendError(
-            f"no usable replica among {len(self._replicas)}: " + "; ".join(lines),
-            retryable=True,
-        )
+        if len(tried) >= self.max_attempts and len(tried) < len(self._replicas):
+            head = f"request failed on {len(tried)} replicas (max_attempts={self.max_attempts})"
+        else:
+            head = f"no usable replica among {len(self._replicas)}"
+        return BackendError(head + ": " + "; ".join(lines), retryable=True)
 
     def status(self) -> list[ReplicaStatus]:
         """Every replica's breaker, health and load, in pool order."""

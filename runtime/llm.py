@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -24,6 +24,7 @@ from treadle.backends.base import (
     LLMResponse,
     Message,
     SchedulingHints,
+    StreamChunk,
     StreamingBackend,
     ToolCall,
     collect_stream,
@@ -136,7 +137,7 @@ class LLMGateway:
         call_id: str,
         request: LLMRequest,
     ) -> LLMResponse:
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[StreamChunk]:
             async for chunk in backend.stream(request.model_copy(update={"stream": True})):
                 if chunk.delta:
                     ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Gauge
     from prometheus_client.metrics_core import Metric
 
+    from treadle.graphs.compile import CompiledGraph
     from treadle.runtime.context import RunContext
 
 #: seconds: queue waits and TTFT (milliseconds to a minute)
@@ -528,6 +529,12 @@ def summarize_run(
         for node in _critical_path(spans, ready, deps)
     ]
     return summary
+
+
+def graph_deps(cg: CompiledGraph) -> dict[str, tuple[str, ...]]:
+    """What each top-level node of a compiled graph waits for: the `deps` that make
+    `summarize_run`'s critical path exact."""
+    return {nid: tuple(node.deps) for nid, node in cg.nodes.items()}
 
 
 def _top_level(node: str) -> bool:

@@ -81,26 +81,17 @@ class RunHandle:
         self._scope.cancel()
 
     async def events(self, after: int = 0) -> AsyncIterator[Event]:
-        """Every event of the run from index `after` on, until the run has finished."""
+        """Every event of this run (from index `after` on), up to its `RunFinished`."""
         index = after
+        log = self._ctx.log
         while True:
-            log = self._ctx.log
             while index < len(log):
-                yield log[index]
+                event = log[index]
                 index += 1
-            if self._done.is_set():
-                return
-            with anyio.CancelScope() as wait:
-                # wake on a new event or on completion, whichever comes first
-                async with anyio.create_task_group() as tg:
-
-                    async def finished() -> None:
-                        await self._done.wait()
-                        wait.cancel()
-
-                    tg.start_soon(finished)
-                    await self._ctx.wait_for_events(index)
-                    tg.cancel_scope.cancel()
+                yield event
+                if isinstance(event, RunFinished):
+                    return
+            await self._ctx.wait_for_events(index)
 
     async def result(self) -> RunResult:
         await self._done.wait()
@@ -245,13 +236,10 @@ class Runtime:
         inputs = {name: getattr(inputs_model, name) for name in type(inputs_model).model_fields}
         scope = anyio.CancelScope()
         handle = RunHandle(ctx, scope)
+        # leaving the block waits for the run, as a task group does; `handle.cancel()` stops it
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._execute, ctx, cg, inputs, scope, handle, resume)
-            try:
-                yield handle
-            finally:
-                if not handle._done.is_set() and tg.cancel_scope.cancel_called:
-                    scope.cancel()
+            yield handle
 
     async def _execute(
         self,
@@ -264,17 +252,30 @@ class Runtime:
     ) -> None:
         started = time.perf_counter()
         ctx.start_event(cg.name, resume)
-        output: Any = None
-        error: str | None = None
-        status = "succeeded"
         try:
             with scope:
                 output = await GraphScope(ctx, cg, inputs).run()
             if scope.cancelled_caught:
-                status = "cancelled"
+                await self._finish(ctx, handle, started, "cancelled", None, None)
+            else:
+                await self._finish(ctx, handle, started, "succeeded", output, None)
+        except anyio.get_cancelled_exc_class():
+            # cancelled from outside (the caller's scope, process shutdown): record it, since
+            # every finished node is in the journal and the run can be resumed
+            await self._finish(ctx, handle, started, "cancelled", None, "interrupted")
+            raise
         except Exception as exc:
-            status = "failed"
-            error = _failure_message(exc)
+            await self._finish(ctx, handle, started, "failed", None, _failure_message(exc))
+
+    async def _finish(
+        self,
+        ctx: RunContext,
+        handle: RunHandle,
+        started: float,
+        status: str,
+        output: Any,
+        error: str | None,
+    ) -> None:
         with anyio.CancelScope(shield=True):
             duration = time.perf_counter() - started
             ctx.emit(RunFinished, status=status, error=error, duration_s=duration)

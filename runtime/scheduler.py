@@ -50,7 +50,13 @@ from typing import Any
 
 from treadle.runtime.sched_limits import AIMDLimit, LimitConfig
 
-QUEUED, DISPATCHED, DONE, CANCELLED, PENDING = "queued", "dispatched", "done", "cancelled", "pending"
+QUEUED, DISPATCHED, DONE, CANCELLED, PENDING = (
+    "queued",
+    "dispatched",
+    "done",
+    "cancelled",
+    "pending",
+)
 
 
 @dataclass(frozen=True)
@@ -484,7 +490,9 @@ class Scheduler:
             heapq.heappush(tq.heap, (self._key(p.level, p.arrival, p.seq), pq, pq.version))
         pq.queued += 1
         if tq.queued == 0:
-            heapq.heappush(lane.tenant_heap, (self._key(t.vtime, t.dispatched, tq.tenant.name), tq, t.version))
+            heapq.heappush(
+                lane.tenant_heap, (self._key(t.vtime, t.dispatched, tq.tenant.name), tq, t.version)
+            )
         tq.queued += 1
         lane.queued += 1
         self.queued_calls += 1
@@ -556,7 +564,9 @@ class Scheduler:
         # lane gets a fresh entry now if the tenant still has work here
         tq = lane.tenant_queues[t.name]
         if tq.queued > 0:
-            heapq.heappush(lane.tenant_heap, (self._key(t.vtime, t.dispatched, t.name), tq, t.version))
+            heapq.heappush(
+                lane.tenant_heap, (self._key(t.vtime, t.dispatched, t.name), tq, t.version)
+            )
         for other in t.lanes_with_work:
             if other != lane.index:
                 otq = self.lanes[other].tenant_queues[t.name]
@@ -644,7 +654,11 @@ class Scheduler:
     ) -> None:
         """A dispatched call finished (or failed). `service_s` is the GPU time it took
         (defaults to its estimate); `congested` feeds the lane's limit (None: no signal)."""
-        c = self.calls.pop(call, None) if isinstance(call, str) else self.calls.pop(call.call_id, None)
+        c = (
+            self.calls.pop(call, None)
+            if isinstance(call, str)
+            else self.calls.pop(call.call_id, None)
+        )
         if c is None:
             return
         if c.state != DISPATCHED:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -275,10 +276,24 @@ class OtelTracer:
                 log.warning("run %s: ignoring its trace parent: %s", run_id, exc)
         return None  # the current context: the caller's span, if any
 
-    def _begin(self, event: Event, *, tenant: str | None, parent: Context | None) -> _RunTrace:
+    def _begin(
+        self,
+        event: Event,
+        *,
+        tenant: str | None,
+        parent: Context | None,
+        previous_end: float | None = None,
+    ) -> _RunTrace:
+        from opentelemetry.trace import Link
+
+        links = []
         old = self._runs.pop(event.run_id, None)
-        if old is not None:  # a second RunStarted without RunFinished (resumed in-process)
-            self._close(old, event.ts, status="interrupted", error=None)
+        if old is not None:
+            # a second RunStarted without RunFinished: the run was resumed; its first life
+            # ended (at the latest) where its journal stops, and the new one links to it
+            end = previous_end if previous_end is not None else event.ts
+            self._close(old, end, status="interrupted", error=None)
+            links.append(Link(old.run_span.get_span_context()))
         attrs: dict[str, Any] = {T_RUN_ID: event.run_id, GEN_AI_OPERATION_NAME: OP_INVOKE_WORKFLOW}
         if isinstance(event, RunStarted):
             attrs[T_GRAPH] = event.graph
@@ -287,7 +302,7 @@ class OtelTracer:
         if tenant:
             attrs[T_TENANT] = tenant
         span = self.tracer.start_span(
-            SPAN_RUN, context=parent, attributes=attrs, start_time=_ns(event.ts)
+            SPAN_RUN, context=parent, attributes=attrs, links=links, start_time=_ns(event.ts)
         )
         state = _RunTrace(event.run_id, span, self._trace.set_span_in_context(span), tenant)
         self._runs[event.run_id] = state
@@ -333,10 +348,11 @@ class OtelTracer:
         parent = self.extract(traceparent) if traceparent else None
         last: dict[str, float] = {}
         for event in events:
+            previous = last.get(event.run_id)
             last[event.run_id] = event.ts
             state = self._runs.get(event.run_id)
             if isinstance(event, RunStarted) or state is None:
-                state = self._begin(event, tenant=tenant, parent=parent)
+                state = self._begin(event, tenant=tenant, parent=parent, previous_end=previous)
                 if isinstance(event, RunStarted):
                     continue
             handler = self._handlers.get(type(event))
@@ -358,8 +374,6 @@ class OtelTracer:
 
     def shutdown(self) -> None:
         """End the spans of unfinished runs, flush, and shut down an owned provider."""
-        import time
-
         for state in list(self._runs.values()):
             self._close(state, time.time(), status="interrupted", error=None)
         self._runs.clear()

@@ -147,14 +147,6 @@ def run(
             raise _fail(str(exc)) from None
         except InvalidInputs as exc:
             raise _fail(str(exc)) from None
-        except anyio.get_cancelled_exc_class():
-            # Ctrl-C: the journal already holds every finished node; say how to go on
-            with anyio.CancelScope(shield=True):
-                if started:
-                    await state.update_run(
-                        started[0], status="cancelled", error="interrupted; resumable"
-                    )
-            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await runtime.aclose()

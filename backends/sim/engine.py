@@ -18,6 +18,11 @@ Public API (stable):
     engine.num_running, engine.num_waiting, engine.kv_usage
     engine.finished                    # finished requests (EngineConfig.keep_finished)
     engine.on_step = callback          # observe launched steps (StepInfo)
+    engine.decoded_tokens(req) -> int  # output so far (`req.output_tokens` is exact only
+                                       # between runs and once it has finished)
+    EngineConfig(policy, pin_pressure="keep", max_pinned_fraction=0.5, max_num_seqs=None,
+                 max_num_batched_tokens=None, kv_capacity_blocks=None,
+                 max_jump_steps=None, keep_finished=False)  # None: from the profile
 
 `SimRequest` is both the input and the record. After it finishes: `arrival_time`,
 `first_token_time`, `finish_time`, `prompt_tokens`, `cached_tokens` (prefix-cache hit at
@@ -49,7 +54,7 @@ The model, step by step:
   lowest-priority running request (policy order; latest arrival first) is preempted: its
   blocks are freed (cached ones stay cached and evictable) and it goes back to the waiting
   queue to be recomputed (prompt + tokens generated so far), keeping its output count.
-  Nothing is ever dropped.
+  A step that had to preempt admits no waiting request (as vLLM). Nothing is ever dropped.
 - **Step time**: `Profile.step_time` (roofline) over the step's tokens, attention context
   and KV reads.
 - **Policies** (`EngineConfig.policy`): `fcfs` (arrival order), `priority` (lower
@@ -515,7 +520,11 @@ class Engine:
 
     def submit_at(self, at: float, request: SimRequest) -> SimRequest:
         """Schedule `request` to arrive at virtual time `at`."""
-        self.clock.schedule(at, lambda: self.submit(request))
+
+        def arrive() -> None:
+            self.submit(request)
+
+        self.clock.schedule(at, arrive)
         return request
 
     def release_pins(self, key: str) -> int:

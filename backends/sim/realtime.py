@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +203,7 @@ class SimReplica:
             raise
         return self._completion(sim, answer)
 
-    async def stream(self, request: LLMRequest) -> AsyncIterator[str | SimCompletion]:
+    async def stream(self, request: LLMRequest) -> AsyncGenerator[str | SimCompletion, None]:
         """Yield the content as the engine generates it (text deltas), then the completion."""
         answer = await self._answer(request)
         wake = asyncio.Event()

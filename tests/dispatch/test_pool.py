@@ -421,3 +421,12 @@ async def test_prefix_routing_turns_into_engine_cache_hits(policy: str, expect_h
     else:
         assert second.replica != first.replica
         assert second.usage.cached_prompt_tokens == 0
+
+
+@pytest.mark.anyio
+async def test_max_attempts_bounds_the_replicas_tried() -> None:
+    backends = [FlakyBackend(n, failures=1) for n in "abc"]
+    pool = ReplicaPool(backends, policy="round_robin", names=list("abc"), max_attempts=2)
+    with pytest.raises(BackendError, match=r"failed on 2 replicas \(max_attempts=2\)"):
+        await pool.generate(request())
+    assert [b.seen for b in backends] == [1, 1, 0]

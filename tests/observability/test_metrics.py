@@ -144,7 +144,7 @@ def test_gauges_for_the_scheduler() -> None:
     assert metrics.gauge("treadle_scheduler_queue_depth", "again", ["tenant"]) is depth
     with pytest.raises(ValueError, match="already exists with labels"):
         metrics.gauge("treadle_scheduler_queue_depth", "x", ["replica"])
-    in_flight = {("r0",): 3, ("r1",): 5}
+    in_flight: dict[tuple[str, ...], float] = {("r0",): 3, ("r1",): 5}
     metrics.gauge_callback(
         "treadle_scheduler_in_flight", "Calls in flight per replica.", lambda: in_flight,
         ["replica"],

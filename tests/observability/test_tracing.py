@@ -268,7 +268,7 @@ async def test_run_joins_the_traceparent_in_its_run_meta() -> None:
         j.at(0, RunStarted, graph="g"),
         j.at(1, RunFinished, status="succeeded", duration_s=1.0),
     ):
-        tracer.listener(ctx, event)  # type: ignore[arg-type]
+        tracer.listener(ctx, event)
     (run,) = exporter_of(tracer).get_finished_spans()
     assert run.context.trace_id == 0x11111111111111111111111111111111
     assert attr(run, "treadle.tenant") == "acme"
@@ -425,7 +425,7 @@ def test_events_for_an_unknown_run_start_its_span_lazily() -> None:
     tracer = memory_tracer()
     ctx = SimpleNamespace(options=SimpleNamespace(tenant=None), call_headers={})
     for event in j.events:
-        tracer.listener(ctx, event)  # type: ignore[arg-type]
+        tracer.listener(ctx, event)
     tree = Tree(exporter_of(tracer).get_finished_spans())
     (run,) = tree.named("run")
     assert tree.parent(tree.node("a")) is run
@@ -482,3 +482,24 @@ def test_a_failure_handed_to_the_joiner_ends_the_task_span_there() -> None:
     assert task.end_time == ns(j.events[3].ts)
     assert task.status.status_code is StatusCode.ERROR
     assert attr(task, "treadle.unfinished") is None
+
+
+def test_a_resumed_journal_gives_two_linked_run_spans() -> None:
+    j = Journal()
+    j.at(0, RunStarted, graph="g")
+    j.at(0, NodeStarted, node="a")
+    j.at(2, NodeStarted, node="b")  # the process dies after this
+    j.at(30, RunStarted, graph="g", resumed=True)
+    j.at(30, NodeStarted, node="b")
+    j.at(31, NodeFinished, node="b", duration_s=1)
+    j.at(31, RunFinished, status="succeeded", duration_s=1)
+    tracer = memory_tracer()
+    tracer.replay(j.events)
+    tree = Tree(exporter_of(tracer).get_finished_spans())
+    first, second = sorted(tree.named("run"), key=lambda s: s.start_time or 0)
+    assert attr(first, "treadle.status") == "interrupted"
+    assert first.end_time == ns(j.events[2].ts)  # where its journal stops
+    assert attr(second, "treadle.resumed") is True
+    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    b_spans = [s for s in tree.named("node") if attr(s, "treadle.node") == "b"]
+    assert sorted(attr(s, "treadle.unfinished") is True for s in b_spans) == [False, True]

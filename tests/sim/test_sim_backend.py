@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import BaseModel
 
@@ -77,5 +79,6 @@ async def test_options_form_as_a_workflow_file_gives_them(tmp_path: object) -> N
     assert backend.replica.engine.policy == "priority"
     with pytest.raises(FileNotFoundError):
         SimBackend(profile="no_such_profile")
+    unknown: Any = "lifo"
     with pytest.raises(ValueError):
-        SimBackend(policy="lifo")
+        SimBackend(policy=unknown)

@@ -1,0 +1,51 @@
+"""The daemon's configuration: one frozen object built by `treadle serve` / `treadle worker`
+(or by tests and the service benchmark) and handed to everything else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: backends a tenant's workflow may declare in `models:` unless the operator says otherwise:
+#: neither can reach the network or read the server's environment (api_key_env)
+DEFAULT_ALLOWED_BACKENDS: tuple[str, ...] = ("scripted", "sim")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: first part of every Redis key (several deployments can share one Redis)
+    prefix: str = "treadle"
+    #: module prefixes a workflow may import from (`pkg.mod:attr`); built-in tools always
+    allow_imports: tuple[str, ...] = ()
+    #: backend kinds a workflow may declare in its `models:`
+    allow_backends: tuple[str, ...] = DEFAULT_ALLOWED_BACKENDS
+    #: model aliases the operator provides to every workflow (alias -> backend config)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: largest request body accepted (413 above)
+    max_body_bytes: int = 1 << 20
+    #: largest workflow definition accepted (422 above)
+    max_definition_bytes: int = 256 * 1024
+    #: event streams (SSE) served at once by one API process (503 above)
+    max_event_streams: int = 256
+    #: quotas of a tenant created without explicit ones
+    default_max_concurrent_runs: int = 100
+    default_tokens_per_minute: int | None = None
+    #: the run lease's time to live; a dead worker's runs are taken over after about this
+    lease_ms: int = 10_000
+    #: runs executed at once by one worker
+    worker_concurrency: int = 64
+    #: on shutdown, how long a worker lets its runs finish before handing them over
+    drain_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "{} "):
+            raise ValueError(f"prefix {self.prefix!r}: must be non-empty, without braces/spaces")
+        for module in self.allow_imports:
+            parts = module.split(".")
+            if not module or not all(p.isidentifier() for p in parts):
+                raise ValueError(f"allow_imports: {module!r} is not a module name like pkg.mod")
+        if self.max_body_bytes < 1024 or self.max_definition_bytes < 1:
+            raise ValueError("max_body_bytes must be >= 1024 and max_definition_bytes >= 1")
+        if self.lease_ms < 100:
+            raise ValueError("lease_ms must be >= 100")
