@@ -15,6 +15,8 @@ from treadle.backends.base import (
     ToolCall,
     Usage,
 )
+from treadle.backends.factory import create_backend
+from treadle.backends.openai_compat import OpenAICompatBackend
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 
 __all__ = [
@@ -24,10 +26,12 @@ __all__ = [
     "LLMRequest",
     "LLMResponse",
     "Message",
+    "OpenAICompatBackend",
     "SchedulingHints",
     "ScriptRule",
     "ScriptedBackend",
     "StreamChunk",
     "ToolCall",
     "Usage",
+    "create_backend",
 ]

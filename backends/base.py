@@ -8,6 +8,7 @@ as declared by its `Capabilities`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -114,6 +115,8 @@ class StreamChunk(BaseModel):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    model: str | None = None
+    replica: str | None = None
 
 
 class Capabilities(BaseModel):
@@ -153,23 +156,44 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class ClosableBackend(Backend, Protocol):
+    """A backend that holds resources (connection pools) to release."""
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
 class StreamingBackend(Backend, Protocol):
     def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]: ...
 
 
 async def collect_stream(chunks: AsyncIterator[StreamChunk]) -> LLMResponse:
-    """Fold a stream of chunks into one response."""
+    """Fold a stream of chunks into one response; `ttft_s` is the time to the first text
+    or tool call, measured here."""
+    started = time.perf_counter()
+    ttft: float | None = None
     text: list[str] = []
     calls: list[ToolCall] = []
     finish = "stop"
     usage = Usage()
+    model = replica = None
     async for chunk in chunks:
+        if ttft is None and (chunk.delta or chunk.tool_calls):
+            ttft = time.perf_counter() - started
         text.append(chunk.delta)
         calls.extend(chunk.tool_calls)
         if chunk.finish_reason is not None:
             finish = chunk.finish_reason
         if chunk.usage is not None:
             usage = chunk.usage
+        model = chunk.model or model
+        replica = chunk.replica or replica
     return LLMResponse(
-        content="".join(text) or None, tool_calls=calls, finish_reason=finish, usage=usage
+        content="".join(text) or None,
+        tool_calls=calls,
+        finish_reason=finish,
+        usage=usage,
+        model=model,
+        replica=replica,
+        ttft_s=ttft,
     )

@@ -186,7 +186,8 @@ def _build_litellm(cfg: BaseModel) -> Backend:
 def _build_sim(cfg: BaseModel) -> Backend:
     sim_backend = _optional("sim", "treadle.backends.sim.backend", "SimBackend")
     options = _extras(cfg)
-    _check_options("sim", sim_backend, options, skip=())
+    # `replica` is a ready SimReplica object: not something a workflow file can hold.
+    _check_options("sim", sim_backend, options, skip=("replica",))
     return _construct("sim", sim_backend, options)
 
 

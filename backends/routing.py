@@ -516,9 +516,13 @@ class TreadleConfig:
 
     `capacity_chunks` should be the engine's prefix-cache capacity in chunks (KV blocks
     for 16-token chunks) so the index ages like the engine's LRU cache; `prefill_tokens_per_s`
-    converts tokens to seconds in the cost estimate (the engine profile's prefill rate)."""
+    converts queued tokens to seconds (the engine profile's prefill rate), and
+    `prefill_time_s(n, cached)`, when given, is the time a lone `n`-token prompt with `cached`
+    tokens cached takes (e.g. the simulator's `Profile.prefill_time`, which counts attention
+    over long contexts); without it, uncached tokens / `prefill_tokens_per_s`."""
 
     prefill_tokens_per_s: float = 20_000.0
+    prefill_time_s: Callable[[int, int], float] | None = None
     capacity_chunks: int | None = None
     ttl_s: float | None = None
     #: sgl-router-style guard on in-flight requests (same defaults as cache_aware)
@@ -534,16 +538,17 @@ class TreadleConfig:
     adapt_capacity: bool = True
     #: prefill a choice adds is counted (1 + work_weight) times: once for this request's
     #: own TTFT, and work_weight times for the requests that will queue behind it there
-    #: (recomputing a cached prefix elsewhere delays them too)
-    work_weight: float = 1.0
+    #: (recomputing a cached prefix elsewhere delays them too). 3 was best of 0-6 on the
+    #: Mooncake trace both with single-GPU and with 8-GPU replicas (benchmarks/dispatch.py).
+    work_weight: float = 3.0
 
 
 class TreadlePolicy:
     """Cost-based choice between the best-matching and the least-loaded replica.
 
-    cost(r) = queueing delay(r) + (1 + work_weight) x prefill time of the part of the prompt
-    r does not hold, with queueing delay = tokens routed to r whose prefill has not finished /
-    prefill rate.
+    cost(r) = queueing delay(r) + (1 + work_weight) x prefill time of the prompt given what r
+    holds, with queueing delay = tokens routed to r whose prefill has not finished / prefill
+    rate.
     A program sticks to its replica (where its cache, possibly pinned, lives) unless that
     replica is overloaded; then another replica steals the work and becomes the program's."""
 
@@ -563,12 +568,19 @@ class TreadlePolicy:
     def queue_delay_s(self, replica: ReplicaState) -> float:
         return replica.pending_prefill_tokens / self.config.prefill_tokens_per_s
 
-    def cost_s(self, replica: ReplicaState, request: RequestFeatures, matched_chunks: int) -> float:
+    def prefill_s(self, request: RequestFeatures, matched_chunks: int) -> float:
+        """Prefill time of `request` alone with `matched_chunks` chunks cached."""
         cfg = self.config
-        uncached = max(0, request.prompt_tokens - matched_chunks * request.chunk_tokens)
-        return (
-            self.queue_delay_s(replica)
-            + (1.0 + cfg.work_weight) * uncached / cfg.prefill_tokens_per_s
+        n = request.prompt_tokens
+        cached = min(matched_chunks * request.chunk_tokens, n)
+        if cfg.prefill_time_s is not None and n > 0:
+            # engines always compute the last prompt token
+            return cfg.prefill_time_s(n, min(cached, n - 1))
+        return (n - cached) / cfg.prefill_tokens_per_s
+
+    def cost_s(self, replica: ReplicaState, request: RequestFeatures, matched_chunks: int) -> float:
+        return self.queue_delay_s(replica) + (1.0 + self.config.work_weight) * self.prefill_s(
+            request, matched_chunks
         )
 
     def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
@@ -608,11 +620,13 @@ class TreadlePolicy:
                         self.steals += 1
 
         if idx is None:
+            # among equal matches the cost differs only by queueing delay
             best = max(
                 live,
                 key=lambda r: (
                     matches[r.index],
-                    -self.cost_s(r, request, matches[r.index]),
+                    -r.pending_prefill_tokens,
+                    -r.in_flight,
                     -r.index,
                 ),
             )

@@ -15,6 +15,7 @@ every shared system prompt, is cached), along its critical path.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class Simulation:
         rate_per_s: float,
         replicas: int = 4,
         profile: Profile | None = None,
+        kv_capacity_tokens: int | None = None,
     ) -> None:
         if rate_per_s <= 0:
             raise ValueError("rate_per_s must be > 0")
@@ -115,6 +117,9 @@ class Simulation:
         self.rate = rate_per_s
         self.frontend = frontend
         cfg = frontend.engine_config()
+        if kv_capacity_tokens is not None:
+            blocks = max(1, kv_capacity_tokens // self.profile.engine.block_size)
+            cfg = dataclasses.replace(cfg, kv_capacity_blocks=blocks)
         self.engines = [
             Engine(self.profile, self.clock, cfg, name=f"r{i}") for i in range(replicas)
         ]
@@ -323,6 +328,20 @@ class SimResult:
         t1 = times[-1]
         done = sum(1 for t in self.finished_at.values() if t0 <= t <= t1)
         return done / max(t1 - t0, 1e-9) * 60.0
+
+    def work_ratio(self, ideal: dict[int, float]) -> float:
+        """Work finished over work arrived in the measurement window (after a warm-up
+        quarter), each program weighted by its ideal JCT: about 1 while the system keeps
+        up, below 1 once a backlog builds (the count of programs would hide a backlog of
+        big programs behind many small ones)."""
+        times = sorted(self.arrivals.values())
+        if len(times) < 4:
+            return 1.0
+        t0 = times[0] + 0.25 * (times[-1] - times[0])
+        t1 = times[-1]
+        arrived = sum(ideal[p] for p, t in self.arrivals.items() if t0 <= t <= t1)
+        done = sum(ideal[p] for p, t in self.finished_at.items() if t0 <= t <= t1)
+        return done / arrived if arrived else 1.0
 
     def arrivals_per_min(self) -> float:
         times = sorted(self.arrivals.values())

@@ -48,8 +48,8 @@ from treadle.backends.routing import (
 from treadle.backends.sim import EngineConfig, Profile, SimRequest
 from treadle.benchmarks.agents_sim import CallRun, ProgramRun, Simulation
 from treadle.runtime.pinning import PinPolicy, PinRequest, ToolDurations
-from treadle.runtime.scheduler import Call, Lane, Program, Scheduler, SchedulerConfig
 from treadle.runtime.sched_limits import LimitConfig
+from treadle.runtime.scheduler import Call, Lane, Program, Scheduler, SchedulerConfig
 
 #: max_tokens a client sends with an agent call (what a router counts as pending decode)
 MAX_TOKENS = 512
@@ -491,9 +491,11 @@ class TreadleSystem(_Base):
         pid = call.prog.program_id
         n, total = self._outputs.get(pid, (0, 0))
         self._outputs[pid] = (n + 1, total + req.output_tokens)
-        engine = self.sim.engines[call.replica or 0]
-        congested = req.num_preemptions > 0 or engine.num_waiting > 0
         cached = req.cached_tokens or 0
+        # congestion: preempted, or it waited in the engine well beyond its own prefill
+        alone = self.model.prefill_s(req.prompt_tokens, cached)
+        ttft = req.ttft if req.ttft is not None else 0.0
+        congested = req.num_preemptions > 0 or ttft > 2.0 * alone + 0.25
         self.sched.complete(
             call.handle,
             self.now,

@@ -128,9 +128,9 @@ def _uniform(lo: float, hi: float) -> Callable[[random.Random], float]:
     return lambda rng: rng.uniform(lo, hi)
 
 
-def _clipped_lognormal(median: float, sigma: float, lo: float, hi: float) -> Callable[
-    [random.Random], float
-]:
+def _clipped_lognormal(
+    median: float, sigma: float, lo: float, hi: float
+) -> Callable[[random.Random], float]:
     return lambda rng: min(hi, max(lo, rng.lognormvariate(math.log(median), sigma)))
 
 
@@ -180,13 +180,14 @@ SWE_MIX = [
 ]
 SWE_SYSTEM_KEY = 1
 SWE_SYSTEM_TOKENS = 1800
-SWE_PARAMS = {
+SWE_MAX_CONTEXT = 120_000
+SWE_PARAMS: dict[str, Any] = {
     "turns": "lognormal mean 40, sigma 0.7, 3..120 (ends early at the context limit)",
     "system_prompt_tokens": SWE_SYSTEM_TOKENS,
     "issue_tokens": "lognormal median 1000, sigma 0.5, 300..3000",
     "output_tokens_per_turn": "uniform 100..300",
     "tool_output_tokens": "log-uniform 300..2000",
-    "max_context_tokens": 120_000,
+    "max_context_tokens": SWE_MAX_CONTEXT,
     "tool_mix": {name: w for name, w in SWE_MIX},
 }
 
@@ -229,7 +230,9 @@ def _chain_program(
     return ProgramSpec(pid, f"{kind}-{pid}", tenant, kind, arrival, tuple(calls))
 
 
-def _swe_program(pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys) -> ProgramSpec:
+def _swe_program(
+    pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
+) -> ProgramSpec:
     n_turns = _lognormal_int(rng, 40.0, 0.7, 3, 120)
     issue = int(min(3000, max(300, rng.lognormvariate(math.log(1000), 0.5))))
     ctx = SWE_SYSTEM_TOKENS + issue
@@ -238,7 +241,7 @@ def _swe_program(pid: int, tenant: str, arrival: float, rng: random.Random, keys
     for k in range(n_turns):
         out = rng.randint(100, 300)
         tool_out = int(tool_sample(rng))
-        last = k == n_turns - 1 or ctx + out + tool_out + 300 > SWE_PARAMS["max_context_tokens"]
+        last = k == n_turns - 1 or ctx + out + tool_out + 300 > SWE_MAX_CONTEXT
         if last:
             turns.append((out, None, 0.0, 0))
             break
@@ -255,7 +258,7 @@ BFCL_TOOLS = {
     "api_call": ToolKind("api_call", 0.2, _loguniform(0.05, 0.5), "log-uniform 0.05-0.5 s"),
     "fs_op": ToolKind("fs_op", 0.1, _loguniform(0.05, 0.3), "log-uniform 0.05-0.3 s"),
 }
-BFCL_PARAMS = {
+BFCL_PARAMS: dict[str, Any] = {
     "calls_per_program": "lognormal mean 10.75, sigma 0.5, 1..40 (Autellix BFCL)",
     "function_docs_tokens": "uniform 230..330 (per session)",
     "query_tokens": "uniform 20..60",
@@ -310,7 +313,7 @@ MA_STEPS: list[tuple[str, tuple[int, ...]]] = [
     ("reviewer", (4, 5)),
     ("writer", (6,)),
 ]
-MA_PARAMS = {
+MA_PARAMS: dict[str, Any] = {
     "agents": {a: {"system_tokens": n, "tool": t} for a, (_, n, t) in MA_AGENTS.items()},
     "steps": [f"{a}<-{list(d)}" for a, d in MA_STEPS],
     "task_tokens": "uniform 200..600",
@@ -369,7 +372,11 @@ _GENERATORS: dict[str, Callable[[int, str, float, random.Random, _Keys], Program
     "multiagent": _multiagent_program,
 }
 _TOOLS = {"swe": SWE_TOOLS, "bfcl": BFCL_TOOLS, "multiagent": MA_TOOLS}
-_PARAMS = {"swe": SWE_PARAMS, "bfcl": BFCL_PARAMS, "multiagent": MA_PARAMS}
+_PARAMS: dict[str, dict[str, Any]] = {
+    "swe": SWE_PARAMS,
+    "bfcl": BFCL_PARAMS,
+    "multiagent": MA_PARAMS,
+}
 _SHARED = {
     "swe": {SWE_SYSTEM_KEY: SWE_SYSTEM_TOKENS},
     "bfcl": {},

@@ -13,6 +13,8 @@ Metrics per policy:
 - `pooled_hit_rate`: the same trace through ONE cache with all replicas' capacity (the
   simulator's own block cache, LRU, fed in arrival order) — what perfect routing with
   no load limits could reach; `hit_rate_vs_pooled` is the ratio;
+- `predicted_hit_rate`: what the policy's own prefix index expected to hit (0 for policies
+  without one): how well it mirrors the engines' caches;
 - `ttft_p50_s`, `ttft_p99_s`: time to first token at the reference rate;
 - `capacity_scale` / `capacity_rps`: the highest arrival-rate scale (arrival times divided
   by the scale) at which p99 TTFT meets the SLO, found by bracketing then bisection.
@@ -33,6 +35,7 @@ are replayed as recorded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -209,6 +212,8 @@ class RunResult:
     passed: bool
     completed: bool
     hit_rate: float = float("nan")
+    #: prompt tokens the policy's own index expected to be cached / prompt tokens
+    predicted_hit_rate: float = float("nan")
     ttft_p50_s: float = float("nan")
     ttft_p99_s: float = float("nan")
     slo_p99_s: float = float("nan")
@@ -309,12 +314,14 @@ class Bench:
         slo_p99 = percentile(slo_values, 0.99)
         prompt_tokens = sum(r.prompt_tokens for r in requests)
         cached = sum(r.cached_tokens or 0 for r in requests)
+        predicted = sum(r.tag.predicted_cached_tokens for r in requests)
         return RunResult(
             policy_name,
             scale,
             passed=slo_p99 <= self.slo_s,
             completed=True,
             hit_rate=cached / prompt_tokens if prompt_tokens else 0.0,
+            predicted_hit_rate=predicted / prompt_tokens if prompt_tokens else 0.0,
             ttft_p50_s=percentile(ttfts, 0.5),
             ttft_p99_s=percentile(ttfts, 0.99),
             slo_p99_s=slo_p99,
@@ -420,6 +427,7 @@ def run_bench(
             "cache_aware": {},  # sgl-router's command-line defaults
             "treadle": {
                 "prefill_tokens_per_s": prefill_tps,
+                "prefill_time_s": functools.lru_cache(maxsize=1 << 16)(profile.prefill_time),
                 "capacity_chunks": profile.kv_capacity_tokens // CHUNK_TOKENS,
             },
         },
@@ -443,7 +451,10 @@ def run_bench(
         "tolerance": tolerance,
         "policies": list(policies),
         "cache_aware": dataclasses.asdict(CacheAwareConfig(**bench.policy_options["cache_aware"])),
-        "treadle": dataclasses.asdict(TreadleConfig(**bench.policy_options["treadle"])),
+        "treadle": {
+            **dataclasses.asdict(TreadleConfig(**bench.policy_options["treadle"])),
+            "prefill_time_s": f"{profile.name} Profile.prefill_time",
+        },
     }
     echo(
         f"bench dispatch: {workload.name}, {len(workload.rows)} requests over "
@@ -471,6 +482,7 @@ def run_bench(
             "hit_rate": ref.hit_rate,
             "pooled_hit_rate": pooled_hit_rate,
             "hit_rate_vs_pooled": ref.hit_rate / pooled_hit_rate if pooled_hit_rate else None,
+            "predicted_hit_rate": ref.predicted_hit_rate,
             "ttft_p50_s": ref.ttft_p50_s,
             "ttft_p99_s": ref.ttft_p99_s,
             "slo_p99_s": ref.slo_p99_s,
@@ -550,6 +562,7 @@ def main(
         [
             name,
             r["hit_rate"],
+            r["predicted_hit_rate"],
             r["pooled_hit_rate"],
             r["ttft_p50_s"],
             r["ttft_p99_s"],
@@ -566,6 +579,7 @@ def main(
         [
             "policy",
             "hit rate",
+            "index expected",
             "pooled hit rate",
             "TTFT p50 s",
             "TTFT p99 s",

@@ -48,9 +48,16 @@ if TYPE_CHECKING:
 
 
 class CallAdmission(Protocol):
-    """Decides when an LLM call may go to its backend (the scheduler implements this)."""
+    """Decides when an LLM call may go to its backend (the scheduler implements this).
 
-    async def admit(self, ctx: RunContext, node: str, request: LLMRequest) -> Any: ...
+    `admit` returns once the call may be sent, with a ticket and the request to send: the
+    same one, or a copy whose hints the scheduler filled in (priority, pin TTL).
+    `release(ticket, response)` follows every admitted call (response None: it failed or
+    was cancelled)."""
+
+    async def admit(
+        self, ctx: RunContext, node: str, request: LLMRequest
+    ) -> tuple[Any, LLMRequest]: ...
 
     def release(self, ticket: Any, response: LLMResponse | None) -> None: ...
 
@@ -81,7 +88,7 @@ class LLMGateway:
         queued = time.perf_counter()
         ticket = None
         if self.admission is not None:
-            ticket = await self.admission.admit(ctx, node, request)
+            ticket, request = await self.admission.admit(ctx, node, request)
         ctx.emit(
             LLMCallDispatched,
             node=node,

@@ -172,15 +172,9 @@ class RuntimeMetrics:
         self.pin_ttl = Histogram(
             "treadle_pin_ttl_seconds", "TTL of KV-cache pins.", buckets=_SLOW_BUCKETS, registry=r
         )
-        # per run: (graph, tenant), the model of each call in flight, the pins held
-        self._runs: dict[str, tuple[str, str]] = {}
-        self._models: dict[tuple[str, str], str] = {}
-        self._ready: dict[tuple[str, str], float] = {}
-        # the hot path (every node) skips the label lookups
+        self._live: dict[str, _LiveRun] = {}
+        # the hot path (every node) skips a label lookup
         self._finished = self.nodes.labels("finished")
-        self._node_duration = self.node_duration
-        self._ready_wait = self.node_ready_wait
-        self._pins: dict[str, set[str]] = {}
 
     # -- registry API for other components ---------------------------------------------
 
@@ -244,87 +238,97 @@ class RuntimeMetrics:
 
     def observe(self, event: Event, *, tenant: str | None = None) -> None:
         """Count one event (the listener's work; also for replaying a journal)."""
-        run = event.run_id
+        run = self._live.get(event.run_id)
+        if run is None:
+            # only RunStarted opens a run's entry (and RunFinished closes it), so an event
+            # that comes after the end (or before a late listener saw the start) is counted
+            # without leaving state behind
+            run = _LiveRun("", tenant or "")
+            if isinstance(event, RunStarted):
+                self._live[event.run_id] = run
         if isinstance(event, NodeReady):
-            self._ready[(run, event.node)] = event.ts
+            run.ready[event.node] = event.ts
         elif isinstance(event, NodeStarted):
             # the first attempt ends the wait (a retry finds nothing here)
-            ready = self._ready.pop((run, event.node), None)
+            ready = run.ready.pop(event.node, None)
             if ready is not None:
-                self._ready_wait.observe(max(0.0, event.ts - ready))
+                self.node_ready_wait.observe(max(0.0, event.ts - ready))
         elif isinstance(event, NodeFinished):
             self._finished.inc()
-            self._node_duration.observe(event.duration_s)
+            self.node_duration.observe(event.duration_s)
         elif isinstance(event, NodeFailed):
             self.nodes.labels("failed").inc()
         elif isinstance(event, NodeSkipped):
-            self._ready.pop((run, event.node), None)
+            run.ready.pop(event.node, None)
             self.nodes.labels("skipped").inc()
         elif isinstance(event, NodeRetrying):
             self.node_retries.inc()
         elif isinstance(event, LLMCallQueued):
-            self._models[(run, event.call_id)] = event.model
+            run.models[event.call_id] = event.model
         elif isinstance(event, LLMCallDispatched):
-            model = self._models.get((run, event.call_id), "")
+            model = run.models.get(event.call_id, "")
             self.llm_queue_wait.labels(model).observe(event.queue_wait_s)
         elif isinstance(event, LLMCallFinished):
-            self._llm_finished(event, tenant)
+            self._llm_finished(event, run)
         elif isinstance(event, ToolCallFinished):
             self.tool_calls.labels(event.tool, "ok" if event.ok else "error").inc()
             self.tool_duration.labels(event.tool).observe(event.duration_s)
         elif isinstance(event, PinSet):
-            held = self._pins.setdefault(run, set())
-            if event.call_id not in held:
-                held.add(event.call_id)
+            if event.call_id not in run.pins:
+                run.pins.add(event.call_id)
                 self.pins_active.inc()
             self.pins_set.inc()
             self.pin_ttl.observe(event.ttl_s)
         elif isinstance(event, PinReleased):
-            holding = self._pins.get(run)
-            if holding is not None and event.call_id in holding:
-                holding.discard(event.call_id)
+            if event.call_id in run.pins:
+                run.pins.discard(event.call_id)
                 self.pins_active.dec()
             self.pins_released.labels(event.reason, "true" if event.used else "false").inc()
         elif isinstance(event, RunStarted):
-            labels = (event.graph, tenant or "")
-            if run not in self._runs:
-                self.runs_active.labels(labels[1]).inc()
-            self._runs[run] = labels
-            self.runs_started.labels(*labels).inc()
+            if not run.started:
+                run.started = True
+                self.runs_active.labels(run.tenant).inc()
+            run.graph = event.graph
+            self.runs_started.labels(run.graph, run.tenant).inc()
         elif isinstance(event, RunFinished):
-            self._run_finished(event)
+            self._live.pop(event.run_id, None)
+            if run.started:
+                self.runs_active.labels(run.tenant).dec()
+            self.runs_finished.labels(run.graph, run.tenant, event.status).inc()
+            self.run_duration.labels(run.graph, event.status).observe(event.duration_s)
+            # whatever the run still held is gone with it; the gauge must not drift
+            if run.pins:
+                self.pins_active.dec(len(run.pins))
 
-    def _llm_finished(self, event: LLMCallFinished, tenant: str | None) -> None:
-        model = self._models.pop((event.run_id, event.call_id), event.model)
+    def _llm_finished(self, event: LLMCallFinished, run: _LiveRun) -> None:
+        model = run.models.pop(event.call_id, event.model)
         outcome = "ok" if event.error is None else "error"
         self.llm_calls.labels(model, event.replica or "", outcome).inc()
         self.llm_duration.labels(model).observe(event.duration_s)
         if event.ttft_s is not None:
             self.llm_ttft.labels(model).observe(event.ttft_s)
-        t = tenant or ""
         if event.prompt_tokens:
-            self.llm_tokens.labels(model, t, "input").inc(event.prompt_tokens)
+            self.llm_tokens.labels(model, run.tenant, "input").inc(event.prompt_tokens)
         if event.completion_tokens:
-            self.llm_tokens.labels(model, t, "output").inc(event.completion_tokens)
+            self.llm_tokens.labels(model, run.tenant, "output").inc(event.completion_tokens)
         if event.cached_prompt_tokens:
-            self.llm_tokens.labels(model, t, "cached").inc(event.cached_prompt_tokens)
+            self.llm_tokens.labels(model, run.tenant, "cached").inc(event.cached_prompt_tokens)
             self.llm_cache_hits.labels(model).inc()
 
-    def _run_finished(self, event: RunFinished) -> None:
-        run = event.run_id
-        labels = self._runs.pop(run, None)
-        graph, tenant = labels if labels is not None else ("", "")
-        if labels is not None:  # its start was counted here
-            self.runs_active.labels(tenant).dec()
-        self.runs_finished.labels(graph, tenant, event.status).inc()
-        self.run_duration.labels(graph, event.status).observe(event.duration_s)
-        # whatever the run still held is gone with it; the gauges must not drift
-        held = self._pins.pop(run, set())
-        if held:
-            self.pins_active.dec(len(held))
-        for table in (self._models, self._ready):
-            for key in [k for k in table if k[0] == run]:
-                del table[key]
+
+@dataclass
+class _LiveRun:
+    """What the metrics remember about a run in progress."""
+
+    graph: str
+    tenant: str
+    started: bool = False
+    #: node instance → when it became ready
+    ready: dict[str, float] = field(default_factory=dict)
+    #: LLM call id → model alias, while the call is in flight
+    models: dict[str, str] = field(default_factory=dict)
+    #: call ids whose KV pin is held
+    pins: set[str] = field(default_factory=set)
 
 
 class _CallbackGauge:
@@ -432,7 +436,7 @@ class RunSummary:
     def lines(self) -> list[str]:
         """A few human lines for the end of `treadle run`."""
         out = [
-            f"{self.total_s:.3f} s · {self.nodes_finished} nodes done"
+            f"{_secs(self.total_s)} · {self.nodes_finished} nodes done"
             + (f", {self.nodes_failed} failed" if self.nodes_failed else "")
             + (f", {self.nodes_skipped} skipped" if self.nodes_skipped else "")
             + (f", {self.retries} retries" if self.retries else "")
@@ -441,18 +445,22 @@ class RunSummary:
             hit = f"{self.cache_hit_rate:.0%}" if self.cache_hit_rate is not None else "n/a"
             out.append(
                 f"LLM: {self.llm_calls} calls, {self.tokens_in} in / {self.tokens_out} out "
-                f"tokens, cache hit {hit}, {self.llm_wall_s:.3f} s in flight "
-                f"(queue {self.llm_queue_s:.3f} s)"
+                f"tokens, cache hit {hit}, {_secs(self.llm_wall_s)} in flight "
+                f"(queue {_secs(self.llm_queue_s)})"
             )
         if self.tool_calls:
             out.append(
-                f"tools: {self.tool_calls} calls, {self.tool_wall_s:.3f} s running "
-                f"({self.tool_time_s:.3f} s summed)"
+                f"tools: {self.tool_calls} calls, {_secs(self.tool_wall_s)} running "
+                f"({_secs(self.tool_time_s)} summed)"
             )
         if self.critical_path:
             path = " → ".join(s.node for s in self.critical_path)
-            out.append(f"critical path: {path} ({self.critical_path_s:.3f} s in nodes)")
+            out.append(f"critical path: {path} ({_secs(self.critical_path_s)} in nodes)")
         return out
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def summarize_run(

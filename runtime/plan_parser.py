@@ -34,6 +34,7 @@ import ast
 import contextlib
 import json
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,19 @@ class ArgumentResolutionError(ValueError):
     """A reference could not be substituted (e.g. `$1.missing_field`)."""
 
 
+_SCHEMAS: weakref.WeakKeyDictionary[Tool, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+def tool_schema(tool: Tool) -> dict[str, Any]:
+    """`tool.parameters_schema`, computed once per tool (pydantic builds it on every access,
+    which would cost more than the rest of a task's dispatch)."""
+    cached = _SCHEMAS.get(tool)
+    if cached is None or cached[0] is not tool.input_model:
+        cached = (tool.input_model, tool.parameters_schema)
+        _SCHEMAS[tool] = cached
+    return cached[1]
+
+
 # -- the incremental parser -------------------------------------------------------------
 
 _TASK_LINE = re.compile(r"\s*(?:[-*]\s*)?(\d+)\s*[.):]\s*(.*)", re.S)
@@ -147,7 +161,6 @@ class PlanParser:
         self._pending = ""  # earlier lines of a task whose brackets are still open
         self._early = False  # the current line's task was already emitted at its ')'
         self._early_at = 0
-        self._params: dict[str, list[str]] = {}
 
     # -- feeding -------------------------------------------------------------------------
 
@@ -303,8 +316,9 @@ class PlanParser:
             args = self._arguments(tool, close.code)
             deps = self._deps(idx, args)
         except _LineError as exc:
-            self._claim(idx, valid=False)
-            return [PlanError(line, str(exc), idx)]
+            # the error keeps the id only if the id is this line's (not a reused one)
+            claimed = self._claim(idx, valid=False)
+            return [PlanError(line, str(exc), idx if claimed else None)]
         self._claim(idx)
         return [Task(idx, name, args, deps, body[: close.end].strip())]
 
@@ -314,29 +328,27 @@ class PlanParser:
         if idx <= self.last_idx:
             raise _LineError(f"task ids must increase: {idx} comes after {self.last_idx}")
 
-    def _claim(self, idx: int | None, valid: bool = True) -> None:
+    def _claim(self, idx: int | None, valid: bool = True) -> bool:
+        """Record `idx` as used by the current line; False if it cannot be (taken, or not
+        increasing)."""
         if idx is None or idx in self.defined or idx <= self.last_idx:
-            return
+            return False
         self.defined.add(idx)
         self.last_idx = idx
         if not valid:
             self.invalid.add(idx)
+        return True
 
     def _error_for(self, text: str, message: str) -> PlanError:
         match = _TASK_LINE.match(text)
         idx = int(match.group(1)) if match else None
-        if idx is not None:
-            self._claim(idx, valid=False)
-        return PlanError(text, message, idx)
+        claimed = self._claim(idx, valid=False)
+        return PlanError(text, message, idx if claimed else None)
 
     # -- arguments -----------------------------------------------------------------------
 
     def _parameters(self, tool: Tool) -> list[str]:
-        names = self._params.get(tool.name)
-        if names is None:
-            names = list(tool.parameters_schema.get("properties", {}))
-            self._params[tool.name] = names
-        return names
+        return list(tool_schema(tool).get("properties", {}))
 
     def _arguments(self, tool: Tool, code: str) -> dict[str, Any]:
         try:
@@ -365,7 +377,7 @@ class PlanParser:
                     f"{tool.name} has no parameter {kw.arg!r} (parameters: {', '.join(params)})"
                 )
             args[kw.arg] = _literal(kw.value)
-        required = tool.parameters_schema.get("required", [])
+        required = tool_schema(tool).get("required", [])
         missing = [p for p in required if p not in args]
         if missing:
             raise _LineError(f"missing required argument(s) of {tool.name}: {', '.join(missing)}")

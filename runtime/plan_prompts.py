@@ -8,12 +8,14 @@ The wording follows LLMCompiler's prompts (planner: one action a line, `$ID` ref
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from treadle.runtime.plan_parser import tool_schema
 from treadle.tools import Tool
 
 #: longest observation text shown to the joiner (a whole file can be a result)
@@ -79,7 +81,8 @@ Available actions:
 line of any length): instructs why we must replan."""
 
 
-def planner_system(tools: Sequence[Tool], system: str | None) -> str:
+@functools.lru_cache(maxsize=256)
+def planner_system(tools: tuple[Tool, ...], system: str | None) -> str:
     """The planner's system prompt: the action list and format rules, then the node's own."""
     actions = "\n".join(f"{i}. {describe_tool(t)}" for i, t in enumerate(tools, 1))
     text = PLANNER_INSTRUCTIONS.format(
@@ -90,7 +93,7 @@ def planner_system(tools: Sequence[Tool], system: str | None) -> str:
 
 def describe_tool(tool: Tool) -> str:
     """`name(a: str, b: int = 3) -> float: description`, from the tool's JSON Schema."""
-    schema = tool.parameters_schema
+    schema = tool_schema(tool)
     required = set(schema.get("required", []))
     params = []
     notes = []

@@ -71,6 +71,7 @@ from treadle.runtime.plan_parser import (
     Task,
     Thought,
     resolve_args,
+    tool_schema,
 )
 from treadle.runtime.plan_prompts import (
     REPLAN_MESSAGE,
@@ -209,7 +210,7 @@ class PlannerRun:
         self.question = spec.prompt.format(**text)
         system = spec.system.format(**text) if spec.system else None
         self.tools: dict[str, Tool] = {t.name: t for t in spec.tools}
-        self.system = planner_system(list(spec.tools), system)
+        self.system = planner_system(tuple(spec.tools), system)
         self.outcomes: dict[int, TaskOutcome] = {}
         self.lines: dict[int, str] = {}
         self.rounds: list[_Round] = []
@@ -383,7 +384,7 @@ class PlannerRun:
         value: Any = None
         try:
             args = resolve_args(
-                task, {i: o.value for i, o in self.outcomes.items() if o.ok}, tool.parameters_schema
+                task, {i: o.value for i, o in self.outcomes.items() if o.ok}, tool_schema(tool)
             )
         except ArgumentResolutionError as exc:
             outcome = TaskOutcome(False, None, f"error: {exc}")

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel, ValidationError
 
-from treadle.backends.base import Backend
+from treadle.backends.base import Backend, ClosableBackend
 from treadle.backends.scripted import ScriptedBackend
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import DEFAULT_MODEL, CompiledGraph, compile_graph
@@ -288,6 +288,11 @@ class Runtime:
             handle._finish(RunResult(ctx.run_id, status, output, error, ctx.log, duration))
 
     async def aclose(self) -> None:
+        """Close the store and the backends this runtime created from configs."""
+        for backend in self._created.values():
+            if isinstance(backend, ClosableBackend):
+                await backend.aclose()
+        self._created.clear()
         await self.store.close()
 
 

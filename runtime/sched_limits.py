@@ -45,7 +45,7 @@ class LimitConfig:
 class AIMDLimit:
     """An additive-increase / multiplicative-decrease in-flight limit (module docstring)."""
 
-    __slots__ = ("config", "decreases", "increases", "value", "_hold_until")
+    __slots__ = ("_hold_until", "config", "decreases", "increases", "value")
 
     def __init__(self, config: LimitConfig | None = None) -> None:
         self.config = config or LimitConfig()

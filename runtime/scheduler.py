@@ -234,8 +234,8 @@ class Scheduler:
     ) -> None:
         self.config = config or SchedulerConfig()
         names = [f"lane-{i}" for i in range(lanes)] if isinstance(lanes, int) else list(lanes)
-        if not names:
-            raise ValueError("a scheduler needs at least one lane")
+        if isinstance(lanes, int) and lanes < 1:
+            raise ValueError("a scheduler needs at least one lane (or lane names, maybe none yet)")
         self.lanes = [Lane(i, n, AIMDLimit(self.config.limits)) for i, n in enumerate(names)]
         self.tenants: dict[str, Tenant] = {}
         self.programs: dict[str, Program] = {}
@@ -369,7 +369,7 @@ class Scheduler:
     def _admit(self, p: Program, now: float) -> None:
         p.admitted = True
         self.active_programs += 1
-        if p.home is None:
+        if p.home is None and self.lanes:
             p.home = self._place(p, self.lanes) if self._place else self._least_loaded(p)
         self._home(p, p.home)
         pending, p.pending_calls = p.pending_calls, []
@@ -445,6 +445,18 @@ class Scheduler:
         self.admit_waiting(now)
         return dropped
 
+    def add_lane(self, name: str) -> int:
+        """Add a lane (e.g. a backend seen for the first time); returns its index."""
+        lane = Lane(len(self.lanes), name, AIMDLimit(self.config.limits))
+        self.lanes.append(lane)
+        return lane.index
+
+    def lane_index(self, name: str) -> int | None:
+        for lane in self.lanes:
+            if lane.name == name:
+                return lane.index
+        return None
+
     # -- calls ---------------------------------------------------------------------------
 
     def submit(self, call: Call, now: float = 0.0, *, tenant: str | None = None) -> Call:
@@ -476,11 +488,10 @@ class Scheduler:
         tq = lane.tenant_queues.get(t.name)
         if tq is None:
             tq = lane.tenant_queues[t.name] = _TenantQueue(t)
-        if not t.lanes_with_work:
+        if not t.lanes_with_work and t.vtime < self.vtime:
             # the tenant was idle: it rejoins at the system's virtual time (no banked credit)
-            if t.vtime < self.vtime:
-                t.vtime = self.vtime
-                t.version += 1
+            t.vtime = self.vtime
+            t.version += 1
         call.state = QUEUED
         call._pq = pq
         heapq.heappush(pq.heap, (self._key(-call.remaining_cost_s, call.seq), call))
@@ -511,6 +522,24 @@ class Scheduler:
         self.queued_calls -= 1
         if tq.queued == 0:
             t.lanes_with_work.discard(pq.lane)
+
+    def cancel_call(self, call: Call | str) -> bool:
+        """Withdraw a call that has not been dispatched (its caller gave up waiting).
+        Returns False when it was already dispatched or unknown."""
+        c = self.calls.get(call) if isinstance(call, str) else self.calls.get(call.call_id)
+        if c is None:
+            return False
+        if c.state == QUEUED:
+            self._unqueue(c)
+        elif c.state == PENDING:
+            p = self.programs.get(c.program_id)
+            if p is not None and c in p.pending_calls:
+                p.pending_calls.remove(c)
+        else:
+            return False
+        c.state = CANCELLED
+        del self.calls[c.call_id]
+        return True
 
     # -- choosing ------------------------------------------------------------------------
 

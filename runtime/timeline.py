@@ -9,7 +9,7 @@ token is known), per tool call and per KV pin. Times are seconds from the run's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -152,197 +152,241 @@ def build_timeline(
     run_ids = {e.run_id for e in events}
     if len(run_ids) > 1:
         raise ValueError(f"events of several runs: {sorted(run_ids)}")
-    origin = events[0].ts
-    rows: dict[str, Row] = {}
-    nodes: dict[str, _NodeState] = {}
-    dispatched: dict[str, float] = {}
-    first_token: dict[str, float] = {}
-    markers: list[Marker] = []
-    graph: str | None = None
-    status: str | None = None
-    error: str | None = None
-
-    def t(ts: float) -> float:
-        return ts - origin
-
-    def node_row(node: str, at: float) -> Row:
-        row = rows.get(node)
-        if row is None:
-            row = rows[node] = Row(node, "node", node, parent_instance(node), at)
-        return row
-
-    def close_attempt(node: str, at: float, kind: str) -> None:
-        state = nodes.get(node)
-        if state is not None and state.attempt_start is not None:
-            rows[node].segments.append(Segment(kind, state.attempt_start, at))
-            state.attempt_start = None
-
-    for e in events:
-        at = t(e.ts)
-        if isinstance(e, RunStarted):
-            graph = graph or e.graph
-            if e.resumed:
-                # what was running when the process died runs again: close it here
-                for node, state in nodes.items():
-                    if state.attempt_start is not None:
-                        close_attempt(node, at, "failed")
-                        rows[node].detail["interrupted"] = True
-                markers.append(Marker("resumed", at))
-            else:
-                markers.append(Marker("started", at, e.graph))
-        elif isinstance(e, NodeReady):
-            nodes.setdefault(e.node, _NodeState()).ready = at
-        elif isinstance(e, NodeStarted):
-            state = nodes.setdefault(e.node, _NodeState())
-            row = rows.get(e.node)
-            if row is None or row.end_s is not None:  # first start (or a new life)
-                row = rows[e.node] = Row(e.node, "node", e.node, parent_instance(e.node), at)
-                if state.ready is not None and state.ready < at:
-                    row.start_s = state.ready
-                    row.segments.append(Segment("wait", state.ready, at))
-            if state.backoff_start is not None:
-                row.segments.append(Segment("backoff", state.backoff_start, at))
-                state.backoff_start = None
-            row.attempts = max(row.attempts, e.attempt)
-            row.status = "running"
-            state.attempt_start = at
-        elif isinstance(e, NodeRetrying):
-            node_row(e.node, at)
-            close_attempt(e.node, at, "failed")
-            nodes.setdefault(e.node, _NodeState()).backoff_start = at
-            rows[e.node].detail.setdefault("errors", []).append(e.error)
-        elif isinstance(e, NodeFinished):
-            row = node_row(e.node, at - e.duration_s)
-            close_attempt(e.node, at, "attempt")
-            row.end_s = at
-            row.status = "fallback" if row.status == "failed" else "done"
-        elif isinstance(e, NodeFailed):
-            row = node_row(e.node, at)
-            close_attempt(e.node, at, "failed")
-            row.status = "failed"
-            row.detail["error"] = e.error
-            row.detail["policy"] = e.policy
-            if e.policy not in ("skip", "fallback"):  # those settle it with a later event
-                row.end_s = at
-        elif isinstance(e, NodeSkipped):
-            row = node_row(e.node, at)
-            close_attempt(e.node, at, "failed")
-            row.end_s = at
-            row.status = "skipped"
-            row.detail["reason"] = e.reason
-        elif isinstance(e, LLMCallQueued):
-            row = rows[e.call_id] = Row(e.call_id, "llm", f"llm {e.model}", e.node, at)
-            row.detail["model"] = e.model
-        elif isinstance(e, LLMCallDispatched):
-            dispatched[e.call_id] = at
-            row = rows.get(e.call_id) or _call_row(rows, e.call_id, "llm", "llm", e.node, at)
-            if at > row.start_s:
-                row.segments.append(Segment("queue", row.start_s, at))
-            row.detail["queue_wait_s"] = e.queue_wait_s
-            row.detail["priority"] = e.priority
-            if e.replica is not None:
-                row.detail["replica"] = e.replica
-        elif isinstance(e, LLMTokens):
-            first_token.setdefault(e.call_id, at)
-        elif isinstance(e, LLMCallFinished):
-            row = rows.get(e.call_id) or _call_row(
-                rows, e.call_id, "llm", f"llm {e.model}", e.node, at - e.duration_s
-            )
-            sent = dispatched.pop(e.call_id, row.start_s)
-            ttft = e.ttft_s
-            if ttft is None and e.call_id in first_token:
-                ttft = first_token[e.call_id] - sent
-            first_token.pop(e.call_id, None)
-            if e.error is not None:
-                row.segments.append(Segment("error", sent, at))
-            elif ttft is not None:
-                # wall clock vs the backend's own clock: keep the split inside the call
-                split = min(max(sent + ttft, sent), at)
-                row.segments.append(Segment("prefill", sent, split))
-                row.segments.append(Segment("decode", split, at))
-            else:
-                row.segments.append(Segment("call", sent, at))
-            row.end_s = at
-            row.status = "error" if e.error is not None else "ok"
-            row.detail.update(
-                model=e.model,
-                input_tokens=e.prompt_tokens,
-                output_tokens=e.completion_tokens,
-                cached_tokens=e.cached_prompt_tokens,
-                ttft_s=ttft,
-                tool_calls=e.tool_calls,
-            )
-            if e.replica is not None:
-                row.detail["replica"] = e.replica
-            if e.error is not None:
-                row.detail["error"] = e.error
-        elif isinstance(e, ToolCallStarted):
-            row = rows[e.call_id] = Row(e.call_id, "tool", f"tool {e.tool}", e.node, at)
-            row.detail["tool"] = e.tool
-        elif isinstance(e, ToolCallFinished):
-            row = rows.get(e.call_id) or _call_row(
-                rows, e.call_id, "tool", f"tool {e.tool}", e.node, at - e.duration_s
-            )
-            row.segments.append(Segment("tool" if e.ok else "error", row.start_s, at))
-            row.end_s = at
-            row.status = "ok" if e.ok else "error"
-            row.detail["tool"] = e.tool
-            if e.error is not None:
-                row.detail["error"] = e.error
-        elif isinstance(e, PinSet):
-            key = f"pin:{e.call_id}"
-            old = rows.get(key)
-            if old is not None and old.end_s is None:  # re-pinned
-                old.segments.append(Segment("pin", old.start_s, at))
-                old.end_s, old.status = at, "released"
-                old.detail["reason"] = "re-pinned"
-                key = f"pin:{e.call_id}@{e.seq}"
-            row = rows[key] = Row(key, "pin", "pin", e.node, at)
-            row.status = "held"
-            row.detail.update(call_id=e.call_id, ttl_s=e.ttl_s, tokens=e.tokens)
-        elif isinstance(e, PinReleased):
-            row = next(
-                (
-                    r
-                    for r in reversed(rows.values())
-                    if r.kind == "pin" and r.end_s is None and r.detail["call_id"] == e.call_id
-                ),
-                None,
-            )
-            if row is not None:
-                row.segments.append(Segment("pin", row.start_s, at))
-                row.end_s = at
-                row.status = "released"
-                row.detail.update(used=e.used, reason=e.reason)
-        elif isinstance(e, RunFinished):
-            status, error = e.status, e.error
-            markers.append(Marker("finished", at, e.status))
-    end = t(events[-1].ts)
-    for node, state in nodes.items():  # attempts still running when the journal ends
-        if state.attempt_start is not None:
-            rows[node].segments.append(Segment("attempt", state.attempt_start, end))
-    for row in rows.values():
-        if row.kind == "pin" and row.end_s is None:
-            row.segments.append(Segment("pin", row.start_s, end))
+    builder = _Builder(events[0].ts)
+    for event in events:
+        builder.feed(event)
+    end = events[-1].ts - builder.origin
+    builder.close_open(end)
     return Timeline(
         run_id=events[0].run_id,
-        graph=graph,
-        status=status,
-        error=error,
-        started_at=origin,
+        graph=builder.graph,
+        status=builder.status,
+        error=builder.error,
+        started_at=builder.origin,
         duration_s=end,
-        rows=_tree_order(rows),
-        markers=markers,
+        rows=_tree_order(builder.rows),
+        markers=builder.markers,
         summary=summarize_run(events, deps=deps),
     )
 
 
-def _call_row(
-    rows: dict[str, Row], call_id: str, kind: str, label: str, node: str, start: float
-) -> Row:
-    """A call row for a call whose opening event is missing from the journal."""
-    row = rows[call_id] = Row(call_id, kind, label, node, start)
-    return row
+class _Builder:
+    """Folds events into rows, one event at a time (times relative to `origin`)."""
+
+    def __init__(self, origin: float) -> None:
+        self.origin = origin
+        self.rows: dict[str, Row] = {}
+        self.nodes: dict[str, _NodeState] = {}
+        self.dispatched: dict[str, float] = {}
+        self.first_token: dict[str, float] = {}
+        self.open_pins: dict[str, Row] = {}
+        self.markers: list[Marker] = []
+        self.graph: str | None = None
+        self.status: str | None = None
+        self.error: str | None = None
+        self._handlers: dict[type[Event], Callable[[Any, float], None]] = {
+            RunStarted: self._run_started,
+            NodeReady: self._node_ready,
+            NodeStarted: self._node_started,
+            NodeRetrying: self._node_retrying,
+            NodeFinished: self._node_finished,
+            NodeFailed: self._node_failed,
+            NodeSkipped: self._node_skipped,
+            LLMCallQueued: self._llm_queued,
+            LLMCallDispatched: self._llm_dispatched,
+            LLMTokens: self._llm_tokens,
+            LLMCallFinished: self._llm_finished,
+            ToolCallStarted: self._tool_started,
+            ToolCallFinished: self._tool_finished,
+            PinSet: self._pin_set,
+            PinReleased: self._pin_released,
+            RunFinished: self._run_finished,
+        }
+
+    def feed(self, event: Event) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event, event.ts - self.origin)
+
+    def close_open(self, end: float) -> None:
+        """Draw what is still running when the journal ends up to its end."""
+        for node, state in self.nodes.items():
+            if state.attempt_start is not None:
+                self.rows[node].segments.append(Segment("attempt", state.attempt_start, end))
+        for row in self.open_pins.values():
+            row.segments.append(Segment("pin", row.start_s, end))
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def _node_row(self, node: str, at: float) -> Row:
+        row = self.rows.get(node)
+        if row is None:
+            row = self.rows[node] = Row(node, "node", node, parent_instance(node), at)
+        return row
+
+    def _close_attempt(self, node: str, at: float, kind: str) -> None:
+        state = self.nodes.get(node)
+        if state is not None and state.attempt_start is not None:
+            self.rows[node].segments.append(Segment(kind, state.attempt_start, at))
+            state.attempt_start = None
+
+    def _run_started(self, e: RunStarted, at: float) -> None:
+        self.graph = self.graph or e.graph
+        if not e.resumed:
+            self.markers.append(Marker("started", at, e.graph))
+            return
+        # what was running when the process died runs again: its attempt ended here
+        for node, state in self.nodes.items():
+            if state.attempt_start is not None:
+                self._close_attempt(node, at, "failed")
+                self.rows[node].detail["interrupted"] = True
+        self.markers.append(Marker("resumed", at))
+
+    def _node_ready(self, e: NodeReady, at: float) -> None:
+        self.nodes.setdefault(e.node, _NodeState()).ready = at
+
+    def _node_started(self, e: NodeStarted, at: float) -> None:
+        state = self.nodes.setdefault(e.node, _NodeState())
+        row = self.rows.get(e.node)
+        if row is None or row.end_s is not None:  # first start (or a new life)
+            row = self.rows[e.node] = Row(e.node, "node", e.node, parent_instance(e.node), at)
+            if state.ready is not None and state.ready < at:
+                row.start_s = state.ready
+                row.segments.append(Segment("wait", state.ready, at))
+        if state.backoff_start is not None:
+            row.segments.append(Segment("backoff", state.backoff_start, at))
+            state.backoff_start = None
+        row.attempts = max(row.attempts, e.attempt)
+        row.status = "running"
+        state.attempt_start = at
+
+    def _node_retrying(self, e: NodeRetrying, at: float) -> None:
+        row = self._node_row(e.node, at)
+        self._close_attempt(e.node, at, "failed")
+        self.nodes.setdefault(e.node, _NodeState()).backoff_start = at
+        row.detail.setdefault("errors", []).append(e.error)
+
+    def _node_finished(self, e: NodeFinished, at: float) -> None:
+        row = self._node_row(e.node, at - e.duration_s)
+        self._close_attempt(e.node, at, "attempt")
+        row.end_s = at
+        row.status = "fallback" if row.status == "failed" else "done"
+
+    def _node_failed(self, e: NodeFailed, at: float) -> None:
+        row = self._node_row(e.node, at)
+        self._close_attempt(e.node, at, "failed")
+        row.status = "failed"
+        row.detail["error"] = e.error
+        row.detail["policy"] = e.policy
+        if e.policy not in ("skip", "fallback"):  # those settle it with a later event
+            row.end_s = at
+
+    def _node_skipped(self, e: NodeSkipped, at: float) -> None:
+        row = self._node_row(e.node, at)
+        self._close_attempt(e.node, at, "failed")
+        row.end_s = at
+        row.status = "skipped"
+        row.detail["reason"] = e.reason
+
+    # -- LLM calls ---------------------------------------------------------------------
+
+    def _call_row(self, call_id: str, kind: str, label: str, node: str, start: float) -> Row:
+        row = self.rows.get(call_id)
+        if row is None:  # the call's opening event is not in the journal
+            row = self.rows[call_id] = Row(call_id, kind, label, node, start)
+        return row
+
+    def _llm_queued(self, e: LLMCallQueued, at: float) -> None:
+        row = self.rows[e.call_id] = Row(e.call_id, "llm", f"llm {e.model}", e.node, at)
+        row.detail["model"] = e.model
+
+    def _llm_dispatched(self, e: LLMCallDispatched, at: float) -> None:
+        self.dispatched[e.call_id] = at
+        row = self._call_row(e.call_id, "llm", "llm", e.node, at)
+        if at > row.start_s:
+            row.segments.append(Segment("queue", row.start_s, at))
+        row.detail["queue_wait_s"] = e.queue_wait_s
+        row.detail["priority"] = e.priority
+        if e.replica is not None:
+            row.detail["replica"] = e.replica
+
+    def _llm_tokens(self, e: LLMTokens, at: float) -> None:
+        self.first_token.setdefault(e.call_id, at)
+
+    def _llm_finished(self, e: LLMCallFinished, at: float) -> None:
+        row = self._call_row(e.call_id, "llm", f"llm {e.model}", e.node, at - e.duration_s)
+        sent = self.dispatched.pop(e.call_id, row.start_s)
+        ttft = e.ttft_s
+        first = self.first_token.pop(e.call_id, None)
+        if ttft is None and first is not None:
+            ttft = first - sent
+        if e.error is not None:
+            row.segments.append(Segment("error", sent, at))
+        elif ttft is not None:
+            # wall clock vs the backend's own clock: keep the split inside the call
+            split = min(max(sent + ttft, sent), at)
+            row.segments.append(Segment("prefill", sent, split))
+            row.segments.append(Segment("decode", split, at))
+        else:
+            row.segments.append(Segment("call", sent, at))
+        row.end_s = at
+        row.status = "error" if e.error is not None else "ok"
+        row.detail.update(
+            model=e.model,
+            input_tokens=e.prompt_tokens,
+            output_tokens=e.completion_tokens,
+            cached_tokens=e.cached_prompt_tokens,
+            ttft_s=ttft,
+            tool_calls=e.tool_calls,
+        )
+        if e.replica is not None:
+            row.detail["replica"] = e.replica
+        finish = getattr(e, "finish_reason", None)  # journals from before it existed
+        if finish:
+            row.detail["finish_reason"] = finish
+        if e.error is not None:
+            row.detail["error"] = e.error
+
+    # -- tool calls and pins -----------------------------------------------------------
+
+    def _tool_started(self, e: ToolCallStarted, at: float) -> None:
+        row = self.rows[e.call_id] = Row(e.call_id, "tool", f"tool {e.tool}", e.node, at)
+        row.detail["tool"] = e.tool
+
+    def _tool_finished(self, e: ToolCallFinished, at: float) -> None:
+        row = self._call_row(e.call_id, "tool", f"tool {e.tool}", e.node, at - e.duration_s)
+        row.segments.append(Segment("tool" if e.ok else "error", row.start_s, at))
+        row.end_s = at
+        row.status = "ok" if e.ok else "error"
+        row.detail["tool"] = e.tool
+        if e.error is not None:
+            row.detail["error"] = e.error
+
+    def _pin_set(self, e: PinSet, at: float) -> None:
+        key = f"pin:{e.call_id}"
+        old = self.open_pins.pop(e.call_id, None)
+        if old is not None:  # re-pinned: the old pin ends where the new one starts
+            old.segments.append(Segment("pin", old.start_s, at))
+            old.end_s, old.status = at, "released"
+            old.detail["reason"] = "re-pinned"
+        if key in self.rows:
+            key = f"pin:{e.call_id}@{e.seq}"
+        row = self.rows[key] = Row(key, "pin", "pin", e.node, at, status="held")
+        row.detail.update(call_id=e.call_id, ttl_s=e.ttl_s, tokens=e.tokens)
+        self.open_pins[e.call_id] = row
+
+    def _pin_released(self, e: PinReleased, at: float) -> None:
+        row = self.open_pins.pop(e.call_id, None)
+        if row is None:
+            return
+        row.segments.append(Segment("pin", row.start_s, at))
+        row.end_s = at
+        row.status = "released"
+        row.detail.update(used=e.used, reason=e.reason)
+
+    def _run_finished(self, e: RunFinished, at: float) -> None:
+        self.status, self.error = e.status, e.error
+        self.markers.append(Marker("finished", at, e.status))
 
 
 def _tree_order(rows: Mapping[str, Row]) -> list[Row]:

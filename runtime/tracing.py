@@ -15,10 +15,9 @@ span status to ERROR. The W3C `traceparent` of every `llm.call` span is put in
 `ctx.call_headers[call_id]`, which the gateway sends with the request, so a serving engine
 that traces joins the run's trace.
 
-A run's parent context is, in order: a traceparent given with `set_parent(run_id, ...)`,
-one in `ctx.options.meta["traceparent"]` (the daemon copies the API request's context into
-`RunRecord.meta`), or the context that was current when the run was started (an SDK user's
-own span).
+A run's parent context is a traceparent given with `set_parent(run_id, ...)` before it
+starts (the daemon's worker passes the one the API request stored in `RunRecord.meta`), or
+else the context that was current when the run was started (an SDK user's own span).
 
 `configure_tracing()` builds a tracer from the standard `OTEL_*` variables. Tracing is
 opt-in: without `OTEL_TRACES_EXPORTER` (or with `none`) it returns None, no listener is
@@ -27,7 +26,6 @@ installed, and the OpenTelemetry SDK is never imported, so tracing off costs not
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -64,7 +62,6 @@ if TYPE_CHECKING:
 
     from treadle.runtime.context import RunContext
 
-log = logging.getLogger(__name__)
 
 INSTRUMENTATION_NAME = "treadle"
 
@@ -143,6 +140,9 @@ _NOTABLE_WAIT_S = 0.001
 #: `fail` (or a planner task's `observe`) nothing more comes for the node
 _SETTLED_LATER = frozenset({"skip", "fallback"})
 
+#: how many finished run ids a tracer remembers, to drop their stragglers
+_ENDED_KEPT = 4096
+
 
 def _ns(ts: float) -> int:
     return int(ts * 1e9)
@@ -213,6 +213,9 @@ class OtelTracer:
         self.tracer: Tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, _version())
         self._runs: dict[str, _RunTrace] = {}
         self._parents: dict[str, Context] = {}
+        #: runs that finished lately: an event after a run's end (e.g. a pin released as
+        #: it ends) must not open a second `run` span that never closes
+        self._ended: dict[str, None] = {}
         self._handlers: dict[type[Event], Callable[[_RunTrace, Any], None]] = {
             NodeReady: self._on_node_ready,
             NodeStarted: self._on_node_started,
@@ -236,11 +239,16 @@ class OtelTracer:
     def in_memory(cls) -> tuple[OtelTracer, InMemorySpanExporter]:
         """A tracer on a private provider that keeps finished spans in memory (tests,
         benchmarks). Spans are exported synchronously as they end."""
-        from opentelemetry.sdk.trace import TracerProvider as SdkProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
-            InMemorySpanExporter,
-        )
+        try:
+            from opentelemetry.sdk.trace import TracerProvider as SdkProvider
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+                InMemorySpanExporter,
+            )
+        except ImportError as exc:  # pragma: no cover - the otel extra is a dev dependency
+            raise TracingUnavailable(
+                "tracing needs the OpenTelemetry SDK: pip install 'treadle[otel]'"
+            ) from exc
 
         exporter = InMemorySpanExporter()
         provider = SdkProvider()
@@ -250,8 +258,11 @@ class OtelTracer:
     # -- runs and their parents -------------------------------------------------------
 
     def set_parent(self, run_id: str, traceparent: str, tracestate: str | None = None) -> None:
-        """Trace the run `run_id` (when it starts) under this W3C trace context."""
+        """Trace the run `run_id` (when it starts) under this W3C trace context
+        (ValueError if `traceparent` is not a valid one)."""
         self._parents[run_id] = self.extract(traceparent, tracestate)
+        if len(self._parents) > _ENDED_KEPT:  # parents of runs that never started
+            del self._parents[next(iter(self._parents))]
 
     def extract(self, traceparent: str, tracestate: str | None = None) -> Context:
         """The context of a W3C `traceparent` (ValueError if it is not a valid one)."""
@@ -262,19 +273,6 @@ class OtelTracer:
         if not self._trace.get_current_span(context).get_span_context().is_valid:
             raise ValueError(f"not a valid W3C traceparent: {traceparent!r}")
         return context
-
-    def _parent_for(self, ctx: RunContext | None, run_id: str) -> Context | None:
-        parent = self._parents.pop(run_id, None)
-        if parent is not None:
-            return parent
-        meta: Mapping[str, str] | None = getattr(ctx.options, "meta", None) if ctx else None
-        if meta and meta.get(TRACEPARENT):
-            try:
-                return self.extract(meta[TRACEPARENT], meta.get(TRACESTATE))
-            except ValueError as exc:
-                # the run itself is fine; its trace just starts a new tree
-                log.warning("run %s: ignoring its trace parent: %s", run_id, exc)
-        return None  # the current context: the caller's span, if any
 
     def _begin(
         self,
@@ -314,10 +312,12 @@ class OtelTracer:
         """Run listener: `Runtime(listeners=[tracer.listener])`."""
         kind = type(event)
         state = self._runs.get(event.run_id)
+        if state is None and kind is not RunStarted and event.run_id in self._ended:
+            return
         if kind is RunStarted or state is None:
-            state = self._begin(
-                event, tenant=ctx.options.tenant, parent=self._parent_for(ctx, event.run_id)
-            )
+            # without a parent set for it, the run's span is a child of the current context
+            parent = self._parents.pop(event.run_id, None)
+            state = self._begin(event, tenant=ctx.options.tenant, parent=parent)
             if kind is RunStarted:
                 return
         handler = self._handlers.get(kind)
@@ -351,6 +351,8 @@ class OtelTracer:
             previous = last.get(event.run_id)
             last[event.run_id] = event.ts
             state = self._runs.get(event.run_id)
+            if state is None and not isinstance(event, RunStarted) and previous is not None:
+                continue  # after the run's end: a straggler
             if isinstance(event, RunStarted) or state is None:
                 state = self._begin(event, tenant=tenant, parent=parent, previous_end=previous)
                 if isinstance(event, RunStarted):
@@ -653,6 +655,9 @@ class OtelTracer:
 
     def _on_run_finished(self, state: _RunTrace, e: RunFinished) -> None:
         self._runs.pop(state.run_id, None)
+        self._ended[state.run_id] = None
+        if len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
         self._close(state, e.ts, status=e.status, error=e.error)
 
     def _close(self, state: _RunTrace, ts: float, *, status: str, error: str | None) -> None:

@@ -45,11 +45,12 @@ from redis.exceptions import RedisError
 
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.context import Listener
+from treadle.runtime.events import Event
 from treadle.runtime.runtime import RunHandle, Runtime
 from treadle.runtime.store import TERMINAL, RunRecord
 from treadle.runtime.stores import codec
 from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore
-from treadle.runtime.workqueue import Job, WorkQueue
+from treadle.runtime.workqueue import Job, LeaseKeeper, WorkQueue
 
 if TYPE_CHECKING:
     from treadle.backends.base import Backend
@@ -156,17 +157,89 @@ class _WorkerRuntime(Runtime):
 
 @dataclass
 class _Slot:
-    """One run this worker is executing."""
+    """One run this worker is executing.
+
+    The run executes inside `scope`, which is SHIELDED: a cancellation from outside (the
+    worker's task being cancelled) must not reach the runtime, which would record the run
+    as cancelled by its user. The worker stops a run in one of two ways only: `cancel()`
+    (the user asked: the runtime records `cancelled`), or `interrupt()` (shutdown, lost
+    lease: the gate refuses the run's writes first, so nothing is recorded and another
+    worker resumes the run from its journal).
+    """
 
     run_id: str
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    gate: _Gate
+    scope: anyio.CancelScope = field(default_factory=lambda: anyio.CancelScope(shield=True))
     handle: RunHandle | None = None
     cancel_requested: bool = False
+    interrupted: bool = False
 
     def cancel(self) -> None:
         self.cancel_requested = True
         if self.handle is not None:
             self.handle.cancel()
+
+    def interrupt(self) -> None:
+        if not self.interrupted:
+            self.interrupted = True
+            self.gate.shut(self.run_id)
+            self.scope.cancel()
+
+
+class RunInterrupted(RuntimeError):
+    """The worker stopped this run without ending it; its writes are refused."""
+
+
+class _Gate:
+    """The worker's `StateStore`: its fenced `RedisStore`, except that writes of runs the
+    worker has interrupted are refused (`RunInterrupted`), so an interrupted run leaves its
+    journal and record as they were."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._closed: set[str] = set()
+
+    def shut(self, run_id: str) -> None:
+        self._closed.add(run_id)
+
+    def forget(self, run_id: str) -> None:
+        self._closed.discard(run_id)
+
+    def _check(self, run_id: str) -> None:
+        if run_id in self._closed:
+            raise RunInterrupted(f"run {run_id!r} was interrupted by this worker")
+
+    async def create_run(self, record: RunRecord) -> None:
+        self._check(record.run_id)
+        await self.store.create_run(record)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return await self.store.get_run(run_id)
+
+    async def update_run(self, run_id: str, **changes: Any) -> None:
+        self._check(run_id)
+        await self.store.update_run(run_id, **changes)
+
+    async def list_runs(
+        self, *, tenant: str | None = None, status: str | None = None, limit: int = 50,
+        offset: int = 0,
+    ) -> list[RunRecord]:  # fmt: skip
+        return await self.store.list_runs(tenant=tenant, status=status, limit=limit, offset=offset)
+
+    async def record(
+        self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
+    ) -> None:
+        self._check(run_id)
+        await self.store.record(run_id, events, outputs)
+
+    async def load_outputs(self, run_id: str) -> dict[str, bytes]:
+        return await self.store.load_outputs(run_id)
+
+    async def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        return await self.store.read_events(run_id, after_seq)
+
+    async def close(self) -> None:
+        """The Redis client belongs to the caller."""
 
 
 class Worker:
@@ -195,7 +268,7 @@ class Worker:
         self.queue = queue
         self.keys = store.keys
         self._client = store.client
-        self.store = store.fenced(self.worker_id)
+        self.store = _Gate(store.fenced(self.worker_id))
         self.loader = loader
         self.on_settled = on_settled
         self.tracer = tracer
@@ -238,8 +311,14 @@ class Worker:
                     "worker %s started (concurrency %d)", self.worker_id, self.options.concurrency
                 )
                 async with anyio.create_task_group() as runs:
-                    await self._claim_loop(runs)
-                    await self._drain()
+                    try:
+                        await self._claim_loop(runs)
+                        await self._drain()
+                    except BaseException:
+                        # cancelled from outside: the runs are shielded, so stop them here,
+                        # unrecorded (they are resumed elsewhere), or this would wait for them
+                        self._interrupt_all()
+                        raise
                 services.cancel_scope.cancel()
         finally:
             self._stopped.set()
@@ -280,9 +359,12 @@ class Worker:
                 while self._slots:
                     self._idle = anyio.Event()
                     await self._idle.wait()
+        self._interrupt_all()
+
+    def _interrupt_all(self) -> None:
         for slot in list(self._slots.values()):
             # not cancelled by a user: interrupted, and resumed by another worker
-            slot.scope.cancel()
+            slot.interrupt()
 
     # -- one run -----------------------------------------------------------------------
 
@@ -296,18 +378,33 @@ class Worker:
                 return
             self.stats.claimed += 1
             self.stats.reclaimed += job.reclaimed
-            slot = _Slot(job.run_id)
+            slot = _Slot(job.run_id, self.store)
             self._slots[job.run_id] = slot
             try:
-                async with self.queue.keep_lease(job, self.worker_id):
-                    with slot.scope:
-                        final = await self._execute(slot)
-                        if final is not None:
-                            await self._settle(job, final)
-                    if slot.scope.cancelled_caught:
+                # the lease keeper must not cancel the (shielded) run itself: on a lost
+                # lease, `_watch_lease` interrupts it, and the keeper raises LeaseLost
+                async with self.queue.keep_lease(
+                    job, self.worker_id, cancel_on_loss=False
+                ) as lease:
+                    error: Exception | None = None
+                    async with anyio.create_task_group() as watch:
+                        watch.start_soon(_watch_lease, lease, slot)
+                        try:
+                            with slot.scope:
+                                final = await self._execute(slot)
+                                if final is not None:
+                                    await self._settle(job, final)
+                        except Exception as exc:  # raised below, not as an exception group
+                            error = exc
+                        finally:
+                            watch.cancel_scope.cancel()
+                    if error is not None:
+                        raise error
+                    if slot.interrupted and not lease.lost.is_set():
                         self.stats.interrupted += 1
             finally:
                 del self._slots[job.run_id]
+                self.store.forget(job.run_id)
                 if not self._slots and self._idle is not None:
                     self._idle.set()
         except LeaseLost as exc:
@@ -355,7 +452,7 @@ class Worker:
                 if slot.cancel_requested:
                     handle.cancel()
                 result = await handle.result()
-        except (RedisError, OSError, LeaseLost):
+        except (RedisError, OSError, LeaseLost, RunInterrupted):
             raise
         except Exception as exc:
             # e.g. inputs that no longer validate: fail the run rather than retry it forever
@@ -366,6 +463,10 @@ class Worker:
             return await self.store.get_run(run_id)
         final = await self.store.get_run(run_id)
         if final is None or final.status not in TERMINAL:
+            owner = await self.queue.lease_owner(run_id)
+            if owner != self.worker_id:
+                # the journal refused a write (fenced): the run belongs to `owner` now
+                raise LeaseLost(f"run {run_id!r}: the lease is held by {owner!r}")
             # the runtime could not record the end (a store error): resume later
             log.warning("run %s ended as %s but is not recorded as terminal", run_id, result.status)
             return None
@@ -435,6 +536,11 @@ class Worker:
             for rid, flagged in zip(ids, flags, strict=True):
                 if flagged:
                     self._cancel(rid)
+
+
+async def _watch_lease(lease: LeaseKeeper, slot: _Slot) -> None:
+    await lease.lost.wait()
+    slot.interrupt()
 
 
 class _Gone:

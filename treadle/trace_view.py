@@ -58,6 +58,10 @@ _STATUS = {
 }
 _RUN_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 
+#: segments drawn at least one cell wide however short: the work itself (waits, queues,
+#: backoffs and pins shorter than a cell may vanish under it)
+_ALWAYS_SHOWN = frozenset({"attempt", "failed", "call", "decode", "tool", "error"})
+
 #: map elements / planner tasks shown per node before the rest are folded into one line
 MAX_CHILDREN = 50
 
@@ -110,7 +114,7 @@ def render_timeline(timeline: Timeline, *, width: int = 120) -> RenderableType:
             Text(_name(row), style="bold" if row.depth == 0 and row.kind == "node" else ""),
             _fmt_s(row.start_s),
             _took(row, took),
-            _bar(row, scale, bar_width, timeline.duration_s),
+            _bar(row, scale, bar_width),
             _detail(row),
         )
     return Group(_header(timeline), table, _legend(), *_summary(timeline))
@@ -162,23 +166,22 @@ def _name(row: Row) -> str:
     return indent + row.label
 
 
-def _bar(row: Row, scale: float, width: int, duration: float) -> Text:
+def _bar(row: Row, scale: float, width: int) -> Text:
     cells: list[tuple[str, str]] = [(" ", "")] * width
     if scale <= 0:
         return Text("█", style=GLYPHS["attempt"][1])
-    drawn = False
-    for seg in row.segments:
+    # the work itself is drawn last, over the waits around it
+    ordered = sorted(row.segments, key=lambda seg: seg.kind in _ALWAYS_SHOWN)
+    for seg in ordered:
         glyph, style = GLYPHS.get(seg.kind, ("█", ""))
         lo = min(width - 1, max(0, round(seg.start_s * scale)))
         hi = min(width, round(seg.end_s * scale))
+        if seg.kind in _ALWAYS_SHOWN:
+            hi = max(hi, lo + 1)
         for i in range(lo, hi):
             cells[i] = (glyph, style)
-            drawn = True
-    if not drawn and row.segments:  # all shorter than a cell: one cell of the longest
-        seg = max(row.segments, key=lambda s: s.end_s - s.start_s)
-        at = min(width - 1, max(0, round(seg.start_s * scale)))
-        cells[at] = GLYPHS.get(seg.kind, ("█", ""))
-    elif not row.segments:  # an instant: a skipped node, a call still queued
+    if all(glyph == " " for glyph, _ in cells):
+        # shorter than a cell (a wait, a queue) or an instant (a skipped node)
         at = min(width - 1, max(0, round(row.start_s * scale)))
         cells[at] = ("·" if row.status == "skipped" else "▏", "bright_black")
     text = Text()

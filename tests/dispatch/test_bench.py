@@ -27,6 +27,7 @@ RESULT_KEYS = {
     "hit_rate",
     "pooled_hit_rate",
     "hit_rate_vs_pooled",
+    "predicted_hit_rate",
     "ttft_p50_s",
     "ttft_p99_s",
     "slo_p99_s",

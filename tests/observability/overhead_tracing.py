@@ -1,6 +1,6 @@
 """Tracing's cost per node on `treadle bench overhead`'s shapes (not a test: run it).
 
-    python tests/observability/overhead_tracing.py [--nodes 1000] [--reps 7]
+    python tests/observability/overhead_tracing.py [--nodes 1000] [--reps 15]
 
 Systems, all on the memory store and in one process: `treadle` (no listener),
 `treadle+tracing-off` (what `configure_tracing()` gives with no OTEL_TRACES_EXPORTER:
@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 
-from treadle.benchmarks.overhead import SHAPES, time_treadle, treadle_graph
+from treadle.benchmarks.overhead import SHAPES, treadle_graph
 from treadle.runtime.context import Listener
 from treadle.runtime.metrics import RuntimeMetrics
 from treadle.runtime.runtime import Runtime
@@ -61,24 +62,40 @@ def systems() -> dict[str, tuple[list[Listener], Any]]:
 
 
 async def measure(n: int, reps: int) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
+    """Interleaved: each repetition runs every system on every shape in turn, so a change
+    in the machine's load hits all systems alike (the machine is shared)."""
     graphs = {shape: treadle_graph(shape, n) for shape in SHAPES}
-    for name, (listeners, exporter) in systems().items():
-        runtime = Runtime(listeners=listeners)
-        out: dict[str, float] = {}
-        for shape, (graph, count) in graphs.items():
-            times = await time_treadle(runtime, runtime.compile(graph), reps)
-            out[shape] = statistics.median(times) / count * 1e6
-            if exporter is not None:
-                exporter.clear()
-        results[name] = out
-    return results
+    setups = systems()
+    runtimes = {name: Runtime(listeners=listeners) for name, (listeners, _) in setups.items()}
+    compiled = {
+        (name, shape): runtimes[name].compile(graph)
+        for name in setups
+        for shape, (graph, _) in graphs.items()
+    }
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in compiled}
+    for rep in range(reps + 1):  # the first round warms up
+        for name, (_, exporter) in setups.items():
+            for shape in SHAPES:
+                started = time.perf_counter()
+                await runtimes[name].run(compiled[(name, shape)], {"x": 0})
+                took = time.perf_counter() - started
+                if rep:
+                    times[(name, shape)].append(took)
+                if exporter is not None:
+                    exporter.clear()
+    return {
+        name: {
+            shape: statistics.median(times[(name, shape)]) / graphs[shape][1] * 1e6
+            for shape in SHAPES
+        }
+        for name in setups
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1000)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     results = anyio.run(measure, args.nodes, args.reps)
     print(f"µs per node (median of {args.reps}), memory store, {args.nodes} nodes")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -169,3 +172,20 @@ def test_otlp_http_exports_to_a_collector(monkeypatch: pytest.MonkeyPatch) -> No
     assert service == "treadle-otlp"
     names = sorted(s.name for scope in resource_spans.scope_spans for s in scope.spans)
     assert names == ["node", "run"]
+
+
+def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
+    # a fresh interpreter: importing treadle's observability modules and asking for a
+    # tracer with tracing off loads neither OpenTelemetry nor prometheus-client
+    code = (
+        "import sys\n"
+        "from treadle.runtime.tracing import configure_tracing\n"
+        "import treadle.runtime.metrics, treadle.runtime.timeline, treadle.trace_view\n"
+        "assert configure_tracing() is None\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'prometheus'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

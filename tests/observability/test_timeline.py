@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from itertools import pairwise
 
 import pytest
 from obs_sample import SAMPLE_INPUTS, Journal, sample_backend, sample_graph
@@ -30,7 +31,7 @@ from treadle.runtime.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from treadle.runtime.metrics import summarize_run
+from treadle.runtime.metrics import graph_deps, summarize_run
 from treadle.runtime.stores.memory import MemoryStore
 from treadle.runtime.timeline import Row, build_timeline, parent_instance
 from treadle.trace_view import render_timeline, trace_command
@@ -155,6 +156,12 @@ async def test_summary_of_a_real_run() -> None:
     )
     assert s.critical_path and all("[" not in step.node for step in s.critical_path)
     assert 0 < s.critical_path_s <= s.total_s + 1e-6
+    # with the graph's dependencies, each step is one the next one read from
+    deps = graph_deps(Runtime().compile(sample_graph()))
+    exact = summarize_run(result.events, deps=deps).critical_path
+    for before, after in pairwise(exact):
+        assert before.node in deps[after.node]
+    assert exact[-1].end_s == approx(max(step.end_s for step in s.critical_path))
 
 
 # -- timeline model ------------------------------------------------------------------------

@@ -3,6 +3,7 @@ errors, retries, nesting of map elements / subgraphs / planner tasks, trace pare
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -253,26 +254,18 @@ async def test_run_joins_a_given_traceparent() -> None:
     assert run.parent.is_remote
 
 
-async def test_run_joins_the_traceparent_in_its_run_meta() -> None:
-    # the daemon's worker path: RunOptions carries RunRecord.meta
+def test_run_span_times_and_tenant_come_from_the_events() -> None:
     tracer = memory_tracer()
-    ctx = SimpleNamespace(
-        options=SimpleNamespace(
-            tenant="acme",
-            meta={"traceparent": "00-11111111111111111111111111111111-2222222222222222-01"},
-        ),
-        call_headers={},
-    )
-    j = Journal("meta-run")
+    ctx = SimpleNamespace(options=SimpleNamespace(tenant="acme"), call_headers={})
+    j = Journal("tenant-run")
     for event in (
         j.at(0, RunStarted, graph="g"),
         j.at(1, RunFinished, status="succeeded", duration_s=1.0),
     ):
         tracer.listener(ctx, event)
     (run,) = exporter_of(tracer).get_finished_spans()
-    assert run.context.trace_id == 0x11111111111111111111111111111111
     assert attr(run, "treadle.tenant") == "acme"
-    assert run.end_time - run.start_time == 1_000_000_000  # type: ignore[operator]
+    assert (run.start_time, run.end_time) == (ns(j.events[0].ts), ns(j.events[1].ts))
 
 
 async def test_run_started_inside_a_span_is_its_child() -> None:
@@ -503,3 +496,37 @@ def test_a_resumed_journal_gives_two_linked_run_spans() -> None:
     assert [link.context.span_id for link in second.links] == [first.context.span_id]
     b_spans = [s for s in tree.named("node") if attr(s, "treadle.node") == "b"]
     assert sorted(attr(s, "treadle.unfinished") is True for s in b_spans) == [False, True]
+
+
+_HAS_FINISH_REASON = "finish_reason" in {f.name for f in dataclasses.fields(LLMCallFinished)}
+
+
+@pytest.mark.skipif(not _HAS_FINISH_REASON, reason="LLMCallFinished has no finish_reason yet")
+async def test_finish_reasons_are_recorded() -> None:
+    tracer = memory_tracer()
+    _, tree = await run_sample(tracer)
+    calls = sorted(tree.named("llm.call"), key=lambda s: s.start_time or 0)
+    reasons = [attr(s, semconv.GEN_AI_RESPONSE_FINISH_REASONS) for s in calls]
+    assert reasons == [("tool_calls",), ("stop",)]
+
+
+def test_events_after_the_end_of_a_run_open_no_second_run_span() -> None:
+    j = Journal()
+    j.at(0, RunStarted, graph="g")
+    j.at(0.1, NodeStarted, node="a")
+    j.at(0.2, PinSet, node="a", call_id="a#1", ttl_s=1.0)
+    j.at(0.5, NodeFinished, node="a", duration_s=0.4)
+    j.at(0.6, RunFinished, status="succeeded", duration_s=0.6)
+    j.at(0.7, PinReleased, node="a", call_id="a#1", reason="run_end")  # a straggler
+    ctx = SimpleNamespace(options=SimpleNamespace(tenant=None), call_headers={})
+    live = memory_tracer()
+    for event in j.events:
+        live.listener(ctx, event)
+    replayed = memory_tracer()
+    replayed.replay(j.events)
+    for tracer in (live, replayed):
+        tree = Tree(exporter_of(tracer).get_finished_spans())
+        assert len(tree.named("run")) == 1
+        (pin,) = tree.named("kv.pin")
+        assert attr(pin, "treadle.unfinished") is True  # cut at the run's end
+        assert tracer.open_runs() == []

@@ -4,11 +4,13 @@ hands every result — errors included — back to the model. By event order, ne
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
-from treadle import Graph, Runtime, ScriptedBackend, ScriptRule
-from treadle.backends.base import Capabilities, LLMRequest, LLMResponse, ToolCall
+from treadle import Graph, RunResult, Runtime, ScriptedBackend, ScriptRule
+from treadle.backends.base import Backend, Capabilities, LLMRequest, LLMResponse, ToolCall
 from treadle.backends.scripted import ScriptedToolCall
 from treadle.runtime.events import Event, ToolCallFinished, ToolCallStarted
 from treadle.tools import Tool, tool
@@ -66,7 +68,7 @@ def llm_graph(tools: list[Tool], max_turns: int = 4) -> Graph:
     return g
 
 
-def calls_then_echo(*calls: tuple[str, dict[str, object]]) -> ScriptedBackend:
+def calls_then_echo(*calls: tuple[str, dict[str, Any]]) -> ScriptedBackend:
     return ScriptedBackend(
         [
             ScriptRule(
@@ -78,13 +80,15 @@ def calls_then_echo(*calls: tuple[str, dict[str, object]]) -> ScriptedBackend:
     )
 
 
-async def run(g: Graph, backend: object) -> object:
+async def run(g: Graph, backend: Backend) -> RunResult:
     with anyio.fail_after(LIMIT_S):
-        return await Runtime(models={"default": backend}).run(g, {"q": "go"})  # type: ignore[dict-item]
+        return await Runtime(models={"default": backend}).run(g, {"q": "go"})
 
 
-def seq(events: list[Event], cls: type, tool_name: str) -> int:
-    return next(e.seq for e in events if isinstance(e, cls) and e.tool == tool_name)
+def seq(events: list[Event], cls: type[Event], tool_name: str) -> int:
+    return next(
+        e.seq for e in events if isinstance(e, cls) and getattr(e, "tool", None) == tool_name
+    )
 
 
 async def test_calls_of_one_turn_overlap_and_results_go_back_in_order() -> None:
@@ -92,8 +96,8 @@ async def test_calls_of_one_turn_overlap_and_results_go_back_in_order() -> None:
     b_started = anyio.Event()
     backend = calls_then_echo(("tool_a", {"x": "1"}), ("tool_b", {"x": "2"}))
     result = await run(llm_graph([tool_a, tool_b]), backend)
-    assert result.output.answer == "results:\na:1\nb:2"  # type: ignore[attr-defined]
-    ev = result.events  # type: ignore[attr-defined]
+    assert result.output.answer == "results:\na:1\nb:2"
+    ev = result.events
     assert seq(ev, ToolCallStarted, "tool_b") < seq(ev, ToolCallFinished, "tool_a")
 
 
@@ -106,13 +110,13 @@ async def test_errors_come_back_to_the_model_as_results() -> None:
         ("tool_b", {"x": "ok"}),
     )
     result = await run(llm_graph([broken, hangs, tool_b]), backend)
-    lines = result.output.answer.splitlines()[1:]  # type: ignore[attr-defined]
+    lines = result.output.answer.splitlines()[1:]
     assert lines[0] == "error: RuntimeError: disk on fire (1)"
     assert lines[1] == "error: timed out after 0.05 s"
     assert lines[2].startswith("error: invalid arguments: x: required, but missing")
     assert lines[3].startswith("error: unknown tool 'nosuch'")
     assert lines[4] == "b:ok"
-    failed = [e for e in result.events if isinstance(e, ToolCallFinished) and not e.ok]  # type: ignore[attr-defined]
+    failed = [e for e in result.events if isinstance(e, ToolCallFinished) and not e.ok]
     assert len(failed) == 4
 
 
@@ -120,7 +124,7 @@ async def test_a_tools_concurrency_limit_holds_inside_one_turn() -> None:
     inflight.update(now=0, max=0)
     backend = calls_then_echo(*[("single", {"x": str(i)}) for i in range(4)])
     result = await run(llm_graph([single]), backend)
-    assert result.output.answer == "results:\ns:0\ns:1\ns:2\ns:3"  # type: ignore[attr-defined]
+    assert result.output.answer == "results:\ns:0\ns:1\ns:2\ns:3"
     assert inflight["max"] == 1
 
 
@@ -143,7 +147,7 @@ class AlwaysCalls:
 async def test_the_turn_limit_stops_a_model_that_keeps_calling_tools() -> None:
     backend = AlwaysCalls()
     with anyio.fail_after(LIMIT_S):
-        result = await Runtime(models={"default": backend}).run(  # type: ignore[dict-item]
+        result = await Runtime(models={"default": backend}).run(
             llm_graph([tool_b], max_turns=3), {"q": "go"}, check=False
         )
     assert not result.ok

@@ -68,8 +68,8 @@ Thought: I can answer now.
 """
 
 
-def parse_streamed(text: str, chunks: list[int] | None = None, **kw: object) -> list[PlanItem]:
-    parser = PlanParser(TOOLS, **kw)  # type: ignore[arg-type]
+def parse_streamed(text: str, chunks: list[int] | None = None, **kw: list[int]) -> list[PlanItem]:
+    parser = PlanParser(TOOLS, **kw)
     items: list[PlanItem] = []
     pos = 0
     for size in chunks or [len(text)]:
@@ -108,7 +108,8 @@ def test_a_task_is_emitted_at_its_closing_parenthesis_before_the_newline() -> No
     items = parser.feed(")")
     assert [type(i) for i in items] == [Task]
     assert parser.feed("  # trailing comment\n") == []
-    assert parser.feed('2. search("y")\n')[0].idx == 2  # type: ignore[union-attr]
+    (second,) = parser.feed('2. search("y")\n')
+    assert isinstance(second, Task) and second.idx == 2
 
 
 def test_nothing_after_join_is_parsed() -> None:
@@ -164,8 +165,9 @@ def test_references_to_missing_invalid_and_reused_ids() -> None:
     assert messages[0] == (3, "$2 refers to task 2, which does not exist")
     assert messages[1][0] == 4 and "unknown tool" in messages[1][1]
     assert messages[2] == (5, "$4 refers to task 4, which is itself invalid")
-    assert messages[3] == (5, "task id 5 is used twice")
-    assert messages[4] == (2, "task ids must increase: 2 comes after 5")
+    # a reused or decreasing id is not this line's: the error is the plan's
+    assert messages[3] == (None, "task id 5 is used twice")
+    assert messages[4] == (None, "task ids must increase: 2 comes after 5")
     assert messages[5][0] == 6 and "not closed" in messages[5][1]
     assert [i.idx for i in items if isinstance(i, Task)] == [1, 7]
 
@@ -178,7 +180,9 @@ def test_a_replan_may_refer_to_earlier_rounds() -> None:
 
 
 def test_prose_and_thoughts_are_not_tasks() -> None:
-    items = parse_streamed("Here is the plan:\n```\nThought 1: think\n1. search('x')\n```\njoin()\n")
+    items = parse_streamed(
+        "Here is the plan:\n```\nThought 1: think\n1. search('x')\n```\njoin()\n"
+    )
     assert items == [
         Thought("Here is the plan:"),
         Thought("think"),

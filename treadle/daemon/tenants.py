@@ -128,7 +128,7 @@ class TenantStore:
             if await self.redis.hsetnx(self.keys.api_keys(), key_id, key.model_dump_json()):
                 return IssuedKey(token, key)
 
-    async def list(self) -> list[tuple[Tenant, list[ApiKey]]]:
+    async def list_tenants(self) -> list[tuple[Tenant, list[ApiKey]]]:
         tenants_raw = await self.redis.hgetall(self.keys.tenants())
         keys_raw = await self.redis.hgetall(self.keys.api_keys())
         by_tenant: dict[str, list[ApiKey]] = {}

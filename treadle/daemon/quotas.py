@@ -1,0 +1,170 @@
+"""Per-tenant quotas: concurrent runs and LLM tokens per minute.
+
+- **Concurrent runs**: `treadle:tenant:<t>:active` holds the tenant's runs that are not
+  settled yet. Submitting adds the run in one script that first checks the count, so two
+  API processes cannot both admit the last slot; a worker removes the run when it settles
+  it (`release_run`). A slot can leak only if a process dies between admitting a run and
+  creating its record; `prune` (run when a tenant hits its limit) drops members whose run
+  is terminal, or missing for longer than a minute.
+- **Tokens per minute**: workers count the prompt and completion tokens of every LLM call
+  (`TokenMeter`, a run listener) and add them every second to a counter per tenant and
+  minute (`INCRBY`, expiring after two minutes). A submit is refused while the current
+  minute's count is at or over the limit. This is admission control: a run already
+  admitted is not stopped mid-way when its tenant goes over.
+
+Refusals raise `QuotaExceeded` with the seconds after which a retry can succeed (the API's
+`Retry-After`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from treadle.daemon.keys import DaemonKeys
+from treadle.daemon.tenants import Tenant
+from treadle.runtime.context import RunContext
+from treadle.runtime.events import Event, LLMCallFinished
+from treadle.runtime.store import TERMINAL
+from treadle.runtime.stores import codec
+
+log = logging.getLogger(__name__)
+
+#: a member of the active set whose run record never appeared is dropped after this long
+_ORPHAN_AFTER_S = 60.0
+
+# KEYS: active set.  ARGV: limit, run id, now.  1: admitted (or already in), 0: full.
+_ADMIT_LUA = """
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+return 1
+"""
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, retry_after_s)
+
+
+def current_minute(now: float | None = None) -> int:
+    return int((now if now is not None else time.time()) // 60)
+
+
+class Quotas:
+    def __init__(self, redis: Redis, keys: DaemonKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._admit = redis.register_script(_ADMIT_LUA)
+
+    async def check_tokens(self, tenant: Tenant) -> None:
+        if tenant.tokens_per_minute is None:
+            return
+        now = time.time()
+        used = int(await self.redis.get(self.keys.tokens(tenant.id, current_minute(now))) or 0)
+        if used >= tenant.tokens_per_minute:
+            raise QuotaExceeded(
+                f"tenant {tenant.id!r} used {used} of its {tenant.tokens_per_minute} LLM tokens "
+                "this minute",
+                math.ceil(60 - now % 60),
+            )
+
+    async def admit_run(self, tenant: Tenant, run_id: str) -> None:
+        """Count `run_id` against the tenant's concurrent runs, or raise `QuotaExceeded`."""
+        key = self.keys.active(tenant.id)
+        args: list[str | int | float] = [tenant.max_concurrent_runs, run_id, time.time()]
+        if await self._admit(keys=[key], args=args):
+            return
+        if await self.prune(tenant.id) and await self._admit(keys=[key], args=args):
+            return
+        raise QuotaExceeded(
+            f"tenant {tenant.id!r} has {tenant.max_concurrent_runs} runs in progress, its "
+            "limit; retry when one has finished",
+            1,
+        )
+
+    async def release_run(self, tenant_id: str, run_id: str) -> None:
+        await self.redis.zrem(self.keys.active(tenant_id), run_id)
+
+    async def active_runs(self, tenant_id: str) -> int:
+        return int(await self.redis.zcard(self.keys.active(tenant_id)))
+
+    async def tokens_this_minute(self, tenant_id: str) -> int:
+        return int(await self.redis.get(self.keys.tokens(tenant_id, current_minute())) or 0)
+
+    async def prune(self, tenant_id: str) -> int:
+        """Drop members of the active set whose run is settled or never appeared."""
+        key = self.keys.active(tenant_id)
+        members: Any = await self.redis.zrange(key, 0, -1, withscores=True)
+        if not members:
+            return 0
+        runs = self.keys.runs
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id, _score in members:
+                pipe.hget(runs.meta(run_id.decode()), "data")
+            raws = await pipe.execute()
+        now = time.time()
+        stale = []
+        for (run_id, score), raw in zip(members, raws, strict=True):
+            if raw is None:
+                if now - float(score) > _ORPHAN_AFTER_S:
+                    stale.append(run_id)
+            elif codec.decode_record(raw).status in TERMINAL:
+                stale.append(run_id)
+        if stale:
+            await self.redis.zrem(key, *stale)
+        return len(stale)
+
+
+class TokenMeter:
+    """Counts LLM tokens per tenant from run events and adds them to Redis periodically.
+
+    `listener` is a run listener (it must be cheap: it only adds to a dict); `run()` flushes
+    every `interval_s` until cancelled, and `flush()` once more on the way out.
+    """
+
+    def __init__(self, redis: Redis, keys: DaemonKeys, *, interval_s: float = 1.0) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.interval_s = interval_s
+        self._pending: defaultdict[tuple[str, int], int] = defaultdict(int)
+
+    def listener(self, ctx: RunContext, event: Event) -> None:
+        if type(event) is LLMCallFinished and ctx.options.tenant:
+            tokens = event.prompt_tokens + event.completion_tokens
+            if tokens:
+                self._pending[(ctx.options.tenant, current_minute(event.ts))] += tokens
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, defaultdict(int)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (tenant, minute), tokens in batch.items():
+                    key = self.keys.tokens(tenant, minute)
+                    pipe.incrby(key, tokens)
+                    pipe.expire(key, 120)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # keep the counts for the next flush: a quota must not forget usage
+            for k, v in batch.items():
+                self._pending[k] += v
+            log.warning("could not record token usage (will retry): %s", exc)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await anyio.sleep(self.interval_s)
+                await self.flush()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.flush()

@@ -1,0 +1,234 @@
+"""Runs as a tenant sees them: submit, read, list, cancel — each scoped to its tenant.
+
+A run id that belongs to another tenant is answered exactly like one that does not exist
+(`RunNotFound`, same message), so ids of other tenants cannot even be confirmed.
+
+Submitting validates the inputs against the registered workflow, checks the tenant's
+quotas, writes the run record (`pending`) and adds the run to the work queue. Cancelling
+sets the run's cancel flag (`request_cancel`): the worker running the run stops it, and a
+worker that claims a flagged run that has not started marks it cancelled instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+
+from treadle.daemon.quotas import Quotas
+from treadle.daemon.registry import WorkflowRegistry, source_of
+from treadle.daemon.tenants import Tenant
+from treadle.runtime.events import Event
+from treadle.runtime.runtime import InvalidInputs, validate_inputs
+from treadle.runtime.store import TERMINAL, RunRecord
+from treadle.runtime.stores import codec
+from treadle.runtime.stores.redis import RedisStore
+from treadle.runtime.worker import cancel_key, request_cancel
+from treadle.runtime.workqueue import WorkQueue
+
+RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+#: index entries looked at by one list request at most (then a cursor to go on)
+_SCAN_BUDGET = 2000
+_CHUNK = 200
+
+
+class NotFound(LookupError):
+    """No such run or workflow for this tenant."""
+
+
+class Conflict(ValueError):
+    """The request does not fit the run's state (e.g. cancelling a finished run)."""
+
+
+class InvalidRequest(ValueError):
+    """A request that is well formed but not acceptable (bad inputs, bad cursor)."""
+
+
+@dataclass(frozen=True)
+class RunView:
+    record: RunRecord
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunView]
+    next_cursor: str | None
+
+
+class RunService:
+    def __init__(
+        self,
+        redis: Redis,
+        store: RedisStore,
+        queue: WorkQueue,
+        registry: WorkflowRegistry,
+        quotas: Quotas,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.queue = queue
+        self.registry = registry
+        self.quotas = quotas
+        self.keys = store.keys
+
+    async def submit(
+        self,
+        tenant: Tenant,
+        workflow: str,
+        inputs: Mapping[str, Any],
+        meta: Mapping[str, str] | None = None,
+    ) -> RunRecord:
+        info = await self.registry.get(tenant.id, workflow)
+        if info is None:
+            raise NotFound(f"workflow {workflow!r} not found")
+        cg = await self.registry.compiled(info.digest)
+        try:
+            validated = validate_inputs(cg, inputs)
+        except InvalidInputs as exc:
+            raise InvalidRequest(str(exc)) from None
+        await self.quotas.check_tokens(tenant)
+        run_id = uuid.uuid4().hex
+        await self.quotas.admit_run(tenant, run_id)
+        record = RunRecord(
+            run_id=run_id,
+            graph=cg.name,
+            status="pending",
+            tenant=tenant.id,
+            inputs=validated.model_dump(mode="json"),
+            source=source_of(info.digest),
+            meta={**(meta or {}), "workflow_version": str(info.version)},
+        )
+        created = False
+        try:
+            await self.store.create_run(record)
+            created = True
+            await self.queue.enqueue(run_id)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._undo_submit(tenant, record, created)
+            raise
+        return record
+
+    async def _undo_submit(self, tenant: Tenant, record: RunRecord, created: bool) -> None:
+        # best effort: the caller gets an error, so the run must not stay half-submitted
+        try:
+            if created:
+                await self.store.update_run(
+                    record.run_id, status="failed", error="the run could not be queued"
+                )
+            await self.quotas.release_run(tenant.id, record.run_id)
+        except Exception:  # the original error is what the caller needs to see
+            pass
+
+    async def get(self, tenant: Tenant, run_id: str) -> RunView:
+        if not RUN_ID.fullmatch(run_id):
+            raise NotFound(f"run {run_id!r} not found")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.meta(run_id), "data")
+            pipe.exists(cancel_key(self.keys, run_id))
+            raw, flagged = await pipe.execute()
+        record = codec.decode_record(raw) if raw is not None else None
+        if record is None or record.tenant != tenant.id:
+            raise NotFound(f"run {run_id!r} not found")
+        return RunView(record, bool(flagged))
+
+    async def cancel(self, tenant: Tenant, run_id: str) -> RunView:
+        view = await self.get(tenant, run_id)
+        if view.record.status in TERMINAL:
+            raise Conflict(f"run {run_id!r} has finished already ({view.record.status})")
+        await request_cancel(self.redis, self.keys, run_id)
+        return RunView(view.record, True)
+
+    async def events(self, tenant: Tenant, run_id: str, after: int = 0) -> list[Event]:
+        await self.get(tenant, run_id)
+        return await self.store.read_events(run_id, after)
+
+    async def list_runs(
+        self,
+        tenant: Tenant,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Newest first. The cursor is the position of the last run of the previous page,
+        so runs submitted meanwhile do not shift the pages."""
+        index = self.keys.tenant_runs(tenant.id)
+        position = _decode_cursor(cursor) if cursor else None
+        out: list[RunView] = []
+        scanned = 0
+        while scanned < _SCAN_BUDGET:
+            entries = await self._entries_after(index, position, _CHUNK)
+            if not entries:
+                return RunPage(out, None)
+            scanned += len(entries)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for run_id, _score in entries:
+                    pipe.hget(self.keys.meta(run_id), "data")
+                raws = await pipe.execute()
+            for (run_id, score), raw in zip(entries, raws, strict=True):
+                position = (score, run_id)
+                if raw is None:
+                    continue
+                record = codec.decode_record(raw)
+                if record.tenant != tenant.id:
+                    continue
+                if status is not None and record.status != status:
+                    continue
+                if workflow is not None and record.graph != workflow:
+                    continue
+                out.append(RunView(record))
+                if len(out) == limit:
+                    return RunPage(out, _encode_cursor(position))
+        # the scan budget is spent: the client goes on from here
+        return RunPage(out, _encode_cursor(position) if position else None)
+
+    async def _entries_after(
+        self, index: str, position: tuple[float, str] | None, count: int
+    ) -> list[tuple[str, float]]:
+        """Up to `count` index entries after `position`, newest first. Entries with the
+        same score come in reverse id order (ZREVRANGEBYSCORE), so ties are skipped by id."""
+        if position is None:
+            first: Any = await self.redis.zrevrange(index, 0, count - 1, withscores=True)
+            return [(_text(m), float(s)) for m, s in first]
+        score, last_id = position
+        want = count
+        while True:
+            raw: Any = await self.redis.zrevrangebyscore(
+                index, max=score, min="-inf", start=0, num=want, withscores=True
+            )
+            entries = [(_text(m), float(s)) for m, s in raw]
+            fresh = [(m, s) for m, s in entries if not (s == score and m >= last_id)]
+            if fresh or len(entries) < want:
+                return fresh[:count]
+            want *= 2  # a page of ties only: look further
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode_cursor(position: tuple[float, str]) -> str:
+    score, run_id = position
+    return base64.urlsafe_b64encode(f"{score!r}|{run_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, run_id = text.split("|", 1)
+        value = float(score)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest(f"cursor {cursor!r} is not one this API returned") from None
+    if not RUN_ID.fullmatch(run_id) or value != value:
+        raise InvalidRequest(f"cursor {cursor!r} is not one this API returned")
+    return value, run_id

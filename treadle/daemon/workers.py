@@ -1,0 +1,101 @@
+"""Workers as the daemon runs them: a `Worker` wired to the registry (programs), the quotas
+(settling a run frees its tenant's slot; LLM tokens are metered) and, when configured,
+metrics and tracing. `run_worker_process` is the body of `treadle worker`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+
+import anyio
+from anyio.abc import TaskStatus
+
+from treadle.daemon.config import DaemonConfig
+from treadle.daemon.quotas import TokenMeter
+from treadle.daemon.registry import RegistryLoader
+from treadle.daemon.services import Services
+from treadle.runtime.context import Listener
+from treadle.runtime.store import RunRecord
+from treadle.runtime.tracing import OtelTracer, configure_tracing
+from treadle.runtime.worker import Worker, WorkerOptions
+
+log = logging.getLogger(__name__)
+
+
+def build_worker(
+    services: Services,
+    meter: TokenMeter,
+    *,
+    listeners: Sequence[Listener] = (),
+    tracer: OtelTracer | None = None,
+    worker_id: str | None = None,
+) -> Worker:
+    config = services.config
+
+    async def settled(record: RunRecord) -> None:
+        await meter.flush()  # the run's tokens count before its slot frees up
+        if record.tenant is not None:
+            await services.quotas.release_run(record.tenant, record.run_id)
+
+    return Worker(
+        services.queue,
+        services.store,
+        RegistryLoader(services.registry),
+        models=config.models,
+        listeners=[meter.listener, *listeners],
+        on_settled=settled,
+        tracer=tracer,
+        options=WorkerOptions(
+            concurrency=config.worker_concurrency, drain_s=config.drain_s, worker_id=worker_id
+        ),
+    )
+
+
+async def run_workers(
+    services: Services,
+    count: int,
+    *,
+    listeners: Sequence[Listener] = (),
+    task_status: TaskStatus[list[Worker]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run `count` workers (and the token meter) until cancelled or until every worker has
+    been stopped (`Worker.stop`)."""
+    meter = TokenMeter(services.redis, services.keys)
+    tracer = configure_tracing()  # None unless OTEL_TRACES_EXPORTER asks for spans
+    workers = [
+        build_worker(services, meter, listeners=listeners, tracer=tracer) for _ in range(count)
+    ]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(meter.run)
+        for worker in workers:
+            await tg.start(worker.run)
+        task_status.started(workers)
+        for worker in workers:
+            await worker.wait_stopped()
+        tg.cancel_scope.cancel()
+    if tracer is not None:
+        tracer.shutdown()
+
+
+async def run_worker_process(config: DaemonConfig, count: int = 1) -> None:
+    """`treadle worker`: run workers until SIGTERM/SIGINT, then drain and hand over."""
+    services = Services.open(config)
+    try:
+        async with anyio.create_task_group() as tg:
+            workers: list[Worker] = await tg.start(run_workers, services, count)
+
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("signal %s: stopping the workers", signal.Signals(signum).name)
+                        for worker in workers:
+                            worker.stop()
+                        return
+
+            tg.start_soon(on_signal)
+            for worker in workers:
+                await worker.wait_stopped()
+            tg.cancel_scope.cancel()
+    finally:
+        await services.close()
