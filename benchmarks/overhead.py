@@ -173,6 +173,34 @@ def _store_factories(
     return factories
 
 
+def _traced(n: int, reps: int) -> dict[str, dict[str, float]]:
+    """`treadle+tracing`: the memory store with the OpenTelemetry listener, every span
+    exported synchronously to memory (its whole cost is inside the measured time)."""
+    from treadle.runtime.tracing import OtelTracer, TracingUnavailable
+
+    try:
+        tracer, exporter = OtelTracer.in_memory()
+    except TracingUnavailable:
+        typer.echo("OpenTelemetry is not installed (pip install 'treadle[otel]'); skipping it")
+        return {}
+
+    async def measure() -> dict[str, float]:
+        runtime = Runtime(listeners=[tracer.listener])
+        out = {}
+        try:
+            for shape in SHAPES:
+                graph, count = treadle_graph(shape, n)
+                times = await time_treadle(runtime, runtime.compile(graph), reps)
+                exporter.clear()
+                out[f"{shape}_us_per_node"] = statistics.median(times) / count * 1e6
+        finally:
+            await runtime.aclose()
+            tracer.shutdown()
+        return out
+
+    return {"treadle+tracing": anyio.run(measure)}
+
+
 def run_bench(
     *,
     n: int,
@@ -180,6 +208,7 @@ def run_bench(
     stores: list[str],
     redis_url: str | None,
     with_langgraph: bool,
+    with_tracing: bool = False,
 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +231,8 @@ def run_bench(
                 return out
 
             results[system] = anyio.run(measure)
+    if with_tracing:
+        results.update(_traced(n, reps))
     if with_langgraph:
         try:
             import langgraph  # noqa: F401
@@ -229,6 +260,9 @@ def main(
         str | None, typer.Option("--redis-url", envvar="TREADLE_REDIS_URL")
     ] = None,
     with_langgraph: Annotated[bool, typer.Option("--langgraph/--no-langgraph")] = True,
+    with_tracing: Annotated[
+        bool, typer.Option("--tracing/--no-tracing", help="Also treadle with OpenTelemetry.")
+    ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Orchestrator overhead per node: treadle vs LangGraph on trivial nodes."""
@@ -237,18 +271,35 @@ def main(
     store_list = [s.strip() for s in stores.split(",") if s.strip()]
     if redis_url and "redis" not in store_list:
         store_list.append("redis")
-    config = {"nodes": nodes, "reps": reps, "stores": store_list, "diamond": "10x10"}
+    config = {
+        "nodes": nodes,
+        "reps": reps,
+        "stores": store_list,
+        "diamond": "10x10",
+        "tracing": with_tracing,
+    }
     typer.echo(f"bench overhead: {config}")
     results = run_bench(
-        n=nodes, reps=reps, stores=store_list, redis_url=redis_url, with_langgraph=with_langgraph
+        n=nodes,
+        reps=reps,
+        stores=store_list,
+        redis_url=redis_url,
+        with_langgraph=with_langgraph,
+        with_tracing=with_tracing,
     )
     ratios: dict[str, Any] = {}
-    if "langgraph" in results and "treadle" in results:
-        ratios = {
-            f"langgraph_over_treadle_{shape}": results["langgraph"][f"{shape}_us_per_node"]
-            / results["treadle"][f"{shape}_us_per_node"]
-            for shape in SHAPES
-        }
+    for other, name in (
+        ("langgraph", "langgraph_over_treadle"),
+        ("treadle+tracing", "tracing_over_treadle"),
+    ):
+        if other in results and "treadle" in results:
+            ratios.update(
+                {
+                    f"{name}_{shape}": results[other][f"{shape}_us_per_node"]
+                    / results["treadle"][f"{shape}_us_per_node"]
+                    for shape in SHAPES
+                }
+            )
     rows = [
         [system, *(r[f"{shape}_us_per_node"] for shape in SHAPES)] for system, r in results.items()
     ]

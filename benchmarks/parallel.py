@@ -1192,7 +1192,7 @@ def _print(
             if "calls_valid" in r:
                 valid = f"{r['calls_valid']}/{r['calls_total']}"
                 if r["ground_truth_invalid"]:
-                    valid += f" ({r['ground_truth_invalid']} errata)"
+                    valid += "*"
             rows.append(
                 [
                     dataset,
@@ -1265,3 +1265,5 @@ def _print(
                 problems.setdefault(problem, []).append(f"{dataset}/{system}")
     for problem, where in problems.items():
         typer.echo(f"INVALID ({', '.join(where)}): {problem}")
+    if any(m.ground_truth_invalid for by in measured.values() for m in by.values()):
+        typer.echo("* calls whose BFCL ground truth violates its own schema cannot validate")

@@ -125,6 +125,8 @@ class LLMCallFinished(Event):
     tool_calls: int = 0
     replica: str | None = None
     error: str | None = None
+    #: why the model stopped ("stop", "length", "tool_calls", ...), when it answered
+    finish_reason: str | None = None
     kind: ClassVar[str] = "llm_call_finished"
 
 

@@ -133,6 +133,7 @@ class LLMGateway:
             ttft_s=response.ttft_s,
             tool_calls=len(response.tool_calls),
             replica=response.replica,
+            finish_reason=response.finish_reason,
         )
         return response
 

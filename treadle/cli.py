@@ -112,14 +112,21 @@ def run(
     store: StoreOpt = "sqlite",
     db: DbOpt = None,
 ) -> None:
-    """Run a workflow and print its result."""
+    """Run a workflow and print its result.
+
+    Traced with OpenTelemetry when OTEL_TRACES_EXPORTER is set (console, otlp)."""
     from treadle.runtime.runtime import InvalidInputs, Runtime
+    from treadle.runtime.tracing import TracingUnavailable, configure_tracing
 
     started: list[str] = []  # the run's id, once it exists
+    try:
+        tracer = configure_tracing(set_global=True)
+    except (ValueError, TracingUnavailable) as exc:
+        raise _fail(str(exc)) from None
 
     async def main() -> int:
         state = _open_store(store, db)
-        runtime = Runtime(store=state)
+        runtime = Runtime(store=state, listeners=[tracer.listener] if tracer else [])
         try:
             if resume is not None:
                 record = await state.get_run(resume)
@@ -150,6 +157,8 @@ def run(
         finally:
             with anyio.CancelScope(shield=True):
                 await runtime.aclose()
+            if tracer is not None:
+                tracer.shutdown()  # ends what is open and flushes the exporters
         return 0 if result.ok else 1
 
     try:
@@ -216,9 +225,15 @@ async def _watch(
         }
         typer.echo(json.dumps(payload, indent=2, default=str))
     else:
+        from treadle.runtime.metrics import graph_deps, summarize_run
+
         if not live_ok:
             console.print(view.table())
         render_result(console, result, view)
+        if result.events:
+            summary = summarize_run(result.events, deps=graph_deps(cg))
+            for line in summary.lines()[1:]:  # the first repeats the panel's subtitle
+                console.print(line, style="dim", highlight=False)
     return result
 
 
@@ -299,6 +314,31 @@ def runs(
         created = dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(r.run_id, r.graph, r.status, created, (r.error or "")[:60])
     console.print(table)
+
+
+@app.command()
+def trace(
+    run_id: Annotated[str, typer.Argument(help="The run to draw.")],
+    store: StoreOpt = "sqlite",
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the timeline as JSON.")] = False,
+) -> None:
+    """Draw a run's timeline from its journal: a waterfall of its nodes, LLM and tool calls."""
+    from treadle.trace_view import trace_command
+
+    async def main() -> list[Any]:
+        state = _open_store(store, db)
+        try:
+            if await state.get_run(run_id) is None:
+                raise _fail(f"no run {run_id!r} in the store")
+            return list(await state.read_events(run_id))
+        finally:
+            await state.close()
+
+    events = anyio.run(main)
+    if not events:
+        raise _fail(f"run {run_id!r} has no events yet")
+    trace_command(events, as_json=as_json, console=console)
 
 
 def _register_optional() -> None:

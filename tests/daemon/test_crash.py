@@ -55,6 +55,13 @@ async def all_terminal(daemon: Daemon, run_ids: list[str]) -> bool:
     return True
 
 
+async def some_progress(daemon: Daemon, run_ids: list[str], nodes: int) -> bool:
+    for run_id in run_ids:
+        if len(finished_counts(await journal(daemon.services.store, run_id))) >= nodes:
+            return True
+    return False
+
+
 async def check_runs(daemon: Daemon, run_ids: dict[str, str]) -> int:
     """Every run succeeded with the reference output and no node finished twice; returns
     how many runs were resumed from their journal."""
@@ -108,7 +115,11 @@ async def test_redis_restart_on_its_append_only_file_loses_nothing(
         )
         topics = [f"restart {i}" for i in range(12)]
         run_ids = {t: await submit(daemon, key, "slow", t) for t in topics}
-        await anyio.sleep(0.8)  # runs in progress, some done
+        # kill it while runs are half done
+        with anyio.fail_after(20):
+            while not await some_progress(daemon, list(run_ids.values()), nodes=3):
+                await anyio.sleep(0.02)
+        assert not await all_terminal(daemon, list(run_ids.values()))
         aof_redis.kill()  # SIGKILL: only what was fsynced survives
         await anyio.sleep(0.5)
         aof_redis.start()
