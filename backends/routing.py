@@ -158,7 +158,6 @@ class RequestFeatures:
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     output_tokens: int = 0
     program_id: str | None = None
-    pinned: bool = False
     now: float = 0.0
 
     @classmethod
@@ -184,7 +183,6 @@ class RequestFeatures:
             chunk_tokens=chunk_tokens,
             output_tokens=request.max_tokens or 0,
             program_id=request.hints.program_id,
-            pinned=request.hints.pin_ttl_s is not None and request.hints.pin_ttl_s > 0,
             now=now,
         )
 
@@ -560,7 +558,9 @@ class TreadlePolicy:
         self.indexes = [
             PrefixIndex(cfg.capacity_chunks, ttl_s=cfg.ttl_s) for _ in range(n_replicas)
         ]
+        #: program id -> (its replica, when it last sent a request)
         self.affinity: dict[str, tuple[int, float]] = {}
+        self._prune_at = 1024
         self.last_cached_tokens = 0
         self.steals = 0
         self.guarded = 0
@@ -583,13 +583,9 @@ class TreadlePolicy:
             request, matched_chunks
         )
 
-    def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
-        cfg = self.config
-        live = _available(replicas)
-        now = request.now
-        matches = {r.index: self.indexes[r.index].match(request.chunks, now) for r in live}
+    def _least_loaded(self, live: Sequence[ReplicaState]) -> ReplicaState:
         # ties (an idle pool) go to the replica whose cache holds least: spreads new content
-        least = min(
+        return min(
             live,
             key=lambda r: (
                 r.pending_prefill_tokens,
@@ -598,6 +594,29 @@ class TreadlePolicy:
                 r.index,
             ),
         )
+
+    def _dual_choice(
+        self, request: RequestFeatures, live: Sequence[ReplicaState], matches: dict[int, int]
+    ) -> int:
+        """DualMap-style: the best prefix match vs the least loaded, by estimated cost."""
+        least = self._least_loaded(live)
+        # among equal matches the cost differs only by queueing delay
+        best = max(
+            live,
+            key=lambda r: (matches[r.index], -r.pending_prefill_tokens, -r.in_flight, -r.index),
+        )
+        if best.index == least.index:
+            return best.index
+        c_best = self.cost_s(best, request, matches[best.index])
+        c_least = self.cost_s(least, request, matches[least.index])
+        # equal cost: the least loaded keeps queues short for what comes next
+        return best.index if c_best < c_least else least.index
+
+    def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
+        cfg = self.config
+        live = _available(replicas)
+        now = request.now
+        matches = {r.index: self.indexes[r.index].match(request.chunks, now) for r in live}
         idx: int | None = None
 
         loads = [r.in_flight for r in replicas]
@@ -610,36 +629,37 @@ class TreadlePolicy:
             if sticky is not None and now - sticky[1] <= cfg.affinity_ttl_s:
                 home = replicas[sticky[0]]
                 if home.available:
+                    others = [r for r in live if r.index != home.index]
                     delay = self.queue_delay_s(home)
-                    overloaded = delay > cfg.steal_delay_s and delay > cfg.steal_factor * (
-                        self.queue_delay_s(least)
+                    overloaded = (
+                        bool(others)
+                        and delay > cfg.steal_delay_s
+                        and delay
+                        > cfg.steal_factor * self.queue_delay_s(self._least_loaded(others))
                     )
-                    if not overloaded:
-                        idx = home.index
-                    else:
+                    if overloaded:
+                        # the work is stolen: it goes elsewhere, and the program moves there
                         self.steals += 1
+                        idx = self._dual_choice(request, others, matches)
+                    else:
+                        idx = home.index
 
         if idx is None:
-            # among equal matches the cost differs only by queueing delay
-            best = max(
-                live,
-                key=lambda r: (
-                    matches[r.index],
-                    -r.pending_prefill_tokens,
-                    -r.in_flight,
-                    -r.index,
-                ),
-            )
-            c_best = self.cost_s(best, request, matches[best.index])
-            c_least = self.cost_s(least, request, matches[least.index])
-            # equal cost: the least loaded keeps queues short for what comes next
-            idx = best.index if c_best < c_least else least.index
+            idx = self._dual_choice(request, live, matches)
 
         self.last_cached_tokens = matches[idx] * request.chunk_tokens
         self.indexes[idx].insert(request.chunks, now)
         if request.program_id is not None:
-            self.affinity[request.program_id] = (idx, now)
+            self._remember(request.program_id, idx, now)
         return idx
+
+    def _remember(self, program_id: str, idx: int, now: float) -> None:
+        self.affinity[program_id] = (idx, now)
+        # prune programs gone quiet, amortised: at most every 1,024 new programs
+        if len(self.affinity) >= self._prune_at:
+            horizon = now - self.config.affinity_ttl_s
+            self.affinity = {p: v for p, v in self.affinity.items() if v[1] >= horizon}
+            self._prune_at = max(1024, 2 * len(self.affinity))
 
     def feedback(self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float) -> None:
         index = self.indexes[ticket.replica]

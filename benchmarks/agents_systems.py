@@ -60,6 +60,8 @@ AUTELLIX_LONG_TOKENS = 2048
 #: PLAS quantum (GPU seconds of attained service that end level 0), for autellix and treadle
 LAS_QUANTUM_S = 2.0
 SYSTEMS = ("vllm", "continuum", "autellix", "treadle")
+#: KV usage at which a waiting request means memory, not the token budget, holds it back
+MEMORY_FULL = 0.95
 
 
 class ServiceModel:
@@ -321,7 +323,7 @@ class TreadleSystem(_Base):
         super().__init__()
         self.config = config or SchedulerConfig(
             las_quantum_s=LAS_QUANTUM_S,
-            limits=LimitConfig(initial=16, minimum=2, maximum=256),
+            limits=LimitConfig(initial=64, minimum=4, maximum=256),
         )
         self.working_set_fraction = working_set_fraction
         self.pins_requested = 0
@@ -458,7 +460,9 @@ class TreadleSystem(_Base):
             self._move(p, c.assigned)
         spec = run.spec
         ttl = None
-        if spec.tool is not None and not spec.is_last_step:
+        # a pin only helps when the next call continues this conversation (the DAG says
+        # so: a tool loop inside one llm node, not the next node's fresh prompt)
+        if spec.tool is not None and spec.continues and not spec.is_last_step:
             tokens = run.prompt.num_tokens + self._expected_output(c.program_id)
             decision = self.pin_policy.decide(
                 PinRequest(
@@ -492,10 +496,13 @@ class TreadleSystem(_Base):
         n, total = self._outputs.get(pid, (0, 0))
         self._outputs[pid] = (n + 1, total + req.output_tokens)
         cached = req.cached_tokens or 0
-        # congestion: preempted, or it waited in the engine well beyond its own prefill
-        alone = self.model.prefill_s(req.prompt_tokens, cached)
-        ttft = req.ttft if req.ttft is not None else 0.0
-        congested = req.num_preemptions > 0 or ttft > 2.0 * alone + 0.25
+        # congestion: the batch is full: it was preempted, or requests wait in the engine
+        # because memory ran out (waiting for the token budget is not: chunked prefill
+        # works through it at full speed, in the priority order the scheduler gave)
+        engine = self.sim.engines[call.replica or 0]
+        congested = req.num_preemptions > 0 or (
+            engine.num_waiting > 0 and engine.kv_usage >= MEMORY_FULL
+        )
         self.sched.complete(
             call.handle,
             self.now,

@@ -80,6 +80,9 @@ class CallSpec:
     is_last_step: bool
     node_tools: tuple[str, ...]
     agent: str | None = None
+    #: a later call continues this call's sequence (the same conversation goes on after
+    #: the tool): static for a ReAct loop; a step graph's next node starts a new prompt
+    continues: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +225,7 @@ def _chain_program(
                 remaining_cost_s=LLM_STEP_COST_S,
                 is_last_step=False,
                 node_tools=node_tools,
+                continues=tool is not None,
             )
         )
         if tool is not None:

@@ -24,6 +24,7 @@ the others the whole plan is parsed when the response arrives.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -222,11 +223,7 @@ class PlannerRun:
         self.limiter = (
             anyio.CapacityLimiter(spec.policy.concurrency) if spec.policy.concurrency else None
         )
-        self._schema = (
-            spec.output.model_json_schema()
-            if isinstance(spec.output, type) and issubclass(spec.output, BaseModel)
-            else None
-        )
+        self._schema = _output_schema(spec.output)
 
     async def run(self) -> Any:
         spec = self.spec
@@ -381,11 +378,10 @@ class PlannerRun:
         ctx.emit(NodeStarted, node=inst, attempt=1)
         started = time.perf_counter()
         call_id = f"{inst}@1"
-        value: Any = None
         try:
-            args = resolve_args(
-                task, {i: o.value for i, o in self.outcomes.items() if o.ok}, tool_schema(tool)
-            )
+            # every dependency succeeded (a task whose input failed is skipped, not run)
+            results = {d: self.outcomes[d].value for d in task.deps}
+            args = resolve_args(task, results, tool_schema(tool))
         except ArgumentResolutionError as exc:
             outcome = TaskOutcome(False, None, f"error: {exc}")
         else:
@@ -544,6 +540,17 @@ class PlannerRun:
             if decision.action != "finish":
                 raise
             return parse_output(self.spec.output, decision.text, self.iid)
+
+
+def _output_schema(output: Any) -> dict[str, Any] | None:
+    if isinstance(output, type) and issubclass(output, BaseModel):
+        return _model_schema(output)
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
 
 
 # -- streaming the plan -----------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console, Group
@@ -44,7 +44,7 @@ class _Row:
     duration: float | None = None
     attempt: int = 1
     note: str = ""
-    children: int = 0
+    children: set[str] = field(default_factory=set)
     children_done: int = 0
 
 
@@ -73,9 +73,9 @@ class RunView:
         if row is None:
             return
         if isinstance(event, GraphExtended) and event.node == top:
-            row.children = len(event.instances)
+            row.children.update(event.instances)  # map elements, planner tasks
         elif is_child:
-            if isinstance(event, NodeFinished | NodeSkipped) and "[" in node:
+            if isinstance(event, NodeFinished | NodeSkipped | NodeFailed) and node in row.children:
                 row.children_done += 1
         elif isinstance(event, NodeStarted):
             row.state, row.started, row.attempt = "running", time.perf_counter(), event.attempt
@@ -103,7 +103,7 @@ class RunView:
                 took = ""
             detail = row.note
             if row.children:
-                detail = f"{row.children_done}/{row.children} items " + detail
+                detail = f"{row.children_done}/{len(row.children)} items " + detail
             if row.attempt > 1:
                 detail = f"attempt {row.attempt} " + detail
             table.add_row(Text(mark, style=style), Text(node, style=style), took, detail[:80])

@@ -80,7 +80,7 @@ def test_text_chunks_and_request_features_share_prefixes() -> None:
     shared = sum(1 for x, y in zip(f1.chunks, f2.chunks, strict=False) if x == y)
     assert shared >= 10  # the long system prompt is a common prefix
     assert f1.chunks[-1] != f2.chunks[-1]
-    assert f2.program_id == "p1" and f2.pinned and not f1.pinned
+    assert f2.program_id == "p1" and f1.program_id is None
 
 
 # -- the prefix index ----------------------------------------------------------------------
@@ -320,3 +320,26 @@ def test_character_chunks_without_the_simulator_tokenizer(monkeypatch: pytest.Mo
     fb = RequestFeatures.from_request(b, chunk_tokens=16)
     assert fa.prompt_tokens == len(routing.prompt_text(a)) // routing.CHARS_PER_TOKEN
     assert fa.chunks[:10] == fb.chunks[:10] and fa.chunks[-1] != fb.chunks[-1]
+
+
+def test_treadle_steal_never_returns_to_the_overloaded_home() -> None:
+    policy = treadle(steal_delay_s=1.0, steal_factor=2.0)
+    blocks = list(range(400))  # 6,400 tokens, cached at home: staying would be "cheaper"
+    home = policy.choose(feats(blocks, now=0.0, program_id="p"), states(3))
+    queued = [0, 0, 0]
+    queued[home] = 2500  # 2.5 s of queue: overloaded, though the cached prompt saves 6.4 s
+    thief = policy.choose(
+        feats([*blocks, 9], now=1.0, program_id="p"), states(3, pending_prefill_tokens=queued)
+    )
+    assert thief != home and policy.steals == 1
+
+
+def test_treadle_forgets_quiet_programs() -> None:
+    policy = treadle(affinity_ttl_s=10.0)
+    for i in range(1100):
+        policy.choose(feats([i], now=float(i) / 1000, program_id=f"p{i}"), states(2))
+    # pruned at 1,024 programs: only those seen in the last 10 s (all of them here) stay
+    assert len(policy.affinity) == 1100
+    for i in range(1100, 3200):
+        policy.choose(feats([i], now=100.0 + i, program_id=f"p{i}"), states(2))
+    assert len(policy.affinity) < 1100
