@@ -46,12 +46,14 @@ from treadle.backends.routing import (
 )
 
 #: errors that mean "this replica could not be reached", worth another replica
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     TimeoutError,
     OSError,
     httpx.TransportError,
 )
+#: a replica's own failure or an unreachable replica
+REPLICA_ERRORS: tuple[type[Exception], ...] = (BackendError, *CONNECTION_ERRORS)
 
 
 class BreakerState(enum.Enum):
@@ -284,7 +286,7 @@ class ReplicaPool:
                     if chunk.usage is not None:
                         cached = chunk.usage.cached_prompt_tokens
                     yield chunk
-            except (BackendError, *CONNECTION_ERRORS) as exc:
+            except REPLICA_ERRORS as exc:
                 retryable = not isinstance(exc, BackendError) or exc.retryable
                 self._failed(ticket, replica, exc, counts=retryable)
                 if started or not retryable:

@@ -118,6 +118,17 @@ async def test_bad_submissions(api_only: Daemon) -> None:
         assert error_of(await c.get("/v1/runs", params={"limit": 0}))[0] == 422
         assert error_of(await c.get("/v1/runs", params={"status": "bogus"}))[0] == 422
         assert error_of(await c.get("/v1/runs", params={"cursor": "!!"}))[0] == 422
+    # Python's JSON parser takes NaN; the run's record must stay JSON, so it is refused
+    floats = "name: f\ninputs:\n  x: float\nnodes: []\n"
+    await api_only.register(key, floats)
+    async with api_only.client(key) as c:
+        for raw in (b"NaN", b"-Infinity", b"1e999"):
+            body = b'{"workflow": "f", "inputs": {"x": ' + raw + b"}}"
+            resp = await c.post(
+                "/v1/runs", content=body, headers={"content-type": "application/json"}
+            )
+            status, _code, message = error_of(resp)
+            assert status == 422 and "inputs.x" in message
 
 
 async def test_authentication(api_only: Daemon) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import redis
 from daemon_support import FIVE, LiveServer, make_config
@@ -17,7 +18,8 @@ from treadle.daemon.config import DaemonConfig
 from treadle.daemon.services import Services
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402  (after the skip)
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (after the skip)
+from hypothesis import strategies as st  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 schema = schemathesis.openapi.from_dict(create_app(DaemonConfig()).openapi())
@@ -52,16 +54,67 @@ def fuzz_target(redis_server: Any) -> Iterator[tuple[str, dict[str, str]]]:
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_request_gets_a_server_error(case: Any, fuzz_target: tuple[str, dict[str, str]]) -> None:
     url, auth = fuzz_target
-    # the caller's own headers (a generated Authorization) win; without one, the tenant's
-    headers = {**auth, **(case.headers or {})}
+    # the tenant's key replaces a generated Authorization header, so that the fuzzing gets
+    # past authentication (which test_api.py attacks on its own)
+    headers = {**(case.headers or {}), **auth}
     response = case.call_and_validate(
         base_url=url, headers=headers, checks=[not_a_server_error], timeout=10
     )
-    import collections, atexit
-    _C = globals().setdefault("_C", collections.Counter())
-    if not _C: atexit.register(lambda: print("\nCOUNTS", sorted(_C.items())))
-    _C[(case.method, case.path, response.status_code)] += 1
     if response.status_code >= 400:
         assert response.headers["content-type"][0].startswith("application/json")
         error = response.json()["error"]
         assert error["code"] and error["message"]
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(inputs=st.dictionaries(st.sampled_from(["topic", "x", ""]), JSON, max_size=3))
+def test_submitting_fuzzed_inputs(
+    inputs: dict[str, Any], fuzz_target: tuple[str, dict[str, str]]
+) -> None:
+    url, auth = fuzz_target
+    body = {"workflow": "five", "inputs": inputs}
+    resp = httpx.post(f"{url}/v1/runs", json=body, headers=auth, timeout=10)
+    valid = set(inputs) == {"topic"} and isinstance(inputs["topic"], str)
+    assert resp.status_code == (201 if valid else 422), resp.text
+
+
+@st.composite
+def mutated_definitions(draw: st.DrawFn) -> str:
+    """FIVE with a few characters inserted, deleted or replaced: mostly broken YAML."""
+    text = FIVE
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(text) - 1))
+        what = draw(st.sampled_from(["insert", "delete", "replace"]))
+        char = draw(st.sampled_from(list(":{}[]$'\"-#&*!|> \n\tx0")))
+        if what == "insert":
+            text = text[:at] + char + text[at:]
+        elif what == "delete":
+            text = text[:at] + text[at + 1 :]
+        else:
+            text = text[:at] + char + text[at + 1 :]
+    return text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(definition=mutated_definitions() | st.text(max_size=200))
+def test_registering_fuzzed_definitions(
+    definition: str, fuzz_target: tuple[str, dict[str, str]]
+) -> None:
+    url, auth = fuzz_target
+    resp = httpx.post(
+        f"{url}/v1/workflows", json={"definition": definition}, headers=auth, timeout=10
+    )
+    assert resp.status_code in (201, 422), resp.text
+    if resp.status_code == 422:
+        assert resp.json()["error"]["code"] in ("invalid_workflow", "invalid_request")

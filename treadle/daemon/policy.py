@@ -95,7 +95,9 @@ class DefinitionPolicy:
         data, tree = _parse(text, fmt)
         if data is None:
             return  # it does not parse: the loader reports where, before resolving anything
-        _Walker(self, filename, tree, data).workflow(data, ())
+        walker = _Walker(self, filename, tree, data)
+        walker.count(data)
+        walker.workflow(data, ())
 
     def module_allowed(self, module: str) -> bool:
         return any(module == p or module.startswith(p + ".") for p in self.allow_imports)
@@ -208,7 +210,6 @@ class _Walker:
         self.data = data
         self.filename = filename
         self.tree = tree
-        self.count = 0
 
     def fail(self, path: Path, problem: str) -> PolicyViolation:
         line, col = _position(self.tree, path)
@@ -216,12 +217,22 @@ class _Walker:
             f"{self.filename}:{line}:{col}: {_field(self.data, path)}: {problem}"
         )
 
-    def tick(self, path: Path) -> None:
-        self.count += 1
-        if self.count > MAX_NODES:
-            raise self.fail(
-                path, f"the definition expands to more than {MAX_NODES} values (YAML aliases?)"
-            )
+    def count(self, data: Any) -> None:
+        """Refuse a document that expands (through YAML aliases, which the loader follows)
+        to more than `MAX_NODES` values, before anything walks it value by value."""
+        stack: list[tuple[Any, Path]] = [(data, ())]
+        seen = 0
+        while stack:
+            value, path = stack.pop()
+            seen += 1
+            if seen > MAX_NODES:
+                raise self.fail(
+                    path, f"the definition expands to more than {MAX_NODES} values (YAML aliases?)"
+                )
+            if isinstance(value, dict):
+                stack.extend((v, (*path, str(_text(k)))) for k, v in value.items())
+            elif isinstance(value, list):
+                stack.extend((v, (*path, i)) for i, v in enumerate(value))
 
     def workflow(self, data: Any, path: Path) -> None:
         if not isinstance(data, dict):
@@ -229,7 +240,6 @@ class _Walker:
         for raw_key, value in data.items():
             key = _text(raw_key)
             sub = (*path, str(key))
-            self.tick(sub)
             if isinstance(key, str) and key in _WORKFLOW_TEXT:
                 continue
             if key == "models":
@@ -247,7 +257,6 @@ class _Walker:
         for raw_key, value in data.items():
             key = _text(raw_key)
             sub = (*path, str(key))
-            self.tick(sub)
             if isinstance(key, str) and key in _NODE_TEXT:
                 continue
             if key == "node":
@@ -289,7 +298,6 @@ class _Walker:
 
     def scan(self, value: Any, path: Path) -> None:
         """Every import path in every string under `value` (defaults excepted)."""
-        self.tick(path)
         value = _text(value)
         if isinstance(value, str):
             for match in _TOKEN.finditer(value):
@@ -312,7 +320,6 @@ class _Walker:
             self.backend(config, (*path, str(alias)))
 
     def backend(self, config: Any, path: Path) -> None:
-        self.tick(path)
         if not isinstance(config, dict):
             return  # the loader / compiler report a malformed entry
         kind = config.get("backend")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -90,6 +91,11 @@ class RunService:
         if info is None:
             raise NotFound(f"workflow {workflow!r} not found")
         cg = await self.registry.compiled(info.digest)
+        bad = _non_finite(inputs)
+        if bad is not None:
+            # Python's JSON parser takes NaN/Infinity; JSON has no such numbers, and the run's
+            # record (and every API answer about it) must be JSON
+            raise InvalidRequest(f"inputs.{bad}: NaN and Infinity are not JSON numbers")
         try:
             validated = validate_inputs(cg, inputs)
         except InvalidInputs as exc:
@@ -211,6 +217,23 @@ class RunService:
             if fresh or len(entries) < want:
                 return fresh[:count]
             want *= 2  # a page of ties only: look further
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite number in `value`, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(value)"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _non_finite(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _non_finite(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _text(value: bytes | str) -> str:
