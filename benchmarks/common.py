@@ -7,6 +7,7 @@ Report format (BENCHMARKS.md): `{"bench": NAME, "config": {...}, "results": {SYS
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,14 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+
+def data_dir() -> Path:
+    """The benchmark data sets: `$TREADLE_DATA`, else `../shared/data` beside the checkout."""
+    env = os.environ.get("TREADLE_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def write_report(

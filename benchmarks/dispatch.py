@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +62,7 @@ from treadle.backends.sim.engine import Engine, SimRequest
 from treadle.backends.sim.kvcache import BlockCache
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
 from treadle.backends.sim.trace import MOONCAKE_BLOCK_TOKENS, TraceRow, load_azure, load_mooncake
-from treadle.benchmarks.common import percentile, print_table, write_report
+from treadle.benchmarks.common import data_dir, percentile, print_table, write_report
 
 SloMode = Literal["auto", "absolute", "slack"]
 DEFAULT_TRACE = Path("mooncake") / "conversation_trace.jsonl"
@@ -71,14 +70,6 @@ DEFAULT_TRACE = Path("mooncake") / "conversation_trace.jsonl"
 CHUNK_TOKENS = MOONCAKE_BLOCK_TOKENS
 #: capacity search range, in multiples of the trace's own arrival rate
 MIN_SCALE, MAX_SCALE = 1 / 64, 64.0
-
-
-def data_dir() -> Path:
-    """`$TREADLE_DATA`, else `../shared/data` next to the repository."""
-    env = os.environ.get("TREADLE_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # -- the workload ---------------------------------------------------------------------------

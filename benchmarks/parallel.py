@@ -50,7 +50,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 import selectors
 import time
@@ -82,7 +81,7 @@ from treadle.backends.base import (
 )
 from treadle.backends.sim.profile import Profile
 from treadle.backends.sim.tokenizer import tokenize, tokenize_with_offsets
-from treadle.benchmarks.common import mean, percentile, print_table, write_report
+from treadle.benchmarks.common import data_dir, mean, percentile, print_table, write_report
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.runtime import Runtime
@@ -103,14 +102,6 @@ SEARCH_FLOOR_S = 0.307
 SEARCH_TAIL_MEAN_S = 0.303
 #: prefix-cache block size (vLLM's default)
 BLOCK = 16
-
-
-def data_dir() -> Path:
-    """`$TREADLE_DATA`, else `../shared/data` next to the repository."""
-    env = os.environ.get("TREADLE_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # -- virtual time -------------------------------------------------------------------------
