@@ -589,20 +589,14 @@ class Scheduler:
         t.vtime += call.est_service_s / t.weight
         t.dispatched += 1
         t.version += 1
-        # the tenant's other lanes see the new key when their stale entry surfaces; this
-        # lane gets a fresh entry now if the tenant still has work here
-        tq = lane.tenant_queues[t.name]
-        if tq.queued > 0:
+        # its virtual time moved: every lane where it still has work gets a fresh entry
+        # (the old ones are stale by version and dropped when they surface)
+        for lane_i in t.lanes_with_work:
+            other = self.lanes[lane_i]
             heapq.heappush(
-                lane.tenant_heap, (self._key(t.vtime, t.dispatched, t.name), tq, t.version)
+                other.tenant_heap,
+                (self._key(t.vtime, t.dispatched, t.name), other.tenant_queues[t.name], t.version),
             )
-        for other in t.lanes_with_work:
-            if other != lane.index:
-                otq = self.lanes[other].tenant_queues[t.name]
-                heapq.heappush(
-                    self.lanes[other].tenant_heap,
-                    (self._key(t.vtime, t.dispatched, t.name), otq, t.version),
-                )
 
     def next_for(self, lane_index: int, now: float) -> Call | None:
         """Take the next call for a lane with room (None: nothing queued or no room)."""

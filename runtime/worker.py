@@ -9,7 +9,8 @@ run's lease (`LeaseKeeper`). For one run it:
 2. loads the program through a `ProgramLoader` (the daemon's loader reads a registered
    definition from Redis and caches compiled graphs by definition hash);
 3. starts it — or, when the journal already has events (the run was taken over from a
-   worker that died), resumes it: finished nodes are restored, not run again;
+   worker that died), resumes it: finished nodes are restored, not run again. (A fresh
+   run's record stays `pending` until it ends; that it started shows in its journal);
 4. writes everything through `RedisStore.fenced(worker_id)`, so that once the lease has
    passed to another worker this one cannot add to the journal; a lost lease cancels the
    run here (`LeaseKeeper`) and the queue entry is left to the new owner;
@@ -198,12 +199,15 @@ class _Gate:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self._closed: set[str] = set()
+        #: runs whose terminal status this worker wrote (saves reading the record back)
+        self.settled: dict[str, str] = {}
 
     def shut(self, run_id: str) -> None:
         self._closed.add(run_id)
 
     def forget(self, run_id: str) -> None:
         self._closed.discard(run_id)
+        self.settled.pop(run_id, None)
 
     def _check(self, run_id: str) -> None:
         if run_id in self._closed:
@@ -219,6 +223,9 @@ class _Gate:
     async def update_run(self, run_id: str, **changes: Any) -> None:
         self._check(run_id)
         await self.store.update_run(run_id, **changes)
+        status = changes.get("status")
+        if isinstance(status, str) and status in TERMINAL:
+            self.settled[run_id] = status
 
     async def list_runs(
         self, *, tenant: str | None = None, status: str | None = None, limit: int = 50,
@@ -443,8 +450,10 @@ class Worker:
         resume = last_seq > 0
         if resume:
             self.stats.resumed += 1
-        else:
-            await self.store.update_run(run_id, status="running")
+        # A fresh run's record stays `pending` until it ends: marking it `running` would cost
+        # two round trips per run, and whether it has started is in the journal already
+        # (`last_seq` > 0), which is how the daemon's API reports it. (A resumed run is
+        # marked `running` by the runtime.)
         self._set_trace_parent(record)
         try:
             async with self.runtime.open_run(cg, record, resume=resume) as handle:
@@ -461,6 +470,10 @@ class Worker:
                 run_id, status="failed", error=f"internal error: {type(exc).__name__}: {exc}"
             )
             return await self.store.get_run(run_id)
+        status = self.store.settled.get(run_id)
+        if status is not None:
+            # the runtime recorded the end: the record is what we had, with its new status
+            return record.model_copy(update={"status": status, "error": result.error})
         final = await self.store.get_run(run_id)
         if final is None or final.status not in TERMINAL:
             owner = await self.queue.lease_owner(run_id)

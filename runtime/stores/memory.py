@@ -3,12 +3,13 @@ process, but it keeps the same journal discipline as the durable stores."""
 
 from __future__ import annotations
 
-import time
+import bisect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from treadle.runtime.events import Event
 from treadle.runtime.store import RunNotFound, RunRecord
+from treadle.runtime.stores.codec import apply_changes, check_batch, check_outputs, check_page
 
 
 class MemoryStore:
@@ -30,7 +31,7 @@ class MemoryStore:
         rec = self._runs.get(run_id)
         if rec is None:
             raise RunNotFound(run_id)
-        self._runs[run_id] = rec.model_copy(update={**changes, "updated_at": time.time()})
+        self._runs[run_id] = apply_changes(rec, changes)
 
     async def list_runs(
         self,
@@ -40,6 +41,7 @@ class MemoryStore:
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:
+        check_page(limit, offset)
         runs = [
             r
             for r in self._runs.values()
@@ -53,17 +55,22 @@ class MemoryStore:
     ) -> None:
         if run_id not in self._runs:
             raise RunNotFound(run_id)
+        journal = self._events[run_id]
+        # the same journal rules as the durable stores, so a bug shows up in memory too
+        check_batch(events, journal[-1].seq if journal else None)
         if outputs:
-            self._outputs[run_id].update(outputs)
-        self._events[run_id].extend(events)
+            self._outputs[run_id].update(check_outputs(outputs))
+        journal.extend(events)
 
     async def load_outputs(self, run_id: str) -> dict[str, bytes]:
         return dict(self._outputs.get(run_id, {}))
 
     async def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
         events = self._events.get(run_id, [])
-        # seqs are dense from 1, so the index of seq n is n-1
-        return events[after_seq:] if after_seq >= 0 else list(events)
+        if not events or after_seq <= 0:
+            return list(events)
+        # seqs strictly increase, so bisect rather than assume they are dense
+        return events[bisect.bisect_right(events, after_seq, key=lambda e: e.seq) :]
 
     async def close(self) -> None:
         return None

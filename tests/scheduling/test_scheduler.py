@@ -121,20 +121,21 @@ def test_tenant_shares_follow_weights_under_saturation(lanes: int) -> None:
         s.set_weight(t, w)
     rng = random.Random(7)
     n = 0
-    # every tenant keeps a deep backlog of calls of different sizes
+    # every tenant keeps a backlog deeper than the measured run can drain
     for t in weights:
         for p in range(12):
-            for _ in range(400):
+            for _ in range(800):
                 n += 1
                 s.submit(Call(f"c{n}", f"{t}-{p}", est_service_s=1.0), 0.0, tenant=t)
     service: Counter[str] = Counter()
     now = 0.0
-    for _ in range(3000):
+    for _ in range(1200 // lanes):
         for c in s.dispatch(now):
             actual = rng.uniform(0.2, 3.0)  # the estimate is corrected at completion
             s.complete(c, now + actual, service_s=actual)
             service[s.programs[c.program_id].tenant.name] += actual
         now += 0.01
+    assert all(s.tenants[t].lanes_with_work for t in weights)  # still saturated
     total = sum(service.values())
     for t, w in weights.items():
         share = service[t] / total

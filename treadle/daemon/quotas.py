@@ -5,9 +5,10 @@
   API processes cannot both admit the last slot; a worker removes the run when it settles
   it (`release_run`). A slot can leak only if a process dies between admitting a run and
   creating its record; `prune` (run when a tenant hits its limit) drops members whose run
-  is terminal, or missing for longer than a minute.
+  is terminal, or missing for longer than a minute. Workers release in batches
+  (`UsageLedger`).
 - **Tokens per minute**: workers count the prompt and completion tokens of every LLM call
-  (`TokenMeter`, a run listener) and add them every second to a counter per tenant and
+  (`UsageLedger`, a run listener) and add them every 0.2 s to a counter per tenant and
   minute (`INCRBY`, expiring after two minutes). A submit is refused while the current
   minute's count is at or over the limit. This is admission control: a run already
   admitted is not stopped mid-way when its tenant goes over.
@@ -124,41 +125,54 @@ class Quotas:
         return len(stale)
 
 
-class TokenMeter:
-    """Counts LLM tokens per tenant from run events and adds them to Redis periodically.
+class UsageLedger:
+    """A worker's quota bookkeeping, written to Redis in batches.
 
-    `listener` is a run listener (it must be cheap: it only adds to a dict); `run()` flushes
-    every `interval_s` until cancelled, and `flush()` once more on the way out.
+    - `listener` (a run listener; it only adds to a dict) counts LLM tokens per tenant
+      and minute;
+    - `release_run` queues a settled run's removal from its tenant's active set.
+
+    `run()` writes both every `interval_s` in one pipeline (instead of a round trip per
+    run), and once more when cancelled. A release lost in a crash is harmless: the run is
+    terminal, and `Quotas.prune` drops terminal runs from the active set.
     """
 
-    def __init__(self, redis: Redis, keys: DaemonKeys, *, interval_s: float = 1.0) -> None:
+    def __init__(self, redis: Redis, keys: DaemonKeys, *, interval_s: float = 0.2) -> None:
         self.redis = redis
         self.keys = keys
         self.interval_s = interval_s
-        self._pending: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self._tokens: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self._released: list[tuple[str, str]] = []
 
     def listener(self, ctx: RunContext, event: Event) -> None:
         if type(event) is LLMCallFinished and ctx.options.tenant:
             tokens = event.prompt_tokens + event.completion_tokens
             if tokens:
-                self._pending[(ctx.options.tenant, current_minute(event.ts))] += tokens
+                self._tokens[(ctx.options.tenant, current_minute(event.ts))] += tokens
+
+    def release_run(self, tenant_id: str, run_id: str) -> None:
+        self._released.append((tenant_id, run_id))
 
     async def flush(self) -> None:
-        if not self._pending:
+        if not self._tokens and not self._released:
             return
-        batch, self._pending = self._pending, defaultdict(int)
+        tokens, self._tokens = self._tokens, defaultdict(int)
+        released, self._released = self._released, []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for (tenant, minute), tokens in batch.items():
+                for (tenant, minute), count in tokens.items():
                     key = self.keys.tokens(tenant, minute)
-                    pipe.incrby(key, tokens)
+                    pipe.incrby(key, count)
                     pipe.expire(key, 120)
+                for tenant, run_id in released:
+                    pipe.zrem(self.keys.active(tenant), run_id)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            # keep the counts for the next flush: a quota must not forget usage
-            for k, v in batch.items():
-                self._pending[k] += v
-            log.warning("could not record token usage (will retry): %s", exc)
+            # keep them for the next flush: a quota must not forget usage
+            for k, v in tokens.items():
+                self._tokens[k] += v
+            self._released[:0] = released
+            log.warning("could not record quota usage (will retry): %s", exc)
 
     async def run(self) -> None:
         try:

@@ -40,6 +40,9 @@ from treadle.runtime.worker import ProgramError
 log = logging.getLogger(__name__)
 
 SOURCE_PREFIX = "registry:"
+#: how long a name -> definition lookup is reused (see `WorkflowRegistry.get`)
+NAME_CACHE_S = 1.0
+_NAME_CACHE_MAX = 10_000
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 Format = Literal["yaml", "json"]
 
@@ -83,6 +86,7 @@ class WorkflowRegistry:
         self.models = tuple(models)
         self.max_bytes = max_bytes
         self._cache: OrderedDict[str, CompiledGraph] = OrderedDict()
+        self._names: dict[tuple[str, str], tuple[float, WorkflowInfo | None]] = {}
         self._cache_size = cache_size
         # relative subgraph paths and local modules resolve here: an empty folder (subgraph
         # files are refused by the policy anyway)
@@ -139,13 +143,26 @@ class WorkflowRegistry:
                     pipe.multi()
                     pipe.hset(key, cg.name, info.model_dump_json())
                     await pipe.execute()
+                    self._names[(tenant, cg.name)] = (time.monotonic() + NAME_CACHE_S, info)
                     return info
                 except WatchError:
                     continue  # registered concurrently: read the new version and go again
 
     async def get(self, tenant: str, name: str) -> WorkflowInfo | None:
+        """The tenant's current definition of `name`. Answers are cached for
+        `NAME_CACHE_S` (submitting looks the name up on every run); a registration through
+        this process updates the cache at once, one through another process is seen within
+        that time."""
+        now = time.monotonic()
+        hit = self._names.get((tenant, name))
+        if hit is not None and hit[0] > now:
+            return hit[1]
         raw = await self.redis.hget(self.keys.workflows(tenant), name)
-        return WorkflowInfo.model_validate_json(raw) if raw is not None else None
+        info = WorkflowInfo.model_validate_json(raw) if raw is not None else None
+        if len(self._names) >= _NAME_CACHE_MAX:
+            self._names.clear()
+        self._names[(tenant, name)] = (now + NAME_CACHE_S, info)
+        return info
 
     async def list_workflows(self, tenant: str) -> list[WorkflowInfo]:
         raw = await self.redis.hgetall(self.keys.workflows(tenant))

@@ -56,6 +56,16 @@ class InvalidRequest(ValueError):
 class RunView:
     record: RunRecord
     cancel_requested: bool = False
+    #: the journal has events (`last_seq` > 0)
+    started: bool = False
+
+    @property
+    def status(self) -> str:
+        """The status to report: workers leave a fresh run's record `pending` until it ends
+        (saving two round trips per run), so a pending run with a journal is running."""
+        if self.record.status == "pending" and self.started:
+            return "running"
+        return self.record.status
 
 
 @dataclass(frozen=True)
@@ -138,20 +148,20 @@ class RunService:
         if not RUN_ID.fullmatch(run_id):
             raise NotFound(f"run {run_id!r} not found")
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self.keys.meta(run_id), "data")
+            pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
             pipe.exists(cancel_key(self.keys, run_id))
-            raw, flagged = await pipe.execute()
+            (raw, last_seq), flagged = await pipe.execute()
         record = codec.decode_record(raw) if raw is not None else None
         if record is None or record.tenant != tenant.id:
             raise NotFound(f"run {run_id!r} not found")
-        return RunView(record, bool(flagged))
+        return RunView(record, bool(flagged), started=int(last_seq or 0) > 0)
 
     async def cancel(self, tenant: Tenant, run_id: str) -> RunView:
         view = await self.get(tenant, run_id)
         if view.record.status in TERMINAL:
             raise Conflict(f"run {run_id!r} has finished already ({view.record.status})")
         await request_cancel(self.redis, self.keys, run_id)
-        return RunView(view.record, True)
+        return RunView(view.record, True, view.started)
 
     async def events(self, tenant: Tenant, run_id: str, after: int = 0) -> list[Event]:
         await self.get(tenant, run_id)
@@ -179,20 +189,20 @@ class RunService:
             scanned += len(entries)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for run_id, _score in entries:
-                    pipe.hget(self.keys.meta(run_id), "data")
-                raws = await pipe.execute()
-            for (run_id, score), raw in zip(entries, raws, strict=True):
+                    pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
+                metas = await pipe.execute()
+            for (run_id, score), (raw, last_seq) in zip(entries, metas, strict=True):
                 position = (score, run_id)
                 if raw is None:
                     continue
-                record = codec.decode_record(raw)
-                if record.tenant != tenant.id:
+                view = RunView(codec.decode_record(raw), started=int(last_seq or 0) > 0)
+                if view.record.tenant != tenant.id:
                     continue
-                if status is not None and record.status != status:
+                if status is not None and view.status != status:
                     continue
-                if workflow is not None and record.graph != workflow:
+                if workflow is not None and view.record.graph != workflow:
                     continue
-                out.append(RunView(record))
+                out.append(view)
                 if len(out) == limit:
                     return RunPage(out, _encode_cursor(position))
         # the scan budget is spent: the client goes on from here

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,7 +77,7 @@ class RunOut(BaseModel):
         return cls(
             run_id=r.run_id,
             workflow=r.graph,
-            status=r.status,
+            status=cast(RunStatusName, view.status),
             created_at=r.created_at,
             updated_at=r.updated_at,
             inputs=r.inputs,

@@ -1,5 +1,5 @@
 """Workers as the daemon runs them: a `Worker` wired to the registry (programs), the quotas
-(settling a run frees its tenant's slot; LLM tokens are metered) and, when configured,
+(settling a run frees its tenant's slot; LLM tokens are counted) and, when configured,
 metrics and tracing. `run_worker_process` is the body of `treadle worker`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from treadle.daemon.config import DaemonConfig
-from treadle.daemon.quotas import TokenMeter
+from treadle.daemon.quotas import UsageLedger
 from treadle.daemon.registry import RegistryLoader
 from treadle.daemon.services import Services
 from treadle.runtime.context import Listener
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def build_worker(
     services: Services,
-    meter: TokenMeter,
+    ledger: UsageLedger,
     *,
     listeners: Sequence[Listener] = (),
     tracer: OtelTracer | None = None,
@@ -34,16 +34,15 @@ def build_worker(
     config = services.config
 
     async def settled(record: RunRecord) -> None:
-        await meter.flush()  # the run's tokens count before its slot frees up
         if record.tenant is not None:
-            await services.quotas.release_run(record.tenant, record.run_id)
+            ledger.release_run(record.tenant, record.run_id)
 
     return Worker(
         services.queue,
         services.store,
         RegistryLoader(services.registry),
         models=config.models,
-        listeners=[meter.listener, *listeners],
+        listeners=[ledger.listener, *listeners],
         on_settled=settled,
         tracer=tracer,
         options=WorkerOptions(
@@ -59,15 +58,15 @@ async def run_workers(
     listeners: Sequence[Listener] = (),
     task_status: TaskStatus[list[Worker]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run `count` workers (and the token meter) until cancelled or until every worker has
+    """Run `count` workers (and their quota ledger) until cancelled or until every worker has
     been stopped (`Worker.stop`)."""
-    meter = TokenMeter(services.redis, services.keys)
+    ledger = UsageLedger(services.redis, services.keys)
     tracer = configure_tracing()  # None unless OTEL_TRACES_EXPORTER asks for spans
     workers = [
-        build_worker(services, meter, listeners=listeners, tracer=tracer) for _ in range(count)
+        build_worker(services, ledger, listeners=listeners, tracer=tracer) for _ in range(count)
     ]
     async with anyio.create_task_group() as tg:
-        tg.start_soon(meter.run)
+        tg.start_soon(ledger.run)
         for worker in workers:
             await tg.start(worker.run)
         task_status.started(workers)

@@ -1,0 +1,558 @@
+"""`treadle bench service`: the daemon under load and faults (BENCHMARKS.md, section 5).
+
+K tenants submit runs of a small 5-node workflow (scripted backend) through the HTTP API,
+at a fixed rate (open loop: a request is sent on schedule whether or not earlier ones have
+been answered), to W worker processes on a real Redis. Everything runs as separate
+processes on this machine: a private `redis-server` (append-only file, `appendfsync
+always`) unless `--redis-url` is given, the API (`treadle serve --no-worker`), the workers
+(`treadle worker`), and this process as the load generator.
+
+Phases (each followed by a drain: waiting until every accepted run is terminal):
+- `full`: `--rate` runs/s for `--duration` s;
+- `half`: half that rate (the API latency target is for this phase);
+- `faults` (with `--kill-every` and/or `--restart-redis`): half the rate while a worker is
+  SIGKILLed (and restarted) every `--kill-every` s, and Redis is SIGKILLed and restarted
+  once, half-way (its append-only file is fsynced on every write, so nothing acknowledged
+  is lost).
+
+Metrics per phase:
+- `runs_per_s`: runs that succeeded, over the time from the phase's first submission to
+  its last completion (the offered rate when the system keeps up, its capacity when not);
+- `drain_s`: how long after the last submission the last run finished (a backlog);
+- `api_p50_ms` / `api_p99_ms`: client-side latency of every API request of the phase;
+- `runs_lost`: accepted runs (201) that never reached a terminal state (or vanished);
+- `duplicate_completions`: node executions repeated beyond the at-least-once rule, from
+  the journals: a node instance that finished more than once in one run;
+- `cross_tenant_reads_allowed`: reads of other tenants' runs (every 10th submit also
+  tries one; GET run and GET events) that were not refused with 404 (must be 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import typer
+from redis.exceptions import RedisError
+
+from treadle.benchmarks.common import percentile, print_table, write_report
+from treadle.runtime.events import NodeFinished, RunStarted
+from treadle.runtime.store import TERMINAL
+from treadle.runtime.stores import codec
+
+WORKFLOW = """\
+name: five
+description: Outline, expand twice, merge, title (the service benchmark's workflow).
+inputs:
+  topic: str
+models:
+  default: {backend: scripted}
+nodes:
+  - {id: outline, kind: llm, prompt: "Outline {topic}", inputs: {topic: $input.topic}}
+  - {id: part1, kind: llm, prompt: "Expand part one of {o}", inputs: {o: $outline}}
+  - {id: part2, kind: llm, prompt: "Expand part two of {o}", inputs: {o: $outline}}
+  - {id: merge, kind: llm, prompt: "Merge {a} and {b}", inputs: {a: $part1, b: $part2}}
+  - {id: title, kind: llm, prompt: "Title for {m}", inputs: {m: $merge}}
+outputs:
+  title: $title
+"""
+NODES = 5
+PREFIX = "treadle"
+CROSS_EVERY = 10  # every Nth submit also tries to read another tenant's run
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _Redis:
+    """A private redis-server with its append-only file fsynced on every write."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = _which("redis-server")
+        self.args = [
+            binary, "--port", str(_free_port()), "--bind", "127.0.0.1", "--dir", str(workdir),
+            "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+            "--protected-mode", "no", "--logfile", str(workdir / "redis.log"),
+        ]  # fmt: skip
+        self.port = int(self.args[2])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        _wait_port(self.port, "redis-server", self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class _Child:
+    """A `python -m treadle.cli_daemon ...` process."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args = [sys.executable, "-m", "treadle.cli_daemon", *args]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> _Child:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _which(name: str) -> str:
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        raise typer.BadParameter(f"{name} is not installed; give --redis-url instead")
+    return found
+
+
+def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open port {port}")
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc; 0 elsewhere)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuMeter:
+    """CPU used by each part of the system during a phase (processes restarted by fault
+    injection lose what their predecessors used, so under faults this is a lower bound)."""
+
+    def __init__(self, parts: dict[str, list[Any]]) -> None:
+        self.parts = parts
+        self.start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, procs in self.parts.items():
+            total = 0.0
+            for proc in procs:
+                pid = proc.pid if isinstance(proc, subprocess.Popen) else None
+                if proc == "self":
+                    pid = os.getpid()
+                elif hasattr(proc, "proc") and proc.proc is not None:
+                    pid = proc.proc.pid
+                total += _cpu_s(pid)
+            out[name] = total
+        return out
+
+    def used(self) -> dict[str, float]:
+        end = self._sample()
+        return {name: max(0.0, end[name] - self.start[name]) for name in end}
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Phase:
+    name: str
+    rate: float
+    duration_s: float
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    accepted: dict[str, str] = field(default_factory=dict)  # run id -> tenant
+    client_errors: int = 0
+    submits: int = 0
+    cross_attempts: int = 0
+    cross_allowed: int = 0
+    worker_kills: int = 0
+    redis_restarts: int = 0
+    started: float = 0.0
+    ended: float = 0.0
+
+
+class _Load:
+    def __init__(self, url: str, keys: dict[str, str], seed: int) -> None:
+        self.url = url
+        self.keys = keys
+        self.tenants = list(keys)
+        self.rng = random.Random(seed)
+        self.http = httpx.AsyncClient(
+            base_url=url,
+            timeout=httpx.Timeout(30.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+        )
+        self.counter = 0
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def run_phase(self, phase: _Phase) -> None:
+        phase.started = time.time()
+        start = time.perf_counter()
+        total = int(phase.rate * phase.duration_s)
+        async with anyio.create_task_group() as tg:
+            for i in range(total):
+                delay = start + i / phase.rate - time.perf_counter()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                tg.start_soon(self._submit, phase)
+            phase.ended = time.time()  # the last request is sent: the window closes
+
+    async def _request(
+        self, phase: _Phase, method: str, path: str, **kw: Any
+    ) -> httpx.Response | None:
+        sent = time.perf_counter()
+        try:
+            resp = await self.http.request(method, path, **kw)
+        except httpx.HTTPError:
+            phase.client_errors += 1
+            return None
+        phase.latencies.append(time.perf_counter() - sent)
+        phase.statuses[resp.status_code] += 1
+        return resp
+
+    async def _submit(self, phase: _Phase) -> None:
+        self.counter += 1
+        phase.submits += 1
+        n = self.counter
+        tenant = self.tenants[n % len(self.tenants)]
+        body = {"workflow": "five", "inputs": {"topic": f"topic {n % 997}"}}
+        resp = await self._request(phase, "POST", "/v1/runs", json=body, headers=self._auth(tenant))
+        if resp is not None and resp.status_code == 201:
+            phase.accepted[resp.json()["run_id"]] = tenant
+        if n % CROSS_EVERY == 0 and len(phase.accepted) > 1:
+            await self._cross_read(phase, tenant)
+
+    async def _cross_read(self, phase: _Phase, reader: str) -> None:
+        # somebody else's run: it exists, so a 200 would be a leak
+        for run_id, owner in self.rng.sample(list(phase.accepted.items()), 2):
+            if owner == reader:
+                continue
+            for path in (f"/v1/runs/{run_id}", f"/v1/runs/{run_id}/events?follow=false"):
+                resp = await self._request(phase, "GET", path, headers=self._auth(reader))
+                if resp is None:
+                    continue
+                phase.cross_attempts += 1
+                if resp.status_code != 404:
+                    phase.cross_allowed += 1
+            return
+
+    def _auth(self, tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[tenant]}"}
+
+
+# -- faults ----------------------------------------------------------------------------
+
+
+async def _inject_faults(
+    phase: _Phase,
+    workers: list[_Child],
+    redis: _Redis | None,
+    kill_every: float | None,
+    restart_redis: bool,
+    rng: random.Random,
+) -> None:
+    begun = time.perf_counter()
+    restart_at = phase.duration_s / 2 if restart_redis and redis is not None else None
+    next_kill = kill_every
+    while True:
+        elapsed = time.perf_counter() - begun
+        if elapsed >= phase.duration_s:
+            return
+        if restart_at is not None and elapsed >= restart_at:
+            assert redis is not None
+            redis.kill()
+            await anyio.sleep(0.5)
+            redis.start()
+            phase.redis_restarts += 1
+            restart_at = None
+        if next_kill is not None and elapsed >= next_kill:
+            victim = rng.choice(workers)
+            victim.kill()
+            victim.start()
+            phase.worker_kills += 1
+            next_kill += kill_every or 0
+        await anyio.sleep(0.05)
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+async def _records(client: Any, run_ids: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i in range(0, len(run_ids), 500):
+        chunk = run_ids[i : i + 500]
+        async with client.pipeline(transaction=False) as pipe:
+            for run_id in chunk:
+                pipe.hget(f"{PREFIX}:{{{run_id}}}:meta", "data")
+            raws = await pipe.execute()
+        for run_id, raw in zip(chunk, raws, strict=True):
+            out[run_id] = codec.decode_record(raw) if raw is not None else None
+    return out
+
+
+async def _drain(client: Any, phase: _Phase, timeout_s: float) -> dict[str, Any]:
+    """Wait until every accepted run is terminal (or the timeout); their records."""
+    deadline = time.monotonic() + timeout_s
+    ids = list(phase.accepted)
+    while True:
+        try:
+            records = await _records(client, ids)
+        except (RedisError, OSError):
+            await anyio.sleep(0.5)
+            continue
+        done = all(r is not None and r.status in TERMINAL for r in records.values())
+        if done or time.monotonic() > deadline:
+            return records
+        await anyio.sleep(0.25)
+
+
+async def _journal_stats(client: Any, run_ids: list[str]) -> tuple[int, int]:
+    """(node completions repeated, runs resumed) over the runs' journals."""
+    repeated = 0
+    resumed = 0
+    for i in range(0, len(run_ids), 200):
+        chunk = run_ids[i : i + 200]
+        async with client.pipeline(transaction=False) as pipe:
+            for run_id in chunk:
+                pipe.xrange(f"{PREFIX}:{{{run_id}}}:events", "-", "+")
+            streams = await pipe.execute()
+        for entries in streams:
+            events = [codec.decode_event(fields[b"e"]) for _id, fields in entries]
+            counts = Counter(e.node for e in events if isinstance(e, NodeFinished))
+            repeated += sum(c - 1 for c in counts.values() if c > 1)
+            resumed += any(isinstance(e, RunStarted) and e.resumed for e in events)
+    return repeated, resumed
+
+
+def _summarize(
+    phase: _Phase, records: dict[str, Any], repeated: int, resumed: int
+) -> dict[str, Any]:
+    finished = {rid: r for rid, r in records.items() if r is not None and r.status in TERMINAL}
+    succeeded = [r for r in finished.values() if r.status == "succeeded"]
+    last = max((r.updated_at for r in finished.values()), default=phase.ended)
+    # all the phase's runs over the time they took: the offered rate when the system keeps
+    # up, its capacity when a backlog builds (drain_s then says how far behind it fell)
+    elapsed = max(phase.duration_s, last - phase.started)
+    return {
+        "offered_rate": phase.rate,
+        "submitted": phase.submits,
+        "accepted": len(phase.accepted),
+        "refused": {str(k): v for k, v in sorted(phase.statuses.items()) if k >= 400 and k != 404},
+        "client_errors": phase.client_errors,
+        "succeeded": len(succeeded),
+        "failed": sum(1 for r in finished.values() if r.status == "failed"),
+        "runs_per_s": len(succeeded) / elapsed,
+        "drain_s": max(0.0, last - phase.ended),
+        "api_p50_ms": percentile(phase.latencies, 0.5) * 1000,
+        "api_p99_ms": percentile(phase.latencies, 0.99) * 1000,
+        "runs_lost": len(records) - len(finished),
+        "duplicate_completions": repeated,
+        "resumed_runs": resumed,
+        "cross_tenant_reads": phase.cross_attempts,
+        "cross_tenant_reads_allowed": phase.cross_allowed,
+        "worker_kills": phase.worker_kills,
+        "redis_restarts": phase.redis_restarts,
+    }
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+async def _bench(
+    *,
+    tenants: int,
+    workers: int,
+    rate: float,
+    duration: float,
+    kill_every: float | None,
+    restart_redis: bool,
+    redis_url: str | None,
+    concurrency: int,
+    lease_ms: int,
+    seed: int,
+    workdir: Path,
+) -> dict[str, dict[str, Any]]:
+    from treadle.daemon.keys import DaemonKeys
+    from treadle.daemon.tenants import TenantStore
+    from treadle.runtime.stores.redis import connect
+
+    redis: _Redis | None = None
+    if redis_url is None:
+        redis = _Redis(workdir)
+        redis.start()
+        redis_url = redis.url
+    port = _free_port()
+    api = _Child(
+        ["serve", "--no-worker", "--redis", redis_url, "--port", str(port),
+         "--log-level", "warning"],
+        workdir / "api.log",
+    )  # fmt: skip
+    worker_args = ["worker", "--redis", redis_url, "--concurrency", str(concurrency),
+                   "--lease-ms", str(lease_ms), "--log-level", "warning"]  # fmt: skip
+    pool = [_Child(worker_args, workdir / f"worker-{i}.log") for i in range(workers)]
+    client = connect(redis_url)
+    load: _Load | None = None
+    try:
+        store = TenantStore(client, DaemonKeys(PREFIX))
+        keys: dict[str, str] = {}
+        stamp = int(time.time())
+        for i in range(tenants):
+            name = f"bench-{stamp}-{i}"
+            await store.create(name, max_concurrent_runs=100_000)
+            keys[name] = (await store.issue_key(name)).token
+        api.start()
+        assert api.proc is not None
+        await anyio.to_thread.run_sync(_wait_port, port, "the API", api.proc)
+        for child in pool:
+            child.start()
+        url = f"http://127.0.0.1:{port}"
+        load = _Load(url, keys, seed)
+        for tenant, key in keys.items():
+            resp = await load.http.post(
+                "/v1/workflows",
+                json={"definition": WORKFLOW},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            if resp.status_code != 201:
+                raise RuntimeError(f"registering for {tenant}: {resp.status_code} {resp.text}")
+        await anyio.sleep(1.5)  # the workers import and connect
+        phases = [_Phase("full", rate, duration), _Phase("half", rate / 2, duration)]
+        if kill_every is not None or restart_redis:
+            phases.append(_Phase("faults", rate / 2, duration))
+        results: dict[str, dict[str, Any]] = {}
+        rng = random.Random(seed)
+        for phase in phases:
+            meter = _CpuMeter(
+                {"api": [api], "workers": pool, "redis": [redis] if redis else [],
+                 "load generator": ["self"]}
+            )  # fmt: skip
+            async with anyio.create_task_group() as tg:
+                if phase.name == "faults":
+                    tg.start_soon(
+                        _inject_faults, phase, pool, redis, kill_every, restart_redis, rng
+                    )
+                await load.run_phase(phase)
+            records = await _drain(client, phase, timeout_s=max(60.0, 3 * duration))
+            repeated, resumed = await _journal_stats(client, list(phase.accepted))
+            cpu = meter.used()
+            results[phase.name] = _summarize(phase, records, repeated, resumed)
+            done = max(1, results[phase.name]["succeeded"])
+            results[phase.name]["cpu_ms_per_run"] = {k: v * 1000 / done for k, v in cpu.items()}
+        return results
+    finally:
+        if load is not None:
+            await load.close()
+        for child in pool:
+            child.stop()
+        api.stop()
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        if redis is not None:
+            redis.stop()
+
+
+def main(
+    tenants: Annotated[int, typer.Option(help="Tenants submitting runs.")] = 20,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    rate: Annotated[float, typer.Option(help="Runs submitted per second (full rate).")] = 200.0,
+    duration: Annotated[float, typer.Option(help="Seconds of submissions per phase.")] = 20.0,
+    kill_every: Annotated[
+        float | None, typer.Option(help="Faults phase: SIGKILL a worker every this many s.")
+    ] = None,
+    restart_redis: Annotated[
+        bool, typer.Option(help="Faults phase: SIGKILL and restart Redis once.")
+    ] = False,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Use this Redis instead of a private one (flushes nothing).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Runs per worker at once.")] = 128,
+    lease_ms: Annotated[int, typer.Option(help="Run lease time of the workers (ms).")] = 3000,
+    seed: Annotated[int, typer.Option(help="Seed of the fault schedule.")] = 0,
+    quick: Annotated[bool, typer.Option(help="A short smoke run (CI).")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """The daemon under load (runs/s, API latency) and under faults (lost runs, repeats)."""
+    if restart_redis and redis_url is not None:
+        raise typer.BadParameter("--restart-redis needs the private Redis (no --redis-url)")
+    if quick:
+        tenants, rate, duration = min(tenants, 5), min(rate, 40.0), min(duration, 4.0)
+        if kill_every is not None:
+            kill_every = min(kill_every, 1.5)
+    config = {
+        "tenants": tenants, "workers": workers, "rate": rate, "duration_s": duration,
+        "kill_every_s": kill_every, "restart_redis": restart_redis, "concurrency": concurrency,
+        "lease_ms": lease_ms, "nodes_per_run": NODES, "cpus": os.cpu_count(),
+        "redis": redis_url or "private, appendonly yes, appendfsync always",
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="treadle-bench-service-") as tmp:
+        results = anyio.run(
+            lambda: _bench(
+                tenants=tenants, workers=workers, rate=rate, duration=duration,
+                kill_every=kill_every, restart_redis=restart_redis, redis_url=redis_url,
+                concurrency=concurrency, lease_ms=lease_ms, seed=seed, workdir=Path(tmp),
+            )
+        )  # fmt: skip
+    columns = ["phase", "offered/s", "runs/s", "drain s", "api p50 ms", "api p99 ms",
+               "lost", "dup nodes", "x-tenant ok", "kills", "redis restarts"]  # fmt: skip
+    rows = [
+        [name, r["offered_rate"], r["runs_per_s"], r["drain_s"], r["api_p50_ms"], r["api_p99_ms"],
+         r["runs_lost"], r["duplicate_completions"], r["cross_tenant_reads_allowed"],
+         r["worker_kills"], r["redis_restarts"]]
+        for name, r in results.items()
+    ]  # fmt: skip
+    print_table("treadle bench service", columns, rows)
+    write_report(json_path, "service", config, results, {})
