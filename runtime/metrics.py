@@ -65,7 +65,7 @@ class RuntimeMetrics:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         except ImportError as exc:  # pragma: no cover - part of the server extra
             raise MetricsUnavailable(
-                "metrics need prometheus-client: pip install 'treadle[server]'"
+                "metrics need prometheus-client (a dependency of treadle): pip install prometheus-client"
             ) from exc
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry

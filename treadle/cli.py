@@ -358,8 +358,15 @@ def _register_optional() -> None:
     except ModuleNotFoundError as exc:
         if exc.name != "treadle.cli_sim":
             raise
-        return
-    app.add_typer(sim_app, name="sim")
+    else:
+        app.add_typer(sim_app, name="sim")
+    try:
+        from treadle.cli_daemon import register
+    except ModuleNotFoundError as exc:
+        if exc.name != "treadle.cli_daemon":
+            raise
+    else:
+        register(app)
 
 
 _register_optional()
