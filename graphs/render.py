@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from treadle.graphs.spec import (
@@ -18,6 +19,18 @@ from treadle.graphs.spec import (
     Ref,
     SubgraphNode,
 )
+
+
+@dataclass(frozen=True)
+class DynamicNode:
+    """A node a run added to its DAG (a planner's task), drawn inside its parent node.
+
+    `deps` are other dynamic nodes' ids; a task without deps hangs off its parent."""
+
+    parent: str
+    id: str
+    label: str
+    deps: tuple[str, ...] = ()
 
 
 def _label(node: NodeSpec) -> str:
@@ -75,7 +88,20 @@ def _mermaid_id(node_id: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in node_id)
 
 
-def to_mermaid(spec: GraphSpec) -> str:
+def _mermaid_dynamic(extra: Sequence[DynamicNode]) -> list[str]:
+    lines: list[str] = []
+    parents = dict.fromkeys(d.parent for d in extra)
+    for parent in parents:
+        lines.append(f'  subgraph {_mermaid_id(parent)}__run["{parent}: run-time tasks"]')
+        lines += [f'    {_mermaid_id(d.id)}["{d.label}"]' for d in extra if d.parent == parent]
+        lines.append("  end")
+    for d in extra:
+        for dep in d.deps or (d.parent,):
+            lines.append(f"  {_mermaid_id(dep)} -.-> {_mermaid_id(d.id)}")
+    return lines
+
+
+def to_mermaid(spec: GraphSpec, extra: Sequence[DynamicNode] = ()) -> str:
     lines = ["flowchart TD"]
     if spec.inputs:
         lines.append(f'  __input__(["inputs: {", ".join(spec.inputs)}"])')
@@ -96,10 +122,11 @@ def to_mermaid(spec: GraphSpec) -> str:
     for src, dst, label, control in _edges(spec):
         arrow = "-.->" if control else "-->"
         lines.append(f'  {_mermaid_id(src)} {arrow}|"{label}"| {_mermaid_id(dst)}')
+    lines += _mermaid_dynamic(extra)
     return "\n".join(lines) + "\n"
 
 
-def to_dot(spec: GraphSpec) -> str:
+def to_dot(spec: GraphSpec, extra: Sequence[DynamicNode] = ()) -> str:
     shapes = {"llm": "ellipse", "tool": "box", "func": "box", "branch": "diamond"}
     lines = [
         f'digraph "{spec.name}" {{',
@@ -118,13 +145,24 @@ def to_dot(spec: GraphSpec) -> str:
     for src, dst, label, control in _edges(spec):
         style = ", style=dashed" if control else ""
         lines.append(f'  "{src}" -> "{dst}" [label="{label}"{style}];')
+    for parent in dict.fromkeys(d.parent for d in extra):
+        lines.append(f'  subgraph "cluster_{parent}" {{')
+        lines.append(f'    label="{parent}: run-time tasks"; style=dotted;')
+        lines += [
+            f'    "{d.id}" [label="{d.label}", shape=box];' for d in extra if d.parent == parent
+        ]
+        lines.append("  }")
+    for d in extra:
+        for dep in d.deps or (d.parent,):
+            lines.append(f'  "{dep}" -> "{d.id}" [style=dotted];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def to_png(spec: GraphSpec, path: Path) -> None:
+def to_png(spec: GraphSpec, path: Path, extra: Sequence[DynamicNode] = ()) -> None:
     """Render with Graphviz's `dot`; raises RuntimeError if Graphviz is not installed."""
     dot = shutil.which("dot")
     if dot is None:
         raise RuntimeError("Graphviz is not installed (no `dot` on PATH); use --format dot")
-    subprocess.run([dot, "-Tpng", "-o", str(path)], input=to_dot(spec).encode(), check=True)
+    source = to_dot(spec, extra).encode()
+    subprocess.run([dot, "-Tpng", "-o", str(path)], input=source, check=True)

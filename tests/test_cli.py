@@ -192,3 +192,20 @@ def test_resume_after_interrupt_or_kill(tmp_path: Path, sig: signal.Signals) -> 
     assert json.loads(resumed.stdout)["output"] == {"out": 4}
     # a finished before the interruption and is not repeated; b was running and runs again
     assert _log(tmp_path) == ["a", "b", "b", "c"]
+
+
+def test_graph_of_a_run_draws_the_planner_tasks(tmp_path: Path) -> None:
+    db = str(tmp_path / "runs.db")
+    ran = treadle("run", "treadle.examples.planner_math:graph", "--json", "--db", db)
+    assert ran.returncode == 0, ran.stderr
+    run_id = json.loads(ran.stdout)["run_id"]
+    drawn = treadle("graph", "treadle.examples.planner_math:graph", "--run", run_id, "--db", db)
+    assert drawn.returncode == 0, drawn.stderr
+    assert 'value_task1["task1: read_file"]' in drawn.stdout
+    # the calculator task that combines the two reads depends on both
+    assert "value_task3 -.-> value_task5" in drawn.stdout
+    assert "value_task4 -.-> value_task5" in drawn.stdout
+    dot = treadle(
+        "graph", "treadle.examples.planner_math:graph", "--run", run_id, "--db", db, "-f", "dot"
+    )
+    assert 'subgraph "cluster_value"' in dot.stdout

@@ -259,26 +259,52 @@ def graph(
     program: ProgramArg,
     format: Annotated[str, typer.Option("--format", "-f", help="mermaid, dot or png.")] = "mermaid",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Also draw the tasks this run's planners added.")
+    ] = None,
+    store: StoreOpt = "sqlite",
+    db: DbOpt = None,
 ) -> None:
     """Draw a workflow as Mermaid, Graphviz DOT, or PNG."""
     from treadle.graphs.render import to_dot, to_mermaid, to_png
 
     spec = _load(program)
+    extra = _run_extensions(run_id, store, db) if run_id else []
     if format == "png":
         if output is None:
             raise _fail("--format png needs --output FILE.png")
         try:
-            to_png(spec, output)
+            to_png(spec, output, extra)
         except RuntimeError as exc:
             raise _fail(str(exc), 1) from None
         return
     if format not in ("mermaid", "dot"):
         raise _fail(f"--format must be mermaid, dot or png, not {format!r}")
-    text = to_mermaid(spec) if format == "mermaid" else to_dot(spec)
+    text = to_mermaid(spec, extra) if format == "mermaid" else to_dot(spec, extra)
     if output is not None:
         output.write_text(text)
     else:
         sys.stdout.write(text)
+
+
+def _run_extensions(run_id: str, store: str, db: Path | None) -> list[Any]:
+    """The DAG extensions a run recorded: its planners' tasks, from their checkpoints."""
+    from treadle.graphs.render import DynamicNode
+    from treadle.runtime.planner import planned_tasks
+
+    async def main() -> dict[str, bytes]:
+        state = _open_store(store, db)
+        try:
+            if await state.get_run(run_id) is None:
+                raise _fail(f"no run {run_id!r} in the store")
+            return dict(await state.load_outputs(run_id))
+        finally:
+            await state.close()
+
+    return [
+        DynamicNode(t.planner, t.instance, f"task{t.idx}: {t.tool}", t.deps)
+        for t in planned_tasks(anyio.run(main))
+    ]
 
 
 @app.command()
