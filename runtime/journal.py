@@ -28,6 +28,10 @@ class Journal:
         self._writing = False
         self._flushed: anyio.Event | None = None
 
+    def stage(self, node: str, output: bytes) -> None:
+        """Add `node`'s output to the next commit (it is not durable until then)."""
+        self.outputs[node] = output
+
     async def commit(self, node: str | None = None, output: bytes | None = None) -> None:
         """Make every event so far, and `node`'s `output` if given, durable."""
         if node is not None and output is not None:

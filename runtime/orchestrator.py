@@ -51,6 +51,8 @@ from treadle.runtime.values import Getter, adapter, dump_value, load_value, make
 
 #: an inline chain yields to the event loop this often, so it can be cancelled
 _YIELD_EVERY = 64
+#: at most this many inline outputs wait for one commit
+_STAGE_LIMIT = 512
 
 
 class RunFailure(Exception):
@@ -185,9 +187,22 @@ class GraphScope:
 
     async def _drive(self, first: str) -> None:
         local: deque[str] = deque([first])
+        # outputs of inline nodes run back to back, made durable in one commit before any
+        # of their successors may start
+        staged: list[tuple[str, Any]] = []
         while local:
             nid = local.popleft()
-            await self._execute(nid)
+            done = await self._execute(nid)
+            if done is not None:
+                staged.append(done)
+            if staged and (
+                not local or not self.plans[local[0]].inline or len(staged) >= _STAGE_LIMIT
+            ):
+                await self.ctx.journal.commit()
+                for sid, value in staged:
+                    self.values[sid] = value
+                    self._settled(sid)
+                staged.clear()
             self._dispatch(local)
 
     def _became_ready(self, nid: str) -> None:
@@ -227,14 +242,16 @@ class GraphScope:
 
     # -- one node ----------------------------------------------------------------------
 
-    async def _execute(self, nid: str) -> None:
+    async def _execute(self, nid: str) -> tuple[str, Any] | None:
+        """Run a node. An inline node's output is staged in the journal and returned for the
+        caller to settle after a commit; any other node is committed and settled here."""
         plan = self.plans[nid]
         iid = self.prefix + nid
         data = self.ctx.restored.get(iid)
         if data is not None:
             self.values[nid] = load_value(plan.cn.output_type, data)
             self._settled(nid)
-            return
+            return None
         values, inputs = self.values, self.inputs
         kwargs = {name: get(values, inputs, None) for name, get in plan.getters}
         if plan.inline:
@@ -246,12 +263,16 @@ class GraphScope:
             result = await self._run_with_policy(plan, iid, kwargs)
         if isinstance(result, _Skip):
             self._mark_skipped(nid, result.reason)
-            return
+            return None
         value, data_out, started = result
         self.ctx.emit(NodeFinished, iid, time.perf_counter() - started)
+        if plan.inline:
+            self.ctx.journal.stage(iid, data_out)
+            return nid, value
         await self.ctx.journal.commit(iid, data_out)
         self.values[nid] = value
         self._settled(nid)
+        return None
 
     def _run_inline(
         self, plan: NodePlan, iid: str, kwargs: dict[str, Any]
