@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from treadle.runtime.context import RunContext
 
 
+#: receives an answer's text as it streams
+TextSink = Callable[[str], Awaitable[None]]
+
+
 class CallAdmission(Protocol):
     """Decides when an LLM call may go to its backend (the scheduler implements this).
 
@@ -79,8 +83,16 @@ class LLMGateway:
             raise NodeError(alias, f"no backend for model {alias!r} (known: {known})") from None
 
     async def call(
-        self, ctx: RunContext, node: str, alias: str, request: LLMRequest
+        self,
+        ctx: RunContext,
+        node: str,
+        alias: str,
+        request: LLMRequest,
+        *,
+        on_text: TextSink | None = None,
     ) -> LLMResponse:
+        """Send one call through admission, with its events. With `on_text`, the answer's
+        text is handed over as it streams (all at once if the backend cannot stream)."""
         backend = self.backend(alias)
         ctx.llm_call_counter += 1
         call_id = f"{node}#{ctx.llm_call_counter}"
@@ -102,8 +114,10 @@ class LLMGateway:
         started = time.perf_counter()
         response: LLMResponse | None = None
         try:
-            if ctx.options.stream_tokens and isinstance(backend, StreamingBackend):
-                response = await self._streamed(ctx, backend, node, call_id, request)
+            streams = isinstance(backend, StreamingBackend) and backend.capabilities.streaming
+            if streams and (on_text is not None or ctx.options.stream_tokens):
+                assert isinstance(backend, StreamingBackend)
+                response = await self._streamed(ctx, backend, node, call_id, request, on_text)
             else:
                 response = await backend.generate(request)
         except BackendError as exc:
@@ -135,6 +149,8 @@ class LLMGateway:
             replica=response.replica,
             finish_reason=response.finish_reason,
         )
+        if on_text is not None and not streams and response.content:
+            await on_text(response.content)  # the whole answer, once it has arrived
         return response
 
     async def _streamed(
@@ -144,11 +160,17 @@ class LLMGateway:
         node: str,
         call_id: str,
         request: LLMRequest,
+        on_text: TextSink | None,
     ) -> LLMResponse:
+        emit_tokens = ctx.options.stream_tokens
+
         async def chunks() -> AsyncIterator[StreamChunk]:
             async for chunk in backend.stream(request.model_copy(update={"stream": True})):
                 if chunk.delta:
-                    ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
+                    if emit_tokens:
+                        ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
+                    if on_text is not None:
+                        await on_text(chunk.delta)
                 yield chunk
 
         return await collect_stream(chunks())

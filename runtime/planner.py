@@ -38,23 +38,16 @@ from anyio.abc import TaskGroup
 from pydantic import BaseModel
 
 from treadle.backends.base import (
-    BackendError,
     LLMRequest,
     LLMResponse,
     Message,
     SchedulingHints,
-    StreamingBackend,
-    Usage,
 )
 from treadle.graphs.analysis import LLMFacts
 from treadle.graphs.spec import PlannerNode
 from treadle.runtime.errors import NodeError, OutputError
 from treadle.runtime.events import (
     GraphExtended,
-    LLMCallDispatched,
-    LLMCallFinished,
-    LLMCallQueued,
-    LLMTokens,
     NodeFailed,
     NodeFinished,
     NodeSkipped,
@@ -333,14 +326,14 @@ class PlannerRun:
                 is_last_step=False,
             ),
         )
-        backend = ctx.gateway.backend(spec.model)
-        if isinstance(backend, StreamingBackend) and backend.capabilities.streaming:
-            await stream_call(ctx, backend, self.iid, spec.model, request, parser, accept)
-            return parser.text
-        response = await ctx.gateway.call(ctx, self.iid, spec.model, request)
-        text = response.content or ""
-        accept(parser.feed(text))
-        return text
+
+        async def feed(delta: str) -> None:
+            if accept(parser.feed(delta)):
+                # let the tasks just dispatched start before the next token is read
+                await anyio.lowlevel.checkpoint()
+
+        await ctx.gateway.call(ctx, self.iid, spec.model, request, on_text=feed)
+        return parser.text
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -551,94 +544,3 @@ def _output_schema(output: Any) -> dict[str, Any] | None:
 @functools.lru_cache(maxsize=256)
 def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema()
-
-
-# -- streaming the plan -----------------------------------------------------------------
-
-
-async def stream_call(
-    ctx: RunContext,
-    backend: StreamingBackend,
-    node: str,
-    alias: str,
-    request: LLMRequest,
-    parser: PlanParser,
-    accept: Callable[[list[PlanItem]], bool],
-) -> LLMResponse:
-    """Stream a planner call through the run's gateway rules (admission, events, headers),
-    feeding each text delta to `parser` and its items to `accept` as they arrive.
-
-    This mirrors `LLMGateway.call`, which returns only the finished response; when the
-    gateway grows a streaming call of its own, this should become a thin use of it.
-    """
-    gateway = ctx.gateway
-    ctx.llm_call_counter += 1
-    call_id = f"{node}#{ctx.llm_call_counter}"
-    ctx.emit(LLMCallQueued, node=node, call_id=call_id, model=alias)
-    queued = time.perf_counter()
-    ticket = None
-    if gateway.admission is not None:
-        ticket = await gateway.admission.admit(ctx, node, request)
-    response: LLMResponse | None = None
-    try:
-        ctx.emit(
-            LLMCallDispatched,
-            node=node,
-            call_id=call_id,
-            priority=request.hints.priority,
-            queue_wait_s=time.perf_counter() - queued,
-        )
-        headers = ctx.call_headers.pop(call_id, None)
-        if headers:
-            request = request.model_copy(update={"headers": {**request.headers, **headers}})
-        request = request.model_copy(update={"stream": True})
-        emit_tokens = ctx.options.stream_tokens
-        started = time.perf_counter()
-        ttft: float | None = None
-        usage = Usage()
-        finish = "stop"
-        try:
-            async for chunk in backend.stream(request):
-                if chunk.delta:
-                    if ttft is None:
-                        ttft = time.perf_counter() - started
-                    if emit_tokens:
-                        ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
-                    if accept(parser.feed(chunk.delta)):
-                        # let the tasks just dispatched start before the next token is read
-                        await anyio.lowlevel.checkpoint()
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-        except BackendError as exc:
-            ctx.emit(
-                LLMCallFinished,
-                node=node,
-                call_id=call_id,
-                model=alias,
-                duration_s=time.perf_counter() - started,
-                error=str(exc),
-                replica=exc.replica,
-            )
-            raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
-        response = LLMResponse(
-            content=parser.text or None, finish_reason=finish, usage=usage, ttft_s=ttft
-        )
-    finally:
-        if gateway.admission is not None:
-            gateway.admission.release(ticket, response)
-    assert response is not None
-    ctx.emit(
-        LLMCallFinished,
-        node=node,
-        call_id=call_id,
-        model=alias,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        cached_prompt_tokens=usage.cached_prompt_tokens,
-        duration_s=time.perf_counter() - started,
-        ttft_s=ttft,
-        replica=response.replica,
-    )
-    return response
