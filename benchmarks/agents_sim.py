@@ -16,8 +16,8 @@ every shared system prompt, is cached), along its critical path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -133,7 +133,7 @@ class Simulation:
     def run(self) -> SimResult:
         for spec in self.workload.programs:
             at = spec.arrival_unit / self.rate
-            self.clock.schedule(at, lambda s=spec, a=at: self._arrive(s, a))
+            self.clock.schedule(at, functools.partial(self._arrive, spec, at))
         self.clock.run()
         unfinished = [p for p in self.programs if p.finished_at is None]
         if unfinished:
@@ -188,8 +188,8 @@ class Simulation:
             program_id=call.prog.program_id,
             pin_ttl_s=pin_ttl_s,
             is_last_step=is_last_step,
-            on_first_token=lambda r, c=call: self.frontend.on_first_token(c, r),
-            on_finish=lambda r, c=call: self._finished(c, r),
+            on_first_token=functools.partial(self.frontend.on_first_token, call),
+            on_finish=functools.partial(self._finished, call),
         )
         call.request = req
         call.replica = replica
@@ -431,11 +431,3 @@ def collect(sim: Simulation) -> SimResult:
         frontend=sim.frontend.stats(),
         busy_s=[m.busy_s for m in metrics],
     )
-
-
-def mean_tenant_ratio(results: Sequence[SimResult], ideal: dict[int, float]) -> dict[str, float]:
-    out: dict[str, list[float]] = {}
-    for r in results:
-        for t, v in r.tenant_means(ideal).items():
-            out.setdefault(t, []).append(v)
-    return {t: mean(v) for t, v in out.items()}

@@ -21,9 +21,13 @@ differ only in the documented engine switches each system uses:
   the least-loaded replica, long ones stick to the program's previous replica. No pins.
 - `treadle` — `treadle.runtime.scheduler.Scheduler` holds every call (run-level admission
   against each replica's KV working set, tenant fair share, PLAS, critical path, AIMD
-  in-flight limits per replica, work stealing) and `treadle.runtime.pinning` decides
-  quantile-TTL pins by cost and benefit, released when the next call runs, when the
-  program ends, and (engine `pin_pressure="release"`) when memory runs short.
+  in-flight limits per replica whose congestion signal is memory — preemption, or
+  requests waiting while KV is full — and work stealing) and passes the program's level
+  as the engine priority (`policy="priority"`); `treadle.runtime.pinning` decides
+  quantile-TTL pins by cost and benefit, only where the DAG says the conversation goes on
+  after the tool (a tool loop inside one `llm` node, not a step graph's next node), and
+  they are released when the next call runs, when the program ends, and (engine
+  `pin_pressure="release"`) when memory runs short.
 
 A pin decision needs the tool the call's answer invokes. A real server (Continuum) or the
 runtime (treadle) learns it from the answer when the call finishes; the simulator takes the

@@ -39,6 +39,7 @@ registered (`tools=` or `register_tools`), through `Tool.add_observer`.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import re
 import time
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
     from treadle.graphs.compile import CompiledGraph
     from treadle.runtime.context import RunContext
     from treadle.tools.base import Tool
+
+_log = logging.getLogger(__name__)
 
 #: program_id -> pins released
 PinReleaser = Callable[[str], Awaitable[int]]
@@ -181,13 +184,14 @@ class SchedulerAdmission:
         self.metrics_interval_s = metrics_interval_s
         self.shed_pressure = shed_pressure
         self.clock = clock
-        self.ttft = TTFTSignal()
+        # without server gauges, congestion is read from time to first token
+        self.ttft = TTFTSignal(tolerance=4.0, slack_s=0.25)
         self._facts: dict[str, GraphFacts] = {}
         self._runs: dict[str, _Run] = {}
         self._lanes: dict[int, _LaneState] = {}
         self._pending_releases: list[tuple[str, str]] = []
-        self._send_release: Any = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._timers: set[anyio.CancelScope] = set()
         self.release_errors: list[str] = []
         for cg in graphs:
             self.register_graph(cg)
@@ -220,6 +224,9 @@ class SchedulerAdmission:
     ) -> bool | None:
         assert self._tg is not None
         tg, self._tg = self._tg, None
+        # early-release timers are not worth waiting for: those pins expire on their own
+        for timer in list(self._timers):
+            timer.cancel()
         await self._flush_releases()
         return await tg.__aexit__(exc_type, exc, tb)
 
@@ -235,7 +242,9 @@ class SchedulerAdmission:
         try:
             await self.releasers[alias](program_id)
         except Exception as exc:  # the pin expires on its own; say so, do not fail the run
-            self.release_errors.append(f"{alias}: releasing {program_id}: {exc}")
+            message = f"{alias}: releasing the pins of {program_id}: {exc}"
+            _log.warning("%s (they expire at their deadline)", message)
+            self.release_errors.append(message)
 
     async def _flush_releases(self) -> None:
         pending, self._pending_releases = self._pending_releases, []
@@ -247,11 +256,15 @@ class SchedulerAdmission:
             return
 
         async def later() -> None:
-            await anyio.sleep(delay_s)
-            current = self.pins.get(pin.program_id)
-            if current is pin:
-                self.pins.cancel(pin.program_id, "tool_estimate")
-                await self._do_release(alias, pin.program_id)
+            with anyio.CancelScope() as scope:
+                self._timers.add(scope)
+                try:
+                    await anyio.sleep(delay_s)
+                finally:
+                    self._timers.discard(scope)
+                if self.pins.get(pin.program_id) is pin:
+                    self.pins.cancel(pin.program_id, "tool_estimate")
+                    await self._do_release(alias, pin.program_id)
 
         self._tg.start_soon(later)
 
@@ -377,10 +390,14 @@ class SchedulerAdmission:
             usage = response.usage
             prompt = usage.prompt_tokens or ticket.prompt_tokens
             service = self._service_s(prompt, usage.cached_prompt_tokens, usage.completion_tokens)
-            congested = self.ttft.congested(response.ttft_s, prompt)
             lane_state = self._lanes.get(ticket.call.lane or 0)
-            if lane_state is not None and lane_state.waiting > 0:
-                congested = True
+            if lane_state is not None and lane_state.checked_at > -math.inf:
+                # the server's own gauges: requests wait because its memory is full (a
+                # queue for the prefill token budget alone is not: the batch is full and
+                # busy, and more in flight would only queue there)
+                congested = lane_state.waiting > 0 and lane_state.pressure >= self.shed_pressure
+            else:
+                congested = self.ttft.congested(response.ttft_s, prompt)
         else:
             service = ticket.call.est_service_s
         self.scheduler.complete(ticket.call, now, service_s=service, congested=congested)
@@ -466,11 +483,12 @@ class SchedulerAdmission:
             if inspect.isawaitable(load):
                 load = await load
         except Exception as exc:  # no signal this time; scheduling goes on without it
-            self.release_errors.append(f"metrics of {self.scheduler.lanes[lane].name}: {exc}")
+            _log.warning("metrics of %s unavailable: %s", self.scheduler.lanes[lane].name, exc)
             return
-        usage = getattr(load, "kv_usage", None)
+        usage = float(getattr(load, "kv_usage", None) or 0.0)
         state.waiting = int(getattr(load, "waiting", 0) or 0)
-        state.pressure = 1.0 if state.waiting > 0 else float(usage or 0.0)
+        # requests waiting while memory is nearly full: over-subscribed
+        state.pressure = 1.0 if state.waiting > 0 and usage >= self.shed_pressure else usage
         if state.pressure >= self.shed_pressure and self.pins.pinned_tokens(lane):
             self.shed(lane, now)
 

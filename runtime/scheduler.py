@@ -103,6 +103,11 @@ class _Counted:
         self.counter[0] += 1
         return self.key < other.key
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Counted) and self.key == other.key
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 @dataclass(eq=False, slots=True)
 class Call:
@@ -160,6 +165,8 @@ class Program:
     queues: dict[int, _ProgramQueue] = field(default_factory=dict)
     #: caller data, e.g. the expected KV working set
     info: dict[str, Any] = field(default_factory=dict)
+    #: the lane whose homed-program counts include this program
+    counted_on: int | None = None
 
     @property
     def queued(self) -> int:
@@ -394,12 +401,12 @@ class Scheduler:
     def _home(self, p: Program, lane_i: int | None) -> None:
         """Move `p`'s home to `lane_i` (None: it has none any more)."""
         name = p.tenant.name
-        if p.home is not None and p.info.get("_homed"):
-            old = self.lanes[p.home]
+        if p.counted_on is not None:
+            old = self.lanes[p.counted_on]
             old.homed_programs -= 1
             old.tenant_homed[name] -= 1
         p.home = lane_i
-        p.info["_homed"] = lane_i is not None
+        p.counted_on = lane_i
         if lane_i is not None:
             new = self.lanes[lane_i]
             new.homed_programs += 1
@@ -425,7 +432,7 @@ class Scheduler:
         p.pending_calls = []
         for pq in p.queues.values():
             for _, call in pq.heap:
-                if call.state == QUEUED:
+                if call.state == QUEUED and call._pq is pq:
                     self._unqueue(call)
                     call.state = CANCELLED
                     self.calls.pop(call.call_id, None)
@@ -548,7 +555,8 @@ class Scheduler:
         if lane.queued == 0:
             return None
         age = lane.age_heap
-        while age and age[0][1].state != QUEUED:
+        # entries go stale when their call left the queue or moved to another lane
+        while age and (age[0][1].state != QUEUED or _lane_of(age[0][1]) != lane.index):
             heapq.heappop(age)
         if age and now - age[0][1].enqueued_at >= self.config.starvation_s:
             return age[0][1]
@@ -565,7 +573,7 @@ class Scheduler:
                 continue
             break
         ch = pq.heap
-        while ch[0][1].state != QUEUED:
+        while ch[0][1].state != QUEUED or ch[0][1]._pq is not pq:
             heapq.heappop(ch)
         return ch[0][1]
 
@@ -658,7 +666,13 @@ class Scheduler:
         pq = p.queues.get(src)
         if pq is None or pq.queued == 0:
             return
-        moving = [c for _, c in pq.heap if c.state == QUEUED]
+        # only calls that follow their program's home move (not ones bound to this lane);
+        # a call may sit in a heap twice (re-queued), so collect each once
+        moving = list(
+            {
+                id(c): c for _, c in pq.heap if c.state == QUEUED and c._pq is pq and c.lane is None
+            }.values()
+        )
         for c in moving:
             self._unqueue(c)
             c.state = PENDING
@@ -754,6 +768,11 @@ class Scheduler:
             "steals": self.steals,
             "starvation_promotions": self.starvation_promotions,
         }
+
+
+def _lane_of(call: Call) -> int:
+    pq = call._pq
+    return -1 if pq is None else pq.lane
 
 
 def jain_index(values: Iterable[float]) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -20,9 +20,9 @@ from treadle.runtime.scheduler import (
 )
 
 
-def fixed(limit: int, **kw: object) -> SchedulerConfig:
+def fixed(limit: int, **kw: Any) -> SchedulerConfig:
     """A config whose lanes keep exactly `limit` calls in flight."""
-    return SchedulerConfig(limits=LimitConfig(initial=limit, minimum=limit, maximum=limit), **kw)  # type: ignore[arg-type]
+    return SchedulerConfig(limits=LimitConfig(initial=limit, minimum=limit, maximum=limit), **kw)
 
 
 def test_runs_are_admitted_in_arrival_order_and_only_while_backends_keep_up() -> None:
@@ -33,7 +33,7 @@ def test_runs_are_admitted_in_arrival_order_and_only_while_backends_keep_up() ->
     # admitted until the admitted runs' queued calls exceed one lane limit of backlog
     admitted = [pid for pid, p in s.programs.items() if p.admitted]
     assert admitted == ["p0", "p1"]
-    order = []
+    order: list[str] = []
     now = 10.0
     while len(order) < 4:
         (call,) = s.dispatch(now)
@@ -127,7 +127,7 @@ def test_tenant_shares_follow_weights_under_saturation(lanes: int) -> None:
             for _ in range(800):
                 n += 1
                 s.submit(Call(f"c{n}", f"{t}-{p}", est_service_s=1.0), 0.0, tenant=t)
-    service: Counter[str] = Counter()
+    service: dict[str, float] = dict.fromkeys(weights, 0.0)
     now = 0.0
     for _ in range(1200 // lanes):
         for c in s.dispatch(now):
@@ -263,7 +263,9 @@ def _comparisons_per_decision(queued: int, seed: int = 3) -> float:
         n += 1
         pid = rng.randrange(max(1, queued // 8))
         s.submit(
-            Call(f"c{n}", f"p{pid}", est_service_s=rng.uniform(0.1, 2), remaining_cost_s=rng.random()),
+            Call(
+                f"c{n}", f"p{pid}", est_service_s=rng.uniform(0.1, 2), remaining_cost_s=rng.random()
+            ),
             now,
             tenant=tenants[pid % len(tenants)],
         )
@@ -280,7 +282,7 @@ def _comparisons_per_decision(queued: int, seed: int = 3) -> float:
         s.complete(done, now, service_s=done.est_service_s * rng.uniform(0.5, 1.5))
         submit(now)
         in_flight.extend(s.dispatch(now))
-    assert s.queued_calls == queued
+    assert s.queued_calls + len(in_flight) == queued
     return (s.comparisons - start) / decisions
 
 
@@ -291,3 +293,87 @@ def test_a_decision_costs_logarithmically_many_comparisons() -> None:
     assert large < 2.0 * small, (small, large)
     # and in absolute terms a small multiple of log2(n)
     assert large < 12 * math.log2(16_000), large
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_operations_keep_every_call_accounted_for(seed: int) -> None:
+    """Random submits, dispatches, completions, cancellations and steals across lanes and
+    tenants: every call is dispatched at most once, limits hold, counters stay exact, and
+    everything left is dispatched once the arrivals stop."""
+    rng = random.Random(seed)
+    cfg = SchedulerConfig(
+        backlog_factor=rng.choice([0.5, 2.0, math.inf]),
+        starvation_s=rng.choice([0.5, 5.0]),
+        steal_after_s=0.2,
+        las_quantum_s=0.5,
+        limits=LimitConfig(initial=3, minimum=1, maximum=6, cooldown_s=0.1),
+    )
+    s = Scheduler(3, cfg)
+    for t in ("a", "b", "c"):
+        s.set_weight(t, rng.choice([1.0, 2.0, 3.0]))
+    dispatched: set[str] = set()
+    in_flight: list[Call] = []
+    cancelled: set[str] = set()
+    n = 0
+    now = 0.0
+
+    def check() -> None:
+        queued = [c for c in s.calls.values() if c.state == "queued"]
+        assert s.queued_calls == len(queued) == sum(ln.queued for ln in s.lanes)
+        for ln in s.lanes:
+            assert ln.in_flight <= max(ln.limit.value, 1) + 1e-9 or ln.in_flight <= 6
+            assert ln.in_flight == sum(1 for c in in_flight if c.assigned == ln.index)
+
+    for step in range(1500):
+        now += rng.uniform(0.0, 0.05)
+        op = rng.random()
+        if op < 0.45 and step < 1200:
+            n += 1
+            pid = f"p{rng.randrange(40)}"
+            tenant = "abc"[int(pid[1:]) % 3]
+            lane = rng.choice([None, None, rng.randrange(3)])
+            s.submit(
+                Call(
+                    f"c{n}",
+                    pid,
+                    est_service_s=rng.uniform(0.05, 1.0),
+                    lane=lane,
+                    remaining_cost_s=rng.random(),
+                ),
+                now,
+                tenant=tenant,
+            )
+        elif op < 0.75:
+            for c in s.dispatch(now):
+                assert c.call_id not in dispatched and c.state == "dispatched"
+                dispatched.add(c.call_id)
+                in_flight.append(c)
+        elif op < 0.92 and in_flight:
+            c = in_flight.pop(rng.randrange(len(in_flight)))
+            s.complete(c, now, service_s=rng.uniform(0.01, 2.0), congested=rng.random() < 0.2)
+        elif op < 0.96:
+            queued = [c for c in s.calls.values() if c.state in ("queued", "pending")]
+            if queued:
+                victim = rng.choice(queued)
+                assert s.cancel_call(victim)
+                cancelled.add(victim.call_id)
+        elif s.programs:
+            pid = rng.choice(sorted(s.programs))
+            if not any(c.program_id == pid for c in in_flight):
+                cancelled.update(c.call_id for c in s.cancel_program(pid, now))
+        check()
+    # drain: no more arrivals, everything queued still goes out
+    for _ in range(5000):
+        now += 0.05
+        for c in s.dispatch(now):
+            assert c.call_id not in dispatched
+            dispatched.add(c.call_id)
+            in_flight.append(c)
+        while in_flight:
+            s.complete(in_flight.pop(), now)
+        if not s.queued_calls and not s.pending_programs:
+            break
+    check()
+    assert s.queued_calls == 0
+    assert dispatched.isdisjoint(cancelled)
+    assert len(dispatched) + len(cancelled) == n
