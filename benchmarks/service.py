@@ -10,16 +10,17 @@ always`) unless `--redis-url` is given, the API (`treadle serve --no-worker`), t
 Phases (each followed by a drain: waiting until every accepted run is terminal):
 - `full`: `--rate` runs/s for `--duration` s;
 - `half`: half that rate (the API latency target is for this phase);
-- `faults` (with `--kill-every` and/or `--restart-redis`): half the rate while a worker is
-  SIGKILLed (and restarted) every `--kill-every` s, and Redis is SIGKILLed and restarted
-  once, half-way (its append-only file is fsynced on every write, so nothing acknowledged
-  is lost).
+- `faults` (with `--kill-every` and/or `--restart-redis`): `--fault-rate` runs/s (default
+  half the rate) while a worker is SIGKILLed (and restarted at once) every `--kill-every`
+  s, and Redis is SIGKILLed and restarted once, half-way (its append-only file is fsynced
+  on every write, so nothing it acknowledged is lost).
 
 Metrics per phase:
 - `runs_per_s`: runs that succeeded, over the time from the phase's first submission to
   its last completion (the offered rate when the system keeps up, its capacity when not);
 - `drain_s`: how long after the last submission the last run finished (a backlog);
-- `api_p50_ms` / `api_p99_ms`: client-side latency of every API request of the phase;
+- `api_p50_ms` / `api_p99_ms`: client-side latency of every API request of the phase, a
+  submission's counted from when it was due (so queueing in front of a slow API counts);
 - `runs_lost`: accepted runs (201) that never reached a terminal state (or vanished);
 - `duplicate_completions`: node executions repeated beyond the at-least-once rule, from
   the journals: a node instance that finished more than once in one run;
@@ -30,6 +31,7 @@ Metrics per phase:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -44,9 +46,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
+import h11
 import httpx
 import typer
 from redis.exceptions import RedisError
+from rich.console import Console
 
 from treadle.benchmarks.common import percentile, print_table, write_report
 from treadle.runtime.events import NodeFinished, RunStarted
@@ -176,30 +180,33 @@ def _cpu_s(pid: int | None) -> float:
 
 
 class _CpuMeter:
-    """CPU used by each part of the system during a phase (processes restarted by fault
-    injection lose what their predecessors used, so under faults this is a lower bound)."""
+    """CPU used by each part of the system during a phase. A part whose processes were
+    restarted meanwhile (fault injection) reports None: its dead processes' time is gone."""
 
     def __init__(self, parts: dict[str, list[Any]]) -> None:
         self.parts = parts
         self.start = self._sample()
 
-    def _sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+    @staticmethod
+    def _pid(proc: Any) -> int | None:
+        if proc == "self":
+            return os.getpid()
+        popen = getattr(proc, "proc", None)
+        return popen.pid if popen is not None else None
+
+    def _sample(self) -> dict[str, tuple[tuple[int | None, ...], float]]:
+        out = {}
         for name, procs in self.parts.items():
-            total = 0.0
-            for proc in procs:
-                pid = proc.pid if isinstance(proc, subprocess.Popen) else None
-                if proc == "self":
-                    pid = os.getpid()
-                elif hasattr(proc, "proc") and proc.proc is not None:
-                    pid = proc.proc.pid
-                total += _cpu_s(pid)
-            out[name] = total
+            pids = tuple(self._pid(p) for p in procs)
+            out[name] = (pids, sum(_cpu_s(pid) for pid in pids))
         return out
 
-    def used(self) -> dict[str, float]:
+    def used(self) -> dict[str, float | None]:
         end = self._sample()
-        return {name: max(0.0, end[name] - self.start[name]) for name in end}
+        return {
+            name: (cpu - self.start[name][1]) if pids == self.start[name][0] else None
+            for name, (pids, cpu) in end.items()
+        }
 
 
 # -- load ------------------------------------------------------------------------------
@@ -223,75 +230,153 @@ class _Phase:
     ended: float = 0.0
 
 
+class _Connection:
+    """One keep-alive HTTP/1.1 connection, spoken with h11 (the HTTP library under httpx)
+    over an anyio stream. The load generator shares two cores with the system it measures,
+    and httpx's connection pool costs several milliseconds of CPU per request once hundreds
+    of requests wait on it; a fixed set of plain connections costs a fraction of that."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._stream: Any = None
+        self._h11: h11.Connection | None = None
+
+    async def request(
+        self, method: str, target: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, bytes]:
+        if self._stream is None or self._h11 is None:
+            self._stream = await anyio.connect_tcp(self.host, self.port)
+            self._h11 = h11.Connection(h11.CLIENT)
+        conn = self._h11
+        head = [("host", f"{self.host}:{self.port}"), ("content-length", str(len(body))),
+                *headers.items()]  # fmt: skip
+        try:
+            data = conn.send(h11.Request(method=method, target=target, headers=head)) or b""
+            if body:
+                data += conn.send(h11.Data(data=body)) or b""
+            data += conn.send(h11.EndOfMessage()) or b""
+            await self._stream.send(data)
+            status = 0
+            chunks: list[bytes] = []
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self._stream.receive(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            conn.start_next_cycle()
+            return status, b"".join(chunks)
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, h11.ProtocolError):
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                await self._stream.aclose()
+        self._stream, self._h11 = None, None
+
+
 class _Load:
-    def __init__(self, url: str, keys: dict[str, str], seed: int) -> None:
-        self.url = url
+    """Open-loop load: submissions are scheduled at the phase's rate and handed to a fixed
+    set of connections; a request's latency counts from its SCHEDULED time, so time spent
+    waiting for a free connection (a slow API) is measured, not hidden."""
+
+    def __init__(self, url: str, keys: dict[str, str], seed: int, connections: int = 64):
+        parsed = httpx.URL(url)
+        self.host, self.port = parsed.host, parsed.port or 80
         self.keys = keys
         self.tenants = list(keys)
         self.rng = random.Random(seed)
-        self.http = httpx.AsyncClient(
-            base_url=url,
-            timeout=httpx.Timeout(30.0),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
-        )
+        self.connections = connections
         self.counter = 0
 
-    async def close(self) -> None:
-        await self.http.aclose()
+    async def register(self, tenant: str, definition: str) -> None:
+        conn = _Connection(self.host, self.port)
+        body = json.dumps({"definition": definition}).encode()
+        headers = {**self._auth(tenant), "content-type": "application/json"}
+        status, text = await conn.request("POST", "/v1/workflows", headers, body)
+        await conn.close()
+        if status != 201:
+            raise RuntimeError(f"registering for {tenant}: {status} {text[:300]!r}")
 
     async def run_phase(self, phase: _Phase) -> None:
         phase.started = time.time()
         start = time.perf_counter()
         total = int(phase.rate * phase.duration_s)
+        send, receive = anyio.create_memory_object_stream[float](max_buffer_size=total + 1)
         async with anyio.create_task_group() as tg:
-            for i in range(total):
-                delay = start + i / phase.rate - time.perf_counter()
-                if delay > 0:
-                    await anyio.sleep(delay)
-                tg.start_soon(self._submit, phase)
-            phase.ended = time.time()  # the last request is sent: the window closes
+            for _ in range(self.connections):
+                tg.start_soon(self._connection_loop, phase, receive.clone())
+            receive.close()
+            async with send:
+                for i in range(total):
+                    due = start + i / phase.rate
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                    send.send_nowait(due)
+                phase.ended = time.time()  # the last request is due: the window closes
+
+    async def _connection_loop(self, phase: _Phase, due_times: Any) -> None:
+        conn = _Connection(self.host, self.port)
+        try:
+            async with due_times:
+                async for due in due_times:
+                    await self._submit(phase, conn, due)
+        finally:
+            await conn.close()
 
     async def _request(
-        self, phase: _Phase, method: str, path: str, **kw: Any
-    ) -> httpx.Response | None:
-        sent = time.perf_counter()
+        self, phase: _Phase, conn: _Connection, method: str, target: str, tenant: str,
+        body: bytes = b"", since: float | None = None,
+    ) -> tuple[int, bytes] | None:  # fmt: skip
+        sent = time.perf_counter() if since is None else since
+        headers = self._auth(tenant)
+        if body:
+            headers["content-type"] = "application/json"
         try:
-            resp = await self.http.request(method, path, **kw)
-        except httpx.HTTPError:
+            status, data = await conn.request(method, target, headers, body)
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, h11.ProtocolError):
             phase.client_errors += 1
             return None
         phase.latencies.append(time.perf_counter() - sent)
-        phase.statuses[resp.status_code] += 1
-        return resp
+        phase.statuses[status] += 1
+        return status, data
 
-    async def _submit(self, phase: _Phase) -> None:
+    async def _submit(self, phase: _Phase, conn: _Connection, due: float) -> None:
         self.counter += 1
         phase.submits += 1
         n = self.counter
         tenant = self.tenants[n % len(self.tenants)]
-        body = {"workflow": "five", "inputs": {"topic": f"topic {n % 997}"}}
-        resp = await self._request(phase, "POST", "/v1/runs", json=body, headers=self._auth(tenant))
-        if resp is not None and resp.status_code == 201:
-            phase.accepted[resp.json()["run_id"]] = tenant
+        body = json.dumps({"workflow": "five", "inputs": {"topic": f"topic {n % 997}"}}).encode()
+        answer = await self._request(phase, conn, "POST", "/v1/runs", tenant, body, since=due)
+        if answer is not None and answer[0] == 201:
+            phase.accepted[json.loads(answer[1])["run_id"]] = tenant
         if n % CROSS_EVERY == 0 and len(phase.accepted) > 1:
-            await self._cross_read(phase, tenant)
+            await self._cross_read(phase, conn, tenant)
 
-    async def _cross_read(self, phase: _Phase, reader: str) -> None:
-        # somebody else's run: it exists, so a 200 would be a leak
+    async def _cross_read(self, phase: _Phase, conn: _Connection, reader: str) -> None:
+        # somebody else's run: it exists, so anything but a 404 would be a leak
         for run_id, owner in self.rng.sample(list(phase.accepted.items()), 2):
             if owner == reader:
                 continue
-            for path in (f"/v1/runs/{run_id}", f"/v1/runs/{run_id}/events?follow=false"):
-                resp = await self._request(phase, "GET", path, headers=self._auth(reader))
-                if resp is None:
+            for target in (f"/v1/runs/{run_id}", f"/v1/runs/{run_id}/events?follow=false"):
+                answer = await self._request(phase, conn, "GET", target, reader)
+                if answer is None:
                     continue
                 phase.cross_attempts += 1
-                if resp.status_code != 404:
+                if answer[0] != 404:
                     phase.cross_allowed += 1
             return
 
     def _auth(self, tenant: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[tenant]}"}
+        return {"authorization": f"Bearer {self.keys[tenant]}"}
 
 
 # -- faults ----------------------------------------------------------------------------
@@ -420,6 +505,7 @@ async def _bench(
     duration: float,
     kill_every: float | None,
     restart_redis: bool,
+    fault_rate: float | None,
     redis_url: str | None,
     concurrency: int,
     lease_ms: int,
@@ -445,7 +531,6 @@ async def _bench(
                    "--lease-ms", str(lease_ms), "--log-level", "warning"]  # fmt: skip
     pool = [_Child(worker_args, workdir / f"worker-{i}.log") for i in range(workers)]
     client = connect(redis_url)
-    load: _Load | None = None
     try:
         store = TenantStore(client, DaemonKeys(PREFIX))
         keys: dict[str, str] = {}
@@ -461,18 +546,12 @@ async def _bench(
             child.start()
         url = f"http://127.0.0.1:{port}"
         load = _Load(url, keys, seed)
-        for tenant, key in keys.items():
-            resp = await load.http.post(
-                "/v1/workflows",
-                json={"definition": WORKFLOW},
-                headers={"Authorization": f"Bearer {key}"},
-            )
-            if resp.status_code != 201:
-                raise RuntimeError(f"registering for {tenant}: {resp.status_code} {resp.text}")
+        for tenant in keys:
+            await load.register(tenant, WORKFLOW)
         await anyio.sleep(1.5)  # the workers import and connect
         phases = [_Phase("full", rate, duration), _Phase("half", rate / 2, duration)]
         if kill_every is not None or restart_redis:
-            phases.append(_Phase("faults", rate / 2, duration))
+            phases.append(_Phase("faults", fault_rate or rate / 2, duration))
         results: dict[str, dict[str, Any]] = {}
         rng = random.Random(seed)
         for phase in phases:
@@ -491,11 +570,11 @@ async def _bench(
             cpu = meter.used()
             results[phase.name] = _summarize(phase, records, repeated, resumed)
             done = max(1, results[phase.name]["succeeded"])
-            results[phase.name]["cpu_ms_per_run"] = {k: v * 1000 / done for k, v in cpu.items()}
+            results[phase.name]["cpu_ms_per_run"] = {
+                k: (v * 1000 / done if v is not None else None) for k, v in cpu.items()
+            }
         return results
     finally:
-        if load is not None:
-            await load.close()
         for child in pool:
             child.stop()
         api.stop()
@@ -516,6 +595,9 @@ def main(
     restart_redis: Annotated[
         bool, typer.Option(help="Faults phase: SIGKILL and restart Redis once.")
     ] = False,
+    fault_rate: Annotated[
+        float | None, typer.Option(help="Runs/s during the faults phase (default: rate / 2).")
+    ] = None,
     redis_url: Annotated[
         str | None, typer.Option(help="Use this Redis instead of a private one (flushes nothing).")
     ] = None,
@@ -534,7 +616,8 @@ def main(
             kill_every = min(kill_every, 1.5)
     config = {
         "tenants": tenants, "workers": workers, "rate": rate, "duration_s": duration,
-        "kill_every_s": kill_every, "restart_redis": restart_redis, "concurrency": concurrency,
+        "kill_every_s": kill_every, "restart_redis": restart_redis, "fault_rate": fault_rate,
+        "concurrency": concurrency,
         "lease_ms": lease_ms, "nodes_per_run": NODES, "cpus": os.cpu_count(),
         "redis": redis_url or "private, appendonly yes, appendfsync always",
     }  # fmt: skip
@@ -542,7 +625,8 @@ def main(
         results = anyio.run(
             lambda: _bench(
                 tenants=tenants, workers=workers, rate=rate, duration=duration,
-                kill_every=kill_every, restart_redis=restart_redis, redis_url=redis_url,
+                kill_every=kill_every, restart_redis=restart_redis, fault_rate=fault_rate,
+                redis_url=redis_url,
                 concurrency=concurrency, lease_ms=lease_ms, seed=seed, workdir=Path(tmp),
             )
         )  # fmt: skip
@@ -554,5 +638,9 @@ def main(
          r["worker_kills"], r["redis_restarts"]]
         for name, r in results.items()
     ]  # fmt: skip
-    print_table("treadle bench service", columns, rows)
+    console = Console(width=max(120, Console().width))
+    print_table("treadle bench service", columns, rows, console=console)
+    parts = ["api", "workers", "redis", "load generator"]
+    cpu_rows = [[name, *(r["cpu_ms_per_run"].get(p) for p in parts)] for name, r in results.items()]
+    print_table("CPU ms per completed run", ["phase", *parts], cpu_rows, console=console)
     write_report(json_path, "service", config, results, {})

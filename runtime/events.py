@@ -200,11 +200,21 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:
-    """Rebuild an event from `Event.to_dict` output (unknown keys are an error)."""
+    """Rebuild an event from `Event.to_dict` output.
+
+    Fields this version does not know are dropped, so a journal written by a newer treadle
+    stays readable by an older one during a rolling upgrade; an unknown kind is an error.
+    """
     fields = dict(data)
     kind = fields.pop("kind")
     try:
         cls = EVENT_TYPES[kind]
     except KeyError:
         raise ValueError(f"unknown event kind {kind!r}") from None
-    return cls(**fields)
+    known = _FIELD_NAMES.get(cls)
+    if known is None:
+        known = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+_FIELD_NAMES: dict[type[Event], frozenset[str]] = {}

@@ -63,9 +63,9 @@ class RuntimeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        except ImportError as exc:  # pragma: no cover - part of the server extra
+        except ImportError as exc:  # pragma: no cover - a core dependency
             raise MetricsUnavailable(
-                "metrics need prometheus-client (a dependency of treadle): pip install prometheus-client"
+                "metrics need prometheus-client, a dependency of treadle: reinstall treadle"
             ) from exc
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry

@@ -179,7 +179,7 @@ class Runtime:
         record = await self.store.get_run(run_id)
         if record is None:
             raise KeyError(f"no run {run_id!r} in the store")
-        async with self._start(self.compile(graph), record, resume=True) as run:
+        async with self.open_run(self.compile(graph), record, resume=True) as run:
             result = await run.result()
         return result.raise_for_status() if check else result
 
@@ -205,13 +205,15 @@ class Runtime:
             source=source,
         )
         await self.store.create_run(record)
-        async with self._start(cg, record, resume=False) as handle:
+        async with self.open_run(cg, record, resume=False) as handle:
             yield handle
 
     @asynccontextmanager
-    async def _start(
+    async def open_run(
         self, cg: CompiledGraph, record: RunRecord, *, resume: bool
     ) -> AsyncIterator[RunHandle]:
+        """Execute a run whose record is already in the store (a daemon's API created it);
+        with `resume`, continue from its journal."""
         inputs_model = validate_inputs(cg, record.inputs)
         restored: dict[str, bytes] = {}
         first_seq = 1

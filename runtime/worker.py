@@ -35,7 +35,6 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -140,20 +139,6 @@ class WorkerStats:
     interrupted: int = 0
     retried_later: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
-
-
-class _WorkerRuntime(Runtime):
-    """A `Runtime` that runs a record that exists already and hands back the run's handle.
-
-    `Runtime.start` creates a new record (the API has made one, with its tenant, trace
-    context and creation time) and `Runtime.resume` hides the handle, which cancelling
-    needs; both call `_start`, which this subclass exposes.
-    """
-
-    def open_run(
-        self, cg: CompiledGraph, record: RunRecord, *, resume: bool
-    ) -> AbstractAsyncContextManager[RunHandle]:
-        return self._start(cg, record, resume=resume)
 
 
 @dataclass
@@ -282,7 +267,7 @@ class Worker:
         all_listeners = list(listeners)
         if tracer is not None:
             all_listeners.append(tracer.listener)
-        self.runtime = _WorkerRuntime(store=self.store, models=models, listeners=all_listeners)
+        self.runtime = Runtime(store=self.store, models=models, listeners=all_listeners)
         self.stats = WorkerStats()
         self._slots: dict[str, _Slot] = {}
         self._capacity = anyio.Semaphore(self.options.concurrency)
@@ -338,7 +323,7 @@ class Worker:
         while not self._stopping.is_set():
             job: Job | None = None
             with anyio.CancelScope() as self._claiming:
-                await self._capacity.acquire()
+                await self._capacity.acquire()  # a free slot first: claim only what we can run
                 try:
                     job = await self.queue.claim(self.worker_id, block_ms=self.options.block_ms)
                     failures = 0
@@ -348,7 +333,7 @@ class Worker:
                     log.warning("claim failed (%s); retrying in %.1f s", exc, delay)
                     await anyio.sleep(delay)
                 finally:
-                    if job is None:
+                    if job is None:  # (a job's task releases the slot when it is done)
                         self._capacity.release()
             self._claiming = None
             if job is not None:

@@ -169,7 +169,15 @@ def worker(
         worker_concurrency=concurrency,
         drain_s=drain_s,
     )
-    anyio.run(run_worker_process, config, max(1, count))
+    anyio.run(run_worker_process, config, max(1, count), backend_options=_loop_options())
+
+
+def _loop_options() -> dict[str, Any]:
+    """uvloop when it is installed (a faster event loop; uvicorn picks it up by itself too),
+    else asyncio's own. treadle does not depend on it."""
+    import importlib.util
+
+    return {"use_uvloop": True} if importlib.util.find_spec("uvloop") is not None else {}
 
 
 # -- tenants ---------------------------------------------------------------------------

@@ -95,6 +95,29 @@ async def test_submit_get_and_finish(daemon: Daemon) -> None:
     assert set(final["output"]) == {"title", "body"}
 
 
+async def test_a_submitted_run_is_what_the_store_and_the_queue_read(api_only: Daemon) -> None:
+    """Submitting writes the record and the queue entry in one transaction of its own; the
+    store and the work queue must read them exactly as if they had written them."""
+    services = api_only.services
+    key = await api_only.tenant("acme")
+    await api_only.register(key)
+    async with api_only.client(key) as c:
+        resp = await c.post("/v1/runs", json={"workflow": "five", "inputs": {"topic": "t"}})
+    run_id = resp.json()["run_id"]
+    record = await services.store.get_run(run_id)
+    assert record is not None
+    assert (record.run_id, record.tenant, record.status, record.inputs) == (
+        run_id,
+        "acme",
+        "pending",
+        {"topic": "t"},
+    )
+    assert [r.run_id for r in await services.store.list_runs(tenant="acme")] == [run_id]
+    assert [r.run_id for r in await services.store.list_runs()] == [run_id]
+    job = await services.queue.claim("inspector")
+    assert job is not None and (job.run_id, job.payload) == (run_id, {})
+
+
 async def test_bad_submissions(api_only: Daemon) -> None:
     key = await api_only.tenant("acme")
     await api_only.register(key)

@@ -5,6 +5,7 @@ again, and every run ends with the output an uninterrupted run gives."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,17 @@ async def some_progress(daemon: Daemon, run_ids: list[str], nodes: int) -> bool:
     return False
 
 
+async def mid_way(daemon: Daemon, run_ids: list[str]) -> bool:
+    """Whether some run has finished a node but not the run."""
+    for run_id in run_ids:
+        record = await daemon.services.store.get_run(run_id)
+        if record is None or record.status in TERMINAL:
+            continue
+        if finished_counts(await journal(daemon.services.store, run_id)):
+            return True
+    return False
+
+
 async def check_runs(daemon: Daemon, run_ids: dict[str, str]) -> int:
     """Every run succeeded with the reference output and no node finished twice; returns
     how many runs were resumed from their journal."""
@@ -83,23 +95,28 @@ async def test_sigkilled_workers_lose_no_run_and_repeat_no_node(
 ) -> None:
     key = await api_only.tenant("acme")
     await api_only.register(key, slow_workflow(latency_s=0.08))
-    topics = [f"topic {i}" for i in range(16)]
+    topics = [f"topic {i}" for i in range(24)]
     run_ids = {t: await submit(api_only, key, "slow", t) for t in topics}
     url = api_only.config.redis_url
     for _ in range(2):
-        worker_processes.append(WorkerProcess(url, tmp_path, lease_ms=800, concurrency=4).start())
+        worker_processes.append(WorkerProcess(url, tmp_path, lease_ms=800, concurrency=3).start())
+    started = {id(w): time.monotonic() for w in worker_processes}
     rng = random.Random(20261121)
     kills = 0
-    with anyio.fail_after(60):
+    with anyio.fail_after(90):
         while not await all_terminal(api_only, list(run_ids.values())):
-            await anyio.sleep(rng.uniform(0.3, 1.0))
-            if kills < 8:
-                victim = rng.choice(worker_processes)
+            if kills < 8 and await mid_way(api_only, list(run_ids.values())):
+                # a random moment while runs are half done, in the worker that has been up
+                # longest (a fresh one may still be importing, holding nothing)
+                await anyio.sleep(rng.uniform(0.0, 0.3))
+                victim = min(worker_processes, key=lambda w: started[id(w)])
                 victim.kill()  # SIGKILL: no cleanup, the lease just expires
                 victim.start()
+                started[id(victim)] = time.monotonic()
                 kills += 1
+            await anyio.sleep(0.05)
     resumed = await check_runs(api_only, run_ids)
-    assert kills >= 4
+    assert kills >= 4, f"only {kills} kills landed before the runs were done"
     assert resumed >= 1, "no kill landed mid-run: the test proved nothing"
 
 

@@ -109,6 +109,15 @@ def test_subgraph_files_models_and_environment() -> None:
     assert "backend 'litellm' is not allowed" in refused(remote)
     env = "name: x\nmodels:\n  m: {backend: scripted, api_key_env: HOME}\nnodes: []\n"
     assert "environment" in refused(env)
+    sim_file = "name: x\nmodels:\n  m: {backend: sim, profile: /etc/passwd}\nnodes: []\n"
+    assert "bundled profiles" in refused(sim_file)
+    sim_script = "name: x\nmodels:\n  m: {backend: sim, script: rules.yaml}\nnodes: []\n"
+    assert "script files" in refused(sim_script)
+    nested = (
+        "name: x\nmodels:\n  m: {backend: pool, replicas: [{backend: litellm, model: g}]}\n"
+        "nodes: []\n"
+    )
+    assert "backend 'pool' is not allowed" in refused(nested)
     typo = "name: x\nmodels:\n  m: {backend: scripted, latency: 1}\nnodes: []\n"
     assert "invalid 'scripted' model entry" in refused(typo)
 

@@ -198,3 +198,36 @@ async def test_cancelling_the_worker_task_leaves_runs_resumable(api_only: Daemon
         await wait_for(lambda: _is(status_of(api_only, run_id), "succeeded"))
     counts = finished_counts(await journal(services.store, run_id))
     assert len(counts) == SLOWER_NODES and max(counts.values()) == 1
+
+
+async def test_the_run_continues_the_trace_of_the_submit_request(api_only: Daemon) -> None:
+    import anyio
+
+    from treadle.daemon.quotas import UsageLedger
+    from treadle.daemon.workers import build_worker
+    from treadle.runtime.tracing import OtelTracer
+
+    services = api_only.services
+    key = await api_only.tenant("acme")
+    await api_only.register(key, SLOW)
+    trace_id, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with api_only.client(key) as c:
+        resp = await c.post(
+            "/v1/runs",
+            json={"workflow": "slow", "inputs": {"topic": "t"}},
+            headers={"traceparent": f"00-{trace_id}-{parent_span}-01"},
+        )
+    run_id = resp.json()["run_id"]
+    tracer, exporter = OtelTracer.in_memory()
+    worker = build_worker(services, UsageLedger(services.redis, services.keys), tracer=tracer)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        await wait_for(lambda: _is(status_of(api_only, run_id), "succeeded"))
+        worker.stop()
+    spans = exporter.get_finished_spans()
+    runs = [s for s in spans if s.name == "run"]
+    assert len(runs) == 1 and runs[0].attributes["treadle.run_id"] == run_id
+    assert f"{runs[0].context.trace_id:032x}" == trace_id
+    assert runs[0].parent is not None and f"{runs[0].parent.span_id:016x}" == parent_span
+    assert {f"{s.context.trace_id:032x}" for s in spans} == {trace_id}
+    tracer.shutdown()

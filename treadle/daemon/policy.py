@@ -17,8 +17,9 @@ The check runs in two passes:
    every string outside the known free-text fields (prompts, literals, descriptions) is
    scanned, so a field the walk does not know is checked rather than skipped. It also
    refuses subgraph *files* (they would be read from the server's disk), `models:` entries
-   whose backend is not allowed or that read the server's environment (`api_key_env`), and
-   documents that YAML aliases blow up past `MAX_NODES` values.
+   whose backend is not allowed, that read the server's environment (`api_key_env`) or its
+   files (the simulator's `profile` paths and `script`), and documents that YAML aliases
+   blow up past `MAX_NODES` values.
 2. `check_spec` walks the loaded `GraphSpec`: every function, tool and type must come
    from an allowed module. This catches an allowed module re-exporting something else
    (`allowed.mod:os.system` resolves to `posix.system`), which pass 1 cannot see.
@@ -335,6 +336,17 @@ class _Walker:
                 "a workflow may not read the server's environment; ask the operator for a "
                 "model alias that carries the credentials",
             )
+        if kind == "sim":
+            # the simulator can read a profile or a script from any path: bundled names only
+            profile = config.get("profile")
+            if profile is not None and not (
+                isinstance(profile, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", profile)
+            ):
+                raise self.fail(
+                    (*path, "profile"), "only the simulator's bundled profiles, by name"
+                )
+            if "script" in config:
+                raise self.fail((*path, "script"), "script files are not available here")
         from treadle.backends.factory import KINDS
 
         try:

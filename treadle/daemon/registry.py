@@ -14,6 +14,8 @@ API for input validation, in workers for execution).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import logging
 import re
@@ -88,9 +90,7 @@ class WorkflowRegistry:
         self._cache: OrderedDict[str, CompiledGraph] = OrderedDict()
         self._names: dict[tuple[str, str], tuple[float, WorkflowInfo | None]] = {}
         self._cache_size = cache_size
-        # relative subgraph paths and local modules resolve here: an empty folder (subgraph
-        # files are refused by the policy anyway)
-        self._base_dir = Path(tempfile.mkdtemp(prefix="treadle-defs-"))
+        self._base_dir = _empty_dir()
 
     # -- validation --------------------------------------------------------------------
 
@@ -217,6 +217,15 @@ class RegistryLoader:
         if not source.startswith(SOURCE_PREFIX):
             raise ProgramError(f"run source {source!r} is not a registered workflow definition")
         return await self.registry.compiled(source[len(SOURCE_PREFIX) :])
+
+
+@functools.cache
+def _empty_dir() -> Path:
+    """Where a definition's relative subgraph paths and local modules would be looked up:
+    an empty folder of this process (the policy refuses subgraph files anyway)."""
+    folder = tempfile.TemporaryDirectory(prefix="treadle-defs-")
+    atexit.register(folder.cleanup)
+    return Path(folder.name)
 
 
 def definition_digest(text: str, fmt: str) -> str:

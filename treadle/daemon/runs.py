@@ -1,18 +1,21 @@
 """Runs as a tenant sees them: submit, read, list, cancel — each scoped to its tenant.
 
 A run id that belongs to another tenant is answered exactly like one that does not exist
-(`RunNotFound`, same message), so ids of other tenants cannot even be confirmed.
+(`NotFound`, the same message), so ids of other tenants cannot even be confirmed.
 
 Submitting validates the inputs against the registered workflow, checks the tenant's
-quotas, writes the run record (`pending`) and adds the run to the work queue. Cancelling
-sets the run's cancel flag (`request_cancel`): the worker running the run stops it, and a
-worker that claims a flagged run that has not started marks it cancelled instead.
+quotas, and writes the run record (`pending`) and its queue entry in one transaction.
+Workers leave a fresh run's record `pending` until it ends; `RunView.status` reports it
+`running` once its journal has events. Cancelling sets the run's cancel flag
+(`request_cancel`): the worker running the run stops it, and a worker that claims a
+flagged run that has not started marks it cancelled instead.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import math
 import re
 import uuid
@@ -122,27 +125,34 @@ class RunService:
             source=source_of(info.digest),
             meta={**(meta or {}), "workflow_version": str(info.version)},
         )
-        created = False
         try:
-            await self.store.create_run(record)
-            created = True
-            await self.queue.enqueue(run_id)
+            await self._create_and_enqueue(record)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._undo_submit(tenant, record, created)
+                # best effort: the caller sees the error; the slot is not held for nothing
+                with contextlib.suppress(Exception):
+                    await self.quotas.release_run(tenant.id, run_id)
             raise
         return record
 
-    async def _undo_submit(self, tenant: Tenant, record: RunRecord, created: bool) -> None:
-        # best effort: the caller gets an error, so the run must not stay half-submitted
-        try:
-            if created:
-                await self.store.update_run(
-                    record.run_id, status="failed", error="the run could not be queued"
-                )
-            await self.quotas.release_run(tenant.id, record.run_id)
-        except Exception:  # the original error is what the caller needs to see
-            pass
+    async def _create_and_enqueue(self, record: RunRecord) -> None:
+        """The run's record and index entries, laid out as `RedisStore.create_run` writes
+        them, and its queue entry, as `WorkQueue.enqueue` writes it, in ONE MULTI/EXEC.
+
+        Atomic: a crash between separate round trips could leave a run that no worker will
+        ever take; and one round trip instead of four (submitting is the API's hot path).
+        tests/daemon/test_api.py checks that the store and the queue read what this writes.
+        (On Redis Cluster the keys of one transaction must share a slot; this would then be
+        split, like `create_run`'s own pipeline.)
+        """
+        assert record.tenant is not None
+        keys = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.meta(record.run_id), "data", codec.encode_record(record))
+            pipe.zadd(keys.runs(), {record.run_id: record.created_at})
+            pipe.zadd(keys.tenant_runs(record.tenant), {record.run_id: record.created_at})
+            pipe.xadd(keys.queue(), {"run": record.run_id, "payload": codec.dumps({})})
+            await pipe.execute()
 
     async def get(self, tenant: Tenant, run_id: str) -> RunView:
         if not RUN_ID.fullmatch(run_id):
