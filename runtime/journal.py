@@ -3,6 +3,10 @@ batched (group commit) when several nodes finish at once.
 
 A node's successors start only after its output is durable (`commit` returns then), so the
 journal never holds a result computed from an input that a crash could lose.
+
+A store that says it is not durable (`durable = False`, the in-memory store) loses
+everything with the process anyway, so ordering its writes buys nothing: its journal is
+written in batches of `NON_DURABLE_BATCH` events, and in full when the run ends.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import anyio
 from treadle.runtime.events import Event
 from treadle.runtime.store import StateStore
 
+#: events a non-durable store's journal collects before it writes them
+NON_DURABLE_BATCH = 64
+
 
 class Journal:
     def __init__(self, store: StateStore, run_id: str) -> None:
         self.store = store
         self.run_id = run_id
+        self._durable_store: bool = getattr(store, "durable", True)
         #: the run's events, appended by the run; `log[self._durable:]` is not yet durable
         self.log: list[Event] = []
         self._durable = 0
@@ -32,10 +40,19 @@ class Journal:
         """Add `node`'s output to the next commit (it is not durable until then)."""
         self.outputs[node] = output
 
-    async def commit(self, node: str | None = None, output: bytes | None = None) -> None:
-        """Make every event so far, and `node`'s `output` if given, durable."""
+    async def commit(
+        self, node: str | None = None, output: bytes | None = None, *, final: bool = False
+    ) -> None:
+        """Make every event so far, and `node`'s `output` if given, durable. `final`
+        writes everything, whatever the store."""
         if node is not None and output is not None:
             self.outputs[node] = output
+        if (
+            not self._durable_store
+            and not final
+            and len(self.log) - self._durable < NON_DURABLE_BATCH
+        ):
+            return
         target = self._filling
         while self._written < target:
             if self._writing:

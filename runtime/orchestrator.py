@@ -91,7 +91,8 @@ class NodePlan:
             return dump_value(self.cn.output_type, value)
 
     def __post_init__(self) -> None:
-        self._dump_json = adapter(self.cn.output_type).dump_json
+        # the core serializer itself: this runs once per node, on the hot path
+        self._dump_json = adapter(self.cn.output_type).serializer.to_json
 
     @property
     def id(self) -> str:

@@ -283,7 +283,7 @@ class Runtime:
             ctx.emit(RunFinished, status=status, error=error, duration_s=duration)
             dumped = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
             try:
-                await ctx.journal.commit()
+                await ctx.journal.commit(final=True)
                 await self.store.update_run(ctx.run_id, status=status, output=dumped, error=error)
             except Exception as exc:  # the store itself failed: say so, do not hide it
                 status, error = "failed", f"state store error: {exc}"

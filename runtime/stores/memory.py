@@ -13,6 +13,9 @@ from treadle.runtime.stores.codec import apply_changes, check_batch, check_outpu
 
 
 class MemoryStore:
+    #: nothing survives the process, so runs may write their journal here in batches
+    durable = False
+
     def __init__(self) -> None:
         self._runs: dict[str, RunRecord] = {}
         self._events: dict[str, list[Event]] = {}

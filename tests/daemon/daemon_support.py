@@ -1,12 +1,11 @@
 """Helpers of the daemon tests (fixtures are in conftest.py): a private `redis-server`
-(the store tests' `RedisServer`, loaded from its file rather than copied, so both suites
+(the shared `RedisServer` of `tests/redis_support.py`, so both suites
 start Redis the same way), the in-process `Daemon`, a `LiveServer` (uvicorn in a thread),
 `WorkerProcess` (a `treadle worker` to SIGKILL) and the test workflows.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 
 import anyio
 import httpx
+from redis_support import free_port
 
 from treadle.daemon.app import create_app
 from treadle.daemon.config import DaemonConfig
@@ -30,22 +30,6 @@ from treadle.daemon.workers import run_workers
 from treadle.runtime.events import Event, NodeFinished
 from treadle.runtime.stores.redis import RedisStore
 from treadle.runtime.worker import Worker
-
-
-def _load_store_fixtures() -> Any:
-    path = Path(__file__).resolve().parents[1] / "stores" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("treadle_tests_store_fixtures", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_stores = _load_store_fixtures()
-RedisServer = _stores.RedisServer
-free_port = _stores.free_port
-REDIS_BINARY = _stores.REDIS_BINARY
-SKIP_REASON = _stores.SKIP_REASON
 
 REPO = Path(__file__).resolve().parents[2]
 
