@@ -252,30 +252,27 @@ async def run_tool_calls(
     async def one(i: int, call: ToolCall) -> None:
         call_id = f"{node}:{call.id}"
         tool = tools.get(call.name)
-        ctx.emit(ToolCallStarted, node=node, call_id=call_id, tool=call.name)
-        started = time.perf_counter()
         if tool is None:
             known = ", ".join(tools)
             results[i] = f"error: unknown tool {call.name!r} (available: {known})"
-            ok, error = False, results[i]
-        else:
-            try:
-                key = None if tool.idempotent else f"{ctx.run_id}:{call_id}"
-                value = await tool.invoke(call.arguments, idempotency_key=key)
-                results[i] = as_text(value)
-                ok, error = True, None
-            except ToolError as exc:
-                results[i] = f"error: {exc.reason}"
-                ok, error = False, exc.reason
-        ctx.emit(
-            ToolCallFinished,
-            node=node,
-            call_id=call_id,
-            tool=call.name,
-            duration_s=time.perf_counter() - started,
-            ok=ok,
-            error=error,
-        )
+            ctx.emit(ToolCallStarted, node=node, call_id=call_id, tool=call.name)
+            ctx.emit(
+                ToolCallFinished,
+                node=node,
+                call_id=call_id,
+                tool=call.name,
+                duration_s=0.0,
+                ok=False,
+                error=results[i],
+            )
+            return
+        try:
+            value = await call_tool(
+                ctx, tool, node, call_id, call.arguments, key=f"{ctx.run_id}:{call_id}"
+            )
+            results[i] = as_text(value)
+        except ToolError as exc:
+            results[i] = f"error: {exc.reason}"
 
     async with anyio.create_task_group() as tg:
         for i, call in enumerate(calls):
@@ -283,15 +280,22 @@ async def run_tool_calls(
     return results
 
 
-async def run_tool_node(
-    ctx: RunContext, tool: Tool, node: str, inputs: dict[str, Any], attempt: int
+async def call_tool(
+    ctx: RunContext,
+    tool: Tool,
+    node: str,
+    call_id: str,
+    arguments: dict[str, Any] | str | None,
+    *,
+    key: str,
 ) -> Any:
-    call_id = f"{node}@{attempt}"
+    """Invoke a tool between its `ToolCallStarted` / `ToolCallFinished` events. A tool that
+    is not idempotent receives `key` as its idempotency key; a `ToolError` is re-raised
+    after its event."""
     ctx.emit(ToolCallStarted, node=node, call_id=call_id, tool=tool.name)
     started = time.perf_counter()
     try:
-        key = None if tool.idempotent else f"{ctx.run_id}:{node}:{attempt}"
-        value = await tool.invoke(inputs, idempotency_key=key)
+        value = await tool.invoke(arguments, idempotency_key=None if tool.idempotent else key)
     except ToolError as exc:
         ctx.emit(
             ToolCallFinished,
@@ -302,7 +306,7 @@ async def run_tool_node(
             ok=False,
             error=exc.reason,
         )
-        raise NodeError(node, str(exc), retryable=not isinstance(exc, ToolArgumentError)) from exc
+        raise
     ctx.emit(
         ToolCallFinished,
         node=node,
@@ -311,6 +315,16 @@ async def run_tool_node(
         duration_s=time.perf_counter() - started,
     )
     return value
+
+
+async def run_tool_node(
+    ctx: RunContext, tool: Tool, node: str, inputs: dict[str, Any], attempt: int
+) -> Any:
+    key = f"{ctx.run_id}:{node}:{attempt}"
+    try:
+        return await call_tool(ctx, tool, node, f"{node}@{attempt}", inputs, key=key)
+    except ToolError as exc:
+        raise NodeError(node, str(exc), retryable=not isinstance(exc, ToolArgumentError)) from exc
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)

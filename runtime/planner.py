@@ -52,10 +52,8 @@ from treadle.runtime.events import (
     NodeFinished,
     NodeSkipped,
     NodeStarted,
-    ToolCallFinished,
-    ToolCallStarted,
 )
-from treadle.runtime.llm import parse_output
+from treadle.runtime.llm import call_tool, parse_output
 from treadle.runtime.plan_parser import (
     ArgumentResolutionError,
     Join,
@@ -378,31 +376,12 @@ class PlannerRun:
         except ArgumentResolutionError as exc:
             outcome = TaskOutcome(False, None, f"error: {exc}")
         else:
-            ctx.emit(ToolCallStarted, node=inst, call_id=call_id, tool=tool.name)
-            called = time.perf_counter()
             try:
-                key = None if tool.idempotent else f"{ctx.run_id}:{inst}"
-                value = await tool.invoke(args, idempotency_key=key)
+                value = await call_tool(ctx, tool, inst, call_id, args, key=f"{ctx.run_id}:{inst}")
             except ToolError as exc:
                 outcome = TaskOutcome(False, None, f"error: {exc.reason}")
-                ctx.emit(
-                    ToolCallFinished,
-                    node=inst,
-                    call_id=call_id,
-                    tool=tool.name,
-                    duration_s=time.perf_counter() - called,
-                    ok=False,
-                    error=exc.reason,
-                )
             else:
                 outcome = TaskOutcome(True, value, as_text(value))
-                ctx.emit(
-                    ToolCallFinished,
-                    node=inst,
-                    call_id=call_id,
-                    tool=tool.name,
-                    duration_s=time.perf_counter() - called,
-                )
         try:
             data = self._record(task, tool, outcome)
         except ValueError as exc:
