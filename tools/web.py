@@ -22,8 +22,12 @@ set. Binary content types are refused rather than handed to a model as mojibake.
 
 import codecs
 import functools
+import ipaddress
+import os
+import socket
 import ssl
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import anyio
 import httpx
@@ -38,6 +42,8 @@ DEFAULT_MAX_CHARS = 50_000
 MAX_BYTES_CAP = 10 * 1024 * 1024
 TIMEOUT_CAP_S = 60.0
 USER_AGENT = "treadle-http-fetch/0.1 (+https://github.com/treadle)"
+#: set to 1 to let `http_fetch` reach private, loopback and link-local addresses
+ALLOW_PRIVATE_ENV = "TREADLE_HTTP_FETCH_ALLOW_PRIVATE"
 
 _TEXT_SUBTYPES = {
     "json",
@@ -99,8 +105,15 @@ def make_http_fetch(
     timeout_cap_s: float = TIMEOUT_CAP_S,
     max_redirects: int = 5,
     user_agent: str = USER_AGENT,
+    allow_private: bool | None = None,
 ) -> Tool:
-    """An `http_fetch` tool; the caps bound what a model may ask for in one call."""
+    """An `http_fetch` tool; the caps bound what a model may ask for in one call.
+
+    A model's URL is untrusted input, so by default every request (each redirect too) is
+    refused when its host resolves to a non-public address: loopback, private networks,
+    link-local (cloud metadata services), shared and reserved ranges. `allow_private`
+    (or, when it is None, `TREADLE_HTTP_FETCH_ALLOW_PRIVATE=1`) lets it reach them.
+    """
     if max_bytes_cap < 1 or not timeout_cap_s > 0:
         raise ValueError("max_bytes_cap and timeout_cap_s must be positive")
     default_bytes = min(DEFAULT_MAX_BYTES, max_bytes_cap)
@@ -132,6 +145,7 @@ def make_http_fetch(
                 max_chars=max_chars,
                 max_redirects=max_redirects,
                 user_agent=user_agent,
+                allow_private=allow_private,
             )
         # only reached when the deadline cancelled the fetch
         assert deadline.cancelled_caught
@@ -174,14 +188,21 @@ async def _fetch(
     max_chars: int,
     max_redirects: int,
     user_agent: str,
+    allow_private: bool | None,
 ) -> FetchResult:
     headers = {"User-Agent": user_agent, "Accept": "text/*, application/json, */*;q=0.5"}
+    if allow_private is None:
+        allow_private = os.environ.get(ALLOW_PRIVATE_ENV, "").lower() in ("1", "true", "yes")
+    hooks: dict[str, list[Callable[..., Any]]] = {}
+    if not allow_private:
+        hooks["request"] = [functools.partial(_refuse_internal, tool_name)]
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(timeout_s),
         follow_redirects=True,
         max_redirects=max_redirects,
         headers=headers,
         verify=_ssl_context(),
+        event_hooks=hooks,
     ) as client:
         try:
             async with client.stream("GET", target) as response:
@@ -210,6 +231,35 @@ async def _fetch(
         text=text[:max_chars],
         truncated=len(text) > max_chars,
     )
+
+
+def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Not an address of the public internet (private, loopback, link-local, shared,
+    reserved, multicast), IPv4 inside IPv6 included."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+async def _refuse_internal(tool_name: str, request: httpx.Request) -> None:
+    """httpx calls this before every request, each redirect hop included."""
+    host = request.url.host
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        port = request.url.port or (443 if request.url.scheme == "https" else 80)
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ToolError(tool_name, f"cannot resolve host {host!r}: {exc}") from None
+        addresses = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    blocked = sorted(str(a) for a in addresses if _internal(a))
+    if blocked:
+        raise ToolError(
+            tool_name,
+            f"{host} is an internal address ({', '.join(blocked)}): only public addresses "
+            f"may be fetched (allow_private=True or {ALLOW_PRIVATE_ENV}=1 allows more)",
+        )
 
 
 async def _read_body(tool_name: str, response: httpx.Response, max_bytes: int) -> bytes:

@@ -17,8 +17,9 @@ from treadle.tools import (
     ToolTimeout,
     http_fetch,
     make_http_fetch,
+    web,
 )
-from treadle.tools.web import is_text_type
+from treadle.tools.web import ALLOW_PRIVATE_ENV, is_text_type
 
 #: bytes the endless stream had sent when each request stopped (by request id)
 STREAM_SENT: dict[str, int] = {}
@@ -66,6 +67,11 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/loop":
             self.send_response(302)
             self.send_header("Location", "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/to-other-loopback":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/hello")
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif path == "/to-ftp":
@@ -136,6 +142,8 @@ def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("all_proxy", raising=False)
+    # the test server is on loopback, which http_fetch refuses unless told otherwise
+    monkeypatch.setenv(ALLOW_PRIVATE_ENV, "1")
 
 
 async def fetch(url: str, **kwargs: object) -> FetchResult:
@@ -304,3 +312,30 @@ def test_declaration() -> None:
 )
 def test_text_types(content_type: str, text: bool) -> None:
     assert is_text_type(content_type) is text
+
+
+@pytest.mark.anyio
+async def test_internal_addresses_are_refused_by_default(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ALLOW_PRIVATE_ENV)
+    with pytest.raises(ToolError, match=r"127\.0\.0\.1 is an internal address"):
+        await fetch(f"{server}/hello")
+    with pytest.raises(ToolError, match="internal address"):
+        await fetch("http://169.254.169.254/latest/meta-data/")  # cloud metadata
+    with pytest.raises(ToolError, match="internal address"):
+        await fetch("http://[::ffff:10.0.0.1]/")  # IPv4 inside IPv6
+    strict = make_http_fetch(name="strict_fetch", allow_private=False)
+    monkeypatch.setenv(ALLOW_PRIVATE_ENV, "1")  # the tool's own setting wins
+    with pytest.raises(ToolError, match="internal address"):
+        await strict.invoke({"url": f"{server}/hello"})
+
+
+@pytest.mark.anyio
+async def test_every_redirect_hop_is_checked(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ALLOW_PRIVATE_ENV)
+    # only 127.0.0.2 counts as internal here: the first hop passes, the redirect does not
+    monkeypatch.setattr(web, "_internal", lambda address: str(address) == "127.0.0.2")
+    assert (await fetch(f"{server}/hello")).status == 200
+    with pytest.raises(ToolError, match=r"127\.0\.0\.2 is an internal address"):
+        await fetch(f"{server}/to-other-loopback")
