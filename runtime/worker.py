@@ -14,9 +14,15 @@ run's lease (`LeaseKeeper`). For one run it:
 4. writes everything through `RedisStore.fenced(worker_id)`, so that once the lease has
    passed to another worker this one cannot add to the journal; a lost lease cancels the
    run here (`LeaseKeeper`) and the queue entry is left to the new owner;
-5. once the record is terminal, calls the `on_settled` hook (quota bookkeeping) and
-   acknowledges the queue entry. A crash between the two is harmless: the entry is
-   delivered again and step 1 acknowledges it.
+5. once the record is terminal, calls the `on_settled` hook (quota bookkeeping), sets the
+   run's keys to expire after `retain_s` (`RedisStore.expire_run`; 0 keeps them) and
+   acknowledges the queue entry. A crash in between is harmless: the entry is delivered
+   again and step 1 settles it again (each step is idempotent).
+
+A `check_program` hook, when given, inspects every loaded program before it runs (the
+daemon re-checks its import allow-list there); a `ProgramError` from it fails the run.
+With `retain_s`, the worker also drops expired runs from the listing indexes every
+`prune_interval_s` (`RedisStore.prune_index`).
 
 Cancelling: `request_cancel` sets a flag key of the run (`treadle:{run}:cancel`) and
 publishes the run id on `treadle:cancel`. Every worker subscribes to that channel and also
@@ -34,6 +40,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -57,6 +64,7 @@ if TYPE_CHECKING:
     from treadle.runtime.tracing import OtelTracer
 
 __all__ = [
+    "ProgramCheck",
     "ProgramError",
     "ProgramLoader",
     "Worker",
@@ -112,6 +120,8 @@ class ProgramLoader(Protocol):
 
 #: called once a run is terminal, before its queue entry is acknowledged
 SettledHook = Callable[[RunRecord], Awaitable[None]]
+#: called with a run and its loaded program before it runs; raises `ProgramError` to refuse
+ProgramCheck = Callable[[RunRecord, CompiledGraph], None]
 
 
 @dataclass
@@ -126,6 +136,10 @@ class WorkerOptions:
     drain_s: float = 30.0
     #: None: `new_worker_id()`
     worker_id: str | None = None
+    #: a finished run's keys expire this long after it settles (s); 0 keeps them forever
+    retain_s: float = 0.0
+    #: with `retain_s`, how often expired runs are dropped from the listing indexes (s)
+    prune_interval_s: float = 3600.0
 
 
 @dataclass
@@ -252,10 +266,15 @@ class Worker:
         on_settled: SettledHook | None = None,
         tracer: OtelTracer | None = None,
         options: WorkerOptions | None = None,
+        check_program: ProgramCheck | None = None,
     ) -> None:
         self.options = options or WorkerOptions()
         if self.options.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if self.options.retain_s < 0 or self.options.prune_interval_s <= 0:
+            raise ValueError("retain_s must be >= 0 and prune_interval_s > 0")
+        self.check_program = check_program
+        self._unfenced = store
         self.worker_id = self.options.worker_id or new_worker_id()
         self.queue = queue
         self.keys = store.keys
@@ -298,6 +317,8 @@ class Worker:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._subscribe_cancels)
                 services.start_soon(self._poll_cancels)
+                if self.options.retain_s > 0:
+                    services.start_soon(self._prune_indexes)
                 task_status.started()
                 log.info(
                     "worker %s started (concurrency %d)", self.worker_id, self.options.concurrency
@@ -427,6 +448,8 @@ class Worker:
             return await self.store.get_run(run_id)
         try:
             cg = await self.loader.load(record)
+            if self.check_program is not None:
+                self.check_program(record, cg)
         except ProgramError as exc:
             await self.store.update_run(
                 run_id, status="failed", error=f"cannot load the program: {exc}"
@@ -474,6 +497,8 @@ class Worker:
         if isinstance(final, RunRecord):
             if self.on_settled is not None:
                 await self.on_settled(final)
+            if self.options.retain_s > 0:
+                await self._unfenced.expire_run(final.run_id, self.options.retain_s)
             self.stats.settled += 1
             self.stats.by_status[final.status] = self.stats.by_status.get(final.status, 0) + 1
         await self.queue.ack(job)
@@ -494,6 +519,17 @@ class Worker:
             self.tracer.set_parent(record.run_id, parent, record.meta.get("tracestate"))
         except ValueError as exc:
             log.warning("run %s: ignoring its trace parent: %s", record.run_id, exc)
+
+    async def _prune_indexes(self) -> None:
+        while True:
+            try:
+                cutoff = time.time() - self.options.retain_s
+                removed = await self._unfenced.prune_index(cutoff)
+                if removed:
+                    log.info("dropped %d expired runs from the listing indexes", removed)
+            except (RedisError, OSError) as exc:
+                log.warning("pruning the run indexes failed (retried later): %s", exc)
+            await anyio.sleep(self.options.prune_interval_s)
 
     # -- cancellation ------------------------------------------------------------------
 

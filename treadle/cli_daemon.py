@@ -42,6 +42,23 @@ ModelsOpt = Annotated[
     typer.Option(help="YAML/JSON file: model alias -> backend config, offered to every workflow."),
 ]
 LogOpt = Annotated[str, typer.Option(help="Log level (debug, info, warning, error).")]
+RetainOpt = Annotated[
+    float,
+    typer.Option(
+        help="Days a finished run (record, outputs, events) is kept before Redis expires it; "
+        "0 keeps runs forever."
+    ),
+]
+AllowImportsOpt = Annotated[
+    str,
+    typer.Option(
+        help="Comma list of module prefixes workflows may import (pkg.mod:attr) from; "
+        "built-in tools are always allowed. Workers check it again before running a run."
+    ),
+]
+AllowBackendsOpt = Annotated[
+    str, typer.Option(help="Comma list of backends workflows may declare in models:.")
+]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -65,6 +82,12 @@ def _models(path: Path | None) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise _fail(f"--models {path}: expected a mapping of alias -> backend config")
     return {str(k): v for k, v in data.items()}
+
+
+def _retain_s(days: float) -> float:
+    if not days >= 0:  # (also refuses NaN)
+        raise _fail(f"--retain-days {days}: must be >= 0 (0 keeps finished runs forever)")
+    return days * 24 * 3600
 
 
 def _logging(level: str) -> None:
@@ -96,16 +119,8 @@ def serve(
         int, typer.Option(help="Worker loops inside this process (unless --no-worker).")
     ] = 1,
     concurrency: ConcurrencyOpt = 64,
-    allow_imports: Annotated[
-        str,
-        typer.Option(
-            help="Comma list of module prefixes workflows may import (pkg.mod:attr) from; "
-            "built-in tools are always allowed."
-        ),
-    ] = "",
-    allow_backends: Annotated[
-        str, typer.Option(help="Comma list of backends workflows may declare in models:.")
-    ] = "scripted,sim",
+    allow_imports: AllowImportsOpt = "",
+    allow_backends: AllowBackendsOpt = "scripted,sim",
     models: ModelsOpt = None,
     lease_ms: LeaseOpt = 10_000,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 1
@@ -115,9 +130,27 @@ def serve(
     ] = 100,
     prefix: PrefixOpt = "treadle",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    retain_days: RetainOpt = 7.0,
+    metrics_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TREADLE_METRICS_TOKEN",
+            help="Bearer token /metrics requires (Authorization: Bearer <token>).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_public: Annotated[
+        bool,
+        typer.Option(
+            "--metrics-public", help="Serve /metrics without a token (private networks only)."
+        ),
+    ] = False,
     log_level: LogOpt = "info",
 ) -> None:
-    """Serve the HTTP API (and, unless --no-worker, run workers in the same process)."""
+    """Serve the HTTP API (and, unless --no-worker, run workers in the same process).
+
+    /metrics needs --metrics-token (or TREADLE_METRICS_TOKEN) or --metrics-public; without
+    either it answers 401. Finished runs expire after --retain-days."""
     import uvicorn
 
     from treadle.daemon.app import create_app
@@ -133,6 +166,9 @@ def serve(
         lease_ms=lease_ms,
         worker_concurrency=concurrency,
         default_max_concurrent_runs=max_concurrent_runs,
+        retain_s=_retain_s(retain_days),
+        metrics_token=metrics_token,
+        metrics_public=metrics_public,
     )
     app = create_app(config, workers=0 if no_worker else max(1, workers_per_process))
     uvicorn.run(
@@ -155,9 +191,16 @@ def worker(
         float, typer.Option(help="On SIGTERM, time runs get to finish before handing over.")
     ] = 10.0,
     prefix: PrefixOpt = "treadle",
+    allow_imports: AllowImportsOpt = "",
+    allow_backends: AllowBackendsOpt = "scripted,sim",
+    retain_days: RetainOpt = 7.0,
     log_level: LogOpt = "info",
 ) -> None:
-    """Execute runs from the daemon's work queue (start as many as you like, anywhere)."""
+    """Execute runs from the daemon's work queue (start as many as you like, anywhere).
+
+    Give it the same --allow-imports/--allow-backends as `treadle serve`: the worker checks
+    every definition against them again before importing anything, and fails runs whose
+    definition they refuse."""
     from treadle.daemon.workers import run_worker_process
 
     _logging(log_level)
@@ -168,6 +211,9 @@ def worker(
         lease_ms=lease_ms,
         worker_concurrency=concurrency,
         drain_s=drain_s,
+        allow_imports=_csv(allow_imports),
+        allow_backends=_csv(allow_backends),
+        retain_s=_retain_s(retain_days),
     )
     anyio.run(run_worker_process, config, max(1, count), backend_options=_loop_options())
 

@@ -12,6 +12,11 @@ so all of them live in one Redis Cluster slot and one script may touch them toge
   `treadle:tenant:<tenant>:runs` the same per tenant. These are not keys *of a run* (they
   span runs), so they are written after the run's meta, in a separate round trip.
 
+Retention: `expire_run` sets one time to live on a finished run's keys (the daemon's worker
+does it when a run settles, `--retain-days`). The listing indexes cannot expire entry by
+entry, so an id whose meta is gone is dropped from them when a listing meets it, and
+`prune_index` drops such ids from every index (workers call it periodically).
+
 `record` is ONE Lua script (EVALSHA: one round trip, executed atomically like MULTI/EXEC)
 rather than a MULTI/EXEC block, because it must refuse before writing anything when the run
 does not exist, when the batch does not continue the journal, or (for a `fenced` store) when
@@ -232,6 +237,48 @@ class RedisStore:
                 pipe.zadd(self.keys.tenant_runs(record.tenant), {record.run_id: record.created_at})
             await pipe.execute()
 
+    async def expire_run(self, run_id: str, seconds: float) -> None:
+        """Let the run's meta, outputs and journal expire `seconds` from now, together (one
+        MULTI/EXEC; the keys share the run's hash tag). A key that does not exist (a run
+        without outputs) is skipped by Redis. Idempotent: calling it again restarts the clock.
+        """
+        _check_run_id(run_id)
+        ms = int(seconds * 1000)
+        if ms < 1:
+            raise ValueError(f"seconds must be > 0, not {seconds!r}")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key in self.keys.run_keys(run_id)[:3]:  # meta, outputs, events (not the lease)
+                pipe.pexpire(key, ms)
+            await pipe.execute()
+
+    async def prune_index(self, older_than: float, *, batch: int = 500) -> int:
+        """Drop, from the listing indexes (all runs and every tenant's), the ids created
+        before `older_than` (epoch seconds) whose meta no longer exists (expired, deleted);
+        returns how many entries were removed. Only the expired are removed, never an old
+        run that is still kept. Safe to run from several workers at once."""
+        removed = 0
+        indexes = [self.keys.runs()]
+        pattern = f"{self.keys.prefix}:tenant:*:runs"
+        async for key in self._redis.scan_iter(match=pattern, count=500, _type="zset"):
+            indexes.append(_str(key))
+        for index in indexes:
+            start = 0
+            while True:
+                ids = _strs(
+                    await self._redis.zrangebyscore(
+                        index, "-inf", f"({older_than!r}", start=start, num=batch
+                    )
+                )
+                if not ids:
+                    break
+                gone = await self._missing(ids)
+                if gone:
+                    removed += int(await self._redis.zrem(index, *gone))
+                if len(ids) < batch:
+                    break
+                start += len(ids) - len(gone)
+        return removed
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         raw = await self._redis.hget(self.keys.meta(run_id), "data")
         return codec.decode_record(raw) if raw is not None else None
@@ -278,15 +325,21 @@ class RedisStore:
             return []
         index = self.keys.runs() if tenant is None else self.keys.tenant_runs(tenant)
         if status is None:
-            ids = _strs(await self._redis.zrevrange(index, offset, offset + limit - 1))
-            return [r for r in await self._fetch(ids) if tenant is None or r.tenant == tenant]
+            while True:
+                ids = _strs(await self._redis.zrevrange(index, offset, offset + limit - 1))
+                records, gone = await self._fetch_live(index, ids)
+                if not gone or len(ids) < limit:
+                    return [r for r in records if tenant is None or r.tenant == tenant]
+                # expired runs were dropped from the index: read the page again, so that it
+                # is full and its offset counts live runs only
         out: list[RunRecord] = []
         skip = offset
         pos = 0
         chunk = max(_SCAN_CHUNK, offset + limit)
         while True:
             ids = _strs(await self._redis.zrevrange(index, pos, pos + chunk - 1))
-            for rec in await self._fetch(ids):
+            records, gone = await self._fetch_live(index, ids)
+            for rec in records:
                 if rec.status != status or (tenant is not None and rec.tenant != tenant):
                     continue
                 if skip:
@@ -297,7 +350,7 @@ class RedisStore:
                     return out
             if len(ids) < chunk:
                 return out
-            pos += chunk
+            pos += chunk - len(gone)  # the dropped ids no longer take up positions
 
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
@@ -391,15 +444,35 @@ class RedisStore:
             await self._send(again)
         return None
 
-    async def _fetch(self, run_ids: Sequence[str]) -> list[RunRecord]:
+    async def _fetch_live(
+        self, index: str, run_ids: Sequence[str]
+    ) -> tuple[list[RunRecord], list[str]]:
+        """The records of `run_ids` that exist, and the ids whose meta is gone (expired,
+        deleted by hand), which are removed from `index` and from the all-runs index here:
+        an index entry is written after its run's meta, so a missing meta means the run is
+        gone rather than not yet created."""
         if not run_ids:
-            return []
+            return [], []
         async with self._redis.pipeline(transaction=False) as pipe:
             for rid in run_ids:
                 pipe.hget(self.keys.meta(rid), "data")
             raws = await pipe.execute()
-        # an index entry whose meta is gone (deleted by hand, expired) is skipped
-        return [codec.decode_record(raw) for raw in raws if raw is not None]
+        records = [codec.decode_record(raw) for raw in raws if raw is not None]
+        gone = [rid for rid, raw in zip(run_ids, raws, strict=True) if raw is None]
+        if gone:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(index, *gone)
+                if index != self.keys.runs():
+                    pipe.zrem(self.keys.runs(), *gone)
+                await pipe.execute()
+        return records, gone
+
+    async def _missing(self, run_ids: Sequence[str]) -> list[str]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for rid in run_ids:
+                pipe.exists(self.keys.meta(rid))
+            found = await pipe.execute()
+        return [rid for rid, n in zip(run_ids, found, strict=True) if not n]
 
     def _translate(
         self, exc: ResponseError, run_id: str, first_seq: int = 0, fence: str | None = None

@@ -132,8 +132,11 @@ class Daemon:
 
 
 def make_config(redis_url: str, **overrides: Any) -> DaemonConfig:
-    """Short leases and drains, so takeovers happen within a test's patience."""
-    settings: dict[str, Any] = {"redis_url": redis_url, "lease_ms": 1000, "drain_s": 2.0}
+    """Short leases and drains, so takeovers happen within a test's patience; `/metrics`
+    public (test_hardening.py tests its token)."""
+    settings: dict[str, Any] = {
+        "redis_url": redis_url, "lease_ms": 1000, "drain_s": 2.0, "metrics_public": True,
+    }  # fmt: skip
     settings.update(overrides)
     return DaemonConfig(**settings)
 

@@ -9,6 +9,8 @@ from typing import Any
 #: backends a tenant's workflow may declare in `models:` unless the operator says otherwise:
 #: neither can reach the network or read the server's environment (api_key_env)
 DEFAULT_ALLOWED_BACKENDS: tuple[str, ...] = ("scripted", "sim")
+#: how long a finished run's record, outputs and journal are kept (7 days)
+DEFAULT_RETAIN_S: float = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,12 @@ class DaemonConfig:
     worker_concurrency: int = 64
     #: on shutdown, how long a worker lets its runs finish before handing them over
     drain_s: float = 10.0
+    #: a finished run's keys expire this long after it settles (s); 0 keeps them forever
+    retain_s: float = DEFAULT_RETAIN_S
+    #: bearer token `/metrics` requires (compared in constant time); None: see metrics_public
+    metrics_token: str | None = field(default=None, repr=False)
+    #: serve `/metrics` without a token (a private network); with neither, `/metrics` is 401
+    metrics_public: bool = False
 
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "{} "):
@@ -47,5 +55,9 @@ class DaemonConfig:
                 raise ValueError(f"allow_imports: {module!r} is not a module name like pkg.mod")
         if self.max_body_bytes < 1024 or self.max_definition_bytes < 1:
             raise ValueError("max_body_bytes must be >= 1024 and max_definition_bytes >= 1")
+        if self.retain_s < 0:
+            raise ValueError("retain_s must be >= 0 (0 keeps finished runs forever)")
+        if self.metrics_token is not None and not self.metrics_token.strip():
+            raise ValueError("metrics_token must not be empty")
         if self.lease_ms < 100:
             raise ValueError("lease_ms must be >= 100")

@@ -5,7 +5,9 @@ names to the digest of its current definition (`treadle:tenant:<t>:workflows`). 
 `RunRecord.source` is `registry:<digest>`, not the name, so registering a workflow again
 never changes the program under a run that is queued or being resumed.
 
-Registering validates the definition completely before storing it: the import policy
+Workers check the import policy again when they load a stored definition (defense in
+depth: `ProgramError`, and the run fails). Registering validates the definition completely
+before storing it: the import policy
 (`DefinitionPolicy`, before and after loading), the loader (`WorkflowFileError`:
 file:line:col), and graph validation (`GraphValidationError`). Parsing and compiling are
 CPU work, so they run in a worker thread, and compiled graphs are cached by digest (in the
@@ -194,9 +196,15 @@ class WorkflowRegistry:
         return cg
 
     def _compile_stored(self, text: str, fmt: Format, digest: str) -> CompiledGraph:
-        spec = load_workflow_text(
-            text, filename=f"{digest[:12]}.{fmt}", base_dir=self._base_dir, fmt=fmt
-        )
+        filename = f"{digest[:12]}.{fmt}"
+        try:
+            # checked again before loading, so that a definition stored before the allow-list
+            # changed (or written to Redis directly) cannot import a refused module
+            self.policy.check_document(text, filename=filename, fmt=fmt)
+            spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
+            self.policy.check_spec(spec)
+        except PolicyViolation as exc:
+            raise ProgramError(f"refused by the import allow-list: {exc}") from None
         return compile_graph(spec, models=self.models)
 
     def _remember(self, digest: str, cg: CompiledGraph) -> None:

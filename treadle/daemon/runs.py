@@ -201,6 +201,14 @@ class RunService:
                 for run_id, _score in entries:
                     pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
                 metas = await pipe.execute()
+            gone = [run_id for (run_id, _s), (raw, _l) in zip(entries, metas, strict=True)
+                    if raw is None]  # fmt: skip
+            if gone:
+                # expired runs (retention): drop them from the indexes as they are met
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrem(index, *gone)
+                    pipe.zrem(self.keys.runs(), *gone)
+                    await pipe.execute()
             for (run_id, score), (raw, last_seq) in zip(entries, metas, strict=True):
                 position = (score, run_id)
                 if raw is None:

@@ -1,6 +1,13 @@
-"""Workers as the daemon runs them: a `Worker` wired to the registry (programs), the quotas
-(settling a run frees its tenant's slot; LLM tokens are counted) and, when configured,
-metrics and tracing. `run_worker_process` is the body of `treadle worker`."""
+"""Workers as the daemon runs them: a `Worker` wired to the registry (programs), the import
+allow-list (checked again on every loaded program: `check_program`), the quotas (settling a
+run frees its tenant's slot; LLM tokens are counted), the retention of finished runs and,
+when configured, metrics and tracing. `run_worker_process` is the body of `treadle worker`.
+
+The allow-list is checked again here, not only when a definition is registered, because
+a definition stored before the operator narrowed `--allow-imports`, or written to Redis
+directly, must not get its modules imported: the registry checks a stored definition's
+document before loading it, and `check_program` checks the loaded graph (and graphs the
+process cached) before it runs."""
 
 from __future__ import annotations
 
@@ -12,15 +19,30 @@ import anyio
 from anyio.abc import TaskStatus
 
 from treadle.daemon.config import DaemonConfig
+from treadle.daemon.policy import DefinitionPolicy, PolicyViolation
 from treadle.daemon.quotas import UsageLedger
 from treadle.daemon.registry import RegistryLoader
 from treadle.daemon.services import Services
+from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.context import Listener
 from treadle.runtime.store import RunRecord
 from treadle.runtime.tracing import OtelTracer, configure_tracing
-from treadle.runtime.worker import Worker, WorkerOptions
+from treadle.runtime.worker import ProgramCheck, ProgramError, Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
+
+
+def policy_check(policy: DefinitionPolicy) -> ProgramCheck:
+    """The worker's `check_program`: every function, tool and type of the loaded graph must
+    come from a module `policy` allows, else the run fails with the violation as its error."""
+
+    def check(record: RunRecord, cg: CompiledGraph) -> None:
+        try:
+            policy.check_spec(cg.spec)
+        except PolicyViolation as exc:
+            raise ProgramError(f"refused by the import allow-list: {exc}") from None
+
+    return check
 
 
 def build_worker(
@@ -46,8 +68,12 @@ def build_worker(
         on_settled=settled,
         tracer=tracer,
         options=WorkerOptions(
-            concurrency=config.worker_concurrency, drain_s=config.drain_s, worker_id=worker_id
+            concurrency=config.worker_concurrency,
+            drain_s=config.drain_s,
+            worker_id=worker_id,
+            retain_s=config.retain_s,
         ),
+        check_program=policy_check(services.registry.policy),
     )
 
 
