@@ -34,10 +34,6 @@ import contextlib
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -53,6 +49,13 @@ from redis.exceptions import RedisError
 from rich.console import Console
 
 from treadle.benchmarks.common import percentile, print_table, write_report
+from treadle.daemon.processes import (
+    DaemonProcess,
+    RedisServer,
+    RedisUnavailable,
+    free_port,
+    wait_port,
+)
 from treadle.runtime.events import NodeFinished, RunStarted
 from treadle.runtime.store import TERMINAL
 from treadle.runtime.stores import codec
@@ -79,93 +82,6 @@ CROSS_EVERY = 10  # every Nth submit also tries to read another tenant's run
 
 
 # -- processes -------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class _Redis:
-    """A private redis-server with its append-only file fsynced on every write."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = _which("redis-server")
-        self.args = [
-            binary, "--port", str(_free_port()), "--bind", "127.0.0.1", "--dir", str(workdir),
-            "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-            "--protected-mode", "no", "--logfile", str(workdir / "redis.log"),
-        ]  # fmt: skip
-        self.port = int(self.args[2])
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
-        _wait_port(self.port, "redis-server", self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-class _Child:
-    """A `python -m treadle.cli_daemon ...` process."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args = [sys.executable, "-m", "treadle.cli_daemon", *args]
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> _Child:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def _which(name: str) -> str:
-    import shutil
-
-    found = shutil.which(name)
-    if found is None:
-        raise typer.BadParameter(f"{name} is not installed; give --redis-url instead")
-    return found
-
-
-def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not open port {port}")
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -384,8 +300,8 @@ class _Load:
 
 async def _inject_faults(
     phase: _Phase,
-    workers: list[_Child],
-    redis: _Redis | None,
+    workers: list[DaemonProcess],
+    redis: RedisServer | None,
     kill_every: float | None,
     restart_redis: bool,
     rng: random.Random,
@@ -516,20 +432,23 @@ async def _bench(
     from treadle.daemon.tenants import TenantStore
     from treadle.runtime.stores.redis import connect
 
-    redis: _Redis | None = None
+    redis: RedisServer | None = None
     if redis_url is None:
-        redis = _Redis(workdir)
+        try:
+            redis = RedisServer(workdir / "redis", appendonly=True)
+        except RedisUnavailable as exc:
+            raise typer.BadParameter(f"{exc}; give --redis-url instead") from None
         redis.start()
         redis_url = redis.url
-    port = _free_port()
-    api = _Child(
+    port = free_port()
+    api = DaemonProcess(
         ["serve", "--no-worker", "--redis", redis_url, "--port", str(port),
          "--log-level", "warning"],
         workdir / "api.log",
     )  # fmt: skip
     worker_args = ["worker", "--redis", redis_url, "--concurrency", str(concurrency),
                    "--lease-ms", str(lease_ms), "--log-level", "warning"]  # fmt: skip
-    pool = [_Child(worker_args, workdir / f"worker-{i}.log") for i in range(workers)]
+    pool = [DaemonProcess(worker_args, workdir / f"worker-{i}.log") for i in range(workers)]
     client = connect(redis_url)
     try:
         store = TenantStore(client, DaemonKeys(PREFIX))
@@ -541,7 +460,7 @@ async def _bench(
             keys[name] = (await store.issue_key(name)).token
         api.start()
         assert api.proc is not None
-        await anyio.to_thread.run_sync(_wait_port, port, "the API", api.proc)
+        await anyio.to_thread.run_sync(wait_port, port, "the API", api.proc)
         for child in pool:
             child.start()
         url = f"http://127.0.0.1:{port}"

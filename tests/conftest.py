@@ -44,6 +44,8 @@ def redis_url(redis_server: RedisServer) -> str:
 def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A private server of this test's own, with `appendonly yes` / `appendfsync always`:
     for tests that kill and restart it (`kill()`, then `start()` on the same dir and port)."""
+    if REDIS_BINARY is None:
+        pytest.skip(SKIP_REASON)
     server = RedisServer(tmp_path / "redis-aof", appendonly=True)
     server.start()
     try:

@@ -6,10 +6,6 @@ start Redis the same way), the in-process `Daemon`, a `LiveServer` (uvicorn in a
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,6 +21,7 @@ from redis_support import free_port
 
 from treadle.daemon.app import create_app
 from treadle.daemon.config import DaemonConfig
+from treadle.daemon.processes import DaemonProcess
 from treadle.daemon.services import Services
 from treadle.daemon.workers import run_workers
 from treadle.runtime.events import Event, NodeFinished
@@ -182,42 +179,20 @@ class LiveServer:
         self.thread.join(timeout=15)
 
 
-class WorkerProcess:
+class WorkerProcess(DaemonProcess):
     """`python -m treadle.cli_daemon worker` in a process of its own."""
 
     def __init__(
         self, redis_url: str, logdir: Path, *, lease_ms: int = 1000, concurrency: int = 16
     ):
-        self.args = [
-            sys.executable, "-m", "treadle.cli_daemon", "worker", "--redis", redis_url,
-            "--lease-ms", str(lease_ms), "--concurrency", str(concurrency), "--drain-s", "2",
-            "--log-level", "warning",
-        ]  # fmt: skip
-        self.logdir = logdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> WorkerProcess:
-        self.starts += 1
-        log = open(self.logdir / f"worker-{id(self)}-{self.starts}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ)
-        )
-        log.close()
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        super().__init__(
+            [
+                "worker", "--redis", redis_url, "--lease-ms", str(lease_ms),
+                "--concurrency", str(concurrency), "--drain-s", "2", "--log-level", "warning",
+            ],
+            logdir / f"worker-{id(self)}.log",
+            cwd=REPO,
+        )  # fmt: skip
 
 
 def error_of(resp: httpx.Response) -> tuple[int, str, str]:
