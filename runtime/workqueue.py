@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.redis import LeaseLost, RedisKeys, connect
+from treadle.runtime.stores.redis import LeaseLost, RedisKeys, adopt_client
 
 __all__ = ["Job", "LeaseKeeper", "LeaseLost", "WorkQueue"]
 
@@ -103,15 +103,7 @@ class WorkQueue:
     ) -> None:
         if lease_ms <= 0:
             raise ValueError("lease_ms must be > 0")
-        if isinstance(url_or_client, str):
-            self._redis: Redis = connect(url_or_client)
-            self._owns_client = True
-        else:
-            kwargs = getattr(url_or_client.connection_pool, "connection_kwargs", {})
-            if kwargs.get("decode_responses"):
-                raise ValueError("WorkQueue needs a client with decode_responses=False")
-            self._redis = url_or_client
-            self._owns_client = False
+        self._redis, self._owns_client = adopt_client(url_or_client, "WorkQueue")
         self.keys = RedisKeys(prefix)
         self.group = group
         self.lease_ms = lease_ms

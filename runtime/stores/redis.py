@@ -73,6 +73,17 @@ def connect(url: str, *, max_connections: int = 64) -> Redis:
     return Redis.from_pool(pool)
 
 
+def adopt_client(url_or_client: str | Redis, user: str) -> tuple[Redis, bool]:
+    """A client from a URL (made by `connect`, owned by the caller: True) or an existing one
+    (owned by whoever made it: False), which must return bytes (`decode_responses=False`)."""
+    if isinstance(url_or_client, str):
+        return connect(url_or_client), True
+    kwargs = getattr(url_or_client.connection_pool, "connection_kwargs", {})
+    if kwargs.get("decode_responses"):
+        raise ValueError(f"{user} needs a client with decode_responses=False")
+    return url_or_client, False
+
+
 class LeaseLost(RuntimeError):
     """This worker no longer holds the run's lease: another worker may be running it."""
 
@@ -184,15 +195,7 @@ class RedisStore:
         *,
         prefix: str = "treadle",
     ) -> None:
-        if isinstance(url_or_client, str):
-            self._redis: Redis = connect(url_or_client)
-            self._owns_client = True
-        else:
-            kwargs = getattr(url_or_client.connection_pool, "connection_kwargs", {})
-            if kwargs.get("decode_responses"):
-                raise ValueError("RedisStore needs a client with decode_responses=False")
-            self._redis = url_or_client
-            self._owns_client = False
+        self._redis, self._owns_client = adopt_client(url_or_client, "RedisStore")
         if not prefix:
             raise ValueError("prefix must not be empty")
         self.keys = RedisKeys(prefix)
