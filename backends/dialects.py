@@ -282,6 +282,18 @@ class ContinuumDialect(_SaltMixin, Dialect):
         return body, headers
 
 
+#: what treadle's simulator can do, over HTTP (`SimDialect`) or in-process (`SimBackend`)
+SIM_CAPABILITIES = Capabilities(
+    streaming=True,
+    tool_calls=True,
+    prefix_cache=True,
+    priority=True,
+    pin_ttl=True,
+    program_id=True,
+    metrics=True,
+)
+
+
 class SimDialect(Dialect):
     """treadle's own simulator server (`treadle sim serve`): every hint, top level, with
     treadle's conventions (`priority` lower first, `pin_ttl_s` in seconds)."""
@@ -292,15 +304,7 @@ class SimDialect(Dialect):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            streaming=True,
-            tool_calls=True,
-            prefix_cache=True,
-            priority=True,
-            pin_ttl=True,
-            program_id=True,
-            metrics=True,
-        )
+        return SIM_CAPABILITIES
 
     def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
         body: dict[str, Any] = {"priority": hints.priority, "is_last_step": hints.is_last_step}

@@ -39,6 +39,7 @@ from treadle.backends.base import (
     StreamChunk,
     Usage,
 )
+from treadle.backends.dialects import SIM_CAPABILITIES
 from treadle.backends.scripted import ScriptRule
 from treadle.backends.sim.engine import EngineConfig, EngineMetrics, PinPressure, Policy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
@@ -114,15 +115,7 @@ class SimBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            streaming=True,
-            tool_calls=True,
-            prefix_cache=True,
-            priority=True,
-            pin_ttl=True,
-            program_id=True,
-            metrics=True,
-        )
+        return SIM_CAPABILITIES
 
     def metrics(self) -> EngineMetrics:
         return self.replica.engine.metrics()
