@@ -12,6 +12,7 @@ scheduler that orders LLM calls across all of its runs.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -37,6 +38,8 @@ from treadle.runtime.store import RunRecord, StateStore
 from treadle.runtime.stores.memory import MemoryStore
 
 GraphLike = Graph | GraphSpec | CompiledGraph
+
+logger = logging.getLogger(__name__)
 
 
 class InvalidInputs(ValueError):
@@ -262,12 +265,24 @@ class Runtime:
             else:
                 await self._finish(ctx, handle, started, "succeeded", output, None)
         except anyio.get_cancelled_exc_class():
-            # cancelled from outside (the caller's scope, process shutdown): record it, since
-            # every finished node is in the journal and the run can be resumed
-            await self._finish(ctx, handle, started, "cancelled", None, "interrupted")
+            # cancelled from outside (the caller's scope, a shutting-down process): the run
+            # did not end, so it gets no terminal status; its finished work is made durable
+            # and it can be resumed (by this caller, or by another worker)
+            await self._interrupt(ctx, handle, started)
             raise
         except Exception as exc:
             await self._finish(ctx, handle, started, "failed", None, _failure_message(exc))
+
+    async def _interrupt(self, ctx: RunContext, handle: RunHandle, started: float) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await ctx.journal.commit(final=True)
+            except Exception as exc:  # e.g. the lease passed on: the new owner writes now
+                logger.info("run %s interrupted; its last events were not written: %s",
+                            ctx.run_id, exc)  # fmt: skip
+            error = "interrupted before it finished; resumable"
+            duration = time.perf_counter() - started
+            handle._finish(RunResult(ctx.run_id, "interrupted", None, error, ctx.log, duration))
 
     async def _finish(
         self,

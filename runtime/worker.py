@@ -159,17 +159,16 @@ class WorkerStats:
 class _Slot:
     """One run this worker is executing.
 
-    The run executes inside `scope`, which is SHIELDED: a cancellation from outside (the
-    worker's task being cancelled) must not reach the runtime, which would record the run
-    as cancelled by its user. The worker stops a run in one of two ways only: `cancel()`
-    (the user asked: the runtime records `cancelled`), or `interrupt()` (shutdown, lost
-    lease: the gate refuses the run's writes first, so nothing is recorded and another
-    worker resumes the run from its journal).
+    The worker stops a run in one of two ways: `cancel()` (the user asked: the runtime
+    records `cancelled`), or `interrupt()` (shutdown, lost lease: the gate refuses the run's
+    writes first, so nothing more is recorded and another worker resumes the run from its
+    journal). A cancellation from outside interrupts too: the runtime gives an interrupted
+    run no terminal status.
     """
 
     run_id: str
     gate: _Gate
-    scope: anyio.CancelScope = field(default_factory=lambda: anyio.CancelScope(shield=True))
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     handle: RunHandle | None = None
     cancel_requested: bool = False
     interrupted: bool = False

@@ -154,6 +154,14 @@ def run(
             raise _fail(str(exc)) from None
         except InvalidInputs as exc:
             raise _fail(str(exc)) from None
+        except anyio.get_cancelled_exc_class():
+            # Ctrl-C: the runtime has made the finished nodes durable; say so in the record
+            with anyio.CancelScope(shield=True):
+                if started:
+                    await state.update_run(
+                        started[0], status="cancelled", error="interrupted; resumable"
+                    )
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await runtime.aclose()
