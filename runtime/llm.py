@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
     from treadle.runtime.context import RunContext
 
 
-#: receives an answer's text as it streams
-TextSink = Callable[[str], Awaitable[None]]
+#: receives an answer's text as it streams; returning True says the caller has all it needs,
+#: and the generation is stopped there (the stream is closed, which aborts it on the server)
+TextSink = Callable[[str], Awaitable[bool | None]]
 
 
 class CallAdmission(Protocol):
@@ -165,13 +167,16 @@ class LLMGateway:
         emit_tokens = ctx.options.stream_tokens
 
         async def chunks() -> AsyncIterator[StreamChunk]:
-            async for chunk in backend.stream(request.model_copy(update={"stream": True})):
-                if chunk.delta:
-                    if emit_tokens:
-                        ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
-                    if on_text is not None:
-                        await on_text(chunk.delta)
-                yield chunk
+            stream = backend.stream(request.model_copy(update={"stream": True}))
+            async with aclosing(stream):
+                async for chunk in stream:
+                    if chunk.delta:
+                        if emit_tokens:
+                            ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
+                        if on_text is not None and await on_text(chunk.delta):
+                            yield chunk.model_copy(update={"finish_reason": "stop"})
+                            return
+                    yield chunk
 
         return await collect_stream(chunks())
 

@@ -325,10 +325,12 @@ class PlannerRun:
             ),
         )
 
-        async def feed(delta: str) -> None:
+        async def feed(delta: str) -> bool:
             if accept(parser.feed(delta)):
                 # let the tasks just dispatched start before the next token is read
                 await anyio.lowlevel.checkpoint()
+            # the plan ends at join(): what the model would still write is not needed
+            return parser.joined
 
         await ctx.gateway.call(ctx, self.iid, spec.model, request, on_text=feed)
         return parser.text

@@ -187,6 +187,46 @@ async def test_a_dependent_task_runs_while_the_plan_is_still_streaming() -> None
     assert first(ev, ToolCallFinished, "plan/task2") < tokens[-1]
 
 
+class EndlessAfterJoin(ScriptedBackend):
+    """Streams the plan a token at a time and, after it, would never stop writing: the
+    planner must close the stream once `join()` has arrived."""
+
+    def __init__(self, rules: list[ScriptRule]) -> None:
+        super().__init__(rules)
+        self.closed_after: list[str] = []
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]:
+        text = (await self.generate(request)).content or ""
+        if "Observation" in text or "Action:" in text:  # the joiner: answer at once
+            yield StreamChunk(delta=text)
+            yield StreamChunk(finish_reason="stop")
+            return
+        sent = ""
+        try:
+            for piece in [*text.split(" "), *["<END_OF_PLAN>"] * 1000]:
+                sent += piece + " "
+                yield StreamChunk(delta=piece + " ")
+                await anyio.sleep(0)
+            raise AssertionError("the planner read the stream past join()")
+        finally:
+            self.closed_after.append(sent)
+
+
+async def test_the_plan_stream_is_closed_at_join() -> None:
+    plan = '1. calculator("3 * 3")\n2. join()'
+    backend = EndlessAfterJoin(
+        [finish_with_last_observation(), ScriptRule(match="Task:", content=plan)]
+    )
+    result = await run(planner_graph([calculator]), backend)
+    assert result.ok, result.error
+    assert result.output.answer == "9"
+    assert backend.closed_after == ['1. calculator("3 * 3")\n2. join() ']
+    plan_call = next(
+        e for e in result.events if isinstance(e, LLMCallFinished) and e.call_id == "plan#1"
+    )
+    assert plan_call.error is None and plan_call.finish_reason == "stop"
+
+
 class NonStreaming:
     """A backend without `stream`: the planner parses the whole answer at once."""
 
