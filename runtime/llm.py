@@ -12,7 +12,6 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -168,15 +167,19 @@ class LLMGateway:
 
         async def chunks() -> AsyncIterator[StreamChunk]:
             stream = backend.stream(request.model_copy(update={"stream": True}))
-            async with aclosing(stream):
-                async for chunk in stream:
-                    if chunk.delta:
-                        if emit_tokens:
-                            ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
-                        if on_text is not None and await on_text(chunk.delta):
-                            yield chunk.model_copy(update={"finish_reason": "stop"})
-                            return
-                    yield chunk
+            async for chunk in stream:
+                if chunk.delta:
+                    if emit_tokens:
+                        ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
+                    if on_text is not None and await on_text(chunk.delta):
+                        # closing the stream now (not when it is collected) ends the
+                        # generation on the server at once
+                        aclose = getattr(stream, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
+                        yield chunk.model_copy(update={"finish_reason": "stop"})
+                        return
+                yield chunk
 
         return await collect_stream(chunks())
 
