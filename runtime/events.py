@@ -162,6 +162,8 @@ class PinSet(Event):
 class PinReleased(Event):
     node: str
     call_id: str
+    #: next_call, no_tool_call, expired, replaced, pressure, tool_estimate, run_finished,
+    #: cancelled or interrupted
     reason: str
     used: bool = False
     kind: ClassVar[str] = "pin_released"

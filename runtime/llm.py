@@ -58,13 +58,17 @@ class CallAdmission(Protocol):
     `admit` returns once the call may be sent, with a ticket and the request to send: the
     same one, or a copy whose hints the scheduler filled in (priority, pin TTL).
     `release(ticket, response)` follows every admitted call (response None: it failed or
-    was cancelled)."""
+    was cancelled). `end_run(ctx, status)` comes once the run is over, before its
+    `RunFinished` event (status "interrupted": it stopped and may be resumed), so whatever
+    the admission still holds for it is released, and said, within the run's events."""
 
     async def admit(
         self, ctx: RunContext, node: str, request: LLMRequest
     ) -> tuple[Any, LLMRequest]: ...
 
     def release(self, ticket: Any, response: LLMResponse | None) -> None: ...
+
+    def end_run(self, ctx: RunContext, status: str) -> None: ...
 
 
 class LLMGateway:

@@ -275,6 +275,8 @@ class Runtime:
 
     async def _interrupt(self, ctx: RunContext, handle: RunHandle, started: float) -> None:
         with anyio.CancelScope(shield=True):
+            if self.admission is not None:
+                self.admission.end_run(ctx, "interrupted")
             try:
                 await ctx.journal.commit(final=True)
             except Exception as exc:  # e.g. the lease passed on: the new owner writes now
@@ -295,6 +297,8 @@ class Runtime:
     ) -> None:
         with anyio.CancelScope(shield=True):
             duration = time.perf_counter() - started
+            if self.admission is not None:
+                self.admission.end_run(ctx, status)
             ctx.emit(RunFinished, status=status, error=error, duration_s=duration)
             dumped = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
             try:

@@ -52,7 +52,7 @@ import anyio
 import httpx
 
 from treadle.backends.base import Backend, Capabilities, LLMRequest, LLMResponse
-from treadle.runtime.events import Event, PinReleased, PinSet, RunFinished, RunStarted
+from treadle.runtime.events import PinReleased, PinSet, RunStarted
 from treadle.runtime.pinning import (
     Pin,
     PinBook,
@@ -277,17 +277,14 @@ class SchedulerAdmission:
         graph = next((e.graph for e in ctx.log if isinstance(e, RunStarted)), None)
         run = _Run(ctx, self._facts.get(graph) if graph is not None else None)
         self._runs[ctx.run_id] = run
-        ctx.add_listener(self._on_event)
         if ctx.run_id not in self.scheduler.programs:
             self.scheduler.open_program(ctx.run_id, ctx.options.tenant, self.clock())
         return run
 
-    def _on_event(self, ctx: RunContext, event: Event) -> None:
-        if not isinstance(event, RunFinished):
-            return
-        # the run is over (or cancelled): its pin is of no use to anyone now. The
-        # PinReleased event follows RunFinished, since the run's end is what releases it.
-        reason = "cancelled" if event.status == "cancelled" else "run_finished"
+    def end_run(self, ctx: RunContext, status: str) -> None:
+        """The run is over, cancelled or interrupted: its pin is of no use to anyone now,
+        and its calls still queued will never be sent."""
+        reason = status if status in ("cancelled", "interrupted") else "run_finished"
         pin = self.pins.cancel(ctx.run_id, reason)
         run = self._runs.pop(ctx.run_id, None)
         if pin is not None and run is not None:

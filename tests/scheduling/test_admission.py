@@ -11,7 +11,7 @@ import pytest
 from treadle import Graph, Runtime, ScriptedBackend, ScriptRule, tool
 from treadle.backends.base import LLMRequest, LLMResponse
 from treadle.backends.sim.backend import SimBackend
-from treadle.runtime.events import LLMCallDispatched, PinReleased, PinSet
+from treadle.runtime.events import Event, LLMCallDispatched, PinReleased, PinSet, RunFinished
 from treadle.runtime.sched_admission import SchedulerAdmission
 
 pytestmark = pytest.mark.anyio
@@ -95,8 +95,10 @@ async def test_pin_released_when_the_run_is_cancelled() -> None:
     graph = _graph("stuck", run_forever)
     async with SchedulerAdmission(tools=[run_forever]) as admission:
         runtime = Runtime(models={"default": backend}, admission=admission)
+        streamed: list[Event] = []
         async with runtime.start(graph, {"task": "the flaky test"}) as run:
             async for event in run.events():
+                streamed.append(event)
                 if isinstance(event, PinSet):
                     assert backend.metrics().pins_active == 1
                     run.cancel()
@@ -104,6 +106,9 @@ async def test_pin_released_when_the_run_is_cancelled() -> None:
     assert result.status == "cancelled"
     released = [e for e in result.events if isinstance(e, PinReleased)]
     assert [(e.reason, e.used) for e in released] == [("cancelled", False)]
+    # the release is part of the run: before its RunFinished, so event streams see it
+    assert isinstance(result.events[-1], RunFinished)
+    assert released[0] in streamed
     # the server-side pin went too (released through the backend, not left to expire)
     assert backend.metrics().pins_active == 0
     assert backend.metrics().pins_expired == 0
