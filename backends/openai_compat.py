@@ -164,7 +164,15 @@ class OpenAICompatBackend:
         body["stream"] = stream
         if stream and dialect.stream_usage:
             body["stream_options"] = {"include_usage": True}
-        hint_body, hint_headers = dialect.hint_fields(request.hints)
+        hints = request.hints
+        if hints.request_id is not None:
+            # A server refuses an id it still holds (SGLang: a duplicate rid), and a call
+            # that is tried again (after a timeout, as the node's next attempt, in a run
+            # resumed by another worker) may reach it while the first try still runs: every
+            # send gets its own id, the call's id plus a random suffix.
+            wire_id = f"{hints.request_id}.{uuid.uuid4().hex[:8]}"
+            hints = hints.model_copy(update={"request_id": wire_id})
+        hint_body, hint_headers = dialect.hint_fields(hints)
         body.update(hint_body)
         headers = {**self._headers, **hint_headers}
         if self._request_headers is not None:

@@ -53,6 +53,10 @@ class SimulatorFailure(RuntimeError):
     """The simulated engine raised; the replica is unusable."""
 
 
+class DuplicateRequestId(ValueError):
+    """A request came with the id of a request still in flight (SGLang refuses these)."""
+
+
 @dataclass
 class SimCompletion:
     """A finished simulated chat completion (token counts from the engine)."""
@@ -164,10 +168,14 @@ class SimReplica:
             if wake is not None:
                 wake.set()
 
+        request_id = hints.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if any(r.request_id == request_id for r in self._pending):
+            # as SGLang (and vLLM) do: a request id is a handle on a request in flight
+            raise DuplicateRequestId(f"duplicate request id {request_id!r}: one is still running")
         sim = SimRequest(
             prompt,
             output_tokens=answer.output_ids,
-            request_id=hints.request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            request_id=request_id,
             priority=hints.priority,
             program_id=hints.program_id,
             pin_ttl_s=hints.pin_ttl_s,

@@ -31,8 +31,8 @@ Request extension fields (beyond OpenAI's), top level or inside vLLM's `vllm_xar
   program this call belongs to (pins and the `program` policy).
 - `pin_ttl_s` (float > 0): after this request finishes, keep its KV pinned for that long.
 - `is_last_step` (bool): the program's last call: release its pins and set none.
-- `request_id` (str; or the `X-Request-Id` header): the response `id` and the engine's
-  request id.
+- `request_id` (str; `rid`, SGLang's name, or the `X-Request-Id` header): the response
+  `id` and the engine's request id; one still in flight is refused (400), as SGLang does.
 
 Also honoured: `max_tokens` / `max_completion_tokens` (cuts the answer, `finish_reason:
 "length"`), `response_format` (`json_schema` or `json_object`: the scripted content
@@ -71,7 +71,12 @@ from treadle.backends.scripted import ScriptRule
 from treadle.backends.sim.clock import RealTimeClock
 from treadle.backends.sim.engine import EngineConfig, Policy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
-from treadle.backends.sim.realtime import SimCompletion, SimReplica, SimulatorFailure
+from treadle.backends.sim.realtime import (
+    DuplicateRequestId,
+    SimCompletion,
+    SimReplica,
+    SimulatorFailure,
+)
 
 # -- request models ----------------------------------------------------------------------
 
@@ -158,6 +163,7 @@ class ChatCompletionRequest(BaseModel):
     pin_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     is_last_step: bool | None = None
     request_id: str | None = None
+    rid: str | None = None  # SGLang's name for it
     vllm_xargs: dict[str, Any] | None = None
 
     def hints(self) -> SchedulingHints:
@@ -178,7 +184,7 @@ class ChatCompletionRequest(BaseModel):
             "program_id": pick("program_id", "job_id"),
             "pin_ttl_s": pick("pin_ttl_s"),
             "is_last_step": pick("is_last_step"),
-            "request_id": pick("request_id"),
+            "request_id": pick("request_id", "rid"),
         }
         hints = _HintsIn.model_validate({k: v for k, v in raw.items() if v is not None})
         return SchedulingHints(**hints.model_dump(exclude_none=True))
@@ -424,6 +430,8 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
         if not body.stream:
             try:
                 done = await replica.complete(request)
+            except DuplicateRequestId as exc:
+                raise _bad(str(exc), "rid") from exc
             except ValueError as exc:
                 raise _bad(str(exc), "messages") from exc
             except SimulatorFailure as exc:
@@ -451,6 +459,8 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
         items = replica.stream(request)
         try:
             first = await anext(items)  # queues the request: a misfit is still a 400 here
+        except DuplicateRequestId as exc:
+            raise _bad(str(exc), "rid") from exc
         except ValueError as exc:
             raise _bad(str(exc), "messages") from exc
         except SimulatorFailure as exc:

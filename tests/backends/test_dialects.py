@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 
 import pytest
 
@@ -39,7 +40,22 @@ def _body(dialect: str, hints: SchedulingHints = HINTS, **options: object) -> tu
     )
     request = LLMRequest(model="m", messages=[{"role": "user", "content": "x"}], hints=hints)
     body, headers = backend.build_request(request, stream=False)
+    # every send carries its own id: the call's, plus a random suffix (see below)
+    for fields, key in ((body, "rid"), (headers, "X-Request-Id")):
+        if key in fields:
+            call_id, suffix = fields[key].rsplit(".", 1)
+            assert re.fullmatch("[0-9a-f]{8}", suffix), fields[key]
+            fields[key] = call_id
     return {k: v for k, v in body.items() if k not in CORE}, headers
+
+
+def test_each_send_of_a_call_has_its_own_request_id() -> None:
+    """A retried call may reach a server that still runs its first try, and servers refuse
+    an id in flight (SGLang: duplicate rid), so the wire id differs on every send."""
+    backend = OpenAICompatBackend("http://127.0.0.1:9/v1", "served", dialect="sglang")
+    request = LLMRequest(model="m", messages=[{"role": "user", "content": "x"}], hints=HINTS)
+    ids = {backend.build_request(request, stream=False)[0]["rid"] for _ in range(3)}
+    assert len(ids) == 3 and all(i.startswith("req-1.") for i in ids)
 
 
 def _salt(secret: str, tenant: str) -> str:

@@ -238,7 +238,7 @@ async def test_headers_hints_and_trace_context_pass_through(fake_server: Running
     assert headers["tracestate"] == "k=v"
     assert headers["x-team"] == "infra"
     assert headers["authorization"] == "Bearer sk-test"
-    assert headers["x-request-id"] == "req-42"
+    assert headers["x-request-id"].startswith("req-42.")  # the call's id, made unique
     assert headers["x-treadle-model"] == "alias"
     assert body["priority"] == 3
     assert body["vllm_xargs"] == {"treadle_program_id": "run-1", "treadle_is_last_step": 0}

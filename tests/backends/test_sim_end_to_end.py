@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import httpx
 import pytest
 from fake_openai_server import serve_in_thread
 
@@ -129,3 +130,46 @@ async def test_wrong_model_is_a_clear_error(sim_server: SimServer) -> None:
             await other.generate(_request("hello"))
     assert info.value.retryable is False
     assert "404" in str(info.value) and "no-such-model" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[SimServer]:
+    """Real time, with a long answer: a request stays in flight for seconds."""
+    rules = [ScriptRule(match="essay", content="A long essay follows. " * 150)]
+    (replica,) = server_module.build_replicas(1, rules=rules, speed=1.0)
+    with serve_in_thread(server_module.create_app(replica)) as url:
+        yield SimServer(url=url, model=replica.model)
+
+
+async def test_a_call_tried_again_while_its_first_try_runs_is_served(
+    slow_server: SimServer,
+) -> None:
+    """The server refuses a request id that is still in flight (as SGLang does), and a
+    retried call (a node's next attempt, a run resumed elsewhere) keeps its logical id: the
+    backend makes each send's id unique, so both tries are served."""
+    body = {
+        "model": slow_server.model,
+        "messages": [{"role": "user", "content": "an essay, raw"}],
+        "rid": "dup-1",
+        "stream": True,
+    }
+    async with (
+        httpx.AsyncClient(base_url=slow_server.url, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as running,
+    ):
+        assert running.status_code == 200
+        dup = await client.post("/v1/chat/completions", json={**body, "stream": False})
+    assert dup.status_code == 400
+    assert "duplicate request id 'dup-1'" in dup.text and '"rid"' in dup.text
+    # through the backend: the same call sent while its first try still streams
+    async with OpenAICompatBackend(
+        slow_server.url + "/v1", slow_server.model, dialect="sglang", retries=0
+    ) as backend:
+        hints = SchedulingHints(request_id="run-9:fix:1")
+        request = _request("an essay, please", hints=hints, max_tokens=8)
+        chunks = backend.stream(request.model_copy(update={"max_tokens": None}))
+        await anext(chunks)  # the first try is running on the server
+        again = await backend.generate(request)
+        assert (again.content or "").startswith("A long essay follows.")
+        assert again.finish_reason == "length"  # served, cut at its 8 tokens
+        await chunks.aclose()
