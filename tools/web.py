@@ -26,6 +26,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import urllib.request
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -111,8 +112,10 @@ def make_http_fetch(
 
     A model's URL is untrusted input, so by default every request (each redirect too) is
     refused when its host resolves to a non-public address: loopback, private networks,
-    link-local (cloud metadata services), shared and reserved ranges. `allow_private`
-    (or, when it is None, `TREADLE_HTTP_FETCH_ALLOW_PRIVATE=1`) lets it reach them.
+    link-local (cloud metadata services), shared and reserved ranges, and an answer is
+    refused unread when it came from such an address anyway (a name that resolved to
+    another address to connect: DNS rebinding). `allow_private` (or, when it is None,
+    `TREADLE_HTTP_FETCH_ALLOW_PRIVATE=1`) lets it reach them.
     """
     if max_bytes_cap < 1 or not timeout_cap_s > 0:
         raise ValueError("max_bytes_cap and timeout_cap_s must be positive")
@@ -206,6 +209,8 @@ async def _fetch(
     ) as client:
         try:
             async with client.stream("GET", target) as response:
+                if not allow_private and not _proxied(response.url):
+                    _refuse_internal_peer(tool_name, response)
                 body = await _read_body(tool_name, response, max_bytes)
         except httpx.TimeoutException:
             raise ToolTimeout(
@@ -260,6 +265,34 @@ async def _refuse_internal(tool_name: str, request: httpx.Request) -> None:
             f"{host} is an internal address ({', '.join(blocked)}): only public addresses "
             f"may be fetched (allow_private=True or {ALLOW_PRIVATE_ENV}=1 allows more)",
         )
+
+
+def _refuse_internal_peer(tool_name: str, response: httpx.Response) -> None:
+    """The address the answer came from must be public too. The host name was resolved once
+    for the check before the request and again to connect; a name that answers differently
+    the second time (DNS rebinding) would otherwise reach an internal service. Its body is
+    not read, so nothing of it reaches the model."""
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if not peer:
+        return
+    address = ipaddress.ip_address(str(peer[0]).split("%")[0])
+    if _internal(address):
+        raise ToolError(
+            tool_name,
+            f"{response.url.host} answered from an internal address ({address}) although it "
+            f"resolved to public ones before: refused (allow_private=True or "
+            f"{ALLOW_PRIVATE_ENV}=1 allows it)",
+        )
+
+
+def _proxied(url: httpx.URL) -> bool:
+    """Whether the environment sends requests for `url` through a proxy (httpx follows the
+    same variables); then the connection is to the proxy, which resolves the name itself."""
+    proxies = urllib.request.getproxies()
+    if url.scheme not in proxies and "all" not in proxies:
+        return False
+    return not urllib.request.proxy_bypass(url.host)
 
 
 async def _read_body(tool_name: str, response: httpx.Response, max_bytes: int) -> bytes:

@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import anyio
+import httpx
 import pytest
 
 from treadle.tools import (
@@ -339,3 +341,22 @@ async def test_every_redirect_hop_is_checked(server: str, monkeypatch: pytest.Mo
     assert (await fetch(f"{server}/hello")).status == 200
     with pytest.raises(ToolError, match=r"127\.0\.0\.2 is an internal address"):
         await fetch(f"{server}/to-other-loopback")
+
+
+@pytest.mark.anyio
+async def test_a_name_that_resolves_differently_to_connect_is_refused(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the check before the request resolves `localhost` to a public address
+    (as a hostile name server could), the connection then goes to loopback: refused."""
+    monkeypatch.delenv(ALLOW_PRIVATE_ENV)
+    port = httpx.URL(server).port
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    async def rebinding(host: str, *args: object, **kwargs: object) -> list[object]:
+        return public if host == "localhost" else await real(host, *args, **kwargs)
+
+    real = anyio.getaddrinfo
+    monkeypatch.setattr(anyio, "getaddrinfo", rebinding)
+    with pytest.raises(ToolError, match=r"answered from an internal address \(127\.0\.0\.1\)"):
+        await fetch(f"http://localhost:{port}/hello")
