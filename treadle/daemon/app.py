@@ -23,6 +23,7 @@ from treadle.daemon.routes_runs import router as runs_router
 from treadle.daemon.routes_workflows import router as workflows_router
 from treadle.daemon.services import Services
 from treadle.daemon.workers import run_workers
+from treadle.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,17 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
         app.state.open_streams = 0
         try:
             async with anyio.create_task_group() as tg:
+                running: list[Worker] = []
                 if workers > 0:
                     running = await tg.start(
                         lambda **kw: run_workers(
                             services, workers, listeners=[observer.metrics.listener], **kw
                         )
                     )
-                    app.state.workers = running
                 try:
                     yield
                 finally:
-                    for worker in getattr(app.state, "workers", []):
+                    for worker in running:
                         worker.stop()
         finally:
             await services.close()

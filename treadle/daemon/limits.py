@@ -7,10 +7,12 @@ as soon as it passes the limit, so no handler ever buffers an unbounded body.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from treadle.daemon.errors import error_response
+
+_CLOSE = {"connection": "close"}
 
 
 class BodyLimitMiddleware:
@@ -27,10 +29,11 @@ class BodyLimitMiddleware:
                 try:
                     length = int(value)
                 except ValueError:
-                    return await _refuse(send, 400, "bad_request", "Content-Length is not a number")
+                    refusal = error_response(400, "Content-Length is not a number", headers=_CLOSE)
+                    return await refusal(scope, receive, send)
         if length is not None:
             if length > self.max_bytes:
-                return await _too_large(send, self.max_bytes)
+                return await _too_large(self.max_bytes)(scope, receive, send)
             return await self.app(scope, receive, send)
         # no length given: read (at most the limit) here, then replay it
         chunks: list[bytes] = []
@@ -42,7 +45,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                return await _too_large(send, self.max_bytes)
+                return await _too_large(self.max_bytes)(scope, receive, send)
             chunks.append(body)
             if not message.get("more_body", False):
                 break
@@ -58,22 +61,5 @@ class BodyLimitMiddleware:
         return await self.app(scope, replay, send)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    await _refuse(send, 413, "request_too_large", f"the request body is larger than {limit} bytes")
-
-
-async def _refuse(send: Send, status: int, code: str, message: str) -> None:
-    body: dict[str, Any] = {"error": {"code": code, "message": message}}
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
+def _too_large(limit: int) -> JSONResponse:
+    return error_response(413, f"the request body is larger than {limit} bytes", headers=_CLOSE)

@@ -40,6 +40,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import YAMLError
 
+from treadle.daemon.config import DEFAULT_ALLOWED_BACKENDS
 from treadle.graphs.spec import (
     BranchNode,
     FuncNode,
@@ -51,7 +52,7 @@ from treadle.graphs.spec import (
     SubgraphNode,
     ToolNode,
 )
-from treadle.tools import Tool
+from treadle.tools import BUILTINS, Tool
 
 #: values (including those YAML aliases repeat) a definition may expand to
 MAX_NODES = 100_000
@@ -88,7 +89,7 @@ class DefinitionPolicy:
     """What a registered definition may refer to (see the module docstring)."""
 
     allow_imports: tuple[str, ...] = ()
-    allow_backends: tuple[str, ...] = ("scripted", "sim")
+    allow_backends: tuple[str, ...] = DEFAULT_ALLOWED_BACKENDS
 
     # -- pass 1: the document --------------------------------------------------------
 
@@ -147,8 +148,6 @@ class DefinitionPolicy:
             self.check_spec(node.graph)
 
     def _check_tool(self, tool: Tool, where: str) -> None:
-        from treadle.tools.builtins import BUILTINS
-
         if any(tool is builtin for builtin in BUILTINS.values()):
             return
         self._check_object(tool.fn, where)

@@ -70,7 +70,7 @@ class Quotas:
         if tenant.tokens_per_minute is None:
             return
         now = time.time()
-        used = int(await self.redis.get(self.keys.tokens(tenant.id, current_minute(now))) or 0)
+        used = await self.tokens_this_minute(tenant.id, now)
         if used >= tenant.tokens_per_minute:
             raise QuotaExceeded(
                 f"tenant {tenant.id!r} used {used} of its {tenant.tokens_per_minute} LLM tokens "
@@ -98,8 +98,8 @@ class Quotas:
     async def active_runs(self, tenant_id: str) -> int:
         return int(await self.redis.zcard(self.keys.active(tenant_id)))
 
-    async def tokens_this_minute(self, tenant_id: str) -> int:
-        return int(await self.redis.get(self.keys.tokens(tenant_id, current_minute())) or 0)
+    async def tokens_this_minute(self, tenant_id: str, now: float | None = None) -> int:
+        return int(await self.redis.get(self.keys.tokens(tenant_id, current_minute(now))) or 0)
 
     async def prune(self, tenant_id: str) -> int:
         """Drop members of the active set whose run is settled or never appeared."""

@@ -38,6 +38,7 @@ from treadle.daemon.keys import DaemonKeys
 from treadle.daemon.policy import DefinitionPolicy, PolicyViolation
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
 from treadle.graphs.loader import WorkflowFileError, load_workflow_text
+from treadle.graphs.typecheck import describe
 from treadle.runtime.store import RunRecord
 from treadle.runtime.worker import ProgramError
 
@@ -103,10 +104,7 @@ class WorkflowRegistry:
                 f"{filename}: the definition is larger than {self.max_bytes} bytes"
             )
         try:
-            self.policy.check_document(text, filename=filename, fmt=fmt)
-            spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
-            self.policy.check_spec(spec)
-            cg = compile_graph(spec, models=self.models)
+            cg = self._load(text, fmt, filename)
         except (PolicyViolation, WorkflowFileError, GraphValidationError) as exc:
             raise DefinitionError(str(exc)) from None
         except RecursionError:
@@ -196,15 +194,19 @@ class WorkflowRegistry:
         return cg
 
     def _compile_stored(self, text: str, fmt: Format, digest: str) -> CompiledGraph:
-        filename = f"{digest[:12]}.{fmt}"
         try:
             # checked again before loading, so that a definition stored before the allow-list
             # changed (or written to Redis directly) cannot import a refused module
-            self.policy.check_document(text, filename=filename, fmt=fmt)
-            spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
-            self.policy.check_spec(spec)
+            return self._load(text, fmt, f"{digest[:12]}.{fmt}")
         except PolicyViolation as exc:
             raise ProgramError(f"refused by the import allow-list: {exc}") from None
+
+    def _load(self, text: str, fmt: Format, filename: str) -> CompiledGraph:
+        """The import policy on the document, the loader, the policy on the loaded spec,
+        then the compiler (CPU work)."""
+        self.policy.check_document(text, filename=filename, fmt=fmt)
+        spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
+        self.policy.check_spec(spec)
         return compile_graph(spec, models=self.models)
 
     def _remember(self, digest: str, cg: CompiledGraph) -> None:
@@ -260,7 +262,7 @@ def _info(cg: CompiledGraph, digest: str, fmt: Format, old: WorkflowInfo | None)
     except Exception:  # a type pydantic cannot describe: the schema is only informative
         schema = None
     inputs = {
-        name: InputInfo(type=type_text(decl.type), required=decl.required)
+        name: InputInfo(type=describe(decl.type), required=decl.required)
         for name, decl in cg.spec.inputs.items()
     }
     return WorkflowInfo(
@@ -275,9 +277,3 @@ def _info(cg: CompiledGraph, digest: str, fmt: Format, old: WorkflowInfo | None)
         created_at=created,
         updated_at=now,
     )
-
-
-def type_text(tp: Any) -> str:
-    if isinstance(tp, type) and not getattr(tp, "__args__", None):
-        return tp.__name__
-    return str(tp).replace("typing.", "")

@@ -29,13 +29,11 @@ from redis.asyncio import Redis
 from treadle.daemon.quotas import Quotas
 from treadle.daemon.registry import WorkflowRegistry, source_of
 from treadle.daemon.tenants import Tenant
-from treadle.runtime.events import Event
 from treadle.runtime.runtime import InvalidInputs, validate_inputs
 from treadle.runtime.store import TERMINAL, RunRecord
 from treadle.runtime.stores import codec
 from treadle.runtime.stores.redis import RedisStore
 from treadle.runtime.worker import cancel_key, request_cancel
-from treadle.runtime.workqueue import WorkQueue
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 #: index entries looked at by one list request at most (then a cursor to go on)
@@ -82,13 +80,10 @@ class RunService:
         self,
         redis: Redis,
         store: RedisStore,
-        queue: WorkQueue,
         registry: WorkflowRegistry,
         quotas: Quotas,
     ) -> None:
         self.redis = redis
-        self.store = store
-        self.queue = queue
         self.registry = registry
         self.quotas = quotas
         self.keys = store.keys
@@ -172,10 +167,6 @@ class RunService:
             raise Conflict(f"run {run_id!r} has finished already ({view.record.status})")
         await request_cancel(self.redis, self.keys, run_id)
         return RunView(view.record, True, view.started)
-
-    async def events(self, tenant: Tenant, run_id: str, after: int = 0) -> list[Event]:
-        await self.get(tenant, run_id)
-        return await self.store.read_events(run_id, after)
 
     async def list_runs(
         self,

@@ -55,7 +55,7 @@ class Services:
             tenants=TenantStore(redis, keys),
             registry=registry,
             quotas=quotas,
-            runs=RunService(redis, store, queue, registry, quotas),
+            runs=RunService(redis, store, registry, quotas),
         )
 
     async def close(self) -> None:

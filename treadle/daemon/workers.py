@@ -91,16 +91,18 @@ async def run_workers(
     workers = [
         build_worker(services, ledger, listeners=listeners, tracer=tracer) for _ in range(count)
     ]
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ledger.run)
-        for worker in workers:
-            await tg.start(worker.run)
-        task_status.started(workers)
-        for worker in workers:
-            await worker.wait_stopped()
-        tg.cancel_scope.cancel()
-    if tracer is not None:
-        tracer.shutdown()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ledger.run)
+            for worker in workers:
+                await tg.start(worker.run)
+            task_status.started(workers)
+            for worker in workers:
+                await worker.wait_stopped()
+            tg.cancel_scope.cancel()
+    finally:
+        if tracer is not None:
+            tracer.shutdown()
 
 
 async def run_worker_process(config: DaemonConfig, count: int = 1) -> None:
@@ -109,18 +111,12 @@ async def run_worker_process(config: DaemonConfig, count: int = 1) -> None:
     try:
         async with anyio.create_task_group() as tg:
             workers: list[Worker] = await tg.start(run_workers, services, count)
-
-            async def on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("signal %s: stopping the workers", signal.Signals(signum).name)
-                        for worker in workers:
-                            worker.stop()
-                        return
-
-            tg.start_soon(on_signal)
-            for worker in workers:
-                await worker.wait_stopped()
-            tg.cancel_scope.cancel()
+            # workers stop only when told to; `run_workers` returns once they have drained
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("signal %s: stopping the workers", signal.Signals(signum).name)
+                    for worker in workers:
+                        worker.stop()
+                    break
     finally:
         await services.close()
