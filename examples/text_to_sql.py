@@ -17,6 +17,8 @@ from treadle import Graph, InputSpec, first_of, tool
 
 SCRIPT = Path(__file__).parent / "data" / "sql" / "shop.sql"
 
+SYSTEM = "You translate questions into SQLite SELECT statements."
+
 MODELS = {
     "default": {
         "backend": "scripted",
@@ -125,7 +127,7 @@ def build() -> Graph:
     draft = g.llm(
         "draft",
         "Write one SQLite query answering: {question}\nSchema:\n{schema}",
-        system="You translate questions into SQLite SELECT statements.",
+        system=SYSTEM,
         output=SQLQuery,
         inputs={"question": g.input.question, "schema": db.out.schema_sql},
     )
@@ -141,7 +143,7 @@ def build() -> Graph:
     repair = g.llm(
         "repair",
         "The query\n{sql}\nfailed: {error}\nSchema:\n{schema}\nWrite a corrected query.",
-        system="You translate questions into SQLite SELECT statements.",
+        system=SYSTEM,
         output=SQLQuery,
         inputs={"sql": draft.out.sql, "error": check.out.error, "schema": db.out.schema_sql},
     )

@@ -45,22 +45,6 @@ class GraphFacts:
     remaining_cost_s: dict[str, float] = field(default_factory=dict)
     prefix_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "critical_path": list(self.critical_path),
-            "critical_path_cost_s": round(self.critical_path_cost_s, 6),
-            "llm": {
-                k: {
-                    "steps_to_execution": v.steps_to_execution,
-                    "is_last_llm_step": v.is_last_llm_step,
-                    "next_tools": list(v.next_tools),
-                    "prefix_group": v.prefix_group,
-                }
-                for k, v in self.llm.items()
-            },
-            "prefix_groups": {k: list(v) for k, v in self.prefix_groups.items()},
-        }
-
 
 def node_cost_s(spec: NodeSpec) -> float:
     if isinstance(spec, LLMNode):

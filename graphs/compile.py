@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from treadle.graphs.analysis import GraphFacts, analyze
+from treadle.graphs.analysis import GraphFacts, _llm_spec, analyze
 from treadle.graphs.spec import (
     INPUT,
     ITEM,
@@ -36,7 +36,13 @@ from treadle.graphs.spec import (
     SubgraphNode,
     ToolNode,
 )
-from treadle.graphs.typecheck import describe, element_type, field_type, is_compatible
+from treadle.graphs.typecheck import (
+    _is_model,
+    describe,
+    element_type,
+    field_type,
+    is_compatible,
+)
 
 #: the alias every runtime provides (the scripted backend unless configured otherwise)
 DEFAULT_MODEL = "default"
@@ -175,7 +181,6 @@ class _Compiler:
                 compiled[node_id].guards = tuple((b, frozenset(ls)) for b, ls in table.items())
                 compiled[node_id].deps = tuple(dict.fromkeys((*compiled[node_id].deps, *table)))
 
-        order = self.check_cycles(compiled)
         dependents: dict[str, list[str]] = {n: [] for n in compiled}
         for n in compiled.values():
             for d in n.deps:
@@ -183,20 +188,13 @@ class _Compiler:
                     dependents[d].append(n.id)
         for n in compiled.values():
             n.dependents = tuple(dependents[n.id])
+        order = self.check_cycles(compiled)
 
         output_type = self.check_outputs(compiled)
         self.check_connected(compiled)
         input_model = self.input_model()
         if self.issues:
             raise GraphValidationError(spec.name, self.issues)
-        used = frozenset(
-            n.spec.model for n in compiled.values() if isinstance(n.spec, LLMNode | PlannerNode)
-        )
-        inner_used = {
-            n.inner.spec.model
-            for n in compiled.values()
-            if n.inner is not None and isinstance(n.inner.spec, LLMNode | PlannerNode)
-        }
         ordered = {nid: compiled[nid] for nid in order}
         return CompiledGraph(
             spec=spec,
@@ -205,7 +203,9 @@ class _Compiler:
             input_model=input_model,
             output_type=output_type,
             facts=analyze(ordered),
-            models=used | inner_used,
+            models=frozenset(  # LLM and planner nodes, a map's inner one included
+                s.model for n in ordered.values() if (s := _llm_spec(n.spec)) is not None
+            ),
         )
 
     # -- per node ----------------------------------------------------------------------
@@ -224,13 +224,7 @@ class _Compiler:
                 for name, f in node.tool.input_model.model_fields.items()
             }
             return CompiledNode(node.id, node, params, node.tool.output_type)
-        if isinstance(node, LLMNode):
-            names = _template_fields(node.prompt, node, self, "prompt")
-            if node.system:
-                names |= _template_fields(node.system, node, self, "system")
-            params = {name: Param(Any, True) for name in sorted(names)}
-            return CompiledNode(node.id, node, params, node.output)
-        if isinstance(node, PlannerNode):
+        if isinstance(node, LLMNode | PlannerNode):
             names = _template_fields(node.prompt, node, self, "prompt")
             if node.system:
                 names |= _template_fields(node.system, node, self, "system")
@@ -317,22 +311,17 @@ class _Compiler:
         if not 0 <= p.jitter <= 1:
             self.issue("jitter must be between 0 and 1", node, prefix + "jitter")
 
+        if isinstance(node, LLMNode | PlannerNode) and node.model not in self.known_models:
+            known = ", ".join(sorted(self.known_models))
+            self.issue(
+                f"unknown model alias {node.model!r} (known: {known})", node, prefix + "model"
+            )
         if isinstance(node, PlannerNode):
-            if node.model not in self.known_models:
-                known = ", ".join(sorted(self.known_models))
-                self.issue(
-                    f"unknown model alias {node.model!r} (known: {known})", node, prefix + "model"
-                )
             if not node.tools:
                 self.issue("a planner needs at least one tool", node, prefix + "tools")
             if node.max_replans < 0:
                 self.issue("max_replans must be >= 0", node, prefix + "max_replans")
         if isinstance(node, LLMNode):
-            if node.model not in self.known_models:
-                known = ", ".join(sorted(self.known_models))
-                self.issue(
-                    f"unknown model alias {node.model!r} (known: {known})", node, prefix + "model"
-                )
             if not (node.output is str or _is_model(node.output) or node.output is Any):
                 self.issue(
                     "output must be str or a pydantic model, got " + describe(node.output),
@@ -498,22 +487,14 @@ class _Compiler:
         return _labels_of(tp)
 
     def check_cycles(self, compiled: dict[str, CompiledNode]) -> list[str]:
-        indegree = {n: 0 for n in compiled}
-        for n in compiled.values():
-            for d in n.deps:
-                if d in compiled:
-                    indegree[n.id] += 1
-        children: dict[str, list[str]] = {n: [] for n in compiled}
-        for n in compiled.values():
-            for d in n.deps:
-                if d in children:
-                    children[d].append(n.id)
+        """A topological order of `compiled` (its `dependents` set); a cycle is an issue."""
+        indegree = {nid: sum(d in compiled for d in n.deps) for nid, n in compiled.items()}
         ready = [n for n in compiled if indegree[n] == 0]
         order: list[str] = []
         while ready:
             cur = ready.pop(0)
             order.append(cur)
-            for c in children[cur]:
+            for c in compiled[cur].dependents:
                 indegree[c] -= 1
                 if indegree[c] == 0:
                     ready.append(c)
@@ -598,10 +579,6 @@ def _hints(fn: Any) -> dict[str, Any]:
             return typing.get_type_hints(target) if target is not None else {}
         except Exception:
             return {}
-
-
-def _is_model(tp: Any) -> bool:
-    return inspect.isclass(tp) and issubclass(tp, BaseModel)
 
 
 def _labels_of(tp: Any) -> set[str] | None:

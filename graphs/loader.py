@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal, NoReturn
 
 from pydantic import (
@@ -308,7 +309,7 @@ def _plain(node: Any, path: DocPath, doc: _Doc, active: set[int], *, strict: boo
         if tag is not None and not isinstance(node, TaggedScalar):
             return doc.refuse(path, f"YAML tags are not supported here ({tag})")
     if isinstance(node, CommentedMap | CommentedSeq):
-        if id(node) in active:  # pragma: no cover - ruamel 0.18+ turns such an alias into null
+        if id(node) in active:  # a list holding itself (ruamel 0.18+ nulls a mapping's)
             return doc.refuse(path, "a YAML alias refers to a mapping or list that contains it")
         active.add(id(node))
         try:
@@ -599,15 +600,12 @@ def _concrete(tp: Any, value: Any) -> Any:
                 tp = base
             continue
         args = typing.get_args(tp)
-        if args and type(None) in args and typing.get_origin(tp) in (typing.Union, _UnionType):
+        if args and type(None) in args and typing.get_origin(tp) in (typing.Union, UnionType):
             rest = [a for a in args if a is not type(None)]
             tp = rest[0]
             continue
         return tp
     return tp  # pragma: no cover - nesting this deep does not occur in the file format
-
-
-_UnionType = type(int | None)
 
 
 def _describe_value(value: Any) -> str:
@@ -676,8 +674,7 @@ class _Builder:
         self.doc = doc
         self.base_dir = base_dir
         self.ctx = ctx
-        dirs = [base_dir, Path.cwd()]
-        self.search_dirs = tuple(d for i, d in enumerate(dirs) if d not in dirs[:i])
+        self.search_dirs = tuple(dict.fromkeys((base_dir, Path.cwd())))
         self.types: Mapping[str, Any] = {}
 
     def fail(self, path: DocPath, problem: str, *, key: bool = False) -> NoReturn:
@@ -885,10 +882,7 @@ class _Builder:
     # -- names -------------------------------------------------------------------------
 
     def resolve_type(self, text: str, path: DocPath) -> Any:
-        try:
-            return parse_type(text, local_types=self.types, search_dirs=self.search_dirs)
-        except TypeRefError as exc:
-            self.fail(path, str(exc))
+        return self.type_in(text, path, self.types)
 
     def function(self, spec: str, path: DocPath) -> Any:
         obj = self.import_(spec, path)

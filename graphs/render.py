@@ -66,7 +66,7 @@ def _edges(spec: GraphSpec) -> Iterator[tuple[str, str, str, bool]]:
         if isinstance(node, MapNode):
             bindings.append(("over", node.over))
             if node.node is not None:
-                bindings += [(f"{k}", v) for k, v in node.node.inputs.items()]
+                bindings += node.node.inputs.items()
         for name, binding in bindings:
             for ref in refs(binding):
                 src = source(ref)

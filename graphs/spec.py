@@ -76,10 +76,6 @@ class FirstOf:
     refs: tuple[Ref, ...]
 
 
-def input_ref(name: str) -> Ref:
-    return Ref(INPUT, (name,))
-
-
 @dataclass
 class Policy:
     """How a node is retried, timed out and failed."""

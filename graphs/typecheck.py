@@ -14,8 +14,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-UNKNOWN: Any = Any
-
 _NUMERIC_WIDENING = {(int, float), (bool, int), (bool, float), (int, complex), (float, complex)}
 
 

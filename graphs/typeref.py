@@ -26,6 +26,7 @@ import typing
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __all__ = [
@@ -290,15 +291,10 @@ def import_object(path: str, *, search_dirs: Sequence[Path] = ()) -> Any:
 
 
 def _import_module(name: str, search_dirs: Sequence[Path]) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if not _is_missing(exc, name):
-            # the module exists but something it imports does not: say so, not "not found"
-            raise ImportPathError(f"importing {name!r} failed: {exc}") from exc
-        missing = exc
-    except Exception as exc:
-        raise ImportPathError(f"importing {name!r} raised {type(exc).__name__}: {exc}") from exc
+    found = _import_or_missing(name)
+    if not isinstance(found, ModuleNotFoundError):
+        return found
+    missing = found
     top = name.partition(".")[0]
     if top not in sys.modules:
         for folder in search_dirs:
@@ -315,21 +311,28 @@ def _import_module(name: str, search_dirs: Sequence[Path]) -> Any:
                 raise ImportPathError(
                     f"importing {top!r} from {folder} raised {type(exc).__name__}: {exc}"
                 ) from exc
-            try:
-                return importlib.import_module(name)
-            except ModuleNotFoundError as exc:
-                if not _is_missing(exc, name):
-                    raise ImportPathError(f"importing {name!r} failed: {exc}") from exc
-                missing = exc
-                break
-            except Exception as exc:
-                raise ImportPathError(
-                    f"importing {name!r} raised {type(exc).__name__}: {exc}"
-                ) from exc
+            found = _import_or_missing(name)
+            if not isinstance(found, ModuleNotFoundError):
+                return found
+            missing = found
+            break
     where = "".join(f", {d}" for d in search_dirs)
     raise ImportPathError(
         f"no module named {missing.name or name!r} (looked on sys.path{where})"
     ) from None
+
+
+def _import_or_missing(name: str) -> ModuleType | ModuleNotFoundError:
+    """The module, or the `ModuleNotFoundError` saying that `name` itself does not exist."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if not _is_missing(exc, name):
+            # the module exists but something it imports does not: say so, not "not found"
+            raise ImportPathError(f"importing {name!r} failed: {exc}") from exc
+        return exc
+    except Exception as exc:
+        raise ImportPathError(f"importing {name!r} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _is_missing(exc: ModuleNotFoundError, name: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -150,9 +151,7 @@ def run(
                     source=_source_of(program),
                     on_start=started.append,
                 )
-        except GraphValidationError as exc:
-            raise _fail(str(exc)) from None
-        except InvalidInputs as exc:
+        except (GraphValidationError, InvalidInputs) as exc:
             raise _fail(str(exc)) from None
         except anyio.get_cancelled_exc_class():
             # Ctrl-C: the runtime has made the finished nodes durable; say so in the record
@@ -300,19 +299,28 @@ def _run_extensions(run_id: str, store: str, db: Path | None) -> list[Any]:
     from treadle.graphs.render import DynamicNode
     from treadle.runtime.planner import planned_tasks
 
-    async def main() -> dict[str, bytes]:
+    outputs = _read_run(run_id, store, db, lambda state: state.load_outputs(run_id))
+    return [
+        DynamicNode(t.planner, t.instance, f"task{t.idx}: {t.tool}", t.deps)
+        for t in planned_tasks(outputs)
+    ]
+
+
+def _read_run(
+    run_id: str, store: str, db: Path | None, read: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    """`read(state)` on the store, once it is known to hold run `run_id`."""
+
+    async def main() -> Any:
         state = _open_store(store, db)
         try:
             if await state.get_run(run_id) is None:
                 raise _fail(f"no run {run_id!r} in the store")
-            return dict(await state.load_outputs(run_id))
+            return await read(state)
         finally:
             await state.close()
 
-    return [
-        DynamicNode(t.planner, t.instance, f"task{t.idx}: {t.tool}", t.deps)
-        for t in planned_tasks(anyio.run(main))
-    ]
+    return anyio.run(main)
 
 
 @app.command()
@@ -360,16 +368,7 @@ def trace(
     """Draw a run's timeline from its journal: a waterfall of its nodes, LLM and tool calls."""
     from treadle.trace_view import trace_command
 
-    async def main() -> list[Any]:
-        state = _open_store(store, db)
-        try:
-            if await state.get_run(run_id) is None:
-                raise _fail(f"no run {run_id!r} in the store")
-            return list(await state.read_events(run_id))
-        finally:
-            await state.close()
-
-    events = anyio.run(main)
+    events = _read_run(run_id, store, db, lambda state: state.read_events(run_id))
     if not events:
         raise _fail(f"run {run_id!r} has no events yet")
     trace_command(events, as_json=as_json, console=console)

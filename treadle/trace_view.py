@@ -8,7 +8,7 @@ that holds it; its bar is placed on the run's time axis, one character cell per
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
@@ -66,16 +66,10 @@ _ALWAYS_SHOWN = frozenset({"attempt", "failed", "call", "decode", "tool", "error
 MAX_CHILDREN = 50
 
 
-def trace_command(
-    events: Sequence[Event],
-    *,
-    as_json: bool,
-    console: Console,
-    deps: Mapping[str, Iterable[str]] | None = None,
-) -> None:
+def trace_command(events: Sequence[Event], *, as_json: bool, console: Console) -> None:
     """What `treadle trace RUN_ID` prints: the waterfall, or with `as_json` the timeline
     model as JSON on the console's file (ValueError when there are no events)."""
-    timeline = build_timeline(events, deps=deps)
+    timeline = build_timeline(events)
     if as_json:
         console.file.write(json.dumps(timeline.to_dict(), indent=2, default=str) + "\n")
         console.file.flush()
@@ -108,12 +102,11 @@ def render_timeline(timeline: Timeline, *, width: int = 120) -> RenderableType:
             )  # fmt: skip
             continue
         mark, style = _STATUS.get(row.status, ("·", ""))
-        took = row.duration_s
         table.add_row(
             Text(mark, style=style),
             Text(_name(row), style="bold" if row.depth == 0 and row.kind == "node" else ""),
             _fmt_s(row.start_s),
-            _took(row, took),
+            _took(row),
             _bar(row, scale, bar_width),
             _detail(row),
         )
@@ -258,7 +251,8 @@ def _fold(rows: list[Row]) -> list[Row | _Folded]:
     return out
 
 
-def _took(row: Row, took: float | None) -> str:
+def _took(row: Row) -> str:
+    took = row.duration_s
     if took is None:
         return "…"  # still open when the journal ends
     if row.status == "skipped" and not row.segments:
