@@ -56,7 +56,6 @@ class DurationEstimator:
         "count",
         "expected_s",
         "prior_weight",
-        "total_s",
         "window",
     )
 
@@ -80,7 +79,6 @@ class DurationEstimator:
         self._sorted: list[float] = []
         self._wsum = 0.0
         self.count = 0
-        self.total_s = 0.0
 
     # -- updates -----------------------------------------------------------------------
 
@@ -90,7 +88,6 @@ class DurationEstimator:
             raise ValueError(f"a duration must be a finite number >= 0, got {duration_s!r}")
         d = float(duration_s)
         self.count += 1
-        self.total_s += d
         self._recent.append(d)
         self._wsum += d
         bisect.insort(self._sorted, d)
@@ -100,11 +97,6 @@ class DurationEstimator:
             del self._sorted[bisect.bisect_left(self._sorted, old)]
 
     # -- the mixture -------------------------------------------------------------------
-
-    @property
-    def samples(self) -> int:
-        """Observations currently in the window."""
-        return len(self._sorted)
 
     def _prior_mass(self) -> float:
         """Weight of the prior in the mixture: `prior_weight` pseudo-observations."""
@@ -130,8 +122,9 @@ class DurationEstimator:
 
     def quantile(self, q: float) -> float:
         """The q-quantile (0 < q < 1) of the duration distribution, exactly, in
-        O(log window): a binary search over the samples (where the empirical part of the
-        CDF jumps), then the prior's closed-form inverse between two samples."""
+        O(log² window): a binary search over the samples (where the empirical part of the
+        CDF jumps; one CDF evaluation per step), then the prior's closed-form inverse
+        between two samples."""
         if not 0.0 < q < 1.0:
             raise ValueError("q must be in (0, 1)")
         data = self._sorted
@@ -236,12 +229,6 @@ class ToolDurations:
         if est is None:
             est = self.declare(name, None)
         return est
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._estimators
-
-    def names(self) -> list[str]:
-        return sorted(self._estimators)
 
 
 # -- the decision ------------------------------------------------------------------------
@@ -375,7 +362,6 @@ class PinBook:
 
     listeners: list[PinListener] = field(default_factory=list)
     _pins: dict[str, Pin] = field(default_factory=dict)
-    set_count: int = 0
     released: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -383,9 +369,6 @@ class PinBook:
 
     def get(self, program_id: str) -> Pin | None:
         return self._pins.get(program_id)
-
-    def pins(self) -> list[Pin]:
-        return list(self._pins.values())
 
     def pinned_tokens(self, lane: int | None = None) -> int:
         return sum(p.tokens for p in self._pins.values() if lane is None or p.lane == lane)
@@ -395,7 +378,6 @@ class PinBook:
         if old is not None:
             self._release(old, "replaced", used=False)
         self._pins[pin.program_id] = pin
-        self.set_count += 1
         self._notify("set", pin, "", False)
 
     def on_next_call(self, program_id: str, now: float) -> Pin | None:

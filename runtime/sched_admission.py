@@ -52,6 +52,7 @@ import anyio
 import httpx
 
 from treadle.backends.base import Backend, Capabilities, LLMRequest, LLMResponse
+from treadle.backends.routing import CHARS_PER_TOKEN
 from treadle.runtime.events import PinReleased, PinSet, RunStarted
 from treadle.runtime.pinning import (
     Pin,
@@ -75,8 +76,6 @@ _log = logging.getLogger(__name__)
 #: program_id -> pins released
 PinReleaser = Callable[[str], Awaitable[int]]
 
-#: characters per token when estimating a prompt's length (the usual English estimate)
-CHARS_PER_TOKEN = 4
 _INSTANCE = re.compile(r"\[\d+\]")
 
 
@@ -377,8 +376,6 @@ class SchedulerAdmission:
         return ticket, request
 
     def release(self, ticket: Any, response: LLMResponse | None) -> None:
-        if isinstance(ticket, tuple):  # a caller that kept admit's whole answer
-            ticket = ticket[0]
         if not isinstance(ticket, AdmissionTicket):
             return
         now = self.clock()

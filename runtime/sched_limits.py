@@ -45,14 +45,12 @@ class LimitConfig:
 class AIMDLimit:
     """An additive-increase / multiplicative-decrease in-flight limit (module docstring)."""
 
-    __slots__ = ("_hold_until", "config", "decreases", "increases", "value")
+    __slots__ = ("_hold_until", "config", "value")
 
     def __init__(self, config: LimitConfig | None = None) -> None:
         self.config = config or LimitConfig()
         self.value = float(self.config.initial)
         self._hold_until = -math.inf
-        self.increases = 0
-        self.decreases = 0
 
     def observe(self, *, congested: bool, in_flight: int, now: float) -> None:
         """One finished call: `in_flight` counts it (the load it was sent under)."""
@@ -61,11 +59,9 @@ class AIMDLimit:
             if now >= self._hold_until:
                 self.value = max(cfg.minimum, self.value * cfg.decrease)
                 self._hold_until = now + cfg.cooldown_s
-                self.decreases += 1
             return
         if in_flight >= math.floor(self.value):
             self.value = min(cfg.maximum, self.value + cfg.increase / self.value)
-            self.increases += 1
 
 
 class TTFTSignal:
@@ -76,7 +72,7 @@ class TTFTSignal:
     measured on a different day does not stick; a call is congested when its TTFT exceeds
     `tolerance` x its bucket's baseline plus `slack_s`."""
 
-    def __init__(self, *, tolerance: float = 2.0, slack_s: float = 0.05, decay: float = 0.01):
+    def __init__(self, *, tolerance: float = 2.0, slack_s: float = 0.05, decay: float = 0.001):
         if tolerance < 1:
             raise ValueError("tolerance must be >= 1")
         self.tolerance = tolerance
@@ -97,5 +93,5 @@ class TTFTSignal:
         if base is None or ttft_s < base:
             self._base[b] = ttft_s
             return False
-        self._base[b] = base + self.decay * (ttft_s - base) * 0.1
+        self._base[b] = base + self.decay * (ttft_s - base)
         return ttft_s > self.tolerance * base + self.slack_s

@@ -112,7 +112,7 @@ class _Counted:
 @dataclass(eq=False, slots=True)
 class Call:
     """One LLM call as the scheduler sees it. The caller fills the first fields; the
-    scheduler sets `state`, `lane`, `priority`, `dispatched_at`."""
+    scheduler sets `state`, `assigned`, `priority`, `dispatched_at`."""
 
     call_id: str
     program_id: str
@@ -157,20 +157,14 @@ class Program:
     seq: int
     home: int | None = None
     admitted: bool = False
-    finished: bool = False
     attained_s: float = 0.0
     level: int = 0
-    in_flight: int = 0
     pending_calls: list[Call] = field(default_factory=list)
     queues: dict[int, _ProgramQueue] = field(default_factory=dict)
     #: caller data, e.g. the expected KV working set
     info: dict[str, Any] = field(default_factory=dict)
     #: the lane whose homed-program counts include this program
     counted_on: int | None = None
-
-    @property
-    def queued(self) -> int:
-        return sum(q.queued for q in self.queues.values()) + len(self.pending_calls)
 
 
 @dataclass(eq=False, slots=True)
@@ -207,7 +201,6 @@ class Lane:
         self.age_heap: list[tuple[Any, Call]] = []
         self.homed_programs = 0
         self.tenant_homed: dict[str, int] = {}
-        self.dispatched = 0
 
     @property
     def has_room(self) -> bool:
@@ -278,9 +271,7 @@ class Scheduler:
         key = name or "default"
         t = self.tenants.get(key)
         if t is None:
-            t = Tenant(key)
-            t.vtime = self._backlogged_floor()
-            self.tenants[key] = t
+            t = self.tenants[key] = Tenant(key, vtime=self.vtime)
         if weight is not None:
             if not weight > 0:
                 raise ValueError(f"tenant {key!r}: weight must be > 0")
@@ -290,14 +281,26 @@ class Scheduler:
     def set_weight(self, tenant: str, weight: float) -> None:
         self.tenant(tenant, weight)
 
-    def _backlogged_floor(self) -> float:
-        return self.vtime
-
     def level_of(self, attained_s: float) -> int:
         q = self.config.las_quantum_s
         if attained_s < q:
             return 0
         return min(self.config.las_levels - 1, 1 + int(math.log2(attained_s / q)))
+
+    def _rejoin(self, t: Tenant) -> None:
+        """An idle tenant rejoins at the system's virtual time (no banked credit)."""
+        if not t.lanes_with_work and t.vtime < self.vtime:
+            t.vtime = self.vtime
+            t.version += 1
+
+    def _rekey(self, t: Tenant) -> None:
+        """`t`'s virtual time moved: every lane where it still has work gets a fresh entry
+        (the old ones are stale by version and dropped when they surface)."""
+        t.version += 1
+        key = self._key(t.vtime, t.dispatched, t.name)
+        for lane_i in t.lanes_with_work:
+            lane = self.lanes[lane_i]
+            heapq.heappush(lane.tenant_heap, (key, lane.tenant_queues[t.name], t.version))
 
     # -- programs ------------------------------------------------------------------------
 
@@ -319,9 +322,7 @@ class Scheduler:
         if not self.admission_enabled:
             self._admit(p, now)
             return p
-        if not t.lanes_with_work and t.vtime < self.vtime:
-            t.vtime = self.vtime  # an idle tenant rejoins at the system's virtual time
-            t.version += 1
+        self._rejoin(t)
         t.pending.append(p)
         if len(t.pending) == 1:
             self._push_admit(t)
@@ -414,13 +415,10 @@ class Scheduler:
 
     def close_program(self, program_id: str, now: float = 0.0) -> None:
         """The run finished: forget it (its queued calls, if any, are cancelled)."""
-        self._end_program(program_id, now)
+        self.cancel_program(program_id, now)
 
     def cancel_program(self, program_id: str, now: float = 0.0) -> list[Call]:
         """The run was cancelled: drop its queued calls and return them."""
-        return self._end_program(program_id, now)
-
-    def _end_program(self, program_id: str, now: float) -> list[Call]:
         p = self.programs.pop(program_id, None)
         if p is None:
             return []
@@ -437,7 +435,6 @@ class Scheduler:
                     call.state = CANCELLED
                     self.calls.pop(call.call_id, None)
                     dropped.append(call)
-        p.finished = True
         if p.admitted:
             self.active_programs -= 1
             self._home(p, None)
@@ -495,10 +492,7 @@ class Scheduler:
         tq = lane.tenant_queues.get(t.name)
         if tq is None:
             tq = lane.tenant_queues[t.name] = _TenantQueue(t)
-        if not t.lanes_with_work and t.vtime < self.vtime:
-            # the tenant was idle: it rejoins at the system's virtual time (no banked credit)
-            t.vtime = self.vtime
-            t.version += 1
+        self._rejoin(t)
         call.state = QUEUED
         call._pq = pq
         heapq.heappush(pq.heap, (self._key(-call.remaining_cost_s, call.seq), call))
@@ -533,7 +527,7 @@ class Scheduler:
     def cancel_call(self, call: Call | str) -> bool:
         """Withdraw a call that has not been dispatched (its caller gave up waiting).
         Returns False when it was already dispatched or unknown."""
-        c = self.calls.get(call) if isinstance(call, str) else self.calls.get(call.call_id)
+        c = self.calls.get(call if isinstance(call, str) else call.call_id)
         if c is None:
             return False
         if c.state == QUEUED:
@@ -566,12 +560,9 @@ class Scheduler:
             heapq.heappop(th)
         tq = th[0][1]
         ph = tq.heap
-        while True:
-            _, pq, version = ph[0]
-            if pq.queued == 0 or version != pq.version:
-                heapq.heappop(ph)
-                continue
-            break
+        while ph[0][1].queued == 0 or ph[0][2] != ph[0][1].version:
+            heapq.heappop(ph)
+        pq = ph[0][1]
         ch = pq.heap
         while ch[0][1].state != QUEUED or ch[0][1]._pq is not pq:
             heapq.heappop(ch)
@@ -590,21 +581,11 @@ class Scheduler:
         call.assigned = lane.index
         call.priority = p.level
         lane.in_flight += 1
-        lane.dispatched += 1
-        p.in_flight += 1
         # start-time fair queueing: the system's virtual time is the dispatched tenant's
         self.vtime = max(self.vtime, t.vtime)
         t.vtime += call.est_service_s / t.weight
         t.dispatched += 1
-        t.version += 1
-        # its virtual time moved: every lane where it still has work gets a fresh entry
-        # (the old ones are stale by version and dropped when they surface)
-        for lane_i in t.lanes_with_work:
-            other = self.lanes[lane_i]
-            heapq.heappush(
-                other.tenant_heap,
-                (self._key(t.vtime, t.dispatched, t.name), other.tenant_queues[t.name], t.version),
-            )
+        self._rekey(t)
 
     def next_for(self, lane_index: int, now: float) -> Call | None:
         """Take the next call for a lane with room (None: nothing queued or no room)."""
@@ -623,11 +604,7 @@ class Scheduler:
         self.admit_waiting(now)
         out: list[Call] = []
         for lane in self.lanes:
-            while lane.has_room:
-                call = self._peek(lane, now)
-                if call is None:
-                    break
-                self._take(call, lane, now)
+            while (call := self.next_for(lane.index, now)) is not None:
                 out.append(call)
         if self.queued_calls and len(self.lanes) > 1:
             out.extend(self._steal(now))
@@ -691,38 +668,27 @@ class Scheduler:
     ) -> None:
         """A dispatched call finished (or failed). `service_s` is the GPU time it took
         (defaults to its estimate); `congested` feeds the lane's limit (None: no signal)."""
-        c = (
-            self.calls.pop(call, None)
-            if isinstance(call, str)
-            else self.calls.pop(call.call_id, None)
-        )
+        c = self.calls.pop(call if isinstance(call, str) else call.call_id, None)
         if c is None:
             return
-        if c.state != DISPATCHED:
-            c.state = DONE
-            return
+        dispatched = c.state == DISPATCHED
         c.state = DONE
-        lane = self.lanes[c.assigned] if c.assigned is not None else None
-        if lane is not None:
-            lane.in_flight -= 1
-            if congested is not None:
-                lane.limit.observe(congested=congested, in_flight=lane.in_flight + 1, now=now)
+        if not dispatched:
+            return
+        assert c.assigned is not None
+        lane = self.lanes[c.assigned]
+        lane.in_flight -= 1
+        if congested is not None:
+            lane.limit.observe(congested=congested, in_flight=lane.in_flight + 1, now=now)
         actual = c.est_service_s if service_s is None else max(0.0, service_s)
         p = self.programs.get(c.program_id)
         if p is None:
             return
-        p.in_flight -= 1
         t = p.tenant
         t.service_s += actual
         if actual != c.est_service_s:
             t.vtime += (actual - c.est_service_s) / t.weight
-            t.version += 1
-            for lane_i in t.lanes_with_work:
-                ln = self.lanes[lane_i]
-                heapq.heappush(
-                    ln.tenant_heap,
-                    (self._key(t.vtime, t.dispatched, t.name), ln.tenant_queues[t.name], t.version),
-                )
+            self._rekey(t)
         p.attained_s += actual
         level = self.level_of(p.attained_s)
         if level != p.level:
@@ -739,9 +705,6 @@ class Scheduler:
         """The backend priority (lower first) for the program's next call."""
         p = self.programs.get(program_id)
         return 0 if p is None else p.level
-
-    def queued_on(self, lane: int) -> int:
-        return self.lanes[lane].queued
 
     def limits(self) -> list[float]:
         return [ln.limit.value for ln in self.lanes]

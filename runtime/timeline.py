@@ -34,6 +34,11 @@ from treadle.runtime.events import (
 )
 from treadle.runtime.metrics import RunSummary, summarize_run
 
+#: error policies after whose `NodeFailed` the orchestrator still settles the node: `skip`
+#: emits `NodeSkipped`, `fallback` emits `NodeFinished` (with the fallback value); after
+#: `fail` (or a planner task's `observe`) nothing more comes for the node
+SETTLED_LATER = frozenset({"skip", "fallback"})
+
 #: segment kinds, in the order a legend lists them
 SEGMENT_KINDS = (
     "wait",  # node ready, waiting for a concurrency slot
@@ -278,7 +283,7 @@ class _Builder:
         row.status = "failed"
         row.detail["error"] = e.error
         row.detail["policy"] = e.policy
-        if e.policy not in ("skip", "fallback"):  # those settle it with a later event
+        if e.policy not in SETTLED_LATER:
             row.end_s = at
 
     def _node_skipped(self, e: NodeSkipped, at: float) -> None:
@@ -341,9 +346,8 @@ class _Builder:
         )
         if e.replica is not None:
             row.detail["replica"] = e.replica
-        finish = getattr(e, "finish_reason", None)  # journals from before it existed
-        if finish:
-            row.detail["finish_reason"] = finish
+        if e.finish_reason:
+            row.detail["finish_reason"] = e.finish_reason
         if e.error is not None:
             row.detail["error"] = e.error
 

@@ -52,7 +52,7 @@ from treadle.runtime.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from treadle.runtime.timeline import parent_instance
+from treadle.runtime.timeline import SETTLED_LATER, parent_instance
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -134,11 +134,6 @@ class TracingUnavailable(RuntimeError):
 #: under a concurrency limit; shorter is the orchestrator's own step)
 _NOTABLE_WAIT_S = 0.001
 
-
-#: error policies after whose `NodeFailed` the orchestrator still settles the node: `skip`
-#: emits `NodeSkipped`, `fallback` emits `NodeFinished` (with the fallback value); after
-#: `fail` (or a planner task's `observe`) nothing more comes for the node
-_SETTLED_LATER = frozenset({"skip", "fallback"})
 
 #: how many finished run ids a tracer remembers, to drop their stragglers
 _ENDED_KEPT = 4096
@@ -282,8 +277,6 @@ class OtelTracer:
         parent: Context | None,
         previous_end: float | None = None,
     ) -> _RunTrace:
-        from opentelemetry.trace import Link
-
         links = []
         old = self._runs.pop(event.run_id, None)
         if old is not None:
@@ -291,7 +284,7 @@ class OtelTracer:
             # ended (at the latest) where its journal stops, and the new one links to it
             end = previous_end if previous_end is not None else event.ts
             self._close(old, end, status="interrupted", error=None)
-            links.append(Link(old.run_span.get_span_context()))
+            links.append(self._trace.Link(old.run_span.get_span_context()))
         attrs: dict[str, Any] = {T_RUN_ID: event.run_id, GEN_AI_OPERATION_NAME: OP_INVOKE_WORKFLOW}
         if isinstance(event, RunStarted):
             attrs[T_GRAPH] = event.graph
@@ -423,9 +416,7 @@ class OtelTracer:
         return span
 
     def _error(self, span: Span, message: str, error_type: str) -> None:
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_status(Status(StatusCode.ERROR, message))
+        span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, message))
         span.set_attribute(ERROR_TYPE, error_type)
 
     # -- node events -------------------------------------------------------------------
@@ -465,7 +456,7 @@ class OtelTracer:
         span = self._open_node(state, e.node, e.ts)
         self._error(span, e.error, "node_failed")
         span.set_attributes({T_ERROR: e.error, T_ERROR_POLICY: e.policy, T_ATTEMPT: e.attempt})
-        if e.policy not in _SETTLED_LATER:
+        if e.policy not in SETTLED_LATER:
             span.end(end_time=_ns(e.ts))
 
     def _on_node_skipped(self, state: _RunTrace, e: NodeSkipped) -> None:
@@ -486,10 +477,7 @@ class OtelTracer:
 
     # -- LLM calls ---------------------------------------------------------------------
 
-    def _on_llm_queued(self, state: _RunTrace, e: LLMCallQueued) -> None:
-        state.llm_calls += 1
-        if not state.recording:
-            return
+    def _llm_span(self, state: _RunTrace, e: LLMCallQueued | LLMCallFinished, start: float) -> Span:
         attrs: dict[str, Any] = {
             GEN_AI_OPERATION_NAME: OP_CHAT,
             GEN_AI_REQUEST_MODEL: e.model,
@@ -500,12 +488,17 @@ class OtelTracer:
         }
         if state.tenant:
             attrs[T_TENANT] = state.tenant
-        state.llm[e.call_id] = self.tracer.start_span(
+        return self.tracer.start_span(
             SPAN_LLM,
             context=self._context_of(state, e.node),
             attributes=attrs,
-            start_time=_ns(e.ts),
+            start_time=_ns(start),
         )
+
+    def _on_llm_queued(self, state: _RunTrace, e: LLMCallQueued) -> None:
+        state.llm_calls += 1
+        if state.recording:
+            state.llm[e.call_id] = self._llm_span(state, e, e.ts)
 
     def _on_llm_dispatched(self, state: _RunTrace, e: LLMCallDispatched) -> None:
         span = state.llm.get(e.call_id) if state.recording else None
@@ -532,18 +525,7 @@ class OtelTracer:
             return
         span = state.llm.pop(e.call_id, None)
         if span is None:  # no queued event seen: the call's own duration places it
-            span = self.tracer.start_span(
-                SPAN_LLM,
-                context=self._context_of(state, e.node),
-                attributes={
-                    GEN_AI_OPERATION_NAME: OP_CHAT,
-                    GEN_AI_REQUEST_MODEL: e.model,
-                    T_RUN_ID: state.run_id,
-                    T_NODE: e.node,
-                    T_CALL_ID: e.call_id,
-                },
-                start_time=_ns(e.ts - e.duration_s),
-            )
+            span = self._llm_span(state, e, e.ts - e.duration_s)
         state.first_token.discard(e.call_id)
         attrs: dict[str, Any] = {
             GEN_AI_USAGE_INPUT_TOKENS: e.prompt_tokens,
@@ -557,10 +539,8 @@ class OtelTracer:
             attrs[GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = e.ttft_s
         if e.replica is not None:
             attrs[T_REPLICA] = e.replica
-        # `finish_reason` is read when the event carries it (newer journals)
-        finish = getattr(e, "finish_reason", None)
-        if finish:
-            attrs[GEN_AI_RESPONSE_FINISH_REASONS] = [finish]
+        if e.finish_reason:
+            attrs[GEN_AI_RESPONSE_FINISH_REASONS] = [e.finish_reason]
         span.set_attributes(attrs)
         if e.error is not None:
             self._error(span, e.error, "backend_error")
@@ -570,9 +550,9 @@ class OtelTracer:
 
     # -- tool calls --------------------------------------------------------------------
 
-    def _on_tool_started(self, state: _RunTrace, e: ToolCallStarted) -> None:
-        if not state.recording:
-            return
+    def _tool_span(
+        self, state: _RunTrace, e: ToolCallStarted | ToolCallFinished, start: float
+    ) -> Span:
         attrs: dict[str, Any] = {
             GEN_AI_OPERATION_NAME: OP_EXECUTE_TOOL,
             GEN_AI_TOOL_NAME: e.tool,
@@ -583,30 +563,23 @@ class OtelTracer:
         native = e.node + ":"
         if e.call_id.startswith(native):  # a model's tool call: its id follows the node
             attrs[GEN_AI_TOOL_CALL_ID] = e.call_id[len(native) :]
-        state.tools[e.call_id] = self.tracer.start_span(
+        return self.tracer.start_span(
             SPAN_TOOL,
             context=self._context_of(state, e.node),
             attributes=attrs,
-            start_time=_ns(e.ts),
+            start_time=_ns(start),
         )
+
+    def _on_tool_started(self, state: _RunTrace, e: ToolCallStarted) -> None:
+        if state.recording:
+            state.tools[e.call_id] = self._tool_span(state, e, e.ts)
 
     def _on_tool_finished(self, state: _RunTrace, e: ToolCallFinished) -> None:
         if not state.recording:
             return
         span = state.tools.pop(e.call_id, None)
-        if span is None:
-            span = self.tracer.start_span(
-                SPAN_TOOL,
-                context=self._context_of(state, e.node),
-                attributes={
-                    GEN_AI_OPERATION_NAME: OP_EXECUTE_TOOL,
-                    GEN_AI_TOOL_NAME: e.tool,
-                    T_RUN_ID: state.run_id,
-                    T_NODE: e.node,
-                    T_CALL_ID: e.call_id,
-                },
-                start_time=_ns(e.ts - e.duration_s),
-            )
+        if span is None:  # no started event seen: the call's own duration places it
+            span = self._tool_span(state, e, e.ts - e.duration_s)
         if not e.ok:
             message = e.error or "tool failed"
             self._error(span, message, "tool_error")
@@ -618,13 +591,11 @@ class OtelTracer:
     def _on_pin_set(self, state: _RunTrace, e: PinSet) -> None:
         if not state.recording:
             return
-        from opentelemetry.trace import Link
-
         llm = state.llm.get(e.call_id)
         if llm is not None:  # the pin rides on the finishing call's request
             llm.set_attribute(T_PIN_TTL_S, e.ttl_s)
         pinned_by = llm.get_span_context() if llm is not None else state.llm_done.get(e.call_id)
-        links = [Link(pinned_by)] if pinned_by is not None else []
+        links = [self._trace.Link(pinned_by)] if pinned_by is not None else []
         old = state.pins.pop(e.call_id, None)
         if old is not None:  # re-pinned: the old pin ends where the new one starts
             old.end(end_time=_ns(e.ts))
