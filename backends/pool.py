@@ -242,16 +242,13 @@ class ReplicaPool:
             ticket, replica = self._pick(features, tried)
             try:
                 response = await replica.backend.generate(request)
-            except BackendError as exc:
-                self._failed(ticket, replica, exc, counts=exc.retryable)
-                if not exc.retryable:
+            except REPLICA_ERRORS as exc:
+                retryable = not isinstance(exc, BackendError) or exc.retryable
+                self._failed(ticket, replica, exc, counts=retryable)
+                if not retryable:
                     raise BackendError(
                         f"replica {replica.name}: {exc}", retryable=False, replica=replica.name
                     ) from exc
-                tried.add(ticket.replica)
-                continue
-            except CONNECTION_ERRORS as exc:
-                self._failed(ticket, replica, exc, counts=True)
                 tried.add(ticket.replica)
                 continue
             except BaseException:

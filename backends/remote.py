@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from collections.abc import AsyncIterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -121,23 +120,9 @@ class LiteLLMBackend:
         self, request: LLMRequest, *, extra_headers: Mapping[str, str] | None = None
     ) -> LLMResponse:
         if request.stream:
-            started = time.perf_counter()
-            first: list[float] = []
-
-            async def timed() -> AsyncIterator[StreamChunk]:
-                async for chunk in self.stream(request, extra_headers=extra_headers):
-                    if not first and (chunk.delta or chunk.tool_calls):
-                        first.append(time.perf_counter() - started)
-                    yield chunk
-
-            folded = await collect_stream(timed())
-            return folded.model_copy(
-                update={
-                    "model": self.model,
-                    "replica": self.name,
-                    "ttft_s": first[0] if first else None,
-                }
-            )
+            # collect_stream measures the time to the first text or tool call
+            folded = await collect_stream(self.stream(request, extra_headers=extra_headers))
+            return folded.model_copy(update={"model": self.model, "replica": self.name})
         litellm = load_litellm()
         call = self.build_call(request, stream=False, extra_headers=extra_headers)
         try:

@@ -499,7 +499,6 @@ class Engine:
         request.arrival_time = now
         request.replica = self.name
         request._seq = next(self._seqs)
-        request._target = request.prompt_tokens
         if self.policy == "fcfs":
             request._sort_key = (now,)
         elif self.policy == "priority":
@@ -554,22 +553,17 @@ class Engine:
         if request.state == WAITING:
             self._take_waiting(request)  # its queue entries are skipped from now on
         elif request.state == DECODE:
-            L = self._leave_decode(request)
-            if request._n_held < len(request._ends):
-                self._register(request, L)
+            self._register(request, self._leave_decode(request))
         elif request.state == PREFILL:
             del self._pre[request._seq]
         else:
             return
-        self.cache.release(request._held)
-        self.cache.free_private(request._private)
-        request._held = []
-        request._private = 0
+        self._free_blocks(request)
         request.state = FINISHED
         request.finish_time = self.clock.now()
         self._watched.discard(request)
         self.n_aborted += 1
-        if self._n_waiting and not self._busy and not self._planning:
+        if self._n_waiting:
             self._request_plan()
 
     def pinned_programs(self) -> list[str]:
@@ -667,18 +661,14 @@ class Engine:
         """Whether `need` blocks can be allocated (besides acquiring `matched`), releasing
         pins first when the pressure policy allows."""
         cache = self.cache
-        touched = cache.evictable_in(matched) if matched else 0
-        if need + touched <= cache.available:
-            return True
-        if self.config.pin_pressure != "release":
-            return False
-        while self.pins_active:
-            pin = min((p for ps in self._pins.values() for p in ps), key=lambda p: p.deadline)
-            self._release_pin(pin, "pressure")
+        while True:
             touched = cache.evictable_in(matched) if matched else 0
             if need + touched <= cache.available:
                 return True
-        return False
+            if self.config.pin_pressure != "release" or not self.pins_active:
+                return False
+            pin = min((p for ps in self._pins.values() for p in ps), key=lambda p: p.deadline)
+            self._release_pin(pin, "pressure")
 
     def _victim(self) -> SimRequest:
         """The running request to preempt: last in policy order (latest arrival first)."""
@@ -792,7 +782,6 @@ class Engine:
                 self._c_w + self._c_kv * (read + tokens),
             )
             k = 1
-            self._coef = (dt - self._oh, 0.0, dt - self._oh, 0.0)
         else:
             a0 = self._c_tok * B + self._c_attn * (sum_ctx + B)
             c0 = self._c_w + self._c_kv * (sum_ctx + B)
@@ -920,6 +909,13 @@ class Engine:
         r._n_held = i
         r._held_blocks = prev
 
+    def _free_blocks(self, r: SimRequest) -> None:
+        """Drop `r`'s references and private blocks (its cached extents stay cached)."""
+        self.cache.release(r._held)
+        self.cache.free_private(r._private)
+        r._held = []
+        r._private = 0
+
     # -- ending a step ---------------------------------------------------------------------
 
     def _end_step(self) -> None:
@@ -986,14 +982,10 @@ class Engine:
     def _finish(self, r: SimRequest, L: int) -> None:
         r.state = FINISHED
         r.finish_time = self.clock.now()
-        if r._n_held < len(r._ends) and r._ends[r._n_held] * self.block_size <= L:
-            self._register(r, L)
+        self._register(r, L)
         if r.pin_ttl_s is not None and not r.is_last_step and r._held:
             self._pin(r)
-        self.cache.release(r._held)
-        self.cache.free_private(r._private)
-        r._held = []
-        r._private = 0
+        self._free_blocks(r)
         self.n_finished += 1
         if self.config.keep_finished:
             self.finished.append(r)
@@ -1008,17 +1000,13 @@ class Engine:
     def _preempt(self, r: SimRequest) -> None:
         if r.state == DECODE:
             L = self._leave_decode(r)
-            if r._n_held < len(r._ends) and r._ends[r._n_held] * self.block_size <= L:
-                self._register(r, L)
+            self._register(r, L)
         else:
             L = r._computed
             del self._pre[r._seq]
-        self.cache.release(r._held)
-        self.cache.free_private(r._private)
-        r._held = []
+        self._free_blocks(r)
         r._n_held = 0
         r._held_blocks = 0
-        r._private = 0
         r._computed = 0
         r._watermark = max(r._watermark, L)
         r._target = r.prompt_tokens + r.output_tokens

@@ -53,8 +53,8 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -77,6 +77,8 @@ from treadle.backends.sim.realtime import (
     SimReplica,
     SimulatorFailure,
 )
+
+_T = TypeVar("_T")
 
 # -- request models ----------------------------------------------------------------------
 
@@ -263,6 +265,20 @@ def _bad(message: str, param: str | None = None) -> _RequestError:
     )
 
 
+async def _admitted(answer: Awaitable[_T]) -> _T:
+    """The replica's first answer to a request; its refusals as OpenAI-shaped errors."""
+    try:
+        return await answer
+    except DuplicateRequestId as exc:
+        raise _bad(str(exc), "rid") from exc
+    except ValueError as exc:
+        raise _bad(str(exc), "messages") from exc
+    except SimulatorFailure as exc:
+        raise _RequestError(
+            500, str(exc), kind="server_error", code="simulator_failure", param=None
+        ) from exc
+
+
 def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     parts = []
     param = None
@@ -344,13 +360,6 @@ def _usage(done: SimCompletion) -> dict[str, Any]:
     }
 
 
-def _tool_calls(done: SimCompletion) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in done.tool_calls
-    ]
-
-
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
@@ -428,17 +437,10 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
         )
         now = int(time.time())
         if not body.stream:
-            try:
-                done = await replica.complete(request)
-            except DuplicateRequestId as exc:
-                raise _bad(str(exc), "rid") from exc
-            except ValueError as exc:
-                raise _bad(str(exc), "messages") from exc
-            except SimulatorFailure as exc:
-                return _error(500, str(exc), kind="server_error", code="simulator_failure")
+            done = await _admitted(replica.complete(request))
             message: dict[str, Any] = {"role": "assistant", "content": done.content}
             if done.tool_calls:
-                message["tool_calls"] = _tool_calls(done)
+                message["tool_calls"] = [c.to_openai() for c in done.tool_calls]
             return {
                 "id": completion_id,
                 "object": "chat.completion",
@@ -457,21 +459,18 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         items = replica.stream(request)
-        try:
-            first = await anext(items)  # queues the request: a misfit is still a 400 here
-        except DuplicateRequestId as exc:
-            raise _bad(str(exc), "rid") from exc
-        except ValueError as exc:
-            raise _bad(str(exc), "messages") from exc
-        except SimulatorFailure as exc:
-            return _error(500, str(exc), kind="server_error", code="simulator_failure")
+        first = await _admitted(anext(items))  # queues the request: a misfit is still a 400 here
+
+        head = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": now,
+            "model": model_name,
+        }
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             obj: dict[str, Any] = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": now,
-                "model": model_name,
+                **head,
                 "choices": [
                     {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
                 ],
@@ -490,21 +489,12 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
                     else:
                         if item.tool_calls:
                             calls = [
-                                {"index": i, **call} for i, call in enumerate(_tool_calls(item))
+                                {"index": i, **c.to_openai()} for i, c in enumerate(item.tool_calls)
                             ]
                             yield chunk({"tool_calls": calls})
                         yield chunk({}, item.finish_reason)
                         if include_usage:
-                            yield _sse(
-                                {
-                                    "id": completion_id,
-                                    "object": "chat.completion.chunk",
-                                    "created": now,
-                                    "model": model_name,
-                                    "choices": [],
-                                    "usage": _usage(item),
-                                }
-                            )
+                            yield _sse({**head, "choices": [], "usage": _usage(item)})
                         break
                     item = await anext(items)
             except SimulatorFailure as exc:
