@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from treadle.runtime.events import Event, RunStarted
+from treadle.runtime.events import Event
 from treadle.runtime.journal import Journal
 
 if TYPE_CHECKING:
@@ -54,14 +54,13 @@ class RunContext:
         self._seq = first_seq - 1
         #: every event of this run in this process; the journal persists it incrementally
         self.log: list[Event] = journal.log
-        self._listeners: list[Listener] = list(listeners)
+        self._listeners = tuple(listeners)
         #: extra HTTP headers per LLM call id, filled by listeners (e.g. trace context)
         self.call_headers: dict[str, dict[str, str]] = {}
         self._changed: anyio.Event | None = None
         self.limiter = (
             anyio.CapacityLimiter(options.max_concurrency) if options.max_concurrency else None
         )
-        self.started = time.perf_counter()
         self.llm_call_counter = 0
 
     def emit(self, cls: type[Event], *args: Any, **fields: Any) -> Event:
@@ -76,15 +75,9 @@ class RunContext:
             listener(self, event)
         return event
 
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-
     async def wait_for_events(self, after: int) -> None:
         """Return once the log holds more than `after` events."""
         while len(self.log) <= after:
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()
-
-    def start_event(self, graph: str, resumed: bool) -> None:
-        self.emit(RunStarted, graph=graph, resumed=resumed)

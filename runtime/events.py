@@ -19,7 +19,7 @@ class Event:
     kind: ClassVar[str] = "event"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {name: getattr(self, name) for name in _field_names(type(self))}
         out["kind"] = self.kind
         return out
 
@@ -207,16 +207,21 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     Fields this version does not know are dropped, so a journal written by a newer treadle
     stays readable by an older one during a rolling upgrade; an unknown kind is an error.
     """
-    fields = dict(data)
-    kind = fields.pop("kind")
+    kind = data["kind"]
     try:
         cls = EVENT_TYPES[kind]
     except KeyError:
         raise ValueError(f"unknown event kind {kind!r}") from None
-    known = _FIELD_NAMES.get(cls)
-    if known is None:
-        known = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
-    return cls(**{k: v for k, v in fields.items() if k in known})
+    return cls(**{name: data[name] for name in _field_names(cls) if name in data})
 
 
-_FIELD_NAMES: dict[type[Event], frozenset[str]] = {}
+_FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
+
+
+def _field_names(cls: type[Event]) -> tuple[str, ...]:
+    """The dataclass fields of an event class, looked up once (`dataclasses.fields` is slow,
+    and this runs for every event a durable store writes or reads)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names

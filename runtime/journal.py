@@ -11,8 +11,6 @@ written in batches of `NON_DURABLE_BATCH` events, and in full when the run ends.
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 
 from treadle.runtime.events import Event
@@ -81,6 +79,3 @@ class Journal:
                 if self._flushed is not None:
                     flushed, self._flushed = self._flushed, None
                     flushed.set()
-
-    def pending(self) -> dict[str, Any]:
-        return {"events": len(self.log) - self._durable, "outputs": len(self.outputs)}

@@ -8,6 +8,7 @@ configured) decides the order of calls across runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -197,7 +198,7 @@ async def run_llm_node(
     if spec.system:
         messages.append(Message(role="system", content=spec.system.format(**text)))
     messages.append(Message(role="user", content=spec.prompt.format(**text)))
-    schema = _schema_of(spec.output)
+    schema = output_schema(spec.output)
     tools = {t.name: t for t in spec.tools}
     tool_specs = [t.openai_schema() for t in spec.tools]
     # with tools, any turn may call one, so only a tool-less last node is a last step
@@ -361,7 +362,14 @@ def parse_output(output: Any, content: str | None, node: str) -> Any:
         ) from None
 
 
-def _schema_of(output: Any) -> dict[str, Any] | None:
+def output_schema(output: Any) -> dict[str, Any] | None:
+    """The JSON Schema of a pydantic output type (None for other types), built once per
+    model: pydantic builds it anew on every call, and every LLM call of a node sends it."""
     if isinstance(output, type) and issubclass(output, BaseModel):
-        return output.model_json_schema()
+        return _model_schema(output)
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()

@@ -120,7 +120,7 @@ def _plan(cn: CompiledNode) -> NodePlan:
         over, nodes = make_getter(spec.over)
         hard.extend(nodes)
         inner = _plan(cn.inner)
-        hard.extend(n for n in inner.hard_deps)
+        hard.extend(inner.hard_deps)
         soft.extend(inner.soft_groups)
     p = spec.policy
     inline = (
@@ -176,12 +176,13 @@ class GraphScope:
         if not self.ready:
             return
         assert self._tg is not None
-        keep_one = local is not None and not any(not self.plans[n].inline for n in local)
+        plans = self.plans
+        keep_one = local is not None and all(plans[n].inline for n in local)
         while self.ready:
             nid = self.ready.popleft()
-            if local is not None and (self.plans[nid].inline or keep_one):
-                if not self.plans[nid].inline:
-                    keep_one = False
+            inline = plans[nid].inline
+            if local is not None and (inline or keep_one):
+                keep_one = keep_one and inline
                 local.append(nid)
             else:
                 self._tg.start_soon(self._drive, nid, name=f"node {self.prefix}{nid}")
@@ -221,6 +222,8 @@ class GraphScope:
                 return f"branch {branch!r} was skipped"
             if self.values.get(branch) not in labels:
                 return f"branch {branch!r} chose {self.values.get(branch)!r}"
+        if not self.skipped:  # the common case: no input can be missing
+            return None
         for dep in plan.hard_deps:
             if dep in self.skipped:
                 return f"input from skipped node {dep!r}"
@@ -287,10 +290,7 @@ class GraphScope:
                 value = self._route(plan, kwargs)
             return value, plan.dump(value), started
         except Exception as exc:
-            outcome = self._on_final_error(plan, iid, _describe(exc), 1)
-            if isinstance(outcome, _Skip):
-                return outcome
-            return outcome, plan.dump(outcome), started
+            return self._on_final_error(plan, iid, _describe(exc), 1, started)
 
     async def _run_with_policy(
         self, plan: NodePlan, iid: str, kwargs: dict[str, Any]
@@ -321,18 +321,19 @@ class GraphScope:
                     await anyio.sleep(delay)
                     attempt += 1
                     continue
-                outcome = self._on_final_error(plan, iid, message, attempt)
-                if isinstance(outcome, _Skip):
-                    return outcome
-                return outcome, plan.dump(outcome), started
+                return self._on_final_error(plan, iid, message, attempt, started)
 
-    def _on_final_error(self, plan: NodePlan, iid: str, message: str, attempt: int) -> Any:
+    def _on_final_error(
+        self, plan: NodePlan, iid: str, message: str, attempt: int, started: float
+    ) -> tuple[Any, bytes, float] | _Skip:
+        """What the node's error policy makes of its last failure: a skip, the fallback as
+        its output, or the end of the run (`RunFailure`)."""
         policy = plan.spec.policy
         self.ctx.emit(NodeFailed, node=iid, error=message, attempt=attempt, policy=policy.on_error)
         if policy.on_error == "skip":
             return _Skip(f"failed: {message}")
         if policy.on_error == "fallback":
-            return policy.fallback
+            return policy.fallback, plan.dump(policy.fallback), started
         raise RunFailure(iid, message)
 
     async def _attempt(

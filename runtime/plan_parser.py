@@ -34,7 +34,6 @@ import ast
 import contextlib
 import json
 import re
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,19 +110,6 @@ PlanItem = Task | Join | Thought | PlanError
 
 class ArgumentResolutionError(ValueError):
     """A reference could not be substituted (e.g. `$1.missing_field`)."""
-
-
-_SCHEMAS: weakref.WeakKeyDictionary[Tool, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
-
-
-def tool_schema(tool: Tool) -> dict[str, Any]:
-    """`tool.parameters_schema`, computed once per tool (pydantic builds it on every access,
-    which would cost more than the rest of a task's dispatch)."""
-    cached = _SCHEMAS.get(tool)
-    if cached is None or cached[0] is not tool.input_model:
-        cached = (tool.input_model, tool.parameters_schema)
-        _SCHEMAS[tool] = cached
-    return cached[1]
 
 
 # -- the incremental parser -------------------------------------------------------------
@@ -348,7 +334,7 @@ class PlanParser:
     # -- arguments -----------------------------------------------------------------------
 
     def _parameters(self, tool: Tool) -> list[str]:
-        return list(tool_schema(tool).get("properties", {}))
+        return list(tool.parameters_schema.get("properties", {}))
 
     def _arguments(self, tool: Tool, code: str) -> dict[str, Any]:
         try:
@@ -377,7 +363,7 @@ class PlanParser:
                     f"{tool.name} has no parameter {kw.arg!r} (parameters: {', '.join(params)})"
                 )
             args[kw.arg] = _literal(kw.value)
-        required = tool_schema(tool).get("required", [])
+        required = tool.parameters_schema.get("required", [])
         missing = [p for p in required if p not in args]
         if missing:
             raise _LineError(f"missing required argument(s) of {tool.name}: {', '.join(missing)}")

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from treadle.runtime.plan_parser import tool_schema
 from treadle.tools import Tool
 
 #: longest observation text shown to the joiner (a whole file can be a result)
@@ -93,7 +92,7 @@ def planner_system(tools: tuple[Tool, ...], system: str | None) -> str:
 
 def describe_tool(tool: Tool) -> str:
     """`name(a: str, b: int = 3) -> float: description`, from the tool's JSON Schema."""
-    schema = tool_schema(tool)
+    schema = tool.parameters_schema
     required = set(schema.get("required", []))
     params = []
     notes = []

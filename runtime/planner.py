@@ -24,7 +24,6 @@ the others the whole plan is parsed when the response arrives.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import time
@@ -35,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
-from pydantic import BaseModel
 
 from treadle.backends.base import (
     LLMRequest,
@@ -53,7 +51,7 @@ from treadle.runtime.events import (
     NodeSkipped,
     NodeStarted,
 )
-from treadle.runtime.llm import call_tool, parse_output
+from treadle.runtime.llm import call_tool, output_schema, parse_output
 from treadle.runtime.plan_parser import (
     ArgumentResolutionError,
     Join,
@@ -63,7 +61,6 @@ from treadle.runtime.plan_parser import (
     Task,
     Thought,
     resolve_args,
-    tool_schema,
 )
 from treadle.runtime.plan_prompts import (
     REPLAN_MESSAGE,
@@ -214,7 +211,7 @@ class PlannerRun:
         self.limiter = (
             anyio.CapacityLimiter(spec.policy.concurrency) if spec.policy.concurrency else None
         )
-        self._schema = _output_schema(spec.output)
+        self._schema = output_schema(spec.output)
 
     async def run(self) -> Any:
         spec = self.spec
@@ -374,7 +371,7 @@ class PlannerRun:
         try:
             # every dependency succeeded (a task whose input failed is skipped, not run)
             results = {d: self.outcomes[d].value for d in task.deps}
-            args = resolve_args(task, results, tool_schema(tool))
+            args = resolve_args(task, results, tool.parameters_schema)
         except ArgumentResolutionError as exc:
             outcome = TaskOutcome(False, None, f"error: {exc}")
         else:
@@ -514,14 +511,3 @@ class PlannerRun:
             if decision.action != "finish":
                 raise
             return parse_output(self.spec.output, decision.text, self.iid)
-
-
-def _output_schema(output: Any) -> dict[str, Any] | None:
-    if isinstance(output, type) and issubclass(output, BaseModel):
-        return _model_schema(output)
-    return None
-
-
-@functools.lru_cache(maxsize=256)
-def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    return model.model_json_schema()

@@ -30,7 +30,7 @@ from treadle.graphs.compile import DEFAULT_MODEL, CompiledGraph, compile_graph
 from treadle.graphs.spec import GraphSpec
 from treadle.runtime.context import Listener, RunContext, RunOptions
 from treadle.runtime.errors import RunCancelled, RunFailed
-from treadle.runtime.events import Event, RunFinished
+from treadle.runtime.events import Event, RunFinished, RunStarted
 from treadle.runtime.journal import Journal
 from treadle.runtime.llm import CallAdmission, LLMGateway
 from treadle.runtime.orchestrator import GraphScope, RunFailure
@@ -256,7 +256,7 @@ class Runtime:
         resume: bool,
     ) -> None:
         started = time.perf_counter()
-        ctx.start_event(cg.name, resume)
+        ctx.emit(RunStarted, graph=cg.name, resumed=resume)
         try:
             with scope:
                 output = await GraphScope(ctx, cg, inputs).run()

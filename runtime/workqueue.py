@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.redis import LeaseLost, RedisKeys, adopt_client
+from treadle.runtime.stores.redis import LeaseLost, RedisKeys, _str, adopt_client
 
 __all__ = ["Job", "LeaseKeeper", "LeaseLost", "WorkQueue"]
 
@@ -389,7 +389,3 @@ async def _owner_or_none(queue: WorkQueue, run_id: str) -> str | None:
         return await queue.lease_owner(run_id)
     except RedisError:
         return None
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
