@@ -56,15 +56,16 @@ TextSink = Callable[[str], Awaitable[bool | None]]
 class CallAdmission(Protocol):
     """Decides when an LLM call may go to its backend (the scheduler implements this).
 
-    `admit` returns once the call may be sent, with a ticket and the request to send: the
-    same one, or a copy whose hints the scheduler filled in (priority, pin TTL).
+    `admit` returns once the call may be sent (`call_id` names it in the run's events), with
+    a ticket and the request to send: the same one, or a copy whose hints the scheduler
+    filled in (priority, pin TTL).
     `release(ticket, response)` follows every admitted call (response None: it failed or
     was cancelled). `end_run(ctx, status)` comes once the run is over, before its
     `RunFinished` event (status "interrupted": it stopped and may be resumed), so whatever
     the admission still holds for it is released, and said, within the run's events."""
 
     async def admit(
-        self, ctx: RunContext, node: str, request: LLMRequest
+        self, ctx: RunContext, node: str, call_id: str, request: LLMRequest
     ) -> tuple[Any, LLMRequest]: ...
 
     def release(self, ticket: Any, response: LLMResponse | None) -> None: ...
@@ -106,7 +107,7 @@ class LLMGateway:
         queued = time.perf_counter()
         ticket = None
         if self.admission is not None:
-            ticket, request = await self.admission.admit(ctx, node, request)
+            ticket, request = await self.admission.admit(ctx, node, call_id, request)
         ctx.emit(
             LLMCallDispatched,
             node=node,

@@ -304,12 +304,11 @@ class SchedulerAdmission:
     # -- the CallAdmission protocol ------------------------------------------------------------
 
     async def admit(
-        self, ctx: RunContext, node: str, request: LLMRequest
+        self, ctx: RunContext, node: str, call_id: str, request: LLMRequest
     ) -> tuple[AdmissionTicket, LLMRequest]:
         if self._pending_releases:
             await self._flush_releases()
         now = self.clock()
-        call_id = f"{node}#{ctx.llm_call_counter}"
         run = self._run(ctx)
         alias = request.model
         run.aliases.add(alias)
