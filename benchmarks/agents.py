@@ -25,6 +25,7 @@ ideal (its own LLM and tool time alone on an empty replica with a perfect cache)
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -90,14 +91,9 @@ def _point_job(job: PointJob) -> SimResult:
     return run_point(_cached_workload(name, n, seed), system, rate, cluster)
 
 
-_WORKLOADS: dict[tuple[str, int, int], Workload] = {}
-
-
+@functools.cache
 def _cached_workload(name: str, n: int, seed: int) -> Workload:
-    key = (name, n, seed)
-    if key not in _WORKLOADS:
-        _WORKLOADS[key] = make_workload(name, n, seed)
-    return _WORKLOADS[key]
+    return make_workload(name, n, seed)
 
 
 def run_points(jobs: Sequence[PointJob], workers: int) -> list[SimResult]:
@@ -267,7 +263,7 @@ def run_bench(
         # frontend's own counters (pins asked, steals, final lane limits)
         "details": extras,
     }
-    return {"config": config, "results": results, "ratios": ratios, "extras": extras}
+    return {"config": config, "results": results, "ratios": ratios}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -358,29 +354,28 @@ def micro_benchmark(
     n_programs = max(1, queued // 10)
     counter = 0
 
-    def new_call(now: float) -> Call:
+    def submit_new(now: float) -> None:
         nonlocal counter
         counter += 1
-        pid = f"p{rng.randrange(n_programs)}"
-        return Call(
+        program = rng.randrange(n_programs)
+        call = Call(
             f"c{counter}",
-            pid,
+            f"p{program}",
             est_service_s=rng.uniform(0.05, 2.0),
             remaining_cost_s=rng.uniform(0.0, 30.0),
         )
+        sched.submit(call, now, tenant=tenants[program % len(tenants)])
 
     now = 0.0
     for _ in range(queued):
-        c = new_call(now)
-        sched.submit(c, now, tenant=tenants[int(c.program_id[1:]) % len(tenants)])
+        submit_new(now)
     in_flight = list(sched.dispatch(now))
     started = time.perf_counter()
     for _ in range(decisions):
         now += 0.001
         done = in_flight.pop(rng.randrange(len(in_flight)))
         sched.complete(done, now, service_s=done.est_service_s * rng.uniform(0.5, 1.5))
-        c = new_call(now)
-        sched.submit(c, now, tenant=tenants[int(c.program_id[1:]) % len(tenants)])
+        submit_new(now)
         nxt = sched.next_for(done.assigned or 0, now)
         if nxt is not None:
             in_flight.append(nxt)

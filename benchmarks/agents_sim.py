@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,12 +55,8 @@ class ProgramRun:
     calls: list[CallRun] = field(default_factory=list)
     open_calls: int = 0
     #: calls that wait for each call
-    dependents: list[list[int]] = field(default_factory=list)
+    dependents: dict[int, list[int]] = field(default_factory=dict)
     finished_at: float | None = None
-    #: the replica of its latest call (affinity)
-    last_replica: int | None = None
-    #: frontend data
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def program_id(self) -> str:
@@ -124,8 +121,6 @@ class Simulation:
             Engine(self.profile, self.clock, cfg, name=f"r{i}") for i in range(replicas)
         ]
         self.programs: list[ProgramRun] = []
-        self.finished: list[ProgramRun] = []
-        self.calls_done = 0
         frontend.attach(self)
 
     # -- driving programs ------------------------------------------------------------------
@@ -147,10 +142,7 @@ class Simulation:
         prog = ProgramRun(spec, at)
         prog.calls = [CallRun(prog, c, len(c.deps)) for c in spec.calls]
         prog.open_calls = len(prog.calls)
-        prog.dependents = [[] for _ in spec.calls]
-        for c in spec.calls:
-            for d in c.deps:
-                prog.dependents[d].append(c.index)
+        prog.dependents = spec.dependents
         self.programs.append(prog)
         self.frontend.program_arrived(prog)
         for call in prog.calls:
@@ -193,13 +185,11 @@ class Simulation:
         )
         call.request = req
         call.replica = replica
-        call.prog.last_replica = replica
         self.engines[replica].submit(req)
         return req
 
     def _finished(self, call: CallRun, req: SimRequest) -> None:
         call.sequence = req.sequence
-        self.calls_done += 1
         self.frontend.on_finish(call, req)
         tool = call.spec.tool
         if tool is not None:
@@ -222,7 +212,6 @@ class Simulation:
                 self._ready(nxt)
         if prog.open_calls == 0:
             prog.finished_at = self.clock.now()
-            self.finished.append(prog)
             self.frontend.program_done(prog)
 
 
@@ -263,12 +252,28 @@ def decode_alone_s(profile: Profile, context: int, n_steps: int) -> float:
     return n_steps * profile.efficiency.step_overhead_s + _sum_max_linear(a, b, c, e, n_steps)
 
 
+def _shared_keys(workload: Workload, block_size: int) -> set[int]:
+    """Block keys of the prompts shared by many programs (system prompts)."""
+    keys: set[int] = set()
+    for key, n in workload.shared_segments.items():
+        keys.update(Prompt.from_segments([(key, n)], block_size).keys)
+    return keys
+
+
+def _known_prefix_tokens(prompt: Prompt, known: set[int], block_size: int, start: int = 0) -> int:
+    """Prompt tokens of its longest prefix of `known` blocks, counted from block `start`
+    (the blocks before it taken as known), at most prompt - 1 (the engine's hit rule)."""
+    keys = prompt.keys
+    m = start
+    while m < len(keys) and keys[m] in known:
+        m += 1
+    return min(prompt.ends[m - 1] * block_size if m else 0, prompt.num_tokens - 1)
+
+
 def ideal_times(workload: Workload, profile: Profile) -> dict[int, float]:
     """Each program's JCT alone on an empty replica with a perfect prefix cache."""
     bs = profile.engine.block_size
-    shared_keys: set[int] = set()
-    for key, n in workload.shared_segments.items():
-        shared_keys.update(Prompt.from_segments([(key, n)], bs).keys)
+    shared_keys = _shared_keys(workload, bs)
     out: dict[int, float] = {}
     for prog in workload.programs:
         seqs: list[Prompt] = []
@@ -281,12 +286,7 @@ def ideal_times(workload: Workload, profile: Profile) -> dict[int, float]:
             else:
                 prompt = seqs[c.base].extend_segments(c.append)
                 start_i = len(seqs[c.base].keys)
-            m = start_i
-            keys = prompt.keys
-            while m < len(keys) and keys[m] in known:
-                m += 1
-            hit = prompt.ends[m - 1] * bs if m else 0
-            hit = min(hit, prompt.num_tokens - 1)
+            hit = _known_prefix_tokens(prompt, known, bs, start_i)
             llm = profile.prefill_time(prompt.num_tokens, hit) + decode_alone_s(
                 profile, prompt.num_tokens, c.output_tokens - 1
             )
@@ -319,38 +319,42 @@ class SimResult:
     frontend: dict[str, Any]
     busy_s: list[float]
 
+    def _window(self) -> tuple[float, float] | None:
+        """The measurement window: from a warm-up quarter of the arrival span to the last
+        arrival; None for fewer than 4 programs."""
+        if len(self.arrivals) < 4:
+            return None
+        first, last = min(self.arrivals.values()), max(self.arrivals.values())
+        return first + 0.25 * (last - first), last
+
+    @staticmethod
+    def _per_min(times: Iterable[float], window: tuple[float, float]) -> float:
+        t0, t1 = window
+        return sum(1 for t in times if t0 <= t <= t1) / max(t1 - t0, 1e-9) * 60.0
+
     def throughput_per_min(self) -> float:
         """Programs finished per minute while programs arrive (after a warm-up quarter)."""
-        times = sorted(self.arrivals.values())
-        if len(times) < 4:
-            return len(times) / max(self.makespan_s, 1e-9) * 60.0
-        t0 = times[0] + 0.25 * (times[-1] - times[0])
-        t1 = times[-1]
-        done = sum(1 for t in self.finished_at.values() if t0 <= t <= t1)
-        return done / max(t1 - t0, 1e-9) * 60.0
+        window = self._window()
+        if window is None:
+            return len(self.arrivals) / max(self.makespan_s, 1e-9) * 60.0
+        return self._per_min(self.finished_at.values(), window)
 
     def work_ratio(self, ideal: dict[int, float]) -> float:
         """Work finished over work arrived in the measurement window (after a warm-up
         quarter), each program weighted by its ideal JCT: about 1 while the system keeps
         up, below 1 once a backlog builds (the count of programs would hide a backlog of
         big programs behind many small ones)."""
-        times = sorted(self.arrivals.values())
-        if len(times) < 4:
+        window = self._window()
+        if window is None:
             return 1.0
-        t0 = times[0] + 0.25 * (times[-1] - times[0])
-        t1 = times[-1]
+        t0, t1 = window
         arrived = sum(ideal[p] for p, t in self.arrivals.items() if t0 <= t <= t1)
         done = sum(ideal[p] for p, t in self.finished_at.items() if t0 <= t <= t1)
         return done / arrived if arrived else 1.0
 
     def arrivals_per_min(self) -> float:
-        times = sorted(self.arrivals.values())
-        if len(times) < 4:
-            return float("nan")
-        t0 = times[0] + 0.25 * (times[-1] - times[0])
-        t1 = times[-1]
-        n = sum(1 for t in times if t0 <= t <= t1)
-        return n / max(t1 - t0, 1e-9) * 60.0
+        window = self._window()
+        return float("nan") if window is None else self._per_min(self.arrivals.values(), window)
 
     def metrics(self, ideal: dict[int, float], slo_factor: float = 2.0) -> dict[str, float]:
         jcts = list(self.jct.values())
@@ -390,23 +394,16 @@ def collect(sim: Simulation) -> SimResult:
     # recomputed prompt tokens: what a call computed that its program (or a shared prompt)
     # had computed before: uncached prompt tokens beyond the content that is new to the
     # program, plus the engine's recomputation after preemption
-    shared_keys: set[int] = set()
-    for key, n in sim.workload.shared_segments.items():
-        shared_keys.update(Prompt.from_segments([(key, n)], bs).keys)
+    shared_keys = _shared_keys(sim.workload, bs)
     for prog in sim.programs:
         known: set[int] = set(shared_keys)
         for call in prog.calls:
             req = call.request
             assert req is not None and call.prompt is not None and call.sequence is not None
-            prompt = call.prompt
             prompt_tokens += req.prompt_tokens
             cached = req.cached_tokens or 0
             hit += cached
-            keys = prompt.keys
-            m = 0
-            while m < len(keys) and keys[m] in known:
-                m += 1
-            could = min(prompt.ends[m - 1] * bs if m else 0, prompt.num_tokens - 1)
+            could = _known_prefix_tokens(call.prompt, known, bs)
             recomputed += max(0, could - cached) + req.recomputed_tokens
             known.update(call.sequence.keys)
     metrics = [e.metrics() for e in sim.engines]

@@ -160,28 +160,24 @@ class VLLMSystem(_Base):
         self.sim.send(call, ticket.replica)
 
 
-class _AffinityPolicy:
+class _AffinityPolicy(LeastLoadPolicy):
     """Session affinity: a program's first call goes to the least-loaded replica, the rest
     follow it (Continuum's deployment)."""
 
     name = "affinity"
 
     def __init__(self) -> None:
+        super().__init__()
         self.home: dict[str, int] = {}
-        self.last_cached_tokens = 0
-        self._least = LeastLoadPolicy()
 
     def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
         pid = request.program_id
         if pid is not None and pid in self.home:
             return self.home[pid]
-        idx = self._least.choose(request, replicas)
+        idx = super().choose(request, replicas)
         if pid is not None:
             self.home[pid] = idx
         return idx
-
-    def feedback(self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float) -> None:
-        return None
 
 
 class ContinuumSystem(_Base):
@@ -226,29 +222,25 @@ class ContinuumSystem(_Base):
         return {"pins_requested": self.pins_requested}
 
 
-class _StickyLongPolicy:
+class _StickyLongPolicy(LeastLoadPolicy):
     """Autellix's load balancer: short calls to the least-loaded replica, long ones to the
     replica that served the program before (its cache is there)."""
 
     name = "autellix"
 
     def __init__(self) -> None:
+        super().__init__()
         self.last: dict[str, int] = {}
-        self.last_cached_tokens = 0
-        self._least = LeastLoadPolicy()
 
     def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaState]) -> int:
         pid = request.program_id
         if pid is not None and request.prompt_tokens >= AUTELLIX_LONG_TOKENS and pid in self.last:
             idx = self.last[pid]
         else:
-            idx = self._least.choose(request, replicas)
+            idx = super().choose(request, replicas)
         if pid is not None:
             self.last[pid] = idx
         return idx
-
-    def feedback(self, ticket: Ticket, *, cached_tokens: int | None, ok: bool, now: float) -> None:
-        return None
 
 
 class AutellixSystem(_Base):

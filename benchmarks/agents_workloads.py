@@ -74,11 +74,10 @@ class CallSpec:
     #: the tool run after this call (None: none)
     tool: str | None
     tool_s: float
-    #: static facts (graphs.analysis): estimated work from this call to the end, whether it
-    #: is known to be the last LLM step, and the tools the node may call
+    #: static facts (graphs.analysis): estimated work from this call to the end, and whether
+    #: it is known to be the last LLM step
     remaining_cost_s: float
     is_last_step: bool
-    node_tools: tuple[str, ...]
     agent: str | None = None
     #: a later call continues this call's sequence (the same conversation goes on after
     #: the tool): static for a ReAct loop; a step graph's next node starts a new prompt
@@ -203,7 +202,6 @@ def _chain_program(
     first: tuple[Segment, ...],
     turns: list[tuple[int, str | None, float, int]],
     keys: _Keys,
-    node_tools: tuple[str, ...],
 ) -> ProgramSpec:
     """A ReAct loop: turn k continues turn k-1's sequence with its tool's output."""
     calls: list[CallSpec] = []
@@ -224,7 +222,6 @@ def _chain_program(
                 # one llm node with tools: its length is unknown, its last turn too
                 remaining_cost_s=LLM_STEP_COST_S,
                 is_last_step=False,
-                node_tools=node_tools,
                 continues=tool is not None,
             )
         )
@@ -238,7 +235,7 @@ def _swe_program(
     pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
 ) -> ProgramSpec:
     n_turns = _lognormal_int(rng, 40.0, 0.7, 3, 120)
-    issue = int(min(3000, max(300, rng.lognormvariate(math.log(1000), 0.5))))
+    issue = int(_clipped_lognormal(1000, 0.5, 300, 3000)(rng))
     ctx = SWE_SYSTEM_TOKENS + issue
     turns: list[tuple[int, str | None, float, int]] = []
     tool_sample = _loguniform(300, 2000)
@@ -253,7 +250,7 @@ def _swe_program(
         turns.append((out, name, SWE_TOOLS[name].sample(rng), tool_out))
         ctx += out + tool_out
     first = ((SWE_SYSTEM_KEY, SWE_SYSTEM_TOKENS), (keys.fresh(), issue))
-    return _chain_program(pid, tenant, "swe", arrival, first, turns, keys, tuple(SWE_TOOLS))
+    return _chain_program(pid, tenant, "swe", arrival, first, turns, keys)
 
 
 # -- bfcl ------------------------------------------------------------------------------
@@ -285,11 +282,10 @@ def _bfcl_program(
             turns.append((out, None, 0.0, 0))
             break
         name = "api_call" if rng.random() < 0.7 else "fs_op"
-        # a few turns end with a new user question instead of a tool result
         result = rng.randint(20, 50)
         turns.append((out, name, BFCL_TOOLS[name].sample(rng), result))
     first = ((keys.fresh(), docs), (keys.fresh(), query))
-    return _chain_program(pid, tenant, "bfcl", arrival, first, turns, keys, tuple(BFCL_TOOLS))
+    return _chain_program(pid, tenant, "bfcl", arrival, first, turns, keys)
 
 
 # -- multiagent ------------------------------------------------------------------------
@@ -323,6 +319,24 @@ MA_PARAMS: dict[str, Any] = {
     "task_tokens": "uniform 200..600",
     "output_tokens_per_step": "uniform 100..400",
 }
+#: per step: the steps that wait for it
+MA_DEPENDENTS = [
+    [j for j, (_, deps) in enumerate(MA_STEPS) if i in deps] for i in range(len(MA_STEPS))
+]
+
+
+def _remaining_cost() -> list[float]:
+    """Each step's static critical path to the end: LLM steps at the analysis estimate,
+    tools as declared (the same for every workflow: the step graph is fixed)."""
+    remaining = [0.0] * len(MA_STEPS)
+    for i in reversed(range(len(MA_STEPS))):
+        tool = MA_AGENTS[MA_STEPS[i][0]][2]
+        own = LLM_STEP_COST_S + (MA_TOOLS[tool].declared_s if tool else 0.0)
+        remaining[i] = own + max((remaining[j] for j in MA_DEPENDENTS[i]), default=0.0)
+    return remaining
+
+
+MA_REMAINING_S = _remaining_cost()
 
 
 def _multiagent_program(
@@ -331,18 +345,6 @@ def _multiagent_program(
     task_key, task = keys.fresh(), rng.randint(200, 600)
     outs = [rng.randint(100, 400) for _ in MA_STEPS]
     out_keys = [keys.fresh() for _ in MA_STEPS]
-    # the static critical path: LLM steps at the analysis estimate, tools as declared
-    n = len(MA_STEPS)
-    dependents: dict[int, list[int]] = {i: [] for i in range(n)}
-    for i, (_, deps) in enumerate(MA_STEPS):
-        for d in deps:
-            dependents[d].append(i)
-    remaining = [0.0] * n
-    for i in reversed(range(n)):
-        agent = MA_STEPS[i][0]
-        tool = MA_AGENTS[agent][2]
-        own = LLM_STEP_COST_S + (MA_TOOLS[tool].declared_s if tool else 0.0)
-        remaining[i] = own + max((remaining[j] for j in dependents[i]), default=0.0)
     calls: list[CallSpec] = []
     for i, (agent, deps) in enumerate(MA_STEPS):
         sys_key, sys_tokens, tool = MA_AGENTS[agent]
@@ -359,9 +361,8 @@ def _multiagent_program(
                 output_key=out_keys[i],
                 tool=tool,
                 tool_s=MA_TOOLS[tool].sample(rng) if tool else 0.0,
-                remaining_cost_s=remaining[i],
-                is_last_step=not dependents[i],
-                node_tools=(tool,) if tool else (),
+                remaining_cost_s=MA_REMAINING_S[i],
+                is_last_step=not MA_DEPENDENTS[i],
                 agent=agent,
             )
         )

@@ -383,12 +383,8 @@ def run_bench(
     profile = Profile.load(profile_name)
     workload = load_workload(trace, limit=requests, seed=seed)
     block_size = profile.engine.block_size
-    too_long = [
-        i
-        for i, r in enumerate(workload.rows)
-        if r.input_length + r.output_length > profile.model.max_model_len
-        or r.input_length + r.output_length > profile.kv_capacity_tokens
-    ]
+    fits = min(profile.model.max_model_len, profile.kv_capacity_tokens)
+    too_long = [i for i, r in enumerate(workload.rows) if r.input_length + r.output_length > fits]
     if too_long:
         raise ValueError(
             f"{len(too_long)} requests do not fit one replica of {profile.name} "

@@ -74,6 +74,20 @@ async def time_treadle(runtime: Runtime, cg: CompiledGraph, reps: int) -> list[f
     return times
 
 
+async def _us_per_node(
+    runtime: Runtime, n: int, reps: int, after: Callable[[], object] = lambda: None
+) -> dict[str, float]:
+    """Every shape on `runtime`: the median µs per node; `after` runs after each shape's
+    timings (outside them)."""
+    out = {}
+    for shape in SHAPES:
+        graph, count = treadle_graph(shape, n)
+        times = await time_treadle(runtime, runtime.compile(graph), reps)
+        after()
+        out[f"{shape}_us_per_node"] = statistics.median(times) / count * 1e6
+    return out
+
+
 # -- LangGraph ------------------------------------------------------------------------
 
 
@@ -186,17 +200,11 @@ def _traced(n: int, reps: int) -> dict[str, dict[str, float]]:
 
     async def measure() -> dict[str, float]:
         runtime = Runtime(listeners=[tracer.listener])
-        out = {}
         try:
-            for shape in SHAPES:
-                graph, count = treadle_graph(shape, n)
-                times = await time_treadle(runtime, runtime.compile(graph), reps)
-                exporter.clear()
-                out[f"{shape}_us_per_node"] = statistics.median(times) / count * 1e6
+            return await _us_per_node(runtime, n, reps, after=exporter.clear)
         finally:
             await runtime.aclose()
             tracer.shutdown()
-        return out
 
     return {"treadle+tracing": anyio.run(measure)}
 
@@ -217,18 +225,11 @@ def run_bench(
             async def measure(
                 factory: Callable[[], Awaitable[StateStore]] = factory,
             ) -> dict[str, float]:
-                store = await factory()
-                runtime = Runtime(store=store)
-                out = {}
+                runtime = Runtime(store=await factory())
                 try:
-                    for shape in SHAPES:
-                        graph, count = treadle_graph(shape, n)
-                        cg = runtime.compile(graph)
-                        times = await time_treadle(runtime, cg, reps)
-                        out[f"{shape}_us_per_node"] = statistics.median(times) / count * 1e6
+                    return await _us_per_node(runtime, n, reps)
                 finally:
                     await runtime.aclose()
-                return out
 
             results[system] = anyio.run(measure)
     if with_tracing:

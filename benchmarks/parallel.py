@@ -54,7 +54,7 @@ import re
 import selectors
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -95,6 +95,13 @@ QUICK_LIMITS = {"hotpotqa": 20, "movie": 20, "parallelqa": 30, "bfcl": 40}
 #: LLMCompiler's reported speedups over ReAct, and of streaming over plan-then-execute
 TARGETS = {"hotpotqa": 1.8, "movie": 3.7, "parallelqa": 2.15}
 STREAM_TARGET = 1.3
+#: ratio -> (system, system): the first's mean latency over the second's
+RATIOS = {
+    "speedup_vs_react": ("react", "stream"),
+    "plan_speedup_vs_react": ("react", "plan"),
+    "native_speedup_vs_react": ("react", "native"),
+    "stream_vs_plan": ("plan", "stream"),
+}
 OVERHEAD_TARGET_MS = 0.2
 
 #: search latency: a fixed floor plus an exponential tail (see the module docstring)
@@ -317,17 +324,7 @@ class Workload:
 
     def empty(self) -> Workload:
         """The same query answered without any tool (the overhead baseline)."""
-        return Workload(
-            self.dataset,
-            self.qid,
-            self.question,
-            [],
-            self.answer,
-            self.final_thought,
-            self.plan_thought,
-            self.functions,
-            [],
-        )
+        return replace(self, steps=[], expected=[])
 
     # -- what each system's model writes ---------------------------------------------------
 
@@ -415,6 +412,25 @@ def search_text(entity: str) -> str:
     )
 
 
+def _item_workload(dataset: str, item: dict[str, Any], steps: list[Step], final: str) -> Workload:
+    return Workload(dataset, str(item["id"]), item["question"], steps, str(item["answer"]), final)
+
+
+def _searches(names: list[str], plan: str) -> list[Step]:
+    """A search per name; a ReAct model states `plan` before the first, then goes on."""
+    return [
+        Step(
+            "search",
+            _quote(n),
+            {"query": n},
+            thought=f"{plan} First, {n}."
+            if i == 0
+            else f"I found {names[i - 1]}. Next I need to search {n}.",
+        )
+        for i, n in enumerate(names)
+    ]
+
+
 def hotpotqa(items: list[dict[str, Any]]) -> list[Workload]:
     out = []
     for item in items:
@@ -435,11 +451,7 @@ def hotpotqa(items: list[dict[str, Any]]) -> list[Workload]:
             ),
         ]
         final = f"I found the facts about both {a} and {b}, so I can compare them."
-        out.append(
-            Workload(
-                "hotpotqa", str(item["id"]), item["question"], steps, str(item["answer"]), final
-            )
-        )
+        out.append(_item_workload("hotpotqa", item, steps, final))
     return out
 
 
@@ -449,19 +461,13 @@ def movie(items: list[dict[str, Any]]) -> list[Workload]:
         head, _, options = item["question"].partition("Options:")
         movies = [m.strip() for m in head.split("similar to", 1)[-1].split(",") if m.strip()]
         names = movies + [o.strip() for o in options.splitlines() if o.strip()]
-        steps = []
-        for i, name in enumerate(names):
-            thought = (
-                "I need to find the genre and era of each of the given movies and of each "
-                f"option, then pick the closest option. First, {name}."
-                if i == 0
-                else f"I found {names[i - 1]}. Next I need to search {name}."
-            )
-            steps.append(Step("search", _quote(name), {"query": name}, thought=thought))
-        final = f"Comparing genres and eras, {item['answer']} is the most similar option."
-        out.append(
-            Workload("movie", str(item["id"]), item["question"], steps, str(item["answer"]), final)
+        steps = _searches(
+            names,
+            "I need to find the genre and era of each of the given movies and of each option, "
+            "then pick the closest option.",
         )
+        final = f"Comparing genres and eras, {item['answer']} is the most similar option."
+        out.append(_item_workload("movie", item, steps, final))
     return out
 
 
@@ -471,20 +477,11 @@ def parallelqa(items: list[dict[str, Any]]) -> list[Workload]:
         width = int(item["branch"])
         names = entities(item["question"], width)
         pcts = re.findall(r"(\d+(?:\.\d+)?)\s*%", item["question"]) or ["10"]
-        steps = [
-            Step(
-                "search",
-                _quote(n),
-                {"query": n},
-                thought=(
-                    f"I need the figure for each of the {width} items, change each as "
-                    f"the question says, then compare. First, {n}."
-                    if i == 0
-                    else f"I found {names[i - 1]}. Next I need to search {n}."
-                ),
-            )
-            for i, n in enumerate(names)
-        ]
+        steps = _searches(
+            names,
+            f"I need the figure for each of the {width} items, change each as the question "
+            "says, then compare.",
+        )
         for i, n in enumerate(names):
             pct = pcts[i % len(pcts)]
             problem = f"What is {pct}% more than the figure for {n}?"
@@ -498,11 +495,7 @@ def parallelqa(items: list[dict[str, Any]]) -> list[Workload]:
                 )
             )
         final = f"Comparing the {width} computed figures, the answer is {item['answer']}."
-        out.append(
-            Workload(
-                "parallelqa", str(item["id"]), item["question"], steps, str(item["answer"]), final
-            )
-        )
+        out.append(_item_workload("parallelqa", item, steps, final))
     return out
 
 
@@ -1081,16 +1074,11 @@ def summarize(
                 row["ground_truth_invalid"] = m.ground_truth_invalid
             results[dataset][system] = row
         lat = {s: r["latency_mean_s"] for s, r in results[dataset].items()}
-        r: dict[str, float] = {}
-        if "react" in lat and "stream" in lat:
-            r["speedup_vs_react"] = lat["react"] / lat["stream"]
-        if "react" in lat and "plan" in lat:
-            r["plan_speedup_vs_react"] = lat["react"] / lat["plan"]
-        if "react" in lat and "native" in lat:
-            r["native_speedup_vs_react"] = lat["react"] / lat["native"]
-        if "plan" in lat and "stream" in lat:
-            r["stream_vs_plan"] = lat["plan"] / lat["stream"]
-        ratios[dataset] = r
+        ratios[dataset] = {
+            key: lat[slow] / lat[fast]
+            for key, (slow, fast) in RATIOS.items()
+            if slow in lat and fast in lat
+        }
     return results, ratios
 
 
@@ -1210,21 +1198,7 @@ def _print(
         ],
         rows,
     )
-    rrows = [
-        [
-            d,
-            *(
-                r.get(k, float("nan"))
-                for k in (
-                    "speedup_vs_react",
-                    "plan_speedup_vs_react",
-                    "native_speedup_vs_react",
-                    "stream_vs_plan",
-                )
-            ),
-        ]
-        for d, r in ratios.items()
-    ]
+    rrows = [[d, *(r.get(k, float("nan")) for k in RATIOS)] for d, r in ratios.items()]
     print_table(
         "ratios",
         ["data set", "stream vs react", "plan vs react", "native vs react", "stream vs plan"],

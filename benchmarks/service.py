@@ -79,6 +79,8 @@ outputs:
 NODES = 5
 PREFIX = "treadle"
 CROSS_EVERY = 10  # every Nth submit also tries to read another tenant's run
+#: what a request on a broken connection raises
+CONNECTION_ERRORS = (OSError, anyio.EndOfStream, anyio.BrokenResourceError, h11.ProtocolError)
 
 
 # -- processes -------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class _Connection:
                     break
             conn.start_next_cycle()
             return status, b"".join(chunks)
-        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, h11.ProtocolError):
+        except CONNECTION_ERRORS:
             await self.close()
             raise
 
@@ -258,7 +260,7 @@ class _Load:
             headers["content-type"] = "application/json"
         try:
             status, data = await conn.request(method, target, headers, body)
-        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, h11.ProtocolError):
+        except CONNECTION_ERRORS:
             phase.client_errors += 1
             return None
         phase.latencies.append(time.perf_counter() - sent)
