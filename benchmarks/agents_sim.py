@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from treadle.backends.sim import Engine, EngineConfig, Profile, Prompt, SimRequest, VirtualClock
+from treadle.backends.sim.engine import sum_max_linear
 from treadle.benchmarks.agents_workloads import CallSpec, ProgramSpec, Workload
 from treadle.benchmarks.common import mean, percentile
 from treadle.runtime.scheduler import jain_index
@@ -218,25 +219,6 @@ class Simulation:
 # -- the physical limit ------------------------------------------------------------------
 
 
-def _sum_max_linear(a: float, b: float, c: float, e: float, j: int) -> float:
-    """sum_{i=0}^{j-1} max(a + b*i, c + e*i) in closed form."""
-    if j <= 0:
-        return 0.0
-
-    def lin(p: float, q: float, lo: int, hi: int) -> float:
-        n = hi - lo
-        return n * p + q * (lo + hi - 1) * n / 2.0 if n > 0 else 0.0
-
-    if b == e:
-        return lin(max(a, c), b, 0, j)
-    x = (c - a) / (b - e)
-    if b > e:
-        k = min(j, max(0, math.ceil(x)))
-        return lin(c, e, 0, k) + lin(a, b, k, j)
-    k = min(j, max(0, math.floor(x) + 1))
-    return lin(a, b, 0, k) + lin(c, e, k, j)
-
-
 def decode_alone_s(profile: Profile, context: int, n_steps: int) -> float:
     """`n_steps` decode steps of a lone request whose context starts at `context` tokens."""
     if n_steps <= 0:
@@ -249,7 +231,7 @@ def decode_alone_s(profile: Profile, context: int, n_steps: int) -> float:
     b = attn / f
     c = (profile.weight_bytes + kv * (context + 1)) / bw
     e = kv / bw
-    return n_steps * profile.efficiency.step_overhead_s + _sum_max_linear(a, b, c, e, n_steps)
+    return n_steps * profile.efficiency.step_overhead_s + sum_max_linear(a, b, c, e, n_steps)
 
 
 def _shared_keys(workload: Workload, block_size: int) -> set[int]:

@@ -359,7 +359,7 @@ class _Pin:
         self.timer: Timer | None = None
 
 
-def _sum_max_linear(a: float, b: float, c: float, e: float, j: int) -> float:
+def sum_max_linear(a: float, b: float, c: float, e: float, j: int) -> float:
     """sum_{i=0}^{j-1} max(a + b*i, c + e*i), in closed form."""
     if j <= 0:
         return 0.0
@@ -812,7 +812,7 @@ class Engine:
     def _span(self, j: int) -> float:
         """Duration of the first `j` steps of the current decode run."""
         a, b, c, e = self._coef
-        return j * self._oh + _sum_max_linear(a, b, c, e, j)
+        return j * self._oh + sum_max_linear(a, b, c, e, j)
 
     def _interrupt(self) -> None:
         """Something changed mid-run: end the run at the step now in progress."""
