@@ -70,8 +70,6 @@ __all__ = [
     "Worker",
     "WorkerOptions",
     "WorkerStats",
-    "cancel_channel",
-    "cancel_key",
     "new_worker_id",
     "request_cancel",
 ]
@@ -82,20 +80,11 @@ log = logging.getLogger(__name__)
 CANCEL_FLAG_TTL_S = 7 * 24 * 3600
 
 
-def cancel_key(keys: RedisKeys, run_id: str) -> str:
-    """The run's cancel flag; it carries the run's hash tag like the run's other keys."""
-    return f"{keys.prefix}:{{{run_id}}}:cancel"
-
-
-def cancel_channel(keys: RedisKeys) -> str:
-    return f"{keys.prefix}:cancel"
-
-
 async def request_cancel(redis: Redis, keys: RedisKeys, run_id: str) -> None:
     """Ask whichever worker runs (or will run) `run_id` to cancel it."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(cancel_key(keys, run_id), b"1", ex=CANCEL_FLAG_TTL_S)
-        pipe.publish(cancel_channel(keys), run_id)
+        pipe.set(keys.cancel(run_id), b"1", ex=CANCEL_FLAG_TTL_S)
+        pipe.publish(keys.cancel_channel(), run_id)
         await pipe.execute()
 
 
@@ -505,7 +494,7 @@ class Worker:
     async def _read_state(self, run_id: str) -> tuple[RunRecord | None, int, bool]:
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
-            pipe.exists(cancel_key(self.keys, run_id))
+            pipe.exists(self.keys.cancel(run_id))
             (raw, last_seq), flagged = await pipe.execute()
         record = codec.decode_record(raw) if raw is not None else None
         return record, int(last_seq or 0), bool(flagged)
@@ -539,7 +528,7 @@ class Worker:
             slot.cancel()
 
     async def _subscribe_cancels(self) -> None:
-        channel = cancel_channel(self.keys)
+        channel = self.keys.cancel_channel()
         failures = 0
         while True:
             try:
@@ -561,7 +550,7 @@ class Worker:
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for rid in ids:
-                        pipe.exists(cancel_key(self.keys, rid))
+                        pipe.exists(self.keys.cancel(rid))
                     flags = await pipe.execute()
             except (RedisError, OSError) as exc:
                 log.warning("polling cancel flags failed: %s", exc)

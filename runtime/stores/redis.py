@@ -115,6 +115,13 @@ class RedisKeys:
     def queue(self) -> str:
         return f"{self.prefix}:queue"
 
+    def cancel(self, run_id: str) -> str:
+        """The run's cancel flag (short-lived: not one of `run_keys`)."""
+        return f"{self.prefix}:{{{run_id}}}:cancel"
+
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}:cancel"
+
     def run_keys(self, run_id: str) -> list[str]:
         """Every key that belongs to one run (all share the `{run_id}` hash tag)."""
         return [self.meta(run_id), self.outputs(run_id), self.events(run_id), self.lease(run_id)]

@@ -33,7 +33,7 @@ from treadle.runtime.runtime import InvalidInputs, validate_inputs
 from treadle.runtime.store import TERMINAL, RunRecord
 from treadle.runtime.stores import codec
 from treadle.runtime.stores.redis import RedisStore
-from treadle.runtime.worker import cancel_key, request_cancel
+from treadle.runtime.worker import request_cancel
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 #: index entries looked at by one list request at most (then a cursor to go on)
@@ -154,7 +154,7 @@ class RunService:
             raise NotFound(f"run {run_id!r} not found")
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
-            pipe.exists(cancel_key(self.keys, run_id))
+            pipe.exists(self.keys.cancel(run_id))
             (raw, last_seq), flagged = await pipe.execute()
         record = codec.decode_record(raw) if raw is not None else None
         if record is None or record.tenant != tenant.id:
