@@ -16,7 +16,7 @@ from treadle.backends.base import (
     Usage,
 )
 from treadle.backends.factory import create_backend
-from treadle.backends.openai_compat import OpenAICompatBackend
+from treadle.backends.openai_compat.backend import OpenAICompatBackend
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 
 __all__ = [

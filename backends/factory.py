@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
 from treadle.backends.base import Backend
-from treadle.backends.dialects import make_dialect
+from treadle.backends.openai_compat.dialects import make_dialect
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 
 
@@ -125,7 +125,7 @@ def _build_scripted(cfg: BaseModel) -> Backend:
 
 def _build_openai_compat(cfg: BaseModel) -> Backend:
     assert isinstance(cfg, OpenAICompatConfig)
-    from treadle.backends.openai_compat import OpenAICompatBackend
+    from treadle.backends.openai_compat.backend import OpenAICompatBackend
 
     if cfg.api_key is not None and cfg.api_key_env is not None:
         raise ValueError(
@@ -164,7 +164,7 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
 
 def _build_litellm(cfg: BaseModel) -> Backend:
     assert isinstance(cfg, LiteLLMConfig)
-    from treadle.backends.remote import LiteLLMBackend
+    from treadle.backends.litellm import LiteLLMBackend
 
     params = dict(cfg.params)
     clash = {"model", "messages", "stream"} & set(params)
@@ -193,7 +193,7 @@ def _build_sim(cfg: BaseModel) -> Backend:
 
 def _build_pool(cfg: BaseModel) -> Backend:
     assert isinstance(cfg, PoolConfig)
-    replica_pool = _optional("pool", "treadle.backends.pool", "ReplicaPool")
+    replica_pool = _optional("pool", "treadle.backends.dispatch.pool", "ReplicaPool")
     options = _extras(cfg)
     _check_options("pool", replica_pool, options, skip=("replicas", "clock"))
     replicas: list[Backend] = []

@@ -1,7 +1,7 @@
 """`treadle bench dispatch`: prefix-aware routing across simulated replicas.
 
 A request trace is replayed on N simulated engine replicas (`treadle.backends.sim`, one
-shared virtual clock) under each routing policy of `treadle.backends.routing`
+shared virtual clock) under each routing policy of `treadle.backends.dispatch.routing`
 (`round_robin`, `least_load`, `cache_aware`, `treadle`), in the same process, on the same
 inputs. Inputs: the Mooncake conversation trace (JSONL, `hash_ids` = one id per 512-token
 block, equal ids = equal content) or the Azure 2023 CSV (no content ids: every prompt is
@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
-from treadle.backends.routing import (
+from treadle.backends.dispatch.routing import (
     POLICIES,
     CacheAwareConfig,
     Policy,

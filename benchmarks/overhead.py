@@ -23,8 +23,8 @@ import typer
 from treadle.benchmarks.common import print_table, write_report
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import CompiledGraph
-from treadle.runtime.runtime import Runtime
-from treadle.runtime.store import StateStore
+from treadle.runtime.core.runtime import Runtime
+from treadle.runtime.stores.base import StateStore
 
 SHAPES = ("chain", "fanout", "diamond")
 
@@ -190,7 +190,7 @@ def _store_factories(
 def _traced(n: int, reps: int) -> dict[str, dict[str, float]]:
     """`treadle+tracing`: the memory store with the OpenTelemetry listener, every span
     exported synchronously to memory (its whole cost is inside the measured time)."""
-    from treadle.runtime.tracing import OtelTracer, TracingUnavailable
+    from treadle.runtime.observe.tracing import OtelTracer, TracingUnavailable
 
     try:
         tracer, exporter = OtelTracer.in_memory()

@@ -49,16 +49,16 @@ from redis.exceptions import RedisError
 from rich.console import Console
 
 from treadle.benchmarks.common import percentile, print_table, write_report
-from treadle.daemon.processes import (
+from treadle.runtime.core.events import NodeFinished, RunStarted
+from treadle.runtime.stores import codec
+from treadle.runtime.stores.base import TERMINAL
+from treadle.testing.processes import (
     DaemonProcess,
     RedisServer,
     RedisUnavailable,
     free_port,
     wait_port,
 )
-from treadle.runtime.events import NodeFinished, RunStarted
-from treadle.runtime.store import TERMINAL
-from treadle.runtime.stores import codec
 
 WORKFLOW = """\
 name: five
@@ -430,8 +430,8 @@ async def _bench(
     seed: int,
     workdir: Path,
 ) -> dict[str, dict[str, Any]]:
-    from treadle.daemon.keys import DaemonKeys
-    from treadle.daemon.tenants import TenantStore
+    from treadle.runtime.daemon.keys import DaemonKeys
+    from treadle.runtime.daemon.tenants import TenantStore
     from treadle.runtime.stores.redis import connect
 
     redis: RedisServer | None = None

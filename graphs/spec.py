@@ -1,7 +1,7 @@
 """The declared program as data: `GraphSpec` and its node kinds.
 
 Both the Python SDK (`treadle.graphs.builder`) and the workflow-file loader
-(`treadle.graphs.loader`) produce these objects, with references already resolved to
+(`treadle.graphs.files.loader`) produce these objects, with references already resolved to
 Python objects (functions, `Tool`s, types). Two specs that describe the same program
 compare equal; where a spec came from (`source`) does not take part in the comparison.
 """

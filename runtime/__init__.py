@@ -1,9 +1,9 @@
 """Executing programs: the orchestrator, events, state stores, scheduling and pinning."""
 
-from treadle.runtime.errors import NodeError, RunCancelled, RunFailed
-from treadle.runtime.events import Event
-from treadle.runtime.runtime import InvalidInputs, RunHandle, RunResult, Runtime
-from treadle.runtime.store import RunRecord, StateStore
+from treadle.runtime.core.errors import NodeError, RunCancelled, RunFailed
+from treadle.runtime.core.events import Event
+from treadle.runtime.core.runtime import InvalidInputs, RunHandle, RunResult, Runtime
+from treadle.runtime.stores.base import RunRecord, StateStore
 from treadle.runtime.stores.memory import MemoryStore
 
 __all__ = [

@@ -2,7 +2,7 @@
 port, with or without an append-only file), and why Redis tests skip when it is missing.
 The fixtures are in `tests/conftest.py`."""
 
-from treadle.daemon.processes import RedisServer, free_port, redis_binary
+from treadle.testing.processes import RedisServer, free_port, redis_binary
 
 REDIS_BINARY = redis_binary()
 SKIP_REASON = "redis-server is not installed (apt-get install redis-server) - Redis tests skipped"

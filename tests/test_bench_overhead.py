@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from treadle.benchmarks.overhead import treadle_graph
-from treadle.cli import app
+from treadle.cli.main import app
 
 
 def test_shapes_have_the_declared_sizes() -> None:

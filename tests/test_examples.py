@@ -32,7 +32,7 @@ async def test_research_example() -> None:
 
 @pytest.mark.anyio
 async def test_text_to_sql_example_repairs_the_bad_draft(tmp_path: Path) -> None:
-    from treadle.runtime.events import NodeSkipped
+    from treadle.runtime.core.events import NodeSkipped
 
     result = await Runtime().run(text_to_sql.graph, {"database": str(tmp_path / "shop.db")})
     assert result.output.answer.answer.startswith("country=US, revenue=1114.0")

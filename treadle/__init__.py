@@ -58,8 +58,8 @@ from treadle.runtime import (
     RunResult,
     Runtime,
     StateStore,
-    events,
 )
+from treadle.runtime.core import events
 from treadle.tools import Tool, ToolArgumentError, ToolError, tool
 
 __version__ = "0.1.0"
@@ -67,7 +67,7 @@ __version__ = "0.1.0"
 
 def load_workflow(path: str) -> GraphSpec:
     """Load a workflow file (YAML or JSON) into the same `GraphSpec` the SDK builds."""
-    from treadle.graphs.loader import load_workflow as _load
+    from treadle.graphs.files.loader import load_workflow as _load
 
     return _load(path)
 

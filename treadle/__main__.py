@@ -1,5 +1,5 @@
 """`python -m treadle` is the `treadle` command."""
 
-from treadle.cli import main
+from treadle.cli.main import main
 
 main()

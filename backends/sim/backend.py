@@ -39,7 +39,7 @@ from treadle.backends.base import (
     StreamChunk,
     Usage,
 )
-from treadle.backends.dialects import SIM_CAPABILITIES
+from treadle.backends.openai_compat.dialects import SIM_CAPABILITIES
 from treadle.backends.scripted import ScriptRule
 from treadle.backends.sim.engine import EngineConfig, EngineMetrics, PinPressure, Policy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile

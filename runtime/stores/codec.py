@@ -19,8 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from treadle.runtime.events import Event, event_from_dict
-from treadle.runtime.store import RunRecord
+from treadle.runtime.core.events import Event, event_from_dict
+from treadle.runtime.stores.base import RunRecord
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 _DECODER = json.JSONDecoder()

@@ -7,7 +7,7 @@ so all of them live in one Redis Cluster slot and one script may touch them toge
   last event seq;
 - `treadle:{run}:out`    hash: node instance id -> output JSON bytes;
 - `treadle:{run}:events` stream: one entry per event, entry id `<seq>-0`, field `e` = JSON;
-- `treadle:lease:{run}`  the run's lease (see `treadle.runtime.workqueue`);
+- `treadle:lease:{run}`  the run's lease (see `treadle.runtime.daemon.workqueue`);
 - `treadle:runs`         sorted set of all run ids by `created_at` (the listing index), and
   `treadle:tenant:<tenant>:runs` the same per tenant. These are not keys *of a run* (they
   span runs), so they are written after the run's meta, in a separate round trip.
@@ -43,9 +43,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
-from treadle.runtime.events import Event
-from treadle.runtime.store import RunNotFound, RunRecord
+from treadle.runtime.core.events import Event
 from treadle.runtime.stores import codec
+from treadle.runtime.stores.base import RunNotFound, RunRecord
 
 _MAX_BATCH = 256  # record calls sent in one pipeline at most
 _EVENTS_PAGE = 1000  # XRANGE page size for read_events

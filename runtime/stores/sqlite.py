@@ -32,9 +32,9 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
-from treadle.runtime.events import Event
-from treadle.runtime.store import RunNotFound, RunRecord
+from treadle.runtime.core.events import Event
 from treadle.runtime.stores import codec
+from treadle.runtime.stores.base import RunNotFound, RunRecord
 
 T = TypeVar("T")
 

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 from treadle.backends.base import LLMRequest, Message
-from treadle.backends.dialects import SGLangDialect
 from treadle.backends.factory import create_backend
-from treadle.backends.openai_compat import OpenAICompatBackend
+from treadle.backends.openai_compat.backend import OpenAICompatBackend
+from treadle.backends.openai_compat.dialects import SGLangDialect
 from treadle.backends.scripted import ScriptedBackend
 
 HAS_LITELLM = importlib.util.find_spec("litellm") is not None
-HAS_POOL = importlib.util.find_spec("treadle.backends.pool") is not None
+HAS_POOL = importlib.util.find_spec("treadle.backends.dispatch.pool") is not None
 
 
 def _module_exists(name: str) -> bool:
@@ -112,7 +112,7 @@ def test_not_a_mapping() -> None:
 
 @pytest.mark.skipif(not HAS_LITELLM, reason="litellm (treadle[remote]) not installed")
 def test_litellm_entry() -> None:
-    from treadle.backends.remote import LiteLLMBackend
+    from treadle.backends.litellm import LiteLLMBackend
 
     backend = create_backend(
         {
@@ -145,9 +145,9 @@ def test_litellm_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
         create_backend({"backend": "litellm", "model": "openai/gpt-4o-mini"})
 
 
-@pytest.mark.skipif(not HAS_POOL, reason="treadle.backends.pool not built yet")
+@pytest.mark.skipif(not HAS_POOL, reason="treadle.backends.dispatch.pool not built yet")
 def test_pool_of_replicas() -> None:
-    from treadle.backends.pool import ReplicaPool
+    from treadle.backends.dispatch.pool import ReplicaPool
 
     pool = create_backend(
         {
@@ -165,7 +165,7 @@ def test_pool_of_replicas() -> None:
     assert pool.capabilities.prefix_cache is True
 
 
-@pytest.mark.skipif(not HAS_POOL, reason="treadle.backends.pool not built yet")
+@pytest.mark.skipif(not HAS_POOL, reason="treadle.backends.dispatch.pool not built yet")
 def test_pool_errors_name_replica_and_option() -> None:
     with pytest.raises(
         ValueError, match=r"replicas\[1\]: invalid 'openai_compat' model entry: model"

@@ -10,7 +10,8 @@ import re
 import pytest
 
 from treadle.backends.base import LLMRequest, SchedulingHints
-from treadle.backends.dialects import (
+from treadle.backends.openai_compat.backend import OpenAICompatBackend
+from treadle.backends.openai_compat.dialects import (
     DIALECTS,
     ContinuumDialect,
     OpenAIDialect,
@@ -19,7 +20,6 @@ from treadle.backends.dialects import (
     VLLMDialect,
     make_dialect,
 )
-from treadle.backends.openai_compat import OpenAICompatBackend
 
 HINTS = SchedulingHints(
     priority=5,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from treadle.backends.base import BackendError, LLMRequest, Message, ToolCall, collect_stream
-from treadle.backends.remote import INSTALL_HINT, LiteLLMBackend
+from treadle.backends.litellm import INSTALL_HINT, LiteLLMBackend
 
 pytestmark = [
     pytest.mark.anyio,
@@ -57,7 +57,7 @@ class FakeAcompletion:
 
 def test_module_import_does_not_import_litellm() -> None:
     code = (
-        "import sys, treadle.backends.remote, treadle.backends.factory;"
+        "import sys, treadle.backends.litellm, treadle.backends.factory;"
         "assert 'litellm' not in sys.modules, 'litellm imported eagerly'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

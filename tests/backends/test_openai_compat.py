@@ -19,7 +19,7 @@ from treadle.backends.base import (
     ToolCall,
     collect_stream,
 )
-from treadle.backends.openai_compat import OpenAICompatBackend, ToolCallAccumulator
+from treadle.backends.openai_compat.backend import OpenAICompatBackend, ToolCallAccumulator
 
 pytestmark = pytest.mark.anyio
 

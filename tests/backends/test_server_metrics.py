@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fake_openai_server import SGLANG_METRICS_TEXT, VLLM_METRICS_TEXT
 
-from treadle.backends.dialects import SGLANG_METRICS, VLLM_METRICS
-from treadle.backends.server_metrics import (
+from treadle.backends.openai_compat.dialects import SGLANG_METRICS, VLLM_METRICS
+from treadle.backends.openai_compat.server_metrics import (
     MetricsFormatError,
     ServerLoad,
     parse_server_load,

@@ -21,7 +21,7 @@ from treadle.backends.base import (
     SchedulingHints,
     collect_stream,
 )
-from treadle.backends.openai_compat import OpenAICompatBackend
+from treadle.backends.openai_compat.backend import OpenAICompatBackend
 from treadle.backends.scripted import ScriptedToolCall, ScriptRule
 
 server_module = pytest.importorskip("treadle.backends.sim.server")

@@ -19,14 +19,14 @@ import anyio
 import httpx
 from redis_support import free_port
 
-from treadle.daemon.app import create_app
-from treadle.daemon.config import DaemonConfig
-from treadle.daemon.processes import DaemonProcess
-from treadle.daemon.services import Services
-from treadle.daemon.workers import run_workers
-from treadle.runtime.events import Event, NodeFinished
+from treadle.runtime.core.events import Event, NodeFinished
+from treadle.runtime.daemon.api.app import create_app
+from treadle.runtime.daemon.config import DaemonConfig
+from treadle.runtime.daemon.services import Services
+from treadle.runtime.daemon.worker import Worker
+from treadle.runtime.daemon.workers import run_workers
 from treadle.runtime.stores.redis import RedisStore
-from treadle.runtime.worker import Worker
+from treadle.testing.processes import DaemonProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,7 +180,7 @@ class LiveServer:
 
 
 class WorkerProcess(DaemonProcess):
-    """`python -m treadle.cli_daemon worker` in a process of its own."""
+    """`python -m treadle.runtime.daemon.cli worker` in a process of its own."""
 
     def __init__(
         self, redis_url: str, logdir: Path, *, lease_ms: int = 1000, concurrency: int = 16

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from daemon_support import FIVE, Daemon, error_of, wait_for
 
-from treadle.daemon.quotas import current_minute
+from treadle.runtime.daemon.quotas import current_minute
 
 pytestmark = pytest.mark.anyio
 

@@ -22,10 +22,10 @@ from daemon_support import (
     submit,
 )
 
-from treadle.graphs.loader import load_workflow_text
-from treadle.runtime.events import RunStarted
-from treadle.runtime.runtime import Runtime
-from treadle.runtime.store import TERMINAL
+from treadle.graphs.files.loader import load_workflow_text
+from treadle.runtime.core.events import RunStarted
+from treadle.runtime.core.runtime import Runtime
+from treadle.runtime.stores.base import TERMINAL
 
 pytestmark = pytest.mark.anyio
 

@@ -12,8 +12,8 @@ import typer
 from daemon_support import FIVE, LiveServer, make_config
 from typer.testing import CliRunner
 
-from treadle.cli_daemon import register
-from treadle.daemon.app import create_app
+from treadle.runtime.daemon.api.app import create_app
+from treadle.runtime.daemon.cli import register
 
 app = typer.Typer()
 register(app)

@@ -13,9 +13,9 @@ import pytest
 import redis
 from daemon_support import FIVE, LiveServer, make_config
 
-from treadle.daemon.app import create_app
-from treadle.daemon.config import DaemonConfig
-from treadle.daemon.services import Services
+from treadle.runtime.daemon.api.app import create_app
+from treadle.runtime.daemon.config import DaemonConfig
+from treadle.runtime.daemon.services import Services
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (after the skip)

@@ -8,9 +8,9 @@ from typing import Any, cast
 
 import pytest
 
-from treadle.daemon.keys import DaemonKeys
-from treadle.daemon.policy import DefinitionPolicy
-from treadle.daemon.registry import DefinitionError, WorkflowRegistry
+from treadle.runtime.daemon.import_allowlist import DefinitionPolicy
+from treadle.runtime.daemon.keys import DaemonKeys
+from treadle.runtime.daemon.registry import DefinitionError, WorkflowRegistry
 
 
 def prepare(text: str, allow: tuple[str, ...] = (), fmt: str = "yaml") -> Any:

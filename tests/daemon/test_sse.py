@@ -12,8 +12,8 @@ import httpx
 import pytest
 from daemon_support import Daemon, LiveServer, journal, slow_workflow, submit
 
-from treadle.daemon.app import create_app
-from treadle.daemon.client import DaemonClient
+from treadle.runtime.daemon.api.app import create_app
+from treadle.runtime.daemon.client import DaemonClient
 
 pytestmark = pytest.mark.anyio
 

@@ -14,9 +14,9 @@ from daemon_support import (
     wait_for,
 )
 
-from treadle.daemon.registry import source_of
-from treadle.runtime.events import RunFinished, RunStarted
-from treadle.runtime.store import RunRecord
+from treadle.runtime.core.events import RunFinished, RunStarted
+from treadle.runtime.daemon.registry import source_of
+from treadle.runtime.stores.base import RunRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -183,7 +183,7 @@ async def test_cancelling_the_worker_task_leaves_runs_resumable(api_only: Daemon
     the runs are its tenants', not the worker's."""
     import anyio
 
-    from treadle.daemon.workers import run_workers
+    from treadle.runtime.daemon.workers import run_workers
 
     services = api_only.services
     key = await api_only.tenant("acme")
@@ -203,9 +203,9 @@ async def test_cancelling_the_worker_task_leaves_runs_resumable(api_only: Daemon
 async def test_the_run_continues_the_trace_of_the_submit_request(api_only: Daemon) -> None:
     import anyio
 
-    from treadle.daemon.quotas import UsageLedger
-    from treadle.daemon.workers import build_worker
-    from treadle.runtime.tracing import OtelTracer
+    from treadle.runtime.daemon.quotas import UsageLedger
+    from treadle.runtime.daemon.workers import build_worker
+    from treadle.runtime.observe.tracing import OtelTracer
 
     services = api_only.services
     key = await api_only.tenant("acme")

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from treadle.backends.routing import POLICIES
+from treadle.backends.dispatch.routing import POLICIES
 from treadle.backends.sim.profile import Profile
 from treadle.benchmarks.dispatch import (
     DEFAULT_TRACE,

@@ -29,7 +29,7 @@ from treadle.backends.base import (
     Usage,
     collect_stream,
 )
-from treadle.backends.pool import BreakerState, CircuitBreaker, ReplicaPool
+from treadle.backends.dispatch.pool import BreakerState, CircuitBreaker, ReplicaPool
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 
 

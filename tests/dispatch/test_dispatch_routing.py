@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from treadle.backends.base import LLMRequest, Message, SchedulingHints
-from treadle.backends.routing import (
+from treadle.backends.dispatch.routing import (
     CacheAwareConfig,
     CacheAwarePolicy,
     LeastLoadPolicy,
@@ -310,7 +310,7 @@ def test_treadle_failure_feedback_takes_back_the_assumed_cache() -> None:
 
 
 def test_character_chunks_without_the_simulator_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from treadle.backends import routing
+    from treadle.backends.dispatch import routing
 
     monkeypatch.setattr(routing, "_ENCODER", [None])
     system = Message(role="system", content="Shared instructions for every call. " * 30)

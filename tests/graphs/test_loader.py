@@ -13,14 +13,15 @@ from typing import Any, Literal, Optional
 import pytest
 from pydantic import BaseModel
 
-from treadle.graphs.fileformat import FILE_KINDS
-from treadle.graphs.loader import (
+from treadle.graphs.files.loader import (
     WorkflowFileError,
     load_workflow,
     load_workflow_text,
     parse_type,
     workflow_json_schema,
 )
+from treadle.graphs.files.schema import FILE_KINDS
+from treadle.graphs.files.typeref import TypeRefError
 from treadle.graphs.spec import (
     INPUT,
     ITEM,
@@ -38,7 +39,6 @@ from treadle.graphs.spec import (
     SubgraphNode,
     ToolNode,
 )
-from treadle.graphs.typeref import TypeRefError
 
 FILES = Path(__file__).parent / "files"
 

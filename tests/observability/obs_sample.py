@@ -11,7 +11,7 @@ import anyio
 
 from treadle import ITEM, Graph, ScriptedBackend, ScriptRule, step
 from treadle.backends.scripted import ScriptedToolCall
-from treadle.runtime.events import Event
+from treadle.runtime.core.events import Event
 from treadle.tools import tool
 
 #: epoch seconds of synthetic journals (exactly representable steps of 1/1024 s)

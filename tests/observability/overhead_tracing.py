@@ -22,10 +22,10 @@ from typing import Any
 import anyio
 
 from treadle.benchmarks.overhead import SHAPES, treadle_graph
-from treadle.runtime.context import Listener
-from treadle.runtime.metrics import RuntimeMetrics
-from treadle.runtime.runtime import Runtime
-from treadle.runtime.tracing import OtelTracer, configure_tracing
+from treadle.runtime.core.context import Listener
+from treadle.runtime.core.runtime import Runtime
+from treadle.runtime.observe.metrics import RuntimeMetrics
+from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
 
 
 def _dropping_batch_tracer() -> OtelTracer:

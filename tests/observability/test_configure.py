@@ -17,8 +17,8 @@ pytest.importorskip("opentelemetry.sdk.trace")
 
 from obs_sample import Journal
 
-from treadle.runtime.events import NodeFinished, NodeStarted, RunFinished, RunStarted
-from treadle.runtime.tracing import TracingUnavailable, configure_tracing
+from treadle.runtime.core.events import NodeFinished, NodeStarted, RunFinished, RunStarted
+from treadle.runtime.observe.tracing import TracingUnavailable, configure_tracing
 
 OTEL_VARS = (
     "OTEL_SDK_DISABLED",
@@ -179,8 +179,9 @@ def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
     # tracer with tracing off loads neither OpenTelemetry nor prometheus-client
     code = (
         "import sys\n"
-        "from treadle.runtime.tracing import configure_tracing\n"
-        "import treadle.runtime.metrics, treadle.runtime.timeline, treadle.trace_view\n"
+        "from treadle.runtime.observe.tracing import configure_tracing\n"
+        "import treadle.runtime.observe.metrics, treadle.runtime.observe.timeline\n"
+        "import treadle.cli.trace_view\n"
         "assert configure_tracing() is None\n"
         "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'prometheus'))))\n"
     )

@@ -10,7 +10,7 @@ from obs_sample import SAMPLE_INPUTS, Journal, sample_backend, sample_graph
 from prometheus_client.parser import text_string_to_metric_families
 
 from treadle import Runtime
-from treadle.runtime.events import (
+from treadle.runtime.core.events import (
     LLMCallDispatched,
     LLMCallFinished,
     LLMCallQueued,
@@ -21,7 +21,7 @@ from treadle.runtime.events import (
     RunStarted,
     ToolCallFinished,
 )
-from treadle.runtime.metrics import RuntimeMetrics
+from treadle.runtime.observe.metrics import RuntimeMetrics
 
 pytestmark = pytest.mark.anyio
 

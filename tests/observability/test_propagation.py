@@ -16,7 +16,7 @@ from obs_sample import SAMPLE_INPUTS, sample_backend, sample_graph
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from treadle import Capabilities, Graph, LLMRequest, LLMResponse, Runtime
-from treadle.runtime.tracing import OtelTracer, current_trace_headers
+from treadle.runtime.observe.tracing import OtelTracer, current_trace_headers
 
 pytestmark = pytest.mark.anyio
 
@@ -105,7 +105,7 @@ def recording_asgi(app: ASGIApp, seen: list[dict[str, str]]) -> ASGIApp:
 async def test_traceparent_arrives_at_the_simulated_engine_over_http() -> None:
     server_mod = pytest.importorskip("treadle.backends.sim.server")
     uvicorn = pytest.importorskip("uvicorn")
-    from treadle.backends.openai_compat import OpenAICompatBackend
+    from treadle.backends.openai_compat.backend import OpenAICompatBackend
 
     model = "sim-trace"
     replica = server_mod.build_replicas(1, speed=50.0, model=model)[0]

@@ -12,7 +12,8 @@ from obs_sample import SAMPLE_INPUTS, Journal, sample_backend, sample_graph
 from rich.console import Console
 
 from treadle import Runtime
-from treadle.runtime.events import (
+from treadle.cli.trace_view import render_timeline, trace_command
+from treadle.runtime.core.events import (
     GraphExtended,
     LLMCallDispatched,
     LLMCallFinished,
@@ -31,10 +32,9 @@ from treadle.runtime.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from treadle.runtime.metrics import graph_deps, summarize_run
+from treadle.runtime.observe.metrics import graph_deps, summarize_run
+from treadle.runtime.observe.timeline import Row, build_timeline, parent_instance
 from treadle.runtime.stores.memory import MemoryStore
-from treadle.runtime.timeline import Row, build_timeline, parent_instance
-from treadle.trace_view import render_timeline, trace_command
 
 pytestmark = pytest.mark.anyio
 

@@ -22,8 +22,7 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as se
 from opentelemetry.trace import StatusCode
 
 from treadle import Backend, BackendError, Capabilities, Graph, LLMRequest, LLMResponse, Runtime
-from treadle.runtime import tracing
-from treadle.runtime.events import (
+from treadle.runtime.core.events import (
     LLMCallDispatched,
     LLMCallFinished,
     LLMCallQueued,
@@ -38,8 +37,9 @@ from treadle.runtime.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
+from treadle.runtime.observe import tracing
+from treadle.runtime.observe.tracing import OtelTracer
 from treadle.runtime.stores.memory import MemoryStore
-from treadle.runtime.tracing import OtelTracer
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ import pytest
 
 from treadle import Runtime, load_workflow
 from treadle.examples import planner_math
-from treadle.runtime.events import NodeFinished, ToolCallStarted
+from treadle.runtime.core.events import NodeFinished, ToolCallStarted
 
 EXAMPLES = Path(planner_math.__file__).parent
 

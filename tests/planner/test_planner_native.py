@@ -12,7 +12,7 @@ import pytest
 from treadle import Graph, RunResult, Runtime, ScriptedBackend, ScriptRule
 from treadle.backends.base import Backend, Capabilities, LLMRequest, LLMResponse, ToolCall
 from treadle.backends.scripted import ScriptedToolCall
-from treadle.runtime.events import Event, ToolCallFinished, ToolCallStarted
+from treadle.runtime.core.events import Event, ToolCallFinished, ToolCallStarted
 from treadle.tools import Tool, tool
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,7 @@ import random
 import pytest
 from pydantic import BaseModel
 
-from treadle.runtime.plan_parser import (
+from treadle.runtime.nodes.planner.parser import (
     ArgumentResolutionError,
     Join,
     PlanError,
@@ -20,7 +20,7 @@ from treadle.runtime.plan_parser import (
     Thought,
     resolve_args,
 )
-from treadle.runtime.plan_prompts import parse_joiner
+from treadle.runtime.nodes.planner.prompts import parse_joiner
 from treadle.tools import Tool, calculator, tool
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from treadle import Graph, Runtime, ScriptedBackend, ScriptRule
 from treadle.backends.base import Capabilities, LLMRequest, LLMResponse, StreamChunk
-from treadle.runtime.events import (
+from treadle.runtime.core.events import (
     Event,
     GraphExtended,
     LLMCallFinished,
@@ -24,7 +24,7 @@ from treadle.runtime.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from treadle.runtime.planner import planned_tasks
+from treadle.runtime.nodes.planner.executor import planned_tasks
 from treadle.runtime.stores.memory import MemoryStore
 from treadle.tools import Tool, calculator, tool
 

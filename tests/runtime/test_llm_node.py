@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from treadle import Graph, Runtime, ScriptedBackend, ScriptRule, tool
 from treadle.backends.base import LLMRequest, Message
 from treadle.backends.scripted import generate_from_schema
-from treadle.runtime.events import LLMCallFinished, ToolCallFinished, ToolCallStarted
+from treadle.runtime.core.events import LLMCallFinished, ToolCallFinished, ToolCallStarted
 
 pytestmark = pytest.mark.anyio
 
@@ -171,7 +171,7 @@ async def test_templates_render_typed_inputs_as_json() -> None:
 
 
 async def test_streaming_emits_token_events() -> None:
-    from treadle.runtime.events import LLMTokens
+    from treadle.runtime.core.events import LLMTokens
 
     g = Graph("stream", inputs={"q": str})
     g.output(a=g.llm("ask", "{q}", inputs={"q": g.input.q}).out)

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from treadle import ITEM, Graph, Runtime, first_of, step
 from treadle.runtime import RunFailed
-from treadle.runtime.events import (
+from treadle.runtime.core.events import (
     NodeFailed,
     NodeFinished,
     NodeRetrying,

@@ -11,8 +11,8 @@ import pytest
 from treadle import Graph, Runtime, ScriptedBackend, ScriptRule, tool
 from treadle.backends.base import LLMRequest, LLMResponse
 from treadle.backends.sim.backend import SimBackend
-from treadle.runtime.events import Event, LLMCallDispatched, PinReleased, PinSet, RunFinished
-from treadle.runtime.sched_admission import SchedulerAdmission
+from treadle.runtime.core.events import Event, LLMCallDispatched, PinReleased, PinSet, RunFinished
+from treadle.runtime.sched.admission import SchedulerAdmission
 
 pytestmark = pytest.mark.anyio
 

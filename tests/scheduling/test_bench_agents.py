@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from treadle.backends.sim import Profile
-from treadle.benchmarks.agents import ClusterSpec, main, micro_benchmark, run_bench, run_point
-from treadle.benchmarks.agents_sim import ideal_times
-from treadle.benchmarks.agents_systems import SYSTEMS
-from treadle.benchmarks.agents_workloads import make_workload
+from treadle.benchmarks.agents.bench import ClusterSpec, main, micro_benchmark, run_bench, run_point
+from treadle.benchmarks.agents.sim import ideal_times
+from treadle.benchmarks.agents.systems import SYSTEMS
+from treadle.benchmarks.agents.workloads import make_workload
 
 
 def test_workloads_are_seeded_and_match_their_statistics() -> None:

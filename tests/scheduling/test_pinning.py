@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from treadle import tool
-from treadle.runtime.pinning import (
+from treadle.runtime.sched.pinning import (
     DurationEstimator,
     Pin,
     PinBook,

@@ -15,9 +15,9 @@ import anyio
 import pytest
 
 from treadle import Graph, Runtime, ScriptRule, tool
-from treadle.backends.openai_compat import OpenAICompatBackend
-from treadle.runtime.events import PinReleased, PinSet
-from treadle.runtime.sched_admission import HTTPPinReleaser, SchedulerAdmission
+from treadle.backends.openai_compat.backend import OpenAICompatBackend
+from treadle.runtime.core.events import PinReleased, PinSet
+from treadle.runtime.sched.admission import HTTPPinReleaser, SchedulerAdmission
 
 server_module = pytest.importorskip("treadle.backends.sim.server")
 uvicorn = pytest.importorskip("uvicorn")

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from treadle.runtime.sched_limits import AIMDLimit, LimitConfig, TTFTSignal
-from treadle.runtime.scheduler import (
+from treadle.runtime.sched.limits import AIMDLimit, LimitConfig, TTFTSignal
+from treadle.runtime.sched.scheduler import (
     CANCELLED,
     DISPATCHED,
     Call,

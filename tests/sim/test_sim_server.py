@@ -21,7 +21,7 @@ from treadle.backends.sim.engine import EngineConfig
 from treadle.backends.sim.realtime import SimReplica, load_rules
 from treadle.backends.sim.server import build_replicas, create_app
 from treadle.backends.sim.tokenizer import encode_chat, encode_completion
-from treadle.cli_sim import app as sim_cli
+from treadle.cli.sim import app as sim_cli
 
 pytestmark = pytest.mark.anyio
 

@@ -8,8 +8,8 @@ import time
 import anyio
 import pytest
 
-from treadle.runtime.events import NodeFinished, RunStarted
-from treadle.runtime.store import RunRecord
+from treadle.runtime.core.events import NodeFinished, RunStarted
+from treadle.runtime.stores.base import RunRecord
 from treadle.runtime.stores.redis import RedisStore
 
 pytestmark = pytest.mark.anyio

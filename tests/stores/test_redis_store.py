@@ -9,11 +9,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from treadle.runtime.events import NodeFinished, RunStarted
-from treadle.runtime.store import RunNotFound, RunRecord
+from treadle.runtime.core.events import NodeFinished, RunStarted
+from treadle.runtime.daemon.workqueue import WorkQueue
+from treadle.runtime.stores.base import RunNotFound, RunRecord
 from treadle.runtime.stores.codec import JournalError
 from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore
-from treadle.runtime.workqueue import WorkQueue
 
 pytestmark = pytest.mark.anyio
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from treadle.runtime.events import NodeFinished, RunStarted
-from treadle.runtime.store import RunRecord
+from treadle.runtime.core.events import NodeFinished, RunStarted
+from treadle.runtime.stores.base import RunRecord
 from treadle.runtime.stores.sqlite import DEFAULT_PATH, SqliteStore
 
 pytestmark = pytest.mark.anyio
@@ -95,7 +95,7 @@ async def test_another_process_writes_the_same_file(tmp_path: Path) -> None:
     child = textwrap.dedent(
         f"""
         import anyio
-        from treadle.runtime.events import NodeFinished
+        from treadle.runtime.core.events import NodeFinished
         from treadle.runtime.stores.sqlite import SqliteStore
 
         async def main():

@@ -11,14 +11,14 @@ from typing import Any
 import anyio
 import pytest
 
-from treadle.runtime.events import (
+from treadle.runtime.core.events import (
     EVENT_TYPES,
     Event,
     NodeFinished,
     NodeStarted,
     RunStarted,
 )
-from treadle.runtime.store import RunNotFound, RunRecord, StateStore
+from treadle.runtime.stores.base import RunNotFound, RunRecord, StateStore
 from treadle.runtime.stores.codec import JournalError
 from treadle.runtime.stores.memory import MemoryStore
 from treadle.runtime.stores.redis import RedisStore

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from treadle.runtime.events import NodeFinished
-from treadle.runtime.store import RunRecord
+from treadle.runtime.core.events import NodeFinished
+from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, LeaseLost, WorkQueue
+from treadle.runtime.stores.base import RunRecord
 from treadle.runtime.stores.redis import RedisStore
-from treadle.runtime.workqueue import Job, LeaseKeeper, LeaseLost, WorkQueue
 
 pytestmark = pytest.mark.anyio
 

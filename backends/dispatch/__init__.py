@@ -1,0 +1,3 @@
+"""Dispatch across replicas of one model: prefix-aware routing policies and the `pool` backend
+that applies them.
+"""

@@ -1,0 +1,340 @@
+"""Per-server dialects: how treadle's `SchedulingHints` travel to each OpenAI-compatible server.
+
+Every server speaks `/v1/chat/completions`, but each has its own extra fields for what
+treadle's scheduler knows. A dialect adds exactly the fields its server reads (names checked
+against the servers' sources, cited below), declares what it can honour (`Capabilities`)
+and which Prometheus metrics carry its load.
+
+| hint         | vllm                | sglang               | continuum      | sim          |
+|--------------|---------------------|----------------------|----------------|--------------|
+| request_id   | X-Request-Id header | rid                  | X-Request-Id   | X-Request-Id |
+| priority     | priority (1)        | priority, negated (2)| -- (3)         | priority     |
+| program_id   | vllm_xargs (4)      | --                   | job_id         | program_id   |
+| is_last_step | vllm_xargs (4)      | --                   | is_last_step   | is_last_step |
+| next_tool    | vllm_xargs (4)      | --                   | this_func_call | --           |
+| pin_ttl_s    | vllm_xargs (4)      | --                   | -- (own TTL)   | pin_ttl_s    |
+| tenant       | cache_salt (5)      | cache_salt (5)       | cache_salt (5) | --           |
+
+The `openai` dialect sends no hints. (1) as is (lower runs first), and only with
+`priority_scheduling=True`, i.e. a server started with `--scheduling-policy priority`.
+(2) only with `priority_scheduling=True` (`--enable-priority-scheduling`); negated because
+SGLang runs higher values first, sent as is with `low_priority_values_first=True`
+(`--schedule-low-priority-values-first`). (3) the fork's `continuum` policy is program-level
+FCFS, and vLLM rejects a non-zero priority under any policy but `priority`.
+(4) `vllm_xargs.treadle_program_id` / `treadle_is_last_step` / `treadle_next_tool` /
+`treadle_pin_ttl_s` reach `SamplingParams.extra_args`, where stock vLLM ignores them and a
+scheduler or KV-connector plugin can read them.
+(5) only when a `cache_salt_secret` is configured: the salt is HMAC-SHA256(secret, tenant),
+so tenants do not share (or probe) each other's prefix cache, and the salt cannot be guessed
+from the tenant name.
+SGLang sessions (`session_params` / `session_id`) are not used: they need `/open_session`
+and make the server append each request to the session's previous context, while treadle
+always sends the whole conversation; affinity is treadle's router's job.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import inspect
+import re
+from typing import Any, ClassVar
+
+from pydantic import validate_call
+
+from treadle.backends.base import Capabilities, SchedulingHints
+from treadle.backends.openai_compat.server_metrics import MetricNames
+
+# vllm/v1/metrics/loggers.py (PrometheusStatLogger). `vllm:gpu_cache_usage_perc` and
+# `vllm:gpu_prefix_cache_*` are the names before vLLM 0.9, still exported there as deprecated.
+VLLM_METRICS = MetricNames(
+    running=("vllm:num_requests_running",),
+    waiting=("vllm:num_requests_waiting",),
+    kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    prefix_hits=("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
+    prefix_queries=("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
+)
+
+# python/sglang/srt/metrics/collector.py (SchedulerMetricsCollector); exported only with
+# `--enable-metrics`. SGLang keeps no hit/query counters, only a `cache_hit_rate` gauge.
+SGLANG_METRICS = MetricNames(
+    running=("sglang:num_running_reqs",),
+    waiting=("sglang:num_queue_reqs",),
+    kv_usage=("sglang:token_usage",),
+    prefix_hit_rate=("sglang:cache_hit_rate",),
+)
+
+_SCHEMA_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+class Dialect:
+    """Base: an OpenAI-compatible server that reads none of treadle's hints."""
+
+    name: ClassVar[str] = "openai"
+    #: Prometheus names of the load metrics, or None when the server exports none
+    metric_names: ClassVar[MetricNames | None] = None
+    #: path (under the server root) answering 200 when the server is up
+    health_path: ClassVar[str] = "/health"
+    #: whether the server honours `stream_options: {"include_usage": true}`
+    stream_usage: ClassVar[bool] = True
+    #: field that bounds the completion length
+    max_tokens_field: ClassVar[str] = "max_tokens"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(streaming=True, tool_calls=True, metrics=self.metric_names is not None)
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        """Body fields and HTTP headers that carry `hints` to this server."""
+        return {}, {}
+
+    def structured_output(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """Body fields that constrain the answer to the JSON `schema`.
+
+        OpenAI's `response_format: json_schema` is accepted by vLLM (turned into structured
+        outputs), SGLang (protocol.py `ResponseFormat`) and OpenAI alike.
+        """
+        name = _SCHEMA_NAME.sub("_", str(schema.get("title") or "output"))[:64] or "output"
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": True},
+            }
+        }
+
+
+class OpenAIDialect(Dialect):
+    """OpenAI itself (or any plain OpenAI-compatible endpoint): no scheduling hints."""
+
+    name = "openai"
+    health_path = "/v1/models"
+    max_tokens_field = "max_completion_tokens"
+
+    def structured_output(self, schema: dict[str, Any]) -> dict[str, Any]:
+        # OpenAI's strict mode refuses schemas that are not closed (`additionalProperties:
+        # false` everywhere, every property required) - pydantic's schemas often are not.
+        fields = super().structured_output(schema)
+        fields["response_format"]["json_schema"]["strict"] = False
+        return fields
+
+
+class _SaltMixin:
+    """`cache_salt` derived from the tenant, for servers that salt their prefix cache."""
+
+    cache_salt_secret: str | None = None
+
+    def _salt(self, hints: SchedulingHints) -> dict[str, Any]:
+        if self.cache_salt_secret is None or hints.tenant is None:
+            return {}
+        digest = hmac.new(
+            self.cache_salt_secret.encode(), hints.tenant.encode(), hashlib.sha256
+        ).digest()
+        # 43 characters of base64: the 256 bits vLLM's protocol.py recommends for a salt.
+        return {"cache_salt": base64.urlsafe_b64encode(digest).decode().rstrip("=")}
+
+
+class VLLMDialect(_SaltMixin, Dialect):
+    """vLLM's OpenAI server (vllm/entrypoints/openai/chat_completion/protocol.py).
+
+    `priority_scheduling` must match the server: vLLM answers 400 "Got priority N but
+    Priority scheduling is not enabled" (vllm/v1/engine/processor.py) to any non-zero
+    `priority` unless started with `--scheduling-policy priority`.
+    """
+
+    name = "vllm"
+    metric_names = VLLM_METRICS
+    health_path = "/health"
+
+    @validate_call
+    def __init__(
+        self,
+        *,
+        priority_scheduling: bool = False,
+        cache_salt_secret: str | None = None,
+        xargs: bool = True,
+    ) -> None:
+        self.priority_scheduling = priority_scheduling
+        self.cache_salt_secret = cache_salt_secret
+        self.xargs = xargs
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            streaming=True,
+            tool_calls=True,
+            prefix_cache=True,
+            priority=self.priority_scheduling,
+            metrics=True,
+        )
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        body: dict[str, Any] = {}
+        headers: dict[str, str] = {}
+        if hints.request_id is not None:
+            # OpenAIServing._base_request_id: the `X-Request-Id` header wins over the body's
+            # `request_id`, and older servers know only the header.
+            headers["X-Request-Id"] = hints.request_id
+        if self.priority_scheduling:
+            # ChatCompletionRequest.priority: "lower means earlier handling" - treadle's sign.
+            body["priority"] = hints.priority
+        if self.xargs:
+            # ChatCompletionRequest.vllm_xargs: dict[str, str | int | float]; no bools.
+            xargs: dict[str, str | int | float] = {}
+            if hints.program_id is not None:
+                xargs["treadle_program_id"] = hints.program_id
+            if hints.pin_ttl_s is not None:
+                xargs["treadle_pin_ttl_s"] = float(hints.pin_ttl_s)
+            if hints.next_tool is not None:
+                xargs["treadle_next_tool"] = hints.next_tool
+            if hints.program_id is not None or hints.is_last_step:
+                xargs["treadle_is_last_step"] = int(hints.is_last_step)
+            if xargs:
+                body["vllm_xargs"] = xargs
+        body.update(self._salt(hints))
+        return body, headers
+
+
+class SGLangDialect(_SaltMixin, Dialect):
+    """SGLang's OpenAI server (python/sglang/srt/entrypoints/openai/protocol.py).
+
+    SGLang honours `priority` only with `--enable-priority-scheduling`, and then runs HIGHER
+    values first unless `--schedule-low-priority-values-first` is set
+    (python/sglang/srt/server_args.py); treadle's lower-first value is negated to match.
+    Prompt cached tokens appear in `usage` only with `--enable-cache-report`.
+    """
+
+    name = "sglang"
+    metric_names = SGLANG_METRICS
+    health_path = "/health"
+
+    @validate_call
+    def __init__(
+        self,
+        *,
+        priority_scheduling: bool = False,
+        low_priority_values_first: bool = False,
+        cache_salt_secret: str | None = None,
+    ) -> None:
+        self.priority_scheduling = priority_scheduling
+        self.low_priority_values_first = low_priority_values_first
+        self.cache_salt_secret = cache_salt_secret
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            streaming=True,
+            tool_calls=True,
+            prefix_cache=True,
+            priority=self.priority_scheduling,
+            metrics=True,
+        )
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        body: dict[str, Any] = {}
+        if hints.request_id is not None:
+            # ChatCompletionRequest.rid -> GenerateReqInput.rid (serving_chat.py).
+            body["rid"] = hints.request_id
+        if self.priority_scheduling:
+            body["priority"] = hints.priority if self.low_priority_values_first else -hints.priority
+        body.update(self._salt(hints))
+        return body, {}
+
+
+class ContinuumDialect(_SaltMixin, Dialect):
+    """The Continuum fork of vLLM (Hanchenli/vllm-continuum; fields as in the public copy
+    Whrlicht/vllm-continuum, vllm/entrypoints/openai/protocol.py, ChatCompletionRequest).
+
+    `job_id: str` groups a program's calls; `is_last_step: bool` marks the program's last LLM
+    call (no pin after it); `this_func_call: str` names the tool this call's answer invokes,
+    from which the engine's `set_up_pin` (vllm/v1/core/estimate_with_func.py) decides a TTL
+    pin (fixed 2 s when that tool's running-mean duration is at most 2 s). All three are copied
+    into `SamplingParams.extra_args`. `last_func_call` is filled in by the server itself.
+    The server runs with `--scheduling-policy continuum`, under which vLLM rejects non-zero
+    `priority`, so no priority is sent.
+    """
+
+    name = "continuum"
+    metric_names = VLLM_METRICS
+    health_path = "/health"
+
+    @validate_call
+    def __init__(self, *, cache_salt_secret: str | None = None) -> None:
+        self.cache_salt_secret = cache_salt_secret
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            streaming=True, tool_calls=True, prefix_cache=True, program_id=True, metrics=True
+        )
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        body: dict[str, Any] = {}
+        headers: dict[str, str] = {}
+        if hints.request_id is not None:
+            headers["X-Request-Id"] = hints.request_id
+        if hints.program_id is not None:
+            body["job_id"] = hints.program_id
+            body["is_last_step"] = hints.is_last_step
+            if hints.next_tool is not None and not hints.is_last_step:
+                body["this_func_call"] = hints.next_tool
+        body.update(self._salt(hints))
+        return body, headers
+
+
+#: what treadle's simulator can do, over HTTP (`SimDialect`) or in-process (`SimBackend`)
+SIM_CAPABILITIES = Capabilities(
+    streaming=True,
+    tool_calls=True,
+    prefix_cache=True,
+    priority=True,
+    pin_ttl=True,
+    program_id=True,
+    metrics=True,
+)
+
+
+class SimDialect(Dialect):
+    """treadle's own simulator server (`treadle sim serve`): every hint, top level, with
+    treadle's conventions (`priority` lower first, `pin_ttl_s` in seconds)."""
+
+    name = "sim"
+    metric_names = VLLM_METRICS
+    health_path = "/health"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return SIM_CAPABILITIES
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        body: dict[str, Any] = {"priority": hints.priority, "is_last_step": hints.is_last_step}
+        if hints.program_id is not None:
+            body["program_id"] = hints.program_id
+        if hints.pin_ttl_s is not None:
+            body["pin_ttl_s"] = hints.pin_ttl_s
+        headers = {"X-Request-Id": hints.request_id} if hints.request_id is not None else {}
+        return body, headers
+
+
+DIALECTS: dict[str, type[Dialect]] = {
+    d.name: d for d in (VLLMDialect, SGLangDialect, ContinuumDialect, SimDialect, OpenAIDialect)
+}
+
+
+def make_dialect(name: str, **options: Any) -> Dialect:
+    """The dialect called `name`, configured with `options`. `ValueError` names an unknown
+    dialect or option; a `pydantic.ValidationError` (also a `ValueError`) a mistyped one."""
+    cls = DIALECTS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown dialect {name!r}; expected one of {', '.join(DIALECTS)}")
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [
+        p for p in params if p != "self" and params[p].kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"dialect {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"options: {', '.join(accepted) or '(none)'}"
+        )
+    return cls(**options)

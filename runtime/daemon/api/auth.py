@@ -1,0 +1,45 @@
+"""Who is calling: the `tenant` dependency of every `/v1` route.
+
+The API key comes as `Authorization: Bearer <key>` or `X-API-Key: <key>`. A missing,
+malformed, unknown or revoked key — or a revoked tenant — gets the same 401, so the
+answer tells an attacker nothing about which part was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from treadle.runtime.daemon.api.errors import ApiError
+from treadle.runtime.daemon.services import Services
+from treadle.runtime.daemon.tenants import Tenant
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `treadle tenants create`.")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key.")
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="treadle"'}
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+async def tenant(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_header)],
+) -> Tenant:
+    token = bearer.credentials if bearer is not None else api_key
+    if not token:
+        raise ApiError(401, "an API key is required (Authorization: Bearer <key>)",
+                       headers=_CHALLENGE)  # fmt: skip
+    found = await services(request).tenants.authenticate(token.strip())
+    if found is None:
+        raise ApiError(401, "the API key is not valid", headers=_CHALLENGE)
+    return found
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+TenantDep = Annotated[Tenant, Depends(tenant)]

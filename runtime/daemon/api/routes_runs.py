@@ -1,0 +1,172 @@
+"""`/v1/runs`: submit runs, read and list them, cancel them, stream their events; and
+`/v1/tenant`: the caller's own quotas and usage."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from treadle.runtime.daemon.api.auth import ServicesDep, TenantDep
+from treadle.runtime.daemon.api.errors import ApiError
+from treadle.runtime.daemon.api.schemas import (
+    ErrorBody,
+    RunIn,
+    RunList,
+    RunOut,
+    RunStatusName,
+    TenantOut,
+)
+from treadle.runtime.daemon.api.sse import event_stream
+from treadle.runtime.daemon.runs import RunView
+
+router = APIRouter(prefix="/v1", tags=["runs"])
+
+# W3C trace context, version 00 (later versions may append fields after the flags)
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_TRACESTATE_MAX = 512
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+    404: {"model": ErrorBody, "description": "No such run or workflow for this tenant."},
+    422: {"model": ErrorBody, "description": "Invalid request."},
+}
+_SUBMIT_ERRORS: dict[int | str, dict[str, object]] = {
+    **_ERRORS,
+    413: {"model": ErrorBody, "description": "The request body is too large."},
+    429: {"model": ErrorBody, "description": "A quota is exhausted; see Retry-After."},
+}
+
+RunId = Annotated[str, Path(max_length=128, description="A run id from POST /v1/runs.")]
+
+
+def trace_meta(traceparent: str | None, tracestate: str | None) -> dict[str, str]:
+    """The request's W3C trace context for `RunRecord.meta`. An invalid `traceparent` is
+    ignored, as the W3C recommendation requires of a receiver."""
+    if not traceparent:
+        return {}
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    if match is None:
+        return {}
+    version, trace_id, parent_id, _flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return {}
+    if trace_id == "0" * 32 or parent_id == "0" * 16:
+        return {}
+    meta = {"traceparent": match.group(0)}
+    if tracestate and len(tracestate) <= _TRACESTATE_MAX:
+        meta["tracestate"] = tracestate.strip()
+    return meta
+
+
+@router.post("/runs", status_code=201, response_model=RunOut, responses=_SUBMIT_ERRORS)
+async def submit_run(
+    body: RunIn,
+    tenant: TenantDep,
+    services: ServicesDep,
+    response: Response,
+    traceparent: Annotated[str | None, Header(max_length=512)] = None,
+    tracestate: Annotated[str | None, Header(max_length=_TRACESTATE_MAX)] = None,
+) -> RunOut:
+    """Start a run of a registered workflow. It is queued (`pending`) and a worker runs
+    it; follow it with GET /v1/runs/{run_id} or its event stream."""
+    record = await services.runs.submit(
+        tenant, body.workflow, body.inputs, trace_meta(traceparent, tracestate)
+    )
+    response.headers["Location"] = f"/v1/runs/{record.run_id}"
+    return RunOut.of(RunView(record))
+
+
+@router.get("/runs", response_model=RunList, responses=_ERRORS)
+async def list_runs(
+    tenant: TenantDep,
+    services: ServicesDep,
+    status: RunStatusName | None = None,
+    workflow: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=400)] = None,
+) -> RunList:
+    """The tenant's runs, newest first, optionally filtered; pages go on with `cursor`."""
+    page = await services.runs.list_runs(
+        tenant, status=status, workflow=workflow, limit=limit, cursor=cursor
+    )
+    return RunList(runs=[RunOut.of(v, full=False) for v in page.runs], next_cursor=page.next_cursor)
+
+
+@router.get("/runs/{run_id}", response_model=RunOut, responses=_ERRORS)
+async def get_run(run_id: RunId, tenant: TenantDep, services: ServicesDep) -> RunOut:
+    return RunOut.of(await services.runs.get(tenant, run_id))
+
+
+@router.post(
+    "/runs/{run_id}/cancel",
+    status_code=202,
+    response_model=RunOut,
+    responses={**_ERRORS, 409: {"model": ErrorBody, "description": "The run has finished."}},
+)
+async def cancel_run(run_id: RunId, tenant: TenantDep, services: ServicesDep) -> RunOut:
+    """Ask for the run to be cancelled; the worker running it stops it (a queued run is
+    marked cancelled when a worker takes it)."""
+    return RunOut.of(await services.runs.cancel(tenant, run_id))
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **_ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."},
+        503: {"model": ErrorBody, "description": "Too many event streams at once."},
+    },
+)
+async def run_events(
+    request: Request,
+    run_id: RunId,
+    tenant: TenantDep,
+    services: ServicesDep,
+    after: Annotated[int, Query(ge=0, description="Send events with seq > after.")] = 0,
+    follow: Annotated[bool, Query(description="Keep streaming until the run ends.")] = True,
+    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+) -> StreamingResponse:
+    """The run's events as Server-Sent Events (`id:` = seq). Resume with the
+    `Last-Event-ID` header (EventSource sends it) or `?after=SEQ`."""
+    if last_event_id is not None and last_event_id.strip():
+        if not last_event_id.strip().isdigit():
+            raise ApiError(422, "Last-Event-ID must be an event seq (a non-negative integer)")
+        after = max(after, int(last_event_id.strip()))
+    await services.runs.get(tenant, run_id)  # 404 before the stream starts
+    state = request.app.state
+    if state.open_streams >= services.config.max_event_streams:
+        raise ApiError(503, "too many event streams are open; retry shortly",
+                       headers={"Retry-After": "5"})  # fmt: skip
+    state.open_streams += 1
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in event_stream(
+                services.store, services.stream_redis, run_id, after=after, follow=follow
+            ):
+                yield chunk
+        finally:
+            state.open_streams -= 1
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/tenant", response_model=TenantOut, tags=["tenant"], responses={401: _ERRORS[401]})
+async def get_tenant(tenant: TenantDep, services: ServicesDep) -> TenantOut:
+    """The caller's quotas and current usage."""
+    return TenantOut(
+        tenant=tenant.id,
+        max_concurrent_runs=tenant.max_concurrent_runs,
+        tokens_per_minute=tenant.tokens_per_minute,
+        active_runs=await services.quotas.active_runs(tenant.id),
+        tokens_this_minute=await services.quotas.tokens_this_minute(tenant.id),
+    )

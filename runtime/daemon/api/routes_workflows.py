@@ -1,0 +1,58 @@
+"""`/v1/workflows`: register, list and read a tenant's workflow definitions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Response
+
+from treadle.runtime.daemon.api.auth import ServicesDep, TenantDep
+from treadle.runtime.daemon.api.errors import ApiError
+from treadle.runtime.daemon.api.schemas import (
+    ErrorBody,
+    WorkflowDetail,
+    WorkflowIn,
+    WorkflowList,
+    WorkflowOut,
+)
+from treadle.runtime.daemon.registry import NAME
+
+router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+    404: {"model": ErrorBody, "description": "No such workflow for this tenant."},
+    413: {"model": ErrorBody, "description": "The request body is too large."},
+    422: {"model": ErrorBody, "description": "Invalid request or workflow definition."},
+}
+
+
+@router.post("", status_code=201, response_model=WorkflowOut, responses=_ERRORS)
+async def register_workflow(
+    body: WorkflowIn, tenant: TenantDep, services: ServicesDep, response: Response
+) -> WorkflowOut:
+    """Register (or replace) a workflow definition under the name it declares.
+
+    The definition is checked completely: import paths against the daemon's allow-list,
+    the file format (errors say `file:line:col`), and the graph (types, cycles, bindings).
+    """
+    info = await services.registry.register(tenant.id, body.definition, body.format, body.filename)
+    response.headers["Location"] = f"/v1/workflows/{info.name}"
+    return WorkflowOut.model_validate(info.model_dump())
+
+
+@router.get("", response_model=WorkflowList, responses=_ERRORS)
+async def list_workflows(tenant: TenantDep, services: ServicesDep) -> WorkflowList:
+    infos = await services.registry.list_workflows(tenant.id)
+    return WorkflowList(workflows=[WorkflowOut.model_validate(i.model_dump()) for i in infos])
+
+
+@router.get("/{name}", response_model=WorkflowDetail, responses=_ERRORS)
+async def get_workflow(
+    tenant: TenantDep, services: ServicesDep, name: str = Path(max_length=100)
+) -> WorkflowDetail:
+    info = await services.registry.get(tenant.id, name) if NAME.fullmatch(name) else None
+    if info is None:
+        raise ApiError(404, f"workflow {name!r} not found")
+    found = await services.registry.definition(info.digest)
+    if found is None:  # the definition is written before the name points at it
+        raise ApiError(404, f"workflow {name!r} not found")
+    return WorkflowDetail(**info.model_dump(), definition=found[1])

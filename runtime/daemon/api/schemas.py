@@ -1,0 +1,107 @@
+"""Request and response bodies of the HTTP API (they make its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from treadle.runtime.daemon.registry import WorkflowInfo
+from treadle.runtime.daemon.runs import RunView
+
+RunStatusName = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="A stable, machine-readable error code.")
+    message: str = Field(description="What is wrong, for a person.")
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class WorkflowIn(_Strict):
+    definition: str = Field(
+        min_length=1, description="The workflow file's text (YAML or JSON).", max_length=1 << 20
+    )
+    format: Literal["yaml", "json"] = "yaml"
+    filename: str | None = Field(
+        None,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="Used in error messages (file:line:col) instead of <definition>.",
+    )
+
+
+class WorkflowOut(WorkflowInfo):
+    """A registered workflow: its current definition's digest and version."""
+
+
+class WorkflowDetail(WorkflowOut):
+    definition: str
+
+
+class WorkflowList(BaseModel):
+    workflows: list[WorkflowOut]
+
+
+class RunIn(_Strict):
+    workflow: str = Field(min_length=1, max_length=100, description="A registered name.")
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunOut(BaseModel):
+    run_id: str
+    workflow: str
+    status: RunStatusName
+    created_at: float
+    updated_at: float
+    inputs: dict[str, Any]
+    output: Any = None
+    error: str | None = None
+    workflow_version: int | None = None
+    cancel_requested: bool = False
+    trace_id: str | None = Field(None, description="From the traceparent given on submit.")
+
+    @classmethod
+    def of(cls, view: RunView, *, full: bool = True) -> RunOut:
+        r = view.record
+        version = r.meta.get("workflow_version")
+        parent = r.meta.get("traceparent")
+        return cls(
+            run_id=r.run_id,
+            workflow=r.graph,
+            status=cast(RunStatusName, view.status),
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            inputs=r.inputs,
+            output=r.output if full else None,
+            error=r.error,
+            workflow_version=int(version) if version and version.isdigit() else None,
+            cancel_requested=view.cancel_requested,
+            trace_id=parent.split("-")[1] if parent else None,
+        )
+
+
+class RunList(BaseModel):
+    runs: list[RunOut]
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page.")
+
+
+class TenantOut(BaseModel):
+    tenant: str
+    max_concurrent_runs: int
+    tokens_per_minute: int | None
+    active_runs: int
+    tokens_this_minute: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    redis: str

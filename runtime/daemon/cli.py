@@ -1,0 +1,455 @@
+"""The daemon's commands: `serve`, `worker`, `submit`, `status`, `logs` and `tenants`.
+
+`register(app)` adds them to the `treadle` CLI. Run as a module (`python -m
+treadle.runtime.daemon.cli worker ...`) the same commands work without the rest of the CLI, which
+is how tests and the service benchmark start worker and server processes.
+
+Server-side commands take the Redis URL (`--redis`, or `TREADLE_REDIS_URL`); client
+commands take the daemon's URL and an API key (`--url`/`--key`, or `TREADLE_URL` and
+`TREADLE_API_KEY`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+RedisOpt = Annotated[str, typer.Option("--redis", envvar="TREADLE_REDIS_URL", help="Redis URL.")]
+PrefixOpt = Annotated[str, typer.Option(help="First part of every Redis key.")]
+UrlOpt = Annotated[str, typer.Option("--url", envvar="TREADLE_URL", help="The daemon's URL.")]
+KeyOpt = Annotated[
+    str,
+    typer.Option("--key", envvar="TREADLE_API_KEY", help="An API key.", show_default=False),
+]
+LeaseOpt = Annotated[
+    int, typer.Option(help="Run lease time (ms): a dead worker's runs move after about this.")
+]
+ConcurrencyOpt = Annotated[int, typer.Option(help="Runs one worker executes at once.")]
+ModelsOpt = Annotated[
+    Path | None,
+    typer.Option(help="YAML/JSON file: model alias -> backend config, offered to every workflow."),
+]
+LogOpt = Annotated[str, typer.Option(help="Log level (debug, info, warning, error).")]
+RetainOpt = Annotated[
+    float,
+    typer.Option(
+        help="Days a finished run (record, outputs, events) is kept before Redis expires it; "
+        "0 keeps runs forever."
+    ),
+]
+AllowImportsOpt = Annotated[
+    str,
+    typer.Option(
+        help="Comma list of module prefixes workflows may import (pkg.mod:attr) from; "
+        "built-in tools are always allowed. Workers check it again before running a run."
+    ),
+]
+AllowBackendsOpt = Annotated[
+    str, typer.Option(help="Comma list of backends workflows may declare in models:.")
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _models(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise _fail(f"--models {path}: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise _fail(f"--models {path}: expected a mapping of alias -> backend config")
+    return {str(k): v for k, v in data.items()}
+
+
+def _retain_s(days: float) -> float:
+    if not days >= 0:  # (also refuses NaN)
+        raise _fail(f"--retain-days {days}: must be >= 0 (0 keeps finished runs forever)")
+    return days * 24 * 3600
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _config(**kwargs: Any) -> Any:
+    from treadle.runtime.daemon.config import DaemonConfig
+
+    try:
+        return DaemonConfig(**kwargs)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+# -- server side -----------------------------------------------------------------------
+
+
+def serve(
+    redis: RedisOpt = DEFAULT_REDIS,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="API only; runs execute in `treadle worker`s.")
+    ] = False,
+    workers_per_process: Annotated[
+        int, typer.Option(help="Worker loops inside this process (unless --no-worker).")
+    ] = 1,
+    concurrency: ConcurrencyOpt = 64,
+    allow_imports: AllowImportsOpt = "",
+    allow_backends: AllowBackendsOpt = "scripted,sim",
+    models: ModelsOpt = None,
+    lease_ms: LeaseOpt = 10_000,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 1
+    << 20,
+    max_concurrent_runs: Annotated[
+        int, typer.Option(help="Default concurrent-runs quota of new tenants.")
+    ] = 100,
+    prefix: PrefixOpt = "treadle",
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    retain_days: RetainOpt = 7.0,
+    metrics_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TREADLE_METRICS_TOKEN",
+            help="Bearer token /metrics requires (Authorization: Bearer <token>).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_public: Annotated[
+        bool,
+        typer.Option(
+            "--metrics-public", help="Serve /metrics without a token (private networks only)."
+        ),
+    ] = False,
+    log_level: LogOpt = "info",
+) -> None:
+    """Serve the HTTP API (and, unless --no-worker, run workers in the same process).
+
+    /metrics needs --metrics-token (or TREADLE_METRICS_TOKEN) or --metrics-public; without
+    either it answers 401. Finished runs expire after --retain-days."""
+    import uvicorn
+
+    from treadle.runtime.daemon.api.app import create_app
+
+    _logging(log_level)
+    config = _config(
+        redis_url=redis,
+        prefix=prefix,
+        allow_imports=_csv(allow_imports),
+        allow_backends=_csv(allow_backends),
+        models=_models(models),
+        max_body_bytes=max_body_bytes,
+        lease_ms=lease_ms,
+        worker_concurrency=concurrency,
+        default_max_concurrent_runs=max_concurrent_runs,
+        retain_s=_retain_s(retain_days),
+        metrics_token=metrics_token,
+        metrics_public=metrics_public,
+    )
+    app = create_app(config, workers=0 if no_worker else max(1, workers_per_process))
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=access_log,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def worker(
+    redis: RedisOpt = DEFAULT_REDIS,
+    count: Annotated[int, typer.Option(help="Worker loops in this process.")] = 1,
+    concurrency: ConcurrencyOpt = 64,
+    models: ModelsOpt = None,
+    lease_ms: LeaseOpt = 10_000,
+    drain_s: Annotated[
+        float, typer.Option(help="On SIGTERM, time runs get to finish before handing over.")
+    ] = 10.0,
+    prefix: PrefixOpt = "treadle",
+    allow_imports: AllowImportsOpt = "",
+    allow_backends: AllowBackendsOpt = "scripted,sim",
+    retain_days: RetainOpt = 7.0,
+    log_level: LogOpt = "info",
+) -> None:
+    """Execute runs from the daemon's work queue (start as many as you like, anywhere).
+
+    Give it the same --allow-imports/--allow-backends as `treadle serve`: the worker checks
+    every definition against them again before importing anything, and fails runs whose
+    definition they refuse."""
+    from treadle.runtime.daemon.workers import run_worker_process
+
+    _logging(log_level)
+    config = _config(
+        redis_url=redis,
+        prefix=prefix,
+        models=_models(models),
+        lease_ms=lease_ms,
+        worker_concurrency=concurrency,
+        drain_s=drain_s,
+        allow_imports=_csv(allow_imports),
+        allow_backends=_csv(allow_backends),
+        retain_s=_retain_s(retain_days),
+    )
+    anyio.run(run_worker_process, config, max(1, count), backend_options=_loop_options())
+
+
+def _loop_options() -> dict[str, Any]:
+    """uvloop when it is installed (a faster event loop; uvicorn picks it up by itself too),
+    else asyncio's own. treadle does not depend on it."""
+    import importlib.util
+
+    return {"use_uvloop": True} if importlib.util.find_spec("uvloop") is not None else {}
+
+
+# -- tenants ---------------------------------------------------------------------------
+
+tenants_app = typer.Typer(help="Tenants and their API keys (run against the daemon's Redis).")
+
+
+async def _with_tenants(redis: str, prefix: str, fn: Any) -> Any:
+    from treadle.runtime.daemon.keys import DaemonKeys
+    from treadle.runtime.daemon.tenants import TenantStore
+    from treadle.runtime.stores.redis import connect
+
+    client = connect(redis)
+    try:
+        return await fn(TenantStore(client, DaemonKeys(prefix)))
+    finally:
+        await client.aclose()
+
+
+def _run_tenants(redis: str, prefix: str, fn: Any) -> Any:
+    from redis.exceptions import RedisError
+
+    from treadle.runtime.daemon.tenants import TenantError
+
+    try:
+        return anyio.run(_with_tenants, redis, prefix, fn)
+    except TenantError as exc:
+        raise _fail(str(exc)) from None
+    except (RedisError, OSError) as exc:
+        raise _fail(f"Redis at {redis}: {exc}") from None
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="Tenant id: lowercase letters, digits, _ and -.")],
+    max_concurrent_runs: Annotated[int, typer.Option(help="Runs in progress at once.")] = 100,
+    tokens_per_minute: Annotated[
+        int | None, typer.Option(help="LLM tokens per minute (default: unlimited).")
+    ] = None,
+    add_key: Annotated[
+        bool, typer.Option("--add-key", help="The tenant exists: issue another key.")
+    ] = False,
+    redis: RedisOpt = DEFAULT_REDIS,
+    prefix: PrefixOpt = "treadle",
+) -> None:
+    """Create a tenant and print its API key (shown once: store it now)."""
+
+    async def go(store: Any) -> Any:
+        if not add_key:
+            await store.create(
+                name, max_concurrent_runs=max_concurrent_runs, tokens_per_minute=tokens_per_minute
+            )
+        return await store.issue_key(name)
+
+    issued = _run_tenants(redis, prefix, go)
+    err_console.print(f"tenant [bold]{name}[/], key id {issued.key.key_id}; the key:")
+    print(issued.token)
+
+
+@tenants_app.command("list")
+def tenants_list(redis: RedisOpt = DEFAULT_REDIS, prefix: PrefixOpt = "treadle") -> None:
+    """List tenants, their quotas and key ids."""
+    from rich.table import Table
+
+    rows = _run_tenants(redis, prefix, lambda store: store.list_tenants())
+    table = Table("tenant", "status", "max runs", "tokens/min", "keys (id: status)")
+    for tenant, keys in rows:
+        key_text = ", ".join(f"{k.key_id}: {'revoked' if k.revoked else 'active'}" for k in keys)
+        table.add_row(
+            tenant.id,
+            "revoked" if tenant.revoked else "active",
+            str(tenant.max_concurrent_runs),
+            str(tenant.tokens_per_minute or "unlimited"),
+            key_text or "-",
+        )
+    console.print(table)
+
+
+@tenants_app.command("revoke")
+def tenants_revoke(
+    name: Annotated[str, typer.Argument(help="The tenant (with --key: the key's tenant).")],
+    key: Annotated[
+        str | None, typer.Option("--key", help="Revoke only this key id, not the tenant.")
+    ] = None,
+    redis: RedisOpt = DEFAULT_REDIS,
+    prefix: PrefixOpt = "treadle",
+) -> None:
+    """Revoke a tenant (all its keys stop working at once) or one of its keys."""
+    from treadle.runtime.daemon.tenants import TenantError
+
+    async def go(store: Any) -> str:
+        if key is None:
+            count = await store.revoke_tenant(name)
+            return f"tenant {name} revoked ({count} keys)"
+        found = await store.revoke_key(key)
+        if found.tenant != name:
+            raise TenantError(f"key {key} does not belong to tenant {name!r}")
+        return f"key {key} of tenant {name} revoked"
+
+    console.print(_run_tenants(redis, prefix, go))
+
+
+# -- client side -----------------------------------------------------------------------
+
+
+def _client(url: str, key: str) -> Any:
+    from treadle.runtime.daemon.client import DaemonClient
+
+    try:
+        return DaemonClient(url, key)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _call(fn: Any) -> Any:
+    import httpx
+
+    from treadle.runtime.daemon.client import ClientError
+
+    try:
+        return fn()
+    except ClientError as exc:
+        raise _fail(f"{exc.status} {exc.code}: {exc.message}") from None
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the daemon: {exc}") from None
+
+
+def _inputs(raw: str | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--input is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _fail("--input must be a JSON object of input names to values")
+    return value
+
+
+def submit(
+    workflow: Annotated[
+        str, typer.Argument(help="A workflow file (registered first) or a registered name.")
+    ],
+    input: Annotated[
+        str | None, typer.Option("--input", "-i", help="Inputs as JSON, or @file.json.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the run to finish; print it.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = "",
+) -> None:
+    """Submit a run (registering the file's definition first when given a file)."""
+    inputs = _inputs(input)
+    path = Path(workflow)
+    with _client(url, key) as client:
+        name = workflow
+        if path.is_file():
+            fmt = "json" if path.suffix.lower() == ".json" else "yaml"
+            info = _call(lambda: client.register(path.read_text(), fmt, path.name))
+            name = info["name"]
+            err_console.print(f"registered {name} (version {info['version']})")
+        run = _call(lambda: client.submit(name, inputs))
+        if not wait:
+            print(run["run_id"])
+            return
+        err_console.print(f"run {run['run_id']} submitted; waiting")
+        final = _call(lambda: client.wait(run["run_id"]))
+        print(json.dumps(final, indent=2))
+        if final["status"] != "succeeded":
+            raise typer.Exit(1)
+
+
+def status(
+    run_id: Annotated[str, typer.Argument(help="The run id.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = "",
+) -> None:
+    """Print a run's status, output or error (JSON)."""
+    with _client(url, key) as client:
+        print(json.dumps(_call(lambda: client.get_run(run_id)), indent=2))
+
+
+def logs(
+    run_id: Annotated[str, typer.Argument(help="The run id.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")
+    ] = False,
+    after: Annotated[int, typer.Option(help="Only events after this seq.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON event per line.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = "",
+) -> None:
+    """Print a run's events (Server-Sent Events; with --follow, as they happen)."""
+    with _client(url, key) as client:
+
+        def show() -> None:
+            for event in client.events(run_id, after=after, follow=follow):
+                print(json.dumps(event) if as_json else _event_line(event), flush=True)
+
+        _call(show)
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    skip = {"seq", "run_id", "ts", "kind"}
+    rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip and v is not None)
+    return f"{event.get('seq', '?'):>5} {event.get('kind', '?'):<20} {rest}"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the daemon's commands to `app` (the `treadle` CLI)."""
+    app.command("serve")(serve)
+    app.command("worker")(worker)
+    app.command("submit")(submit)
+    app.command("status")(status)
+    app.command("logs")(logs)
+    app.add_typer(tenants_app, name="tenants")
+
+
+def main() -> None:
+    standalone = typer.Typer(
+        name="treadle-daemon", no_args_is_help=True, add_completion=False,
+        pretty_exceptions_enable=False,
+    )  # fmt: skip
+    register(standalone)
+    standalone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Runs as a tenant sees them: submit, read, list, cancel — each scoped to its tenant.
+
+A run id that belongs to another tenant is answered exactly like one that does not exist
+(`NotFound`, the same message), so ids of other tenants cannot even be confirmed.
+
+Submitting validates the inputs against the registered workflow, checks the tenant's
+quotas, and writes the run record (`pending`) and its queue entry in one transaction.
+Workers leave a fresh run's record `pending` until it ends; `RunView.status` reports it
+`running` once its journal has events. Cancelling sets the run's cancel flag
+(`request_cancel`): the worker running the run stops it, and a worker that claims a
+flagged run that has not started marks it cancelled instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+
+from treadle.runtime.core.runtime import InvalidInputs, validate_inputs
+from treadle.runtime.daemon.quotas import Quotas
+from treadle.runtime.daemon.registry import WorkflowRegistry, source_of
+from treadle.runtime.daemon.tenants import Tenant
+from treadle.runtime.daemon.worker import request_cancel
+from treadle.runtime.stores import codec
+from treadle.runtime.stores.base import TERMINAL, RunRecord
+from treadle.runtime.stores.redis import RedisStore
+
+RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+#: index entries looked at by one list request at most (then a cursor to go on)
+_SCAN_BUDGET = 2000
+_CHUNK = 200
+
+
+class NotFound(LookupError):
+    """No such run or workflow for this tenant."""
+
+
+class Conflict(ValueError):
+    """The request does not fit the run's state (e.g. cancelling a finished run)."""
+
+
+class InvalidRequest(ValueError):
+    """A request that is well formed but not acceptable (bad inputs, bad cursor)."""
+
+
+@dataclass(frozen=True)
+class RunView:
+    record: RunRecord
+    cancel_requested: bool = False
+    #: the journal has events (`last_seq` > 0)
+    started: bool = False
+
+    @property
+    def status(self) -> str:
+        """The status to report: workers leave a fresh run's record `pending` until it ends
+        (saving two round trips per run), so a pending run with a journal is running."""
+        if self.record.status == "pending" and self.started:
+            return "running"
+        return self.record.status
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunView]
+    next_cursor: str | None
+
+
+class RunService:
+    def __init__(
+        self,
+        redis: Redis,
+        store: RedisStore,
+        registry: WorkflowRegistry,
+        quotas: Quotas,
+    ) -> None:
+        self.redis = redis
+        self.registry = registry
+        self.quotas = quotas
+        self.keys = store.keys
+
+    async def submit(
+        self,
+        tenant: Tenant,
+        workflow: str,
+        inputs: Mapping[str, Any],
+        meta: Mapping[str, str] | None = None,
+    ) -> RunRecord:
+        info = await self.registry.get(tenant.id, workflow)
+        if info is None:
+            raise NotFound(f"workflow {workflow!r} not found")
+        cg = await self.registry.compiled(info.digest)
+        bad = _non_finite(inputs)
+        if bad is not None:
+            # Python's JSON parser takes NaN/Infinity; JSON has no such numbers, and the run's
+            # record (and every API answer about it) must be JSON
+            raise InvalidRequest(f"inputs.{bad}: NaN and Infinity are not JSON numbers")
+        try:
+            validated = validate_inputs(cg, inputs)
+        except InvalidInputs as exc:
+            raise InvalidRequest(str(exc)) from None
+        await self.quotas.check_tokens(tenant)
+        run_id = uuid.uuid4().hex
+        await self.quotas.admit_run(tenant, run_id)
+        record = RunRecord(
+            run_id=run_id,
+            graph=cg.name,
+            status="pending",
+            tenant=tenant.id,
+            inputs=validated.model_dump(mode="json"),
+            source=source_of(info.digest),
+            meta={**(meta or {}), "workflow_version": str(info.version)},
+        )
+        try:
+            await self._create_and_enqueue(record)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                # best effort: the caller sees the error; the slot is not held for nothing
+                with contextlib.suppress(Exception):
+                    await self.quotas.release_run(tenant.id, run_id)
+            raise
+        return record
+
+    async def _create_and_enqueue(self, record: RunRecord) -> None:
+        """The run's record and index entries, laid out as `RedisStore.create_run` writes
+        them, and its queue entry, as `WorkQueue.enqueue` writes it, in ONE MULTI/EXEC.
+
+        Atomic: a crash between separate round trips could leave a run that no worker will
+        ever take; and one round trip instead of four (submitting is the API's hot path).
+        tests/daemon/test_api.py checks that the store and the queue read what this writes.
+        (On Redis Cluster the keys of one transaction must share a slot; this would then be
+        split, like `create_run`'s own pipeline.)
+        """
+        assert record.tenant is not None
+        keys = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.meta(record.run_id), "data", codec.encode_record(record))
+            pipe.zadd(keys.runs(), {record.run_id: record.created_at})
+            pipe.zadd(keys.tenant_runs(record.tenant), {record.run_id: record.created_at})
+            pipe.xadd(keys.queue(), {"run": record.run_id, "payload": codec.dumps({})})
+            await pipe.execute()
+
+    async def get(self, tenant: Tenant, run_id: str) -> RunView:
+        if not RUN_ID.fullmatch(run_id):
+            raise NotFound(f"run {run_id!r} not found")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
+            pipe.exists(self.keys.cancel(run_id))
+            (raw, last_seq), flagged = await pipe.execute()
+        record = codec.decode_record(raw) if raw is not None else None
+        if record is None or record.tenant != tenant.id:
+            raise NotFound(f"run {run_id!r} not found")
+        return RunView(record, bool(flagged), started=int(last_seq or 0) > 0)
+
+    async def cancel(self, tenant: Tenant, run_id: str) -> RunView:
+        view = await self.get(tenant, run_id)
+        if view.record.status in TERMINAL:
+            raise Conflict(f"run {run_id!r} has finished already ({view.record.status})")
+        await request_cancel(self.redis, self.keys, run_id)
+        return RunView(view.record, True, view.started)
+
+    async def list_runs(
+        self,
+        tenant: Tenant,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Newest first. The cursor is the position of the last run of the previous page,
+        so runs submitted meanwhile do not shift the pages."""
+        index = self.keys.tenant_runs(tenant.id)
+        position = _decode_cursor(cursor) if cursor else None
+        out: list[RunView] = []
+        scanned = 0
+        while scanned < _SCAN_BUDGET:
+            entries = await self._entries_after(index, position, _CHUNK)
+            if not entries:
+                return RunPage(out, None)
+            scanned += len(entries)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for run_id, _score in entries:
+                    pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
+                metas = await pipe.execute()
+            gone = [run_id for (run_id, _s), (raw, _l) in zip(entries, metas, strict=True)
+                    if raw is None]  # fmt: skip
+            if gone:
+                # expired runs (retention): drop them from the indexes as they are met
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrem(index, *gone)
+                    pipe.zrem(self.keys.runs(), *gone)
+                    await pipe.execute()
+            for (run_id, score), (raw, last_seq) in zip(entries, metas, strict=True):
+                position = (score, run_id)
+                if raw is None:
+                    continue
+                view = RunView(codec.decode_record(raw), started=int(last_seq or 0) > 0)
+                if view.record.tenant != tenant.id:
+                    continue
+                if status is not None and view.status != status:
+                    continue
+                if workflow is not None and view.record.graph != workflow:
+                    continue
+                out.append(view)
+                if len(out) == limit:
+                    return RunPage(out, _encode_cursor(position))
+        # the scan budget is spent: the client goes on from here
+        return RunPage(out, _encode_cursor(position) if position else None)
+
+    async def _entries_after(
+        self, index: str, position: tuple[float, str] | None, count: int
+    ) -> list[tuple[str, float]]:
+        """Up to `count` index entries after `position`, newest first. Entries with the
+        same score come in reverse id order (ZREVRANGEBYSCORE), so ties are skipped by id."""
+        if position is None:
+            first: Any = await self.redis.zrevrange(index, 0, count - 1, withscores=True)
+            return [(_text(m), float(s)) for m, s in first]
+        score, last_id = position
+        want = count
+        while True:
+            raw: Any = await self.redis.zrevrangebyscore(
+                index, max=score, min="-inf", start=0, num=want, withscores=True
+            )
+            entries = [(_text(m), float(s)) for m, s in raw]
+            fresh = [(m, s) for m, s in entries if not (s == score and m >= last_id)]
+            if fresh or len(entries) < want:
+                return fresh[:count]
+            want *= 2  # a page of ties only: look further
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite number in `value`, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(value)"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _non_finite(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _non_finite(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode_cursor(position: tuple[float, str]) -> str:
+    score, run_id = position
+    return base64.urlsafe_b64encode(f"{score!r}|{run_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, run_id = text.split("|", 1)
+        value = float(score)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest(f"cursor {cursor!r} is not one this API returned") from None
+    if not RUN_ID.fullmatch(run_id) or value != value:
+        raise InvalidRequest(f"cursor {cursor!r} is not one this API returned")
+    return value, run_id

@@ -1,0 +1,122 @@
+"""Workers as the daemon runs them: a `Worker` wired to the registry (programs), the import
+allow-list (checked again on every loaded program: `check_program`), the quotas (settling a
+run frees its tenant's slot; LLM tokens are counted), the retention of finished runs and,
+when configured, metrics and tracing. `run_worker_process` is the body of `treadle worker`.
+
+The allow-list is checked again here, not only when a definition is registered, because
+a definition stored before the operator narrowed `--allow-imports`, or written to Redis
+directly, must not get its modules imported: the registry checks a stored definition's
+document before loading it, and `check_program` checks the loaded graph (and graphs the
+process cached) before it runs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+
+import anyio
+from anyio.abc import TaskStatus
+
+from treadle.graphs.compile import CompiledGraph
+from treadle.runtime.core.context import Listener
+from treadle.runtime.daemon.config import DaemonConfig
+from treadle.runtime.daemon.import_allowlist import DefinitionPolicy, PolicyViolation
+from treadle.runtime.daemon.quotas import UsageLedger
+from treadle.runtime.daemon.registry import RegistryLoader
+from treadle.runtime.daemon.services import Services
+from treadle.runtime.daemon.worker import ProgramCheck, ProgramError, Worker, WorkerOptions
+from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
+from treadle.runtime.stores.base import RunRecord
+
+log = logging.getLogger(__name__)
+
+
+def policy_check(policy: DefinitionPolicy) -> ProgramCheck:
+    """The worker's `check_program`: every function, tool and type of the loaded graph must
+    come from a module `policy` allows, else the run fails with the violation as its error."""
+
+    def check(record: RunRecord, cg: CompiledGraph) -> None:
+        try:
+            policy.check_spec(cg.spec)
+        except PolicyViolation as exc:
+            raise ProgramError(f"refused by the import allow-list: {exc}") from None
+
+    return check
+
+
+def build_worker(
+    services: Services,
+    ledger: UsageLedger,
+    *,
+    listeners: Sequence[Listener] = (),
+    tracer: OtelTracer | None = None,
+    worker_id: str | None = None,
+) -> Worker:
+    config = services.config
+
+    async def settled(record: RunRecord) -> None:
+        if record.tenant is not None:
+            ledger.release_run(record.tenant, record.run_id)
+
+    return Worker(
+        services.queue,
+        services.store,
+        RegistryLoader(services.registry),
+        models=config.models,
+        listeners=[ledger.listener, *listeners],
+        on_settled=settled,
+        tracer=tracer,
+        options=WorkerOptions(
+            concurrency=config.worker_concurrency,
+            drain_s=config.drain_s,
+            worker_id=worker_id,
+            retain_s=config.retain_s,
+        ),
+        check_program=policy_check(services.registry.policy),
+    )
+
+
+async def run_workers(
+    services: Services,
+    count: int,
+    *,
+    listeners: Sequence[Listener] = (),
+    task_status: TaskStatus[list[Worker]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run `count` workers (and their quota ledger) until cancelled or until every worker has
+    been stopped (`Worker.stop`)."""
+    ledger = UsageLedger(services.redis, services.keys)
+    tracer = configure_tracing()  # None unless OTEL_TRACES_EXPORTER asks for spans
+    workers = [
+        build_worker(services, ledger, listeners=listeners, tracer=tracer) for _ in range(count)
+    ]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ledger.run)
+            for worker in workers:
+                await tg.start(worker.run)
+            task_status.started(workers)
+            for worker in workers:
+                await worker.wait_stopped()
+            tg.cancel_scope.cancel()
+    finally:
+        if tracer is not None:
+            tracer.shutdown()
+
+
+async def run_worker_process(config: DaemonConfig, count: int = 1) -> None:
+    """`treadle worker`: run workers until SIGTERM/SIGINT, then drain and hand over."""
+    services = Services.open(config)
+    try:
+        async with anyio.create_task_group() as tg:
+            workers: list[Worker] = await tg.start(run_workers, services, count)
+            # workers stop only when told to; `run_workers` returns once they have drained
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("signal %s: stopping the workers", signal.Signals(signum).name)
+                    for worker in workers:
+                        worker.stop()
+                    break
+    finally:
+        await services.close()

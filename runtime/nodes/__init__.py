@@ -1,0 +1,3 @@
+"""Executors of the node kinds that call out: LLM conversations, tool calls, the streaming
+planner.
+"""

@@ -1,0 +1,3 @@
+"""The LLMCompiler-style planner: the plan's streaming parser, its prompts, and the executor
+that dispatches each task as its line arrives.
+"""

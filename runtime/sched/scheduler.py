@@ -1,0 +1,747 @@
+"""Workflow-atomic scheduling: the order in which the LLM calls of all runs reach backends.
+
+The `Scheduler` is the policy core, pure data structures with no I/O and no clock of its own
+(every method takes `now`), like vLLM's v1 scheduler: the agents benchmark drives it in
+virtual time, and `treadle.runtime.sched.admission.SchedulerAdmission` puts it behind the
+runtime's `CallAdmission` hook for real runs.
+
+It holds calls in its own queues and lets each *lane* (a replica, or a backend) have only
+`limit` calls in flight, a limit adapted from observed congestion (AIMD, see
+`sched_limits.py`) so the batch stays full while the order stays the runtime's. When a lane
+has room, the next call is chosen in this order of precedence:
+
+1. **Run-level admission.** A run (program) is *admitted* before its calls are scheduled.
+   A new run is admitted only while the calls of admitted runs do not already back up
+   (queued calls <= `backlog_factor` x the lanes' limits) and the `can_carry` hook agrees
+   (the benchmark checks the KV working set), and admission goes in arrival order within a
+   tenant. Admitted runs therefore never wait behind runs that arrive later.
+   Among admitted runs, program-level first-come-first-served is refined by
+   least-attained-service (Autellix's PLAS): a program's *level* is
+   `1 + floor(log2(attained / las_quantum_s))` (0 below one quantum), the key is
+   `(level, program arrival)`, so one huge program cannot hold back many short ones; and a
+   call that has waited `starvation_s` goes first regardless, so nothing starves.
+2. **Fair share across tenants** by weight, in virtual time (start-time fair queueing):
+   serving a call advances its tenant's virtual time by `service / weight` (GPU seconds,
+   estimated at dispatch and corrected at completion); the backlogged tenant with the
+   lowest virtual time goes first, and a tenant that was idle rejoins at the current system
+   virtual time (no banked credit).
+3. **Critical path** within a program: the call with the most estimated work remaining
+   after it (`GraphFacts.remaining_cost_s`) goes first.
+
+Every decision is O(log n) in queued calls: a heap of tenants per lane, a heap of programs
+per (lane, tenant), a heap of calls per (lane, program), and a heap of calls by age per
+lane, all with lazy deletion (an entry carries a version; stale ones are dropped when they
+reach the top). With `count_comparisons=True` every key comparison is counted in
+`comparisons`, so a test can check the bound by counting rather than timing.
+
+Priorities passed to backends use treadle's convention (lower runs first): the program's
+level, so the engine's own queue and its preemption choice agree with the runtime's order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from treadle.runtime.sched.limits import AIMDLimit, LimitConfig
+
+QUEUED, DISPATCHED, DONE, CANCELLED, PENDING = (
+    "queued",
+    "dispatched",
+    "done",
+    "cancelled",
+    "pending",
+)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Knobs of the scheduling policy (see the module docstring)."""
+
+    #: attained service (GPU seconds) that ends level 0; each further level doubles it
+    las_quantum_s: float = 2.0
+    las_levels: int = 16
+    #: a call queued this long goes first, whatever its program's level or tenant
+    starvation_s: float = 60.0
+    #: admit new runs while queued calls of admitted runs <= this x the sum of lane limits
+    backlog_factor: float = 1.0
+    #: never more admitted, unfinished runs than this (None: no fixed cap)
+    max_active_programs: int | None = None
+    #: per-lane in-flight limits
+    limits: LimitConfig = field(default_factory=LimitConfig)
+    #: a call waiting this long on a full lane may be taken by an idle lane (homed calls)
+    steal_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.las_quantum_s <= 0:
+            raise ValueError("las_quantum_s must be > 0")
+        if self.las_levels < 1:
+            raise ValueError("las_levels must be >= 1")
+        if self.starvation_s <= 0:
+            raise ValueError("starvation_s must be > 0")
+        if self.backlog_factor < 0:
+            raise ValueError("backlog_factor must be >= 0")
+        if self.max_active_programs is not None and self.max_active_programs < 1:
+            raise ValueError("max_active_programs must be >= 1 or None")
+
+
+class _Counted:
+    """A heap key that counts its comparisons (for the O(log n) test)."""
+
+    __slots__ = ("counter", "key")
+
+    def __init__(self, key: tuple[Any, ...], counter: list[int]):
+        self.key = key
+        self.counter = counter
+
+    def __lt__(self, other: _Counted) -> bool:
+        self.counter[0] += 1
+        return self.key < other.key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Counted) and self.key == other.key
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    """One LLM call as the scheduler sees it. The caller fills the first fields; the
+    scheduler sets `state`, `assigned`, `priority`, `dispatched_at`."""
+
+    call_id: str
+    program_id: str
+    #: estimated GPU seconds of the call (charged to the tenant at dispatch)
+    est_service_s: float = 0.0
+    #: estimated work (seconds) from this call to the end of its program
+    remaining_cost_s: float = 0.0
+    #: the lane it must go to (None: its program's home lane, which it may be stolen from)
+    lane: int | None = None
+    #: the lane it was dispatched to
+    assigned: int | None = None
+    #: anything the caller wants back (a request, a future)
+    payload: Any = None
+    state: str = PENDING
+    priority: int = 0
+    enqueued_at: float = 0.0
+    dispatched_at: float | None = None
+    seq: int = 0
+    stolen: bool = False
+    _pq: _ProgramQueue | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Tenant:
+    name: str
+    weight: float = 1.0
+    #: virtual time: weighted service received (the tenant heap's key)
+    vtime: float = 0.0
+    version: int = 0
+    service_s: float = 0.0
+    dispatched: int = 0
+    lanes_with_work: set[int] = field(default_factory=set)
+    pending: deque[Program] = field(default_factory=deque)
+    admit_token: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Program:
+    program_id: str
+    tenant: Tenant
+    arrival: float
+    seq: int
+    home: int | None = None
+    admitted: bool = False
+    attained_s: float = 0.0
+    level: int = 0
+    pending_calls: list[Call] = field(default_factory=list)
+    queues: dict[int, _ProgramQueue] = field(default_factory=dict)
+    #: caller data, e.g. the expected KV working set
+    info: dict[str, Any] = field(default_factory=dict)
+    #: the lane whose homed-program counts include this program
+    counted_on: int | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _TenantQueue:
+    """A tenant's programs with queued calls on one lane."""
+
+    tenant: Tenant
+    heap: list[tuple[Any, _ProgramQueue, int]] = field(default_factory=list)
+    queued: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _ProgramQueue:
+    """A program's queued calls on one lane, critical path first."""
+
+    program: Program
+    lane: int
+    heap: list[tuple[Any, Call]] = field(default_factory=list)
+    queued: int = 0
+    version: int = 0
+
+
+class Lane:
+    """One replica or backend: its in-flight count, limit and queues."""
+
+    def __init__(self, index: int, name: str, limit: AIMDLimit):
+        self.index = index
+        self.name = name
+        self.limit = limit
+        self.in_flight = 0
+        self.queued = 0
+        self.tenant_heap: list[tuple[Any, _TenantQueue, int]] = []
+        self.tenant_queues: dict[str, _TenantQueue] = {}
+        self.age_heap: list[tuple[Any, Call]] = []
+        self.homed_programs = 0
+        self.tenant_homed: dict[str, int] = {}
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_flight < self.limit.value
+
+    def __repr__(self) -> str:
+        return (
+            f"Lane({self.name}, in_flight={self.in_flight}, limit={self.limit.value:.1f}, "
+            f"queued={self.queued})"
+        )
+
+
+Placer = Callable[[Program, Sequence[Lane]], int]
+CarryCheck = Callable[[Program], bool]
+StealCheck = Callable[[Call, Lane, Lane, float], bool]
+
+
+class Scheduler:
+    """The scheduling core (module docstring). Not thread-safe; one per event loop."""
+
+    def __init__(
+        self,
+        lanes: int | Sequence[str] = 1,
+        config: SchedulerConfig | None = None,
+        *,
+        place: Placer | None = None,
+        can_carry: CarryCheck | None = None,
+        can_steal: StealCheck | None = None,
+        admission: bool = True,
+        count_comparisons: bool = False,
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        names = [f"lane-{i}" for i in range(lanes)] if isinstance(lanes, int) else list(lanes)
+        if isinstance(lanes, int) and lanes < 1:
+            raise ValueError("a scheduler needs at least one lane (or lane names, maybe none yet)")
+        self.lanes = [Lane(i, n, AIMDLimit(self.config.limits)) for i, n in enumerate(names)]
+        self.tenants: dict[str, Tenant] = {}
+        self.programs: dict[str, Program] = {}
+        self.calls: dict[str, Call] = {}
+        self._place = place
+        self._can_carry = can_carry
+        self._can_steal = can_steal
+        self.admission_enabled = admission
+        self._seq = itertools.count(1)
+        self._counter = [0]
+        self._counting = count_comparisons
+        #: system virtual time: the tenant key of the latest dispatch
+        self.vtime = 0.0
+        # runs waiting for admission, by tenant (heap of tenants keyed by virtual time)
+        self._admit_heap: list[tuple[Any, Tenant, int]] = []
+        self.pending_programs = 0
+        self.active_programs = 0
+        self.queued_calls = 0
+        self.steals = 0
+        self.starvation_promotions = 0
+
+    # -- bookkeeping helpers -------------------------------------------------------------
+
+    @property
+    def comparisons(self) -> int:
+        return self._counter[0]
+
+    def _key(self, *parts: Any) -> Any:
+        return _Counted(parts, self._counter) if self._counting else parts
+
+    def tenant(self, name: str | None, weight: float | None = None) -> Tenant:
+        """The tenant called `name` (created on first use; `weight` sets its weight)."""
+        key = name or "default"
+        t = self.tenants.get(key)
+        if t is None:
+            t = self.tenants[key] = Tenant(key, vtime=self.vtime)
+        if weight is not None:
+            if not weight > 0:
+                raise ValueError(f"tenant {key!r}: weight must be > 0")
+            t.weight = float(weight)
+        return t
+
+    def set_weight(self, tenant: str, weight: float) -> None:
+        self.tenant(tenant, weight)
+
+    def level_of(self, attained_s: float) -> int:
+        q = self.config.las_quantum_s
+        if attained_s < q:
+            return 0
+        return min(self.config.las_levels - 1, 1 + int(math.log2(attained_s / q)))
+
+    def _rejoin(self, t: Tenant) -> None:
+        """An idle tenant rejoins at the system's virtual time (no banked credit)."""
+        if not t.lanes_with_work and t.vtime < self.vtime:
+            t.vtime = self.vtime
+            t.version += 1
+
+    def _rekey(self, t: Tenant) -> None:
+        """`t`'s virtual time moved: every lane where it still has work gets a fresh entry
+        (the old ones are stale by version and dropped when they surface)."""
+        t.version += 1
+        key = self._key(t.vtime, t.dispatched, t.name)
+        for lane_i in t.lanes_with_work:
+            lane = self.lanes[lane_i]
+            heapq.heappush(lane.tenant_heap, (key, lane.tenant_queues[t.name], t.version))
+
+    # -- programs ------------------------------------------------------------------------
+
+    def open_program(
+        self,
+        program_id: str,
+        tenant: str | None = None,
+        now: float = 0.0,
+        *,
+        home: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Program:
+        """A run arrives. It waits for admission (unless admission is off)."""
+        if program_id in self.programs:
+            raise ValueError(f"program {program_id!r} is already open")
+        t = self.tenant(tenant)
+        p = Program(program_id, t, now, next(self._seq), home=home, info=dict(info or {}))
+        self.programs[program_id] = p
+        if not self.admission_enabled:
+            self._admit(p, now)
+            return p
+        self._rejoin(t)
+        t.pending.append(p)
+        if len(t.pending) == 1:
+            self._push_admit(t)
+        self.pending_programs += 1
+        self.admit_waiting(now)
+        return p
+
+    def can_admit(self, program: Program) -> bool:
+        cfg = self.config
+        if cfg.max_active_programs is not None and self.active_programs >= cfg.max_active_programs:
+            return False
+        if self.active_programs > 0:
+            capacity = sum(lane.limit.value for lane in self.lanes)
+            if self.queued_calls > cfg.backlog_factor * capacity:
+                return False
+        return self._can_carry is None or self._can_carry(program)
+
+    def admit_waiting(self, now: float) -> int:
+        """Admit waiting runs while the backends can carry them; returns how many.
+
+        Tenants take turns by virtual time (each has one live entry in the admission heap,
+        re-keyed lazily when its virtual time moved); within a tenant, arrival order."""
+        admitted = 0
+        heap = self._admit_heap
+        while heap:
+            _, t, token = heap[0]
+            if token != t.admit_token or not t.pending:
+                heapq.heappop(heap)
+                continue
+            p = t.pending[0]
+            if heap[0][0] != self._admit_key(t, p):
+                self._push_admit(t)  # its virtual time moved since: re-key, try again
+                continue
+            if not self.can_admit(p):
+                break
+            heapq.heappop(heap)
+            t.pending.popleft()
+            self.pending_programs -= 1
+            self._admit(p, now)
+            admitted += 1
+            if t.pending:
+                self._push_admit(t)
+        return admitted
+
+    def _admit_key(self, t: Tenant, p: Program) -> Any:
+        return self._key(t.vtime, p.arrival, p.seq)
+
+    def _push_admit(self, t: Tenant) -> None:
+        t.admit_token += 1
+        heapq.heappush(self._admit_heap, (self._admit_key(t, t.pending[0]), t, t.admit_token))
+
+    def _admit(self, p: Program, now: float) -> None:
+        p.admitted = True
+        self.active_programs += 1
+        if p.home is None and self.lanes:
+            p.home = self._place(p, self.lanes) if self._place else self._least_loaded(p)
+        self._home(p, p.home)
+        pending, p.pending_calls = p.pending_calls, []
+        for call in pending:
+            self._enqueue(call, p, now)
+
+    def _least_loaded(self, p: Program) -> int:
+        """The lane with the least work for its limit; ties go to the lane with the fewest
+        of the tenant's programs (so each tenant spreads over lanes and its share can be
+        enforced on every lane), then the fewest programs."""
+        name = p.tenant.name
+        return min(
+            self.lanes,
+            key=lambda ln: (
+                (ln.in_flight + ln.queued) / max(ln.limit.value, 1e-9),
+                ln.tenant_homed.get(name, 0),
+                ln.homed_programs,
+                ln.index,
+            ),
+        ).index
+
+    def _home(self, p: Program, lane_i: int | None) -> None:
+        """Move `p`'s home to `lane_i` (None: it has none any more)."""
+        name = p.tenant.name
+        if p.counted_on is not None:
+            old = self.lanes[p.counted_on]
+            old.homed_programs -= 1
+            old.tenant_homed[name] -= 1
+        p.home = lane_i
+        p.counted_on = lane_i
+        if lane_i is not None:
+            new = self.lanes[lane_i]
+            new.homed_programs += 1
+            new.tenant_homed[name] = new.tenant_homed.get(name, 0) + 1
+
+    def close_program(self, program_id: str, now: float = 0.0) -> None:
+        """The run finished: forget it (its queued calls, if any, are cancelled)."""
+        self.cancel_program(program_id, now)
+
+    def cancel_program(self, program_id: str, now: float = 0.0) -> list[Call]:
+        """The run was cancelled: drop its queued calls and return them."""
+        p = self.programs.pop(program_id, None)
+        if p is None:
+            return []
+        dropped: list[Call] = []
+        for call in p.pending_calls:
+            call.state = CANCELLED
+            self.calls.pop(call.call_id, None)
+            dropped.append(call)
+        p.pending_calls = []
+        for pq in p.queues.values():
+            for _, call in pq.heap:
+                if call.state == QUEUED and call._pq is pq:
+                    self._unqueue(call)
+                    call.state = CANCELLED
+                    self.calls.pop(call.call_id, None)
+                    dropped.append(call)
+        if p.admitted:
+            self.active_programs -= 1
+            self._home(p, None)
+        else:
+            # still waiting for admission: drop it from its tenant's queue
+            t = p.tenant
+            if p in t.pending:
+                t.pending.remove(p)
+                self.pending_programs -= 1
+                if t.pending:
+                    self._push_admit(t)
+        self.admit_waiting(now)
+        return dropped
+
+    def add_lane(self, name: str) -> int:
+        """Add a lane (e.g. a backend seen for the first time); returns its index."""
+        lane = Lane(len(self.lanes), name, AIMDLimit(self.config.limits))
+        self.lanes.append(lane)
+        return lane.index
+
+    def lane_index(self, name: str) -> int | None:
+        for lane in self.lanes:
+            if lane.name == name:
+                return lane.index
+        return None
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def submit(self, call: Call, now: float = 0.0, *, tenant: str | None = None) -> Call:
+        """Queue a call; its program is opened (and admitted if possible) on first use."""
+        if call.call_id in self.calls:
+            raise ValueError(f"call {call.call_id!r} is already queued")
+        p = self.programs.get(call.program_id)
+        if p is None:
+            p = self.open_program(call.program_id, tenant, now)
+        call.seq = next(self._seq)
+        call.enqueued_at = now
+        call.priority = p.level
+        self.calls[call.call_id] = call
+        if not p.admitted:
+            call.state = PENDING
+            p.pending_calls.append(call)
+        else:
+            self._enqueue(call, p, now)
+        return call
+
+    def _enqueue(self, call: Call, p: Program, now: float) -> None:
+        lane_i = call.lane if call.lane is not None else p.home
+        assert lane_i is not None
+        lane = self.lanes[lane_i]
+        pq = p.queues.get(lane_i)
+        if pq is None:
+            pq = p.queues[lane_i] = _ProgramQueue(p, lane_i)
+        t = p.tenant
+        tq = lane.tenant_queues.get(t.name)
+        if tq is None:
+            tq = lane.tenant_queues[t.name] = _TenantQueue(t)
+        self._rejoin(t)
+        call.state = QUEUED
+        call._pq = pq
+        heapq.heappush(pq.heap, (self._key(-call.remaining_cost_s, call.seq), call))
+        heapq.heappush(lane.age_heap, (self._key(call.enqueued_at, call.seq), call))
+        if pq.queued == 0:
+            pq.version += 1
+            heapq.heappush(tq.heap, (self._key(p.level, p.arrival, p.seq), pq, pq.version))
+        pq.queued += 1
+        if tq.queued == 0:
+            heapq.heappush(
+                lane.tenant_heap, (self._key(t.vtime, t.dispatched, tq.tenant.name), tq, t.version)
+            )
+        tq.queued += 1
+        lane.queued += 1
+        self.queued_calls += 1
+        t.lanes_with_work.add(lane_i)
+
+    def _unqueue(self, call: Call) -> None:
+        """Account for a queued call leaving its queues (heap entries go stale lazily)."""
+        pq = call._pq
+        assert pq is not None
+        lane = self.lanes[pq.lane]
+        t = pq.program.tenant
+        tq = lane.tenant_queues[t.name]
+        pq.queued -= 1
+        tq.queued -= 1
+        lane.queued -= 1
+        self.queued_calls -= 1
+        if tq.queued == 0:
+            t.lanes_with_work.discard(pq.lane)
+
+    def cancel_call(self, call: Call | str) -> bool:
+        """Withdraw a call that has not been dispatched (its caller gave up waiting).
+        Returns False when it was already dispatched or unknown."""
+        c = self.calls.get(call if isinstance(call, str) else call.call_id)
+        if c is None:
+            return False
+        if c.state == QUEUED:
+            self._unqueue(c)
+        elif c.state == PENDING:
+            p = self.programs.get(c.program_id)
+            if p is not None and c in p.pending_calls:
+                p.pending_calls.remove(c)
+        else:
+            return False
+        c.state = CANCELLED
+        del self.calls[c.call_id]
+        return True
+
+    # -- choosing ------------------------------------------------------------------------
+
+    def _peek(self, lane: Lane, now: float) -> Call | None:
+        """The call `lane` would run next, without taking it."""
+        if lane.queued == 0:
+            return None
+        age = lane.age_heap
+        # entries go stale when their call left the queue or moved to another lane
+        while age and (age[0][1].state != QUEUED or _lane_of(age[0][1]) != lane.index):
+            heapq.heappop(age)
+        if age and now - age[0][1].enqueued_at >= self.config.starvation_s:
+            return age[0][1]
+        th = lane.tenant_heap
+        # every (lane, tenant version) with queued calls was pushed once: stale entries go
+        while th[0][1].queued == 0 or th[0][2] != th[0][1].tenant.version:
+            heapq.heappop(th)
+        tq = th[0][1]
+        ph = tq.heap
+        while ph[0][1].queued == 0 or ph[0][2] != ph[0][1].version:
+            heapq.heappop(ph)
+        pq = ph[0][1]
+        ch = pq.heap
+        while ch[0][1].state != QUEUED or ch[0][1]._pq is not pq:
+            heapq.heappop(ch)
+        return ch[0][1]
+
+    def _take(self, call: Call, lane: Lane, now: float) -> None:
+        pq = call._pq
+        assert pq is not None
+        p = pq.program
+        t = p.tenant
+        if now - call.enqueued_at >= self.config.starvation_s:
+            self.starvation_promotions += 1
+        self._unqueue(call)
+        call.state = DISPATCHED
+        call.dispatched_at = now
+        call.assigned = lane.index
+        call.priority = p.level
+        lane.in_flight += 1
+        # start-time fair queueing: the system's virtual time is the dispatched tenant's
+        self.vtime = max(self.vtime, t.vtime)
+        t.vtime += call.est_service_s / t.weight
+        t.dispatched += 1
+        self._rekey(t)
+
+    def next_for(self, lane_index: int, now: float) -> Call | None:
+        """Take the next call for a lane with room (None: nothing queued or no room)."""
+        lane = self.lanes[lane_index]
+        if not lane.has_room:
+            return None
+        call = self._peek(lane, now)
+        if call is None:
+            return None
+        self._take(call, lane, now)
+        return call
+
+    def dispatch(self, now: float) -> list[Call]:
+        """Every call that may go now: admit runs, fill each lane up to its limit, let
+        idle lanes take homed calls that wait on full ones. Returns them in order."""
+        self.admit_waiting(now)
+        out: list[Call] = []
+        for lane in self.lanes:
+            while (call := self.next_for(lane.index, now)) is not None:
+                out.append(call)
+        if self.queued_calls and len(self.lanes) > 1:
+            out.extend(self._steal(now))
+        return out
+
+    def _steal(self, now: float) -> list[Call]:
+        out: list[Call] = []
+        idle = [ln for ln in self.lanes if ln.has_room and ln.queued == 0]
+        for dst in idle:
+            while dst.has_room:
+                src = max(self.lanes, key=lambda ln: (ln.queued, -ln.index))
+                if src.queued == 0 or src is dst:
+                    break
+                call = self._peek(src, now)
+                if call is None or call.lane is not None:
+                    break  # nothing queued, or a call bound to its lane (e.g. another model)
+                if not self._steal_ok(call, src, dst, now):
+                    break
+                self._take(call, dst, now)
+                call.stolen = True
+                self.steals += 1
+                p = self.programs.get(call.program_id)
+                if p is not None and p.home == src.index:
+                    # the program moves: its context is rebuilt on the new lane anyway
+                    self._home(p, dst.index)
+                    self._rehome_queued(p, src.index, dst.index, now)
+                out.append(call)
+        return out
+
+    def _steal_ok(self, call: Call, src: Lane, dst: Lane, now: float) -> bool:
+        if self._can_steal is not None:
+            return self._can_steal(call, src, dst, now)
+        return now - call.enqueued_at >= self.config.steal_after_s
+
+    def _rehome_queued(self, p: Program, src: int, dst: int, now: float) -> None:
+        pq = p.queues.get(src)
+        if pq is None or pq.queued == 0:
+            return
+        # only calls that follow their program's home move (not ones bound to this lane);
+        # a call may sit in a heap twice (re-queued), so collect each once
+        moving = list(
+            {
+                id(c): c for _, c in pq.heap if c.state == QUEUED and c._pq is pq and c.lane is None
+            }.values()
+        )
+        for c in moving:
+            self._unqueue(c)
+            c.state = PENDING
+        for c in moving:
+            self._enqueue(c, p, now)
+
+    # -- completion ----------------------------------------------------------------------
+
+    def complete(
+        self,
+        call: Call | str,
+        now: float,
+        *,
+        service_s: float | None = None,
+        congested: bool | None = None,
+    ) -> None:
+        """A dispatched call finished (or failed). `service_s` is the GPU time it took
+        (defaults to its estimate); `congested` feeds the lane's limit (None: no signal)."""
+        c = self.calls.pop(call if isinstance(call, str) else call.call_id, None)
+        if c is None:
+            return
+        dispatched = c.state == DISPATCHED
+        c.state = DONE
+        if not dispatched:
+            return
+        assert c.assigned is not None
+        lane = self.lanes[c.assigned]
+        lane.in_flight -= 1
+        if congested is not None:
+            lane.limit.observe(congested=congested, in_flight=lane.in_flight + 1, now=now)
+        actual = c.est_service_s if service_s is None else max(0.0, service_s)
+        p = self.programs.get(c.program_id)
+        if p is None:
+            return
+        t = p.tenant
+        t.service_s += actual
+        if actual != c.est_service_s:
+            t.vtime += (actual - c.est_service_s) / t.weight
+            self._rekey(t)
+        p.attained_s += actual
+        level = self.level_of(p.attained_s)
+        if level != p.level:
+            p.level = level
+            for lane_i, pq in p.queues.items():
+                if pq.queued > 0:
+                    pq.version += 1
+                    tq = self.lanes[lane_i].tenant_queues[t.name]
+                    heapq.heappush(tq.heap, (self._key(p.level, p.arrival, p.seq), pq, pq.version))
+
+    # -- views ---------------------------------------------------------------------------
+
+    def priority_of(self, program_id: str) -> int:
+        """The backend priority (lower first) for the program's next call."""
+        p = self.programs.get(program_id)
+        return 0 if p is None else p.level
+
+    def limits(self) -> list[float]:
+        return [ln.limit.value for ln in self.lanes]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "queued_calls": self.queued_calls,
+            "active_programs": self.active_programs,
+            "pending_programs": self.pending_programs,
+            "lanes": [
+                {
+                    "name": ln.name,
+                    "in_flight": ln.in_flight,
+                    "queued": ln.queued,
+                    "limit": round(ln.limit.value, 2),
+                    "homed_programs": ln.homed_programs,
+                }
+                for ln in self.lanes
+            ],
+            "tenants": {
+                t.name: {"weight": t.weight, "service_s": round(t.service_s, 3)}
+                for t in self.tenants.values()
+            },
+            "steals": self.steals,
+            "starvation_promotions": self.starvation_promotions,
+        }
+
+
+def _lane_of(call: Call) -> int:
+    pq = call._pq
+    return -1 if pq is None else pq.lane
+
+
+def jain_index(values: Iterable[float]) -> float:
+    """Jain's fairness index (sum x)^2 / (n sum x^2): 1 when all equal, 1/n at worst."""
+    xs = [v for v in values if not math.isnan(v)]
+    if not xs:
+        return float("nan")
+    sq = sum(x * x for x in xs)
+    return (sum(xs) ** 2) / (len(xs) * sq) if sq > 0 else 1.0

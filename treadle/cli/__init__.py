@@ -1,0 +1,3 @@
+"""The `treadle` command line (typer): run, validate, draw, trace, bench, the simulator and the
+daemon's commands.
+"""

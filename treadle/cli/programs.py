@@ -1,0 +1,63 @@
+"""Finding a program by name: a workflow file (`.yaml`, `.yml`, `.json`) or a Python object
+(`path/to/file.py:attr`, `package.module:attr`; the attribute defaults to `graph`) that is a
+`Graph`, a `GraphSpec`, or a function returning one."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from treadle.graphs.builder import Graph
+from treadle.graphs.spec import GraphSpec
+
+WORKFLOW_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class ProgramNotFound(ValueError):
+    """The program reference does not name a workflow file or a graph object."""
+
+
+def load_program(ref: str) -> GraphSpec:
+    path = Path(ref)
+    if path.suffix.lower() in WORKFLOW_SUFFIXES:
+        if not path.exists():
+            raise ProgramNotFound(f"{ref}: no such workflow file")
+        from treadle.graphs.files.loader import load_workflow
+
+        return load_workflow(path)
+    target, _, attr = ref.partition(":")
+    attr = attr or "graph"
+    if target.endswith(".py"):
+        module = _import_file(Path(target))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ProgramNotFound(f"{ref}: cannot import {target!r}: {exc}") from None
+    try:
+        obj: Any = getattr(module, attr)
+    except AttributeError:
+        raise ProgramNotFound(f"{ref}: {target!r} has no attribute {attr!r}") from None
+    if callable(obj) and not isinstance(obj, Graph | GraphSpec):
+        obj = obj()
+    if isinstance(obj, Graph):
+        return obj.spec
+    if isinstance(obj, GraphSpec):
+        return obj
+    raise ProgramNotFound(f"{ref}: {attr!r} is a {type(obj).__name__}, not a Graph")
+
+
+def _import_file(path: Path) -> Any:
+    if not path.exists():
+        raise ProgramNotFound(f"{path}: no such file")
+    name = f"treadle_program_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ProgramNotFound(f"{path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
