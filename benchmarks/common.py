@@ -18,11 +18,12 @@ from rich.table import Table
 
 
 def data_dir() -> Path:
-    """The benchmark data sets: `$TREADLE_DATA`, else `../shared/data` beside the checkout."""
+    """The benchmark data sets: `$TREADLE_DATA`, else the copies shipped in the package
+    (`benchmarks/data/`, each folder with its upstream licence)."""
     env = os.environ.get("TREADLE_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parent / "data"
 
 
 def write_report(

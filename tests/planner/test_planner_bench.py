@@ -23,10 +23,6 @@ from treadle.benchmarks.parallel import (
 )
 
 DATA = parallel.data_dir()
-needs_data = pytest.mark.skipif(
-    not (DATA / "llmcompiler").is_dir() or not (DATA / "bfcl").is_dir(),
-    reason=f"the LLMCompiler and BFCL data sets are not under {DATA}",
-)
 
 
 def test_virtual_time_jumps_over_sleeps() -> None:
@@ -73,7 +69,6 @@ def test_a_correct_call_takes_the_first_option_its_schema_accepts() -> None:
     assert choose_args(options, params) == {"account": "42", "days": 7}
 
 
-@needs_data
 def test_plans_have_the_shape_each_data_set_needs() -> None:
     (hotpot,) = load("hotpotqa", DATA, 1)
     assert [s.tool for s in hotpot.steps] == ["search", "search"]
@@ -89,7 +84,6 @@ def test_plans_have_the_shape_each_data_set_needs() -> None:
     assert plan.splitlines()[-1].endswith("join()<END_OF_PLAN>")
 
 
-@needs_data
 def test_the_benchmark_report(tmp_path: Path) -> None:
     out = tmp_path / "parallel.json"
     parallel.main(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +12,10 @@ from treadle.backends.sim.clock import VirtualClock
 from treadle.backends.sim.engine import Engine, EngineConfig, SimRequest, StepInfo
 from treadle.backends.sim.profile import Profile
 from treadle.backends.sim.trace import load_mooncake, replay
+from treadle.benchmarks.common import data_dir
 
 PROFILE = Profile.default()
-MOONCAKE = Path("/work/shared/data/mooncake/conversation_trace.jsonl")
+MOONCAKE = data_dir() / "mooncake" / "conversation_trace.jsonl"
 
 
 def make(**config: Any) -> tuple[VirtualClock, Engine]:
@@ -404,7 +404,6 @@ def test_requests_that_can_never_fit_are_refused() -> None:
         SimRequest(Prompt.anonymous(10), 0)
 
 
-@pytest.mark.skipif(not MOONCAKE.exists(), reason="Mooncake trace not present")
 def test_mooncake_replay_on_eight_replicas() -> None:
     rows = load_mooncake(MOONCAKE, limit=600)
     clock = VirtualClock()
