@@ -23,8 +23,8 @@ import typer
 from treadle.benchmarks.common import print_table, write_report
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import CompiledGraph
-from treadle.runtime.core.runtime import Runtime
-from treadle.runtime.stores.base import StateStore
+from treadle.runtime.core.store import StateStore
+from treadle.runtime.execution.runtime import Runtime
 
 SHAPES = ("chain", "fanout", "diamond")
 

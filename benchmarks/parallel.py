@@ -84,7 +84,7 @@ from treadle.backends.sim.tokenizer import tokenize, tokenize_with_offsets
 from treadle.benchmarks.common import data_dir, mean, percentile, print_table, write_report
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import CompiledGraph
-from treadle.runtime.core.runtime import Runtime
+from treadle.runtime.execution.runtime import Runtime
 from treadle.tools import Tool
 
 DATASETS = ("hotpotqa", "movie", "parallelqa", "bfcl")

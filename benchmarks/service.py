@@ -50,8 +50,8 @@ from rich.console import Console
 
 from treadle.benchmarks.common import percentile, print_table, write_report
 from treadle.runtime.core.events import NodeFinished, RunStarted
+from treadle.runtime.core.store import TERMINAL
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.base import TERMINAL
 from treadle.testing.processes import (
     DaemonProcess,
     RedisServer,

@@ -2,8 +2,8 @@
 
 from treadle.runtime.core.errors import NodeError, RunCancelled, RunFailed
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.runtime import InvalidInputs, RunHandle, RunResult, Runtime
-from treadle.runtime.stores.base import RunRecord, StateStore
+from treadle.runtime.core.store import RunRecord, StateStore
+from treadle.runtime.execution.runtime import InvalidInputs, RunHandle, RunResult, Runtime
 from treadle.runtime.stores.memory import MemoryStore
 
 __all__ = [

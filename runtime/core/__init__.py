@@ -1,3 +1,3 @@
-"""The core of execution: the `Runtime`, the event-driven orchestrator, a run's context, its
-events, journal and values.
+"""A run's state and the protocols around it: events, the run context, the journal, values,
+errors, and the `StateStore` protocol that the stores implement.
 """

@@ -14,7 +14,7 @@ from __future__ import annotations
 import anyio
 
 from treadle.runtime.core.events import Event
-from treadle.runtime.stores.base import StateStore
+from treadle.runtime.core.store import StateStore
 
 #: events a non-durable store's journal collects before it writes them
 NON_DURABLE_BATCH = 64

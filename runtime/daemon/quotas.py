@@ -31,10 +31,10 @@ from redis.exceptions import RedisError
 
 from treadle.runtime.core.context import RunContext
 from treadle.runtime.core.events import Event, LLMCallFinished
+from treadle.runtime.core.store import TERMINAL
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.tenants import Tenant
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.base import TERMINAL
 
 log = logging.getLogger(__name__)
 

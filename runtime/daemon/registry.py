@@ -37,10 +37,10 @@ from redis.exceptions import WatchError
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
 from treadle.graphs.files.loader import WorkflowFileError, load_workflow_text
 from treadle.graphs.typecheck import describe
+from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.import_allowlist import DefinitionPolicy, PolicyViolation
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.worker import ProgramError
-from treadle.runtime.stores.base import RunRecord
 
 log = logging.getLogger(__name__)
 

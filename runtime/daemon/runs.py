@@ -26,13 +26,13 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
-from treadle.runtime.core.runtime import InvalidInputs, validate_inputs
+from treadle.runtime.core.store import TERMINAL, RunRecord
 from treadle.runtime.daemon.quotas import Quotas
 from treadle.runtime.daemon.registry import WorkflowRegistry, source_of
 from treadle.runtime.daemon.tenants import Tenant
 from treadle.runtime.daemon.worker import request_cancel
+from treadle.runtime.execution.runtime import InvalidInputs, validate_inputs
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.base import TERMINAL, RunRecord
 from treadle.runtime.stores.redis import RedisStore
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")

@@ -53,10 +53,10 @@ from redis.exceptions import RedisError
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.runtime import RunHandle, Runtime
+from treadle.runtime.core.store import TERMINAL, RunRecord
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, WorkQueue
+from treadle.runtime.execution.runtime import RunHandle, Runtime
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.base import TERMINAL, RunRecord
 from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
+from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.import_allowlist import DefinitionPolicy, PolicyViolation
 from treadle.runtime.daemon.quotas import UsageLedger
@@ -27,7 +28,6 @@ from treadle.runtime.daemon.registry import RegistryLoader
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import ProgramCheck, ProgramError, Worker, WorkerOptions
 from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
-from treadle.runtime.stores.base import RunRecord
 
 log = logging.getLogger(__name__)
 

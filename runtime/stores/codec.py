@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from treadle.runtime.core.events import Event, event_from_dict
-from treadle.runtime.stores.base import RunRecord
+from treadle.runtime.core.store import RunRecord
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 _DECODER = json.JSONDecoder()

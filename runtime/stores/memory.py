@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from treadle.runtime.core.events import Event
-from treadle.runtime.stores.base import RunNotFound, RunRecord
+from treadle.runtime.core.store import RunNotFound, RunRecord
 from treadle.runtime.stores.codec import apply_changes, check_batch, check_outputs, check_page
 
 

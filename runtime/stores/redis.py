@@ -44,8 +44,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
 from treadle.runtime.core.events import Event
+from treadle.runtime.core.store import RunNotFound, RunRecord
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.base import RunNotFound, RunRecord
 
 _MAX_BATCH = 256  # record calls sent in one pipeline at most
 _EVENTS_PAGE = 1000  # XRANGE page size for read_events

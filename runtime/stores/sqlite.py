@@ -33,8 +33,8 @@ from typing import Any, Literal, TypeVar
 import anyio
 
 from treadle.runtime.core.events import Event
+from treadle.runtime.core.store import RunNotFound, RunRecord
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.base import RunNotFound, RunRecord
 
 T = TypeVar("T")
 

@@ -24,8 +24,8 @@ from daemon_support import (
 
 from treadle.graphs.files.loader import load_workflow_text
 from treadle.runtime.core.events import RunStarted
-from treadle.runtime.core.runtime import Runtime
-from treadle.runtime.stores.base import TERMINAL
+from treadle.runtime.core.store import TERMINAL
+from treadle.runtime.execution.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
 

@@ -11,13 +11,13 @@ import anyio
 import pytest
 from daemon_support import Daemon, make_config, open_daemon, running_workers, submit
 
+from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.import_allowlist import DefinitionPolicy
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.registry import WorkflowRegistry, definition_digest, source_of
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import ProgramError
 from treadle.runtime.daemon.workers import policy_check
-from treadle.runtime.stores.base import RunRecord
 
 pytestmark = pytest.mark.anyio
 

@@ -15,8 +15,8 @@ from daemon_support import (
 )
 
 from treadle.runtime.core.events import RunFinished, RunStarted
+from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.registry import source_of
-from treadle.runtime.stores.base import RunRecord
 
 pytestmark = pytest.mark.anyio
 

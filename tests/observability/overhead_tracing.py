@@ -23,7 +23,7 @@ import anyio
 
 from treadle.benchmarks.overhead import SHAPES, treadle_graph
 from treadle.runtime.core.context import Listener
-from treadle.runtime.core.runtime import Runtime
+from treadle.runtime.execution.runtime import Runtime
 from treadle.runtime.observe.metrics import RuntimeMetrics
 from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
 

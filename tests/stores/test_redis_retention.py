@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from treadle.runtime.core.events import NodeFinished, RunStarted
-from treadle.runtime.stores.base import RunRecord
+from treadle.runtime.core.store import RunRecord
 from treadle.runtime.stores.redis import RedisStore
 
 pytestmark = pytest.mark.anyio

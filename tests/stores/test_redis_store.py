@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from treadle.runtime.core.events import NodeFinished, RunStarted
+from treadle.runtime.core.store import RunNotFound, RunRecord
 from treadle.runtime.daemon.workqueue import WorkQueue
-from treadle.runtime.stores.base import RunNotFound, RunRecord
 from treadle.runtime.stores.codec import JournalError
 from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore
 

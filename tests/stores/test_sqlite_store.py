@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from treadle.runtime.core.events import NodeFinished, RunStarted
-from treadle.runtime.stores.base import RunRecord
+from treadle.runtime.core.store import RunRecord
 from treadle.runtime.stores.sqlite import DEFAULT_PATH, SqliteStore
 
 pytestmark = pytest.mark.anyio

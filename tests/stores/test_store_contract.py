@@ -18,7 +18,7 @@ from treadle.runtime.core.events import (
     NodeStarted,
     RunStarted,
 )
-from treadle.runtime.stores.base import RunNotFound, RunRecord, StateStore
+from treadle.runtime.core.store import RunNotFound, RunRecord, StateStore
 from treadle.runtime.stores.codec import JournalError
 from treadle.runtime.stores.memory import MemoryStore
 from treadle.runtime.stores.redis import RedisStore

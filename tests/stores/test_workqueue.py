@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 from treadle.runtime.core.events import NodeFinished
+from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, LeaseLost, WorkQueue
-from treadle.runtime.stores.base import RunRecord
 from treadle.runtime.stores.redis import RedisStore
 
 pytestmark = pytest.mark.anyio

@@ -25,7 +25,7 @@ from treadle.runtime.core.events import (
     NodeStarted,
     ToolCallFinished,
 )
-from treadle.runtime.core.runtime import RunResult
+from treadle.runtime.execution.runtime import RunResult
 
 _STYLE = {
     "pending": ("·", "dim"),

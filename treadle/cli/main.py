@@ -116,7 +116,7 @@ def run(
     """Run a workflow and print its result.
 
     Traced with OpenTelemetry when OTEL_TRACES_EXPORTER is set (console, otlp)."""
-    from treadle.runtime.core.runtime import InvalidInputs, Runtime
+    from treadle.runtime.execution.runtime import InvalidInputs, Runtime
     from treadle.runtime.observe.tracing import TracingUnavailable, configure_tracing
 
     started: list[str] = []  # the run's id, once it exists

@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from treadle.runtime.core.events import Event, RunFinished
+from treadle.runtime.core.store import TERMINAL
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.base import TERMINAL
 from treadle.runtime.stores.redis import RedisStore
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,9 @@ from treadle.runtime.core.context import Listener, RunContext, RunOptions
 from treadle.runtime.core.errors import RunCancelled, RunFailed
 from treadle.runtime.core.events import Event, RunFinished, RunStarted
 from treadle.runtime.core.journal import Journal
-from treadle.runtime.core.orchestrator import GraphScope, RunFailure
+from treadle.runtime.core.store import RunRecord, StateStore
+from treadle.runtime.execution.orchestrator import GraphScope, RunFailure
 from treadle.runtime.nodes.llm import CallAdmission, LLMGateway
-from treadle.runtime.stores.base import RunRecord, StateStore
 from treadle.runtime.stores.memory import MemoryStore
 
 GraphLike = Graph | GraphSpec | CompiledGraph
