@@ -32,20 +32,16 @@ from treadle.graphs.analysis import GraphFacts, LLMFacts
 from treadle.graphs.builder import ITEM_REF as ITEM
 from treadle.graphs.builder import Graph, NodeHandle, Out, first_of, step
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
-from treadle.graphs.spec import (
+from treadle.graphs.kinds import (
     BranchNode,
-    FirstOf,
     FuncNode,
-    GraphSpec,
-    InputSpec,
     LLMNode,
     MapNode,
-    NodeSpec,
-    Policy,
-    Ref,
+    PlannerNode,
     SubgraphNode,
     ToolNode,
 )
+from treadle.graphs.spec import FirstOf, GraphSpec, InputSpec, NodeOptions, NodeSpec, Ref
 from treadle.runtime import (
     Event,
     InvalidInputs,
@@ -112,9 +108,10 @@ __all__ = [
     "Message",
     "NodeError",
     "NodeHandle",
+    "NodeOptions",
     "NodeSpec",
     "Out",
-    "Policy",
+    "PlannerNode",
     "Ref",
     "RunCancelled",
     "RunFailed",

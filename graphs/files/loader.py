@@ -51,24 +51,21 @@ from treadle.graphs.files.typeref import (
     import_object,
     parse_type,
 )
+from treadle.graphs.kinds import KINDS
+from treadle.graphs.kinds.base import NodeKind
+from treadle.graphs.kinds.branch import label_text
+from treadle.graphs.kinds.file_fields import OPTION_FIELDS
 from treadle.graphs.spec import (
     INPUT,
     ITEM,
-    BranchNode,
     FirstOf,
-    FuncNode,
     GraphSpec,
     InputSpec,
-    LLMNode,
-    MapNode,
+    NodeOptions,
     NodeSpec,
-    PlannerNode,
-    Policy,
     Pos,
     Ref,
     SourceInfo,
-    SubgraphNode,
-    ToolNode,
 )
 from treadle.tools import Tool
 
@@ -95,6 +92,7 @@ _REF_HINT = (
     "references look like $node, $node.field, $input.name or $item; write $$ for a literal '$'"
 )
 _STD_STR_TAG = "tag:yaml.org,2002:str"
+_KIND_BY_NAME: dict[str, NodeKind[Any]] = {kind.name: kind for kind in KINDS}
 
 
 class WorkflowFileError(ValueError):
@@ -521,7 +519,7 @@ def _find_key(mapping: dict[Any, Any], part: Any) -> Any:
     if part in mapping:
         return part
     for k in mapping:  # route labels: YAML `true:` was validated as "true"
-        if ff.label_text(k) == part:
+        if label_text(k) == part:
             return k
     return _NO_KEY
 
@@ -721,7 +719,7 @@ class _Builder:
         self.check_default(tp, decl.default, (*path, "type"), (*path, "default"))
         return InputSpec(type=tp, default=decl.default)
 
-    def nodes(self, models: list[ff.AnyNode], path: DocPath) -> list[NodeSpec]:
+    def nodes(self, models: list[Any], path: DocPath) -> list[NodeSpec]:
         seen: dict[str, int] = {}
         out: list[NodeSpec] = []
         for i, m in enumerate(models):
@@ -741,68 +739,32 @@ class _Builder:
 
     # -- nodes -------------------------------------------------------------------------
 
-    def node(self, m: ff.AnyNode | ff.AnyInnerNode, path: DocPath, node_id: str) -> NodeSpec:
+    def node(self, m: Any, path: DocPath, node_id: str) -> NodeSpec:
+        """A validated file node as a spec; its kind converts its own fields."""
+        kind: NodeKind[Any] = _KIND_BY_NAME[m.kind]
         raw_inputs: dict[str, Any] = getattr(m, "inputs", {})  # a map has none of its own
         inputs = {k: self.value(v, (*path, "inputs", k)) for k, v in raw_inputs.items()}
-        policy = Policy(**{f: getattr(m, f) for f in ff.POLICY_FIELDS if f in m.model_fields_set})
-        fields = self.field_positions(path)
-        common: dict[str, Any] = {"id": node_id, "inputs": inputs, "policy": policy}
-        source = SourceInfo(self.doc.pos(path), fields)
-        if isinstance(m, ff.FuncNode | ff.InnerFuncNode):
-            fn = self.function(m.fn, (*path, "fn"))
-            return FuncNode(**common, source=source, fn=fn, blocking=m.blocking)
-        if isinstance(m, ff.ToolNode | ff.InnerToolNode):
-            return ToolNode(**common, source=source, tool=self.tool(m.tool, (*path, "tool")))
-        if isinstance(m, ff.LLMNode | ff.InnerLLMNode):
-            return LLMNode(
-                **common,
-                source=source,
-                prompt=m.prompt,
-                model=m.model,
-                system=m.system,
-                output=self.resolve_type(m.output, (*path, "output")),
-                tools=tuple(self.tool(t, (*path, "tools", i)) for i, t in enumerate(m.tools)),
-                max_turns=m.max_turns,
-                temperature=m.temperature,
-                max_tokens=m.max_tokens,
+        options = NodeOptions(**{f: getattr(m, f) for f in OPTION_FIELDS if f in m.model_fields_set})
+        source = SourceInfo(self.doc.pos(path), self.field_positions(path))
+        common = {"id": node_id, "inputs": inputs, "options": options, "source": source}
+        return kind.from_file(m, common, self, path)
+
+    def nested_node(
+        self, m: Any, path: DocPath, default_id: str, outer: SourceInfo | None
+    ) -> NodeSpec:
+        inner = self.node(m, path, m.id or default_id)
+        field = str(path[-1])
+        if inner.source is not None and outer is not None:
+            # compile looks the inner node's fields up as "<field>.<name>" (a map's "node.")
+            inner.source.fields.update({f"{field}.{k}": p for k, p in inner.source.fields.items()})
+            outer.fields.update(
+                {
+                    f"{field}.{k}": p
+                    for k, p in inner.source.fields.items()
+                    if not k.startswith(f"{field}.")
+                }
             )
-        if isinstance(m, ff.PlannerNode | ff.InnerPlannerNode):
-            return PlannerNode(
-                **common,
-                source=source,
-                prompt=m.prompt,
-                model=m.model,
-                system=m.system,
-                tools=tuple(self.tool(t, (*path, "tools", i)) for i, t in enumerate(m.tools)),
-                output=self.resolve_type(m.output, (*path, "output")),
-                max_replans=m.max_replans,
-                joiner=m.joiner,
-            )
-        if isinstance(m, ff.MapNode | ff.InnerMapNode):
-            over = self.value(m.over, (*path, "over"))
-            inner = self.node(m.node, (*path, "node"), m.node.id or node_id)
-            if inner.source is not None:
-                # compile.py looks the inner node's fields up as "node.<field>"
-                inner.source.fields.update({f"node.{k}": p for k, p in inner.source.fields.items()})
-                fields.update(
-                    {
-                        f"node.{k}": p
-                        for k, p in inner.source.fields.items()
-                        if not k.startswith("node.")
-                    }
-                )
-            reduce_fn = self.function(m.reduce, (*path, "reduce")) if m.reduce else None
-            return MapNode(**common, source=source, over=over, node=inner, reduce=reduce_fn)
-        if isinstance(m, ff.BranchNode | ff.InnerBranchNode):
-            routes = {label: tuple(ids) for label, ids in m.routes.items()}
-            route_fn = self.function(m.route, (*path, "route")) if m.route else None
-            return BranchNode(
-                **common, source=source, routes=routes, route=route_fn, default=m.default
-            )
-        if isinstance(m, ff.SubgraphNode | ff.InnerSubgraphNode):
-            graph = self.subgraph(m.graph, (*path, "graph"), node_id)
-            return SubgraphNode(**common, source=source, graph=graph)
-        raise AssertionError(f"unhandled node model {type(m).__name__}")  # pragma: no cover
+        return inner
 
     def subgraph(self, ref: str | ff.InlineWorkflow, path: DocPath, node_id: str) -> GraphSpec:
         if isinstance(ref, ff.InlineWorkflow):
@@ -990,7 +952,7 @@ class _Builder:
                 continue
             if isinstance(value, dict):
                 for sub, subval in value.items():
-                    label = ff.label_text(sub) if name == "routes" else sub
+                    label = label_text(sub) if name == "routes" else sub
                     out[f"{name}.{label}"] = self.doc.pos((*path, key, sub))
                     if isinstance(subval, dict) and isinstance(subval.get("first_of"), list):
                         for i in range(len(subval["first_of"])):
