@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import inspect
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 

@@ -100,9 +100,7 @@ class NodeOptions(BaseModel):
         "`fallback` as the output.",
     )
     fallback: Any = Field(None, description="The output when on_error is fallback.")
-    concurrency: int | None = Field(
-        None, ge=1, description="At most this many instances at once."
-    )
+    concurrency: int | None = Field(None, ge=1, description="At most this many instances at once.")
 
     @classmethod
     def of(cls, options: Mapping[str, Any]) -> NodeOptions:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from treadle.graphs.kinds.base import Imported, NodeKind, graph_imports, kind_of
+from treadle.graphs.kinds.base import Imported, NodeKind, graph_imports, kind_of, register
 from treadle.graphs.kinds.branch import BRANCH, BranchMethods, BranchNode, route_label
 from treadle.graphs.kinds.func import FUNC, FuncMethods, FuncNode, FuncSteps
 from treadle.graphs.kinds.llm import LLM, LLMMethods, LLMNode, LLMSteps
@@ -20,7 +20,6 @@ from treadle.graphs.kinds.planner import PLANNER, PlannerMethods, PlannerNode, P
 from treadle.graphs.kinds.subgraph import SUBGRAPH, SubgraphMethods, SubgraphNode, SubgraphSteps
 from treadle.graphs.kinds.tool import TOOL, ToolMethods, ToolNode, ToolSteps
 from treadle.graphs.spec import NodeSpec
-from treadle.graphs.kinds.base import register
 
 KINDS: tuple[NodeKind[Any], ...] = register(FUNC, TOOL, LLM, MAP, BRANCH, SUBGRAPH, PLANNER)
 

@@ -77,9 +77,7 @@ class FuncKind(NodeKind[FuncNode]):
     inner_file_doc = "Call a Python function (inside a map)."
     dot = 'shape=box, style="rounded"'
 
-    def from_file(
-        self, m: Any, common: dict[str, Any], r: FileResolver, path: DocPath
-    ) -> FuncNode:
+    def from_file(self, m: Any, common: dict[str, Any], r: FileResolver, path: DocPath) -> FuncNode:
         return FuncNode(**common, fn=r.function(m.fn, (*path, "fn")), blocking=m.blocking)
 
     def describe(self, node: FuncNode, c: Checks, item_type: Any) -> CompiledNode:

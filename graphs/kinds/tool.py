@@ -58,9 +58,7 @@ class ToolKind(NodeKind[ToolNode]):
     inner_file_doc = "Call a tool (inside a map)."
     dot = "shape=box"
 
-    def from_file(
-        self, m: Any, common: dict[str, Any], r: FileResolver, path: DocPath
-    ) -> ToolNode:
+    def from_file(self, m: Any, common: dict[str, Any], r: FileResolver, path: DocPath) -> ToolNode:
         return ToolNode(**common, tool=r.tool(m.tool, (*path, "tool")))
 
     def describe(self, node: ToolNode, c: Checks, item_type: Any) -> CompiledNode:

@@ -16,10 +16,11 @@ The check runs in two passes:
    fields the loader resolves, which each node kind marks in its file fields
    (`NAMES_OBJECT`: `fn`, `reduce`, `route`, `tool`, `tools`, type strings); every string
    outside the kinds' other fields (prompts, literals, labels) is scanned, so a field the
-   walk does not know is checked rather than skipped. It also refuses subgraph *files* (they would be read from the server's disk), `models:` entries
-   whose backend is not allowed, that read the server's environment (`api_key_env`) or its
-   files (the simulator's `profile` paths and `script`), and documents that YAML aliases
-   blow up past `MAX_NODES` values.
+   walk does not know is checked rather than skipped. It also refuses subgraph *files*
+   (they would be read from the server's disk), `models:` entries whose backend is not
+   allowed, that read the server's environment (`api_key_env`) or its files (the
+   simulator's `profile` paths and `script`), and documents that YAML aliases blow up past
+   `MAX_NODES` values.
 2. `check_spec` walks the loaded `GraphSpec`: every function, tool and type its nodes name
    (each kind says which: `NodeKind.imported`) must come from an allowed module. This
    catches an allowed module re-exporting something else (`allowed.mod:os.system`
@@ -55,8 +56,6 @@ _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 # the same tokenizer as the loader's type parser: quoted strings are skipped, so an import
 # path is found exactly where the loader would resolve one
 _TOKEN = re.compile(rf"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|(?P<path>{_DOTTED}:{_DOTTED})""")
-
-
 
 
 def _roles(marks: set[Any]) -> str:

@@ -35,8 +35,6 @@ from treadle.graphs.spec import GraphSpec
 from treadle.runtime.core.context import Listener, RunContext, RunOptions
 from treadle.runtime.core.errors import RunCancelled, RunFailed
 from treadle.runtime.core.events import Event, RunFinished, RunStarted
-from treadle.runtime.core.journal import Journal
-from treadle.runtime.core.store import RunRecord, StateStore
 from treadle.runtime.core.gateway import dispatch
 from treadle.runtime.core.interceptors import (
     Admission,
@@ -45,6 +43,8 @@ from treadle.runtime.core.interceptors import (
     CallInterceptor,
     invoke_tool,
 )
+from treadle.runtime.core.journal import Journal
+from treadle.runtime.core.store import RunRecord, StateStore
 from treadle.runtime.execution.orchestrator import GraphScope, RunFailure
 from treadle.runtime.stores.memory import MemoryStore
 

@@ -30,7 +30,9 @@ class FuncExecutor(NodeExecutor[FuncNode]):
         if call.spec.blocking:
             # on cancellation the thread is left to finish on its own: the node is not
             # recorded, so it runs again on resume (at-least-once), and Ctrl-C is prompt
-            return await anyio.to_thread.run_sync(partial(fn, **call.inputs), abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(
+                partial(fn, **call.inputs), abandon_on_cancel=True
+            )
         return fn(**call.inputs)
 
 

@@ -51,11 +51,10 @@ from treadle.runtime.core.events import (
     NodeSkipped,
     NodeStarted,
 )
-from treadle.runtime.core.values import adapter, as_text
 from treadle.runtime.core.gateway import call_llm
+from treadle.runtime.core.values import adapter, as_text
 from treadle.runtime.nodes.base import NodeCall, NodeExecutor
 from treadle.runtime.nodes.llm import output_schema, parse_output
-from treadle.runtime.nodes.tool import call_tool
 from treadle.runtime.nodes.planner.parser import (
     ArgumentResolutionError,
     Join,
@@ -75,6 +74,7 @@ from treadle.runtime.nodes.planner.prompts import (
     planner_system,
     scratchpad,
 )
+from treadle.runtime.nodes.tool import call_tool
 from treadle.tools import Tool, ToolError
 
 if TYPE_CHECKING:
