@@ -134,7 +134,7 @@ def _option_problem(err: Any) -> str:
     }
     if err["type"] in bounds:
         op, key = bounds[err["type"]]
-        return f"{name} must be {op} {ctx[key]}"
+        return f"{name} must be {op} {ctx[key]:g}"
     if err["type"] == "literal_error":
         return f"{name} must be one of {ctx['expected']}"
     return f"{name}: {err['msg']}"

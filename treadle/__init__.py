@@ -56,6 +56,8 @@ from treadle.runtime import (
     StateStore,
 )
 from treadle.runtime.core import events
+from treadle.runtime.core.context import LLMCall, ToolInvocation
+from treadle.runtime.core.interceptors import CallInterceptor, ExtraHeaders
 from treadle.tools import Tool, ToolArgumentError, ToolError, tool
 
 __version__ = "0.1.0"
@@ -88,9 +90,11 @@ __all__ = [
     "Backend",
     "BackendError",
     "BranchNode",
+    "CallInterceptor",
     "Capabilities",
     "CompiledGraph",
     "Event",
+    "ExtraHeaders",
     "FirstOf",
     "FuncNode",
     "Graph",
@@ -99,6 +103,7 @@ __all__ = [
     "GraphValidationError",
     "InputSpec",
     "InvalidInputs",
+    "LLMCall",
     "LLMFacts",
     "LLMNode",
     "LLMRequest",
@@ -127,6 +132,7 @@ __all__ = [
     "ToolArgumentError",
     "ToolCall",
     "ToolError",
+    "ToolInvocation",
     "ToolNode",
     "Usage",
     "compile_graph",

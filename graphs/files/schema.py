@@ -152,8 +152,8 @@ def _node_union(models: dict[str, type[BaseModel]], mark: Any = None) -> Any:
     return Annotated[Union[tagged], discriminator, mark]  # noqa: UP007
 
 
-Node = _node_union(NODE_MODELS)
-InnerNode = _node_union(INNER_NODE_MODELS, NESTED_NODE)
+Node: Any = _node_union(NODE_MODELS)
+InnerNode: Any = _node_union(INNER_NODE_MODELS, NESTED_NODE)
 
 # -- the document ----------------------------------------------------------------------
 
@@ -209,13 +209,14 @@ GraphRef = Annotated[
 
 # the kinds' fields refer to these two by name (a map's `node`, a subgraph's `graph`)
 _NAMESPACE = {"InnerNode": InnerNode, "GraphRef": GraphRef}
-for _model in (
+_REBUILT: list[type[BaseModel]] = [
     *(k.fields for k in KINDS),
     *NODE_MODELS.values(),
     *INNER_NODE_MODELS.values(),
     Workflow,
     InlineWorkflow,
-):
+]
+for _model in _REBUILT:
     _model.model_rebuild(_types_namespace=_NAMESPACE)
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from treadle.graphs.compiled import CompiledGraph, CompiledNode, Param
 from treadle.graphs.kinds.file_fields import FileFields
-from treadle.graphs.spec import GraphSpec, NodeSpec
+from treadle.graphs.spec import GraphSpec, NodeSpec, SourceInfo
 from treadle.tools import Tool
 
 #: where a value sits in a parsed workflow document (mapping keys and list indices)
@@ -56,9 +56,11 @@ class FileResolver(Protocol):
     def resolve_type(self, text: str, path: DocPath) -> Any:
         """A type string."""
 
-    def nested_node(self, m: Any, path: DocPath, default_id: str, outer: NodeSpec) -> NodeSpec:
-        """The node written in field `path[-1]` of `outer` (its positions are also known
-        to `outer` as `<field>.<name>`)."""
+    def nested_node(
+        self, m: Any, path: DocPath, default_id: str, outer: SourceInfo | None
+    ) -> NodeSpec:
+        """The node written at `path` inside another node, whose positions (`outer`) then
+        also know the nested node's fields, as `<field>.<name>`."""
 
     def subgraph(self, ref: Any, path: DocPath, node_id: str) -> GraphSpec:
         """A workflow written inline, or a workflow file relative to this one."""

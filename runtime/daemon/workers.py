@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
+from treadle.runtime.core.interceptors import CallInterceptor
 from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.import_allowlist import DefinitionPolicy, PolicyViolation
@@ -50,6 +51,7 @@ def build_worker(
     ledger: UsageLedger,
     *,
     listeners: Sequence[Listener] = (),
+    interceptors: Sequence[CallInterceptor] = (),
     tracer: OtelTracer | None = None,
     worker_id: str | None = None,
 ) -> Worker:
@@ -65,6 +67,7 @@ def build_worker(
         RegistryLoader(services.registry),
         models=config.models,
         listeners=[ledger.listener, *listeners],
+        interceptors=interceptors,
         on_settled=settled,
         tracer=tracer,
         options=WorkerOptions(
@@ -82,6 +85,7 @@ async def run_workers(
     count: int,
     *,
     listeners: Sequence[Listener] = (),
+    interceptors: Sequence[CallInterceptor] = (),
     task_status: TaskStatus[list[Worker]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `count` workers (and their quota ledger) until cancelled or until every worker has
@@ -89,7 +93,10 @@ async def run_workers(
     ledger = UsageLedger(services.redis, services.keys)
     tracer = configure_tracing()  # None unless OTEL_TRACES_EXPORTER asks for spans
     workers = [
-        build_worker(services, ledger, listeners=listeners, tracer=tracer) for _ in range(count)
+        build_worker(
+            services, ledger, listeners=listeners, interceptors=interceptors, tracer=tracer
+        )
+        for _ in range(count)
     ]
     try:
         async with anyio.create_task_group() as tg:

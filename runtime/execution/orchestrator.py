@@ -436,7 +436,10 @@ def _retrying(options: NodeOptions, before_sleep: Callable[[RetryCallState], Non
             wait_exponential(multiplier=options.backoff_s, max=options.backoff_max_s),
             options.jitter,
         ),
-        retry=retry_if_exception(lambda exc: getattr(exc, "retryable", True)),
+        # tenacity sees every BaseException: a cancellation must end the attempts, not retry
+        retry=retry_if_exception(
+            lambda exc: isinstance(exc, Exception) and getattr(exc, "retryable", True)
+        ),
         before_sleep=before_sleep,
         sleep=anyio.sleep,
         reraise=True,

@@ -143,13 +143,13 @@ class Runtime:
         self.stream_tokens = stream_tokens
         self.admission = admission
         self.listeners = list(listeners)
-        self.chain = CallChain(
-            [
-                *interceptors,
-                *(i for i in self.listeners if isinstance(i, CallInterceptor)),
-                *([Admission(admission)] if admission is not None else []),
-            ]
-        )
+        chain = list(interceptors)
+        for hook in self.listeners:  # a listener may wrap calls too (the tracer's does)
+            if isinstance(hook, CallInterceptor):
+                chain.append(hook)
+        if admission is not None:
+            chain.append(Admission(admission))
+        self.chain = CallChain(chain)
         self._send_llm = self.chain.wrap_llm(dispatch)
         self._invoke_tool = self.chain.wrap_tool(invoke_tool)
         self._created: dict[str, Backend] = {}

@@ -11,6 +11,8 @@ from treadle.runtime.nodes.base import NodeCall, NodeExecutor
 
 class SubgraphExecutor(NodeExecutor[SubgraphNode]):
     spec = SubgraphNode
+    # its nodes take theirs: holding one as well would deadlock a run whose limit is 1
+    takes_slot = False
 
     async def run(self, call: NodeCall[SubgraphNode]) -> Any:
         assert call.node.child is not None  # compile refuses a subgraph that does not compile
