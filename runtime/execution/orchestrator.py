@@ -315,11 +315,11 @@ class GraphScope:
         try:
             if options.retries == 0:
                 return await once()
-            return await _retrying(options, lambda rs: self._retrying(iid, rs))(once)
+            return await _retrying(options, lambda state: self._before_retry(iid, state))(once)
         except Exception as exc:
             return self._on_final_error(plan, iid, _describe(exc), attempt, started)
 
-    def _retrying(self, iid: str, state: RetryCallState) -> None:
+    def _before_retry(self, iid: str, state: RetryCallState) -> None:
         """Before the pause between two attempts: say which failed, and for how long."""
         assert state.outcome is not None and state.next_action is not None
         error = state.outcome.exception()
