@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
-from treadle.graphs.spec import ITEM, FirstOf, NodeOptions, NodeSpec, Ref
+from treadle.graphs.spec import ITEM, FirstOf, NodeSpec, Ref
 
 
 class Out:
@@ -87,8 +87,3 @@ def binding(value: Any) -> Any:
 
 def bindings(inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     return {name: binding(v) for name, v in (inputs or {}).items()}
-
-
-def options(given: Mapping[str, Any]) -> NodeOptions:
-    """The node options among a node method's keyword arguments (see `NodeOptions.of`)."""
-    return NodeOptions.of(given)

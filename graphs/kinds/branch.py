@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 from pydantic import Field, field_validator
 
 from treadle.graphs.compiled import CompiledNode, Param
-from treadle.graphs.handles import NodeAdder, NodeHandle, bindings, options
+from treadle.graphs.handles import NodeAdder, NodeHandle, bindings
 from treadle.graphs.kinds.base import (
     FUNC_COST_S,
     Checks,
@@ -22,7 +22,7 @@ from treadle.graphs.kinds.base import (
     NodeKind,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ImportPath, NodeId
-from treadle.graphs.spec import NodeSpec
+from treadle.graphs.spec import NodeOptions, NodeSpec
 from treadle.graphs.typecheck import type_hints
 
 
@@ -66,7 +66,7 @@ class BranchMethods(NodeAdder):
         inputs: Mapping[str, Any] | None = None,
         route: Callable[..., Any] | None = None,
         default: Any = None,
-        **policy: Any,
+        **options: Any,
     ) -> NodeHandle:
         table = {
             route_label(label): tuple(t.id if isinstance(t, NodeHandle) else t for t in targets)
@@ -76,7 +76,7 @@ class BranchMethods(NodeAdder):
             BranchNode(
                 id=id,
                 inputs=bindings(inputs),
-                options=options(policy),
+                options=NodeOptions.of(options),
                 routes=table,
                 route=route,
                 default=None if default is None else route_label(default),

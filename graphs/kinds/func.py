@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from treadle.graphs.compiled import CompiledNode
-from treadle.graphs.handles import NodeAdder, NodeHandle, bindings, options
+from treadle.graphs.handles import NodeAdder, NodeHandle, bindings
 from treadle.graphs.kinds.base import (
     FUNC_COST_S,
     Checks,
@@ -20,7 +20,7 @@ from treadle.graphs.kinds.base import (
     NodeKind,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ImportPath
-from treadle.graphs.spec import NodeSpec
+from treadle.graphs.spec import NodeOptions, NodeSpec
 
 
 @dataclass
@@ -44,10 +44,14 @@ class FuncSteps:
         inputs: Mapping[str, Any] | None = None,
         blocking: bool = False,
         id: str = "",
-        **policy: Any,
+        **options: Any,
     ) -> FuncNode:
         return FuncNode(
-            id=id, inputs=bindings(inputs), options=options(policy), fn=fn, blocking=blocking
+            id=id,
+            inputs=bindings(inputs),
+            options=NodeOptions.of(options),
+            fn=fn,
+            blocking=blocking,
         )
 
 
@@ -59,9 +63,9 @@ class FuncMethods(NodeAdder):
         *,
         inputs: Mapping[str, Any] | None = None,
         blocking: bool = False,
-        **policy: Any,
+        **options: Any,
     ) -> NodeHandle:
-        return self.add(FuncSteps.func(fn, inputs=inputs, blocking=blocking, id=id, **policy))
+        return self.add(FuncSteps.func(fn, inputs=inputs, blocking=blocking, id=id, **options))
 
 
 class FuncFields(FileFields):

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from treadle.graphs.compiled import CompiledNode, Param
-from treadle.graphs.handles import NodeAdder, NodeHandle, bindings, options
+from treadle.graphs.handles import NodeAdder, NodeHandle, bindings
 from treadle.graphs.kinds.base import (
     LLM_STEP_COST_S,
     Checks,
@@ -24,7 +24,7 @@ from treadle.graphs.kinds.base import (
     unused_by_prompt,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ToolRef, TypeString
-from treadle.graphs.spec import NodeSpec
+from treadle.graphs.spec import NodeOptions, NodeSpec
 from treadle.graphs.typecheck import _is_model, describe
 from treadle.tools import Tool
 
@@ -63,12 +63,12 @@ class LLMSteps:
         temperature: float | None = None,
         max_tokens: int | None = None,
         id: str = "",
-        **policy: Any,
+        **options: Any,
     ) -> LLMNode:
         return LLMNode(
             id=id,
             inputs=bindings(inputs),
-            options=options(policy),
+            options=NodeOptions.of(options),
             prompt=prompt,
             model=model,
             system=system,
@@ -94,7 +94,7 @@ class LLMMethods(NodeAdder):
         max_turns: int = 8,
         temperature: float | None = None,
         max_tokens: int | None = None,
-        **policy: Any,
+        **options: Any,
     ) -> NodeHandle:
         return self.add(
             LLMSteps.llm(
@@ -108,7 +108,7 @@ class LLMMethods(NodeAdder):
                 temperature=temperature,
                 max_tokens=max_tokens,
                 id=id,
-                **policy,
+                **options,
             )
         )
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from treadle.graphs.compiled import CompiledNode
-from treadle.graphs.handles import NodeAdder, NodeHandle, binding, options
+from treadle.graphs.handles import NodeAdder, NodeHandle, binding
 from treadle.graphs.kinds.base import (
     FUNC_COST_S,
     Checks,
@@ -22,7 +22,7 @@ from treadle.graphs.kinds.base import (
     kind_of,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ImportPath, ValueOrRef
-from treadle.graphs.spec import NodeSpec
+from treadle.graphs.spec import NodeOptions, NodeSpec
 from treadle.graphs.typecheck import describe, element_type, type_hints
 
 if TYPE_CHECKING:  # the file format's union of inner nodes, resolved by its module
@@ -48,13 +48,14 @@ class MapMethods(NodeAdder):
         node: NodeSpec,
         *,
         reduce: Callable[..., Any] | None = None,
-        **policy: Any,
+        **options: Any,
     ) -> NodeHandle:
         if not node.id:
             node.id = id
-        return self.add(
-            MapNode(id=id, options=options(policy), over=binding(over), node=node, reduce=reduce)
+        spec = MapNode(
+            id=id, options=NodeOptions.of(options), over=binding(over), node=node, reduce=reduce
         )
+        return self.add(spec)
 
 
 class MapFields(FileFields):

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from treadle.graphs.compiled import CompiledNode, Param
-from treadle.graphs.handles import NodeAdder, NodeHandle, bindings, options
+from treadle.graphs.handles import NodeAdder, NodeHandle, bindings
 from treadle.graphs.kinds.base import (
     LLM_STEP_COST_S,
     TOOL_COST_S,
@@ -25,7 +25,7 @@ from treadle.graphs.kinds.base import (
     unused_by_prompt,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ToolRef, TypeString
-from treadle.graphs.spec import NodeSpec
+from treadle.graphs.spec import NodeOptions, NodeSpec
 from treadle.tools import Tool
 
 
@@ -61,12 +61,12 @@ class PlannerSteps:
         max_replans: int = 2,
         joiner: str | None = None,
         id: str = "",
-        **policy: Any,
+        **options: Any,
     ) -> PlannerNode:
         return PlannerNode(
             id=id,
             inputs=bindings(inputs),
-            options=options(policy),
+            options=NodeOptions.of(options),
             prompt=prompt,
             model=model,
             system=system,
@@ -90,7 +90,7 @@ class PlannerMethods(NodeAdder):
         output: Any = str,
         max_replans: int = 2,
         joiner: str | None = None,
-        **policy: Any,
+        **options: Any,
     ) -> NodeHandle:
         return self.add(
             PlannerSteps.planner(
@@ -103,7 +103,7 @@ class PlannerMethods(NodeAdder):
                 max_replans=max_replans,
                 joiner=joiner,
                 id=id,
-                **policy,
+                **options,
             )
         )
 

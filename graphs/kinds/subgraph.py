@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from treadle.graphs.compiled import CompiledNode, Param
-from treadle.graphs.handles import NodeAdder, NodeHandle, bindings, options
+from treadle.graphs.handles import NodeAdder, NodeHandle, bindings
 from treadle.graphs.kinds.base import (
     FUNC_COST_S,
     LLM_STEP_COST_S,
@@ -21,7 +21,7 @@ from treadle.graphs.kinds.base import (
     kind_of,
 )
 from treadle.graphs.kinds.file_fields import FileFields
-from treadle.graphs.spec import GraphSpec, NodeSpec
+from treadle.graphs.spec import GraphSpec, NodeOptions, NodeSpec
 
 if TYPE_CHECKING:  # the file format's workflow reference, resolved by its module
     from typing import Any as GraphRef
@@ -49,10 +49,12 @@ class SubgraphSteps:
         *,
         inputs: Mapping[str, Any] | None = None,
         id: str = "",
-        **policy: Any,
+        **options: Any,
     ) -> SubgraphNode:
         spec = graph if isinstance(graph, GraphSpec) else graph.spec
-        return SubgraphNode(id=id, inputs=bindings(inputs), options=options(policy), graph=spec)
+        return SubgraphNode(
+            id=id, inputs=bindings(inputs), options=NodeOptions.of(options), graph=spec
+        )
 
 
 class SubgraphMethods(NodeAdder):
@@ -62,9 +64,9 @@ class SubgraphMethods(NodeAdder):
         graph: HasGraphSpec | GraphSpec,
         *,
         inputs: Mapping[str, Any] | None = None,
-        **policy: Any,
+        **options: Any,
     ) -> NodeHandle:
-        return self.add(SubgraphSteps.subgraph(graph, inputs=inputs, id=id, **policy))
+        return self.add(SubgraphSteps.subgraph(graph, inputs=inputs, id=id, **options))
 
 
 class SubgraphFields(FileFields):

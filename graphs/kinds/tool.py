@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from treadle.graphs.compiled import CompiledNode, Param
-from treadle.graphs.handles import NodeAdder, NodeHandle, bindings, options
+from treadle.graphs.handles import NodeAdder, NodeHandle, bindings
 from treadle.graphs.kinds.base import (
     TOOL_COST_S,
     Checks,
@@ -17,7 +17,7 @@ from treadle.graphs.kinds.base import (
     NodeKind,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ToolRef
-from treadle.graphs.spec import NodeSpec
+from treadle.graphs.spec import NodeOptions, NodeSpec
 from treadle.tools import Tool
 
 
@@ -32,18 +32,18 @@ class ToolNode(NodeSpec):
 class ToolSteps:
     @staticmethod
     def tool(
-        tool: Tool, *, inputs: Mapping[str, Any] | None = None, id: str = "", **policy: Any
+        tool: Tool, *, inputs: Mapping[str, Any] | None = None, id: str = "", **options: Any
     ) -> ToolNode:
         if not isinstance(tool, Tool):
             raise TypeError(f"expected a Tool (decorate the function with @tool), got {tool!r}")
-        return ToolNode(id=id, inputs=bindings(inputs), options=options(policy), tool=tool)
+        return ToolNode(id=id, inputs=bindings(inputs), options=NodeOptions.of(options), tool=tool)
 
 
 class ToolMethods(NodeAdder):
     def tool(
-        self, id: str, tool: Tool, *, inputs: Mapping[str, Any] | None = None, **policy: Any
+        self, id: str, tool: Tool, *, inputs: Mapping[str, Any] | None = None, **options: Any
     ) -> NodeHandle:
-        return self.add(ToolSteps.tool(tool, inputs=inputs, id=id, **policy))
+        return self.add(ToolSteps.tool(tool, inputs=inputs, id=id, **options))
 
 
 class ToolFields(FileFields):
