@@ -14,8 +14,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, Field
 
 from treadle.runtime.core.events import Event
+from treadle.runtime.core.waiting import InputRequest
 
-RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+#: `waiting`: parked until a person answers (`pending_inputs`); not terminal
+RunStatus = Literal["pending", "running", "waiting", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -34,6 +36,8 @@ class RunRecord(BaseModel):
     #: how to find the program again on resume (a workflow file path, a registered name)
     source: str | None = None
     meta: dict[str, str] = Field(default_factory=dict)
+    #: while `waiting`: the questions the run waits on
+    pending_inputs: list[InputRequest] = Field(default_factory=list)
 
 
 class RunNotFound(KeyError):
