@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from treadle.graphs.compiled import CompiledGraph, CompiledNode, Param
 from treadle.graphs.handles import NodeAdder, NodeHandle, bindings
@@ -39,7 +39,7 @@ from treadle.graphs.kinds.base import (
 from treadle.graphs.kinds.file_fields import NAMES_OBJECT, FileFields, Ident
 from treadle.graphs.kinds.subgraph import HasGraphSpec
 from treadle.graphs.spec import GraphSpec, NodeOptions, NodeSpec
-from treadle.graphs.typecheck import describe, field_type, is_compatible, type_hints
+from treadle.graphs.typecheck import _is_model, describe, field_type, is_compatible, type_hints
 
 if TYPE_CHECKING:  # the file format's workflow reference, resolved by its module
     from typing import Any as GraphRef
@@ -81,8 +81,23 @@ def condition_met(node: LoopNode, output: Any) -> bool:
         holds = bool(value)
     else:
         assert test is not None  # compile requires until or while
+        model = _takes_model(test)
+        if model is not None and not isinstance(output, model):
+            # the body's output model, as the condition's own model of the same fields
+            data = output.model_dump() if isinstance(output, BaseModel) else output
+            output = model.model_validate(data)
         holds = bool(test(output))
     return holds if node.until is not None else not holds
+
+
+def _takes_model(fn: Callable[..., Any]) -> type[BaseModel] | None:
+    """The pydantic model a condition's parameter is annotated with (None: another type)."""
+    try:
+        first = next(iter(inspect.signature(fn).parameters), None)
+    except (TypeError, ValueError):
+        return None
+    param = type_hints(fn).get(first, Any) if first is not None else Any
+    return param if isinstance(param, type) and issubclass(param, BaseModel) else None
 
 
 class LoopMethods(NodeAdder):
@@ -248,7 +263,22 @@ class LoopKind(NodeKind[LoopNode]):
         except (TypeError, ValueError):
             first = None
         param = hints.get(first, Any) if first is not None else Any
-        if not is_compatible(out, param):
+        model = _takes_model(test)
+        if model is not None and _is_model(out):
+            # a model of its own: the output's fields are converted to it
+            missing = [
+                name
+                for name, info in model.model_fields.items()
+                if info.is_required() and name not in out.model_fields
+            ]
+            if missing:
+                c.issue(
+                    f"the condition takes {describe(param)}, whose field(s) "
+                    f"{', '.join(missing)} the body's output does not have",
+                    node,
+                    where,
+                )
+        elif not is_compatible(out, param):
             c.issue(
                 f"the condition takes {describe(param)}, the body's output is {describe(out)}",
                 node,

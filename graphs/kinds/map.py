@@ -22,6 +22,7 @@ from treadle.graphs.kinds.base import (
     NodeKind,
     Prompted,
     kind_of,
+    node_imports,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ImportPath, ValueOrRef
 from treadle.graphs.spec import ErrorInfo, NodeOptions, NodeSpec
@@ -183,7 +184,7 @@ class MapKind(NodeKind[MapNode]):
         if node.reduce is not None:
             yield Imported(f"nodes[{node.id}].reduce", node.reduce, "function")
         if node.node is not None:
-            yield from kind_of(node.node).imported(node.node)
+            yield from node_imports(node.node)
 
 
 MAP = MapKind()

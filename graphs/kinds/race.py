@@ -24,6 +24,7 @@ from treadle.graphs.kinds.base import (
     Imported,
     NodeKind,
     kind_of,
+    node_imports,
 )
 from treadle.graphs.kinds.file_fields import FileFields
 from treadle.graphs.spec import NodeOptions, NodeSpec
@@ -128,7 +129,7 @@ class RaceKind(NodeKind[RaceNode]):
 
     def imported(self, node: RaceNode) -> Iterator[Imported]:
         for branch in node.branches:
-            yield from kind_of(branch).imported(branch)
+            yield from node_imports(branch)
 
 
 def race_output(node_id: str, branches: Mapping[str, CompiledNode]) -> type[BaseModel]:

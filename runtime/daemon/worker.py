@@ -475,6 +475,7 @@ class Worker:
         self._set_trace_parent(record)
         try:
             async with self.runtime.open_run(cg, record, resume=resume) as handle:
+                handle._release()  # a run that parks is settled for now (see above)
                 slot.handle = handle
                 if slot.cancel_requested:
                     handle.cancel()

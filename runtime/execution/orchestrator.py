@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 _YIELD_EVERY = 64
 #: at most this many inline outputs wait for one commit
 _STAGE_LIMIT = 512
+#: the journal key suffix of a node its error policy skipped (the decision is final: a
+#: resumed run skips it again rather than running it again)
+_SKIPPED = "$skipped"
 
 
 @dataclass
@@ -199,7 +202,7 @@ class GraphScope:
         self._tg: TaskGroup | None = None
         self._inline_count = 0
         #: nodes that wait for human input (they and what depends on them do not settle)
-        self._waiting: list[InputPending] = []
+        self._waiting: dict[str, InputPending] = {}
 
     # -- driving -----------------------------------------------------------------------
 
@@ -212,8 +215,9 @@ class GraphScope:
             self._dispatch(None)
         if self._waiting:
             # everything that could run has: the run (or the node that runs this scope)
-            # waits for the answers
-            raise InputPending.merge(self._waiting)
+            # waits for the answers (listed in the graph's order)
+            waiting = self._waiting
+            raise InputPending.merge([waiting[n] for n in self.cg.order if n in waiting])
         return self._output()
 
     def _dispatch(self, local: deque[str] | None) -> None:
@@ -297,10 +301,14 @@ class GraphScope:
         caller to settle after a commit; any other node is committed and settled here."""
         plan = self.plans[nid]
         iid = self.prefix + nid
-        data = self.ctx.restored.get(iid)
+        restored = self.ctx.restored
+        data = restored.get(iid)
         if data is not None:
             self.values[nid] = load_value(plan.cn.output_type, data)
             self._settled(nid)
+            return None
+        if restored and (skipped := restored.get(iid + _SKIPPED)) is not None:
+            self._mark_skipped(nid, skipped.decode())
             return None
         values, inputs = self.values, self.inputs
         kwargs = {name: get(values, inputs, None) for name, get in plan.getters}
@@ -313,9 +321,10 @@ class GraphScope:
             try:
                 result = await self._run_with_options(plan, iid, kwargs, inputs, None)
             except InputPending as pending:
-                self._waiting.append(pending)  # not settled: its dependents wait too
+                self._waiting[nid] = pending  # not settled: its dependents wait too
                 return None
         if isinstance(result, Skipped):
+            self.ctx.journal.stage(iid + _SKIPPED, result.reason.encode())
             self._mark_skipped(nid, result.reason)
             return None
         value, data_out, started = result
@@ -521,9 +530,12 @@ class GraphScope:
         self, node: CompiledNode, instance: str, item: Any = None, index: int | None = None
     ) -> Any:
         plan = self._inner_plan(node)
-        data = self.ctx.restored.get(instance)
+        restored = self.ctx.restored
+        data = restored.get(instance)
         if data is not None:
             return load_value(node.output_type, data)
+        if restored and (skipped := restored.get(instance + _SKIPPED)) is not None:
+            return Skipped(skipped.decode())
         inputs = {**self.inputs, INDEX: index} if plan.uses_index else self.inputs
         kwargs = {name: get(self.values, inputs, item) for name, get in plan.getters}
         if plan.run_inline is not None:
@@ -532,6 +544,7 @@ class GraphScope:
             result = await self._run_with_options(plan, instance, kwargs, inputs, item)
         if isinstance(result, Skipped):
             self.ctx.emit(NodeSkipped, node=instance, reason=result.reason)
+            self.ctx.journal.stage(instance + _SKIPPED, result.reason.encode())
             return result
         value, data, started = result
         self.ctx.emit(NodeFinished, node=instance, duration_s=time.perf_counter() - started)

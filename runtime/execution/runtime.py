@@ -289,6 +289,7 @@ class Runtime:
     ) -> RunResult:
         """Run to completion. With `check` (default) a failed run raises `RunFailed`."""
         async with self.start(graph, inputs, run_id=run_id, tenant=tenant, source=source) as run:
+            run._release()  # a run that parks is left waiting in the store
             result = await run.result()
         return result.raise_for_status() if check else result
 
@@ -315,6 +316,7 @@ class Runtime:
         if input is not NO_INPUT:
             await record_input(self.store, cg, run_id, input, node=node, key=key, record=record)
         async with self.open_run(cg, record, resume=True) as run:
+            run._release()  # a run that parks again is left waiting in the store
             result = await run.result()
         return result.raise_for_status() if check else result
 

@@ -33,7 +33,7 @@ class MapExecutor(NodeExecutor[MapNode]):
         call.ctx.emit(GraphExtended, node=call.instance, instances=instances)
         results: list[Any] = [None] * len(items)
         failed: list[RunFailure] = []
-        waiting: list[InputPending] = []
+        waiting: dict[int, InputPending] = {}
         limit = spec.options.concurrency
         limiter = anyio.CapacityLimiter(limit) if limit else None
 
@@ -42,7 +42,7 @@ class MapExecutor(NodeExecutor[MapNode]):
                 results[i] = await scope.run_element(inner, instances[i], items[i], i)
             except InputPending as pending:
                 results[i] = Skipped("waiting for input")
-                waiting.append(pending)
+                waiting[i] = pending
             except RunFailure as failure:
                 if spec.max_failures is None:
                     raise
@@ -70,7 +70,7 @@ class MapExecutor(NodeExecutor[MapNode]):
                 for i in range(len(items)):
                     tg.start_soon(one, i, name=instances[i])
         if waiting:
-            raise InputPending.merge(waiting)
+            raise InputPending.merge([waiting[i] for i in sorted(waiting)])
         collected: list[Any]
         if spec.max_failures is None:
             collected = [r for r in results if not isinstance(r, Skipped)]
