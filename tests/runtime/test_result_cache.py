@@ -67,32 +67,20 @@ async def test_keys_hold_the_tenant_the_chosen_inputs_and_the_definition() -> No
     def run(g: Graph, question: str, user: str, tenant: str = "t1"):  # type: ignore[no-untyped-def]
         return runtime.run(g, {"question": question, "user": user}, tenant=tenant)
 
-    g = Graph("keyed", inputs={"question": str, "user": str})
-    g.output(
-        answer=g.llm(
-            "answer",
-            "Answer {question} for {user}",
-            cache={"key": ["question"]},
-            inputs={"question": g.input.question, "user": g.input.user},
-        ).out
-    )
-    # fmt: skip
+    def keyed(prompt: str) -> Graph:
+        g = Graph("keyed", inputs={"question": str, "user": str})
+        inputs = {"question": g.input.question, "user": g.input.user}
+        g.output(answer=g.llm("answer", prompt, cache={"key": ["question"]}, inputs=inputs).out)
+        return g
+
+    g = keyed("Answer {question} for {user}")
     await run(g, "q", "ada")
     assert backend.calls == 1
     await run(g, "q", "bob")  # `user` is not part of the key
     assert backend.calls == 1
     await run(g, "q", "ada", tenant="t2")  # another tenant never sees t1's entries
     assert backend.calls == 2
-    changed = Graph("keyed", inputs={"question": str, "user": str})
-    changed.output(
-        answer=changed.llm(
-            "answer",
-            "Reply to {question} for {user}",
-            cache={"key": ["question"]},
-            inputs={"question": changed.input.question, "user": changed.input.user},
-        ).out
-    )
-    # fmt: skip
+    changed = keyed("Reply to {question} for {user}")
     await run(changed, "q", "ada")  # another prompt: another key
     assert backend.calls == 3
     bad = Graph("badkey", inputs={"question": str})
@@ -139,8 +127,8 @@ async def test_the_llm_call_cache_answers_repeated_calls_without_tokens() -> Non
         listeners=[metrics.listener],
     )
     g = Graph("planning", inputs={"goals": list[str]})
-    g.output(plan=g.map("plans", g.input.goals, step.llm("Plan for {g}", inputs={"g": ITEM})).out)
-    # fmt: skip
+    plans = g.map("plans", g.input.goals, step.llm("Plan for {g}", inputs={"g": ITEM}))
+    g.output(plan=plans)
     first = await runtime.run(g, {"goals": ["a", "b"]})
     assert backend.calls == 2
     second = await runtime.run(g, {"goals": ["b", "a"]})
