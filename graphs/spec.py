@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 #: the pseudo-node that stands for the graph's inputs in a `Ref`
 INPUT = "$input"
@@ -164,7 +164,19 @@ class NodeOptions(BaseModel):
         handler = options.get("handler")
         if isinstance(handler, NodeSpec) and not handler.id:
             handler.id = "on_error"
+        cache = options.get("cache")
+        if cache is True or isinstance(cache, Mapping):
+            try:
+                options = {**options, "cache": _cache_options(cache)}
+            except ValidationError:
+                pass  # kept as given: `compile_graph` reports it with the other problems
         return cls.model_construct(**options)
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_true(cls, value: Any) -> Any:
+        # `cache: true` is the default cache, as the SDK's `cache=True` is
+        return _cache_options(value) if value is True else value or None
 
     def problems(self) -> list[tuple[str, str]]:
         """(option, what is wrong) for every value that does not fit its option."""
@@ -179,11 +191,15 @@ class NodeOptions(BaseModel):
 
     @property
     def cache_options(self) -> CacheOptions | None:
-        """`cache` as given in the SDK (True, a dict) or a file, as `CacheOptions`."""
+        """`cache` as `CacheOptions` (None: not cached); ValueError if it is not valid."""
         raw = self.cache
         if raw is None or raw is False or isinstance(raw, CacheOptions):
             return raw or None
-        return CacheOptions.model_validate({} if raw is True else raw, strict=False)
+        return _cache_options(raw)
+
+
+def _cache_options(raw: Any) -> CacheOptions:
+    return CacheOptions.model_validate({} if raw is True else raw, strict=False)
 
 
 def _option_problem(err: Any) -> str:

@@ -64,7 +64,9 @@ class AskExecutor(NodeExecutor[AskNode]):
             prompt=spec.prompt.format(**{k: as_text(v) for k, v in call.inputs.items()}),
             answer_schema=output.json_schema(),
             has_default=spec.has_default,
-            default=output.dump_python(spec.default, mode="json") if spec.has_default else None,
+            default=output.dump_python(output.validate_python(spec.default), mode="json")
+            if spec.has_default
+            else None,
             requested_at=now,
             expires_at=now + spec.deadline_s if spec.deadline_s is not None else None,
         )
