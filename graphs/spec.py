@@ -10,6 +10,7 @@ Each node kind adds its own fields in its module of `treadle.graphs.kinds`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -166,10 +167,9 @@ class NodeOptions(BaseModel):
             handler.id = "on_error"
         cache = options.get("cache")
         if cache is True or isinstance(cache, Mapping):
-            try:
+            # a bad one is kept as given: `compile_graph` reports it with the other problems
+            with contextlib.suppress(ValidationError):
                 options = {**options, "cache": _cache_options(cache)}
-            except ValidationError:
-                pass  # kept as given: `compile_graph` reports it with the other problems
         return cls.model_construct(**options)
 
     @field_validator("cache")
