@@ -140,7 +140,8 @@ def resume_run(
         str | None, typer.Option(help="The request answered, when the run waits on several.")
     ] = None,
     key: Annotated[
-        str | None, typer.Option(help="Idempotency key: the same answer again changes nothing.")
+        str | None,
+        typer.Option("--idempotency-key", help="The same answer again changes nothing."),
     ] = None,
     program: Annotated[
         str | None,
