@@ -120,6 +120,8 @@ class RunHandle:
         #: then is left waiting in the store rather than in this process
         self._held = True
         self._park_scope: anyio.CancelScope | None = None
+        #: the run waited for input (its record lists requests to clear when it ends)
+        self._had_requests = False
 
     @property
     def run_id(self) -> str:
@@ -181,6 +183,7 @@ class RunHandle:
         """The run parks with `result`: wait here, while the handle is held, for `resume`
         or the earliest deadline of its requests. True: go on; False: leave it waiting."""
         self._wake = wake = anyio.Event()
+        self._had_requests = True
         self._finish(result)
         deadlines = [r.expires_at for r in result.pending if r.expires_at is not None]
         try:
@@ -379,13 +382,15 @@ class Runtime:
         inputs = {name: getattr(inputs_model, name) for name in type(inputs_model).model_fields}
         scope = anyio.CancelScope()
         handle = RunHandle(ctx, scope, self.store, cg)
+        handle._had_requests = bool(record.pending_inputs)
         # leaving the block waits for the run, as a task group does, until it finishes or
         # parks to wait for input; `handle.cancel()` stops it
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._execute, ctx, cg, inputs, scope, handle, resume)
             try:
                 yield handle
-                await handle._done.wait()
+                if not handle._done.is_set():
+                    await handle._done.wait()
             finally:
                 handle._release()
 
@@ -488,11 +493,12 @@ class Runtime:
                 self.admission.end_run(ctx, status)
             ctx.emit(RunFinished, status=status, error=error, duration_s=duration)
             dumped = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
+            changes: dict[str, Any] = {"status": status, "output": dumped, "error": error}
+            if handle._had_requests:
+                changes["pending_inputs"] = []
             try:
                 await ctx.journal.commit(final=True)
-                await self.store.update_run(
-                    ctx.run_id, status=status, output=dumped, error=error, pending_inputs=[]
-                )
+                await self.store.update_run(ctx.run_id, **changes)
             except Exception as exc:  # the store itself failed: say so, do not hide it
                 status, error = "failed", f"state store error: {exc}"
             handle._finish(RunResult(ctx.run_id, status, output, error, ctx.log, duration))
