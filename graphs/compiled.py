@@ -140,12 +140,16 @@ class CompiledGraph:
         return current
 
     def children(self) -> list[CompiledGraph]:
-        """The graphs its nodes run (subgraphs, loop bodies, those of nested nodes)."""
-        found: list[CompiledGraph] = []
-        todo = list(self.nodes.values())
-        while todo:
-            node = todo.pop()
-            if node.child is not None and all(node.child is not c for c in found):
-                found.append(node.child)
-            todo.extend(node.nested_nodes())
+        """The graphs its nodes run (subgraphs, loop bodies, those of nested nodes); found
+        once (a runtime asks on every run)."""
+        found: list[CompiledGraph] | None = self.__dict__.get("_children")
+        if found is None:
+            found = []
+            todo = list(self.nodes.values())
+            while todo:
+                node = todo.pop()
+                if node.child is not None and all(node.child is not c for c in found):
+                    found.append(node.child)
+                todo.extend(node.nested_nodes())
+            self.__dict__["_children"] = found
         return found
