@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from treadle.errors import GraphError
 from treadle.graphs.analysis import GraphFacts, _llm_spec, analyze
 from treadle.graphs.spec import (
     INPUT,
@@ -65,7 +66,7 @@ class GraphIssue:
         return where + (", ".join(what) + ": " if what else "") + self.message
 
 
-class GraphValidationError(ValueError):
+class GraphValidationError(GraphError, ValueError):
     """The graph is not a valid program; `issues` lists every problem found."""
 
     def __init__(self, graph: str, issues: list[GraphIssue]):

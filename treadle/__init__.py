@@ -18,7 +18,6 @@ import anyio
 
 from treadle.backends import (
     Backend,
-    BackendError,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -27,6 +26,16 @@ from treadle.backends import (
     ScriptRule,
     ToolCall,
     Usage,
+)
+from treadle.errors import (
+    BackendError,
+    DaemonError,
+    GraphError,
+    RunError,
+    SetupError,
+    StoreError,
+    ToolError,
+    TreadleError,
 )
 from treadle.graphs.analysis import GraphFacts, LLMFacts
 from treadle.graphs.builder import ITEM_REF as ITEM
@@ -56,11 +65,12 @@ from treadle.runtime import (
     RunHandle,
     RunRecord,
     RunResult,
+    RunStatus,
     Runtime,
     StateStore,
 )
 from treadle.runtime.core import events
-from treadle.tools import Tool, ToolArgumentError, ToolError, tool
+from treadle.tools import Tool, ToolArgumentError, tool
 
 __version__ = "0.1.0"
 
@@ -94,10 +104,12 @@ __all__ = [
     "BranchNode",
     "Capabilities",
     "CompiledGraph",
+    "DaemonError",
     "Event",
     "FirstOf",
     "FuncNode",
     "Graph",
+    "GraphError",
     "GraphFacts",
     "GraphSpec",
     "GraphValidationError",
@@ -117,20 +129,25 @@ __all__ = [
     "Policy",
     "Ref",
     "RunCancelled",
+    "RunError",
     "RunFailed",
     "RunHandle",
     "RunRecord",
     "RunResult",
+    "RunStatus",
     "Runtime",
     "ScriptRule",
     "ScriptedBackend",
+    "SetupError",
     "StateStore",
+    "StoreError",
     "SubgraphNode",
     "Tool",
     "ToolArgumentError",
     "ToolCall",
     "ToolError",
     "ToolNode",
+    "TreadleError",
     "Usage",
     "compile_graph",
     "events",

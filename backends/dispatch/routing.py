@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from treadle.backends.base import LLMRequest
+from treadle.errors import BackendError
 
 #: engine KV block size (vLLM default), also the default routing chunk
 DEFAULT_CHUNK_TOKENS = 16
@@ -45,7 +46,7 @@ CHARS_PER_TOKEN = 4
 _ROOT = 0x5EED
 
 
-class NoReplicaAvailable(RuntimeError):
+class NoReplicaAvailable(BackendError, RuntimeError):
     """Every replica is marked unavailable; there is nothing to route to."""
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from treadle.errors import BackendError
+
 
 class MetricNames(BaseModel):
     """Which metric families carry a server's load.
@@ -54,7 +56,7 @@ class ServerLoad(BaseModel):
     raw: dict[str, float] = Field(default_factory=dict)
 
 
-class MetricsFormatError(ValueError):
+class MetricsFormatError(BackendError, ValueError):
     """The text is not Prometheus exposition, or lacks the metrics a dialect needs."""
 
 

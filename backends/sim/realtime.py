@@ -47,13 +47,14 @@ from treadle.backends.sim.tokenizer import (
     encode_chat,
     encode_completion,
 )
+from treadle.errors import BackendError
 
 
-class SimulatorFailure(RuntimeError):
+class SimulatorFailure(BackendError, RuntimeError):
     """The simulated engine raised; the replica is unusable."""
 
 
-class DuplicateRequestId(ValueError):
+class DuplicateRequestId(BackendError, ValueError):
     """A request came with the id of a request still in flight (SGLang refuses these)."""
 
 

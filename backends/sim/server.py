@@ -77,6 +77,7 @@ from treadle.backends.sim.realtime import (
     SimReplica,
     SimulatorFailure,
 )
+from treadle.errors import BackendError
 
 _T = TypeVar("_T")
 
@@ -237,7 +238,7 @@ class _PinRelease(BaseModel):
 # -- errors --------------------------------------------------------------------------------
 
 
-class _RequestError(Exception):
+class _RequestError(BackendError):
     def __init__(self, status: int, message: str, *, kind: str, code: str, param: str | None):
         super().__init__(message)
         self.status = status

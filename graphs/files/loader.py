@@ -43,6 +43,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 
+from treadle.errors import GraphError
 from treadle.graphs.files import schema as ff
 from treadle.graphs.files.typeref import (
     BUILTIN_TYPES,
@@ -97,7 +98,7 @@ _REF_HINT = (
 _STD_STR_TAG = "tag:yaml.org,2002:str"
 
 
-class WorkflowFileError(ValueError):
+class WorkflowFileError(GraphError, ValueError):
     """A problem in a workflow file, with where it is: `FILE:LINE:COL: FIELD: WHAT`."""
 
     def __init__(self, file: str, line: int, col: int, field: str, problem: str) -> None:

@@ -15,10 +15,11 @@ from typing import Any
 
 import httpx
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+from treadle.errors import DaemonError
+from treadle.runtime.core.store import TERMINAL
 
 
-class ClientError(Exception):
+class ClientError(DaemonError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status

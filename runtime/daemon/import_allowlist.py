@@ -40,6 +40,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import YAMLError
 
+from treadle.errors import DaemonError
 from treadle.graphs.spec import (
     BranchNode,
     FuncNode,
@@ -79,14 +80,15 @@ _TYPE_MODULES = frozenset(
 Path = tuple[str | int, ...]
 
 
-class PolicyViolation(ValueError):
+class AllowListViolation(DaemonError, ValueError):
     """The definition refers to something the daemon does not allow (`FILE:LINE:COL: FIELD:
     WHAT`, like the loader's errors)."""
 
 
 @dataclass(frozen=True)
-class DefinitionPolicy:
-    """What a registered definition may refer to (see the module docstring)."""
+class ImportAllowList:
+    """What a registered definition may refer to: modules it may import from, backends it
+    may declare (see the module docstring)."""
 
     allow_imports: tuple[str, ...] = ()
     allow_backends: tuple[str, ...] = DEFAULT_ALLOWED_BACKENDS
@@ -155,7 +157,7 @@ class DefinitionPolicy:
     def _check_object(self, obj: Any, where: str) -> None:
         module = getattr(obj, "__module__", None)
         if not isinstance(module, str) or not self.module_allowed(module):
-            raise PolicyViolation(
+            raise AllowListViolation(
                 f"{where}: {getattr(obj, '__qualname__', type(obj).__name__)} comes from "
                 f"module {module!r}, which is not allowed here ({self._allowed()})"
             )
@@ -164,7 +166,7 @@ class DefinitionPolicy:
         for cls in _classes(tp, set()):
             module = getattr(cls, "__module__", "")
             if module not in _TYPE_MODULES and not self.module_allowed(module):
-                raise PolicyViolation(
+                raise AllowListViolation(
                     f"{where}: type {cls.__qualname__} comes from module {module!r}, "
                     f"which is not allowed here ({self._allowed()})"
                 )
@@ -176,7 +178,7 @@ def _classes(tp: Any, seen: set[int]) -> Iterator[type]:
         return
     seen.add(id(tp))
     if isinstance(tp, types.ModuleType):
-        raise PolicyViolation(f"a module ({tp.__name__}) is not a type")
+        raise AllowListViolation(f"a module ({tp.__name__}) is not a type")
     for arg in typing.get_args(tp):
         yield from _classes(arg, seen)
     origin = typing.get_origin(tp)
@@ -205,15 +207,15 @@ def _parse(text: str, fmt: str) -> tuple[Any, Any]:
 
 
 class _Walker:
-    def __init__(self, policy: DefinitionPolicy, filename: str, tree: Any, data: Any) -> None:
-        self.policy = policy
+    def __init__(self, allowlist: ImportAllowList, filename: str, tree: Any, data: Any) -> None:
+        self.allowlist = allowlist
         self.data = data
         self.filename = filename
         self.tree = tree
 
-    def fail(self, path: Path, problem: str) -> PolicyViolation:
+    def fail(self, path: Path, problem: str) -> AllowListViolation:
         line, col = _position(self.tree, path)
-        return PolicyViolation(
+        return AllowListViolation(
             f"{self.filename}:{line}:{col}: {_field(self.data, path)}: {problem}"
         )
 
@@ -290,7 +292,7 @@ class _Walker:
     def import_path(self, value: Any, path: Path) -> None:
         value = _text(value)
         if isinstance(value, str):
-            problem = self.policy.import_problem(value)
+            problem = self.allowlist.import_problem(value)
             if problem is not None:
                 raise self.fail(path, problem)
         else:
@@ -302,7 +304,7 @@ class _Walker:
         if isinstance(value, str):
             for match in _TOKEN.finditer(value):
                 if match["path"] is not None:
-                    problem = self.policy.import_problem(match["path"])
+                    problem = self.allowlist.import_problem(match["path"])
                     if problem is not None:
                         raise self.fail(path, problem)
         elif isinstance(value, dict):
@@ -323,7 +325,7 @@ class _Walker:
         if not isinstance(config, dict):
             return  # the loader / compiler report a malformed entry
         kind = config.get("backend")
-        allowed = self.policy.allow_backends
+        allowed = self.allowlist.allow_backends
         if kind not in allowed:
             raise self.fail(
                 (*path, "backend"),

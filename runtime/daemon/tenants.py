@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
+from treadle.errors import DaemonError
 from treadle.runtime.daemon.keys import DaemonKeys
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -56,7 +57,7 @@ class ApiKey(BaseModel):
     revoked: bool = False
 
 
-class TenantError(ValueError):
+class TenantError(DaemonError, ValueError):
     """A tenant operation that cannot be done (bad id, exists already, unknown)."""
 
 

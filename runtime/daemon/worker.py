@@ -50,6 +50,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
 from treadle.runtime.core.events import Event
@@ -94,7 +95,7 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class ProgramError(Exception):
+class ProgramError(DaemonError):
     """The run's program cannot be loaded (unknown or invalid definition): the run fails."""
 
 
@@ -174,7 +175,7 @@ class _Slot:
             self.scope.cancel()
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(DaemonError, RuntimeError):
     """The worker stopped this run without ending it; its writes are refused."""
 
 

@@ -22,7 +22,7 @@ from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
 from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.config import DaemonConfig
-from treadle.runtime.daemon.import_allowlist import DefinitionPolicy, PolicyViolation
+from treadle.runtime.daemon.import_allowlist import AllowListViolation, ImportAllowList
 from treadle.runtime.daemon.quotas import UsageLedger
 from treadle.runtime.daemon.registry import RegistryLoader
 from treadle.runtime.daemon.services import Services
@@ -32,14 +32,14 @@ from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
 log = logging.getLogger(__name__)
 
 
-def policy_check(policy: DefinitionPolicy) -> ProgramCheck:
+def allowlist_check(allowlist: ImportAllowList) -> ProgramCheck:
     """The worker's `check_program`: every function, tool and type of the loaded graph must
-    come from a module `policy` allows, else the run fails with the violation as its error."""
+    come from a module `allowlist` allows, else the run fails with the violation as its error."""
 
     def check(record: RunRecord, cg: CompiledGraph) -> None:
         try:
-            policy.check_spec(cg.spec)
-        except PolicyViolation as exc:
+            allowlist.check_spec(cg.spec)
+        except AllowListViolation as exc:
             raise ProgramError(f"refused by the import allow-list: {exc}") from None
 
     return check
@@ -73,7 +73,7 @@ def build_worker(
             worker_id=worker_id,
             retain_s=config.retain_s,
         ),
-        check_program=policy_check(services.registry.policy),
+        check_program=allowlist_check(services.registry.allowlist),
     )
 
 

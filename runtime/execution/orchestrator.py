@@ -36,7 +36,7 @@ from treadle.graphs.spec import (
     ToolNode,
 )
 from treadle.runtime.core.context import RunContext
-from treadle.runtime.core.errors import NodeError, OutputError
+from treadle.runtime.core.errors import NodeError, OutputError, RunFailed
 from treadle.runtime.core.events import (
     GraphExtended,
     NodeFailed,
@@ -53,15 +53,6 @@ from treadle.runtime.nodes.llm import run_llm_node, run_tool_node
 _YIELD_EVERY = 64
 #: at most this many inline outputs wait for one commit
 _STAGE_LIMIT = 512
-
-
-class RunFailure(Exception):
-    """A node failed under the `fail` policy: the run stops."""
-
-    def __init__(self, node: str, message: str):
-        super().__init__(f"node {node!r} failed: {message}")
-        self.node = node
-        self.message = message
 
 
 class _Skip:
@@ -327,14 +318,14 @@ class GraphScope:
         self, plan: NodePlan, iid: str, message: str, attempt: int, started: float
     ) -> tuple[Any, bytes, float] | _Skip:
         """What the node's error policy makes of its last failure: a skip, the fallback as
-        its output, or the end of the run (`RunFailure`)."""
+        its output, or the end of the run (`RunFailed`)."""
         policy = plan.spec.policy
         self.ctx.emit(NodeFailed, node=iid, error=message, attempt=attempt, policy=policy.on_error)
         if policy.on_error == "skip":
             return _Skip(f"failed: {message}")
         if policy.on_error == "fallback":
             return policy.fallback, plan.dump(policy.fallback), started
-        raise RunFailure(iid, message)
+        raise RunFailed.at_node(self.ctx.run_id, iid, message)
 
     async def _attempt(
         self, plan: NodePlan, iid: str, kwargs: dict[str, Any], attempt: int, timeout: float | None
@@ -459,7 +450,11 @@ class GraphScope:
             get, nodes = make_getter(binding)
             if nodes and not any(n in self.values for n in nodes):
                 why = "; ".join(self.skipped.get(n, "did not run") for n in nodes)
-                raise RunFailure(self.prefix + nodes[0], f"output {name!r} is unavailable: {why}")
+                raise RunFailed.at_node(
+                    self.ctx.run_id,
+                    self.prefix + nodes[0],
+                    f"output {name!r} is unavailable: {why}",
+                )
             out[name] = get(self.values, self.inputs, None)
         return model.model_validate(out)
 
@@ -472,8 +467,8 @@ def _backoff(base: float, cap: float, jitter: float, attempt: int) -> float:
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    if isinstance(exc, RunFailure):
-        return f"{exc.node}: {exc.message}"
+    if isinstance(exc, RunFailed) and exc.node is not None:
+        return f"{exc.node}: {exc.reason}"
     if isinstance(exc, NodeError):
         return exc.reason
     text = str(exc)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+from treadle.errors import SetupError
 from treadle.runtime.core.events import (
     Event,
     GraphExtended,
@@ -126,7 +127,7 @@ TRACESTATE = "tracestate"
 _EXPORTERS = ("console", "otlp", "none")
 
 
-class TracingUnavailable(RuntimeError):
+class TracingUnavailable(SetupError, RuntimeError):
     """Tracing was asked for but the OpenTelemetry packages are not installed."""
 
 

@@ -158,7 +158,7 @@ def run(
             with anyio.CancelScope(shield=True):
                 if started:
                     await state.update_run(
-                        started[0], status="cancelled", error="interrupted; resumable"
+                        started[0], status="interrupted", error="interrupted; resumable"
                     )
             raise
         finally:
