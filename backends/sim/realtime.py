@@ -33,8 +33,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from treadle.backends.base import LLMRequest, ToolCall
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
@@ -260,7 +261,10 @@ class SimReplica:
 
 def load_rules(path: str | Path) -> list[ScriptRule]:
     """Script rules from a YAML or JSON file: a list of rules, or `{"rules": [...]}`."""
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = YAML(typ="safe", pure=True).load(Path(path).read_text())
+    except YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if isinstance(data, dict) and "rules" in data:
         data = data["rules"]
     if not isinstance(data, list):

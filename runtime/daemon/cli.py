@@ -70,15 +70,34 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def load_data_file(path: Path, option: str) -> Any:
+    """The data of a JSON or YAML file named by a command-line option (ruamel.yaml, the
+    workflow loader's parser; YAML 1.2). A file that does not parse exits with `OPTION
+    FILE:LINE:COL: WHAT` on one line."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return YAML(typ="safe", pure=True).load(text)
+    except OSError as exc:
+        raise _fail(f"{option} {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{option} {path}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise _fail(f"{option} {where}: {exc.problem or exc.context or 'invalid YAML'}") from None
+    except YAMLError as exc:
+        raise _fail(f"{option} {path}: {' '.join(str(exc).split())}") from None
+
+
 def _models(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise _fail(f"--models {path}: {exc}") from None
+    data = load_data_file(path, "--models")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise _fail(f"--models {path}: expected a mapping of alias -> backend config")
     return {str(k): v for k, v in data.items()}
