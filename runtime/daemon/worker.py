@@ -49,6 +49,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph
@@ -237,6 +238,12 @@ class _Gate:
         """The Redis client belongs to the caller."""
 
 
+def _claim_failed(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("claim failed (%s); retrying in %.1f s", failure, delay)
+
+
 class Worker:
     """Executes runs from `queue` with `store` (see the module docstring).
 
@@ -279,6 +286,13 @@ class Worker:
         self.stats = WorkerStats()
         self._slots: dict[str, _Slot] = {}
         self._capacity = anyio.Semaphore(self.options.concurrency)
+        #: claiming outlives a Redis outage: tried again, with backoff, until it works
+        self._claims = AsyncRetrying(
+            retry=retry_if_exception_type((RedisError, OSError)),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            before_sleep=_claim_failed,
+            sleep=anyio.sleep,
+        )
         self._stopping = anyio.Event()
         self._claiming: anyio.CancelScope | None = None
         self._idle: anyio.Event | None = None
@@ -329,19 +343,14 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _claim_loop(self, runs: TaskGroup) -> None:
-        failures = 0
         while not self._stopping.is_set():
             job: Job | None = None
             with anyio.CancelScope() as self._claiming:
                 await self._capacity.acquire()  # a free slot first: claim only what we can run
                 try:
-                    job = await self.queue.claim(self.worker_id, block_ms=self.options.block_ms)
-                    failures = 0
-                except (RedisError, OSError) as exc:
-                    failures += 1
-                    delay = min(0.1 * 2**failures, 2.0)
-                    log.warning("claim failed (%s); retrying in %.1f s", exc, delay)
-                    await anyio.sleep(delay)
+                    job = await self._claims(
+                        self.queue.claim, self.worker_id, block_ms=self.options.block_ms
+                    )
                 finally:
                     if job is None:  # (a job's task releases the slot when it is done)
                         self._capacity.release()
