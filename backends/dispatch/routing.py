@@ -17,10 +17,10 @@ Policies share one interface, `choose(request, replicas) -> replica index`:
   affinity per program with work stealing from an overloaded replica, and the sgl-router
   imbalance guard.
 
-Chunking of chat requests: when `treadle.backends.sim.tokenizer` is importable, its chat
-encoding (`encode_chat`, the tokens a simulated replica caches) gives token ids, chunked by
-`chunk_tokens`; otherwise the rendered prompt text is cut into chunks of
-`chunk_tokens * CHARS_PER_TOKEN` characters (a character chunk is an equally valid prefix key;
+Chunking of chat requests is the `TokenEstimator`'s (`treadle.backends.tokens`), given by
+the caller: one with the engine's tokenizer gives token ids, chunked by `chunk_tokens`;
+otherwise (the default, `CHARS`) the rendered prompt text is cut into chunks of
+`chunk_tokens * chars_per_token` characters (a character chunk is an equally valid prefix key;
 only the token counts are estimates then). Each decision costs O(prompt chunks) per replica
 holding a match, and the walk stops at the first miss.
 """
@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from treadle.backends.base import LLMRequest
+from treadle.backends.tokens import CHARS, TokenEstimator, prompt_text
 from treadle.errors import BackendError
 
 #: engine KV block size (vLLM default), also the default routing chunk
 DEFAULT_CHUNK_TOKENS = 16
-#: characters per token when no tokenizer is available (the usual English estimate)
-CHARS_PER_TOKEN = 4
 #: seed of every chain: the hash of "no parent"
 _ROOT = 0x5EED
 
@@ -97,52 +95,6 @@ def chain_text_chunks(text: str, chunk_chars: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def prompt_text(request: LLMRequest) -> str:
-    """The request as the text an engine would see first: tools, then messages in order.
-
-    The exact chat template does not matter for routing, only that equal conversation
-    prefixes give equal text prefixes, which this rendering preserves."""
-    parts: list[str] = []
-    if request.tools:
-        parts.append(json.dumps(request.tools, sort_keys=True, separators=(",", ":")))
-    for message in request.messages:
-        parts.append(f"<|{message.role}|>{message.content or ''}")
-        for call in message.tool_calls:
-            parts.append(f"<|call|>{call.name}{call.arguments}")
-    return "\n".join(parts)
-
-
-Encoder = Callable[[LLMRequest], Sequence[int]]
-
-
-def _load_encoder() -> Encoder | None:
-    """The simulator tokenizer's chat encoding (the very tokens a simulated replica
-    caches), or its plain tokenizer over `prompt_text`; None when the module is absent."""
-    try:
-        from treadle.backends.sim import tokenizer as sim_tokenizer
-    except ImportError:
-        return None
-    encode_chat = getattr(sim_tokenizer, "encode_chat", None)
-    if callable(encode_chat):
-        return lambda request: cast(
-            Sequence[int], encode_chat(request.messages, request.tools or None)
-        )
-    tokenize = getattr(sim_tokenizer, "tokenize", None)
-    if callable(tokenize):
-        return lambda request: cast(Sequence[int], tokenize(prompt_text(request)))
-    return None
-
-
-_ENCODER: list[Encoder | None] = []
-
-
-def request_encoder() -> Encoder | None:
-    """Cached lookup of the simulator's tokenizer (None: character chunks are used)."""
-    if not _ENCODER:
-        _ENCODER.append(_load_encoder())
-    return _ENCODER[0]
-
-
 # -- request features ----------------------------------------------------------------------
 
 
@@ -168,16 +120,16 @@ class RequestFeatures:
         *,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         now: float = 0.0,
+        tokens: TokenEstimator = CHARS,
     ) -> RequestFeatures:
-        encode = request_encoder()
-        if encode is not None:
-            tokens = list(encode(request))
-            chunks = chain_token_chunks(tokens, chunk_tokens)
-            n_tokens = len(tokens)
+        ids = tokens.token_ids(request)
+        if ids is not None:
+            chunks = chain_token_chunks(ids, chunk_tokens)
+            n_tokens = len(ids)
         else:
             text = prompt_text(request)
-            chunks = chain_text_chunks(text, chunk_tokens * CHARS_PER_TOKEN)
-            n_tokens = max(1, len(text) // CHARS_PER_TOKEN) if text else 0
+            chunks = chain_text_chunks(text, chunk_tokens * tokens.chars_per_token)
+            n_tokens = tokens.count(text)
         return cls(
             chunks=chunks,
             prompt_tokens=n_tokens,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from treadle.backends.base import LLMRequest, Message, SchedulingHints
@@ -22,6 +25,8 @@ from treadle.backends.dispatch.routing import (
     chain_token_chunks,
     make_policy,
 )
+from treadle.backends.sim.tokenizer import SIM_TOKENS, encode_chat
+from treadle.backends.tokens import CharTokenEstimator, prompt_text
 
 
 def feats(
@@ -309,17 +314,45 @@ def test_treadle_failure_feedback_takes_back_the_assumed_cache() -> None:
     assert "p" not in policy.affinity
 
 
-def test_character_chunks_without_the_simulator_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from treadle.backends.dispatch import routing
-
-    monkeypatch.setattr(routing, "_ENCODER", [None])
+def test_character_chunks_by_default_token_chunks_with_a_tokenizer() -> None:
+    """Routing counts characters unless it is given a tokenizer: production routing never
+    uses the simulator's, which a real server's tokens do not match."""
     system = Message(role="system", content="Shared instructions for every call. " * 30)
     a = LLMRequest(model="m", messages=[system, Message(role="user", content="alpha " * 40)])
     b = LLMRequest(model="m", messages=[system, Message(role="user", content="omega " * 40)])
     fa = RequestFeatures.from_request(a, chunk_tokens=16)
     fb = RequestFeatures.from_request(b, chunk_tokens=16)
-    assert fa.prompt_tokens == len(routing.prompt_text(a)) // routing.CHARS_PER_TOKEN
+    assert fa.prompt_tokens == len(prompt_text(a)) // 4
     assert fa.chunks[:10] == fb.chunks[:10] and fa.chunks[-1] != fb.chunks[-1]
+    assert fa.chunks == chain_text_chunks(prompt_text(a), 16 * 4)
+
+    wide = CharTokenEstimator(chars_per_token=8)
+    fw = RequestFeatures.from_request(a, chunk_tokens=16, tokens=wide)
+    assert fw.prompt_tokens == len(prompt_text(a)) // 8
+    assert fw.chunks == chain_text_chunks(prompt_text(a), 16 * 8)
+
+    ids = encode_chat(a.messages)
+    fs = RequestFeatures.from_request(a, chunk_tokens=16, tokens=SIM_TOKENS)
+    assert fs.prompt_tokens == len(ids)
+    assert fs.chunks == chain_token_chunks(ids, 16)
+    shared = RequestFeatures.from_request(b, chunk_tokens=16, tokens=SIM_TOKENS).chunks
+    assert fs.chunks[:10] == shared[:10] and fs.chunks[-1] != shared[-1]
+
+
+def test_production_routing_and_admission_do_not_load_the_simulator() -> None:
+    code = (
+        "import sys\n"
+        "from treadle.backends.base import LLMRequest, Message\n"
+        "from treadle.backends.dispatch.pool import ReplicaPool\n"
+        "from treadle.backends.dispatch.routing import RequestFeatures\n"
+        "from treadle.runtime.sched.admission import SchedulerAdmission\n"
+        "r = LLMRequest(model='m', messages=[Message(role='user', content='hi ' * 99)])\n"
+        "RequestFeatures.from_request(r)\n"
+        "SchedulerAdmission()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('treadle.backends.sim')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_treadle_steal_never_returns_to_the_overloaded_home() -> None:
