@@ -38,11 +38,11 @@ from treadle.backends.base import (
 )
 from treadle.backends.dispatch.routing import (
     DEFAULT_CHUNK_TOKENS,
-    Policy,
     RequestFeatures,
     Router,
+    RoutingPolicy,
     Ticket,
-    make_policy,
+    make_routing_policy,
 )
 from treadle.backends.tokens import CHARS, TokenEstimator
 
@@ -170,17 +170,17 @@ class _Replica:
 class ReplicaPool:
     """A `Backend` that routes each request to one of `replicas`.
 
-    `policy` is a name from `treadle.backends.dispatch.routing.POLICIES` (with `policy_options` for
-    its config) or a ready `Policy`. `max_attempts` bounds the replicas tried per request
-    (default: all of them). `tokens` estimates prompts' tokens and cuts them into prefix
-    chunks (the default counts characters; give the engine's tokenizer, where you have it,
-    for exact chunks). `clock` is injectable for tests."""
+    `policy` is a name from `treadle.backends.dispatch.routing.ROUTING_POLICIES` (with
+    `policy_options` for its config) or a ready `RoutingPolicy`. `max_attempts` bounds the
+    replicas tried per request (default: all of them). `tokens` estimates prompts' tokens
+    and cuts them into prefix chunks (the default counts characters; give the engine's
+    tokenizer, where you have it, for exact chunks). `clock` is injectable for tests."""
 
     def __init__(
         self,
         replicas: Sequence[Backend],
         *,
-        policy: str | Policy = "treadle",
+        policy: str | RoutingPolicy = "treadle",
         names: Sequence[str] | None = None,
         health_interval_s: float = 10.0,
         health_timeout_s: float = 5.0,
@@ -209,7 +209,7 @@ class ReplicaPool:
             for b, n in zip(replicas, names, strict=True)
         ]
         if isinstance(policy, str):
-            policy = make_policy(policy, len(replicas), **(policy_options or {}))
+            policy = make_routing_policy(policy, len(replicas), **(policy_options or {}))
         elif policy_options:
             raise ValueError("policy_options apply only to a policy given by name")
         self.router = Router(policy, names)

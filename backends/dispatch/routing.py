@@ -8,7 +8,8 @@ there and ages like the engine's cache: bounded capacity in chunks with least-re
 eviction, and an optional TTL. `LoadTracker` keeps each replica's in-flight requests and
 outstanding tokens.
 
-Policies share one interface, `choose(request, replicas) -> replica index`:
+Routing policies (`RoutingPolicy`) share one interface, `choose(request, replicas) -> replica
+index`:
 - `round_robin` — the next available replica in turn;
 - `least_load` — fewest outstanding tokens (then fewest in-flight requests);
 - `cache_aware` — sgl-router's policy with its command-line defaults (see `CacheAwareConfig`);
@@ -312,7 +313,7 @@ class LoadTracker:
 # -- policies ----------------------------------------------------------------------------------
 
 
-class Policy(Protocol):
+class RoutingPolicy(Protocol):
     """A routing policy. `choose` may update the policy's own index (as sgl-router inserts
     the request into its tree when it selects a worker) and sets `last_cached_tokens`: how
     many prompt tokens it expects the chosen replica to have cached."""
@@ -462,7 +463,7 @@ class CacheAwarePolicy:
 
 
 @dataclass(frozen=True)
-class TreadleConfig:
+class TreadleRoutingConfig:
     """Knobs of the `treadle` policy.
 
     `capacity_chunks` should be the engine's prefix-cache capacity in chunks (KV blocks
@@ -494,7 +495,7 @@ class TreadleConfig:
     work_weight: float = 3.0
 
 
-class TreadlePolicy:
+class TreadleRoutingPolicy:
     """Cost-based choice between the best-matching and the least-loaded replica.
 
     cost(r) = queueing delay(r) + (1 + work_weight) x prefill time of the prompt given what r
@@ -505,8 +506,8 @@ class TreadlePolicy:
 
     name = "treadle"
 
-    def __init__(self, n_replicas: int, config: TreadleConfig | None = None):
-        self.config = config or TreadleConfig()
+    def __init__(self, n_replicas: int, config: TreadleRoutingConfig | None = None):
+        self.config = config or TreadleRoutingConfig()
         cfg = self.config
         self.indexes = [
             PrefixIndex(cfg.capacity_chunks, ttl_s=cfg.ttl_s) for _ in range(n_replicas)
@@ -631,12 +632,12 @@ class TreadlePolicy:
             )
 
 
-POLICIES = ("round_robin", "least_load", "cache_aware", "treadle")
+ROUTING_POLICIES = ("round_robin", "least_load", "cache_aware", "treadle")
 
 
-def make_policy(name: str, n_replicas: int, **options: Any) -> Policy:
+def make_routing_policy(name: str, n_replicas: int, **options: Any) -> RoutingPolicy:
     """Build a policy by name; `options` go to its config (`CacheAwareConfig`,
-    `TreadleConfig`)."""
+    `TreadleRoutingConfig`)."""
     if name == "round_robin":
         _no_options(name, options)
         return RoundRobinPolicy()
@@ -646,8 +647,10 @@ def make_policy(name: str, n_replicas: int, **options: Any) -> Policy:
     if name == "cache_aware":
         return CacheAwarePolicy(n_replicas, CacheAwareConfig(**options))
     if name == "treadle":
-        return TreadlePolicy(n_replicas, TreadleConfig(**options))
-    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
+        return TreadleRoutingPolicy(n_replicas, TreadleRoutingConfig(**options))
+    raise ValueError(
+        f"unknown routing policy {name!r}; choose one of {', '.join(ROUTING_POLICIES)}"
+    )
 
 
 def _no_options(name: str, options: dict[str, Any]) -> None:
@@ -662,7 +665,7 @@ def _no_options(name: str, options: dict[str, Any]) -> None:
 class Router:
     """A policy plus the load it acts on. The caller reports progress on each ticket."""
 
-    policy: Policy
+    policy: RoutingPolicy
     names: Sequence[str]
     tracker: LoadTracker = field(init=False)
 

@@ -26,12 +26,12 @@ A typical virtual-time simulation:
 from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import Clock, RealTimeClock, VirtualClock
 from treadle.backends.sim.engine import (
-    POLICIES,
+    SCHEDULING_POLICIES,
     Engine,
     EngineConfig,
     EngineMetrics,
     PinPressure,
-    Policy,
+    SchedulingPolicy,
     SimRequest,
     StepInfo,
 )
@@ -40,16 +40,16 @@ from treadle.backends.sim.tokenizer import encode_chat, encode_completion, token
 from treadle.backends.sim.trace import TraceRow, load_azure, load_mooncake, replay, round_robin
 
 __all__ = [
-    "POLICIES",
+    "SCHEDULING_POLICIES",
     "Clock",
     "Engine",
     "EngineConfig",
     "EngineMetrics",
     "PinPressure",
-    "Policy",
     "Profile",
     "Prompt",
     "RealTimeClock",
+    "SchedulingPolicy",
     "SimRequest",
     "StepInfo",
     "TraceRow",

@@ -41,7 +41,7 @@ from treadle.backends.base import LLMRequest, ToolCall
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import RealTimeClock
-from treadle.backends.sim.engine import Engine, EngineConfig, Policy, SimRequest
+from treadle.backends.sim.engine import Engine, EngineConfig, SchedulingPolicy, SimRequest
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
 from treadle.backends.sim.tokenizer import (
     completion_text_ends,
@@ -118,7 +118,7 @@ class SimReplica:
         cls,
         profile: str | Profile = DEFAULT_PROFILE,
         *,
-        policy: Policy = "fcfs",
+        policy: SchedulingPolicy = "fcfs",
         rules: list[ScriptRule] | None = None,
         speed: float = 1.0,
         name: str = "sim-0",

@@ -69,7 +69,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from treadle.backends.base import LLMRequest, Message, SchedulingHints, ToolCall
 from treadle.backends.scripted import ScriptRule
 from treadle.backends.sim.clock import RealTimeClock
-from treadle.backends.sim.engine import EngineConfig, Policy
+from treadle.backends.sim.engine import EngineConfig, SchedulingPolicy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
 from treadle.backends.sim.realtime import (
     DuplicateRequestId,
@@ -516,7 +516,7 @@ def build_replicas(
     n: int,
     *,
     profile: str | Profile = DEFAULT_PROFILE,
-    policy: Policy = "fcfs",
+    policy: SchedulingPolicy = "fcfs",
     rules: list[ScriptRule] | None = None,
     speed: float = 1.0,
     model: str | None = None,

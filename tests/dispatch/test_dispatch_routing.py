@@ -18,12 +18,12 @@ from treadle.backends.dispatch.routing import (
     RequestFeatures,
     RoundRobinPolicy,
     Router,
-    TreadleConfig,
-    TreadlePolicy,
+    TreadleRoutingConfig,
+    TreadleRoutingPolicy,
     chain_block_ids,
     chain_text_chunks,
     chain_token_chunks,
-    make_policy,
+    make_routing_policy,
 )
 from treadle.backends.sim.tokenizer import SIM_TOKENS, encode_chat
 from treadle.backends.tokens import CharTokenEstimator, prompt_text
@@ -178,12 +178,12 @@ def test_router_tracks_load_through_a_request() -> None:
     assert router.states[0].in_flight == 0 and router.states[0].outstanding_tokens == 0
 
 
-def test_make_policy_rejects_unknown_names_and_options() -> None:
+def test_make_routing_policy_rejects_unknown_names_and_options() -> None:
     with pytest.raises(ValueError, match="unknown routing policy"):
-        make_policy("random", 2)
+        make_routing_policy("random", 2)
     with pytest.raises(ValueError, match="takes no options"):
-        make_policy("round_robin", 2, cache_threshold=0.1)
-    assert make_policy("cache_aware", 2, cache_threshold=0.1).name == "cache_aware"
+        make_routing_policy("round_robin", 2, cache_threshold=0.1)
+    assert make_routing_policy("cache_aware", 2, cache_threshold=0.1).name == "cache_aware"
 
 
 # -- cache_aware -------------------------------------------------------------------------------
@@ -245,8 +245,8 @@ def test_cache_aware_trims_trees_only_at_eviction_interval() -> None:
 # -- treadle -----------------------------------------------------------------------------------
 
 
-def treadle(n: int = 3, **cfg: object) -> TreadlePolicy:
-    return TreadlePolicy(n, TreadleConfig(prefill_tokens_per_s=1000.0, **cfg))
+def treadle(n: int = 3, **cfg: object) -> TreadleRoutingPolicy:
+    return TreadleRoutingPolicy(n, TreadleRoutingConfig(prefill_tokens_per_s=1000.0, **cfg))
 
 
 def test_treadle_prefers_match_when_cheaper_than_queueing_elsewhere() -> None:
@@ -307,7 +307,7 @@ def test_treadle_failure_feedback_takes_back_the_assumed_cache() -> None:
     router = Router(treadle(2), ["a", "b"])
     ticket = router.route(feats([1, 2, 3], program_id="p"))
     policy = router.policy
-    assert isinstance(policy, TreadlePolicy)
+    assert isinstance(policy, TreadleRoutingPolicy)
     assert policy.indexes[ticket.replica].match(chain_block_ids([1, 2, 3]), now=0.0) == 3
     router.finish(ticket, now=1.0, ok=False)
     assert policy.indexes[ticket.replica].match(chain_block_ids([1, 2, 3]), now=1.0) == 0
