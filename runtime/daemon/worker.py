@@ -2,7 +2,9 @@
 
 A `Worker` claims queue entries (`WorkQueue.claim`: new entries, and entries whose worker
 stopped heartbeating), and runs each claimed run as a task of its own while it holds the
-run's lease (`LeaseKeeper`). For one run it:
+run's lease (`LeaseKeeper`). It claims only when it has a free slot: at most
+`concurrency` runs at once, and, when the workers of one process share `process_slots`
+(`--max-concurrent-runs`), at most that many in the whole process. For one run it:
 
 1. reads the run's record, the journal's last seq and the run's cancel flag (one round
    trip); a run that is already terminal is only acknowledged (a duplicate delivery);
@@ -263,6 +265,7 @@ class Worker:
         tracer: OtelTracer | None = None,
         options: WorkerOptions | None = None,
         check_program: ProgramCheck | None = None,
+        process_slots: anyio.Semaphore | None = None,
     ) -> None:
         self.options = options or WorkerOptions()
         if self.options.concurrency < 1:
@@ -286,6 +289,8 @@ class Worker:
         self.stats = WorkerStats()
         self._slots: dict[str, _Slot] = {}
         self._capacity = anyio.Semaphore(self.options.concurrency)
+        #: slots shared by every worker of this process (`--max-concurrent-runs`), if capped
+        self._process_slots = process_slots
         #: claiming outlives a Redis outage: tried again, with backoff, until it works
         self._claims = AsyncRetrying(
             retry=retry_if_exception_type((RedisError, OSError)),
@@ -346,17 +351,32 @@ class Worker:
         while not self._stopping.is_set():
             job: Job | None = None
             with anyio.CancelScope() as self._claiming:
-                await self._capacity.acquire()  # a free slot first: claim only what we can run
+                await self._acquire_slot()  # a free slot first: claim only what we can run
                 try:
                     job = await self._claims(
                         self.queue.claim, self.worker_id, block_ms=self.options.block_ms
                     )
                 finally:
                     if job is None:  # (a job's task releases the slot when it is done)
-                        self._capacity.release()
+                        self._release_slot()
             self._claiming = None
             if job is not None:
                 runs.start_soon(self._run_job, job)
+
+    async def _acquire_slot(self) -> None:
+        """One of this worker's slots, then one of the process's (when it caps its runs)."""
+        await self._capacity.acquire()
+        if self._process_slots is not None:
+            try:
+                await self._process_slots.acquire()
+            except BaseException:
+                self._capacity.release()
+                raise
+
+    def _release_slot(self) -> None:
+        if self._process_slots is not None:
+            self._process_slots.release()
+        self._capacity.release()
 
     async def _drain(self) -> None:
         if self._slots:
@@ -427,7 +447,7 @@ class Worker:
             self.stats.retried_later += 1
             log.warning("run %s: Redis error, left for a later retry: %s", job.run_id, exc)
         finally:
-            self._capacity.release()
+            self._release_slot()
 
     async def _execute(self, slot: _Slot) -> RunRecord | _Gone | None:
         """Run the run to a terminal state; its final record, `_GONE` (no such run: drop

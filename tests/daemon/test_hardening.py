@@ -17,7 +17,7 @@ from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.registry import WorkflowRegistry, definition_digest, source_of
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import ProgramError
-from treadle.runtime.daemon.workers import allowlist_check
+from treadle.runtime.daemon.worker_process import allowlist_check
 
 pytestmark = pytest.mark.anyio
 

@@ -23,7 +23,7 @@ from treadle.runtime.daemon.api.routes_workflows import router as workflows_rout
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import Worker
-from treadle.runtime.daemon.workers import run_workers
+from treadle.runtime.daemon.worker_process import run_workers
 
 log = logging.getLogger(__name__)
 

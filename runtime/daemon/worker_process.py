@@ -1,7 +1,9 @@
 """Workers as the daemon runs them: a `Worker` wired to the registry (programs), the import
 allow-list (checked again on every loaded program: `check_program`), the quotas (settling a
 run frees its tenant's slot; LLM tokens are counted), the retention of finished runs and,
-when configured, metrics and tracing. `run_worker_process` is the body of `treadle worker`.
+when configured, metrics and tracing. `run_workers` runs a process's workers (in `treadle
+serve`, or `treadle worker` through `run_worker_process`); with `--max-concurrent-runs` they
+share one pool of slots, so the process runs at most that many runs at once.
 
 The allow-list is checked again here, not only when a definition is registered, because
 a definition stored before the operator narrowed `--allow-imports`, or written to Redis
@@ -52,6 +54,7 @@ def build_worker(
     listeners: Sequence[Listener] = (),
     tracer: OtelTracer | None = None,
     worker_id: str | None = None,
+    process_slots: anyio.Semaphore | None = None,
 ) -> Worker:
     config = services.config
 
@@ -74,6 +77,7 @@ def build_worker(
             retain_s=config.retain_s,
         ),
         check_program=allowlist_check(services.registry.allowlist),
+        process_slots=process_slots,
     )
 
 
@@ -85,11 +89,15 @@ async def run_workers(
     task_status: TaskStatus[list[Worker]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `count` workers (and their quota ledger) until cancelled or until every worker has
-    been stopped (`Worker.stop`)."""
+    been stopped (`Worker.stop`). With `max_concurrent_runs` configured, the workers share
+    that many slots: the process runs at most that many runs at once."""
     ledger = UsageLedger(services.redis, services.keys)
     tracer = configure_tracing()  # None unless OTEL_TRACES_EXPORTER asks for spans
+    cap = services.config.max_concurrent_runs
+    slots = anyio.Semaphore(cap) if cap is not None else None
     workers = [
-        build_worker(services, ledger, listeners=listeners, tracer=tracer) for _ in range(count)
+        build_worker(services, ledger, listeners=listeners, tracer=tracer, process_slots=slots)
+        for _ in range(count)
     ]
     try:
         async with anyio.create_task_group() as tg:
