@@ -117,7 +117,7 @@ def windowed_hit_rate(previous: ServerLoad | None, current: ServerLoad) -> float
 
 
 def _collect_samples(text: str) -> dict[str, list[float]]:
-    # prometheus-client belongs to the `server` extra: import it only when metrics are read.
+    # imported on first use: only a process that reads servers' metrics pays for the import
     from prometheus_client.parser import text_string_to_metric_families
 
     samples: dict[str, list[float]] = defaultdict(list)

@@ -2,8 +2,8 @@
 
 The engine is a discrete-event model of vLLM (V1) on one GPU (or one tensor-parallel
 group), driven by a clock (`clock.py`): virtual time for benchmarks, real time for the HTTP
-server. The physics is BENCHMARKS.md's "engine simulator"; the numbers come from a
-`Profile`.
+server. docs/benchmarks.md describes its physics (the engine simulator); the numbers come
+from a `Profile`.
 
 Public API (stable):
 

@@ -1,7 +1,7 @@
 """`treadle sim`: run simulated GPU serving replicas as OpenAI-compatible HTTP servers.
 
-The lead's CLI mounts `app` under `treadle sim`. The server stack (FastAPI, uvicorn,
-prometheus-client: the `server` extra) is imported only when a command runs.
+`treadle.cli.main` mounts `app` under `treadle sim`. The server stack (FastAPI, uvicorn,
+prometheus-client) is imported only when a command runs, so `treadle --help` stays quick.
 """
 
 from __future__ import annotations
