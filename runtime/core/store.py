@@ -62,7 +62,7 @@ class StateStore(Protocol):
         self,
         *,
         tenant: str | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:

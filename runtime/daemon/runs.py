@@ -173,7 +173,7 @@ class RunService:
         self,
         tenant: Tenant,
         *,
-        status: str | None = None,
+        status: RunStatus | None = None,
         workflow: str | None = None,
         limit: int = 50,
         cursor: str | None = None,

@@ -57,7 +57,7 @@ from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import TERMINAL, RunRecord
+from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, WorkQueue
 from treadle.runtime.execution.runtime import RunHandle, Runtime
 from treadle.runtime.stores import codec
@@ -219,7 +219,7 @@ class _Gate:
             self.settled[run_id] = status
 
     async def list_runs(
-        self, *, tenant: str | None = None, status: str | None = None, limit: int = 50,
+        self, *, tenant: str | None = None, status: RunStatus | None = None, limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:  # fmt: skip
         return await self.store.list_runs(tenant=tenant, status=status, limit=limit, offset=offset)

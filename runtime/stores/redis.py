@@ -45,7 +45,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from treadle.errors import StoreError
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import RunNotFound, RunRecord
+from treadle.runtime.core.store import RunNotFound, RunRecord, RunStatus
 from treadle.runtime.stores import codec
 
 _MAX_BATCH = 256  # record calls sent in one pipeline at most
@@ -325,7 +325,7 @@ class RedisStore:
         self,
         *,
         tenant: str | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:
