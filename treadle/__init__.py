@@ -41,20 +41,16 @@ from treadle.graphs.analysis import GraphFacts, LLMFacts
 from treadle.graphs.builder import ITEM_REF as ITEM
 from treadle.graphs.builder import Graph, NodeHandle, Out, first_of, step
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
-from treadle.graphs.spec import (
+from treadle.graphs.kinds import (
     BranchNode,
-    FirstOf,
     FuncNode,
-    GraphSpec,
-    InputSpec,
     LLMNode,
     MapNode,
-    NodeSpec,
-    Policy,
-    Ref,
+    PlannerNode,
     SubgraphNode,
     ToolNode,
 )
+from treadle.graphs.spec import FirstOf, GraphSpec, InputSpec, NodeOptions, NodeSpec, Ref
 from treadle.runtime import (
     Event,
     InvalidInputs,
@@ -70,6 +66,8 @@ from treadle.runtime import (
     StateStore,
 )
 from treadle.runtime.core import events
+from treadle.runtime.core.context import LLMCall, ToolInvocation
+from treadle.runtime.core.interceptors import CallInterceptor, ExtraHeaders
 from treadle.tools import Tool, ToolArgumentError, tool
 
 __version__ = "0.1.0"
@@ -102,10 +100,12 @@ __all__ = [
     "Backend",
     "BackendError",
     "BranchNode",
+    "CallInterceptor",
     "Capabilities",
     "CompiledGraph",
     "DaemonError",
     "Event",
+    "ExtraHeaders",
     "FirstOf",
     "FuncNode",
     "Graph",
@@ -115,6 +115,7 @@ __all__ = [
     "GraphValidationError",
     "InputSpec",
     "InvalidInputs",
+    "LLMCall",
     "LLMFacts",
     "LLMNode",
     "LLMRequest",
@@ -124,9 +125,10 @@ __all__ = [
     "Message",
     "NodeError",
     "NodeHandle",
+    "NodeOptions",
     "NodeSpec",
     "Out",
-    "Policy",
+    "PlannerNode",
     "Ref",
     "RunCancelled",
     "RunError",
@@ -146,6 +148,7 @@ __all__ = [
     "ToolArgumentError",
     "ToolCall",
     "ToolError",
+    "ToolInvocation",
     "ToolNode",
     "TreadleError",
     "Usage",

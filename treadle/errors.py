@@ -9,7 +9,7 @@ treadle's, so every layer (tools and backends included) may raise from it.
     TreadleError
     ├── GraphError                 a program that cannot be built, loaded or validated
     │   ├── GraphValidationError       graphs.compile: every problem of a graph, listed
-    │   ├── WorkflowFileError          graphs.files.loader: `FILE:LINE:COL: FIELD: WHAT`
+    │   ├── WorkflowFileError          graphs.files.document: `FILE:LINE:COL: FIELD: WHAT`
     │   ├── TypeRefError               graphs.files.typeref: a type string or import path
     │   │   └── ImportPathError            its module or attribute cannot be imported
     │   └── ProgramNotFound            cli.programs: names no workflow file or graph object

@@ -57,6 +57,7 @@ from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
 from treadle.runtime.core.events import Event
+from treadle.runtime.core.interceptors import CallInterceptor
 from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, WorkQueue
 from treadle.runtime.execution.runtime import RunHandle, Runtime
@@ -250,7 +251,8 @@ class Worker:
     """Executes runs from `queue` with `store` (see the module docstring).
 
     `store` must be a `RedisStore` on the same Redis as `queue`; the worker writes through
-    its `fenced` view. `models` and `listeners` go to the worker's `Runtime`.
+    its `fenced` view. `models`, `listeners` and `interceptors` go to the worker's
+    `Runtime`.
     """
 
     def __init__(
@@ -261,6 +263,7 @@ class Worker:
         *,
         models: Mapping[str, Backend | Mapping[str, Any]] | None = None,
         listeners: Sequence[Listener] = (),
+        interceptors: Sequence[CallInterceptor] = (),
         on_settled: SettledHook | None = None,
         tracer: OtelTracer | None = None,
         options: WorkerOptions | None = None,
@@ -285,7 +288,9 @@ class Worker:
         all_listeners = list(listeners)
         if tracer is not None:
             all_listeners.append(tracer.listener)
-        self.runtime = Runtime(store=self.store, models=models, listeners=all_listeners)
+        self.runtime = Runtime(
+            store=self.store, models=models, listeners=all_listeners, interceptors=interceptors
+        )
         self.stats = WorkerStats()
         self._slots: dict[str, _Slot] = {}
         self._capacity = anyio.Semaphore(self.options.concurrency)

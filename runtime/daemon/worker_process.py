@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
+from treadle.runtime.core.interceptors import CallInterceptor
 from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.import_allowlist import AllowListViolation, ImportAllowList
@@ -52,6 +53,7 @@ def build_worker(
     ledger: UsageLedger,
     *,
     listeners: Sequence[Listener] = (),
+    interceptors: Sequence[CallInterceptor] = (),
     tracer: OtelTracer | None = None,
     worker_id: str | None = None,
     process_slots: anyio.Semaphore | None = None,
@@ -68,6 +70,7 @@ def build_worker(
         RegistryLoader(services.registry),
         models=config.models,
         listeners=[ledger.listener, *listeners],
+        interceptors=interceptors,
         on_settled=settled,
         tracer=tracer,
         options=WorkerOptions(
@@ -86,6 +89,7 @@ async def run_workers(
     count: int,
     *,
     listeners: Sequence[Listener] = (),
+    interceptors: Sequence[CallInterceptor] = (),
     task_status: TaskStatus[list[Worker]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `count` workers (and their quota ledger) until cancelled or until every worker has
@@ -96,7 +100,14 @@ async def run_workers(
     cap = services.config.max_concurrent_runs
     slots = anyio.Semaphore(cap) if cap is not None else None
     workers = [
-        build_worker(services, ledger, listeners=listeners, tracer=tracer, process_slots=slots)
+        build_worker(
+            services,
+            ledger,
+            listeners=listeners,
+            interceptors=interceptors,
+            tracer=tracer,
+            process_slots=slots,
+        )
         for _ in range(count)
     ]
     try:

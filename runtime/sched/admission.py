@@ -1,5 +1,5 @@
 """`SchedulerAdmission`: the scheduler and the pinning policy behind the runtime's
-`CallAdmission` hook, in real time.
+`CallAdmission` hook (the innermost interceptor of its call chain), in real time.
 
     admission = SchedulerAdmission(graphs=[cg], tools=[search, run_tests],
                                    pin_releasers={"local": HTTPPinReleaser(url)})
@@ -315,7 +315,7 @@ class SchedulerAdmission:
         run = self._run(ctx)
         alias = request.model
         run.aliases.add(alias)
-        backend = ctx.gateway.backends.get(alias)
+        backend = ctx.backends.get(alias)
         if backend is not None and alias not in self.releasers:
             found = backend_releaser(backend)
             if found is not None:

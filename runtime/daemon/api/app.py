@@ -49,7 +49,11 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
                 if workers > 0:
                     running = await tg.start(
                         lambda **kw: run_workers(
-                            services, workers, listeners=[api_metrics.metrics.listener], **kw
+                            services,
+                            workers,
+                            listeners=[api_metrics.metrics.listener],
+                            interceptors=[api_metrics.metrics.calls_in_flight()],
+                            **kw,
                         )
                     )
                 try:
