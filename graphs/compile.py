@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from treadle.errors import GraphError
 from treadle.graphs.analysis import analyze
 from treadle.graphs.compiled import CompiledGraph, CompiledNode, Param
 from treadle.graphs.kinds import kind_of
@@ -66,7 +67,7 @@ class GraphIssue:
         return where + (", ".join(what) + ": " if what else "") + self.message
 
 
-class GraphValidationError(ValueError):
+class GraphValidationError(GraphError, ValueError):
     """The graph is not a valid program; `issues` lists every problem found."""
 
     def __init__(self, graph: str, issues: list[GraphIssue]):

@@ -18,7 +18,6 @@ import anyio
 
 from treadle.backends import (
     Backend,
-    BackendError,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -27,6 +26,16 @@ from treadle.backends import (
     ScriptRule,
     ToolCall,
     Usage,
+)
+from treadle.errors import (
+    BackendError,
+    DaemonError,
+    GraphError,
+    RunError,
+    SetupError,
+    StoreError,
+    ToolError,
+    TreadleError,
 )
 from treadle.graphs.analysis import GraphFacts, LLMFacts
 from treadle.graphs.builder import ERROR_REF as ERROR
@@ -63,13 +72,14 @@ from treadle.runtime import (
     RunHandle,
     RunRecord,
     RunResult,
+    RunStatus,
     Runtime,
     StateStore,
 )
 from treadle.runtime.core import events
 from treadle.runtime.core.context import LLMCall, ToolInvocation
 from treadle.runtime.core.interceptors import CallInterceptor, ExtraHeaders
-from treadle.tools import Tool, ToolArgumentError, ToolError, tool
+from treadle.tools import Tool, ToolArgumentError, tool
 
 __version__ = "0.1.0"
 
@@ -107,12 +117,14 @@ __all__ = [
     "CallInterceptor",
     "Capabilities",
     "CompiledGraph",
+    "DaemonError",
     "ErrorInfo",
     "Event",
     "ExtraHeaders",
     "FirstOf",
     "FuncNode",
     "Graph",
+    "GraphError",
     "GraphFacts",
     "GraphSpec",
     "GraphValidationError",
@@ -134,14 +146,18 @@ __all__ = [
     "PlannerNode",
     "Ref",
     "RunCancelled",
+    "RunError",
     "RunFailed",
     "RunHandle",
     "RunRecord",
     "RunResult",
+    "RunStatus",
     "Runtime",
     "ScriptRule",
     "ScriptedBackend",
+    "SetupError",
     "StateStore",
+    "StoreError",
     "SubgraphNode",
     "Tool",
     "ToolArgumentError",
@@ -149,6 +165,7 @@ __all__ = [
     "ToolError",
     "ToolInvocation",
     "ToolNode",
+    "TreadleError",
     "Usage",
     "compile_graph",
     "events",

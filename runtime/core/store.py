@@ -13,12 +13,23 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
+from treadle.errors import StoreError
 from treadle.runtime.core.events import Event
 from treadle.runtime.core.waiting import InputRequest
 
-#: `waiting`: parked until a person answers (`pending_inputs`); not terminal
-RunStatus = Literal["pending", "running", "waiting", "succeeded", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+#: every status a run can have, in a store's record and in a `RunResult`:
+#: - "pending": created, not started (the daemon's record stays so until the run ends; its
+#:   API reports a pending run with events as "running");
+#: - "running": executing, or resumed;
+#: - "waiting": parked until a person answers its requests for input (`pending_inputs`);
+#:   it holds nothing meanwhile and goes on when answered (or at a request's deadline);
+#: - "interrupted": stopped before it ended (Ctrl-C, a worker shutting down); its finished
+#:   nodes are in the journal and it can be resumed;
+#: - "succeeded", "failed", "cancelled": ended (`TERMINAL`); never changed again.
+RunStatus = Literal[
+    "pending", "running", "waiting", "interrupted", "succeeded", "failed", "cancelled"
+]
+TERMINAL: frozenset[RunStatus] = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class RunRecord(BaseModel):
@@ -40,7 +51,7 @@ class RunRecord(BaseModel):
     pending_inputs: list[InputRequest] = Field(default_factory=list)
 
 
-class RunNotFound(KeyError):
+class RunNotFound(StoreError, KeyError):
     """No run with this id is in the store."""
 
 
@@ -58,7 +69,7 @@ class StateStore(Protocol):
         self,
         *,
         tenant: str | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:

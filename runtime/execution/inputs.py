@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from treadle.errors import RunError
 from treadle.graphs.compiled import CompiledGraph
 from treadle.graphs.kinds import AskNode
 from treadle.runtime.core.errors import OutputError
@@ -27,11 +28,11 @@ from treadle.runtime.nodes.ask import check_answer
 __all__ = ["InputConflict", "InputRejected", "InputResult", "choose_request", "record_input"]
 
 
-class InputRejected(ValueError):
+class InputRejected(RunError, ValueError):
     """The answer does not fit the request (or names no request): nothing was recorded."""
 
 
-class InputConflict(RuntimeError):
+class InputConflict(RunError, RuntimeError):
     """The run does not wait for this answer (it is not waiting, or the request has been
     answered with another key): nothing was recorded."""
 

@@ -35,7 +35,7 @@ from treadle.runtime.core.context import RunContext
 from treadle.runtime.core.errors import (
     NodeTimeout,
     OutputError,
-    RunFailure,
+    RunFailed,
     describe_error,
     error_info,
     error_types,
@@ -54,7 +54,7 @@ from treadle.runtime.core.waiting import InputPending
 from treadle.runtime.nodes.base import NodeCall, NodeExecutor, Skipped
 from treadle.runtime.nodes.registry import executor_for
 
-__all__ = ["GraphScope", "NodePlan", "RunFailure", "plans_for"]
+__all__ = ["GraphScope", "NodePlan", "plans_for"]
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ class GraphScope:
         policy: str,
     ) -> tuple[Any, bytes, float] | Skipped:
         """What the error policy makes of the node's last failure: a skip, the fallback as
-        its output, or the end of the run (`RunFailure`)."""
+        its output, or the end of the run (`RunFailed`)."""
         message = describe_error(exc)
         self.ctx.emit(NodeFailed, node=iid, error=message, attempt=attempt, policy=policy)
         if policy == "skip":
@@ -467,7 +467,7 @@ class GraphScope:
         if policy == "fallback":
             fallback = plan.spec.options.fallback
             return fallback, plan.dump(fallback), started
-        raise RunFailure(iid, message, error_info(exc, iid, attempt))
+        raise RunFailed.at_node(self.ctx.run_id, iid, message, error_info(exc, iid, attempt))
 
     async def _handle(
         self,
@@ -571,7 +571,11 @@ class GraphScope:
             get, nodes = make_getter(binding)
             if nodes and not any(n in self.values for n in nodes):
                 why = "; ".join(self.skipped.get(n, "did not run") for n in nodes)
-                raise RunFailure(self.prefix + nodes[0], f"output {name!r} is unavailable: {why}")
+                raise RunFailed.at_node(
+                    self.ctx.run_id,
+                    self.prefix + nodes[0],
+                    f"output {name!r} is unavailable: {why}",
+                )
             out[name] = get(self.values, self.inputs, None)
         return model.model_validate(out)
 

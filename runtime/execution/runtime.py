@@ -37,12 +37,13 @@ from pydantic import BaseModel, ValidationError
 
 from treadle.backends.base import Backend, ClosableBackend
 from treadle.backends.scripted import ScriptedBackend
+from treadle.errors import RunError
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import DEFAULT_MODEL, CompiledGraph, compile_graph
 from treadle.graphs.spec import GraphSpec
 from treadle.runtime.core.cache import ResultCache
 from treadle.runtime.core.context import Listener, RunContext, RunOptions
-from treadle.runtime.core.errors import RunCancelled, RunFailed, RunFailure
+from treadle.runtime.core.errors import RunCancelled, RunFailed
 from treadle.runtime.core.events import Event, RunFinished, RunStarted, RunWaiting
 from treadle.runtime.core.gateway import dispatch
 from treadle.runtime.core.interceptors import (
@@ -53,7 +54,7 @@ from treadle.runtime.core.interceptors import (
     invoke_tool,
 )
 from treadle.runtime.core.journal import Journal
-from treadle.runtime.core.store import RunRecord, StateStore
+from treadle.runtime.core.store import RunRecord, RunStatus, StateStore
 from treadle.runtime.core.waiting import InputPending, InputRequest, answer_key
 from treadle.runtime.execution.inputs import InputConflict, InputResult, record_input
 from treadle.runtime.execution.orchestrator import GraphScope
@@ -64,7 +65,7 @@ GraphLike = Graph | GraphSpec | CompiledGraph
 logger = logging.getLogger(__name__)
 
 
-class InvalidInputs(ValueError):
+class InvalidInputs(RunError, ValueError):
     """The inputs given to a run do not match the graph's declared inputs."""
 
 
@@ -75,7 +76,7 @@ NO_INPUT: Any = object()
 @dataclass
 class RunResult:
     run_id: str
-    status: str
+    status: RunStatus
     output: Any
     error: str | None
     events: list[Event] = field(default_factory=list, repr=False)
@@ -483,7 +484,7 @@ class Runtime:
         ctx: RunContext,
         handle: RunHandle,
         started: float,
-        status: str,
+        status: RunStatus,
         output: Any,
         error: str | None,
     ) -> None:
@@ -542,7 +543,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def _failure_message(exc: BaseException) -> str:
     leaves = _leaves(exc)
     for leaf in leaves:
-        if isinstance(leaf, RunFailure):
-            return str(leaf)
+        if isinstance(leaf, RunFailed):
+            return leaf.error
     leaf = leaves[0]
     return f"internal error: {type(leaf).__name__}: {leaf}"

@@ -50,7 +50,7 @@ class Scope(Protocol):
     ) -> Any:
         """Run `node` (a map's inner node, a race's branch) as instance `instance` with
         `$item` and `$index` bound to `item` and `index`, under its options, its output
-        journaled: its output, or `Skipped`. Raises `RunFailure` when it fails under the
+        journaled: its output, or `Skipped`. Raises `RunFailed` when it fails under the
         `fail` policy, `InputPending` when it waits for human input."""
 
     async def run_graph(self, graph: CompiledGraph, inputs: dict[str, Any], prefix: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from treadle.graphs.kinds import ElementResult, MapNode
-from treadle.runtime.core.errors import RunFailure
+from treadle.runtime.core.errors import RunFailed, error_info
 from treadle.runtime.core.events import GraphExtended
 from treadle.runtime.core.waiting import InputPending
 from treadle.runtime.nodes.base import NodeCall, NodeExecutor, Skipped
@@ -32,7 +32,7 @@ class MapExecutor(NodeExecutor[MapNode]):
         instances = [f"{call.instance}[{i}]" for i in range(len(items))]
         call.ctx.emit(GraphExtended, node=call.instance, instances=instances)
         results: list[Any] = [None] * len(items)
-        failed: list[RunFailure] = []
+        failed: list[RunFailed] = []
         waiting: dict[int, InputPending] = {}
         limit = spec.options.concurrency
         limiter = anyio.CapacityLimiter(limit) if limit else None
@@ -43,16 +43,17 @@ class MapExecutor(NodeExecutor[MapNode]):
             except InputPending as pending:
                 results[i] = Skipped("waiting for input")
                 waiting[i] = pending
-            except RunFailure as failure:
+            except RunFailed as failure:
                 if spec.max_failures is None:
                     raise
                 results[i] = failure
                 failed.append(failure)
                 if len(failed) > spec.max_failures:
-                    raise RunFailure(
+                    raise RunFailed.at_node(
+                        call.ctx.run_id,
                         call.instance,
                         f"{len(failed)} elements failed (max_failures {spec.max_failures}); "
-                        f"the last: {failure.node}: {failure.message}",
+                        f"the last: {failure.node}: {failure.reason}",
                     ) from None
 
         async def one(i: int) -> None:
@@ -76,8 +77,8 @@ class MapExecutor(NodeExecutor[MapNode]):
             collected = [r for r in results if not isinstance(r, Skipped)]
         else:
             collected = [
-                ElementResult(index=i, error=r.error)
-                if isinstance(r, RunFailure)
+                ElementResult(index=i, error=error_info(r, instances[i], 1))
+                if isinstance(r, RunFailed)
                 else ElementResult(index=i, value=r)
                 for i, r in enumerate(results)
                 if not isinstance(r, Skipped)

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from treadle.graphs.kinds import RaceNode
-from treadle.runtime.core.errors import RunFailure
+from treadle.runtime.core.errors import RunFailed
 from treadle.runtime.core.events import NodeSkipped
 from treadle.runtime.core.waiting import InputPending
 from treadle.runtime.nodes.base import NodeCall, NodeExecutor, Skipped
@@ -34,8 +34,8 @@ class RaceExecutor(NodeExecutor[RaceNode]):
             except InputPending as pending:
                 waiting.append(pending)
                 return
-            except RunFailure as failure:
-                dropped[name] = failure.message
+            except RunFailed as failure:
+                dropped[name] = failure.reason
                 return
             if isinstance(output, Skipped):
                 dropped[name] = output.reason
@@ -50,7 +50,7 @@ class RaceExecutor(NodeExecutor[RaceNode]):
             if waiting:
                 raise InputPending.merge(waiting)
             why = "; ".join(f"{name}: {reason}" for name, reason in dropped.items())
-            raise RunFailure(call.instance, f"every branch failed ({why})")
+            raise RunFailed.at_node(ctx.run_id, call.instance, f"every branch failed ({why})")
         winner, output = won[0]
         for name in branches:
             if name != winner and name not in dropped:

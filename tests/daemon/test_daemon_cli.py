@@ -109,3 +109,23 @@ def test_answer_a_waiting_run_and_read_versions(
     assert code == 0 and "Plan {cmd}" in out and "carefully" not in out
     code, out, _ = invoke("workflows", "list", env=env)
     assert code == 0 and "approval" in out
+
+
+def test_models_file_is_yaml_or_json_and_errors_name_file_line_column(tmp_path: Path) -> None:
+    from treadle.runtime.daemon.cli import _models
+
+    good = tmp_path / "models.yaml"
+    good.write_text("# offered to every workflow\nfast: {backend: scripted, latency_s: 0}\n")
+    assert _models(good) == {"fast": {"backend": "scripted", "latency_s": 0}}
+    as_json = tmp_path / "models.json"
+    as_json.write_text('{"fast": {"backend": "sim"}}')
+    assert _models(as_json) == {"fast": {"backend": "sim"}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fast: {backend: scripted\nslow: 1\n")
+    code, _out, err = invoke("serve", "--models", str(bad))
+    assert code == 2
+    assert f"--models {bad}:" in " ".join(err.split()), err
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("- not a mapping\n")
+    code, _out, err = invoke("serve", "--models", str(flat))
+    assert code == 2 and "expected a mapping of alias -> backend config" in " ".join(err.split())

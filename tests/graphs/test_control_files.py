@@ -16,7 +16,7 @@ from treadle import ERROR, INDEX, ITEM, Graph, Runtime, step
 from treadle.graphs.files.loader import WorkflowFileError, load_workflow_text
 from treadle.graphs.files.schema import workflow_json_schema
 from treadle.graphs.render import to_mermaid
-from treadle.runtime.daemon.import_allowlist import DefinitionPolicy
+from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.registry import DefinitionError, WorkflowRegistry
 
@@ -167,7 +167,7 @@ def test_mistakes_in_the_new_kinds_name_file_line_and_field(helpers: ModuleType)
 
 
 def prepare(text: str, allow: tuple[str, ...]) -> Any:
-    registry = WorkflowRegistry(cast(Any, None), DaemonKeys(), DefinitionPolicy(allow))
+    registry = WorkflowRegistry(cast(Any, None), DaemonKeys(), ImportAllowList(allow))
     return registry.prepare(text, "yaml", "flow.yaml")
 
 

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import anyio
 import typer
-import yaml
 from rich.console import Console
 from rich.live import Live
 
@@ -51,19 +50,25 @@ def _load(ref: str) -> Any:
         raise _fail(str(exc)) from None
 
 
-def _parse_inputs(raw: str | None) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    text = raw
+def _parse_value(raw: str) -> Any:
+    """A value given with --input: JSON, or @file (JSON or YAML)."""
     if raw.startswith("@"):
+        from treadle.runtime.daemon.cli import load_data_file
+
         path = Path(raw[1:])
         if not path.exists():
             raise _fail(f"--input {raw}: no such file")
-        text = path.read_text()
+        return load_data_file(path, "--input")
     try:
-        value = json.loads(text) if not raw.startswith("@") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
         raise _fail(f"--input is not valid JSON: {exc}") from None
+
+
+def _parse_inputs(raw: str | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    value = _parse_value(raw)
     if not isinstance(value, dict):
         raise _fail("--input must be a JSON object of input names to values")
     return value
@@ -155,7 +160,7 @@ def resume_run(
 
     The answer (--input) is checked against the request's schema first; the run goes on
     from its journal, repeating no finished node."""
-    answer = _parse_answer(input) if input is not None else NO_ANSWER
+    answer = _parse_value(input) if input is not None else NO_ANSWER
     _execute(program, None, as_json, store, db, resume_id=run_id, answer=answer, node=node,
              key=key)  # fmt: skip
 
@@ -223,7 +228,7 @@ def _execute(
             with anyio.CancelScope(shield=True):
                 if started:
                     await state.update_run(
-                        started[0], status="cancelled", error="interrupted; resumable"
+                        started[0], status="interrupted", error="interrupted; resumable"
                     )
             raise
         finally:
@@ -245,22 +250,6 @@ def _execute(
         # the journal is durable; do not wait for abandoned worker threads to finish
         os._exit(130)
     raise typer.Exit(code)
-
-
-def _parse_answer(raw: str) -> Any:
-    """An answer given on the command line: JSON, or @file (JSON or YAML)."""
-    if raw.startswith("@"):
-        path = Path(raw[1:])
-        if not path.exists():
-            raise _fail(f"--input {raw}: no such file")
-        try:
-            return yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise _fail(f"--input {raw}: {exc}") from None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise _fail(f"--input is not valid JSON: {exc}") from None
 
 
 def _source_of(program: str) -> str:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from treadle.runtime.core.store import RunStatus
 from treadle.runtime.core.waiting import InputRequest
 from treadle.runtime.daemon.registry import WorkflowInfo
 from treadle.runtime.daemon.runs import RunView
-
-RunStatusName = Literal["pending", "running", "waiting", "succeeded", "failed", "cancelled"]
 
 
 class _Strict(BaseModel):
@@ -93,14 +92,14 @@ class InputOut(BaseModel):
     run_id: str
     node: str = Field(description="The request answered.")
     replayed: bool = Field(description="True: this key's answer was recorded before.")
-    status: RunStatusName = Field(description="The run's status now (queued: pending).")
+    status: RunStatus = Field(description="The run's status now (queued: pending).")
     pending_inputs: list[PendingInput] = Field(description="Requests still open.")
 
 
 class RunOut(BaseModel):
     run_id: str
     workflow: str
-    status: RunStatusName
+    status: RunStatus
     created_at: float
     updated_at: float
     inputs: dict[str, Any]
@@ -122,7 +121,7 @@ class RunOut(BaseModel):
         return cls(
             run_id=r.run_id,
             workflow=r.graph,
-            status=cast(RunStatusName, view.status),
+            status=view.status,
             created_at=r.created_at,
             updated_at=r.updated_at,
             inputs=r.inputs,
