@@ -378,14 +378,21 @@ def _call(fn: Any) -> Any:
         raise _fail(f"cannot reach the daemon: {exc}") from None
 
 
-def _inputs(raw: str | None) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+def input_value(raw: str, option: str = "--input") -> Any:
+    """A value given on the command line: JSON, or @FILE (a JSON or YAML file)."""
+    if raw.startswith("@"):
+        path = Path(raw[1:])
+        if not path.exists():
+            raise _fail(f"{option} {raw}: no such file")
+        return load_data_file(path, option)
     try:
-        value = json.loads(text)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise _fail(f"--input is not valid JSON: {exc}") from None
+        raise _fail(f"{option} is not valid JSON: {exc}") from None
+
+
+def _inputs(raw: str | None) -> dict[str, Any]:
+    value = input_value(raw) if raw is not None else {}
     if not isinstance(value, dict):
         raise _fail("--input must be a JSON object of input names to values")
     return value
@@ -473,13 +480,7 @@ def answer(
     key: KeyOpt = "",
 ) -> None:
     """Answer a waiting run's request for input on the daemon (it then goes on)."""
-    if input.startswith("@"):
-        value = load_data_file(Path(input[1:]), "--input")
-    else:
-        try:
-            value = json.loads(input)
-        except json.JSONDecodeError as exc:
-            raise _fail(f"--input is not valid JSON: {exc}") from None
+    value = input_value(input)
     with _client(url, key) as client:
         out = _call(lambda: client.answer(run_id, value, node=node, key=idempotency_key))
     print(json.dumps(out, indent=2))

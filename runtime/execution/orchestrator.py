@@ -487,10 +487,7 @@ class GraphScope:
         env = {**inputs, ERROR: error_info(exc, iid, attempt)}
         kwargs = {name: get(self.values, env, item) for name, get in handler.getters}
         hid = f"{iid}/{handler.id}"
-        if handler.run_inline is not None:
-            result = self._run_inline(handler, hid, kwargs)
-        else:
-            result = await self._run_with_options(handler, hid, kwargs, env, item)
+        result = await self._run_nested(handler, hid, kwargs, env, item)
         if isinstance(result, Skipped):
             self.ctx.emit(NodeSkipped, node=hid, reason=result.reason)
             return result
@@ -538,10 +535,7 @@ class GraphScope:
             return Skipped(skipped.decode())
         inputs = {**self.inputs, INDEX: index} if plan.uses_index else self.inputs
         kwargs = {name: get(self.values, inputs, item) for name, get in plan.getters}
-        if plan.run_inline is not None:
-            result = self._run_inline(plan, instance, kwargs)
-        else:
-            result = await self._run_with_options(plan, instance, kwargs, inputs, item)
+        result = await self._run_nested(plan, instance, kwargs, inputs, item)
         if isinstance(result, Skipped):
             self.ctx.emit(NodeSkipped, node=instance, reason=result.reason)
             self.ctx.journal.stage(instance + _SKIPPED, result.reason.encode())
@@ -552,6 +546,14 @@ class GraphScope:
         # a retry of the whole map then reuses the elements that already finished
         self.ctx.restored[instance] = data
         return value
+
+    async def _run_nested(
+        self, plan: NodePlan, iid: str, kwargs: dict[str, Any], inputs: dict[str, Any], item: Any
+    ) -> tuple[Any, bytes, float] | Skipped:
+        """A node another one runs (an element, a branch, a handler), inline if it can."""
+        if plan.run_inline is not None:
+            return self._run_inline(plan, iid, kwargs)
+        return await self._run_with_options(plan, iid, kwargs, inputs, item)
 
     def _inner_plan(self, node: CompiledNode) -> NodePlan:
         """The plan of a node run by another (a map's inner node, a race's branch), made

@@ -52,17 +52,9 @@ def _load(ref: str) -> Any:
 
 def _parse_value(raw: str) -> Any:
     """A value given with --input: JSON, or @file (JSON or YAML)."""
-    if raw.startswith("@"):
-        from treadle.runtime.daemon.cli import load_data_file
+    from treadle.runtime.daemon.cli import input_value
 
-        path = Path(raw[1:])
-        if not path.exists():
-            raise _fail(f"--input {raw}: no such file")
-        return load_data_file(path, "--input")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise _fail(f"--input is not valid JSON: {exc}") from None
+    return input_value(raw)
 
 
 def _parse_inputs(raw: str | None) -> dict[str, Any]:
