@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import StoreFactory
 from pydantic import BaseModel
 
 from treadle import Graph, GraphValidationError, Runtime
@@ -218,3 +219,42 @@ def with_deadline(ready: Any, proc: subprocess.Popen[bytes], timeout_s: float = 
             raise AssertionError(f"the child exited early: {err.decode()[-2000:]}")
         assert time.monotonic() < deadline, "the child never got there"
         time.sleep(0.05)
+
+
+async def test_a_resumed_loop_reloads_its_finished_iterations(
+    store_factory: StoreFactory,
+) -> None:
+    """An iteration that fails ends the run; resuming it (on every store) runs only that
+    iteration and the ones after it."""
+    ran: list[int] = []
+    broken = {"once": True}
+
+    def fix(code: str, tries: int) -> Attempt:
+        ran.append(tries)
+        if tries == 2 and broken.pop("once", False):
+            raise RuntimeError("flaky test runner")
+        return Attempt(code=code + "+", passed=tries + 1 >= 4, tries=tries + 1)
+
+    body = Graph("attempt", inputs={"code": str, "tries": int})
+    result = body.func("fix", fix, inputs={"code": body.input.code, "tries": body.input.tries})
+    body.output(code=result.out.code, passed=result.out.passed, tries=result.out.tries)
+    g = Graph("fixer", inputs={"code": str})
+    loop = g.loop(
+        "fix",
+        body,
+        inputs={"code": g.input.code, "tries": 0},
+        carry={"code": "code", "tries": "tries"},
+        until="passed",
+        max_iterations=6,
+    )
+    g.output(result=loop)  # fmt: skip
+    first_store = store_factory()
+    failed = await Runtime(store=first_store).run(g, {"code": "x"}, check=False)
+    assert failed.status == "failed" and ran == [0, 1, 2]
+    if first_store is not store_factory():
+        await first_store.close()
+    second_store = store_factory()
+    done = await Runtime(store=second_store).resume(failed.run_id, g)
+    await second_store.close()
+    assert done.output.result.tries == 4
+    assert ran == [0, 1, 2, 2, 3]  # 0 and 1 were reloaded, not run again
