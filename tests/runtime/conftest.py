@@ -4,18 +4,16 @@ another store on the same data (what a second process would see)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from runtime_support import StoreFactory
 
 from treadle.runtime.core.store import StateStore
 from treadle.runtime.stores.memory import MemoryStore
 from treadle.runtime.stores.redis import RedisStore
 from treadle.runtime.stores.sqlite import SqliteStore
-
-#: opens a store on the test's data (the same data every time, except for `memory`)
-StoreFactory = Callable[[], StateStore]
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])

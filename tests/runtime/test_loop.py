@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import StoreFactory
 from pydantic import BaseModel
+from runtime_support import StoreFactory
 
 from treadle import Graph, GraphValidationError, Runtime
 from treadle.graphs.analysis import observe_iterations

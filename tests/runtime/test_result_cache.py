@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from conftest import StoreFactory
 from prometheus_client import CollectorRegistry
+from runtime_support import StoreFactory
 
 from treadle import ITEM, Graph, Runtime, ScriptedBackend, ScriptRule, step
 from treadle.runtime.core.events import CacheHit, LLMCallFinished
@@ -92,10 +92,11 @@ async def test_keys_hold_the_tenant_the_chosen_inputs_and_the_definition() -> No
 
 async def test_entries_expire_after_their_ttl(store_factory: StoreFactory) -> None:
     store = store_factory()
-    await store.cache_put("k", b'"v"', 0.05)  # type: ignore[attr-defined]
-    assert await store.cache_get("k") == b'"v"'  # type: ignore[attr-defined]
+    await store.cache_put("fresh", b'"v"', 60)  # type: ignore[attr-defined]
+    await store.cache_put("stale", b'"v"', 0.05)  # type: ignore[attr-defined]
     await anyio.sleep(0.1)
-    assert await store.cache_get("k") is None  # type: ignore[attr-defined]
+    assert await store.cache_get("fresh") == b'"v"'  # type: ignore[attr-defined]
+    assert await store.cache_get("stale") is None  # type: ignore[attr-defined]
     await store.cache_put("forever", b"1", None)  # type: ignore[attr-defined]
     assert await store.cache_get("forever") == b"1"  # type: ignore[attr-defined]
     await store.close()
