@@ -6,12 +6,19 @@ interceptor chain (admission, tracing headers, extra headers, metrics:
 `treadle.runtime.core.interceptors`, composed by the `Runtime` as `ctx.send_llm`) to
 `dispatch`, the chain's end, which hands it to the backend, streaming when someone wants
 the text as it arrives.
+
+Streamed text becomes `LLMTokens` events (with `RunOptions.stream_tokens`), batched: the
+first piece of an answer goes out at once (it marks the time to first token), later pieces
+are joined and go out at most `TOKEN_BATCH_S` after the previous event, so a fast stream
+makes a few events a second per call rather than one per token, and none waits longer.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+
+import anyio
 
 from treadle.backends.base import (
     Backend,
@@ -31,7 +38,10 @@ from treadle.runtime.core.events import (
     LLMTokens,
 )
 
-__all__ = ["backend_for", "call_llm", "dispatch"]
+__all__ = ["TOKEN_BATCH_S", "backend_for", "call_llm", "dispatch"]
+
+#: streamed text waits at most this long (s) before it is emitted as an `LLMTokens` event
+TOKEN_BATCH_S = 0.05
 
 
 def backend_for(ctx: RunContext, alias: str) -> Backend:
@@ -116,14 +126,14 @@ async def dispatch(call: LLMCall) -> LLMResponse:
 
 async def _streamed(call: LLMCall, backend: StreamingBackend) -> LLMResponse:
     ctx, on_text = call.ctx, call.on_text
-    emit_tokens = ctx.options.stream_tokens
+    tokens = _TokenBatch(call) if ctx.options.stream_tokens else None
 
     async def chunks() -> AsyncIterator[StreamChunk]:
         stream = backend.stream(call.request.model_copy(update={"stream": True}))
         async for chunk in stream:
             if chunk.delta:
-                if emit_tokens:
-                    ctx.emit(LLMTokens, node=call.node, call_id=call.call_id, text=chunk.delta)
+                if tokens is not None:
+                    tokens.add(chunk.delta)
                 if on_text is not None and await on_text(chunk.delta):
                     # closing the stream now (not when it is collected) ends the
                     # generation on the server at once
@@ -134,4 +144,48 @@ async def _streamed(call: LLMCall, backend: StreamingBackend) -> LLMResponse:
                     return
             yield chunk
 
-    return await collect_stream(chunks())
+    if tokens is None:
+        return await collect_stream(chunks())
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tokens.run)
+            response = await collect_stream(chunks())
+            tg.cancel_scope.cancel()
+    finally:
+        tokens.flush()  # what is left, before the call's end (or its error) is emitted
+    return response
+
+
+class _TokenBatch:
+    """Joins a call's streamed pieces into `LLMTokens` events (module docstring): `add`
+    emits at once when the last event is `TOKEN_BATCH_S` old, else keeps the text for
+    `run`, which emits it when that time is up."""
+
+    __slots__ = ("_call", "_last", "_parts", "_waiting")
+
+    def __init__(self, call: LLMCall) -> None:
+        self._call = call
+        self._parts: list[str] = []
+        self._last = -TOKEN_BATCH_S  # the first piece goes out at once
+        self._waiting = anyio.Event()
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+        if time.perf_counter() - self._last >= TOKEN_BATCH_S:
+            self.flush()
+        elif len(self._parts) == 1:
+            self._waiting.set()
+
+    def flush(self) -> None:
+        if self._parts:
+            call = self._call
+            text, self._parts = "".join(self._parts), []
+            call.ctx.emit(LLMTokens, node=call.node, call_id=call.call_id, text=text)
+            self._last = time.perf_counter()
+
+    async def run(self) -> None:
+        while True:
+            await self._waiting.wait()
+            self._waiting = anyio.Event()
+            await anyio.sleep(max(0.0, self._last + TOKEN_BATCH_S - time.perf_counter()))
+            self.flush()

@@ -6,10 +6,10 @@ A run id that belongs to another tenant is answered exactly like one that does n
 
 Submitting validates the inputs against the registered workflow, checks the tenant's
 quotas, and writes the run record (`pending`) and its queue entry in one transaction.
-Workers leave a fresh run's record `pending` until it ends; `RunView.status` reports it
-`running` once its journal has events. Cancelling sets the run's cancel flag
-(`request_cancel`): the worker running the run stops it, and a worker that claims a
-flagged run that has not started marks it cancelled instead.
+A worker marks a run `running` when it starts it (`RunView.status` also reports a `pending`
+record with a journal as `running`, as workers of earlier versions left it). Cancelling
+sets the run's cancel flag (`request_cancel`): the worker running the run stops it, and a
+worker that claims a flagged run that has not started marks it cancelled instead.
 
 Answering (`answer`) records a person's input for a `waiting` run
 (`treadle.runtime.execution.inputs.record_input`: checked against the request, idempotent
@@ -76,8 +76,8 @@ class RunView:
 
     @property
     def status(self) -> RunStatus:
-        """The status to report: workers leave a fresh run's record `pending` until it ends
-        (saving two round trips per run), so a pending run with a journal is running."""
+        """The status to report: a `pending` record with a journal is running (workers
+        of earlier versions left a fresh run's record `pending` until it ended)."""
         if self.record.status == "pending" and self.started:
             return "running"
         return self.record.status

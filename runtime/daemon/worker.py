@@ -10,9 +10,10 @@ run's lease (`LeaseKeeper`). It claims only when it has a free slot: at most
    trip); a run that is already terminal is only acknowledged (a duplicate delivery);
 2. loads the program through a `ProgramLoader` (the daemon's loader reads a registered
    definition from Redis and caches compiled graphs by definition hash);
-3. starts it — or, when the journal already has events (the run was taken over from a
-   worker that died), resumes it: finished nodes are restored, not run again. (A fresh
-   run's record stays `pending` until it ends; that it started shows in its journal);
+3. marks it `running` and starts it — or, when the journal already has events (the run
+   was taken over from a worker that died), resumes it: finished nodes are restored, not
+   run again. Its events go to the run's live stream as they happen (`LiveEvents`, unless
+   `live_events` is off), and its seqs continue after the last one that stream holds;
 4. writes everything through `RedisStore.fenced(worker_id)`, so that once the lease has
    passed to another worker this one cannot add to the journal; a lost lease cancels the
    run here (`LeaseKeeper`) and the queue entry is left to the new owner;
@@ -65,6 +66,7 @@ from treadle.runtime.core.context import Listener
 from treadle.runtime.core.events import Event
 from treadle.runtime.core.interceptors import CallInterceptor
 from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
+from treadle.runtime.daemon.live import LiveEvents, live_floor
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, WorkQueue
 from treadle.runtime.execution.runtime import RunHandle, Runtime
 from treadle.runtime.stores import codec
@@ -141,6 +143,11 @@ class WorkerOptions:
     retain_s: float = 0.0
     #: with `retain_s`, how often expired runs are dropped from the listing indexes (s)
     prune_interval_s: float = 3600.0
+    #: write every event to the run's live stream as it happens (`LiveEvents`); off, the
+    #: API's event streams see events only once they are in the journal
+    live_events: bool = True
+    #: stream LLM answers from backends that can, as `LLMTokens` events
+    stream_tokens: bool = False
 
 
 @dataclass
@@ -299,9 +306,14 @@ class Worker:
         all_listeners = list(listeners)
         if tracer is not None:
             all_listeners.append(tracer.listener)
+        self.live: LiveEvents | None = None
+        if self.options.live_events:
+            self.live = LiveEvents(self._client, self.keys, publishes=self._publishes)
+            all_listeners.append(self.live.listener)
         self.runtime = Runtime(
             store=self.store,
             models=models,
+            stream_tokens=self.options.stream_tokens,
             listeners=all_listeners,
             interceptors=interceptors,
             cache=store,  # tenant-scoped: every key of the result cache holds the tenant
@@ -348,6 +360,8 @@ class Worker:
                 services.start_soon(self._poll_deadlines)
                 if self.options.retain_s > 0:
                     services.start_soon(self._prune_indexes)
+                if self.live is not None:
+                    services.start_soon(self.live.run)
                 task_status.started()
                 log.info(
                     "worker %s started (concurrency %d)", self.worker_id, self.options.concurrency
@@ -474,7 +488,8 @@ class Worker:
         """Run the run to a terminal state; its final record, `_GONE` (no such run: drop
         the entry), or None (not terminal: leave the entry pending)."""
         run_id = slot.run_id
-        record, last_seq, flagged = await self._read_state(run_id)
+        state = await self._read_state(run_id)
+        record, last_seq, flagged = state.record, state.last_seq, state.flagged
         if record is None:
             log.error("queue entry for run %s, which does not exist: dropping it", run_id)
             return _GONE
@@ -497,14 +512,15 @@ class Worker:
             return await self.store.get_run(run_id)
         resume = last_seq > 0
         if resume:
-            self.stats.resumed += 1
-        # A fresh run's record stays `pending` until it ends: marking it `running` would cost
-        # two round trips per run, and whether it has started is in the journal already
-        # (`last_seq` > 0), which is how the daemon's API reports it. (A resumed run is
-        # marked `running` by the runtime.)
+            self.stats.resumed += 1  # (the runtime marks a resumed run `running`)
+        else:
+            # one round trip: the record read above is the one compared and set
+            await self.store.update_run(run_id, known=state.raw, status="running")
         self._set_trace_parent(record)
         try:
-            async with self.runtime.open_run(cg, record, resume=resume) as handle:
+            async with self.runtime.open_run(
+                cg, record, resume=resume, min_seq=max(last_seq, state.live_seq)
+            ) as handle:
                 handle._release()  # a run that parks is settled for now (see above)
                 slot.handle = handle
                 if slot.cancel_requested:
@@ -572,13 +588,19 @@ class Worker:
             except (RedisError, OSError) as exc:
                 log.warning("polling input deadlines failed: %s", exc)
 
-    async def _read_state(self, run_id: str) -> tuple[RunRecord | None, int, bool]:
+    async def _read_state(self, run_id: str) -> _RunState:
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
             pipe.exists(self.keys.cancel(run_id))
-            (raw, last_seq), flagged = await pipe.execute()
+            pipe.xrevrange(self.keys.live(run_id), "+", "-", count=1)
+            (raw, last_seq), flagged, live = await pipe.execute()
         record = codec.decode_record(raw) if raw is not None else None
-        return record, int(last_seq or 0), bool(flagged)
+        return _RunState(record, raw, int(last_seq or 0), live_floor(live), bool(flagged))
+
+    def _publishes(self, run_id: str) -> bool:
+        """Whether the run's live events are this worker's to write (`LiveEvents`)."""
+        slot = self._slots.get(run_id)
+        return slot is not None and not slot.interrupted
 
     def _set_trace_parent(self, record: RunRecord) -> None:
         parent = record.meta.get("traceparent")
@@ -644,6 +666,19 @@ class Worker:
 async def _watch_lease(lease: LeaseKeeper, slot: _Slot) -> None:
     await lease.lost.wait()
     slot.interrupt()
+
+
+@dataclass(frozen=True, slots=True)
+class _RunState:
+    """What a worker reads of a run before it executes it (one round trip)."""
+
+    record: RunRecord | None
+    #: the record's JSON as read (compared when the record is set `running`)
+    raw: bytes | None
+    #: the journal's last seq, and the live stream's (see `LiveEvents`)
+    last_seq: int
+    live_seq: int
+    flagged: bool
 
 
 class _Gone:

@@ -351,10 +351,12 @@ class Runtime:
 
     @asynccontextmanager
     async def open_run(
-        self, cg: CompiledGraph, record: RunRecord, *, resume: bool
+        self, cg: CompiledGraph, record: RunRecord, *, resume: bool, min_seq: int = 0
     ) -> AsyncIterator[RunHandle]:
         """Execute a run whose record is already in the store (a daemon's API created it);
-        with `resume`, continue from its journal."""
+        with `resume`, continue from its journal. Its events are numbered after `min_seq`
+        too (seqs that clients saw on a daemon's live stream but that were never
+        journaled: `treadle.runtime.daemon.live`)."""
         inputs_model = validate_inputs(cg, record.inputs)
         restored: dict[str, bytes] = {}
         first_seq = 1
@@ -363,6 +365,7 @@ class Runtime:
             previous = await self.store.read_events(record.run_id)
             first_seq = (previous[-1].seq + 1) if previous else 1
             await self.store.update_run(record.run_id, status="running", error=None)
+        first_seq = max(first_seq, min_seq + 1)
         ctx = RunContext(
             record.run_id,
             Journal(self.store, record.run_id),

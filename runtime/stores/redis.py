@@ -7,6 +7,9 @@ so all of them live in one Redis Cluster slot and one script may touch them toge
   last event seq;
 - `treadle:{run}:out`    hash: node instance id -> output JSON bytes;
 - `treadle:{run}:events` stream: one entry per event, entry id `<seq>-0`, field `e` = JSON;
+- `treadle:{run}:live`   stream, laid out the same: the events as they happen, before they
+  are durable (a worker's `treadle.runtime.daemon.live.LiveEvents`; capped and expiring,
+  not part of the journal);
 - `treadle:lease:{run}`  the run's lease (see `treadle.runtime.daemon.workqueue`);
 - `treadle:runs`         sorted set of all run ids by `created_at` (the listing index), and
   `treadle:tenant:<tenant>:runs` the same per tenant. These are not keys *of a run* (they
@@ -111,6 +114,10 @@ class RedisKeys:
 
     def lease(self, run_id: str) -> str:
         return f"{self.prefix}:lease:{{{run_id}}}"
+
+    def live(self, run_id: str) -> str:
+        """The run's live events (capped, expiring: not one of `run_keys`)."""
+        return f"{self.prefix}:{{{run_id}}}:live"
 
     def runs(self) -> str:
         return f"{self.prefix}:runs"
@@ -305,10 +312,13 @@ class RedisStore:
         raw = await self._redis.hget(self.keys.meta(run_id), "data")
         return codec.decode_record(raw) if raw is not None else None
 
-    async def update_run(self, run_id: str, **changes: Any) -> None:
+    async def update_run(self, run_id: str, *, known: bytes | None = None, **changes: Any) -> None:
+        """Compare-and-set. `known`: the record's JSON as the caller has just read it, which
+        saves reading it again (one round trip instead of two unless it changed meanwhile)."""
         meta = self.keys.meta(run_id)
         while True:
-            raw = await self._redis.hget(meta, "data")
+            raw = known if known is not None else await self._redis.hget(meta, "data")
+            known = None  # a second try reads it
             if raw is None:
                 raise RunNotFound(run_id)
             old = codec.decode_record(raw)

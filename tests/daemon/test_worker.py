@@ -26,7 +26,7 @@ SLOWER_NODES = 10
 
 
 async def status_of(daemon: Daemon, run_id: str) -> str:
-    """The status the API reports (a fresh run's record says `pending` until it ends)."""
+    """The status the API reports."""
     record = await daemon.services.store.get_run(run_id)
     assert record is not None and record.tenant is not None
     tenant = await daemon.services.tenants.get(record.tenant)

@@ -182,3 +182,27 @@ async def test_streaming_emits_token_events() -> None:
     result = await rt.run(g, {"q": "hi"})
     assert result.output.a == "one two three"
     assert "".join(e.text for e in result.events if isinstance(e, LLMTokens)) == "one two three"
+
+
+async def test_streamed_tokens_are_batched() -> None:
+    """A hundred pieces that arrive at once: the first goes out alone (it marks the first
+    token), the rest together, not as a hundred events."""
+    from collections.abc import AsyncIterator
+
+    from treadle.backends.base import StreamChunk, Usage
+    from treadle.runtime.core.events import LLMCallFinished, LLMTokens
+
+    class Fast(ScriptedBackend):
+        async def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]:
+            for i in range(100):
+                yield StreamChunk(delta=f"{i} ")
+            yield StreamChunk(finish_reason="stop", usage=Usage(completion_tokens=100))
+
+    g = Graph("fast", inputs={"q": str})
+    g.output(a=g.llm("ask", "{q}", inputs={"q": g.input.q}).out)
+    result = await Runtime(models={"default": Fast()}, stream_tokens=True).run(g, {"q": "x"})
+    tokens = [e for e in result.events if isinstance(e, LLMTokens)]
+    assert "".join(e.text for e in tokens) == "".join(f"{i} " for i in range(100))
+    assert tokens[0].text == "0 " and len(tokens) < 10
+    finished = next(e for e in result.events if isinstance(e, LLMCallFinished))
+    assert tokens[-1].seq < finished.seq
