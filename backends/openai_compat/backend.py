@@ -146,8 +146,10 @@ class OpenAICompatBackend:
         *,
         stream: bool,
         extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, str]]:
-        """The JSON body and the headers this backend sends for `request`."""
+        """The JSON body and the headers this backend sends for `request`; `extra_body`
+        (fields of this one send, e.g. llama.cpp's `id_slot`) is merged last."""
         dialect = self.dialect
         body: dict[str, Any] = {
             "model": self.model,
@@ -155,6 +157,7 @@ class OpenAICompatBackend:
         }
         if request.tools:
             body["tools"] = request.tools
+            body.update(dialect.tool_fields())
         if request.max_tokens is not None:
             body[dialect.max_tokens_field] = request.max_tokens
         if request.temperature is not None:
@@ -174,6 +177,8 @@ class OpenAICompatBackend:
             hints = hints.model_copy(update={"request_id": wire_id})
         hint_body, hint_headers = dialect.hint_fields(hints)
         body.update(hint_body)
+        if extra_body:
+            body.update(extra_body)
         headers = {**self._headers, **hint_headers}
         if self._request_headers is not None:
             headers.update(self._request_headers(request))
@@ -185,13 +190,17 @@ class OpenAICompatBackend:
     # -- generate --------------------------------------------------------------------
 
     async def generate(
-        self, request: LLMRequest, *, extra_headers: Mapping[str, str] | None = None
+        self,
+        request: LLMRequest,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> LLMResponse:
         """A whole answer. With `request.stream` the answer is streamed and folded, which
         also measures the time to first token (`ttft_s`)."""
         if request.stream:
             timing = _Timing()
-            folded = await collect_stream(self._stream(request, extra_headers, timing))
+            folded = await collect_stream(self._stream(request, extra_headers, timing, extra_body))
             return folded.model_copy(
                 update={
                     "model": timing.model or self.model,
@@ -199,16 +208,22 @@ class OpenAICompatBackend:
                     "ttft_s": timing.ttft_s,
                 }
             )
-        body, headers = self.build_request(request, stream=False, extra_headers=extra_headers)
+        body, headers = self.build_request(
+            request, stream=False, extra_headers=extra_headers, extra_body=extra_body
+        )
         response = await self._send(body, headers, stream=False)
         return self._parse_completion(self._json(response))
 
     async def stream(
-        self, request: LLMRequest, *, extra_headers: Mapping[str, str] | None = None
+        self,
+        request: LLMRequest,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Text as it is generated; the last chunk carries the tool calls (assembled),
         the finish reason and the usage."""
-        async for chunk in self._stream(request, extra_headers, _Timing()):
+        async for chunk in self._stream(request, extra_headers, _Timing(), extra_body):
             yield chunk
 
     async def _stream(
@@ -216,8 +231,11 @@ class OpenAICompatBackend:
         request: LLMRequest,
         extra_headers: Mapping[str, str] | None,
         timing: _Timing,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
-        body, headers = self.build_request(request, stream=True, extra_headers=extra_headers)
+        body, headers = self.build_request(
+            request, stream=True, extra_headers=extra_headers, extra_body=extra_body
+        )
         timing.start = time.perf_counter()
         response = await self._send(body, headers, stream=True)
         calls = ToolCallAccumulator(self.name)

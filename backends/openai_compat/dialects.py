@@ -89,6 +89,10 @@ class Dialect:
         """Body fields and HTTP headers that carry `hints` to this server."""
         return {}, {}
 
+    def tool_fields(self) -> dict[str, Any]:
+        """Extra body fields for a request that offers tools."""
+        return {}
+
     def structured_output(self, schema: dict[str, Any]) -> dict[str, Any]:
         """Body fields that constrain the answer to the JSON `schema`.
 
@@ -282,6 +286,83 @@ class ContinuumDialect(_SaltMixin, Dialect):
         return body, headers
 
 
+# tools/server/server-task.cpp (server_task_result_metrics::to_metrics), with `--metrics`.
+# `prompt_tokens_total` counts the prompt tokens computed (cached ones excluded), so the
+# queries are hits + misses. llama.cpp exports no KV usage gauge: `LlamaCppBackend` fills
+# `kv_usage` in from its slot table.
+LLAMACPP_METRICS = MetricNames(
+    running=("llamacpp:requests_processing",),
+    waiting=("llamacpp:requests_deferred",),
+    prefix_hits=("llamacpp:prompt_tokens_cached",),
+    prefix_misses=("llamacpp:prompt_tokens",),
+)
+
+
+class LlamaCppDialect(Dialect):
+    """llama.cpp's `llama-server` (tools/server; fields read in server-schema.cpp and
+    server-context.cpp, llama-cpp-python 0.3.36's vendored copy, commit 0c1e570).
+
+    Every request asks for `cache_prompt: true` (reuse the slot's KV for the common prefix).
+    llama.cpp has no program ids, priorities or pins: a server has `-np` *slots*, each with
+    its own KV partition that keeps its last sequence until another request takes the slot.
+    `LlamaCppBackend` (llamacpp.py) builds program affinity, pins and KV offload on that:
+    it picks each request's slot itself (`id_slot`), reserves a program's slot while its
+    tool runs (`pinning`), and saves a slot that another request must take to a file under
+    the server's `--slot-save-path`, restoring it when the program comes back (`offload`).
+    This dialect alone (on a plain `OpenAICompatBackend`) sends `cache_prompt` and lets the
+    server choose slots (by longest common prefix, then least recently used).
+
+    Quirks handled: a truncated tool call (`finish_reason: "length"`) is refused by the
+    backend rather than sent back (llama.cpp answers HTTP 500 to its own truncated call);
+    treadle sends no `tool_choice` or `parallel_tool_calls` (llama.cpp treats a named
+    choice as "auto" and ignores the flag). `tool_call_bias` adds `logit_bias` on the
+    `<tool_call>` token to requests that offer tools (for small models that rarely call
+    tools, and the tests' random one); `extra_body` is merged into every request (sampling
+    knobs, a `grammar`).
+    """
+
+    name = "llamacpp"
+    metric_names = LLAMACPP_METRICS
+    health_path = "/health"
+
+    @validate_call
+    def __init__(
+        self,
+        *,
+        manage_slots: bool = True,
+        pinning: bool = True,
+        offload: bool = True,
+        offload_min_tokens: int = 64,
+        max_pinned_slots: int | None = None,
+        tool_call_bias: float | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if offload_min_tokens < 0:
+            raise ValueError("offload_min_tokens must be >= 0")
+        if max_pinned_slots is not None and max_pinned_slots < 0:
+            raise ValueError("max_pinned_slots must be >= 0")
+        self.manage_slots = manage_slots
+        self.pinning = pinning and manage_slots
+        self.offload = offload and manage_slots
+        self.offload_min_tokens = offload_min_tokens
+        self.max_pinned_slots = max_pinned_slots
+        self.tool_call_bias = tool_call_bias
+        self.extra_body = dict(extra_body or {})
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Pins need the slot table, i.e. `LlamaCppBackend`, which widens this.
+        return Capabilities(streaming=True, tool_calls=True, prefix_cache=True, metrics=True)
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        return {**self.extra_body, "cache_prompt": True}, {}
+
+    def tool_fields(self) -> dict[str, Any]:
+        if self.tool_call_bias is None:
+            return {}
+        return {"logit_bias": {"<tool_call>": self.tool_call_bias}}
+
+
 #: what treadle's simulator can do, over HTTP (`SimDialect`) or in-process (`SimBackend`)
 SIM_CAPABILITIES = Capabilities(
     streaming=True,
@@ -317,7 +398,15 @@ class SimDialect(Dialect):
 
 
 DIALECTS: dict[str, type[Dialect]] = {
-    d.name: d for d in (VLLMDialect, SGLangDialect, ContinuumDialect, SimDialect, OpenAIDialect)
+    d.name: d
+    for d in (
+        VLLMDialect,
+        SGLangDialect,
+        ContinuumDialect,
+        LlamaCppDialect,
+        SimDialect,
+        OpenAIDialect,
+    )
 }
 
 
