@@ -284,6 +284,7 @@ class OpenAICompatBackend:
                 retryable=True,
                 replica=self.name,
             )
+        self._refuse_truncated_call(finish, calls)
         tool_calls = calls.calls()
         yield StreamChunk(
             tool_calls=tool_calls,
@@ -403,6 +404,16 @@ class OpenAICompatBackend:
         # (or another replica) may well succeed.
         return BackendError(f"{self.name} returned {what}", retryable=True, replica=self.name)
 
+    def _refuse_truncated_call(self, finish: Any, calls: ToolCallAccumulator) -> None:
+        # A tool call cut at max_tokens is never safe to run, and some servers (llama.cpp)
+        # answer 500 when it is sent back: the request must be asked again with more room.
+        if finish == "length" and calls:
+            raise BackendError(
+                f"{self.name}: the answer reached max_tokens in the middle of a tool call",
+                retryable=False,
+                replica=self.name,
+            )
+
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
             data = response.json()
@@ -444,6 +455,7 @@ class OpenAICompatBackend:
             if not isinstance(raw, dict):
                 raise self._garbage(f"a tool call that is not an object: {raw!r:.200}")
             calls.add_delta({**raw, "index": i})
+        self._refuse_truncated_call(choice.get("finish_reason"), calls)
         tool_calls = calls.calls()
         finish = choice.get("finish_reason") or ("tool_calls" if tool_calls else "stop")
         return LLMResponse(
@@ -532,6 +544,9 @@ class ToolCallAccumulator:
             name=_str_or_none(function.get("name")),
             arguments=function.get("arguments"),
         )
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
 
     def calls(self) -> list[ToolCall]:
         """The assembled calls in index order; `BackendError` if one is not usable."""

@@ -384,13 +384,16 @@ class LlamaCppBackend(OpenAICompatBackend):
         extra_body: Mapping[str, Any] | None = None,
     ) -> LLMResponse:
         if not self.llama.manage_slots:
-            return await super().generate(
+            response = await super().generate(
                 request, extra_headers=extra_headers, extra_body=extra_body
             )
+            self._refuse_leaked_call(request, response)
+            return response
         async with self._placed(request) as (slot_body, done):
             response = await super().generate(
                 request, extra_headers=extra_headers, extra_body={**(extra_body or {}), **slot_body}
             )
+            self._refuse_leaked_call(request, response)
             done(response)
             return response
 
@@ -414,15 +417,34 @@ class LlamaCppBackend(OpenAICompatBackend):
             ):
                 text.append(chunk.delta)
                 if chunk.finish_reason is not None:
-                    done(
-                        LLMResponse(
-                            content="".join(text) or None,
-                            tool_calls=chunk.tool_calls,
-                            finish_reason=chunk.finish_reason,
-                            usage=chunk.usage or LLMResponse().usage,
-                        )
+                    response = LLMResponse(
+                        content="".join(text) or None,
+                        tool_calls=chunk.tool_calls,
+                        finish_reason=chunk.finish_reason,
+                        usage=chunk.usage or LLMResponse().usage,
                     )
+                    self._refuse_leaked_call(request, response)
+                    done(response)
                 yield chunk
+
+    def _refuse_leaked_call(self, request: LLMRequest, response: LLMResponse) -> None:
+        # llama.cpp returns a tool call cut at max_tokens before its arguments as text (the
+        # raw `<tool_call>` markup) with finish_reason "length": not an answer, and not a
+        # call to run. (A call cut inside its arguments is refused by the base class.)
+        # Streamed, the markup is swallowed by the server's parser: tokens were generated
+        # and nothing arrived.
+        content = response.content or ""
+        if (
+            request.tools
+            and response.finish_reason == "length"
+            and not response.tool_calls
+            and ("<tool_call>" in content or (not content and response.usage.completion_tokens))
+        ):
+            raise BackendError(
+                f"{self.name}: the answer reached max_tokens in the middle of a tool call",
+                retryable=False,
+                replica=self.name,
+            )
 
     async def release_pins(self, program_id: str) -> int:
         """End `program_id`'s pins and forget its saved KV (the run ended)."""

@@ -209,7 +209,7 @@ class LlamaServer:
     model: Path
     workdir: Path
     slots: int = 4
-    context: int = 16384
+    context: int = 32768
     threads: int = 1
     cache_ram_mib: int = 0
     port: int = 0

@@ -1,7 +1,7 @@
 """A tiny random-weight chat model as a GGUF file, written at test time, for `llama-server`.
 
 No model is downloaded: `write_tiny_gguf(path)` writes a llama-architecture model (2 layers,
-hidden 128, 4 query / 2 KV heads, feed-forward 256, context 4096, F32, about 0.55 M
+hidden 128, 4 query / 2 KV heads, feed-forward 256, context 16384, F32, about 0.55 M
 parameters, 2.2 MB) with a byte-level BPE tokenizer (the 256 GPT-2 byte symbols, the
 letter pairs and space+letter merges: 958 tokens, about two characters a token) and the
 ChatML control tokens, `<tool_call>` / `</tool_call>` as single tokens, and a Hermes-style
@@ -102,7 +102,7 @@ class TinyModel:
     heads: int = 4
     kv_heads: int = 2
     feed_forward: int = 256
-    context: int = 4096
+    context: int = 16384
     seed: int = 0
     #: logit bias (in logits) of the end of turn, the JSON closers and the space
     eos_bias: float = 2.2
