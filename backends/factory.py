@@ -51,7 +51,7 @@ class OpenAICompatConfig(_Config):
     backend: Literal["openai_compat"]
     base_url: str = Field(pattern=r"^https?://")
     model: str = Field(min_length=1)
-    dialect: Literal["vllm", "sglang", "continuum", "llamacpp", "sim", "openai"] = "vllm"
+    dialect: Literal["vllm", "sglang", "continuum", "llamacpp", "dynamo", "sim", "openai"] = "vllm"
     dialect_options: dict[str, Any] = Field(default_factory=dict)
     name: str | None = None
     api_key: str | None = None

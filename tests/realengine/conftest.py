@@ -68,7 +68,10 @@ def start_servers(
 
     def start(n: int = 1, **options: object) -> LlamaServers:
         servers = LlamaServers.start(
-            n, tiny_model, tmp_path / f"servers-{len(started)}", binary=llama_server_binary,
+            n,
+            tiny_model,
+            tmp_path / f"servers-{len(started)}",
+            binary=llama_server_binary,
             **options,
         )
         started.append(servers)

@@ -22,8 +22,8 @@ from treadle.backends.openai_compat.llamacpp import LlamaCppBackend
 from treadle.cli.programs import load_program
 from treadle.graphs.files.loader import load_workflow_text
 from treadle.runtime.core.events import LLMCallFinished
-from treadle.runtime.nodes.planner.prompts import parse_joiner
 from treadle.runtime.execution.runtime import Runtime
+from treadle.runtime.nodes.planner.prompts import parse_joiner
 from treadle.testing.llamacpp import MODEL_ALIAS, LlamaServer
 
 pytestmark = pytest.mark.anyio
