@@ -18,12 +18,14 @@ Public API (stable):
     p.prefill_time(n, cached=0) -> seconds     # a lone request's TTFT, chunked as the engine
     p.prefill_tokens_per_s(n) -> float
     p.decode_step_time(batch, context) -> seconds
+    p.calibration                              # how it was measured, when calibrated
 
 The step-time model (BENCHMARKS.md): `t = overhead + max(flops / (peak * mfu),
 bytes / (bandwidth * mbu))` where `flops = 2 * params * tokens + 4 * layers * (heads *
 head_dim) * attn_ctx` (attn_ctx: the sum over the step's new tokens of the context each
-attends to, itself included), and `bytes = weights + kv_bytes_per_token * (kv_read_tokens +
-tokens)` — the weights once per step, the KV cache each decoding request (and each prefill
+attends to, itself included; the attention term weighted by `mfu / attention_mfu` when a
+profile gives attention its own efficiency), and `bytes = weights + kv_bytes_per_token *
+(kv_read_tokens + tokens)` — the weights once per step, the KV cache each decoding request (and each prefill
 chunk's already-computed prefix) reads, and the KV the step's new tokens write.
 """
 
@@ -75,6 +77,9 @@ class Efficiency(BaseModel):
     mfu: float = Field(gt=0, le=1, description="achieved / peak FLOP/s")
     mbu: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
     step_overhead_s: float = Field(ge=0, description="scheduler + launch cost per step")
+    #: achieved / peak FLOP/s of attention (QK^T, AV) when it differs from the GEMMs' `mfu`
+    #: (a CPU's, or a decode kernel's, is often several times lower); None: the same
+    attention_mfu: float | None = Field(default=None, gt=0, le=1)
 
 
 class EngineLimits(BaseModel):
@@ -86,6 +91,23 @@ class EngineLimits(BaseModel):
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int = Field(8192, ge=1)
+
+
+class Calibration(BaseModel):
+    """How a calibrated profile was measured (`treadle sim calibrate`): the server, when,
+    the fitted request overhead the engine does not model (HTTP, tokenising, the chat
+    template: added to every simulated time to first token), and the fit's error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server: str
+    served_model: str
+    measured_at: str
+    samples: int = Field(ge=1)
+    request_overhead_s: float = Field(ge=0)
+    fit_mape: float = Field(ge=0, description="mean |error| / measured over the samples")
+    validation_ttft_mape: float | None = None
+    validation_decode_mape: float | None = None
 
 
 class Profile(BaseModel):
@@ -101,6 +123,8 @@ class Profile(BaseModel):
     engine: EngineLimits
     #: dotted field name (e.g. "gpu.peak_flops") -> where the number comes from
     sources: dict[str, str]
+    #: set when the efficiencies were measured on a real server
+    calibration: Calibration | None = None
 
     @model_validator(mode="after")
     def _every_number_has_a_source(self) -> Profile:
@@ -177,9 +201,13 @@ class Profile(BaseModel):
 
     @cached_property
     def attn_flops_per_ctx_token(self) -> float:
-        """FLOPs for one new token attending to one context token: QK^T and AV, all layers."""
+        """FLOPs for one new token attending to one context token: QK^T and AV, all layers,
+        counted at the GEMMs' rate: scaled by `mfu / attention_mfu` when attention runs at
+        its own efficiency, so that `flops / effective_flops` is its time everywhere."""
         m = self.model
-        return 4.0 * m.layers * m.num_heads * m.head_dim
+        flops = 4.0 * m.layers * m.num_heads * m.head_dim
+        e = self.efficiency
+        return flops * (e.mfu / e.attention_mfu) if e.attention_mfu is not None else flops
 
     def step_time(self, tokens: float, attn_ctx: float, kv_read_tokens: float) -> float:
         """Seconds for one engine step that computes `tokens` new tokens (see module doc)."""

@@ -44,7 +44,9 @@ from types import TracebackType
 
 import httpx
 
+from treadle.backends.sim.profile import Efficiency, EngineLimits, GPUSpec, ModelSpec, Profile
 from treadle.testing.processes import free_port
+from treadle.testing.tiny_gguf import TinyModel, tiny_vocab
 
 #: the llama-cpp-python sdist whose vendored llama.cpp is built (the one pin)
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -345,6 +347,67 @@ class LlamaServers:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def tiny_profile(model: TinyModel, server: LlamaServer, *, n_batch: int = 2048) -> Profile:
+    """A simulator profile of `server` serving the tiny `model`: the model's true shape, the
+    server's slots and context as the engine's limits, and a CPU "device" whose peaks are a
+    nominal scale (the fit's `mfu`/`mbu` carry its measured speed). Uncalibrated: its
+    efficiencies are placeholders until `treadle sim calibrate` fits them."""
+    vocab = len(tiny_vocab().tokens)
+    params = model.parameters(vocab)
+    dtype = 4  # F32 weights (llama.cpp keeps the KV cache in f16: counted at 4 B, an upper bound)
+    kv_per_token = 2 * model.layers * model.kv_heads * model.head_dim * dtype
+    memory = params * dtype + server.context * kv_per_token
+    device = f"CPU, llama.cpp, {server.threads} thread(s)"
+    return Profile(
+        name=f"llamacpp_cpu_tiny_{model.layers}x{model.hidden}",
+        description=(
+            f"llama.cpp llama-server ({server.slots} slots of {server.context // server.slots} "
+            f"tokens) on {server.threads} CPU thread(s) serving treadle's random-weight "
+            f"{model.layers}-layer, {model.hidden}-wide test model."
+        ),
+        gpu=GPUSpec(name=device, count=1, peak_flops=1e12, hbm_bandwidth=1e12, memory_bytes=memory),
+        model=ModelSpec(
+            name="treadle-tiny",
+            params=params,
+            layers=model.layers,
+            hidden_size=model.hidden,
+            num_heads=model.heads,
+            kv_heads=model.kv_heads,
+            head_dim=model.head_dim,
+            dtype_bytes=dtype,
+            max_model_len=server.context // server.slots,
+        ),
+        efficiency=Efficiency(mfu=0.05, mbu=0.05, step_overhead_s=2e-4),
+        engine=EngineLimits(
+            gpu_memory_utilization=1.0,
+            block_size=16,
+            max_num_seqs=server.slots,
+            max_num_batched_tokens=n_batch,
+        ),
+        sources={
+            "gpu.count": "one llama-server process",
+            "gpu.peak_flops": "nominal scale, not a datasheet: mfu carries the measured rate",
+            "gpu.hbm_bandwidth": "nominal scale, not a datasheet: mbu carries the measured rate",
+            "gpu.memory_bytes": f"weights + the server's -c {server.context} tokens of KV",
+            "model.params": "counted from the tensors treadle.testing.tiny_gguf writes",
+            "model.layers": "TinyModel.layers",
+            "model.hidden_size": "TinyModel.hidden",
+            "model.num_heads": "TinyModel.heads",
+            "model.kv_heads": "TinyModel.kv_heads",
+            "model.head_dim": "TinyModel.hidden / TinyModel.heads",
+            "model.dtype_bytes": "F32 weights",
+            "model.max_model_len": f"one slot's context: -c {server.context} / -np {server.slots}",
+            "efficiency.mfu": "placeholder until calibrated",
+            "efficiency.mbu": "placeholder until calibrated",
+            "efficiency.step_overhead_s": "placeholder until calibrated",
+            "engine.gpu_memory_utilization": "all of -c is KV",
+            "engine.block_size": "simulator default",
+            "engine.max_num_seqs": f"-np {server.slots} slots",
+            "engine.max_num_batched_tokens": f"llama-server's default batch -b {n_batch}",
+        },
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,6 +109,24 @@ class TinyModel:
     closer_bias: float = 2.6
     space_bias: float = 1.0
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def parameters(self, vocab_size: int) -> int:
+        """Weights, all tensors (embeddings and output included)."""
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        ffn = 3 * self.hidden * self.feed_forward
+        per_layer = attn + ffn + 2 * self.hidden
+        return 2 * vocab_size * self.hidden + self.layers * per_layer + self.hidden
+
+
+#: the tests' model: fast enough that a test's requests take milliseconds
+TINY = TinyModel()
+#: the benchmarks' and calibration's model: about 3.5 M parameters, slow enough that the
+#: engine's physics, not HTTP, dominates its timings on a CPU thread
+SMALL = TinyModel(layers=4, hidden=256, heads=8, kv_heads=4, feed_forward=768)
+
 
 @dataclass(frozen=True)
 class TinyVocab:
