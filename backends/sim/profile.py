@@ -25,8 +25,9 @@ bytes / (bandwidth * mbu))` where `flops = 2 * params * tokens + 4 * layers * (h
 head_dim) * attn_ctx` (attn_ctx: the sum over the step's new tokens of the context each
 attends to, itself included; the attention term weighted by `mfu / attention_mfu` when a
 profile gives attention its own efficiency), and `bytes = weights + kv_bytes_per_token *
-(kv_read_tokens + tokens)` — the weights once per step, the KV cache each decoding request (and each prefill
-chunk's already-computed prefix) reads, and the KV the step's new tokens write.
+(kv_read_tokens + tokens)` — the weights once per step, the KV cache each decoding request
+(and each prefill chunk's already-computed prefix) reads, and the KV the step's new tokens
+write.
 """
 
 from __future__ import annotations
