@@ -33,6 +33,7 @@ Needs the `gguf` package (MIT, from llama.cpp; in treadle's `dev` and `llamacpp`
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,14 +242,19 @@ def write_tiny_gguf(path: Path, model: TinyModel | None = None) -> Path:
     embed[quote, 3] = _BIGRAM_EMBED
     embed[vocab.id(byte_map[ord("}")]), 4] = _BIGRAM_EMBED
     writer.add_tensor("token_embd.weight", embed)
+    # Scales relative to the 2-layer, 128-wide model, so a wider or deeper one keeps the
+    # residual stream's spread (and with it the prior's and bigrams' strength) about equal.
+    wide = math.sqrt(128 / m.hidden)
+    deep = math.sqrt(2 / m.layers)
+    ff = math.sqrt(256 / m.feed_forward)
     for i in range(m.layers):
-        q = weight(m.heads * head_dim, m.hidden, 0.1)
-        k = weight(m.kv_heads * head_dim, m.hidden, 0.1)
-        v = weight(m.kv_heads * head_dim, m.hidden, 0.1)
-        o = weight(m.hidden, m.heads * head_dim, 0.05)
-        gate = weight(m.feed_forward, m.hidden, 0.1)
-        up = weight(m.feed_forward, m.hidden, 0.1)
-        down = weight(m.hidden, m.feed_forward, 0.05)
+        q = weight(m.heads * head_dim, m.hidden, 0.1 * wide)
+        k = weight(m.kv_heads * head_dim, m.hidden, 0.1 * wide)
+        v = weight(m.kv_heads * head_dim, m.hidden, 0.1 * wide)
+        o = weight(m.hidden, m.heads * head_dim, 0.05 * wide * deep)
+        gate = weight(m.feed_forward, m.hidden, 0.1 * wide)
+        up = weight(m.feed_forward, m.hidden, 0.1 * wide)
+        down = weight(m.hidden, m.feed_forward, 0.05 * ff * deep)
         o[:_RESERVED, :] = 0.0  # nothing writes to the reserved dimensions
         down[:_RESERVED, :] = 0.0
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(m.hidden, dtype=np.float32))
