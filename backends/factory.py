@@ -147,7 +147,7 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
         ) from None
     except ValueError as exc:
         raise ValueError(f"invalid 'openai_compat' model entry: dialect_options: {exc}") from None
-    cls = OpenAICompatBackend
+    cls: type[OpenAICompatBackend] = OpenAICompatBackend
     if isinstance(dialect, LlamaCppDialect):
         # slot placement, pins and offload live in the backend: they need the slot table
         from treadle.backends.openai_compat.llamacpp import LlamaCppBackend

@@ -142,7 +142,8 @@ async def run_mode(
     capacity = setup.slots * setup.slot_context
     run = ModeRun()
     begin = time.perf_counter()
-    async with LlamaCppBackend(url, MODEL_ALIAS, dialect_options=options, timeout_s=600) as llama:
+    llama = LlamaCppBackend(url, MODEL_ALIAS, dialect_options=options, timeout_s=600)
+    async with llama:
 
         async def program(p: int) -> None:
             rng = random.Random(setup.seed * 1000 + p)

@@ -41,6 +41,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -162,7 +163,7 @@ def build_info() -> dict[str, object]:
     return {}
 
 
-def _fetch_source(work: Path, out: object) -> Path:
+def _fetch_source(work: Path, out: BinaryIO) -> Path:
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
           f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(work)], out)  # fmt: skip
     sdist = work / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -187,11 +188,10 @@ def _built_commit(build: Path) -> str | None:
     return None
 
 
-def _run(cmd: Sequence[str], out: object) -> None:
-    assert hasattr(out, "write")
-    out.write(f"$ {' '.join(cmd)}\n".encode())  # type: ignore[attr-defined]
-    out.flush()  # type: ignore[attr-defined]
-    done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)  # type: ignore[call-overload]
+def _run(cmd: Sequence[str], out: BinaryIO) -> None:
+    out.write(f"$ {' '.join(cmd)}\n".encode())
+    out.flush()
+    done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         raise LlamaServerUnavailable(f"{cmd[0]} {cmd[1]} failed ({done.returncode}); see the log")
 
@@ -305,14 +305,14 @@ class LlamaServers:
         workdir: Path,
         *,
         binary: Path | None = None,
-        **options: object,
+        **options: Any,
     ) -> LlamaServers:
         """Start `n` servers of `model` (options: `LlamaServer`'s fields)."""
         exe = binary or ensure_llama_server(build=False)
         servers: list[LlamaServer] = []
         try:
             for i in range(n):
-                server = LlamaServer(exe, model, workdir / f"server-{i}", **options)  # type: ignore[arg-type]
+                server = LlamaServer(exe, model, workdir / f"server-{i}", **options)
                 servers.append(server.start())
         except BaseException:
             for server in servers:
