@@ -15,10 +15,12 @@ with `ignore_eos` so every answer has the length asked for:
 The base profile gives the hardware and the model (and the engine's limits); the fit
 replaces its efficiencies: `step_overhead_s`, `mfu` and `mbu` (the roofline of
 `Profile.step_time`), plus the per-request overhead the engine does not model (HTTP,
-tokenising, the chat template), by least squares on relative errors: for each candidate
-`(mfu, attention_mfu, mbu)` on a log grid, refined four times, the two additive constants
-are a weighted linear fit. Attention gets its own efficiency because its kernels run well
-below the GEMMs' rate (several times on a CPU; decode attention is memory-bound on a GPU).
+tokenising, the chat template), by least squares on relative errors: the four rates
+(`mfu`, `attention_mfu`, `mbu`, `kv_mbu`) by a simplex search in log space from several
+starts, the two additive constants, for each candidate, by weighted linear least squares.
+Attention and KV reads get their own efficiencies because their kernels run well below
+the GEMMs' and weight streaming's rates (several times on a CPU; on a GPU decode attention
+is bound by paged KV reads).
 Every fitted number's `sources` note says which server, when, and from how many probes.
 
 **Validation** then replays a held-back mix — Poisson arrivals at about half the server's
@@ -36,7 +38,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -213,13 +215,15 @@ async def probe_decode(
 # -- the fit ---------------------------------------------------------------------------------
 
 
-#: one engine step's work: (GEMM FLOPs, attention FLOPs, bytes moved)
-Work = tuple[float, float, float]
+#: one engine step's work: (GEMM FLOPs, attention FLOPs, weight bytes, KV bytes)
+Work = tuple[float, float, float, float]
+#: seconds per GEMM FLOP, per attention FLOP, per weight byte, per KV byte
+Slopes = tuple[float, float, float, float]
 
 
 @dataclass
 class _Row:
-    """A sample's prediction: `r * uses_r + o * steps + sum(max(a*f + c*g, b*m))`."""
+    """A sample's prediction: `r * uses_r + o * steps + sum(step times)`."""
 
     target: float
     uses_r: bool
@@ -239,14 +243,17 @@ def _prefill_steps(profile: Profile, n: int, cached: int) -> list[Work]:
 
 
 def _step(profile: Profile, tokens: float, attn_ctx: float, kv_read: float) -> Work:
+    """As the engine's step time: compute (GEMMs + attention) against memory (the weights
+    once, the KV read and written), with the stored sizes; the slopes carry the rates."""
     m = profile.model
     attention = 4.0 * m.layers * m.num_heads * m.head_dim * attn_ctx
-    nbytes = profile.weight_bytes + profile.kv_bytes_per_token * (kv_read + tokens)
-    return 2.0 * m.params * tokens, attention, nbytes
+    kv = profile.kv_storage_bytes_per_token * (kv_read + tokens)
+    return 2.0 * m.params * tokens, attention, profile.weight_bytes, kv
 
 
-def _time(steps: Sequence[Work], a: float, c: float, b: float) -> float:
-    return sum(max(a * f + c * g, b * m) for f, g, m in steps)
+def _time(steps: Sequence[Work], s: Slopes) -> float:
+    a, c, b, d = s
+    return sum(max(a * f + c * g, b * w + d * k) for f, g, w, k in steps)
 
 
 def _rows(profile: Profile, samples: Sequence[Sample]) -> list[_Row]:
@@ -261,10 +268,10 @@ def _rows(profile: Profile, samples: Sequence[Sample]) -> list[_Row]:
     return rows
 
 
-def _solve(rows: Sequence[_Row], a: float, c: float, b: float) -> tuple[float, float, float]:
+def _solve(rows: Sequence[_Row], slopes: Slopes) -> tuple[float, float, float]:
     """For fixed slopes, the constants `(r, o) >= 0` that minimise the squared relative
     error; returns `(r, o, error)`."""
-    g = [_time(row.steps, a, c, b) for row in rows]
+    g = [_time(row.steps, slopes) for row in rows]
     u = [1.0 if row.uses_r else 0.0 for row in rows]
     v = [float(len(row.steps)) for row in rows]
     w = [1.0 / row.target**2 for row in rows]
@@ -299,40 +306,89 @@ def _solve(rows: Sequence[_Row], a: float, c: float, b: float) -> tuple[float, f
     return best
 
 
+def _nelder_mead(
+    f: Callable[[list[float]], float], start: list[float], step: float, iterations: int
+) -> tuple[list[float], float]:
+    """Minimise `f` from `start` (the textbook simplex method; `step` sizes the simplex)."""
+    n = len(start)
+    simplex = [list(start)] + [
+        [x + (step if i == j else 0.0) for j, x in enumerate(start)] for i in range(n)
+    ]
+    values = [f(p) for p in simplex]
+    for _ in range(iterations):
+        order = sorted(range(n + 1), key=values.__getitem__)
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        centroid = [sum(p[j] for p in simplex[:-1]) / n for j in range(n)]
+        worst = simplex[-1]
+
+        def towards(
+            t: float, centroid: list[float] = centroid, worst: list[float] = worst
+        ) -> list[float]:
+            return [c + t * (w - c) for c, w in zip(centroid, worst, strict=True)]
+
+        reflected = towards(-1.0)
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = towards(-2.0)
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = towards(0.5)
+            fc = f(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:  # shrink towards the best
+                best = simplex[0]
+                simplex = [best] + [
+                    [b + 0.5 * (x - b) for b, x in zip(best, p, strict=True)] for p in simplex[1:]
+                ]
+                values = [values[0]] + [f(p) for p in simplex[1:]]
+    i = min(range(n + 1), key=values.__getitem__)
+    return simplex[i], values[i]
+
+
 def fit_efficiency(profile: Profile, samples: Sequence[Sample]) -> dict[str, float]:
-    """Fit `step_overhead_s`, `mfu`, `attention_mfu`, `mbu` and the request overhead."""
+    """Fit `step_overhead_s`, `mfu`, `attention_mfu`, `mbu`, `kv_mbu` and the request
+    overhead to the probes (module docstring)."""
     rows = _rows(profile, samples)
-    if len(rows) < 5:
-        raise ValueError("too few probes to fit (need at least 5)")
+    if len(rows) < 6:
+        raise ValueError("too few probes to fit (need at least 6)")
     peak = profile.gpu.peak_flops * profile.gpu.count
     bandwidth = profile.gpu.hbm_bandwidth * profile.gpu.count
-    # slopes (seconds per GEMM FLOP, per attention FLOP, per byte), searched on a log grid
-    # around what the probes alone imply, then on finer grids around the best
+    floor = (1.0 / peak, 1.0 / peak, 1.0 / bandwidth, 1.0 / bandwidth)
+
+    def slopes(x: Sequence[float]) -> Slopes:
+        a, c, b, d = (max(math.exp(v), lo) for v, lo in zip(x, floor, strict=True))
+        return a, c, b, d
+
+    def error(x: list[float]) -> float:
+        return _solve(rows, slopes(x))[2]
+
+    # starting points: each rate alone explaining the probes, then spread around them
     a0 = statistics.median(r.target / sum(s[0] for s in r.steps) for r in rows if r.uses_r)
     b0 = statistics.median(r.target / sum(s[2] for s in r.steps) for r in rows)
-    best = (math.inf, a0, a0, b0, 0.0, 0.0)
-    centre, span, n = (math.log(a0), math.log(a0), math.log(b0)), math.log(1e4), 13
-    for _ in range(5):
-        for i in range(n):
-            for k in range(n):
-                for j in range(n):
-                    a = max(math.exp(centre[0] + span * (i / (n - 1) - 0.75)), 1.0 / peak)
-                    c = max(math.exp(centre[1] + span * (k / (n - 1) - 0.5)), 1.0 / peak)
-                    b = max(math.exp(centre[2] + span * (j / (n - 1) - 0.75)), 1.0 / bandwidth)
-                    r, o, err = _solve(rows, a, c, b)
-                    if err < best[0]:
-                        best = (err, a, c, b, r, o)
-        centre = (math.log(best[1]), math.log(best[2]), math.log(best[3]))
-        span /= 4
-    _, a, c, b, r, o = best
-    predicted = [r * row.uses_r + o * len(row.steps) + _time(row.steps, a, c, b) for row in rows]
+    d0 = statistics.median(r.target / max(1.0, sum(s[3] for s in r.steps)) for r in rows)
+    base = [math.log(a0), math.log(a0), math.log(b0), math.log(d0)]
+    best_x, best_err = base, error(base)
+    for shift in ((0, 0, 0, 0), (0, 2, -2, -2), (-1, 1, -3, 0), (0, 3, -3, -3), (1, 0, -1, -4)):
+        start = [v + s for v, s in zip(base, shift, strict=True)]
+        x, err = _nelder_mead(error, start, step=1.5, iterations=400)
+        if err < best_err:
+            best_x, best_err = x, err
+    s = slopes(best_x)
+    r, o, _ = _solve(rows, s)
+    predicted = [r * row.uses_r + o * len(row.steps) + _time(row.steps, s) for row in rows]
     mape = statistics.mean(
         abs(p - row.target) / row.target for p, row in zip(predicted, rows, strict=True)
     )
+    a, c, b, d = s
     return {
         "mfu": min(1.0, 1.0 / (a * peak)),
         "attention_mfu": min(1.0, 1.0 / (c * peak)),
         "mbu": min(1.0, 1.0 / (b * bandwidth)),
+        "kv_mbu": min(1.0, 1.0 / (d * bandwidth)),
         "step_overhead_s": o,
         "request_overhead_s": r,
         "fit_mape": mape,
@@ -348,7 +404,7 @@ def calibrated_profile(
         f"{samples} probes, mean |error| {fit['fit_mape']:.1%}"
     )
     sources = dict(base.sources)
-    for key in ("mfu", "attention_mfu", "mbu", "step_overhead_s"):
+    for key in ("mfu", "attention_mfu", "mbu", "kv_mbu", "step_overhead_s"):
         sources[f"efficiency.{key}"] = note
     return base.model_copy(
         update={
@@ -358,6 +414,7 @@ def calibrated_profile(
                 mfu=fit["mfu"],
                 attention_mfu=fit["attention_mfu"],
                 mbu=fit["mbu"],
+                kv_mbu=fit["kv_mbu"],
                 step_overhead_s=fit["step_overhead_s"],
             ),
             "sources": sources,

@@ -11,7 +11,8 @@ Public API (stable):
     Profile.load(name_or_path) -> Profile      # "h100_sxm_llama31_8b" or a path to a .json
     Profile.default() -> Profile               # the H100 SXM + Llama-3.1-8B profile
     available_profiles() -> list[str]
-    p.kv_bytes_per_token                       # 2 * layers * kv_heads * head_dim * dtype
+    p.kv_storage_bytes_per_token               # 2 * layers * kv_heads * head_dim * dtype
+    p.kv_bytes_per_token                       # the same at the weights' bandwidth (kv_mbu)
     p.weight_bytes                             # params * dtype bytes
     p.kv_capacity_tokens / p.kv_capacity_blocks
     p.step_time(tokens, attn_ctx, kv_read_tokens) -> seconds   # the roofline, one step
@@ -79,8 +80,11 @@ class Efficiency(BaseModel):
     mbu: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
     step_overhead_s: float = Field(ge=0, description="scheduler + launch cost per step")
     #: achieved / peak FLOP/s of attention (QK^T, AV) when it differs from the GEMMs' `mfu`
-    #: (a CPU's, or a decode kernel's, is often several times lower); None: the same
+    #: (a CPU's is often several times lower); None: the same
     attention_mfu: float | None = Field(default=None, gt=0, le=1)
+    #: achieved / peak bandwidth of reading the KV cache (decode attention over a long
+    #: context) when it differs from streaming the weights (`mbu`); None: the same
+    kv_mbu: float | None = Field(default=None, gt=0, le=1)
 
 
 class EngineLimits(BaseModel):
@@ -165,10 +169,19 @@ class Profile(BaseModel):
     # -- memory ----------------------------------------------------------------------------
 
     @cached_property
-    def kv_bytes_per_token(self) -> int:
+    def kv_storage_bytes_per_token(self) -> int:
         """K and V, every layer, every KV head (summed over tensor-parallel shards)."""
         m = self.model
         return 2 * m.layers * m.kv_heads * m.head_dim * m.dtype_bytes
+
+    @cached_property
+    def kv_bytes_per_token(self) -> float:
+        """KV bytes a step reads or writes per token, counted at the weights' bandwidth: the
+        stored bytes, scaled by `mbu / kv_mbu` when reading the KV cache has its own
+        efficiency, so that `bytes / effective_bandwidth` is its time everywhere."""
+        e = self.efficiency
+        scale = e.mbu / e.kv_mbu if e.kv_mbu is not None else 1.0
+        return self.kv_storage_bytes_per_token * scale
 
     @cached_property
     def weight_bytes(self) -> float:
@@ -181,7 +194,7 @@ class Profile(BaseModel):
             self.gpu.memory_bytes * self.gpu.count * self.engine.gpu_memory_utilization
             - self.weight_bytes
         )
-        block_bytes = self.kv_bytes_per_token * self.engine.block_size
+        block_bytes = self.kv_storage_bytes_per_token * self.engine.block_size
         return max(0, int(usable // block_bytes))
 
     @cached_property

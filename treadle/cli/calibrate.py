@@ -74,7 +74,7 @@ def _on_llamacpp(
         work = Path(tmp)
         gguf = write_tiny_gguf(work / "small.gguf", SMALL)
         with LlamaServers.start(
-            1, gguf, work, slots=LLAMACPP_SLOTS, context=LLAMACPP_CONTEXT
+            1, gguf, work, slots=LLAMACPP_SLOTS, context=LLAMACPP_CONTEXT, cache_ram_mib=1024
         ) as servers:
             server = servers[0]
             echo(f"llama-server on {server.url} (pid {server.pid}), model {SMALL}")
