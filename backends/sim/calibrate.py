@@ -5,7 +5,8 @@ its own llama.cpp servers) runs three kinds of probes over the OpenAI chat API, 
 with `ignore_eos` so every answer has the length asked for:
 
 - **prefill**: one request at a time, prompts of growing length, one output token: the
-  time to first token (TTFT) against the prompt's tokens (`usage.prompt_tokens`);
+  time to first token (TTFT) against the prompt's tokens (`usage.prompt_tokens`), the
+  median of `reps` repetitions;
 - **cache hit**: a prompt, then the same prompt with a short suffix: TTFT with the prefix
   served from the server's cache (`usage.prompt_tokens_details.cached_tokens`);
 - **decode**: B requests at once, prompts of C tokens, long answers: the time per decode
@@ -23,13 +24,14 @@ the GEMMs' and weight streaming's rates (several times on a CPU; on a GPU decode
 is bound by paged KV reads).
 Every fitted number's `sources` note says which server, when, and from how many probes.
 
-**Validation** then replays a held-back mix — Poisson arrivals at about half the server's
-measured capacity, log-uniform prompt lengths, uniform answer lengths, a third of the
-prompts behind one of three shared prefixes — on the server and on the simulator (the
-engine in virtual time with the calibrated profile, the same arrivals, prompts and answer
-lengths), and reports the mean absolute percentage error of TTFT and of decode time (first
-to last token). Nothing here depends on the engine being llama.cpp: the same command
-calibrates a profile for vLLM on a GPU.
+**Validation** then replays a held-back mix — Poisson arrivals at half the rate the
+server serves such requests one at a time (sent in parts between the probe passes, so a
+machine whose speed drifts drifts under both), log-uniform prompt lengths, uniform answer
+lengths, a third of the prompts behind one of three shared prefixes — on the server and
+on the simulator (the engine in virtual time with the calibrated profile, the same
+arrivals, prompts and answer lengths), and reports the mean absolute percentage error of
+TTFT and of decode time (first to last token). Nothing here depends on the engine being
+llama.cpp: the same command calibrates a profile for vLLM on a GPU.
 """
 
 from __future__ import annotations
@@ -154,62 +156,80 @@ class Probe:
         )
 
 
-async def probe_prefill(probe: Probe, lengths: Sequence[int], reps: int) -> list[Sample]:
-    out = []
-    for n in lengths:
-        for _ in range(reps):
-            sample = await probe.send(probe.text(n), 1)
-            sample.kind = "prefill"
-            out.append(sample)
+def _median_sample(samples: Sequence[Sample]) -> Sample:
+    """The repetitions of one probe as one sample: the median time (a busy machine's
+    stalls land on single repetitions), the median token counts."""
+    first = samples[0]
+    return Sample(
+        kind=first.kind,
+        prompt_tokens=round(statistics.median(s.prompt_tokens for s in samples)),
+        cached_tokens=round(statistics.median(s.cached_tokens for s in samples)),
+        output_tokens=first.output_tokens,
+        ttft_s=statistics.median(s.ttft_s for s in samples),
+        decode_s=statistics.median(s.decode_s for s in samples),
+        batch=first.batch,
+        context=round(statistics.median(s.context for s in samples)),
+    )
+
+
+#: a probe's identity across passes: (kind, nominal length, batch)
+ProbeKey = tuple[str, int, int]
+
+
+async def probe_pass(probe: Probe, plan: ProbePlan) -> dict[ProbeKey, Sample]:
+    """One pass of every probe of `plan` (module docstring)."""
+    out: dict[ProbeKey, Sample] = {}
+    for n in plan.prefill_lengths:
+        sample = await probe.send(probe.text(n), 1)
+        sample.kind = "prefill"
+        out["prefill", n, 1] = sample
+    for n in plan.cached_lengths:
+        base = probe.text(n)
+        await probe.send(base, 1)
+        sample = await probe.send(base + " " + probe.text(32, unique=False), 1)
+        sample.kind = "cached"
+        out["cached", n, 1] = sample
+    for c in plan.decode_contexts:
+        for b in plan.decode_batches:
+            step = await probe_decode_step(probe, b, c, plan.decode_output)
+            if step is not None:
+                out["decode", c, b] = step
     return out
 
 
-async def probe_cached(probe: Probe, lengths: Sequence[int], reps: int) -> list[Sample]:
-    out = []
-    for n in lengths:
-        for _ in range(reps):
-            base = probe.text(n)
-            await probe.send(base, 1)
-            sample = await probe.send(base + " " + probe.text(32, unique=False), 1)
-            sample.kind = "cached"
-            out.append(sample)
-    return out
+async def probe_decode_step(probe: Probe, b: int, c: int, output: int) -> Sample | None:
+    """The time of one decode step with `b` requests decoding together at context `c`
+    (None when they never decoded together for long enough to tell)."""
+    stamps: list[list[float]] = [[] for _ in range(b)]
+    results: list[Sample] = []
+
+    async def one(i: int) -> None:
+        results.append(await probe.send(probe.text(c), output, times=stamps[i]))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(b):
+            tg.start_soon(one, i)
+    begin = max(s[0] for s in stamps)
+    end = min(s[-1] for s in stamps)
+    steps = sum(1 for t in stamps[0] if begin < t <= end)
+    if steps < 8:
+        return None
+    prompt = statistics.mean(r.prompt_tokens for r in results)
+    done_before = sum(1 for t in stamps[0] if t <= begin)
+    return Sample(
+        kind="decode",
+        prompt_tokens=round(prompt),
+        output_tokens=output,
+        decode_s=(end - begin) / steps,
+        batch=b,
+        context=round(prompt + done_before + steps / 2),
+    )
 
 
-async def probe_decode(
-    probe: Probe, batches: Sequence[int], contexts: Sequence[int], output: int
-) -> list[Sample]:
-    """Per-step decode time with `b` requests decoding together at context `c`."""
-    out = []
-    for c in contexts:
-        for b in batches:
-            stamps: list[list[float]] = [[] for _ in range(b)]
-            results: list[Sample] = []
-
-            async def one(i: int) -> None:
-                results.append(await probe.send(probe.text(c), output, times=stamps[i]))  # noqa: B023
-
-            async with anyio.create_task_group() as tg:
-                for i in range(b):
-                    tg.start_soon(one, i)
-            begin = max(s[0] for s in stamps)
-            end = min(s[-1] for s in stamps)
-            steps = sum(1 for t in stamps[0] if begin < t <= end)
-            if steps < 8:
-                continue  # the requests never decoded together for long enough
-            prompt = statistics.mean(r.prompt_tokens for r in results)
-            done_before = sum(1 for t in stamps[0] if t <= begin)
-            out.append(
-                Sample(
-                    kind="decode",
-                    prompt_tokens=round(prompt),
-                    output_tokens=output,
-                    decode_s=(end - begin) / steps,
-                    batch=b,
-                    context=round(prompt + done_before + steps / 2),
-                )
-            )
-    return out
+def merge_passes(passes: Sequence[dict[ProbeKey, Sample]]) -> list[Sample]:
+    """Each probe's median over the passes that measured it."""
+    keys = sorted({k for p in passes for k in p})
+    return [_median_sample([p[k] for p in passes if k in p]) for k in keys]
 
 
 # -- the fit ---------------------------------------------------------------------------------
@@ -449,10 +469,10 @@ class MixSpec:
     seed: int = 1
 
 
-async def run_mix(probe: Probe, spec: MixSpec) -> list[Sample]:
-    """Send the mix at its arrival times; every request's TTFT and decode time."""
+async def run_mix(probe: Probe, spec: MixSpec, prefixes: Sequence[str]) -> list[Sample]:
+    """Send the mix at its arrival times; every request's TTFT and decode time. Requests
+    that share a prefix take one of `prefixes` (about `spec.prefix_tokens` tokens each)."""
     rng = random.Random(spec.seed)
-    prefixes = [probe.text(spec.prefix_tokens) for _ in range(spec.prefixes)]
     plan: list[tuple[float, str, int, int | None, int]] = []
     t = 0.0
     for _ in range(spec.requests):
@@ -460,7 +480,7 @@ async def run_mix(probe: Probe, spec: MixSpec) -> list[Sample]:
         n = round(math.exp(rng.uniform(math.log(spec.min_prompt), math.log(spec.max_prompt))))
         out = rng.randint(spec.min_output, spec.max_output)
         if rng.random() < spec.shared_fraction:
-            k = rng.randrange(spec.prefixes)
+            k = rng.randrange(len(prefixes))
             text = prefixes[k] + " " + probe.text(max(16, n - spec.prefix_tokens))
             plan.append((t, text, out, k, spec.prefix_tokens))
         else:
@@ -514,8 +534,13 @@ def mape(pairs: Sequence[tuple[float, float]]) -> float:
     return statistics.mean(abs(p - m) / m for p, m in usable) if usable else math.nan
 
 
-def validate(profile: Profile, mix: Sequence[Sample], config: EngineConfig) -> dict[str, Any]:
-    predicted = simulate_mix(profile, mix, config)
+def validate(
+    profile: Profile, parts: Sequence[Sequence[Sample]], config: EngineConfig
+) -> dict[str, Any]:
+    """The simulator's errors on the held-back mix, sent in `parts` (each replayed on its
+    own: probes ran on the server between them)."""
+    mix = [s for part in parts for s in part]
+    predicted = [p for part in parts for p in simulate_mix(profile, part, config)]
     ttft = [(p[0], s.ttft_s) for p, s in zip(predicted, mix, strict=True)]
     decode = [
         (p[1], s.decode_s) for p, s in zip(predicted, mix, strict=True) if s.output_tokens > 1
@@ -538,11 +563,12 @@ def validate(profile: Profile, mix: Sequence[Sample], config: EngineConfig) -> d
 @dataclass(frozen=True)
 class ProbePlan:
     prefill_lengths: tuple[int, ...] = (32, 128, 512, 1024, 2048, 3072, 4096)
-    cached_lengths: tuple[int, ...] = (512, 2048, 4096)
+    cached_lengths: tuple[int, ...] = (256, 1024, 4096)
     decode_batches: tuple[int, ...] = (1, 2, 4)
     decode_contexts: tuple[int, ...] = (64, 1024, 3072)
     decode_output: int = 160
-    reps: int = 3
+    #: passes over every probe; the held-back mix is sent in `reps - 1` parts between them
+    reps: int = 5
 
 
 async def calibrate(
@@ -555,34 +581,52 @@ async def calibrate(
     seed: int = 0,
     echo: Any = None,
 ) -> CalibrationReport:
-    """Probe `backend`'s server, fit `base`'s efficiencies, validate on a held-back mix."""
+    """Probe `backend`'s server, fit `base`'s efficiencies, validate on a held-back mix.
+
+    The probes run in `plan.reps` passes with the held-back mix sent in parts between
+    them, so that a machine whose speed drifts (other work on it) drifts under both."""
     plan = plan or ProbePlan()
+    spec = mix or MixSpec()
     say = echo or (lambda *_: None)
     started = time.perf_counter()
     probe = Probe(backend, seed=seed)
     await probe.learn_tokenizer()
     say(f"tokenizer: {probe.tokens_per_word:.2f} tokens per probe word")
-    samples = await probe_prefill(probe, plan.prefill_lengths, plan.reps)
-    samples += await probe_cached(probe, plan.cached_lengths, plan.reps)
-    samples += await probe_decode(
-        probe, plan.decode_batches, plan.decode_contexts, plan.decode_output
+    passes = [await probe_pass(probe, plan)]
+    # the mix's rate: about half the capacity a first fit predicts
+    first = calibrated_profile(
+        base, fit_efficiency(base, merge_passes(passes)), server="", served_model="", samples=1
     )
-    say(f"{len(samples)} probes; fitting")
+    service = first.prefill_time((spec.min_prompt + spec.max_prompt) // 2) + (
+        (spec.min_output + spec.max_output) / 2
+    ) * first.decode_step_time(1, spec.max_prompt // 2)
+    # half of what the server serves one request at a time: batching adds capacity on a
+    # GPU, little on a CPU, so this keeps either at most about half busy
+    rate = min(spec.rate, 0.5 / max(service, 1e-6))
+    parts_n = max(1, plan.reps - 1)
+    say(f"held-back mix: {spec.requests} requests at {rate:.2f}/s in {parts_n} part(s)")
+    parts: list[list[Sample]] = []
+    for i in range(parts_n):
+        # each part its own prefixes: the simulator replays every part from a cold cache
+        prefixes = [probe.text(spec.prefix_tokens) for _ in range(spec.prefixes)]
+        part = MixSpec(
+            **{
+                **asdict(spec),
+                "requests": spec.requests // parts_n,
+                "rate": rate,
+                "seed": seed + 1 + i,
+            }
+        )
+        parts.append(await run_mix(probe, part, prefixes))
+        passes.append(await probe_pass(probe, plan))
+    samples = merge_passes(passes)
+    say(f"{len(samples)} probes ({len(passes)} passes); fitting")
     fit = fit_efficiency(base, samples)
     profile = calibrated_profile(
         base, fit, server=backend.root_url, served_model=backend.model, samples=len(samples)
     )
-    spec = mix or MixSpec()
-    # about half the server's capacity: mean service time at the mix's mean request
-    service = profile.prefill_time((spec.min_prompt + spec.max_prompt) // 2) + (
-        (spec.min_output + spec.max_output) / 2
-    ) * profile.decode_step_time(1, spec.max_prompt // 2)
-    rate = 0.5 * profile.engine.max_num_seqs / max(service, 1e-6) / 2
-    spec = MixSpec(**{**asdict(spec), "rate": min(spec.rate, rate), "seed": seed + 1})
-    say(f"held-back mix: {spec.requests} requests at {spec.rate:.1f}/s")
-    held_back = await run_mix(probe, spec)
-    validation = validate(profile, held_back, config or EngineConfig())
-    validation["rate_per_s"] = spec.rate
+    validation = validate(profile, parts, config or EngineConfig())
+    validation["rate_per_s"] = rate
     profile = profile.model_copy(
         update={
             "calibration": (profile.calibration or _missing()).model_copy(
@@ -595,7 +639,7 @@ async def calibrate(
     )
     return CalibrationReport(
         profile=profile,
-        samples=[*samples, *held_back],
+        samples=[*samples, *(s for part in parts for s in part)],
         validation=validation,
         fit=fit,
         wall_s=time.perf_counter() - started,

@@ -85,13 +85,13 @@ def test_validation_replays_a_mix_on_the_engine() -> None:
     config = EngineConfig()
     for s, (ttft, decode) in zip(mix, simulate_mix(real, mix, config), strict=True):
         s.ttft_s, s.decode_s = ttft, decode
-    exact = validate(real, mix, config)
+    exact = validate(real, [mix], config)
     assert exact["ttft_mape"] == pytest.approx(0.0, abs=1e-9)
     assert exact["decode_mape"] == pytest.approx(0.0, abs=1e-9)
     slow = real.model_copy(
         update={"efficiency": Efficiency(mfu=0.2, mbu=0.3, step_overhead_s=0.01)}
     )
-    assert validate(slow, mix, config)["ttft_mape"] > 0.3
+    assert validate(slow, [mix], config)["ttft_mape"] > 0.3
 
 
 def test_mape_ignores_zero_measurements() -> None:
