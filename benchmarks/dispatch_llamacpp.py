@@ -1,15 +1,16 @@
 """`treadle bench dispatch --engine llamacpp`: the routing policies on three real
 `llama-server`s, each beside the simulator's prediction for the same setup.
 
-The workload is the Mooncake conversation trace scaled down to what a CPU serves: the first
-requests (in arrival order) that continue an earlier conversation or are continued later
-(they share a block beyond the common system block with another request), each 512-token
-block becoming `--block-tokens` tokens of text fixed by its hash id (equal ids, equal
-text), answers capped at `--max-output` tokens, arrivals compressed to `--rate` requests a
-second. Every repetition starts three fresh servers (the small random-weight model, 4
-slots each, llama.cpp's own host-RAM prompt cache on: the server at its best) and replays
-the trace through `ReplicaPool` under each policy, streaming, so TTFT is the client's.
-Cached prompt tokens are the servers' own (`usage.prompt_tokens_details.cached_tokens`).
+The workload is the Mooncake conversation trace scaled down to what a CPU serves: whole
+conversations (requests linked by a shared block beyond the common system block), in order
+of their first request, their requests in arrival order, each cut to its first 24 blocks;
+each 512-token block becomes `block_tokens` tokens of text fixed by its hash id (equal
+ids, equal text), answers are capped at `max_output` tokens, arrivals are Poisson at
+`rate` a second. Every repetition starts three fresh servers (the small random-weight
+model, 4 slots each, llama.cpp's own host-RAM prompt cache on: the server at its best) and
+replays the trace through `ReplicaPool` under each policy, streaming, so TTFT is the
+client's. Cached prompt tokens are the servers' own
+(`usage.prompt_tokens_details.cached_tokens`).
 
 The prediction replays the same requests (same routing keys, same policies) on three
 simulated engines with the calibrated profile (`--profile`, default the bundled
@@ -60,23 +61,45 @@ class Scaled:
     output: int
 
 
+#: a request keeps at most its first this many blocks (its prefix structure survives)
+MAX_BLOCKS = 24
+
+
 def scale_trace(
     rows: Sequence[TraceRow], *, requests: int, rate: float, max_output: int, seed: int
 ) -> list[Scaled]:
-    """The first `requests` rows that share a non-system block with another row."""
-    owners: dict[int, int] = {}
-    for row in rows:
-        for h in (row.hash_ids or ())[1:]:
-            owners[h] = owners.get(h, 0) + 1
-    picked = [r for r in rows if r.hash_ids and any(owners[h] > 1 for h in r.hash_ids[1:])][
-        :requests
-    ]
+    """Whole conversations (rows linked by a shared block beyond the common system block),
+    in order of their first request, until `requests` rows; the rows in arrival order, each
+    cut to its first `MAX_BLOCKS` blocks, re-timed as Poisson arrivals at `rate`."""
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_row: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        for h in (row.hash_ids or ())[1:MAX_BLOCKS]:
+            j = first_row.setdefault(h, i)
+            parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(root(i), []).append(i)
+    picked: list[int] = []
+    for members in sorted(groups.values(), key=lambda m: m[0]):
+        if len(members) > 1 and len(picked) < requests:
+            picked += members
+    picked = sorted(picked)[:requests]
     rng = random.Random(seed)
     t, out = 0.0, []
-    for row in picked:
-        t += rng.expovariate(rate)
+    for i in picked:
+        row = rows[i]
         assert row.hash_ids is not None
-        out.append(Scaled(t, row.hash_ids, max(1, min(max_output, row.output_length))))
+        t += rng.expovariate(rate)
+        blocks = row.hash_ids[:MAX_BLOCKS]
+        out.append(Scaled(t, blocks, max(1, min(max_output, row.output_length))))
     return out
 
 
