@@ -211,9 +211,9 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
         "cached_prompt_tokens": cached,
         "prompt_tokens": prompt,
         "hit_rate": cached / prompt if prompt else 0.0,
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p90_s": percentile(ttft, 90),
-        "ttft_p99_s": percentile(ttft, 99),
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p90_s": percentile(ttft, 0.9),
+        "ttft_p99_s": percentile(ttft, 0.99),
     }
 
 
