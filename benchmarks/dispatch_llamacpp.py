@@ -36,7 +36,7 @@ import anyio
 
 from treadle.backends.base import LLMRequest, Message
 from treadle.backends.dispatch.pool import ReplicaPool
-from treadle.backends.dispatch.routing import RequestFeatures, Router, make_policy
+from treadle.backends.dispatch.routing import RequestFeatures, Router, make_routing_policy
 from treadle.backends.openai_compat.llamacpp import LlamaCppBackend
 from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import VirtualClock
@@ -175,7 +175,7 @@ def replay_sim(
     overhead = profile.calibration.request_overhead_s if profile.calibration else 0.0
     clock = VirtualClock()
     engines = [Engine(profile, clock, name=f"sim-{i}") for i in range(replicas)]
-    router = Router(make_policy(policy, replicas), [e.name for e in engines])
+    router = Router(make_routing_policy(policy, replicas), [e.name for e in engines])
     requests: list[SimRequest] = []
     per_block = max(1, round(tokens_per_block))
 

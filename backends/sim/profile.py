@@ -21,7 +21,7 @@ Public API (stable):
     p.decode_step_time(batch, context) -> seconds
     p.calibration                              # how it was measured, when calibrated
 
-The step-time model (BENCHMARKS.md): `t = overhead + max(flops / (peak * mfu),
+The step-time model (docs/benchmarks.md): `t = overhead + max(flops / (peak * mfu),
 bytes / (bandwidth * mbu))` where `flops = 2 * params * tokens + 4 * layers * (heads *
 head_dim) * attn_ctx` (attn_ctx: the sum over the step's new tokens of the context each
 attends to, itself included; the attention term weighted by `mfu / attention_mfu` when a
