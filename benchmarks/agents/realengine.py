@@ -403,3 +403,63 @@ def _ratios(results: dict[str, Any], profile: Profile) -> dict[str, Any]:
             "recompute_ms_estimate": restored * per_token * 1e3,
         }
     return ratios
+
+
+def run_cli(engine: str, *, quick: bool, json_path: Path | None, seed: int, profile: str) -> None:
+    """`treadle bench agents --engine llamacpp [--quick]`: run, print, write the report."""
+    from rich.console import Console
+
+    from treadle.benchmarks.common import print_table, write_report
+
+    if engine != "llamacpp":
+        raise ValueError(f"--engine must be sim or llamacpp, not {engine!r}")
+    console = Console()
+    setup = Setup(reps=1, seed=seed) if quick else Setup(reps=3, seed=seed)
+    name = (
+        profile if profile.startswith("llamacpp") or profile.endswith(".json") else DEFAULT_PROFILE
+    )
+    started = time.perf_counter()
+    config, results, ratios = run_agents_llamacpp(
+        setup=setup, profile_name=name, echo=console.print
+    )
+    config["wall_s"] = round(time.perf_counter() - started, 1)
+    rows = []
+    for mode, r in results.items():
+        p = r["predicted"] or {}
+        rows.append(
+            [
+                mode,
+                r["recomputed_tokens"],
+                p.get("recomputed_tokens", "-"),
+                r["prefill_tokens"],
+                p.get("prefill_tokens", "-"),
+                r["turn_ttft_p50_s"],
+                p.get("turn_ttft_p50_s", "-"),
+                r["makespan_s"],
+                p.get("makespan_s", "-"),
+                f"{r.get('pins_set', 0):.0f}/{r.get('pins_refused', 0):.0f}",
+                f"{r.get('saves', 0):.0f}/{r.get('restores', 0):.0f}",
+            ]
+        )
+    print_table(
+        f"agents with tool waits on a llama-server ({setup.programs} programs, {setup.slots} "
+        f"slots, medians of {setup.reps}), beside the simulator ({config['profile']})",
+        [
+            "mode",
+            "recomputed",
+            "sim",
+            "prefill tok",
+            "sim",
+            "TTFT p50 s",
+            "sim",
+            "makespan s",
+            "sim",
+            "pins set/refused",
+            "saves/restores",
+        ],
+        rows,
+        console=console,
+    )
+    for key, value in ratios.items():
+        console.print(f"{key}: {value}")
+    write_report(json_path, "agents-llamacpp", config, results, ratios)
