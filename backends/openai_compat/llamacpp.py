@@ -317,8 +317,7 @@ class SlotTable:
             if slot.owner == program and slot.pinned_until is not None:
                 slot.pinned_until = None
                 released += 1
-        state = self.programs.pop(program, None)
-        del state
+        self.programs.pop(program, None)
         self.stats.pins_released += released
         return released
 
