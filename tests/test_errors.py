@@ -77,6 +77,7 @@ SUBTREE = {
     "TracingUnavailable": SetupError,
     "MetricsUnavailable": SetupError,
     "RedisUnavailable": SetupError,
+    "LlamaServerUnavailable": SetupError,
 }
 
 

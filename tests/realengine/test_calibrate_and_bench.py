@@ -77,7 +77,7 @@ def test_dispatch_bench_reports_every_policy_beside_the_simulator() -> None:
 
 def test_agents_bench_runs_every_mode() -> None:
     _, results, ratios = run_agents_llamacpp(
-        setup=Setup(programs=3, turns=1, slots=1, system_words=60, result_words=10, reps=1),
+        setup=Setup(programs=2, turns=1, slots=1, system_words=40, result_words=10, reps=1),
         profile_name="llamacpp_cpu_small",
         echo=lambda *_: None,
     )

@@ -46,6 +46,7 @@ from typing import Any, BinaryIO
 import httpx
 
 from treadle.backends.sim.profile import Efficiency, EngineLimits, GPUSpec, ModelSpec, Profile
+from treadle.errors import SetupError
 from treadle.testing.processes import free_port
 from treadle.testing.tiny_gguf import TinyModel, tiny_vocab
 
@@ -68,7 +69,7 @@ CACHE_ENV = "TREADLE_LLAMA_SERVER_CACHE"
 MODEL_ALIAS = "tiny"
 
 
-class LlamaServerUnavailable(RuntimeError):
+class LlamaServerUnavailable(SetupError, RuntimeError):
     """No `llama-server` binary, and building one failed or was not allowed."""
 
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from treadle.errors import SetupError
+
 #: ChatML with tools, laid out as Qwen2.5's template (so llama.cpp's chat analyser finds the
 #: `<tool_call>` JSON format). `tool_call.arguments` arrives as an object or a JSON string.
 CHAT_TEMPLATE = """\
@@ -190,7 +192,7 @@ def write_tiny_gguf(path: Path, model: TinyModel | None = None) -> Path:
         import gguf
         import numpy as np
     except ImportError as exc:  # pragma: no cover - an install without the dev extra
-        raise RuntimeError(
+        raise SetupError(
             "writing the tiny model needs the `gguf` package: pip install 'treadle[llamacpp]'"
         ) from exc
     m = model or TinyModel()
