@@ -269,6 +269,9 @@ _SAMPLES: dict[str, Any] = {
     "str | None": "an error",
     "float | None": 1e-300,
     "list[str]": ["a[0]", "a[1]", "ü"],
+    # a request's answer schema and default: any JSON value
+    "dict[str, Any]": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+    "Any": {"nested": [1, 2.5, None, "x"]},
 }
 
 

@@ -15,8 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 from treadle.runtime.core.events import (
+    CacheHit,
     Event,
     GraphExtended,
+    InputRequested,
     LLMCallFinished,
     NodeFailed,
     NodeFinished,
@@ -34,6 +36,7 @@ _STYLE = {
     "done": ("✓", "green"),
     "failed": ("✗", "red"),
     "skipped": ("−", "dim"),
+    "waiting": ("?", "magenta"),
 }
 
 
@@ -87,6 +90,10 @@ class RunView:
             row.state, row.note = ("failed" if event.policy == "fail" else "done"), event.error
         elif isinstance(event, NodeSkipped):
             row.state, row.note = "skipped", event.reason
+        elif isinstance(event, InputRequested):
+            row.state, row.note = "waiting", event.prompt
+        elif isinstance(event, CacheHit):
+            row.note = "cached"
 
     def table(self) -> Table:
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
@@ -111,10 +118,16 @@ class RunView:
 
 
 def render_result(console: Console, result: RunResult, view: RunView | None) -> None:
-    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}[result.status]
+    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(
+        result.status, "magenta"
+    )
     parts: list[Any] = []
     if result.error:
         parts.append(Text(result.error, style="red"))
+    for request in result.pending:
+        parts.append(Text(f"{request.node} asks: {request.prompt}", style="magenta"))
+        schema = json.dumps(request.answer_schema, default=str)
+        parts.append(Text(f"  answer: {schema}", style="dim"))
     if result.output is not None:
         dumped = (
             result.output.model_dump(mode="json")
