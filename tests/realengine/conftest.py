@@ -9,10 +9,11 @@ the skip into a failure: a real-engine test never silently stops running in CI.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from realengine_support import StartServers
 
 from treadle.testing.llamacpp import (
     LlamaServer,
@@ -53,9 +54,6 @@ def llama_server_binary() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
-
-
-StartServers = Callable[..., LlamaServers]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import StartServers
+from realengine_support import StartServers
 
 from treadle.backends.openai_compat.backend import OpenAICompatBackend
 from treadle.backends.sim.calibrate import MixSpec, ProbePlan, calibrate

@@ -8,7 +8,7 @@ from collections import defaultdict
 import anyio
 import httpx
 import pytest
-from conftest import StartServers
+from realengine_support import StartServers
 
 from treadle.backends.base import LLMRequest, Message
 from treadle.backends.dispatch.pool import ReplicaPool

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 import pytest
-from conftest import StartServers
+from realengine_support import StartServers
 
 from treadle.backends.base import (
     BackendError,
