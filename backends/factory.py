@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
 from treadle.backends.base import Backend
-from treadle.backends.openai_compat.dialects import make_dialect
+from treadle.backends.openai_compat.dialects import LlamaCppDialect, make_dialect
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 
 
@@ -51,7 +51,7 @@ class OpenAICompatConfig(_Config):
     backend: Literal["openai_compat"]
     base_url: str = Field(pattern=r"^https?://")
     model: str = Field(min_length=1)
-    dialect: Literal["vllm", "sglang", "continuum", "sim", "openai"] = "vllm"
+    dialect: Literal["vllm", "sglang", "continuum", "llamacpp", "dynamo", "sim", "openai"] = "vllm"
     dialect_options: dict[str, Any] = Field(default_factory=dict)
     name: str | None = None
     api_key: str | None = None
@@ -147,7 +147,13 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
         ) from None
     except ValueError as exc:
         raise ValueError(f"invalid 'openai_compat' model entry: dialect_options: {exc}") from None
-    return OpenAICompatBackend(
+    cls: type[OpenAICompatBackend] = OpenAICompatBackend
+    if isinstance(dialect, LlamaCppDialect):
+        # slot placement, pins and offload live in the backend: they need the slot table
+        from treadle.backends.openai_compat.llamacpp import LlamaCppBackend
+
+        cls = LlamaCppBackend
+    return cls(
         cfg.base_url,
         cfg.model,
         dialect=dialect,

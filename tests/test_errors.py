@@ -84,6 +84,7 @@ SUBTREE = {
     "TracingUnavailable": SetupError,
     "MetricsUnavailable": SetupError,
     "RedisUnavailable": SetupError,
+    "LlamaServerUnavailable": SetupError,
 }
 
 
