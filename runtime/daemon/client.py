@@ -23,6 +23,8 @@ from treadle.runtime.core.store import TERMINAL
 
 #: statuses `wait` returns at: the run is over, or waits for a person (`answer`)
 SETTLED = TERMINAL | {"waiting"}
+#: the length of the run ids the daemon gives (uuid4 hex)
+FULL_ID_LENGTH = 32
 #: dropped connections in a row, without an event in between, that `events()` survives
 _RECONNECTS = 10
 
@@ -95,6 +97,34 @@ class DaemonClient:
 
     def get_run(self, run_id: str) -> Any:
         return self._json("GET", f"/v1/runs/{run_id}")
+
+    def runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        id_prefix: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Any:
+        """One page of the tenant's runs, newest first (`next_cursor` goes on)."""
+        given = {"status": status, "workflow": workflow, "id_prefix": id_prefix,
+                 "limit": limit, "cursor": cursor}  # fmt: skip
+        return self._json("GET", "/v1/runs", params={k: v for k, v in given.items() if v})
+
+    def resolve(self, run_id: str) -> str:
+        """The full id of the one run whose id is or starts with `run_id` (daemon ids are
+        32 hex digits: one that long is taken as it is). Raises `ClientError` 404 when no
+        run matches, 409 when several do (naming a few)."""
+        if len(run_id) == FULL_ID_LENGTH:
+            return run_id
+        found = [r["run_id"] for r in self.runs(id_prefix=run_id, limit=5)["runs"]]
+        if run_id in found or len(found) == 1:
+            return run_id if run_id in found else found[0]
+        if not found:
+            raise ClientError(404, "not_found", f"no run's id starts with {run_id!r}")
+        more = ", ".join(found) + (", …" if len(found) == 5 else "")
+        raise ClientError(409, "ambiguous", f"{run_id!r} starts several run ids: {more}")
 
     def cancel(self, run_id: str) -> Any:
         return self._json("POST", f"/v1/runs/{run_id}/cancel")

@@ -53,6 +53,9 @@ RUN_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 #: index entries looked at by one list request at most (then a cursor to go on)
 _SCAN_BUDGET = 2000
 _CHUNK = 200
+#: a search by id prefix: index entries Redis looks at per round trip, and matches kept
+_PREFIX_SCAN = 1000
+_PREFIX_MAX = 1000
 
 
 class NotFound(DaemonError, LookupError):
@@ -246,10 +249,14 @@ class RunService:
         workflow: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        id_prefix: str | None = None,
     ) -> RunPage:
         """Newest first. The cursor is the position of the last run of the previous page,
-        so runs submitted meanwhile do not shift the pages."""
+        so runs submitted meanwhile do not shift the pages. With `id_prefix`, only runs
+        whose id starts with it, on one page (`_find`)."""
         index = self.keys.tenant_runs(tenant.id)
+        if id_prefix is not None:
+            return await self._find(tenant, index, id_prefix, status, workflow, limit)
         position = _decode_cursor(cursor) if cursor else None
         out: list[RunView] = []
         scanned = 0
@@ -258,34 +265,75 @@ class RunService:
             if not entries:
                 return RunPage(out, None)
             scanned += len(entries)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for run_id, _score in entries:
-                    pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
-                metas = await pipe.execute()
-            gone = [run_id for (run_id, _s), (raw, _l) in zip(entries, metas, strict=True)
-                    if raw is None]  # fmt: skip
-            if gone:
-                # expired runs (retention): drop them from the indexes as they are met
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.zrem(index, *gone)
-                    pipe.zrem(self.keys.runs(), *gone)
-                    await pipe.execute()
-            for (run_id, score), (raw, last_seq) in zip(entries, metas, strict=True):
+            for (run_id, score), view in zip(
+                entries, await self._views(tenant, index, entries), strict=True
+            ):
                 position = (score, run_id)
-                if raw is None:
-                    continue
-                view = RunView(codec.decode_record(raw), started=int(last_seq or 0) > 0)
-                if view.record.tenant != tenant.id:
-                    continue
-                if status is not None and view.status != status:
-                    continue
-                if workflow is not None and view.record.graph != workflow:
+                if view is None or not _matches(view, status, workflow):
                     continue
                 out.append(view)
                 if len(out) == limit:
                     return RunPage(out, _encode_cursor(position))
         # the scan budget is spent: the client goes on from here
         return RunPage(out, _encode_cursor(position) if position else None)
+
+    async def _find(
+        self,
+        tenant: Tenant,
+        index: str,
+        prefix: str,
+        status: RunStatus | None,
+        workflow: str | None,
+        limit: int,
+    ) -> RunPage:
+        """The tenant's runs whose id starts with `prefix`, newest first. Redis matches the
+        ids (ZSCAN MATCH, `_PREFIX_SCAN` index entries per round trip); a prefix that
+        matches more than `_PREFIX_MAX` runs gives the newest of the first that many."""
+        if not RUN_ID.fullmatch(prefix):
+            raise InvalidRequest(f"id_prefix {prefix!r}: letters, digits, _ and - only")
+        found: list[tuple[str, float]] = []
+        async for member, score in self.redis.zscan_iter(
+            index, match=f"{prefix}*", count=_PREFIX_SCAN
+        ):
+            found.append((_text(member), float(score)))
+            if len(found) >= _PREFIX_MAX:
+                break
+        found.sort(key=lambda entry: (entry[1], entry[0]), reverse=True)
+        out: list[RunView] = []
+        for start in range(0, len(found), _CHUNK):
+            chunk = found[start : start + _CHUNK]
+            for view in await self._views(tenant, index, chunk):
+                if view is not None and _matches(view, status, workflow):
+                    out.append(view)
+                    if len(out) == limit:
+                        return RunPage(out, None)
+        return RunPage(out, None)
+
+    async def _views(
+        self, tenant: Tenant, index: str, entries: list[tuple[str, float]]
+    ) -> list[RunView | None]:
+        """The tenant's runs of index `entries` (None: gone, or not the tenant's); ids of
+        expired runs (retention) are dropped from the indexes as they are met."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id, _score in entries:
+                pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
+            metas = await pipe.execute()
+        gone = [run_id for (run_id, _s), (raw, _l) in zip(entries, metas, strict=True)
+                if raw is None]  # fmt: skip
+        if gone:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(index, *gone)
+                pipe.zrem(self.keys.runs(), *gone)
+                await pipe.execute()
+        views: list[RunView | None] = []
+        for raw, last_seq in metas:
+            view = None
+            if raw is not None:
+                view = RunView(codec.decode_record(raw), started=int(last_seq or 0) > 0)
+                if view.record.tenant != tenant.id:
+                    view = None
+            views.append(view)
+        return views
 
     async def _entries_after(
         self, index: str, position: tuple[float, str] | None, count: int
@@ -306,6 +354,12 @@ class RunService:
             if fresh or len(entries) < want:
                 return fresh[:count]
             want *= 2  # a page of ties only: look further
+
+
+def _matches(view: RunView, status: RunStatus | None, workflow: str | None) -> bool:
+    return (status is None or view.status == status) and (
+        workflow is None or view.record.graph == workflow
+    )
 
 
 def _non_finite(value: Any, path: str = "") -> str | None:

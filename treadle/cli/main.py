@@ -467,10 +467,12 @@ def _register_subcommands() -> None:
 
     from treadle.cli.sim import app as sim_app
     from treadle.runtime.daemon.cli import register
+    from treadle.runtime.daemon.remote import app as remote_app
 
     for name, module_name in BENCHMARKS.items():
         bench_app.command(name)(importlib.import_module(module_name).main)
     app.add_typer(sim_app, name="sim")
+    app.add_typer(remote_app, name="remote")
     register(app)
 
 

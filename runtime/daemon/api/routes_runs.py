@@ -96,10 +96,18 @@ async def list_runs(
     workflow: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=400)] = None,
+    id_prefix: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=128,
+            description="Only runs whose id starts with this (one page, newest first).",
+        ),
+    ] = None,
 ) -> RunList:
     """The tenant's runs, newest first, optionally filtered; pages go on with `cursor`."""
     page = await services.runs.list_runs(
-        tenant, status=status, workflow=workflow, limit=limit, cursor=cursor
+        tenant, status=status, workflow=workflow, limit=limit, cursor=cursor, id_prefix=id_prefix
     )
     return RunList(runs=[RunOut.of(v, full=False) for v in page.runs], next_cursor=page.next_cursor)
 
