@@ -58,6 +58,12 @@ def _edges(spec: GraphSpec) -> Iterator[tuple[str, str, str, bool]]:
                 yield src, "__output__", name, False
 
 
+def graph_edges(spec: GraphSpec) -> list[tuple[str, str, str, bool]]:
+    """Every edge of `spec` as (source, target, label, is_control): graph inputs come from
+    `__input__`, graph outputs go to `__output__` (the web view's drawing uses these)."""
+    return list(_edges(spec))
+
+
 def _mermaid_id(node_id: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in node_id)
 

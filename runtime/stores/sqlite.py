@@ -181,10 +181,16 @@ class SqliteStore:
         status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
+        id_prefix: str | None = None,
     ) -> list[RunRecord]:
+        """Newest first; `id_prefix`: only runs whose id starts with it."""
         codec.check_page(limit, offset)
         where: list[str] = []
         args: list[Any] = []
+        if id_prefix:
+            # a range of the primary key (LIKE would need escaping and skip the index)
+            where.append("run_id >= ? AND run_id < ?")
+            args += [id_prefix, id_prefix + "\U0010ffff"]
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)

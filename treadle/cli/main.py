@@ -452,6 +452,28 @@ def trace(
     trace_command(events, as_json=as_json, console=console)
 
 
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1).")] = 8787,
+    db: DbOpt = None,
+) -> None:
+    """Open the web view of the runs in the local store (the one `treadle run` writes):
+    the runs list, and each run's graph, timeline, nodes and token streams, live."""
+    import uvicorn
+
+    from treadle.runtime.daemon.api.ui.local import create_local_app
+
+    path = db or default_db()
+    if not path.exists():
+        raise _fail(f"no run store at {path} yet: `treadle run` a workflow first")
+
+    def load(source: str) -> Any:
+        return compile_graph(load_program(source))
+
+    err_console.print(f"treadle ui: http://127.0.0.1:{port}/ ({path})", highlight=False)
+    uvicorn.run(create_local_app(path, load), host="127.0.0.1", port=port, log_level="warning")
+
+
 #: `treadle bench NAME` -> the module whose `main` runs it
 BENCHMARKS = {
     "overhead": "treadle.benchmarks.overhead",

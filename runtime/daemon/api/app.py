@@ -20,6 +20,7 @@ from treadle.runtime.daemon.api.metrics import ApiMetrics, HttpMetricsMiddleware
 from treadle.runtime.daemon.api.routes_ops import router as ops_router
 from treadle.runtime.daemon.api.routes_runs import router as runs_router
 from treadle.runtime.daemon.api.routes_workflows import router as workflows_router
+from treadle.runtime.daemon.api.ui.daemon_view import mount as mount_ui
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import Worker
@@ -76,6 +77,7 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
     app.include_router(workflows_router)
     app.include_router(runs_router)
     app.include_router(ops_router)
+    mount_ui(app)
     # outermost first: the size limit refuses before anything else runs
     app.add_middleware(HttpMetricsMiddleware, metrics=api_metrics.http)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
