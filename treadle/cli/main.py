@@ -481,6 +481,7 @@ BENCHMARKS = {
     "agents": "treadle.benchmarks.agents.bench",
     "parallel": "treadle.benchmarks.parallel",
     "service": "treadle.benchmarks.service",
+    "sse": "treadle.benchmarks.sse_latency",
 }
 
 
