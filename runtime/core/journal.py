@@ -34,6 +34,10 @@ class Journal:
         self._writing = False
         self._flushed: anyio.Event | None = None
 
+    def undurable(self) -> list[Event]:
+        """The run's events that are not in the store yet (the next commit writes them)."""
+        return self.log[self._durable :]
+
     def stage(self, node: str, output: bytes) -> None:
         """Add `node`'s output to the next commit (it is not durable until then)."""
         self.outputs[node] = output

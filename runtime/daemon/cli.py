@@ -64,12 +64,6 @@ AllowImportsOpt = Annotated[
         "built-in tools are always allowed. Workers check it again before running a run."
     ),
 ]
-LiveOpt = Annotated[
-    bool,
-    typer.Option(
-        help="Workers send each event to event streams as it happens (off: once journaled)."
-    ),
-]
 AllowBackendsOpt = Annotated[
     str, typer.Option(help="Comma list of backends workflows may declare in models:.")
 ]
@@ -176,7 +170,6 @@ def serve(
             "--metrics-public", help="Serve /metrics without a token (private networks only)."
         ),
     ] = False,
-    live_events: LiveOpt = True,
     log_level: LogOpt = "info",
 ) -> None:
     """Serve the HTTP API (and, unless --no-worker, run workers in the same process).
@@ -201,7 +194,6 @@ def serve(
         retain_s=_retain_s(retain_days),
         metrics_token=metrics_token,
         metrics_public=metrics_public,
-        live_events=live_events,
     )
     app = create_app(config, workers=0 if no_worker else max(1, workers_per_process))
     uvicorn.run(
@@ -228,7 +220,6 @@ def worker(
     allow_imports: AllowImportsOpt = "",
     allow_backends: AllowBackendsOpt = "scripted,sim",
     retain_days: RetainOpt = 7.0,
-    live_events: LiveOpt = True,
     log_level: LogOpt = "info",
 ) -> None:
     """Execute runs from the daemon's work queue (start as many as you like, anywhere).
@@ -250,7 +241,6 @@ def worker(
         allow_imports=_csv(allow_imports),
         allow_backends=_csv(allow_backends),
         retain_s=_retain_s(retain_days),
-        live_events=live_events,
     )
     anyio.run(run_worker_process, config, max(1, count), backend_options=_loop_options())
 

@@ -45,9 +45,6 @@ class DaemonConfig:
     metrics_token: str | None = field(default=None, repr=False)
     #: serve `/metrics` without a token (a private network); with neither, `/metrics` is 401
     metrics_public: bool = False
-    #: workers write every event to the run's live stream as it happens, so event streams
-    #: are live (`treadle.runtime.daemon.live`); off, they follow the journal only
-    live_events: bool = True
     #: workers stream LLM answers (backends that can) as `LLMTokens` events, batched
     stream_tokens: bool = True
 

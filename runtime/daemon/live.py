@@ -3,74 +3,94 @@ its journal is next committed.
 
 The journal (`treadle:{run}:events`) is written when a node's output is made durable, so a
 node that runs for a minute shows nothing for a minute there. Every worker therefore also
-appends each event, as it is emitted, to the run's *live stream* `treadle:{run}:live`: a
-Redis stream laid out like the journal (entry id `<seq>-0`, field `e`), capped at
-`LIVE_MAXLEN` entries and expiring `LIVE_TTL_S` after its last write (`LIVE_END_TTL_S`
-once the run has finished). `LiveEvents.listener` only queues the event; `run()` writes
-whatever has queued since its last round trip in one pipeline, so an event leaves within
-one round trip and a burst (a token stream, a fan-out) costs one.
+publishes each event, as it is emitted, on the run's channel `treadle:{run}:live` (Redis
+Pub/Sub). `LiveEvents.listener` only queues the event; `run()` publishes whatever has
+queued since its last round trip, one message per run (its events' JSON, one per line),
+all in one pipeline: an event leaves within one round trip, and a burst (a token stream, a
+fan-out) costs one. Pub/Sub keeps nothing, so it costs Redis no memory and no write to its
+append-only file (with `appendfsync always`, a stream of live events would wait for an
+fsync per write; see docs/web-view.md for the measurements).
 
-The live stream is lossy by design and changes nothing that is durable: a failed write is
-not retried (the journal has the event, a little later), and the API's event stream
-(`treadle.runtime.daemon.api.sse`) reads both streams and delivers by seq, the journal
-filling whatever the live stream missed; a client resumes from the journal with
-`Last-Event-ID`.
+A stream that subscribes while a node runs has missed what was published since the last
+commit, and the journal does not have it yet: it asks on the replay channel
+(`treadle:live:replay`, the run id), and the run's worker publishes the run's events that
+are not durable yet once more (`replay`).
 
-A worker that dies after writing live events its journal never got leaves seqs that
-clients have seen; the run's next worker numbers its events after them (`live_floor`), so
-a client that saw them misses nothing that follows.
+The channel is lossy by design and changes nothing that is durable: a message published
+while no API process listens, or lost with a connection, is simply not seen; the API's
+event stream (`treadle.runtime.daemon.api.sse`) delivers by seq and fills any gap from the
+journal, and a client resumes from the journal with `Last-Event-ID`.
+
+Seqs that clients saw live must never be given to other events: a worker that dies after
+publishing events its journal never got would otherwise leave those seqs to the run's next
+worker, and a client that saw them would skip that worker's first events. So a worker
+*reserves* seqs before publishing them: the meta field `live_seq` holds the highest seq it
+may publish (raised `RESERVE` at a time, in the same pipeline as the publish that needs
+it), and a worker that takes over a run that did not end cleanly numbers after it
+(`first_free_seq`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from treadle.runtime.core.context import RunContext
-from treadle.runtime.core.events import Event, RunFinished
+from treadle.runtime.core.events import Event, RunFinished, RunWaiting
 from treadle.runtime.stores import codec
 from treadle.runtime.stores.redis import RedisKeys
 
 log = logging.getLogger(__name__)
 
-#: entries a live stream keeps (approximately: Redis trims whole nodes); readers that fall
-#: further behind catch up from the journal
-LIVE_MAXLEN = 1000
-#: a live stream expires this long after its last write ...
-LIVE_TTL_S = 3600.0
-#: ... and this long after its run's `RunFinished` (streams still reading it finish from
-#: the journal anyway)
-LIVE_END_TTL_S = 60.0
+#: seqs reserved at a time (a worker taking over a crashed run may skip up to this many)
+RESERVE = 256
 
 
-def live_floor(entries: Any) -> int:
-    """The seq of the newest live event, from `XREVRANGE live + - COUNT 1` (0: none)."""
-    if not entries:
-        return 0
-    entry_id = entries[0][0]
-    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return int(text.split("-", 1)[0])
+def first_free_seq(last_seq: int, live_seq: int, last_event: Event | None) -> int:
+    """The seq after which a run's next execution numbers its events: the journal's last,
+    or, when the journal does not end with the run parking or finishing (its worker died),
+    also after every seq its worker may have published (`live_seq`)."""
+    if last_event is None or not isinstance(last_event, RunFinished | RunWaiting):
+        return max(last_seq, live_seq)
+    return last_seq
 
 
 class LiveEvents:
-    """A worker's writer of live streams (module docstring). `publishes(run_id)` says
-    whether a run's events are still this worker's to write (not once it has interrupted
-    the run, e.g. after losing its lease: the new owner writes them)."""
+    """A worker's publisher of live events (module docstring). `publishes(run_id)` says
+    whether a run's events are still this worker's to publish (not once it has interrupted
+    the run, e.g. after losing its lease: the new owner publishes them)."""
 
     def __init__(self, redis: Redis, keys: RedisKeys, *, publishes: Callable[[str], bool]) -> None:
         self.redis = redis
         self.keys = keys
         self._publishes = publishes
         self._queued: dict[str, list[Event]] = {}
+        #: per run in progress: the highest seq reserved (`start`; `forget` when done)
+        self._reserved: dict[str, int] = {}
         self._wake = anyio.Event()
-        #: events written, and events dropped (a write failed or was refused)
-        self.written = 0
+        #: events published, and events dropped (a publish failed)
+        self.published = 0
         self.dropped = 0
+
+    def start(self, run_id: str, first_seq: int) -> None:
+        """The run executes here, numbering its events after `first_seq - 1`."""
+        self._reserved[run_id] = first_seq - 1
+
+    def forget(self, run_id: str) -> None:
+        self._reserved.pop(run_id, None)
+
+    def replay(self, run_id: str, events: list[Event]) -> None:
+        """Publish `events` (the run's events not yet journaled) again, for an event stream
+        that has just subscribed: the ones published before it did are not in the journal."""
+        if not events or not self._publishes(run_id):
+            return
+        queued = {e.seq: e for e in (*events, *self._queued.get(run_id, ()))}
+        self._queued[run_id] = [queued[seq] for seq in sorted(queued)]
+        self._wake.set()
 
     def listener(self, ctx: RunContext, event: Event) -> None:
         run_id = ctx.run_id
@@ -84,7 +104,7 @@ class LiveEvents:
         self._wake.set()
 
     async def run(self) -> None:
-        """Write what is queued, as soon as it is, until cancelled."""
+        """Publish what is queued, as soon as it is, until cancelled."""
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
@@ -95,27 +115,25 @@ class LiveEvents:
             return
         batch, self._queued = self._queued, {}
         count = sum(len(events) for events in batch.values())
+        raised: dict[str, int] = {}
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for run_id, events in batch.items():
-                    key = self.keys.live(run_id)
-                    for event in events:
-                        pipe.xadd(
-                            key,
-                            {"e": codec.encode_event(event)},
-                            id=f"{event.seq}-0",
-                            maxlen=LIVE_MAXLEN,
-                            approximate=True,
-                        )
-                    ended = isinstance(events[-1], RunFinished)
-                    pipe.pexpire(key, int(1000 * (LIVE_END_TTL_S if ended else LIVE_TTL_S)))
-                results = await pipe.execute(raise_on_error=False)
+                    top = events[-1].seq
+                    reserved = self._reserved.get(run_id)
+                    if reserved is not None and top > reserved:
+                        # reserved before published: in this pipeline, ahead of the PUBLISH
+                        raised[run_id] = top + RESERVE
+                        pipe.hset(self.keys.meta(run_id), "live_seq", raised[run_id])
+                    payload = "\n".join(codec.encode_event(e) for e in events)
+                    pipe.publish(self.keys.live(run_id), payload)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             # lossy by design: the journal has these events, a little later
             self.dropped += count
-            log.debug("live events not written (%d): %s", count, exc)
+            log.debug("live events not published (%d): %s", count, exc)
             return
-        # a refused XADD (an id not above the stream's last: a worker that lost the run)
-        refused = sum(1 for r in results if isinstance(r, Exception))
-        self.dropped += refused
-        self.written += count - refused
+        for run_id, top in raised.items():
+            if run_id in self._reserved:
+                self._reserved[run_id] = top
+        self.published += count

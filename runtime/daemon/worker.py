@@ -12,8 +12,9 @@ run's lease (`LeaseKeeper`). It claims only when it has a free slot: at most
    definition from Redis and caches compiled graphs by definition hash);
 3. marks it `running` and starts it — or, when the journal already has events (the run
    was taken over from a worker that died), resumes it: finished nodes are restored, not
-   run again. Its events go to the run's live stream as they happen (`LiveEvents`, unless
-   `live_events` is off), and its seqs continue after the last one that stream holds;
+   run again. Its events are published live as they happen (`LiveEvents`, unless
+   `live_events` is off), and a run taken over from a dead worker numbers its events after
+   every seq that worker may have published;
 4. writes everything through `RedisStore.fenced(worker_id)`, so that once the lease has
    passed to another worker this one cannot add to the journal; a lost lease cancels the
    run here (`LeaseKeeper`) and the queue entry is left to the new owner;
@@ -66,7 +67,7 @@ from treadle.runtime.core.context import Listener
 from treadle.runtime.core.events import Event
 from treadle.runtime.core.interceptors import CallInterceptor
 from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
-from treadle.runtime.daemon.live import LiveEvents, live_floor
+from treadle.runtime.daemon.live import LiveEvents, first_free_seq
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, WorkQueue
 from treadle.runtime.execution.runtime import RunHandle, Runtime
 from treadle.runtime.stores import codec
@@ -143,8 +144,8 @@ class WorkerOptions:
     retain_s: float = 0.0
     #: with `retain_s`, how often expired runs are dropped from the listing indexes (s)
     prune_interval_s: float = 3600.0
-    #: write every event to the run's live stream as it happens (`LiveEvents`); off, the
-    #: API's event streams see events only once they are in the journal
+    #: publish every event as it happens (`LiveEvents`); off, the API's event streams see
+    #: events only once they are in the journal
     live_events: bool = True
     #: stream LLM answers from backends that can, as `LLMTokens` events
     stream_tokens: bool = False
@@ -471,6 +472,8 @@ class Worker:
             finally:
                 del self._slots[job.run_id]
                 self.store.forget(job.run_id)
+                if self.live is not None:
+                    self.live.forget(job.run_id)
                 if not self._slots and self._idle is not None:
                     self._idle.set()
         except LeaseLost as exc:
@@ -517,10 +520,11 @@ class Worker:
             # one round trip: the record read above is the one compared and set
             await self.store.update_run(run_id, known=state.raw, status="running")
         self._set_trace_parent(record)
+        after = first_free_seq(last_seq, state.live_seq, state.last_event)
+        if self.live is not None:
+            self.live.start(run_id, after + 1)
         try:
-            async with self.runtime.open_run(
-                cg, record, resume=resume, min_seq=max(last_seq, state.live_seq)
-            ) as handle:
+            async with self.runtime.open_run(cg, record, resume=resume, min_seq=after) as handle:
                 handle._release()  # a run that parks is settled for now (see above)
                 slot.handle = handle
                 if slot.cancel_requested:
@@ -590,12 +594,15 @@ class Worker:
 
     async def _read_state(self, run_id: str) -> _RunState:
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hmget(self.keys.meta(run_id), ["data", "last_seq"])
+            pipe.hmget(self.keys.meta(run_id), ["data", "last_seq", "live_seq"])
             pipe.exists(self.keys.cancel(run_id))
-            pipe.xrevrange(self.keys.live(run_id), "+", "-", count=1)
-            (raw, last_seq), flagged, live = await pipe.execute()
+            pipe.xrevrange(self.keys.events(run_id), "+", "-", count=1)
+            (raw, last_seq, live_seq), flagged, tail = await pipe.execute()
         record = codec.decode_record(raw) if raw is not None else None
-        return _RunState(record, raw, int(last_seq or 0), live_floor(live), bool(flagged))
+        last_event = codec.decode_event(tail[0][1][b"e"]) if tail else None
+        return _RunState(
+            record, raw, int(last_seq or 0), int(live_seq or 0), last_event, bool(flagged)
+        )
 
     def _publishes(self, run_id: str) -> bool:
         """Whether the run's live events are this worker's to write (`LiveEvents`)."""
@@ -631,18 +638,27 @@ class Worker:
             slot.cancel()
 
     async def _subscribe_cancels(self) -> None:
-        channel = self.keys.cancel_channel()
+        """Cancel requests, and event streams asking for the live events they missed."""
+        cancels, replays = self.keys.cancel_channel(), self.keys.replay_channel()
         failures = 0
         while True:
             try:
-                async for run_id in _messages(self._client, channel):
+                async for channel, run_id in _messages(self._client, cancels, replays):
                     failures = 0
-                    self._cancel(run_id)
+                    if channel == cancels:
+                        self._cancel(run_id)
+                    else:
+                        self._replay(run_id)
             except (RedisError, OSError) as exc:
                 failures += 1
                 delay = min(0.1 * 2**failures, 5.0)
                 log.warning("cancel subscription lost (%s); again in %.1f s", exc, delay)
                 await anyio.sleep(delay)
+
+    def _replay(self, run_id: str) -> None:
+        slot = self._slots.get(run_id)
+        if self.live is not None and slot is not None and slot.handle is not None:
+            self.live.replay(run_id, slot.handle.undurable_events())
 
     async def _poll_cancels(self) -> None:
         while True:
@@ -675,9 +691,10 @@ class _RunState:
     record: RunRecord | None
     #: the record's JSON as read (compared when the record is set `running`)
     raw: bytes | None
-    #: the journal's last seq, and the live stream's (see `LiveEvents`)
+    #: the journal's last seq and event, and the highest seq reserved for live events
     last_seq: int
     live_seq: int
+    last_event: Event | None
     flagged: bool
 
 
@@ -688,14 +705,18 @@ class _Gone:
 _GONE = _Gone()
 
 
-async def _messages(client: Redis, channel: str) -> AsyncIterator[str]:
+async def _messages(client: Redis, *channels: str) -> AsyncIterator[tuple[str, str]]:
+    """(channel, message) of what is published on `channels`."""
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
-        await pubsub.subscribe(channel)
+        await pubsub.subscribe(*channels)
         async for message in pubsub.listen():
             if message.get("type") == "message":
-                data = message["data"]
-                yield data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+                yield _text(message["channel"]), _text(message["data"])
     finally:
         with anyio.CancelScope(shield=True):
             await pubsub.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -78,7 +78,6 @@ def build_worker(
             drain_s=config.drain_s,
             worker_id=worker_id,
             retain_s=config.retain_s,
-            live_events=config.live_events,
             stream_tokens=config.stream_tokens,
         ),
         check_program=allowlist_check(services.registry.allowlist),

@@ -137,6 +137,11 @@ class RunHandle:
     def cancel(self) -> None:
         self._scope.cancel()
 
+    def undurable_events(self) -> list[Event]:
+        """The run's events so far that are not in the store yet (a daemon's worker sends
+        them to an event stream that starts mid-node)."""
+        return self._ctx.journal.undurable()
+
     async def events(self, after: int = 0) -> AsyncIterator[Event]:
         """Every event of this run (from index `after` on), up to its `RunFinished`, or
         its `RunWaiting` when it parks to wait for input (after `resume`, read on with

@@ -7,9 +7,9 @@ so all of them live in one Redis Cluster slot and one script may touch them toge
   last event seq;
 - `treadle:{run}:out`    hash: node instance id -> output JSON bytes;
 - `treadle:{run}:events` stream: one entry per event, entry id `<seq>-0`, field `e` = JSON;
-- `treadle:{run}:live`   stream, laid out the same: the events as they happen, before they
-  are durable (a worker's `treadle.runtime.daemon.live.LiveEvents`; capped and expiring,
-  not part of the journal);
+- `treadle:{run}:live`   the Pub/Sub channel of the run's events as they happen, before they
+  are durable (`treadle.runtime.daemon.live`; the meta field `live_seq` is the highest seq
+  its worker reserved for it);
 - `treadle:lease:{run}`  the run's lease (see `treadle.runtime.daemon.workqueue`);
 - `treadle:runs`         sorted set of all run ids by `created_at` (the listing index), and
   `treadle:tenant:<tenant>:runs` the same per tenant. These are not keys *of a run* (they
@@ -116,7 +116,7 @@ class RedisKeys:
         return f"{self.prefix}:lease:{{{run_id}}}"
 
     def live(self, run_id: str) -> str:
-        """The run's live events (capped, expiring: not one of `run_keys`)."""
+        """The Pub/Sub channel of the run's live events (a channel, not a key)."""
         return f"{self.prefix}:{{{run_id}}}:live"
 
     def runs(self) -> str:
@@ -134,6 +134,11 @@ class RedisKeys:
 
     def cancel_channel(self) -> str:
         return f"{self.prefix}:cancel"
+
+    def replay_channel(self) -> str:
+        """Where an event stream that starts asks a run's worker for the run's events that
+        are not in the journal yet (`treadle.runtime.daemon.live`)."""
+        return f"{self.prefix}:live:replay"
 
     def cache(self, key: str) -> str:
         return f"{self.prefix}:cache:{key}"

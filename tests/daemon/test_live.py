@@ -1,5 +1,5 @@
-"""Live events: a run's events reach its event stream as they happen (from the workers'
-live streams), merged with the journal in seq order; the stored status is `running` while
+"""Live events: a run's events reach its event stream as they happen (the workers publish
+them live), merged with the journal in seq order; the stored status is `running` while
 it runs; tokens stream; a worker numbers its events after what clients saw live."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from daemon_support import LiveServer, journal, make_config, open_daemon, submit
 from gates import gate
 from test_sse import parse_sse
 
-from treadle.runtime.core.events import LLMTokens, NodeStarted, RunStarted
+from treadle.runtime.core.events import LLMTokens, NodeStarted, RunStarted, RunWaiting
 from treadle.runtime.daemon.api.app import create_app
 from treadle.runtime.daemon.api.sse import _Merge
-from treadle.runtime.stores import codec
+from treadle.runtime.daemon.live import first_free_seq
 
 pytestmark = pytest.mark.anyio
 
@@ -89,22 +89,24 @@ async def test_events_are_live_before_the_journal_has_them(gated: Any) -> None:
 
 
 async def test_a_worker_numbers_events_after_those_seen_live(redis_url: str) -> None:
-    """A worker that died after writing seqs 1..40 live, none journaled: the next one
-    starts at 41, so a client that saw 40 misses nothing of the new run."""
+    """A worker that died after reserving seqs up to 40 for live events, none journaled:
+    the next one starts at 41, so a client that saw 40 misses nothing of the new run. A
+    run that parked cleanly goes on from its journal's last seq."""
     config = make_config(redis_url)
     async for daemon in open_daemon(config, workers=0):
         key = await daemon.tenant("acme")
         await daemon.register(key)
         run_id = await submit(daemon, key, "five", "floor")
-        ghost = RunStarted(40, run_id, 0.0, graph="five")
-        await daemon.services.redis.xadd(
-            daemon.services.store.keys.live(run_id), {"e": codec.encode_event(ghost)}, id="40-0"
-        )
+        meta = daemon.services.store.keys.meta(run_id)
+        await daemon.services.redis.hset(meta, "live_seq", 40)
     async for daemon in open_daemon(config, workers=1):
         body = await daemon.wait_run(key, run_id)
         assert body["status"] == "succeeded"
         events = await journal(daemon.services.store, run_id)
         assert events[0].seq == 41 and isinstance(events[0], RunStarted)
+    assert first_free_seq(12, 300, RunWaiting(12, "r", 0.0, nodes=["ask"])) == 12
+    assert first_free_seq(12, 300, NodeStarted(12, "r", 0.0, node="a")) == 300
+    assert first_free_seq(0, 0, None) == 0
 
 
 def run_merge(steps: list[tuple[str, int]], after: int = 0) -> Iterator[int]:

@@ -4,21 +4,24 @@ Each event is one SSE message: `id:` is the event's seq, `event:` its kind, `dat
 JSON (`Event.to_dict`). A client that reconnects sends the last id it saw (`Last-Event-ID`,
 which browsers' EventSource do by themselves, or `?after=`) and gets what followed.
 
-The journal is read first (`XRANGE`); then the stream follows two Redis streams with one
-blocking `XREAD`: the journal, and the run's live stream, where workers put each event as
-it happens (`treadle.runtime.daemon.live`). Events go out in seq order, each once:
+The stream subscribes to the run's live channel (where workers publish each event as it
+happens: `treadle.runtime.daemon.live`), reads the journal (`XRANGE`), asks the run's
+worker for the events the journal does not have yet (the replay channel), and from then on
+sends what the channel brings, reading the journal again where the channel missed
+something. Events go out in seq order, each once:
 
 - a live event that continues the stream (seq = last + 1) goes out at once;
-- a live event after a gap (the live stream lost one: a failed write, a trim) waits in
-  `_Merge.early` until the journal brings what is missing;
+- a live event after a gap (the channel lost one) waits in `_Merge.early` while the
+  journal is read every `GAP_POLL_S` until it brings what is missing;
 - a journal event goes out with the early ones before it; the journal is complete up to
-  its last entry, so a seq it skips will never come (a worker that died after writing it
-  live only; the next worker numbers after it).
+  its last entry, so a seq it skips will never come (a worker that died after publishing
+  it; the next worker numbers after it).
 
-The stream ends once the run's record is terminal (checked after `RunFinished`, and every
-`POLL_S` while nothing happens: a run cancelled before it started has no events). Blocking
-reads hold a Redis connection each, so they use a pool of their own (`stream_redis`) and
-the API caps the number of streams it serves at once.
+The journal and the run's record are also read every `POLL_S` while the channel is quiet
+(workers without live events; a run cancelled before it started has no events at all),
+and the stream ends once the record is terminal. A stream holds one Redis connection (its
+subscription) from a pool of its own (`stream_redis`), and the API caps the number of
+streams it serves at once.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
+import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -40,9 +43,10 @@ log = logging.getLogger(__name__)
 
 #: how soon a client reconnects after a dropped stream (ms), sent once per stream
 RETRY_MS = 1000
-#: while no event comes, the run's record is looked at this often (s)
-POLL_S = 2.0
-_BATCH = 500
+#: while the live channel is quiet, the journal and the run's record are read this often (s)
+POLL_S = 1.0
+#: while a live event waits for one the channel missed, the journal is read this often (s)
+GAP_POLL_S = 0.1
 #: live events held back behind a gap at most (beyond: dropped, the journal has them)
 _EARLY_MAX = 10_000
 
@@ -58,9 +62,8 @@ class _Merge:
     def __init__(self, after: int) -> None:
         #: the last seq sent
         self.last = after
-        #: how far each Redis stream has been read
+        #: how far the journal has been read
         self.journal_read = after
-        self.live_read = after
         self.early: dict[int, Event] = {}
         self.finished = False
 
@@ -74,7 +77,6 @@ class _Merge:
         yield from self._continued()
 
     def from_live(self, event: Event) -> Iterator[Event]:
-        self.live_read = max(self.live_read, event.seq)
         if event.seq <= self.last:
             return
         if event.seq == self.last + 1:
@@ -119,44 +121,54 @@ async def event_stream(
     """The SSE body for `run_id` from seq `after` on (the caller checked the tenant)."""
     yield f"retry: {RETRY_MS}\n\n".encode()
     merge = _Merge(after)
-    try:
+    if not follow:
         for event in await store.read_events(run_id, after):
             for out in merge.from_journal(event):
                 yield sse_message(out)
-        if not follow:
-            return
-        journal_key, live_key = store.keys.events(run_id), store.keys.live(run_id)
-        quiet_since = time.monotonic()
-        look = True  # at the record
+        return
+    pubsub = stream_redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        # subscribed before the journal is read: nothing published after that read is missed
+        await pubsub.subscribe(store.keys.live(run_id))
+        now = time.monotonic()
+        next_look = quiet_since = now  # the record is looked at once at the start
+        next_read = now + POLL_S
+        for event in await store.read_events(run_id, after):
+            for out in merge.from_journal(event):
+                yield sse_message(out)
+        # what was published before the subscription and is not journaled yet: the run's
+        # worker publishes it again
+        await store.client.publish(store.keys.replay_channel(), run_id)
         while True:
-            if look:
+            now = time.monotonic()
+            if merge.finished or now >= next_look:
+                next_look = now + POLL_S
                 record = await store.get_run(run_id)
                 if record is None or record.status in TERMINAL:
                     # the end is written after the journal: what is left is already there
                     for out in merge.rest(await store.read_events(run_id, merge.last)):
                         yield sse_message(out)
                     return
+            if merge.early or now >= next_read:
+                next_read = now + POLL_S
+                for event in await store.read_events(run_id, merge.journal_read):
+                    for out in merge.from_journal(event):
+                        yield sse_message(out)
             # right after RunFinished the record turns terminal within milliseconds
-            block_s = 0.2 if merge.finished else min(POLL_S, keepalive_s)
-            cursors: dict[Any, Any] = {
-                journal_key: f"{merge.journal_read}-0",
-                live_key: f"{merge.live_read}-0",
-            }
-            resp: Any = await stream_redis.xread(cursors, count=_BATCH, block=int(block_s * 1000))
-            look = merge.finished or not resp
-            if not resp:
+            wait_s = GAP_POLL_S if merge.early else 0.2 if merge.finished else POLL_S
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
+            if message is None or message.get("type") != "message":
                 if time.monotonic() - quiet_since >= keepalive_s:
                     quiet_since = time.monotonic()
                     yield b": keepalive\n\n"
                 continue
             quiet_since = time.monotonic()
-            for key, entries in resp.items() if isinstance(resp, dict) else resp:
-                is_journal = (key.decode() if isinstance(key, bytes) else key) == journal_key
-                for _entry_id, fields in entries:
-                    event = codec.decode_event(fields[b"e"])
-                    ordered = merge.from_journal(event) if is_journal else merge.from_live(event)
-                    for out in ordered:
-                        yield sse_message(out)
+            for line in bytes(message["data"]).split(b"\n"):
+                for out in merge.from_live(codec.decode_event(line)):
+                    yield sse_message(out)
     except (RedisError, OSError) as exc:
         # the response has started: all we can do is end it; the client resumes from `last`
         log.warning("event stream of run %s ended early: %s", run_id, exc)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pubsub.aclose()

@@ -33,7 +33,6 @@ from treadle.runtime.daemon.tenants import Tenant
 from treadle.runtime.daemon.worker import ProgramError
 from treadle.runtime.execution.inputs import InputConflict, InputRejected, record_input
 from treadle.runtime.execution.runtime import Runtime
-from treadle.runtime.stores import codec
 from treadle.runtime.stores.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -136,11 +135,7 @@ class DaemonSource:
     async def state(self, run_id: str) -> dict[str, Any]:
         record, status = await self.run(run_id)
         store = self.services.store
-        events = await store.read_events(run_id)
-        # and what happened since the journal's last commit, from the live stream
-        after = events[-1].seq if events else 0
-        live: Any = await self.services.redis.xrange(store.keys.live(run_id), f"{after + 1}-0")
-        events += [codec.decode_event(fields[b"e"]) for _id, fields in live or []]
+        events = await store.read_events(run_id)  # (the page has the live ones from events)
         outputs = await store.load_outputs(run_id)
         return run_state(record, status, events, outputs, await self.graph(record))
 
