@@ -175,20 +175,28 @@ class GraphScope:
 
     def _dispatch(self, local: deque[str] | None) -> None:
         """Hand out ready nodes: quick inline ones (and one other) stay with the caller's
-        task via `local`; the rest get tasks of their own."""
+        task via `local`; the rest get tasks of their own.
+
+        The one other node always goes last in `local`: an inline node queued behind a
+        node that awaits would wait for it, a barrier between siblings."""
         if not self.ready:
             return
         assert self._tg is not None
         plans = self.plans
-        keep_one = local is not None and all(plans[n].inline for n in local)
+        held: str | None = None
+        if local and not plans[local[-1]].inline:
+            held = local.pop()
         while self.ready:
             nid = self.ready.popleft()
-            inline = plans[nid].inline
-            if local is not None and (inline or keep_one):
-                keep_one = keep_one and inline
+            if local is not None and plans[nid].inline:
                 local.append(nid)
+            elif local is not None and held is None:
+                held = nid
             else:
                 self._tg.start_soon(self._drive, nid, name=f"node {self.prefix}{nid}")
+        if held is not None:
+            assert local is not None
+            local.append(held)
 
     async def _drive(self, first: str) -> None:
         local: deque[str] = deque([first])

@@ -416,3 +416,31 @@ async def test_cancelling_a_node_between_retries_stops_it() -> None:
         result = await run.result()
     assert result.status == "cancelled"
     assert attempts < 50
+
+
+@pytest.mark.parametrize("parent_is_async", [False, True])
+async def test_a_quick_sync_sibling_does_not_wait_for_a_slow_async_one(
+    parent_is_async: bool,
+) -> None:
+    """14.1: `a → b` (async) and `a → c` (plain def): c runs while b is still running."""
+    gate = anyio.Event()
+
+    async def slow(x: int) -> int:
+        await gate.wait()  # released only by the quick sibling
+        return x
+
+    def quick(x: int) -> int:
+        gate.set()
+        return x + 1
+
+    async def parent_async(x: int) -> int:
+        return x
+
+    g = Graph("siblings", inputs={"x": int})
+    a = g.func("a", parent_async if parent_is_async else inc, inputs={"x": g.input.x})
+    g.func("b", slow, inputs={"x": a})
+    g.func("c", quick, inputs={"x": a})
+    with anyio.fail_after(5):  # before the fix: c waited for b, which waits for c
+        result = await Runtime().run(g, {"x": 1})
+    ev = result.events
+    assert order_of(ev, NodeStarted, "c") < order_of(ev, NodeFinished, "b")
