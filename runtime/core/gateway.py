@@ -23,7 +23,7 @@ from treadle.backends.base import (
     collect_stream,
 )
 from treadle.runtime.core.context import LLMCall, RunContext, TextSink
-from treadle.runtime.core.errors import NodeError
+from treadle.runtime.core.errors import NodeError, why_call_ended
 from treadle.runtime.core.events import (
     LLMCallDispatched,
     LLMCallFinished,
@@ -61,17 +61,20 @@ async def call_llm(
     )
     try:
         response = await ctx.send_llm(call)
-    except BackendError as exc:
+    except BaseException as exc:
+        # a call cut off (the node's timeout, the run's end) is closed too, failed
         ctx.emit(
             LLMCallFinished,
             node=node,
             call_id=call_id,
             model=alias,
             duration_s=time.perf_counter() - (call.sent_at or call.queued_at),
-            error=str(exc),
-            replica=exc.replica,
+            error=str(exc) if isinstance(exc, BackendError) else why_call_ended(exc),
+            replica=exc.replica if isinstance(exc, BackendError) else None,
         )
-        raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
+        if isinstance(exc, BackendError):
+            raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
+        raise
     usage = response.usage
     ctx.emit(
         LLMCallFinished,

@@ -240,6 +240,30 @@ async def test_backend_error_marks_the_llm_call() -> None:
     assert tree.parent(call) is tree.node("ask")
 
 
+async def test_a_tool_call_cut_off_by_its_node_timeout_is_an_error_span() -> None:
+    """14.2: the node's timeout ends the tool call; its span says so (status ERROR)."""
+    import anyio
+
+    from treadle import tool
+
+    @tool
+    async def slow(x: int) -> int:
+        """Slow."""
+        await anyio.sleep(30)
+        return x
+
+    g = Graph("cutoff", inputs={"x": int})
+    g.output(out=g.tool("t", slow, inputs={"x": g.input.x}, timeout_s=0.05).out)
+    tracer = memory_tracer()
+    result = await Runtime(listeners=[tracer.listener]).run(g, {"x": 1}, check=False)
+    assert result.status == "failed"
+    tree = Tree(exporter_of(tracer).get_finished_spans())
+    (call,) = [s for s in tree.spans if attr(s, semconv.GEN_AI_TOOL_NAME) == "slow"]
+    assert call.status.status_code is StatusCode.ERROR
+    assert "cancelled" in (call.status.description or "")
+    assert tree.parent(call) is tree.node("t")
+
+
 async def test_run_joins_a_given_traceparent() -> None:
     tracer = memory_tracer()
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -444,3 +444,42 @@ async def test_a_quick_sync_sibling_does_not_wait_for_a_slow_async_one(
         result = await Runtime().run(g, {"x": 1})
     ev = result.events
     assert order_of(ev, NodeStarted, "c") < order_of(ev, NodeFinished, "b")
+
+
+async def test_a_node_timeout_closes_the_calls_it_cut_off() -> None:
+    """14.2: a tool (or LLM) call ended by its node's timeout gets its finished event, failed,
+    so traces, summaries and spans do not show it running forever."""
+    from treadle import ScriptedBackend, tool
+    from treadle.backends.base import LLMRequest, LLMResponse
+    from treadle.runtime.core.events import LLMCallFinished, LLMCallQueued, ToolCallFinished
+    from treadle.runtime.core.events import ToolCallStarted
+    from treadle.runtime.observe.metrics import summarize_run
+
+    @tool
+    async def slow(x: int) -> int:
+        """Slow."""
+        await anyio.sleep(30)
+        return x
+
+    class Hanging(ScriptedBackend):
+        async def generate(self, request: LLMRequest) -> LLMResponse:
+            await anyio.sleep(30)
+            raise AssertionError("unreachable")
+
+    g = Graph("cutoff", inputs={"x": int})
+    t = g.tool("t", slow, inputs={"x": g.input.x}, timeout_s=0.05, retries=1, backoff_s=0)
+    m = g.llm("m", "say {x}", inputs={"x": g.input.x}, timeout_s=0.05, on_error="skip")
+    g.output(t=t.out, m=first_of(m.out, t.out))
+    result = await Runtime(models={"default": Hanging()}).run(g, {"x": 1}, check=False)
+    ev = result.events
+    started = [e.call_id for e in ev if isinstance(e, ToolCallStarted)]
+    finished = {e.call_id: e for e in ev if isinstance(e, ToolCallFinished)}
+    assert len(started) == 2 and set(started) == set(finished)
+    assert all(not f.ok and "cancelled" in (f.error or "") for f in finished.values())
+    queued = [e.call_id for e in ev if isinstance(e, LLMCallQueued)]
+    llm_done = {e.call_id: e for e in ev if isinstance(e, LLMCallFinished)}
+    assert queued and set(queued) == set(llm_done)
+    assert all("cancelled" in (f.error or "") for f in llm_done.values())
+    summary = summarize_run(ev)
+    assert summary.tool_calls == 2 and summary.tool_errors == 2
+    assert summary.llm_calls == 1 and summary.llm_errors == 1
