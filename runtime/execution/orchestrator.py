@@ -50,10 +50,11 @@ _STAGE_LIMIT = 512
 
 
 class RunFailure(Exception):
-    """A node failed under the `fail` policy: the run stops."""
+    """A node failed under the `fail` policy, or (`node` None) an output of the graph is
+    unavailable: the run stops."""
 
-    def __init__(self, node: str, message: str):
-        super().__init__(f"node {node!r} failed: {message}")
+    def __init__(self, node: str | None, message: str):
+        super().__init__(message if node is None else f"node {node!r} failed: {message}")
         self.node = node
         self.message = message
 
@@ -417,8 +418,11 @@ class GraphScope:
         for name, binding in self.cg.spec.outputs.items():
             get, nodes = make_getter(binding)
             if nodes and not any(n in self.values for n in nodes):
-                why = "; ".join(self.skipped.get(n, "did not run") for n in nodes)
-                raise RunFailure(self.prefix + nodes[0], f"output {name!r} is unavailable: {why}")
+                # no node failed here (one that did ended the run already): say why none
+                # of the nodes the output reads from ran, each reason once
+                why = "; ".join(dict.fromkeys(self.skipped.get(n, "did not run") for n in nodes))
+                where = f" of {self.prefix.rstrip('/')!r}" if self.prefix else ""
+                raise RunFailure(None, f"output {name!r}{where} is unavailable: {why}")
             out[name] = get(self.values, self.inputs, None)
         return model.model_validate(out)
 
@@ -458,7 +462,7 @@ def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     if isinstance(exc, RunFailure):
-        return f"{exc.node}: {exc.message}"
+        return exc.message if exc.node is None else f"{exc.node}: {exc.message}"
     if isinstance(exc, NodeError):
         return exc.reason
     text = str(exc)

@@ -483,3 +483,45 @@ async def test_a_node_timeout_closes_the_calls_it_cut_off() -> None:
     summary = summarize_run(ev)
     assert summary.tool_calls == 2 and summary.tool_errors == 2
     assert summary.llm_calls == 1 and summary.llm_errors == 1
+
+
+@pytest.mark.parametrize("output_uses_targets", [True, False])
+async def test_a_branch_with_no_route_for_its_label_fails_itself_once(
+    output_uses_targets: bool,
+) -> None:
+    """14.4: no route for the label and no default: the branch fails, saying so once; a
+    target that never ran is not blamed, and the run does not silently succeed."""
+    g = Graph("colors", inputs={"color": str})
+    pick = g.branch("pick", {"red": ["set_red"], "blue": ["set_blue"]}, inputs={"c": g.input.color})
+    red = g.func("set_red", lambda: "R", inputs={})
+    blue = g.func("set_blue", lambda: "B", inputs={})
+    if output_uses_targets:
+        g.output(colors=first_of(red.out, blue.out))
+    else:
+        g.output(picked=pick.out)
+    result = await Runtime().run(g, {"color": "yellow"}, check=False)
+    assert result.status == "failed"
+    error = result.error or ""
+    assert error.startswith("node 'pick' failed:"), error
+    assert "no route for 'yellow'" in error and "red, blue" in error
+    assert error.count("yellow") == 1
+    failed = [e.node for e in result.events if isinstance(e, NodeFailed)]
+    assert failed == ["pick"]
+
+
+async def test_an_unavailable_output_blames_no_node_and_gives_each_reason_once() -> None:
+    """14.4: every target skipped (the branch failed under on_error='skip'): the output is
+    unavailable, said once, without blaming a target that never ran."""
+    g = Graph("colors", inputs={"color": str})
+    g.branch(
+        "pick",
+        {"red": ["set_red"], "blue": ["set_blue"]},
+        inputs={"c": g.input.color},
+        on_error="skip",
+    )
+    red = g.func("set_red", lambda: "R", inputs={})
+    blue = g.func("set_blue", lambda: "B", inputs={})
+    g.output(colors=first_of(red.out, blue.out))
+    result = await Runtime().run(g, {"color": "yellow"}, check=False)
+    assert result.status == "failed"
+    assert result.error == "output 'colors' is unavailable: branch 'pick' was skipped"
