@@ -231,9 +231,13 @@ class _Compiler:
                 self.issue(kind_of(node).unused_input(node, name, cn.params), node, where)
             src = self.binding_type(binding, node, where, item_type, deps)
             if param is not None and src is not None and not is_compatible(src, param.type):
+                given = (
+                    f"{_source_of(binding)} is {describe(src)}"
+                    if isinstance(binding, Ref | FirstOf)
+                    else f"the value {binding!r}"
+                )
                 self.issue(
-                    f"type mismatch: {describe(src)} is bound to an input of type "
-                    f"{describe(param.type)}",
+                    f"type mismatch: {given}, bound to an input of type {describe(param.type)}",
                     node,
                     where,
                 )
@@ -424,3 +428,14 @@ def _find_cycle(stuck: list[str], compiled: dict[str, CompiledNode]) -> list[str
 
 def _ident(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name) or "graph"
+
+
+def _source_of(binding: Ref | FirstOf) -> str:
+    """Where a bound value comes from, for a message: the producing node and the reference."""
+    if isinstance(binding, FirstOf):
+        return "first_of(" + ", ".join(_source_of(r) for r in binding.refs) + ")"
+    if binding.node == INPUT:
+        return f"graph input {'.'.join(binding.path)!r}"
+    if binding.node == ITEM:
+        return f"the map's item ({binding})"
+    return f"the output of node {binding.node!r} ({binding})"

@@ -87,11 +87,17 @@ def test_type_mismatch_along_an_edge_and_missing_field() -> None:
     g.func("nofield", inc, inputs={"x": p.out.z})
     g.func("ok", inc, inputs={"x": p.out.y})
     found = problems(g)
+    # 14.5: the message names the producing node (or graph input) too
     assert any(
-        "'wrong'" in f and "type mismatch: int is bound to an input of type list[int]" in f
+        "'wrong'" in f
+        and "type mismatch: the output of node 'p' ($p.x) is int, bound to an input of type "
+        "list[int]" in f
         for f in found
     )
-    assert any("'text'" in f and "str is bound to an input of type int" in f for f in found)
+    assert any(
+        "'text'" in f and "graph input 's' is str, bound to an input of type int" in f
+        for f in found
+    )
     assert any("'nofield'" in f and "has no field 'z'" in f for f in found)
     assert not any("'ok'" in f for f in found)
 
@@ -139,7 +145,7 @@ def test_tool_node_inputs_follow_the_tool_schema() -> None:
     g.tool("bad", lookup, inputs={"key": g.input.k, "limit": "many"})
     found = problems(g)
     assert any(
-        "'bad'" in f and "Literal['many'] is bound to an input of type int" in f for f in found
+        "'bad'" in f and "the value 'many', bound to an input of type int" in f for f in found
     )
 
 
