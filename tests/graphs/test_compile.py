@@ -91,7 +91,8 @@ def test_type_mismatch_along_an_edge_and_missing_field() -> None:
     assert any(
         "'wrong'" in f
         and "type mismatch: the output of node 'p' ($p.x) is int, bound to an input of type "
-        "list[int]" in f
+        "list[int]"
+        in f
         for f in found
     )
     assert any(

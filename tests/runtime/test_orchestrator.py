@@ -451,8 +451,12 @@ async def test_a_node_timeout_closes_the_calls_it_cut_off() -> None:
     so traces, summaries and spans do not show it running forever."""
     from treadle import ScriptedBackend, tool
     from treadle.backends.base import LLMRequest, LLMResponse
-    from treadle.runtime.core.events import LLMCallFinished, LLMCallQueued, ToolCallFinished
-    from treadle.runtime.core.events import ToolCallStarted
+    from treadle.runtime.core.events import (
+        LLMCallFinished,
+        LLMCallQueued,
+        ToolCallFinished,
+        ToolCallStarted,
+    )
     from treadle.runtime.observe.metrics import summarize_run
 
     @tool
