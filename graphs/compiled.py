@@ -41,6 +41,8 @@ class CompiledNode:
     #: a subgraph node's (or a map-over-subgraph's) compiled child
     child: CompiledGraph | None = None
     accepts_extra: bool = False
+    #: the output under on_error="fallback": the node's `fallback`, as its output type
+    fallback: Any = None
 
     @property
     def kind(self) -> str:

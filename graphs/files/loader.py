@@ -434,6 +434,18 @@ class _Builder:
 
     # -- positions ---------------------------------------------------------------------
 
+    def nested_positions(self, path: DocPath, dotted: str) -> dict[str, Pos]:
+        """Dotted name -> position of everything below `path`, at any depth."""
+        out: dict[str, Pos] = {}
+        data = self.doc.at(path)
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            name = f"{dotted}.{key}"
+            out[name] = self.doc.pos((*path, key))
+            if isinstance(value, dict | list):
+                out.update(self.nested_positions((*path, key), name))
+        return out
+
     def field_positions(self, path: DocPath) -> dict[str, Pos]:
         """Dotted field name -> position, for this mapping and one level below it.
 
@@ -446,6 +458,10 @@ class _Builder:
             name = str(key)
             out[name] = self.doc.pos((*path, key))
             if name in ("node", "graph", "fallback"):
+                continue
+            if name == "models" and isinstance(value, dict):
+                # backend entries are checked by the runtime: every field of them, at depth
+                out.update(self.nested_positions((*path, key), name))
                 continue
             if isinstance(value, dict):
                 for sub, subval in value.items():

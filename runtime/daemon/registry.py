@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from treadle.backends.factory import model_entry_problems
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
 from treadle.graphs.files.loader import WorkflowFileError, load_workflow_text
 from treadle.graphs.typecheck import describe
@@ -207,7 +208,7 @@ class WorkflowRegistry:
         self.policy.check_document(text, filename=filename, fmt=fmt)
         spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
         self.policy.check_spec(spec)
-        return compile_graph(spec, models=self.models)
+        return compile_graph(spec, models=self.models, check_model=model_entry_problems)
 
     def _remember(self, digest: str, cg: CompiledGraph) -> None:
         self._cache[digest] = cg

@@ -351,7 +351,7 @@ class GraphScope:
         if options.on_error == "skip":
             return Skipped(f"failed: {message}")
         if options.on_error == "fallback":
-            return options.fallback, plan.dump(options.fallback), started
+            return plan.cn.fallback, plan.dump(plan.cn.fallback), started
         raise RunFailure(iid, message)
 
     async def _attempt(self, plan: NodePlan, iid: str, kwargs: dict[str, Any], attempt: int) -> Any:

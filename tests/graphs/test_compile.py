@@ -208,3 +208,28 @@ def test_every_problem_is_collected_not_only_the_first() -> None:
     g.func("b", inc, inputs={"x": g.input.zz})
     g.llm("c", "{q}", model="nope", inputs={"q": g.input.n})
     assert len(problems(g)) >= 3
+
+
+def test_a_graph_without_nodes_is_invalid() -> None:
+    """14.6: `nodes: []` (or an SDK graph with none) is not a program."""
+    assert any("at least one node" in p for p in problems(Graph("empty")))
+
+
+def test_a_fallback_must_fit_the_output_type() -> None:
+    """14.6: a fallback of the wrong type is a validation error, not a TypeError later; one
+    that fits is converted to the output type (a model, not a dict)."""
+
+    def fails(v: int) -> Point:
+        raise RuntimeError("down")
+
+    g = Graph("fb", inputs={"n": int})
+    g.func("bad", inc, inputs={"x": g.input.n}, on_error="fallback", fallback="oops")
+    g.func("unset", inc, inputs={"x": g.input.n}, on_error="fallback")
+    found = problems(g)
+    assert any("'bad'" in f and "'fallback'" in f and "'oops'" in f for f in found), found
+    assert any("'unset'" in f and "'fallback'" in f for f in found), found
+
+    g = Graph("fb", inputs={"n": int})
+    p = g.func("p", fails, inputs={"v": g.input.n}, on_error="fallback", fallback={"x": 1, "y": 2})
+    g.output(x=g.func("x", inc, inputs={"x": p.out.x}).out)
+    assert g.compile().nodes["p"].fallback == Point(x=1, y=2)

@@ -633,3 +633,36 @@ def test_json_schema_validates_the_sample_files() -> None:
         errors = list(validator.iter_errors(doc))
         assert errors == [], errors[0].message if errors else ""
     assert list(validator.iter_errors(bad))
+
+
+def test_a_workflow_needs_nodes() -> None:
+    """14.6: `nodes: []` and a file without `nodes` are refused where they are written."""
+    from treadle.graphs.compile import GraphValidationError, compile_graph
+
+    for text, where in (
+        ("name: g\nnodes: []\n", "flow.yaml:2:8: "),
+        ("name: g\n", "flow.yaml:1:1: "),
+    ):
+        spec = load_workflow_text(text, filename="flow.yaml", base_dir=FILES)
+        with pytest.raises(GraphValidationError) as info:
+            compile_graph(spec)
+        assert str(info.value.issues[0]) == where + "field 'nodes': a graph needs at least one node"
+
+
+def test_a_fallback_of_the_wrong_type_is_reported_at_its_line() -> None:
+    """14.6: the fallback is checked against the node's output type, with its position."""
+    from treadle.graphs.compile import GraphValidationError, compile_graph
+
+    spec = load_workflow_text(
+        "name: g\ntypes:\n  Count: {n: int}\nnodes:\n"
+        "  - id: a\n    kind: llm\n    prompt: How many?\n    output: Count\n"
+        "    on_error: fallback\n    fallback: {n: many}\n",
+        filename="flow.yaml",
+        base_dir=FILES,
+    )
+    with pytest.raises(GraphValidationError) as info:
+        compile_graph(spec)
+    (issue,) = info.value.issues
+    assert str(issue).startswith(
+        "flow.yaml:10:15: node 'a', field 'fallback': fallback {'n': 'many'} is not a Count"
+    )

@@ -116,7 +116,7 @@ def run(
     """Run a workflow and print its result.
 
     Traced with OpenTelemetry when OTEL_TRACES_EXPORTER is set (console, otlp)."""
-    from treadle.runtime.execution.runtime import InvalidInputs, Runtime
+    from treadle.runtime.execution.runtime import InvalidInputs, InvalidModel, Runtime
     from treadle.runtime.observe.tracing import TracingUnavailable, configure_tracing
 
     started: list[str] = []  # the run's id, once it exists
@@ -151,7 +151,7 @@ def run(
                     source=_source_of(program),
                     on_start=started.append,
                 )
-        except (GraphValidationError, InvalidInputs) as exc:
+        except (GraphValidationError, InvalidInputs, InvalidModel) as exc:
             raise _fail(str(exc)) from None
         except anyio.get_cancelled_exc_class():
             # Ctrl-C: the runtime has made the finished nodes durable; say so in the record
@@ -247,9 +247,11 @@ async def _watch(
 @app.command()
 def validate(program: ProgramArg) -> None:
     """Check a workflow without running it."""
+    from treadle.backends.factory import model_entry_problems
+
     spec = _load(program)
     try:
-        cg = compile_graph(spec)
+        cg = compile_graph(spec, check_model=model_entry_problems)
     except GraphValidationError as exc:
         raise _fail(str(exc), 1) from None
     facts = cg.facts
