@@ -62,3 +62,38 @@ def test_a_bad_model_entry_is_refused_before_the_run_exists(
     assert "Traceback" not in ran.stderr
     listed = treadle("runs", env=home)
     assert "running" not in listed.stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            "import no_such_package_x\n",
+            "{file}:1: the program failed to import: ModuleNotFoundError: ",
+        ),
+        (
+            "x = 1\ndef (:\n",
+            "{file}:2:5: the program failed to import: SyntaxError: invalid syntax",
+        ),
+        (
+            "\n\nraise RuntimeError('boom')\n",
+            "{file}:3: the program failed to import: RuntimeError: boom",
+        ),
+    ],
+)
+def test_a_program_that_fails_to_import_is_one_line(
+    tmp_path: Path, source: str, expected: str
+) -> None:
+    """14.7: `treadle run bad.py:graph` names the file, line and error; no traceback."""
+    program = write(tmp_path, "bad.py", source)
+    out = treadle("validate", f"{program}:graph")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: " + expected.format(file=program)), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
+    write(tmp_path, "broken_mod.py", "raise ValueError('bad config')\n")
+    out = treadle("validate", "broken_mod:graph", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "cannot import 'broken_mod'" in out.stderr and "ValueError: bad config" in out.stderr

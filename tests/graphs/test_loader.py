@@ -666,3 +666,36 @@ def test_a_fallback_of_the_wrong_type_is_reported_at_its_line() -> None:
     assert str(issue).startswith(
         "flow.yaml:10:15: node 'a', field 'fallback': fallback {'n': 'many'} is not a Count"
     )
+
+
+@pytest.mark.parametrize("depth", [150, 300, 2000])
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_deep_nesting_is_a_clear_error_not_a_crash(
+    depth: int, fmt: Literal["yaml", "json"]
+) -> None:
+    """14.7: a value nested thousands deep is refused where it passes the limit, whichever
+    pass (parser, constructor, validation) would have run out of stack first."""
+    value = "[" * depth + "]" * depth
+    if fmt == "yaml":
+        text = HEAD + "  - {id: a, kind: llm, prompt: hi, inputs: {q: " + value + "}}\n"
+    else:
+        text = (
+            '{"name": "g", "nodes": [{"id": "a", "kind": "llm", "prompt": "hi", "inputs": {"q": '
+            + value
+            + "}}]}"
+        )
+    err = load_error(text, fmt=fmt)
+    # levels: the document, nodes, the node, inputs: the list opens at level 5
+    col = text.index("[" * depth) + 1 + (100 - 4)
+    line = 3 if fmt == "yaml" else 1
+    assert (err.line, err.col) == (line, col - (len(HEAD) if fmt == "yaml" else 0)), str(err)
+    assert "nested more than 100 levels deep" in err.problem
+
+
+def test_deep_block_nesting_is_a_clear_error() -> None:
+    """14.7: the same for nesting by indentation."""
+    lines = [f"{'  ' * i}k{i}:" for i in range(120)]
+    text = "name: g\nnodes: []\ntypes:\n  T:\n" + "\n".join("    " + ln for ln in lines) + " 1\n"
+    err = load_error(text)
+    assert "nested more than 100 levels deep" in err.problem
+    assert err.line == 5 + 98, str(err)  # k0 is on line 5; level 101 holds k98
