@@ -154,14 +154,35 @@ def _load_yaml(text: str, file: str) -> Any:
     except DuplicateKeyError:
         raise _duplicate_key_error(text, file) from None
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        what = exc.problem or exc.context or "invalid YAML"
-        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+        line, col, what = _syntax_error(exc)
         raise WorkflowFileError(file, line, col, DOCUMENT, f"YAML syntax error: {what}") from None
     except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
         raise WorkflowFileError(file, line, col, DOCUMENT, f"cannot parse YAML: {exc}") from None
+
+
+def _syntax_error(exc: MarkedYAMLError) -> tuple[int, int, str]:
+    """Line, column and message of a YAML syntax error. A string or a flow collection that
+    is never closed is reported where it starts: the parser only notices at the end of
+    the file, or where the next line no longer fits, lines later."""
+    problem, context = exc.problem or "", exc.context or ""
+    end, start = exc.problem_mark, exc.context_mark
+    if start is not None and end is not None:
+        at = f"{end.line + 1}:{end.column + 1}"
+        if "quoted scalar" in context and "end of stream" in problem:
+            return (
+                start.line + 1,
+                start.column + 1,
+                f"quoted string is never closed (the file ends at {at})",
+            )
+        if "flow mapping" in context or "flow sequence" in context:
+            bracket = "{" if "mapping" in context else "["
+            found = problem.replace("'<stream end>'", "the end of the file")
+            return start.line + 1, start.column + 1, f"{bracket!r} is not closed: {found} at {at}"
+    mark = end or start
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    return line, col, problem or context or "invalid YAML"
 
 
 def _parse_json(text: str, file: str) -> Document:

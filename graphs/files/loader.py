@@ -137,11 +137,12 @@ def _format_of(path: Path, text: str) -> Format:
 def _load_file(path: Path, ctx: _Context) -> GraphSpec:
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise WorkflowFileError(file, 1, 1, DOCUMENT, "file not found") from None
     except UnicodeDecodeError as exc:
-        raise WorkflowFileError(file, 1, 1, DOCUMENT, f"not UTF-8 text: {exc.reason}") from None
+        raise _not_utf8(file, data, exc) from None
     except OSError as exc:
         raise WorkflowFileError(file, 1, 1, DOCUMENT, f"cannot read: {exc.strerror}") from None
     resolved = path.resolve()
@@ -152,6 +153,21 @@ def _load_file(path: Path, ctx: _Context) -> GraphSpec:
         ctx.stack.pop()
     ctx.cache[resolved] = spec
     return spec
+
+
+def _not_utf8(file: str, data: bytes, exc: UnicodeDecodeError) -> WorkflowFileError:
+    """Where the first byte that is not UTF-8 is: line, column (in characters), offset."""
+    before = data[: exc.start]
+    line = before.count(b"\n") + 1
+    col = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", errors="replace")) + 1
+    return WorkflowFileError(
+        file,
+        line,
+        col,
+        DOCUMENT,
+        f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
+        "save the file as UTF-8",
+    )
 
 
 def _load_text(text: str, file: str, base_dir: Path, fmt: Format, ctx: _Context) -> GraphSpec:

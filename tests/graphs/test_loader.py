@@ -699,3 +699,45 @@ def test_deep_block_nesting_is_a_clear_error() -> None:
     err = load_error(text)
     assert "nested more than 100 levels deep" in err.problem
     assert err.line == 5 + 98, str(err)  # k0 is on line 5; level 101 holds k98
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "col", "words"),
+    [
+        # the string opened on line 5 runs to the end of the file
+        (
+            HEAD + '  - id: a\n    kind: llm\n    prompt: "hello\n    inputs: {}\n'
+            "  - id: b\n    kind: llm\n    prompt: hi\n",
+            5,
+            13,
+            ("quoted string is never closed (the file ends at 10:1)",),
+        ),
+        # the flow mapping opened on line 3 is not closed before line 4
+        (
+            HEAD + "  - {id: a, kind: llm, prompt: hi\n  - id: b\n    kind: llm\n",
+            3,
+            5,
+            ("'{' is not closed", "expected ',' or '}', but got ':' at 4:7"),
+        ),
+        (
+            "name: g\nnodes: [\n  {id: a, kind: llm, prompt: hi}\n",
+            2,
+            8,
+            ("'[' is not closed", "at 4:1"),
+        ),
+    ],
+)
+def test_unclosed_strings_and_brackets_point_where_they_start(
+    text: str, line: int, col: int, words: tuple[str, ...]
+) -> None:
+    """14.8: not where the parser gave up, lines later."""
+    assert_at(load_error(text), line, col, "(document)", *words)
+
+
+def test_bytes_that_are_not_utf8_are_reported_at_their_line(tmp_path: Path) -> None:
+    """14.8: the line, column and byte offset of the first bad byte, not 1:1."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: g\ndescription: caf\xe9 au lait\nnodes: []\n")
+    with pytest.raises(WorkflowFileError) as info:
+        load_workflow(path)
+    assert_at(info.value, 2, 17, "(document)", "not UTF-8 text", "byte 0xe9 at offset 24")
