@@ -25,6 +25,7 @@ from pydantic import (
     create_model,
 )
 
+from treadle.errors import GraphError
 from treadle.graphs.analysis import analyze
 from treadle.graphs.compiled import CompiledGraph, CompiledNode, Param
 from treadle.graphs.kinds import kind_of
@@ -70,7 +71,7 @@ class GraphIssue:
         return where + (", ".join(what) + ": " if what else "") + self.message
 
 
-class GraphValidationError(ValueError):
+class GraphValidationError(GraphError, ValueError):
     """The graph is not a valid program; `issues` lists every problem found."""
 
     def __init__(self, graph: str, issues: list[GraphIssue]):

@@ -18,7 +18,6 @@ import anyio
 
 from treadle.backends import (
     Backend,
-    BackendError,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -27,6 +26,16 @@ from treadle.backends import (
     ScriptRule,
     ToolCall,
     Usage,
+)
+from treadle.errors import (
+    BackendError,
+    DaemonError,
+    GraphError,
+    RunError,
+    SetupError,
+    StoreError,
+    ToolError,
+    TreadleError,
 )
 from treadle.graphs.analysis import GraphFacts, LLMFacts
 from treadle.graphs.builder import ITEM_REF as ITEM
@@ -45,6 +54,7 @@ from treadle.graphs.spec import FirstOf, GraphSpec, InputSpec, NodeOptions, Node
 from treadle.runtime import (
     Event,
     InvalidInputs,
+    InvalidModel,
     MemoryStore,
     NodeError,
     RunCancelled,
@@ -52,13 +62,14 @@ from treadle.runtime import (
     RunHandle,
     RunRecord,
     RunResult,
+    RunStatus,
     Runtime,
     StateStore,
 )
 from treadle.runtime.core import events
 from treadle.runtime.core.context import LLMCall, ToolInvocation
 from treadle.runtime.core.interceptors import CallInterceptor, ExtraHeaders
-from treadle.tools import Tool, ToolArgumentError, ToolError, tool
+from treadle.tools import Tool, ToolArgumentError, tool
 
 __version__ = "0.1.0"
 
@@ -93,16 +104,19 @@ __all__ = [
     "CallInterceptor",
     "Capabilities",
     "CompiledGraph",
+    "DaemonError",
     "Event",
     "ExtraHeaders",
     "FirstOf",
     "FuncNode",
     "Graph",
+    "GraphError",
     "GraphFacts",
     "GraphSpec",
     "GraphValidationError",
     "InputSpec",
     "InvalidInputs",
+    "InvalidModel",
     "LLMCall",
     "LLMFacts",
     "LLMNode",
@@ -119,14 +133,18 @@ __all__ = [
     "PlannerNode",
     "Ref",
     "RunCancelled",
+    "RunError",
     "RunFailed",
     "RunHandle",
     "RunRecord",
     "RunResult",
+    "RunStatus",
     "Runtime",
     "ScriptRule",
     "ScriptedBackend",
+    "SetupError",
     "StateStore",
+    "StoreError",
     "SubgraphNode",
     "Tool",
     "ToolArgumentError",
@@ -134,6 +152,7 @@ __all__ = [
     "ToolError",
     "ToolInvocation",
     "ToolNode",
+    "TreadleError",
     "Usage",
     "compile_graph",
     "events",

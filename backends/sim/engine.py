@@ -2,8 +2,8 @@
 
 The engine is a discrete-event model of vLLM (V1) on one GPU (or one tensor-parallel
 group), driven by a clock (`clock.py`): virtual time for benchmarks, real time for the HTTP
-server. The physics is BENCHMARKS.md's "engine simulator"; the numbers come from a
-`Profile`.
+server. docs/benchmarks.md describes its physics (the engine simulator); the numbers come
+from a `Profile`.
 
 Public API (stable):
 
@@ -97,9 +97,11 @@ from treadle.backends.sim.clock import Clock, Timer
 from treadle.backends.sim.kvcache import BlockCache, CacheEntry
 from treadle.backends.sim.profile import Profile
 
-Policy = Literal["fcfs", "priority", "program"]
+#: the order in which waiting requests are admitted (vLLM's `--scheduling-policy`, plus
+#: Continuum's "program"; the module docstring says how each orders them)
+SchedulingPolicy = Literal["fcfs", "priority", "program"]
 PinPressure = Literal["keep", "release"]
-POLICIES: tuple[Policy, ...] = ("fcfs", "priority", "program")
+SCHEDULING_POLICIES: tuple[SchedulingPolicy, ...] = ("fcfs", "priority", "program")
 
 NEW, WAITING, PREFILL, DECODE, FINISHED = range(5)
 _STATE_NAMES = {NEW: "new", WAITING: "waiting", PREFILL: "prefill", DECODE: "decode"}
@@ -112,7 +114,7 @@ RequestCallback = Callable[["SimRequest"], None]
 class EngineConfig:
     """Switches of one engine; `None` limits come from the profile."""
 
-    policy: Policy = "fcfs"
+    policy: SchedulingPolicy = "fcfs"
     pin_pressure: PinPressure = "keep"
     max_pinned_fraction: float = 0.5
     max_num_seqs: int | None = None
@@ -123,8 +125,8 @@ class EngineConfig:
     keep_finished: bool = False
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; use one of {POLICIES}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; use one of {SCHEDULING_POLICIES}")
         if self.pin_pressure not in ("keep", "release"):
             raise ValueError("pin_pressure must be 'keep' or 'release'")
         if not 0.0 <= self.max_pinned_fraction <= 1.0:
@@ -394,7 +396,7 @@ class Engine:
         self.clock = clock
         self.config = cfg
         self.name = name
-        self.policy: Policy = cfg.policy
+        self.policy: SchedulingPolicy = cfg.policy
         self.block_size = profile.engine.block_size
         self.max_num_seqs = cfg.max_num_seqs or profile.engine.max_num_seqs
         self.max_num_batched_tokens = (

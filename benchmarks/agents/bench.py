@@ -1,4 +1,4 @@
-"""`treadle bench agents`: scheduling whole agent programs (BENCHMARKS.md section 3).
+"""`treadle bench agents`: scheduling whole agent programs (docs/benchmarks.md).
 
 Multi-turn agent programs (`agents_workloads.py`: `swe`, `bfcl`, `multiagent`, `mixed`)
 arrive as a Poisson process and run on a simulated cluster of engine replicas

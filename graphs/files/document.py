@@ -27,6 +27,7 @@ from ruamel.yaml.events import (
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 
+from treadle.errors import GraphError
 from treadle.graphs.kinds.base import DocPath
 from treadle.graphs.kinds.file_fields import NODE_ID_PATTERN
 from treadle.graphs.spec import Pos
@@ -42,7 +43,7 @@ _NODE_ID = re.compile(NODE_ID_PATTERN)
 _STD_STR_TAG = "tag:yaml.org,2002:str"
 
 
-class WorkflowFileError(ValueError):
+class WorkflowFileError(GraphError, ValueError):
     """A problem in a workflow file, with where it is: `FILE:LINE:COL: FIELD: WHAT`."""
 
     def __init__(self, file: str, line: int, col: int, field: str, problem: str) -> None:

@@ -42,6 +42,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import YAMLError
 
+from treadle.errors import DaemonError
 from treadle.graphs.files.schema import INNER_NODE_MODELS
 from treadle.graphs.kinds import Imported, graph_imports
 from treadle.graphs.kinds.file_fields import NAMES_OBJECT, NESTED_GRAPH, NESTED_NODE, field_marks
@@ -91,14 +92,15 @@ _TYPE_MODULES = frozenset(
 Path = tuple[str | int, ...]
 
 
-class PolicyViolation(ValueError):
+class AllowListViolation(DaemonError, ValueError):
     """The definition refers to something the daemon does not allow (`FILE:LINE:COL: FIELD:
     WHAT`, like the loader's errors)."""
 
 
 @dataclass(frozen=True)
-class DefinitionPolicy:
-    """What a registered definition may refer to (see the module docstring)."""
+class ImportAllowList:
+    """What a registered definition may refer to: modules it may import from, backends it
+    may declare (see the module docstring)."""
 
     allow_imports: tuple[str, ...] = ()
     allow_backends: tuple[str, ...] = DEFAULT_ALLOWED_BACKENDS
@@ -154,7 +156,7 @@ class DefinitionPolicy:
     def _check_object(self, obj: Any, where: str) -> None:
         module = getattr(obj, "__module__", None)
         if not isinstance(module, str) or not self.module_allowed(module):
-            raise PolicyViolation(
+            raise AllowListViolation(
                 f"{where}: {getattr(obj, '__qualname__', type(obj).__name__)} comes from "
                 f"module {module!r}, which is not allowed here ({self._allowed()})"
             )
@@ -163,7 +165,7 @@ class DefinitionPolicy:
         for cls in _classes(tp, set()):
             module = getattr(cls, "__module__", "")
             if module not in _TYPE_MODULES and not self.module_allowed(module):
-                raise PolicyViolation(
+                raise AllowListViolation(
                     f"{where}: type {cls.__qualname__} comes from module {module!r}, "
                     f"which is not allowed here ({self._allowed()})"
                 )
@@ -175,7 +177,7 @@ def _classes(tp: Any, seen: set[int]) -> Iterator[type]:
         return
     seen.add(id(tp))
     if isinstance(tp, types.ModuleType):
-        raise PolicyViolation(f"a module ({tp.__name__}) is not a type")
+        raise AllowListViolation(f"a module ({tp.__name__}) is not a type")
     for arg in typing.get_args(tp):
         yield from _classes(arg, seen)
     origin = typing.get_origin(tp)
@@ -204,15 +206,15 @@ def _parse(text: str, fmt: str) -> tuple[Any, Any]:
 
 
 class _Walker:
-    def __init__(self, policy: DefinitionPolicy, filename: str, tree: Any, data: Any) -> None:
-        self.policy = policy
+    def __init__(self, allowlist: ImportAllowList, filename: str, tree: Any, data: Any) -> None:
+        self.allowlist = allowlist
         self.data = data
         self.filename = filename
         self.tree = tree
 
-    def fail(self, path: Path, problem: str) -> PolicyViolation:
+    def fail(self, path: Path, problem: str) -> AllowListViolation:
         line, col = _position(self.tree, path)
-        return PolicyViolation(
+        return AllowListViolation(
             f"{self.filename}:{line}:{col}: {_field(self.data, path)}: {problem}"
         )
 
@@ -283,7 +285,7 @@ class _Walker:
         if isinstance(value, str):
             for match in _TOKEN.finditer(value):
                 if match["path"] is not None:
-                    problem = self.policy.import_problem(match["path"])
+                    problem = self.allowlist.import_problem(match["path"])
                     if problem is not None:
                         raise self.fail(path, problem)
         elif isinstance(value, dict):
@@ -304,7 +306,7 @@ class _Walker:
         if not isinstance(config, dict):
             return  # the loader / compiler report a malformed entry
         kind = config.get("backend")
-        allowed = self.policy.allow_backends
+        allowed = self.allowlist.allow_backends
         if kind not in allowed:
             raise self.fail(
                 (*path, "backend"),

@@ -30,7 +30,7 @@ from treadle.graphs.compiled import CompiledGraph, CompiledNode
 from treadle.graphs.kinds import kind_of
 from treadle.graphs.spec import FirstOf, NodeOptions, NodeSpec, Ref
 from treadle.runtime.core.context import RunContext
-from treadle.runtime.core.errors import NodeError, OutputError
+from treadle.runtime.core.errors import NodeError, OutputError, RunFailed
 from treadle.runtime.core.events import (
     NodeFailed,
     NodeFinished,
@@ -47,16 +47,6 @@ from treadle.runtime.nodes.registry import executor_for
 _YIELD_EVERY = 64
 #: at most this many inline outputs wait for one commit
 _STAGE_LIMIT = 512
-
-
-class RunFailure(Exception):
-    """A node failed under the `fail` policy, or (`node` None) an output of the graph is
-    unavailable: the run stops."""
-
-    def __init__(self, node: str | None, message: str):
-        super().__init__(message if node is None else f"node {node!r} failed: {message}")
-        self.node = node
-        self.message = message
 
 
 @dataclass
@@ -345,14 +335,14 @@ class GraphScope:
         self, plan: NodePlan, iid: str, message: str, attempt: int, started: float
     ) -> tuple[Any, bytes, float] | Skipped:
         """What the node's error policy makes of its last failure: a skip, the fallback as
-        its output, or the end of the run (`RunFailure`)."""
+        its output, or the end of the run (`RunFailed`)."""
         options = plan.spec.options
         self.ctx.emit(NodeFailed, node=iid, error=message, attempt=attempt, policy=options.on_error)
         if options.on_error == "skip":
             return Skipped(f"failed: {message}")
         if options.on_error == "fallback":
             return plan.cn.fallback, plan.dump(plan.cn.fallback), started
-        raise RunFailure(iid, message)
+        raise RunFailed.at_node(self.ctx.run_id, iid, message)
 
     async def _attempt(self, plan: NodePlan, iid: str, kwargs: dict[str, Any], attempt: int) -> Any:
         call = NodeCall(self.ctx, plan.spec, plan.cn, iid, kwargs, attempt, self)
@@ -422,7 +412,7 @@ class GraphScope:
                 # of the nodes the output reads from ran, each reason once
                 why = "; ".join(dict.fromkeys(self.skipped.get(n, "did not run") for n in nodes))
                 where = f" of {self.prefix.rstrip('/')!r}" if self.prefix else ""
-                raise RunFailure(None, f"output {name!r}{where} is unavailable: {why}")
+                raise RunFailed(self.ctx.run_id, f"output {name!r}{where} is unavailable: {why}")
             out[name] = get(self.values, self.inputs, None)
         return model.model_validate(out)
 
@@ -461,8 +451,8 @@ def _retrying(options: NodeOptions, before_sleep: Callable[[RetryCallState], Non
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    if isinstance(exc, RunFailure):
-        return exc.message if exc.node is None else f"{exc.node}: {exc.message}"
+    if isinstance(exc, RunFailed):
+        return exc.reason if exc.node is None else f"{exc.node}: {exc.reason}"
     if isinstance(exc, NodeError):
         return exc.reason
     text = str(exc)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from treadle.backends.base import Backend, ClosableBackend
 from treadle.backends.factory import create_backend, describe_entry_problems, model_entry_problems
 from treadle.backends.scripted import ScriptedBackend
+from treadle.errors import RunError
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import DEFAULT_MODEL, CompiledGraph, compile_graph
 from treadle.graphs.spec import GraphSpec
@@ -45,8 +46,8 @@ from treadle.runtime.core.interceptors import (
     invoke_tool,
 )
 from treadle.runtime.core.journal import Journal
-from treadle.runtime.core.store import RunRecord, StateStore
-from treadle.runtime.execution.orchestrator import GraphScope, RunFailure
+from treadle.runtime.core.store import RunRecord, RunStatus, StateStore
+from treadle.runtime.execution.orchestrator import GraphScope
 from treadle.runtime.stores.memory import MemoryStore
 
 GraphLike = Graph | GraphSpec | CompiledGraph
@@ -54,18 +55,18 @@ GraphLike = Graph | GraphSpec | CompiledGraph
 logger = logging.getLogger(__name__)
 
 
-class InvalidInputs(ValueError):
+class InvalidInputs(RunError, ValueError):
     """The inputs given to a run do not match the graph's declared inputs."""
 
 
-class InvalidModel(ValueError):
+class InvalidModel(RunError, ValueError):
     """A model alias's backend cannot be built from its configuration."""
 
 
 @dataclass
 class RunResult:
     run_id: str
-    status: str
+    status: RunStatus
     output: Any
     error: str | None
     events: list[Event] = field(default_factory=list, repr=False)
@@ -333,7 +334,7 @@ class Runtime:
         ctx: RunContext,
         handle: RunHandle,
         started: float,
-        status: str,
+        status: RunStatus,
         output: Any,
         error: str | None,
     ) -> None:
@@ -390,7 +391,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def _failure_message(exc: BaseException) -> str:
     leaves = _leaves(exc)
     for leaf in leaves:
-        if isinstance(leaf, RunFailure):
-            return str(leaf)
+        if isinstance(leaf, RunFailed):
+            return leaf.error
     leaf = leaves[0]
     return f"internal error: {type(leaf).__name__}: {leaf}"

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from treadle.errors import SetupError
 from treadle.runtime.core.context import InvokeTool, LLMCall, SendLLM, ToolInvocation
 from treadle.runtime.core.events import (
     Event,
@@ -60,7 +61,7 @@ _SLOW_BUCKETS = (
 )  # fmt: skip
 
 
-class MetricsUnavailable(RuntimeError):
+class MetricsUnavailable(SetupError, RuntimeError):
     """Prometheus metrics were asked for but prometheus-client is not installed."""
 
 

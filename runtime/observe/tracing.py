@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from treadle.errors import SetupError
 from treadle.runtime.core.context import LLMCall, RunContext, SendLLM
 from treadle.runtime.core.events import (
     Event,
@@ -129,7 +130,7 @@ TRACESTATE = "tracestate"
 _EXPORTERS = ("console", "otlp", "none")
 
 
-class TracingUnavailable(RuntimeError):
+class TracingUnavailable(SetupError, RuntimeError):
     """Tracing was asked for but the OpenTelemetry packages are not installed."""
 
 
