@@ -23,6 +23,7 @@ from treadle.backends.base import (
     Usage,
     collect_stream,
 )
+from treadle.backends.tokens import CHARS, estimate_prompt_tokens
 from treadle.runtime.core.context import LLMCall, RunContext, TextSink
 from treadle.runtime.core.errors import NodeError, why_call_ended
 from treadle.runtime.core.events import (
@@ -144,21 +145,7 @@ async def _streamed(call: LLMCall, backend: StreamingBackend) -> LLMResponse:
         # reading at join()), or the server does not report it. Count what was sent and
         # what was received, so run totals, spans and token quotas do not miss the call.
         response.usage = Usage(
-            prompt_tokens=_estimate_tokens(_prompt_chars(call.request)),
-            completion_tokens=_estimate_tokens(len(response.content or "")),
+            prompt_tokens=estimate_prompt_tokens(call.request),
+            completion_tokens=CHARS.count(response.content or ""),
         )
     return response
-
-
-#: characters per token of the estimate used when a stream reports no usage
-_CHARS_PER_TOKEN = 4
-
-
-def _estimate_tokens(chars: int) -> int:
-    return max(1, chars // _CHARS_PER_TOKEN) if chars else 0
-
-
-def _prompt_chars(request: LLMRequest) -> int:
-    chars = sum(len(m.content or "") for m in request.messages)
-    chars += sum(len(c.arguments) + len(c.name) for m in request.messages for c in m.tool_calls)
-    return chars + sum(len(str(t)) for t in request.tools)
