@@ -97,9 +97,9 @@ def test_input_from_a_yaml_file_and_its_syntax_errors(tmp_path: Path) -> None:
     bad.write_text("question: fine\n  nested: [oops\n")
     refused = treadle("run", str(EXAMPLES / "research.yaml"), "--db", db, "-i", f"@{bad}")
     assert refused.returncode == 2
-    # one line naming the option, the file, the line and column, and the problem
-    line = " ".join(refused.stderr.split())
-    assert f"--input {bad}:2:" in line and "not allowed here" in line, refused.stderr
+    # one line naming the file, the line and column, the option, and the problem
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"{bad}:2:9: --input: ") and "not allowed here" in line, line
 
 
 PROGRAM = """

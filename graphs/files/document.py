@@ -155,7 +155,7 @@ def _load_yaml(text: str, file: str) -> Any:
     except DuplicateKeyError:
         raise _duplicate_key_error(text, file) from None
     except MarkedYAMLError as exc:
-        line, col, what = _syntax_error(exc)
+        line, col, what = yaml_syntax_error(exc)
         raise WorkflowFileError(file, line, col, DOCUMENT, f"YAML syntax error: {what}") from None
     except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -163,7 +163,7 @@ def _load_yaml(text: str, file: str) -> Any:
         raise WorkflowFileError(file, line, col, DOCUMENT, f"cannot parse YAML: {exc}") from None
 
 
-def _syntax_error(exc: MarkedYAMLError) -> tuple[int, int, str]:
+def yaml_syntax_error(exc: MarkedYAMLError) -> tuple[int, int, str]:
     """Line, column and message of a YAML syntax error. A string or a flow collection that
     is never closed is reported where it starts: the parser only notices at the end of
     the file, or where the next line no longer fits, lines later."""

@@ -14,9 +14,11 @@ import anyio
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
 from treadle.cli.programs import ProgramNotFound, load_program
 from treadle.graphs.compile import GraphValidationError, compile_graph
+from treadle.runtime.daemon.cli import problem_text
 
 app = typer.Typer(
     name="treadle",
@@ -36,8 +38,17 @@ ProgramArg = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[red]error:[/] {message}", highlight=False)
+def _fail(problem: str | GraphValidationError, code: int = 2) -> typer.Exit:
+    """Report a problem (every problem of an invalid graph) on stderr, one line each
+    (`problem_text`), and exit with `code`."""
+    if isinstance(problem, GraphValidationError):
+        n = len(problem.issues)
+        lines = [str(i) for i in problem.issues]
+        lines.append(f"graph {problem.graph!r} is invalid ({n} problem{'s' if n != 1 else ''})")
+    else:
+        lines = problem.splitlines() or [""]
+    for line in lines:
+        err_console.print(problem_text(line), soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -152,7 +163,9 @@ def run(
                     source=_source_of(program),
                     on_start=started.append,
                 )
-        except (GraphValidationError, InvalidInputs, InvalidModel) as exc:
+        except GraphValidationError as exc:
+            raise _fail(exc) from None
+        except (InvalidInputs, InvalidModel) as exc:
             raise _fail(str(exc)) from None
         except anyio.get_cancelled_exc_class():
             # Ctrl-C: the runtime has made the finished nodes durable; say so in the record
@@ -173,7 +186,7 @@ def run(
         code = anyio.run(main)
     except KeyboardInterrupt:
         hint = f": resume with `treadle run --resume {started[0]}`" if started else ""
-        err_console.print(f"[yellow]interrupted[/]{hint}", highlight=False)
+        err_console.print(Text.assemble(("interrupted", "yellow"), hint), soft_wrap=True)
         sys.stdout.flush()
         sys.stderr.flush()
         # the journal is durable; do not wait for abandoned worker threads to finish
@@ -254,12 +267,16 @@ def validate(program: ProgramArg) -> None:
     try:
         cg = compile_graph(spec, check_model=model_entry_problems)
     except GraphValidationError as exc:
-        raise _fail(str(exc), 1) from None
+        raise _fail(exc, 1) from None
     facts = cg.facts
     console.print(
-        f"[green]ok[/] {spec.name}: {len(cg.nodes)} nodes, "
-        f"critical path {' → '.join(facts.critical_path)} "
-        f"(~{facts.critical_path_cost_s:.2f} s estimated)",
+        Text.assemble(
+            ("ok", "green"),
+            f" {spec.name}: {len(cg.nodes)} nodes, "
+            f"critical path {' → '.join(facts.critical_path)} "
+            f"(~{facts.critical_path_cost_s:.2f} s estimated)",
+        ),
+        soft_wrap=True,
         highlight=False,
     )
 
