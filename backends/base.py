@@ -79,6 +79,10 @@ class LLMRequest(BaseModel):
     model: str
     messages: list[Message]
     tools: list[dict[str, Any]] = Field(default_factory=list)
+    #: OpenAI's `tool_choice` as sent: "none", "auto", "required" or
+    #: {"type": "function", "function": {"name": ...}}; None: the server's default ("auto"
+    #: with tools, "none" without)
+    tool_choice: str | dict[str, Any] | None = None
     response_schema: dict[str, Any] | None = None
     max_tokens: int | None = None
     temperature: float | None = None

@@ -88,6 +88,8 @@ class LiteLLMBackend:
         }
         if request.tools:
             call["tools"] = request.tools
+        if request.tool_choice is not None:
+            call["tool_choice"] = request.tool_choice
         if request.max_tokens is not None:
             call["max_tokens"] = request.max_tokens
         if request.temperature is not None:

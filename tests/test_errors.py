@@ -57,6 +57,7 @@ SUBTREE = {
     "MetricsFormatError": BackendError,
     "SimulatorFailure": BackendError,
     "DuplicateRequestId": BackendError,
+    "ContextLengthExceeded": BackendError,
     "OutOfBlocks": BackendError,
     "ToolArgumentError": ToolError,
     "ToolTimeout": ToolError,

@@ -24,7 +24,8 @@ treadle's, so every layer (tools and backends included) may raise from it.
     ├── BackendError               a model backend gave no usable answer (`retryable`)
     │   ├── NoReplicaAvailable         dispatch.routing: every replica is out of routing
     │   ├── MetricsFormatError         openai_compat: a server's /metrics is unreadable
-    │   └── SimulatorFailure, DuplicateRequestId, OutOfBlocks   the simulated engine
+    │   └── SimulatorFailure, DuplicateRequestId, ContextLengthExceeded, OutOfBlocks:
+    │                                  the simulated engine
     ├── ToolError                  a tool call failed; the message is what the model is told
     │   ├── ToolArgumentError          the arguments do not match the tool's schema
     │   ├── ToolTimeout                the tool did not return in time

@@ -173,6 +173,8 @@ class OpenAICompatBackend:
         }
         if request.tools:
             body["tools"] = request.tools
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
         if request.max_tokens is not None:
             body[dialect.max_tokens_field] = request.max_tokens
         if request.temperature is not None:
