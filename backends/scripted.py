@@ -23,6 +23,7 @@ import anyio
 from pydantic import BaseModel, Field
 
 from treadle.backends.base import (
+    BackendTarget,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -32,6 +33,8 @@ from treadle.backends.base import (
     Usage,
 )
 from treadle.backends.tokens import CHARS, TokenEstimator
+
+_SCRIPTED = BackendTarget(provider="treadle.scripted")
 
 _WORDS = (
     "alpha bravo cedar delta ember fjord grove harbor island juniper kestrel lumen meadow "
@@ -78,6 +81,10 @@ class ScriptedBackend:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(streaming=True, tool_calls=True)
+
+    @property
+    def target(self) -> BackendTarget:
+        return _SCRIPTED
 
     async def generate(self, request: LLMRequest) -> LLMResponse:
         self.calls += 1

@@ -52,6 +52,11 @@ from treadle.backends.sim.tokenizer import (
 from treadle.errors import BackendError
 
 
+def default_model_name(profile: Profile) -> str:
+    """The served model name of a replica not given one: `sim-` and the profile's model."""
+    return f"sim-{Path(profile.model.name).name}"
+
+
 class SimulatorFailure(BackendError, RuntimeError):
     """The simulated engine raised; the replica is unusable."""
 
@@ -104,7 +109,7 @@ class SimReplica:
         self.clock: RealTimeClock = engine.clock
         self.content = content or ScriptedBackend()
         self.name = engine.name
-        self.model = model or f"sim-{Path(engine.profile.model.name).name}"
+        self.model = model or default_model_name(engine.profile)
         self._pending: dict[
             SimRequest, tuple[asyncio.Future[SimRequest], asyncio.Event | None]
         ] = {}

@@ -22,6 +22,7 @@ from treadle.backends.base import (
     StreamingBackend,
     Usage,
     collect_stream,
+    target_of,
 )
 from treadle.backends.tokens import CHARS, estimate_prompt_tokens
 from treadle.runtime.core.context import LLMCall, RunContext, TextSink
@@ -57,7 +58,19 @@ async def call_llm(
     backend = backend_for(ctx, alias)
     ctx.llm_call_counter += 1
     call_id = f"{node}#{ctx.llm_call_counter}"
-    ctx.emit(LLMCallQueued, node=node, call_id=call_id, model=alias)
+    target = target_of(backend)
+    ctx.emit(
+        LLMCallQueued,
+        node=node,
+        call_id=call_id,
+        model=alias,
+        request_model=target.model,
+        provider=target.provider,
+        server_address=target.server_address,
+        server_port=target.server_port,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+    )
     call = LLMCall(
         ctx, node, call_id, alias, backend, request, on_text, queued_at=time.perf_counter()
     )
@@ -91,6 +104,8 @@ async def call_llm(
         tool_calls=len(response.tool_calls),
         replica=response.replica,
         finish_reason=response.finish_reason,
+        response_model=response.model,
+        response_id=response.id,
     )
     if on_text is not None and not call.streamed and response.content:
         await on_text(response.content)  # the whole answer, once it has arrived

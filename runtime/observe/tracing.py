@@ -3,17 +3,29 @@
 `OtelTracer.listener` is a run listener (`Runtime(listeners=[tracer.listener])`). It turns
 events into spans with the events' own wall-clock timestamps:
 
-    run ─┬─ node ─┬─ llm.call        (gen_ai.* attributes, queue wait, replica, TTFT)
-         │        ├─ tool.call       (gen_ai.tool.name)
-         │        ├─ kv.pin          (TTL, used; linked to the llm.call that pinned)
-         │        └─ node            (map elements `m[i]`, subgraph nodes `sub/x`,
-         │                            planner tasks `planner/taskN`: under their parent)
-         └─ node …
+    invoke_workflow {graph} ─┬─ node ─┬─ chat {model}         (CLIENT: gen_ai.*, server.*,
+                             │        │                        queue wait, replica, TTFT)
+                             │        ├─ execute_tool {tool}  (gen_ai.tool.*)
+                             │        ├─ kv.pin               (TTL, used; linked to the
+                             │        │                        chat span that pinned)
+                             │        └─ node                 (map elements `m[i]`, subgraph
+                             │                                 nodes `sub/x`, planner tasks
+                             │                                 `planner/taskN`: under their
+                             │                                 parent)
+                             └─ node …
+
+The names, kinds and `gen_ai.*` attributes are those of OpenTelemetry's GenAI semantic
+conventions (semantic-conventions-genai, Development status): a run is a workflow (it
+groups LLM calls and tool calls of a program; INTERNAL), each LLM call an inference span
+(`chat {gen_ai.request.model}`, CLIENT, with the model the request really goes to, its
+provider and server, from the backend's `target`; the workflow's alias is
+`treadle.model_alias`), each tool call `execute_tool {gen_ai.tool.name}` (INTERNAL). Nodes
+and KV pins have no convention: their spans are treadle's own (`node`, `kv.pin`).
 
 A node keeps one span across its attempts; each retry is a span event. Failures set the
 span status to ERROR. The listener is also a call interceptor
 (`treadle.runtime.core.interceptors`), which the runtime puts in its chain: it adds the
-W3C `traceparent` of each call's `llm.call` span to the request it passes on, so a serving
+W3C `traceparent` of each call's `chat` span to the request it passes on, so a serving
 engine that traces joins the run's trace.
 
 A run's parent context is a traceparent given with `set_parent(run_id, ...)` before it
@@ -69,18 +81,21 @@ if TYPE_CHECKING:
 
 INSTRUMENTATION_NAME = "treadle"
 
-# Span names: one per kind, low cardinality (node ids and models are attributes).
-SPAN_RUN = "run"
+# Span names of treadle's own spans (low cardinality: node ids are attributes); the GenAI
+# spans are named `{gen_ai.operation.name} {what}` as the conventions say.
 SPAN_NODE = "node"
-SPAN_LLM = "llm.call"
-SPAN_TOOL = "tool.call"
 SPAN_PIN = "kv.pin"
 
 # GenAI semantic conventions, as named in opentelemetry-semantic-conventions 0.66b2
 # (`opentelemetry.semconv._incubating.attributes.gen_ai_attributes`); spelled out here
 # because that module is incubating and marks the whole namespace as moving.
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
@@ -91,6 +106,8 @@ GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
 GEN_AI_WORKFLOW_NAME = "gen_ai.workflow.name"
 GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
 ERROR_TYPE = "error.type"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
 
 OP_CHAT = "chat"
 OP_EXECUTE_TOOL = "execute_tool"
@@ -111,6 +128,7 @@ T_ERROR_POLICY = "treadle.error_policy"
 T_SKIP_REASON = "treadle.skip_reason"
 T_UNFINISHED = "treadle.unfinished"
 T_CALL_ID = "treadle.call_id"
+T_MODEL_ALIAS = "treadle.model_alias"
 T_QUEUE_WAIT_S = "treadle.queue_wait_s"
 T_PRIORITY = "treadle.priority"
 T_REPLICA = "treadle.replica"
@@ -292,14 +310,16 @@ class OtelTracer:
             self._close(old, end, status="interrupted", error=None)
             links.append(self._trace.Link(old.run_span.get_span_context()))
         attrs: dict[str, Any] = {T_RUN_ID: event.run_id, GEN_AI_OPERATION_NAME: OP_INVOKE_WORKFLOW}
+        name = OP_INVOKE_WORKFLOW
         if isinstance(event, RunStarted):
+            name = f"{OP_INVOKE_WORKFLOW} {event.graph}"
             attrs[T_GRAPH] = event.graph
             attrs[GEN_AI_WORKFLOW_NAME] = event.graph
             attrs[T_RESUMED] = event.resumed
         if tenant:
             attrs[T_TENANT] = tenant
         span = self.tracer.start_span(
-            SPAN_RUN, context=parent, attributes=attrs, links=links, start_time=_ns(event.ts)
+            name, context=parent, attributes=attrs, links=links, start_time=_ns(event.ts)
         )
         state = _RunTrace(event.run_id, span, self._trace.set_span_in_context(span), tenant)
         self._runs[event.run_id] = state
@@ -484,19 +504,34 @@ class OtelTracer:
     # -- LLM calls ---------------------------------------------------------------------
 
     def _llm_span(self, state: _RunTrace, e: LLMCallQueued | LLMCallFinished, start: float) -> Span:
+        # what sampling decisions may use is set at creation (the conventions ask so):
+        # operation, provider, model and server
+        model = e.model
         attrs: dict[str, Any] = {
             GEN_AI_OPERATION_NAME: OP_CHAT,
-            GEN_AI_REQUEST_MODEL: e.model,
             GEN_AI_CONVERSATION_ID: state.run_id,
+            T_MODEL_ALIAS: e.model,
             T_RUN_ID: state.run_id,
             T_NODE: e.node,
             T_CALL_ID: e.call_id,
         }
+        if isinstance(e, LLMCallQueued):
+            model = e.request_model or e.model
+            optional = {
+                GEN_AI_PROVIDER_NAME: e.provider,
+                SERVER_ADDRESS: e.server_address,
+                SERVER_PORT: e.server_port,
+                GEN_AI_REQUEST_MAX_TOKENS: e.max_tokens,
+                GEN_AI_REQUEST_TEMPERATURE: e.temperature,
+            }
+            attrs.update((k, v) for k, v in optional.items() if v is not None)
+        attrs[GEN_AI_REQUEST_MODEL] = model
         if state.tenant:
             attrs[T_TENANT] = state.tenant
         return self.tracer.start_span(
-            SPAN_LLM,
+            f"{OP_CHAT} {model}",
             context=self._context_of(state, e.node),
+            kind=self._trace.SpanKind.CLIENT,
             attributes=attrs,
             start_time=_ns(start),
         )
@@ -547,6 +582,10 @@ class OtelTracer:
             attrs[T_REPLICA] = e.replica
         if e.finish_reason:
             attrs[GEN_AI_RESPONSE_FINISH_REASONS] = [e.finish_reason]
+        if e.response_model:
+            attrs[GEN_AI_RESPONSE_MODEL] = e.response_model
+        if e.response_id:
+            attrs[GEN_AI_RESPONSE_ID] = e.response_id
         span.set_attributes(attrs)
         if e.error is not None:
             self._error(span, e.error, "backend_error")
@@ -570,7 +609,7 @@ class OtelTracer:
         if e.call_id.startswith(native):  # a model's tool call: its id follows the node
             attrs[GEN_AI_TOOL_CALL_ID] = e.call_id[len(native) :]
         return self.tracer.start_span(
-            SPAN_TOOL,
+            f"{OP_EXECUTE_TOOL} {e.tool}",
             context=self._context_of(state, e.node),
             attributes=attrs,
             start_time=_ns(start),

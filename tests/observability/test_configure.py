@@ -96,7 +96,7 @@ def test_console_exporter_writes_spans_to_stderr(
     out, err = capsys.readouterr()
     assert out == ""  # stdout stays the command's own
     names = [json.loads(chunk)["name"] for chunk in _json_objects(err)]
-    assert sorted(names) == ["node", "run"]
+    assert sorted(names) == ["invoke_workflow g", "node"]
     assert '"service.name": "treadle-test"' in err
 
 
@@ -171,7 +171,7 @@ def test_otlp_http_exports_to_a_collector(monkeypatch: pytest.MonkeyPatch) -> No
     )
     assert service == "treadle-otlp"
     names = sorted(s.name for scope in resource_spans.scope_spans for s in scope.spans)
-    assert names == ["node", "run"]
+    assert names == ["invoke_workflow g", "node"]
 
 
 def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
