@@ -129,21 +129,24 @@ def model_entry_problems(config: Any) -> list[EntryProblem]:
     pass to their constructors, and every replica of a pool (`replicas.N.FIELD`). What
     depends on where it runs (an unset `api_key_env`, an optional package) is checked
     when the backend is built."""
-    parsed = _parse(config)
-    if isinstance(parsed, list):
-        return parsed
-    return _CHECKS[parsed.backend](parsed)  # type: ignore[attr-defined]
+    return _checked(config)[1]
 
 
 def create_backend(config: Mapping[str, Any]) -> Backend:
     """The backend a `models:` entry describes. `ValueError` names what is wrong with it."""
-    problems = model_entry_problems(config)
-    if problems:
+    parsed, problems = _checked(config)
+    if parsed is None or problems:
         kind = config.get("backend") if isinstance(config, Mapping) else None
         raise ValueError(describe_entry_problems(kind, problems))
-    parsed = _parse(config)
-    assert isinstance(parsed, BaseModel)
     return _BUILDERS[parsed.backend](parsed)  # type: ignore[attr-defined]
+
+
+def _checked(config: Any) -> tuple[BaseModel | None, list[EntryProblem]]:
+    """The entry parsed (None when it does not parse), and its problems."""
+    parsed = _parse(config)
+    if isinstance(parsed, list):
+        return None, parsed
+    return parsed, _CHECKS[parsed.backend](parsed)  # type: ignore[attr-defined]
 
 
 def describe_entry_problems(kind: Any, problems: list[EntryProblem]) -> str:

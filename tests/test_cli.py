@@ -12,21 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import piped, treadle
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def treadle(
-    *args: str, cwd: Path | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "treadle", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def test_validate_ok_and_errors_with_file_line_column(tmp_path: Path) -> None:
@@ -237,14 +225,6 @@ def test_version() -> None:
     assert out.returncode == 0 and out.stdout == f"treadle {version('treadle')}\n"
 
 
-def _piped(*args: str) -> subprocess.CompletedProcess[str]:
-    """As in a pipe with no width given: Rich falls back to 80 columns."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return subprocess.run(
-        [sys.executable, "-m", "treadle", *args], capture_output=True, text=True, env=env
-    )
-
-
 def test_runs_shows_full_ids_lists_as_json_and_refuses_a_bad_status(tmp_path: Path) -> None:
     db = str(tmp_path / "runs.db")
     ids = [
@@ -253,7 +233,7 @@ def test_runs_shows_full_ids_lists_as_json_and_refuses_a_bad_status(tmp_path: Pa
         ]
         for _ in range(2)
     ]
-    table = _piped("runs", "--db", db)
+    table = piped("runs", "--db", db)
     assert all(run_id in table.stdout for run_id in ids), table.stdout
     listed = json.loads(treadle("runs", "--db", db, "--json").stdout)
     assert [r["run_id"] for r in listed] == ids[::-1]  # newest first

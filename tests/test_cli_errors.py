@@ -3,26 +3,11 @@ nothing left behind (issue 14). Run as a user runs it: a subprocess of `python -
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-
-
-def treadle(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "treadle", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
+from cli_support import piped, treadle
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -97,19 +82,6 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
     out = treadle("validate", "broken_mod:graph", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "cannot import 'broken_mod'" in out.stderr and "ValueError: bad config" in out.stderr
-
-
-def piped(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The command with its output piped and no terminal width given (as CI runs it)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return subprocess.run(
-        [sys.executable, "-m", "treadle", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        env=env,
-    )
 
 
 def test_errors_are_one_unwrapped_line_each_and_never_markup(tmp_path: Path) -> None:

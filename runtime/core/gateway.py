@@ -78,17 +78,18 @@ async def call_llm(
         response = await ctx.send_llm(call)
     except BaseException as exc:
         # a call cut off (the node's timeout, the run's end) is closed too, failed
+        failure = exc if isinstance(exc, BackendError) else None
         ctx.emit(
             LLMCallFinished,
             node=node,
             call_id=call_id,
             model=alias,
             duration_s=time.perf_counter() - (call.sent_at or call.queued_at),
-            error=str(exc) if isinstance(exc, BackendError) else why_call_ended(exc),
-            replica=exc.replica if isinstance(exc, BackendError) else None,
+            error=str(exc) if failure is not None else why_call_ended(exc),
+            replica=failure.replica if failure is not None else None,
         )
-        if isinstance(exc, BackendError):
-            raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
+        if failure is not None:
+            raise NodeError(node, f"model {alias!r}: {exc}", retryable=failure.retryable) from exc
         raise
     usage = response.usage
     ctx.emit(

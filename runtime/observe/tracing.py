@@ -3,25 +3,16 @@
 `OtelTracer.listener` is a run listener (`Runtime(listeners=[tracer.listener])`). It turns
 events into spans with the events' own wall-clock timestamps:
 
-    invoke_workflow {graph} ─┬─ node ─┬─ chat {model}         (CLIENT: gen_ai.*, server.*,
-                             │        │                        queue wait, replica, TTFT)
-                             │        ├─ execute_tool {tool}  (gen_ai.tool.*)
-                             │        ├─ kv.pin               (TTL, used; linked to the
-                             │        │                        chat span that pinned)
-                             │        └─ node                 (map elements `m[i]`, subgraph
-                             │                                 nodes `sub/x`, planner tasks
-                             │                                 `planner/taskN`: under their
-                             │                                 parent)
-                             └─ node …
+    invoke_workflow {graph} ─┬─ node ─┬─ chat {model}         (CLIENT)
+                             │        ├─ execute_tool {tool}
+                             │        ├─ kv.pin               (linked to the chat that pinned)
+                             │        └─ node                 (map elements, subgraph nodes,
+                             └─ node …                         planner tasks: under their parent)
 
-The names, kinds and `gen_ai.*` attributes are those of OpenTelemetry's GenAI semantic
-conventions (semantic-conventions-genai, Development status): a run is a workflow (it
-groups LLM calls and tool calls of a program; INTERNAL), each LLM call an inference span
-(`chat {gen_ai.request.model}`, CLIENT, with the model the request really goes to, its
-provider and server, from the backend's `target`; the workflow's alias is
-`treadle.model_alias`), each tool call `execute_tool {gen_ai.tool.name}` (INTERNAL). Nodes
-and KV pins have no convention: their spans are treadle's own (`node`, `kv.pin`).
-
+Names, kinds and `gen_ai.*` attributes are those of OpenTelemetry's GenAI semantic
+conventions (Development status): a run is a workflow, an LLM call an inference span with
+the model it really goes to, its provider and server (the backend's `target`; the alias is
+`treadle.model_alias`). Nodes and KV pins have no convention: `node` and `kv.pin` are ours.
 A node keeps one span across its attempts; each retry is a span event. Failures set the
 span status to ERROR. The listener is also a call interceptor
 (`treadle.runtime.core.interceptors`), which the runtime puts in its chain: it adds the
@@ -32,17 +23,14 @@ A run's parent context is a traceparent given with `set_parent(run_id, ...)` bef
 starts (the daemon's worker passes the one the API request stored in `RunRecord.meta`), or
 else the context that was current when the run was started (an SDK user's own span).
 
-`configure_tracing()` builds a tracer from the standard `OTEL_*` variables. Tracing is
-opt-in: without `OTEL_TRACES_EXPORTER` (or with `none`) it returns None, no listener is
-installed, and the OpenTelemetry SDK is never imported, so tracing off costs nothing.
+`configure_tracing()` (`treadle.runtime.observe.tracing_setup`) builds a tracer from the
+standard `OTEL_*` variables; tracing off costs nothing.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from treadle.errors import SetupError
@@ -72,7 +60,6 @@ from treadle.runtime.observe.timeline import SETTLED_LATER, parent_instance
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import Span, SpanContext, Tracer, TracerProvider
 
@@ -144,8 +131,6 @@ T_LLM_CALLS = "treadle.llm_calls"
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-
-_EXPORTERS = ("console", "otlp", "none")
 
 
 class TracingUnavailable(SetupError, RuntimeError):
@@ -731,93 +716,6 @@ def current_trace_headers() -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return {k: v for k, v in carrier.items() if k in (TRACEPARENT, TRACESTATE)}
-
-
-def configure_tracing(*, set_global: bool = False) -> OtelTracer | None:
-    """A tracer configured by the standard environment, or None when tracing is off.
-
-    `OTEL_TRACES_EXPORTER`: a comma list of `console` (spans as JSON on stderr), `otlp`
-    and `none`. Unset means off: unlike the OpenTelemetry default (`otlp`), a CLI should not
-    send to a collector nobody asked for. `OTEL_SDK_DISABLED=true` turns it off too.
-    `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf`
-    (default) or `grpc`, each needing its exporter package; the endpoint, headers and
-    timeout are read by the exporter from its own `OTEL_EXPORTER_OTLP_*` variables.
-    `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service (default `treadle`),
-    and `OTEL_TRACES_SAMPLER` / `OTEL_BSP_*` are honoured by the SDK itself.
-    With `set_global`, the provider also becomes the process's global one, so spans that
-    user code opens inside nodes are exported too.
-    """
-    env = os.environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in _EXPORTERS]
-    if unknown:
-        raise ValueError(
-            f"OTEL_TRACES_EXPORTER: unsupported exporter {unknown[0]!r} "
-            f"(supported: {', '.join(_EXPORTERS)})"
-        )
-    names = [n for n in names if n != "none"]
-    if not names:
-        return None
-    try:
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider as SdkProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError as exc:
-        raise TracingUnavailable(
-            f"OTEL_TRACES_EXPORTER={env['OTEL_TRACES_EXPORTER']} needs OpenTelemetry: "
-            "pip install 'treadle[otel]'"
-        ) from exc
-    resource = Resource.create({})
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: "treadle"}))
-    provider = SdkProvider(resource=resource)
-    for name in dict.fromkeys(names):
-        provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
-    if set_global:
-        trace.set_tracer_provider(provider)
-    return OtelTracer(provider, owns_provider=True)
-
-
-def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
-    if name == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        # stderr: stdout carries the command's own output (`treadle run --json`)
-        return ConsoleSpanExporter(out=sys.stderr)
-    protocol = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol == "http/protobuf":
-        package = "opentelemetry-exporter-otlp-proto-http"
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter as HttpExporter,
-            )
-        except ImportError:
-            raise TracingUnavailable(
-                f"OTLP over http/protobuf needs {package}: pip install {package}"
-            ) from None
-        return HttpExporter()
-    if protocol == "grpc":
-        package = "opentelemetry-exporter-otlp-proto-grpc"
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcExporter,
-            )
-        except ImportError:
-            raise TracingUnavailable(
-                f"OTLP over grpc needs {package}: pip install {package}"
-            ) from None
-        return GrpcExporter()
-    raise ValueError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} (http/protobuf or grpc)"
-    )
 
 
 def _version() -> str:

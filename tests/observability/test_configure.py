@@ -18,7 +18,8 @@ pytest.importorskip("opentelemetry.sdk.trace")
 from obs_sample import Journal
 
 from treadle.runtime.core.events import NodeFinished, NodeStarted, RunFinished, RunStarted
-from treadle.runtime.observe.tracing import TracingUnavailable, configure_tracing
+from treadle.runtime.observe.tracing import TracingUnavailable
+from treadle.runtime.observe.tracing_setup import configure_tracing
 
 OTEL_VARS = (
     "OTEL_SDK_DISABLED",
@@ -179,7 +180,7 @@ def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
     # tracer with tracing off loads neither OpenTelemetry nor prometheus-client
     code = (
         "import sys\n"
-        "from treadle.runtime.observe.tracing import configure_tracing\n"
+        "from treadle.runtime.observe.tracing_setup import configure_tracing\n"
         "import treadle.runtime.observe.metrics, treadle.runtime.observe.timeline\n"
         "import treadle.cli.trace_view\n"
         "assert configure_tracing() is None\n"

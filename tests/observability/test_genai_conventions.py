@@ -5,8 +5,6 @@ its provider and server, the request's limits, the response's model and id) and
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,15 +13,14 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk.trace")
 
-import uvicorn
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as genai
 from opentelemetry.semconv.attributes import server_attributes as server_attrs
 from opentelemetry.trace import SpanKind
+from sim_serving import serving
 
 from treadle import Graph, Runtime, tool
 from treadle.backends.openai_compat.backend import OpenAICompatBackend
 from treadle.backends.scripted import ScriptedToolCall, ScriptRule
-from treadle.backends.sim.server import build_replicas, create_app
 from treadle.runtime.observe import tracing
 from treadle.runtime.observe.tracing import OtelTracer
 
@@ -40,30 +37,20 @@ def lookup(city: str) -> str:
 
 @asynccontextmanager
 async def served_backend() -> AsyncIterator[tuple[OpenAICompatBackend, int]]:
+    """An `openai_compat` backend (vLLM's dialect) on a simulated replica over HTTP."""
     rules = [
         ScriptRule(
             match="Weather",
             tool_calls=[ScriptedToolCall(name="lookup", arguments={"city": "Oslo"})],
         )
     ]
-    replica = build_replicas(1, rules=rules, speed=50.0, model=MODEL)[0]
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(replica), log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    backend = OpenAICompatBackend(f"http://127.0.0.1:{port}/v1", MODEL, retries=0)
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield backend, port
-    finally:
-        await backend.aclose()
-        server.should_exit = True
-        await task
-        sock.close()
+    async with serving(rules=rules, model=MODEL) as (client, _):
+        url = client.base_url
+        backend = OpenAICompatBackend(f"{url.scheme}://{url.host}:{url.port}/v1", MODEL, retries=0)
+        try:
+            yield backend, int(url.port or 80)
+        finally:
+            await backend.aclose()
 
 
 def attr(span: Any, key: str) -> Any:

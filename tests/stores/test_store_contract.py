@@ -284,6 +284,7 @@ _SAMPLES: dict[str, Any] = {
     "bool": True,
     "str | None": "an error",
     "float | None": 1e-300,
+    "int | None": 8000,
     "list[str]": ["a[0]", "a[1]", "ü"],
 }
 

@@ -152,7 +152,8 @@ def run(
 
     Traced with OpenTelemetry when OTEL_TRACES_EXPORTER is set (console, otlp)."""
     from treadle.runtime.execution.runtime import InvalidInputs, InvalidModel, Runtime
-    from treadle.runtime.observe.tracing import TracingUnavailable, configure_tracing
+    from treadle.runtime.observe.tracing import TracingUnavailable
+    from treadle.runtime.observe.tracing_setup import configure_tracing
 
     started: list[str] = []  # the run's id, once it exists
     try:
