@@ -30,8 +30,11 @@ from treadle.graphs.analysis import analyze
 from treadle.graphs.compiled import CompiledGraph, CompiledNode, Param
 from treadle.graphs.kinds import kind_of
 from treadle.graphs.spec import (
+    ERROR,
+    INDEX,
     INPUT,
     ITEM,
+    ErrorInfo,
     FirstOf,
     GraphSpec,
     NodeSpec,
@@ -115,6 +118,8 @@ class _Compiler:
         self.issues: list[GraphIssue] = []
         self.out_types: dict[str, Any] = {}
         self.by_id: dict[str, NodeSpec] = {}
+        #: > 0 while an `on_error` handler is checked (`$error` is defined there)
+        self._in_handler = 0
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -173,7 +178,7 @@ class _Compiler:
         if self.issues:
             raise GraphValidationError(spec.name, self.issues)
         ordered = {nid: compiled[nid] for nid in order}
-        prompted = (kind_of(n.spec).prompted(n.spec) for n in ordered.values())
+        prompted = (kind_of(n.spec).prompted(n.spec) for n in _with_nested(ordered.values()))
         return CompiledGraph(
             spec=spec,
             nodes=ordered,
@@ -181,7 +186,7 @@ class _Compiler:
             input_model=input_model,
             output_type=output_type,
             facts=analyze(ordered),
-            # LLM and planner nodes, those a map runs included
+            # LLM and planner nodes, those a map, a race or an error handler runs included
             models=frozenset(p.model for p in prompted if p is not None),
         )
 
@@ -248,8 +253,50 @@ class _Compiler:
             self.check_inputs(node, cn, item_type, prefix, deps)
         if node.options.on_error == "fallback":
             self.check_fallback(node, cn, prefix)
+        self.check_cache(node, cn, prefix)
+        if isinstance(node.options.handler, NodeSpec):
+            deps += self.check_handler(node, node.options.handler, cn, item_type, prefix)
         cn.deps = tuple(dict.fromkeys(deps))
         return deps
+
+    def check_handler(
+        self, node: NodeSpec, handler: NodeSpec, cn: CompiledNode, item_type: Any, prefix: str
+    ) -> list[str]:
+        """An `on_error` handler: checked like a nested node that may read `$error`, whose
+        output must fit the failed node's."""
+        if not handler.id:
+            handler.id = "on_error"
+        hcn = self.describe(handler, item_type)
+        self._in_handler += 1
+        try:
+            deps = self.check_node(handler, hcn, item_type, prefix=prefix + "handler.")
+        finally:
+            self._in_handler -= 1
+        if not is_compatible(hcn.output_type, cn.output_type):
+            self.issue(
+                f"the handler's output ({describe(hcn.output_type)}) does not fit the "
+                f"node's ({describe(cn.output_type)})",
+                node,
+                prefix + "handler",
+            )
+        cn.handler = hcn
+        return deps
+
+    def check_cache(self, node: NodeSpec, cn: CompiledNode, prefix: str) -> None:
+        try:
+            options = node.options.cache_options
+        except ValueError:
+            return  # reported with the other option problems
+        if options is None or options.key is None:
+            return
+        for name in options.key:
+            if name not in node.inputs:
+                bound = ", ".join(node.inputs) or "none"
+                self.issue(
+                    f"cache key {name!r} is not one of the node's inputs ({bound})",
+                    node,
+                    prefix + "cache",
+                )
 
     def check_fallback(self, node: NodeSpec, cn: CompiledNode, prefix: str) -> None:
         """The fallback must be a value of the node's output type; it is kept converted (a
@@ -333,6 +380,16 @@ class _Compiler:
                 self.issue("$item is only defined inside a map", node, where)
                 return None
             tp = item_type
+        elif ref.node == INDEX:
+            if item_type is None:
+                self.issue("$index is only defined inside a map", node, where)
+                return None
+            tp = int
+        elif ref.node == ERROR:
+            if not self._in_handler:
+                self.issue("$error is only defined inside an on_error handler", node, where)
+                return None
+            tp = ErrorInfo
         else:
             if ref.node not in self.by_id:
                 self.issue(f"reference to unknown node {ref.node!r}", node, where)
@@ -448,6 +505,18 @@ class _Compiler:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _with_nested(nodes: Iterable[CompiledNode]) -> list[CompiledNode]:
+    """`nodes` and every node they run themselves (a map's inner node, a race's branches,
+    error handlers), recursively."""
+    out: list[CompiledNode] = []
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo.extend(node.nested_nodes())
+    return out
 
 
 def _reads_any_ref(spec: NodeSpec) -> bool:

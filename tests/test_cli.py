@@ -241,8 +241,8 @@ def test_runs_shows_full_ids_lists_as_json_and_refuses_a_bad_status(tmp_path: Pa
     bogus = treadle("runs", "--db", db, "--status", "bogus")
     assert bogus.returncode == 2
     assert bogus.stderr.strip() == (
-        "error: --status must be one of pending, running, interrupted, succeeded, failed, "
-        "cancelled; not 'bogus'"
+        "error: --status must be one of pending, running, waiting, interrupted, succeeded, "
+        "failed, cancelled; not 'bogus'"
     )
 
 

@@ -19,7 +19,10 @@ treadle's, so every layer (tools and backends included) may raise from it.
     │   ├── RunFailed                  the run ended in failure: which node, and why
     │   ├── RunCancelled               the run was cancelled
     │   ├── NodeError                  one node attempt failed (retried per its policy)
-    │   │   └── OutputError                its output cannot be parsed, validated, serialized
+    │   │   ├── OutputError                its output cannot be parsed, validated, serialized
+    │   │   └── NodeTimeout                it ran past its `timeout_s`
+    │   ├── InputRejected              an answer to a waiting run does not fit its request
+    │   ├── InputConflict              the run does not wait for that answer (any more)
     │   └── ArgumentResolutionError    planner: a `$N` reference cannot be substituted
     ├── BackendError               a model backend gave no usable answer (`retryable`)
     │   ├── NoReplicaAvailable         dispatch.routing: every replica is out of routing

@@ -60,6 +60,8 @@ from treadle.graphs.kinds.base import NodeKind
 from treadle.graphs.kinds.branch import label_text
 from treadle.graphs.kinds.file_fields import NODE_ID_PATTERN, OPTION_FIELDS
 from treadle.graphs.spec import (
+    ERROR,
+    INDEX,
     INPUT,
     ITEM,
     FirstOf,
@@ -85,9 +87,10 @@ workflow_json_schema = ff.workflow_json_schema
 
 _SEGMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*|[0-9]+")
 _NODE_ID = re.compile(NODE_ID_PATTERN)
-_RESERVED_IDS = {"input", "item"}  # `$input` and `$item` would be ambiguous
+_RESERVED_IDS = {"input", "item", "index", "error"}  # `$input`, `$item`... would be ambiguous
 _REF_HINT = (
-    "references look like $node, $node.field, $input.name or $item; write $$ for a literal '$'"
+    "references look like $node, $node.field, $input.name, $item, $index or $error; write $$ "
+    "for a literal '$'"
 )
 _KIND_BY_NAME: dict[str, NodeKind[Any]] = {kind.name: kind for kind in KINDS}
 
@@ -255,10 +258,13 @@ class _Builder:
         kind: NodeKind[Any] = _KIND_BY_NAME[m.kind]
         raw_inputs: dict[str, Any] = getattr(m, "inputs", {})  # a map has none of its own
         inputs = {k: self.value(v, (*path, "inputs", k)) for k, v in raw_inputs.items()}
-        options = NodeOptions(
-            **{f: getattr(m, f) for f in OPTION_FIELDS if f in m.model_fields_set}
-        )
         source = SourceInfo(self.doc.pos(path), self.field_positions(path))
+        given = {f: getattr(m, f) for f in OPTION_FIELDS if f in m.model_fields_set}
+        if given.get("handler") is not None:
+            given["handler"] = self.nested_node(
+                given["handler"], (*path, "handler"), "on_error", source
+            )
+        options = NodeOptions(**given)
         common = {"id": node_id, "inputs": inputs, "options": options, "source": source}
         return kind.from_file(m, common, self, path)
 
@@ -345,6 +351,10 @@ class _Builder:
             node = INPUT
         elif head == "item":
             node = ITEM
+        elif head == "index":
+            node = INDEX
+        elif head == "error":
+            node = ERROR
         elif _NODE_ID.match(head):
             node = head
         else:

@@ -14,7 +14,11 @@ conventions (Development status): a run is a workflow, an LLM call an inference 
 the model it really goes to, its provider and server (the backend's `target`; the alias is
 `treadle.model_alias`). Nodes and KV pins have no convention: `node` and `kv.pin` are ours.
 A node keeps one span across its attempts; each retry is a span event. Failures set the
-span status to ERROR. The listener is also a call interceptor
+span status to ERROR. A node or LLM call answered by the result cache has
+`treadle.cache_hit` set (and a `cache_hit` span event); a cached LLM call has no tokens. A
+run that parks to wait for human input ends its `run` span with status `waiting` (the
+`ask` node's span has an `input_requested` event); when it resumes, its new `run` span
+links to that one. The listener is also a call interceptor
 (`treadle.runtime.core.interceptors`), which the runtime puts in its chain: it adds the
 W3C `traceparent` of each call's `chat` span to the request it passes on, so a serving
 engine that traces joins the run's trace.
@@ -36,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 from treadle.errors import SetupError
 from treadle.runtime.core.context import LLMCall, RunContext, SendLLM
 from treadle.runtime.core.events import (
+    CacheHit,
     Event,
     GraphExtended,
+    InputRequested,
     LLMCallDispatched,
     LLMCallFinished,
     LLMCallQueued,
@@ -52,6 +58,7 @@ from treadle.runtime.core.events import (
     PinSet,
     RunFinished,
     RunStarted,
+    RunWaiting,
     ToolCallFinished,
     ToolCallStarted,
 )
@@ -128,6 +135,10 @@ T_PIN_USED = "treadle.pin_used"
 T_PIN_RELEASE_REASON = "treadle.pin_release_reason"
 T_INSTANCES = "treadle.instances"
 T_LLM_CALLS = "treadle.llm_calls"
+T_CACHE_HIT = "treadle.cache_hit"
+T_CACHE_KEY = "treadle.cache_key"
+T_WAITING_FOR = "treadle.waiting_for"
+T_PROMPT = "treadle.prompt"
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -220,6 +231,8 @@ class OtelTracer:
         #: runs that finished lately: an event after a run's end (e.g. a pin released as
         #: it ends) must not open a second `run` span that never closes
         self._ended: dict[str, None] = {}
+        #: the `run` spans of runs parked for input, which their resumed span links to
+        self._parked: dict[str, SpanContext] = {}
         self._handlers: dict[type[Event], Callable[[_RunTrace, Any], None]] = {
             NodeReady: self._on_node_ready,
             NodeStarted: self._on_node_started,
@@ -236,6 +249,9 @@ class OtelTracer:
             ToolCallFinished: self._on_tool_finished,
             PinSet: self._on_pin_set,
             PinReleased: self._on_pin_released,
+            CacheHit: self._on_cache_hit,
+            InputRequested: self._on_input_requested,
+            RunWaiting: self._on_run_waiting,
             RunFinished: self._on_run_finished,
         }
 
@@ -287,6 +303,9 @@ class OtelTracer:
         previous_end: float | None = None,
     ) -> _RunTrace:
         links = []
+        parked = self._parked.pop(event.run_id, None)
+        if parked is not None:  # resumed after waiting for input: its last life
+            links.append(self._trace.Link(parked))
         old = self._runs.pop(event.run_id, None)
         if old is not None:
             # a second RunStarted without RunFinished: the run was resumed; its first life
@@ -651,6 +670,30 @@ class OtelTracer:
             return
         span.set_attributes({T_PIN_USED: e.used, T_PIN_RELEASE_REASON: e.reason})
         span.end(end_time=_ns(e.ts))
+
+    # -- the result cache, human input ---------------------------------------------------
+
+    def _on_cache_hit(self, state: _RunTrace, e: CacheHit) -> None:
+        if not state.recording:
+            return
+        span = state.llm.get(e.call_id) if e.call_id else state.nodes.get(e.node)
+        if span is not None:
+            span.set_attribute(T_CACHE_HIT, True)
+            span.add_event("cache_hit", {T_CACHE_KEY: e.key}, timestamp=_ns(e.ts))
+
+    def _on_input_requested(self, state: _RunTrace, e: InputRequested) -> None:
+        span = state.nodes.get(e.node) if state.recording else None
+        if span is not None:
+            span.add_event("input_requested", {T_PROMPT: e.prompt}, timestamp=_ns(e.ts))
+
+    def _on_run_waiting(self, state: _RunTrace, e: RunWaiting) -> None:
+        # a person may take days: this life of the run ends here, the next links to it
+        self._runs.pop(state.run_id, None)
+        self._parked[state.run_id] = state.run_span.get_span_context()
+        if len(self._parked) > _ENDED_KEPT:
+            del self._parked[next(iter(self._parked))]
+        state.run_span.set_attribute(T_WAITING_FOR, list(e.nodes))
+        self._close(state, e.ts, status="waiting", error=None)
 
     # -- the end -----------------------------------------------------------------------
 

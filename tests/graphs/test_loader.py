@@ -458,7 +458,7 @@ def test_duplicate_mapping_key() -> None:
 
 def test_bad_on_error_value() -> None:
     err = load_error(HEAD + "  - {id: a, kind: llm, prompt: p, on_error: retry}\n")
-    assert_at(err, 3, 45, "nodes[a].on_error", "'fail', 'skip' or 'fallback'", "'retry'")
+    assert_at(err, 3, 45, "nodes[a].on_error", "'fail', 'skip', 'fallback' or 'handler'", "'retry'")
 
 
 def test_subgraph_file_missing() -> None:
@@ -610,7 +610,12 @@ def test_json_schema_describes_the_format() -> None:
     assert {"LLMNode", "MapNode", "BranchNode", "InnerToolNode", "InputDecl"} <= set(defs)
     assert "prompt" in defs["LLMNode"]["required"] and "id" in defs["LLMNode"]["required"]
     assert "id" not in defs["InnerLLMNode"].get("required", [])
-    assert defs["LLMNode"]["properties"]["on_error"]["enum"] == ["fail", "skip", "fallback"]
+    assert defs["LLMNode"]["properties"]["on_error"]["enum"] == [
+        "fail",
+        "skip",
+        "fallback",
+        "handler",
+    ]
     json.dumps(schema)  # plain JSON
 
 

@@ -286,6 +286,9 @@ _SAMPLES: dict[str, Any] = {
     "float | None": 1e-300,
     "int | None": 8000,
     "list[str]": ["a[0]", "a[1]", "ü"],
+    # a request's answer schema and default: any JSON value
+    "dict[str, Any]": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+    "Any": {"nested": [1, 2.5, None, "x"]},
 }
 
 

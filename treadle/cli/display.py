@@ -15,8 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 from treadle.runtime.core.events import (
+    CacheHit,
     Event,
     GraphExtended,
+    InputRequested,
     LLMCallFinished,
     NodeFailed,
     NodeFinished,
@@ -35,6 +37,7 @@ _STYLE = {
     "done": ("✓", "green"),
     "failed": ("✗", "red"),
     "skipped": ("−", "dim"),
+    "waiting": ("?", "magenta"),
 }
 
 
@@ -88,6 +91,10 @@ class RunView:
             row.state, row.note = ("failed" if event.policy == "fail" else "done"), event.error
         elif isinstance(event, NodeSkipped):
             row.state, row.note = "skipped", event.reason
+        elif isinstance(event, InputRequested):
+            row.state, row.note = "waiting", event.prompt
+        elif isinstance(event, CacheHit):
+            row.note = "cached"
 
     def __rich__(self) -> Table:
         # rendered anew on every refresh of a `Live` display: running times keep moving
@@ -117,10 +124,16 @@ class RunView:
 
 
 def render_result(console: Console, result: RunResult, view: RunView | None) -> None:
-    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}[result.status]
+    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(
+        result.status, "magenta"
+    )
     parts: list[Any] = []
     if result.error:
         parts.append(Text(result.error, style="red"))
+    for request in result.pending:
+        parts.append(Text(f"{request.node} asks: {request.prompt}", style="magenta"))
+        schema = json.dumps(request.answer_schema, default=str)
+        parts.append(Text(f"  answer: {schema}", style="dim"))
     if result.output is not None:
         dumped = (
             result.output.model_dump(mode="json")

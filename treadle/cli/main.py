@@ -83,21 +83,17 @@ def _load(ref: str) -> Any:
         raise _fail(str(exc)) from None
 
 
+def _parse_value(raw: str) -> Any:
+    """A value given with --input: JSON, or @file (JSON or YAML)."""
+    from treadle.runtime.daemon.cli import input_value
+
+    return input_value(raw)
+
+
 def _parse_inputs(raw: str | None) -> dict[str, Any]:
     if raw is None:
         return {}
-    if raw.startswith("@"):
-        from treadle.runtime.daemon.cli import load_data_file
-
-        path = Path(raw[1:])
-        if not path.exists():
-            raise _fail(f"--input {raw}: no such file")
-        value = load_data_file(path, "--input")
-    else:
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise _fail(f"--input is not valid JSON: {exc}") from None
+    value = _parse_value(raw)
     if not isinstance(value, dict):
         raise _fail("--input must be a JSON object of input names to values")
     return value
@@ -134,6 +130,10 @@ DbOpt = Annotated[
 ]
 
 
+#: `treadle run` / `treadle resume`: the run waits for human input (`treadle resume`)
+EXIT_WAITING = 3
+
+
 @app.command()
 def run(
     program: Annotated[str | None, typer.Argument(help="Workflow file or file.py:attr.")] = None,
@@ -150,7 +150,64 @@ def run(
 ) -> None:
     """Run a workflow and print its result.
 
+    Exits 1 when the run failed, 3 when it waits for input (answer with `treadle resume`).
     Traced with OpenTelemetry when OTEL_TRACES_EXPORTER is set (console, otlp)."""
+    if resume is not None:
+        _execute(program, None, as_json, store, db, resume_id=resume)
+    else:
+        _execute(program, _parse_inputs(input), as_json, store, db)
+
+
+@app.command("resume")
+def resume_run(
+    run_id: Annotated[str, typer.Argument(help="The run to continue.")],
+    input: Annotated[
+        str | None,
+        typer.Option(
+            "--input", "-i", help="The answer to the run's request for input: JSON, or @file."
+        ),
+    ] = None,
+    node: Annotated[
+        str | None, typer.Option(help="The request answered, when the run waits on several.")
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="The same answer again changes nothing."),
+    ] = None,
+    program: Annotated[
+        str | None,
+        typer.Option("--program", help="The workflow, if the run does not record it."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    store: StoreOpt = "sqlite",
+    db: DbOpt = None,
+) -> None:
+    """Continue a waiting or interrupted run, answering its request for input.
+
+    The answer (--input) is checked against the request's schema first; the run goes on
+    from its journal, repeating no finished node."""
+    answer = _parse_value(input) if input is not None else NO_ANSWER
+    _execute(program, None, as_json, store, db, resume_id=run_id, answer=answer, node=node,
+             key=key)  # fmt: skip
+
+
+NO_ANSWER: Any = object()
+
+
+def _execute(
+    program: str | None,
+    inputs: dict[str, Any] | None,
+    as_json: bool,
+    store: str,
+    db: Path | None,
+    *,
+    resume_id: str | None = None,
+    answer: Any = NO_ANSWER,
+    node: str | None = None,
+    key: str | None = None,
+) -> None:
+    """Run (or resume) a program with a live view, and exit with its outcome."""
+    from treadle.runtime.execution.inputs import InputConflict, InputRejected
     from treadle.runtime.execution.runtime import InvalidInputs, InvalidModel, Runtime
     from treadle.runtime.observe.tracing import TracingUnavailable
     from treadle.runtime.observe.tracing_setup import configure_tracing
@@ -165,14 +222,16 @@ def run(
         state = _open_store(store, db)
         runtime = Runtime(store=state, listeners=[tracer.listener] if tracer else [])
         try:
-            if resume is not None:
-                record = await _find_run(state, resume)
+            if resume_id is not None:
+                record = await _find_run(state, resume_id)
                 ref = program or record.source
                 if ref is None:
-                    raise _fail("this run does not record its program; pass it as an argument")
+                    raise _fail("this run does not record its program; pass it with --program")
                 cg = runtime.compile(_load(ref))
                 started.append(record.run_id)
-                result = await _watch(runtime, cg, None, as_json, resumed=record)
+                result = await _watch(
+                    runtime, cg, None, as_json, resumed=record, answer=(answer, node, key)
+                )
             else:
                 if program is None:
                     raise _fail("missing the workflow to run")
@@ -180,14 +239,14 @@ def run(
                 result = await _watch(
                     runtime,
                     cg,
-                    _parse_inputs(input),
+                    inputs,
                     as_json,
                     source=_source_of(program),
                     on_start=started.append,
                 )
         except GraphValidationError as exc:
             raise _fail(exc) from None
-        except (InvalidInputs, InvalidModel) as exc:
+        except (InvalidInputs, InvalidModel, InputRejected, InputConflict) as exc:
             raise _fail(str(exc)) from None
         except anyio.get_cancelled_exc_class():
             # Ctrl-C: the runtime has made the finished nodes durable; say so in the record
@@ -202,12 +261,14 @@ def run(
                 await runtime.aclose()
             if tracer is not None:
                 tracer.shutdown()  # ends what is open and flushes the exporters
+        if result.waiting:
+            return EXIT_WAITING
         return 0 if result.ok else 1
 
     try:
         code = anyio.run(main)
     except KeyboardInterrupt:
-        hint = f": resume with `treadle run --resume {started[0]}`" if started else ""
+        hint = f": resume with `treadle resume {started[0]}`" if started else ""
         err_console.print(Text.assemble(("interrupted", "yellow"), hint), soft_wrap=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -233,15 +294,22 @@ async def _watch(
     *,
     source: str | None = None,
     resumed: Any = None,
+    answer: tuple[Any, str | None, str | None] | None = None,
     on_start: Any = None,
 ) -> Any:
     """Run (or, given the `resumed` run's record, resume) and show it: a live view in a
     terminal, then the result."""
     from treadle.cli.display import RunView, render_result
+    from treadle.runtime.execution.inputs import record_input
 
     view = RunView(list(cg.nodes))
     live_ok = not as_json and console.is_terminal
     if resumed is not None:
+        value, node, key = answer if answer is not None else (NO_ANSWER, None, None)
+        if value is not NO_ANSWER:  # checked against the request first (InputRejected)
+            await record_input(
+                runtime.store, cg, resumed.run_id, value, node=node, key=key, record=resumed
+            )
         for event in await runtime.store.read_events(resumed.run_id):
             view.feed(event)  # what the run did before: finished nodes show as done
         opened = runtime.open_run(cg, resumed, resume=True)
@@ -264,6 +332,7 @@ async def _watch(
             "output": dumped,
             "error": result.error,
             "duration_s": round(result.duration_s, 6),
+            "pending_inputs": [r.model_dump(mode="json") for r in result.pending],
         }
         typer.echo(json.dumps(payload, indent=2, default=str))
     else:
@@ -276,6 +345,14 @@ async def _watch(
             summary = summarize_run(result.events, deps=graph_deps(cg))
             for line in summary.lines()[1:]:  # the first repeats the panel's subtitle
                 console.print(line, style="dim", highlight=False, markup=False)
+        if result.waiting:
+            node = "" if len(result.pending) == 1 else " --node NODE"
+            console.print(
+                f"waiting for input: answer with `treadle resume {result.run_id}{node} "
+                "--input JSON`",
+                style="magenta",
+                highlight=False,
+            )
     return result
 
 
