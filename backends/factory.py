@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from treadle.backends.base import Backend
-from treadle.backends.openai_compat.dialects import make_dialect
+from treadle.backends.openai_compat.dialects import LlamaCppDialect, make_dialect
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 
 
@@ -51,7 +51,7 @@ class OpenAICompatConfig(_Config):
     backend: Literal["openai_compat"]
     base_url: str
     model: str = Field(min_length=1)
-    dialect: Literal["vllm", "sglang", "continuum", "sim", "openai"] = "vllm"
+    dialect: Literal["vllm", "sglang", "continuum", "llamacpp", "dynamo", "sim", "openai"] = "vllm"
     dialect_options: dict[str, Any] = Field(default_factory=dict)
     name: str | None = None
     api_key: str | None = None
@@ -244,10 +244,17 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
                 f"invalid 'openai_compat' model entry: api_key_env: "
                 f"environment variable {cfg.api_key_env} is not set"
             )
-    return OpenAICompatBackend(
+    dialect = make_dialect(cfg.dialect, **cfg.dialect_options)  # checked before building
+    cls: type[OpenAICompatBackend] = OpenAICompatBackend
+    if isinstance(dialect, LlamaCppDialect):
+        # slot placement, pins and offload live in the backend: they need the slot table
+        from treadle.backends.openai_compat.llamacpp import LlamaCppBackend
+
+        cls = LlamaCppBackend
+    return cls(
         cfg.base_url,
         cfg.model,
-        dialect=make_dialect(cfg.dialect, **cfg.dialect_options),
+        dialect=dialect,
         api_key=api_key,
         timeout_s=cfg.timeout_s,
         connect_timeout_s=cfg.connect_timeout_s,

@@ -560,8 +560,20 @@ def main(
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Bisection stops at hi/lo <= 1 + this.")
     ] = 0.03,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine", help="sim, or llamacpp: three real llama-servers (dispatch_llamacpp)."
+        ),
+    ] = "sim",
+    reps: Annotated[int, typer.Option("--reps", help="llamacpp: repetitions (medians).")] = 5,
 ) -> None:
     """Prefix-aware dispatch: replay a trace on simulated replicas under each policy."""
+    if engine == "llamacpp":
+        _main_llamacpp(trace, requests, reps, quick, json_path, profile, seed)
+        return
+    if engine != "sim":
+        raise typer.BadParameter("--engine must be sim or llamacpp")
     if slo_mode not in ("auto", "absolute", "slack"):
         raise typer.BadParameter("--slo-mode must be auto, absolute or slack")
     if quick:
@@ -621,4 +633,65 @@ def main(
     for key, value in ratios.items():
         console.print(f"{key}: {'n/a (baseline capacity 0)' if value is None else f'{value:.2f}x'}")
     console.print(f"{config['simulation_runs']} simulations in {config['wall_s']:.1f} s")
+    write_report(json_path, "dispatch", config, results, ratios)
+
+
+def _main_llamacpp(
+    trace: Path | None,
+    requests: int | None,
+    reps: int,
+    quick: bool,
+    json_path: Path | None,
+    profile: str,
+    seed: int,
+) -> None:
+    from treadle.benchmarks import dispatch_llamacpp as real
+
+    console = Console()
+    started = time.perf_counter()
+    config, results, ratios = real.run_llamacpp_dispatch(
+        requests=requests or (40 if quick else 80),
+        reps=max(1, reps),
+        rate=6.0,
+        block_tokens=24,
+        max_output=24,
+        profile_name=real.DEFAULT_PROFILE if profile == DEFAULT_PROFILE else profile,
+        trace_path=trace if trace is not None else data_dir() / DEFAULT_TRACE,
+        seed=seed,
+        echo=console.print,
+    )
+    config["wall_s"] = round(time.perf_counter() - started, 1)
+    rows = [
+        [
+            name,
+            r["cached_prompt_tokens"],
+            r["predicted"]["cached_prompt_tokens"],
+            r["hit_rate"],
+            r["predicted"]["hit_rate"],
+            r["ttft_p50_s"],
+            r["predicted"]["ttft_p50_s"],
+            r["ttft_p99_s"],
+            r["predicted"]["ttft_p99_s"],
+        ]
+        for name, r in results.items()
+    ]
+    print_table(
+        f"dispatch on 3 llama-servers ({config['requests']} requests, medians of "
+        f"{config['reps']}), beside the simulator ({config['profile']})",
+        [
+            "policy",
+            "cached tokens",
+            "sim",
+            "hit rate",
+            "sim",
+            "TTFT p50 s",
+            "sim",
+            "TTFT p99 s",
+            "sim",
+        ],
+        rows,
+        console=console,
+    )
+    for key, value in ratios.items():
+        console.print(f"{key}: {'n/a' if value is None else f'{value:.2f}x'}")
     write_report(json_path, "dispatch", config, results, ratios)

@@ -86,6 +86,7 @@ SUBTREE = {
     "TracingUnavailable": SetupError,
     "MetricsUnavailable": SetupError,
     "RedisUnavailable": SetupError,
+    "LlamaServerUnavailable": SetupError,
 }
 
 

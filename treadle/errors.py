@@ -50,7 +50,8 @@ treadle's, so every layer (tools and backends included) may raise from it.
     └── SetupError                 what was asked needs something this install lacks
         ├── TracingUnavailable         the OpenTelemetry packages
         ├── MetricsUnavailable         prometheus-client
-        └── RedisUnavailable           a `redis-server` binary (treadle.testing)
+        ├── RedisUnavailable           a `redis-server` binary (treadle.testing)
+        └── LlamaServerUnavailable     a `llama-server` binary, or its build (treadle.testing)
 
 Each class lives next to the code that raises it (the module named above); this module
 holds the root and the bases. `BackendError` and `ToolError` are bases *and* concrete: the
