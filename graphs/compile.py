@@ -12,11 +12,18 @@ from __future__ import annotations
 import enum
 import inspect
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PydanticSchemaGenerationError,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from treadle.errors import GraphError
 from treadle.graphs.analysis import analyze
@@ -77,23 +84,37 @@ class GraphValidationError(GraphError, ValueError):
         super().__init__(f"graph {graph!r} is invalid ({len(issues)} problem(s)):\n{lines}")
 
 
-def compile_graph(spec: GraphSpec, *, models: Iterable[str] | None = None) -> CompiledGraph:
+#: the problems of one `models:` entry, as (field inside the entry, what is wrong): the
+#: backends' `model_entry_problems`, handed in by the runtime (graphs know no backend)
+ModelCheck = Callable[[Any], list[tuple[str, str]]]
+
+
+def compile_graph(
+    spec: GraphSpec,
+    *,
+    models: Iterable[str] | None = None,
+    check_model: ModelCheck | None = None,
+) -> CompiledGraph:
     """Validate `spec` and precompute its execution plan and static facts.
 
     `models` are the aliases the runtime will provide besides those the graph declares;
-    "default" is always known.
+    "default" is always known. `check_model` checks each entry the graph (or a subgraph)
+    declares under `models:`.
     """
     known = {DEFAULT_MODEL, *spec.models, *(models or ())}
-    return _Compiler(spec, frozenset(known)).run()
+    return _Compiler(spec, frozenset(known), check_model).run()
 
 
 class _Compiler:
     """Implements `treadle.graphs.kinds.base.Checks`: the kinds check their own nodes
     through it."""
 
-    def __init__(self, spec: GraphSpec, known_models: frozenset[str]):
+    def __init__(
+        self, spec: GraphSpec, known_models: frozenset[str], check_model: ModelCheck | None
+    ):
         self.spec = spec
         self.known_models = known_models
+        self.check_model = check_model
         self.issues: list[GraphIssue] = []
         self.out_types: dict[str, Any] = {}
         self.by_id: dict[str, NodeSpec] = {}
@@ -122,6 +143,12 @@ class _Compiler:
                 self.issue("duplicate node id", node, "id")
             by_id[node.id] = node
 
+        if not spec.nodes:
+            self.issue("a graph needs at least one node", field="nodes")
+        if self.check_model is not None:
+            for alias, entry in spec.models.items():
+                for field, problem in self.check_model(entry):
+                    self.issue(problem, field=".".join(p for p in ("models", alias, field) if p))
         compiled: dict[str, CompiledNode] = {}
         for node in spec.nodes:
             compiled[node.id] = self.describe(node, item_type=None)
@@ -176,7 +203,7 @@ class _Compiler:
 
     def compile_child(self, node: NodeSpec, graph: GraphSpec) -> CompiledGraph | None:
         try:
-            return compile_graph(graph, models=self.known_models)
+            return compile_graph(graph, models=self.known_models, check_model=self.check_model)
         except GraphValidationError as exc:
             for sub in exc.issues:
                 self.issues.append(
@@ -224,6 +251,8 @@ class _Compiler:
         kind.check(node, cn, self, item_type, prefix, deps)
         if kind.has_inputs:
             self.check_inputs(node, cn, item_type, prefix, deps)
+        if node.options.on_error == "fallback":
+            self.check_fallback(node, cn, prefix)
         self.check_cache(node, cn, prefix)
         if isinstance(node.options.handler, NodeSpec):
             deps += self.check_handler(node, node.options.handler, cn, item_type, prefix)
@@ -269,6 +298,26 @@ class _Compiler:
                     prefix + "cache",
                 )
 
+    def check_fallback(self, node: NodeSpec, cn: CompiledNode, prefix: str) -> None:
+        """The fallback must be a value of the node's output type; it is kept converted (a
+        mapping written for a model output becomes the model), as the node's output is."""
+        fallback = node.options.fallback
+        try:
+            adapter: TypeAdapter[Any] = TypeAdapter(cn.output_type)
+        except PydanticSchemaGenerationError:
+            cn.fallback = fallback  # a type pydantic cannot check: taken as given
+            return
+        try:
+            cn.fallback = adapter.validate_python(fallback)
+        except ValidationError as exc:
+            why = "; ".join(e["msg"] for e in exc.errors()[:3])
+            self.issue(
+                f"fallback {fallback!r} is not a {describe(cn.output_type)} (the node's output "
+                f"type): {why}",
+                node,
+                prefix + "fallback",
+            )
+
     def check_inputs(
         self, node: NodeSpec, cn: CompiledNode, item_type: Any, prefix: str, deps: list[str]
     ) -> None:
@@ -279,9 +328,13 @@ class _Compiler:
                 self.issue(kind_of(node).unused_input(node, name, cn.params), node, where)
             src = self.binding_type(binding, node, where, item_type, deps)
             if param is not None and src is not None and not is_compatible(src, param.type):
+                given = (
+                    f"{_source_of(binding)} is {describe(src)}"
+                    if isinstance(binding, Ref | FirstOf)
+                    else f"the value {binding!r}"
+                )
                 self.issue(
-                    f"type mismatch: {describe(src)} is bound to an input of type "
-                    f"{describe(param.type)}",
+                    f"type mismatch: {given}, bound to an input of type {describe(param.type)}",
                     node,
                     where,
                 )
@@ -494,3 +547,14 @@ def _find_cycle(stuck: list[str], compiled: dict[str, CompiledNode]) -> list[str
 
 def _ident(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name) or "graph"
+
+
+def _source_of(binding: Ref | FirstOf) -> str:
+    """Where a bound value comes from, for a message: the producing node and the reference."""
+    if isinstance(binding, FirstOf):
+        return "first_of(" + ", ".join(_source_of(r) for r in binding.refs) + ")"
+    if binding.node == INPUT:
+        return f"graph input {'.'.join(binding.path)!r}"
+    if binding.node == ITEM:
+        return f"the map's item ({binding})"
+    return f"the output of node {binding.node!r} ({binding})"

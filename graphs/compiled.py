@@ -41,6 +41,8 @@ class CompiledNode:
     #: a subgraph node's (or a map-over-subgraph's, or a loop's body) compiled child
     child: CompiledGraph | None = None
     accepts_extra: bool = False
+    #: the output under on_error="fallback": the node's `fallback`, as its output type
+    fallback: Any = None
     #: other nodes this node runs, by name (a race's branches)
     nested: dict[str, CompiledNode] = field(default_factory=dict)
     #: the node run on this node's error (`on_error: handler`), `$error` bound

@@ -65,6 +65,7 @@ from treadle.graphs.spec import (
 from treadle.runtime import (
     Event,
     InvalidInputs,
+    InvalidModel,
     MemoryStore,
     NodeError,
     RunCancelled,
@@ -130,6 +131,7 @@ __all__ = [
     "GraphValidationError",
     "InputSpec",
     "InvalidInputs",
+    "InvalidModel",
     "LLMCall",
     "LLMFacts",
     "LLMNode",

@@ -15,6 +15,7 @@ treadle's, so every layer (tools and backends included) may raise from it.
     │   └── ProgramNotFound            cli.programs: names no workflow file or graph object
     ├── RunError                   a run that cannot start, or did not succeed
     │   ├── InvalidInputs              runtime: the inputs do not match the graph's
+    │   ├── InvalidModel               runtime: a model alias's backend cannot be built
     │   ├── RunFailed                  the run ended in failure: which node, and why
     │   ├── RunCancelled               the run was cancelled
     │   ├── NodeError                  one node attempt failed (retried per its policy)
@@ -26,7 +27,8 @@ treadle's, so every layer (tools and backends included) may raise from it.
     ├── BackendError               a model backend gave no usable answer (`retryable`)
     │   ├── NoReplicaAvailable         dispatch.routing: every replica is out of routing
     │   ├── MetricsFormatError         openai_compat: a server's /metrics is unreadable
-    │   └── SimulatorFailure, DuplicateRequestId, OutOfBlocks   the simulated engine
+    │   └── SimulatorFailure, DuplicateRequestId, ContextLengthExceeded, OutOfBlocks:
+    │                                  the simulated engine
     ├── ToolError                  a tool call failed; the message is what the model is told
     │   ├── ToolArgumentError          the arguments do not match the tool's schema
     │   ├── ToolTimeout                the tool did not return in time

@@ -32,6 +32,7 @@ from tenacity import (
 
 from treadle.backends.base import (
     BackendError,
+    BackendTarget,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -136,6 +137,13 @@ class OpenAICompatBackend:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
         )
         self._last_load: ServerLoad | None = None
+        url = httpx.URL(self.api_base)
+        self.target = BackendTarget(
+            provider=_PROVIDERS.get(self.dialect.name, self.dialect.name),
+            model=model,
+            server_address=url.host,
+            server_port=url.port or (443 if url.scheme == "https" else 80),
+        )
 
     def __repr__(self) -> str:
         return (
@@ -176,6 +184,8 @@ class OpenAICompatBackend:
         if request.tools:
             body["tools"] = request.tools
             body.update(dialect.tool_fields())
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
         if request.max_tokens is not None:
             body[dialect.max_tokens_field] = request.max_tokens
         if request.temperature is not None:
@@ -276,6 +286,7 @@ class OpenAICompatBackend:
                         replica=self.name,
                     )
                 timing.model = timing.model or _str_or_none(event.get("model"))
+                timing.response_id = timing.response_id or _str_or_none(event.get("id"))
                 if event.get("usage"):
                     usage = _parse_usage(event["usage"], self.name)
                 for choice in event.get("choices") or []:
@@ -313,6 +324,8 @@ class OpenAICompatBackend:
             tool_calls=tool_calls,
             finish_reason=finish or ("tool_calls" if tool_calls else "stop"),
             usage=usage or Usage(),
+            model=timing.model or self.model,
+            id=timing.response_id,
         )
 
     # -- server state ----------------------------------------------------------------
@@ -504,8 +517,13 @@ class OpenAICompatBackend:
             finish_reason=str(finish),
             usage=_parse_usage(data.get("usage"), self.name),
             model=_str_or_none(data.get("model")) or self.model,
+            id=_str_or_none(data.get("id")),
             replica=self.name,
         )
+
+
+#: `gen_ai.provider.name` of a dialect's server (others: the dialect's name)
+_PROVIDERS = {"continuum": "vllm", "llamacpp": "llama.cpp", "sim": "treadle.sim"}
 
 
 @dataclass
@@ -513,6 +531,7 @@ class _Timing:
     start: float = 0.0
     ttft_s: float | None = None
     model: str | None = None
+    response_id: str | None = None
 
     def first_token(self) -> None:
         if self.ttft_s is None:

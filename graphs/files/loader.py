@@ -140,11 +140,12 @@ def _format_of(path: Path, text: str) -> Format:
 def _load_file(path: Path, ctx: _Context) -> GraphSpec:
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise WorkflowFileError(file, 1, 1, DOCUMENT, "file not found") from None
     except UnicodeDecodeError as exc:
-        raise WorkflowFileError(file, 1, 1, DOCUMENT, f"not UTF-8 text: {exc.reason}") from None
+        raise _not_utf8(file, data, exc) from None
     except OSError as exc:
         raise WorkflowFileError(file, 1, 1, DOCUMENT, f"cannot read: {exc.strerror}") from None
     resolved = path.resolve()
@@ -155,6 +156,21 @@ def _load_file(path: Path, ctx: _Context) -> GraphSpec:
         ctx.stack.pop()
     ctx.cache[resolved] = spec
     return spec
+
+
+def _not_utf8(file: str, data: bytes, exc: UnicodeDecodeError) -> WorkflowFileError:
+    """Where the first byte that is not UTF-8 is: line, column (in characters), offset."""
+    before = data[: exc.start]
+    line = before.count(b"\n") + 1
+    col = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", errors="replace")) + 1
+    return WorkflowFileError(
+        file,
+        line,
+        col,
+        DOCUMENT,
+        f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
+        "save the file as UTF-8",
+    )
 
 
 def _load_text(text: str, file: str, base_dir: Path, fmt: Format, ctx: _Context) -> GraphSpec:
@@ -444,6 +460,18 @@ class _Builder:
 
     # -- positions ---------------------------------------------------------------------
 
+    def nested_positions(self, path: DocPath, dotted: str) -> dict[str, Pos]:
+        """Dotted name -> position of everything below `path`, at any depth."""
+        out: dict[str, Pos] = {}
+        data = self.doc.at(path)
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            name = f"{dotted}.{key}"
+            out[name] = self.doc.pos((*path, key))
+            if isinstance(value, dict | list):
+                out.update(self.nested_positions((*path, key), name))
+        return out
+
     def field_positions(self, path: DocPath) -> dict[str, Pos]:
         """Dotted field name -> position, for this mapping and one level below it.
 
@@ -456,6 +484,10 @@ class _Builder:
             name = str(key)
             out[name] = self.doc.pos((*path, key))
             if name in ("node", "graph", "fallback"):
+                continue
+            if name == "models" and isinstance(value, dict):
+                # backend entries are checked by the runtime: every field of them, at depth
+                out.update(self.nested_positions((*path, key), name))
                 continue
             if isinstance(value, dict):
                 for sub, subval in value.items():

@@ -3,6 +3,8 @@ sub-tree of `treadle.errors`), and the value a caught error becomes (`error_info
 
 from __future__ import annotations
 
+import anyio
+
 from treadle.errors import RunError
 from treadle.graphs.spec import ErrorInfo
 
@@ -70,6 +72,15 @@ class RunCancelled(RunError):
         self.run_id = run_id
 
 
+def why_call_ended(exc: BaseException) -> str:
+    """The error a call's finished event records when `exc` ended it before it answered:
+    a cancellation (the node's timeout, or the run's end) or an unexpected exception."""
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "cancelled before it finished"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def error_types(exc: BaseException) -> tuple[str, ...]:
     """The class names an `on_error` policy's `catch` list is matched against: those of
     the exception and of its cause (a `NodeError` raised from a `BackendError` is both)."""
@@ -85,8 +96,8 @@ def describe_error(exc: BaseException) -> str:
     """A failure in one line, as `NodeFailed` events and run errors say it."""
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    if isinstance(exc, RunFailed) and exc.node is not None:
-        return f"{exc.node}: {exc.reason}"
+    if isinstance(exc, RunFailed):  # no node: an output the graph owes is unavailable
+        return exc.reason if exc.node is None else f"{exc.node}: {exc.reason}"
     if isinstance(exc, NodeError):
         return exc.reason
     text = str(exc)

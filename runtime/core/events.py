@@ -89,8 +89,17 @@ class GraphExtended(Event):
 class LLMCallQueued(Event):
     node: str
     call_id: str
+    #: the model alias of the workflow
     model: str
     prompt_tokens: int = 0
+    #: the model the request goes to, its provider and server (the backend's `target`)
+    request_model: str | None = None
+    provider: str | None = None
+    server_address: str | None = None
+    server_port: int | None = None
+    #: the request's limits, as sent
+    max_tokens: int | None = None
+    temperature: float | None = None
     kind: ClassVar[str] = "llm_call_queued"
 
 
@@ -127,6 +136,9 @@ class LLMCallFinished(Event):
     error: str | None = None
     #: why the model stopped ("stop", "length", "tool_calls", ...), when it answered
     finish_reason: str | None = None
+    #: the model that answered and the server's id of the completion, when it said
+    response_model: str | None = None
+    response_id: str | None = None
     kind: ClassVar[str] = "llm_call_finished"
 
 

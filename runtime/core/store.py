@@ -76,6 +76,12 @@ class StateStore(Protocol):
         """Newest first."""
         ...
 
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        """Ids of runs that start with `prefix`, at most `limit`, in no given order: how a
+        command line finds a run by the first characters of its id (two tell a unique
+        prefix from an ambiguous one)."""
+        ...
+
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import typer
 from rich.console import Console
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,8 +71,22 @@ AllowBackendsOpt = Annotated[
 ]
 
 
+#: a problem that says where it is (`FILE:LINE:COL: ...`, `FILE:LINE: ...`)
+_LOCATED = re.compile(r"\S+:\d+:(?:\d+:)? ")
+
+
+def problem_text(line: str) -> Text:
+    """One problem as the CLIs print it: a located one (`FILE:LINE:COL: message`, what
+    editors and CI annotators read) as it is, any other after `error: `; never Rich
+    markup (`nodes[a]`, `pip install 'treadle[otel]'` keep their brackets). Print it with
+    `soft_wrap=True`: one problem stays one line at any terminal width, and in a pipe."""
+    if _LOCATED.match(line):
+        return Text(line)
+    return Text.assemble(("error: ", "red"), line)
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    err_console.print(problem_text(message), soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -85,6 +101,8 @@ def load_data_file(path: Path, option: str) -> Any:
     from ruamel.yaml import YAML
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+    from treadle.graphs.files.document import yaml_syntax_error
+
     try:
         text = path.read_text()
         if path.suffix.lower() == ".json":
@@ -93,11 +111,10 @@ def load_data_file(path: Path, option: str) -> Any:
     except OSError as exc:
         raise _fail(f"{option} {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise _fail(f"{option} {path}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+        raise _fail(f"{path}:{exc.lineno}:{exc.colno}: {option}: {exc.msg}") from None
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise _fail(f"{option} {where}: {exc.problem or exc.context or 'invalid YAML'}") from None
+        line, col, what = yaml_syntax_error(exc)
+        raise _fail(f"{path}:{line}:{col}: {option}: {what}") from None
     except YAMLError as exc:
         raise _fail(f"{option} {path}: {' '.join(str(exc).split())}") from None
 

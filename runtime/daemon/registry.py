@@ -38,6 +38,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from treadle.backends.factory import model_entry_problems
 from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
 from treadle.graphs.files.loader import WorkflowFileError, load_workflow_text
@@ -233,7 +234,7 @@ class WorkflowRegistry:
         self.allowlist.check_document(text, filename=filename, fmt=fmt)
         spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
         self.allowlist.check_spec(spec)
-        return compile_graph(spec, models=self.models)
+        return compile_graph(spec, models=self.models, check_model=model_entry_problems)
 
     def _remember(self, digest: str, cg: CompiledGraph) -> None:
         self._cache[digest] = cg

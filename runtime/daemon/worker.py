@@ -244,6 +244,9 @@ class _Gate:
     ) -> list[RunRecord]:  # fmt: skip
         return await self.store.list_runs(tenant=tenant, status=status, limit=limit, offset=offset)
 
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        return await self.store.run_ids_with_prefix(prefix, limit=limit)
+
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:

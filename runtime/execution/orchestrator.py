@@ -222,20 +222,28 @@ class GraphScope:
 
     def _dispatch(self, local: deque[str] | None) -> None:
         """Hand out ready nodes: quick inline ones (and one other) stay with the caller's
-        task via `local`; the rest get tasks of their own."""
+        task via `local`; the rest get tasks of their own.
+
+        The one other node always goes last in `local`: an inline node queued behind a
+        node that awaits would wait for it, a barrier between siblings."""
         if not self.ready:
             return
         assert self._tg is not None
         plans = self.plans
-        keep_one = local is not None and all(plans[n].inline for n in local)
+        held: str | None = None
+        if local and not plans[local[-1]].inline:
+            held = local.pop()
         while self.ready:
             nid = self.ready.popleft()
-            inline = plans[nid].inline
-            if local is not None and (inline or keep_one):
-                keep_one = keep_one and inline
+            if local is not None and plans[nid].inline:
                 local.append(nid)
+            elif local is not None and held is None:
+                held = nid
             else:
                 self._tg.start_soon(self._drive, nid, name=f"node {self.prefix}{nid}")
+        if held is not None:
+            assert local is not None
+            local.append(held)
 
     async def _drive(self, first: str) -> None:
         local: deque[str] = deque([first])
@@ -465,8 +473,7 @@ class GraphScope:
         if policy == "skip":
             return Skipped(f"failed: {message}")
         if policy == "fallback":
-            fallback = plan.spec.options.fallback
-            return fallback, plan.dump(fallback), started
+            return plan.cn.fallback, plan.dump(plan.cn.fallback), started
         raise RunFailed.at_node(self.ctx.run_id, iid, message, error_info(exc, iid, attempt))
 
     async def _handle(
@@ -572,12 +579,11 @@ class GraphScope:
         for name, binding in self.cg.spec.outputs.items():
             get, nodes = make_getter(binding)
             if nodes and not any(n in self.values for n in nodes):
-                why = "; ".join(self.skipped.get(n, "did not run") for n in nodes)
-                raise RunFailed.at_node(
-                    self.ctx.run_id,
-                    self.prefix + nodes[0],
-                    f"output {name!r} is unavailable: {why}",
-                )
+                # no node failed here (one that did ended the run already): say why none
+                # of the nodes the output reads from ran, each reason once
+                why = "; ".join(dict.fromkeys(self.skipped.get(n, "did not run") for n in nodes))
+                where = f" of {self.prefix.rstrip('/')!r}" if self.prefix else ""
+                raise RunFailed(self.ctx.run_id, f"output {name!r}{where} is unavailable: {why}")
             out[name] = get(self.values, self.inputs, None)
         return model.model_validate(out)
 

@@ -36,6 +36,7 @@ import anyio
 from pydantic import BaseModel, ValidationError
 
 from treadle.backends.base import Backend, ClosableBackend
+from treadle.backends.factory import create_backend, describe_entry_problems, model_entry_problems
 from treadle.backends.scripted import ScriptedBackend
 from treadle.errors import RunError
 from treadle.graphs.builder import Graph
@@ -67,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 class InvalidInputs(RunError, ValueError):
     """The inputs given to a run do not match the graph's declared inputs."""
+
+
+class InvalidModel(RunError, ValueError):
+    """A model alias's backend cannot be built from its configuration."""
 
 
 #: `resume(..., input=NO_INPUT)`: continue without answering anything
@@ -239,6 +244,10 @@ class Runtime:
         self._model_configs: dict[str, Mapping[str, Any]] = {}
         for alias, backend in (models or {}).items():
             if isinstance(backend, Mapping):
+                problems = model_entry_problems(backend)
+                if problems:
+                    text = describe_entry_problems(backend.get("backend"), problems)
+                    raise InvalidModel(f"model {alias!r}: {text}")
                 self._model_configs[alias] = backend
             else:
                 self._models[alias] = backend
@@ -263,7 +272,9 @@ class Runtime:
         if isinstance(graph, CompiledGraph):
             return graph
         spec = graph.spec if isinstance(graph, Graph) else graph
-        return compile_graph(spec, models=[*self._models, *self._model_configs])
+        return compile_graph(
+            spec, models=[*self._models, *self._model_configs], check_model=model_entry_problems
+        )
 
     def _backends(self, cg: CompiledGraph) -> dict[str, Backend]:
         backends: dict[str, Backend] = {}
@@ -278,9 +289,10 @@ class Runtime:
                 continue
             key = alias + json.dumps(config, sort_keys=True, default=str)
             if key not in self._created:
-                from treadle.backends.factory import create_backend
-
-                self._created[key] = create_backend(dict(config))
+                try:
+                    self._created[key] = create_backend(dict(config))
+                except ValueError as exc:
+                    raise InvalidModel(f"model {alias!r}: {exc}") from None
             backends[alias] = self._created[key]
         return backends
 
@@ -342,6 +354,7 @@ class Runtime:
         """Start a run in the background of the `async with` block."""
         cg = self.compile(graph)
         validated = validate_inputs(cg, inputs)
+        self._backends(cg)  # a backend that cannot be built fails here, before the run exists
         record = RunRecord(
             run_id=run_id or uuid.uuid4().hex,
             graph=cg.name,
@@ -360,9 +373,15 @@ class Runtime:
     ) -> AsyncIterator[RunHandle]:
         """Execute a run whose record is already in the store (a daemon's API created it);
         with `resume`, continue from its journal. Its events are numbered after `min_seq`
-        too (seqs that clients saw on a daemon's live stream but that were never
-        journaled: `treadle.runtime.daemon.live`)."""
-        inputs_model = validate_inputs(cg, record.inputs)
+        too (seqs that clients may have seen published live but that were never
+        journaled: `treadle.runtime.daemon.live`). A run that cannot start (its inputs no
+        longer fit, a backend cannot be built) is recorded as failed, and the error raised."""
+        try:
+            inputs_model = validate_inputs(cg, record.inputs)
+            backends = self._backends(cg)
+        except (InvalidInputs, InvalidModel) as exc:
+            await self.store.update_run(record.run_id, status="failed", error=str(exc))
+            raise
         restored: dict[str, bytes] = {}
         first_seq = 1
         if resume:
@@ -374,7 +393,7 @@ class Runtime:
         ctx = RunContext(
             record.run_id,
             Journal(self.store, record.run_id),
-            backends=self._backends(cg),
+            backends=backends,
             send_llm=self._send_llm,
             invoke_tool=self._invoke_tool,
             options=RunOptions(

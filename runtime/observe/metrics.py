@@ -510,21 +510,21 @@ class RunSummary:
     def lines(self) -> list[str]:
         """A few human lines for the end of `treadle run`."""
         out = [
-            f"{_secs(self.total_s)} · {self.nodes_finished} nodes done"
+            f"{_secs(self.total_s)} · {counted(self.nodes_finished, 'node')} done"
             + (f", {self.nodes_failed} failed" if self.nodes_failed else "")
             + (f", {self.nodes_skipped} skipped" if self.nodes_skipped else "")
-            + (f", {self.retries} retries" if self.retries else "")
+            + (f", {counted(self.retries, 'retry', 'retries')}" if self.retries else "")
         ]
         if self.llm_calls:
             hit = f"{self.cache_hit_rate:.0%}" if self.cache_hit_rate is not None else "n/a"
             out.append(
-                f"LLM: {self.llm_calls} calls, {self.tokens_in} in / {self.tokens_out} out "
-                f"tokens, cache hit {hit}, {_secs(self.llm_wall_s)} in flight "
-                f"(queue {_secs(self.llm_queue_s)})"
+                f"LLM: {counted(self.llm_calls, 'call')}, {self.tokens_in} in / "
+                f"{self.tokens_out} out tokens, cache hit {hit}, {_secs(self.llm_wall_s)} in "
+                f"flight (queue {_secs(self.llm_queue_s)})"
             )
         if self.tool_calls:
             out.append(
-                f"tools: {self.tool_calls} calls, {_secs(self.tool_wall_s)} running "
+                f"tools: {counted(self.tool_calls, 'call')}, {_secs(self.tool_wall_s)} running "
                 f"({_secs(self.tool_time_s)} summed)"
             )
         if self.result_cache_hits:
@@ -537,6 +537,11 @@ class RunSummary:
             path = " → ".join(s.node for s in self.critical_path)
             out.append(f"critical path: {path} ({_secs(self.critical_path_s)} in nodes)")
         return out
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 call`, `2 calls`: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _secs(seconds: float) -> str:

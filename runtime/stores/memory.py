@@ -59,6 +59,9 @@ class MemoryStore:
         runs.sort(key=lambda r: r.created_at, reverse=True)
         return [r.model_copy() for r in runs[offset : offset + limit]]
 
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        return [r for r in self._runs if r.startswith(prefix)][:limit]
+
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:

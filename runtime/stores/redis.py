@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -388,6 +389,17 @@ class RedisStore:
             if len(ids) < chunk:
                 return out
             pos += chunk - len(gone)  # the dropped ids no longer take up positions
+
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        # the run index holds every live run; its glob is escaped, so a prefix is literal
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+        found: list[str] = []
+        async for member, _score in self._redis.zscan_iter(self.keys.runs(), match=pattern):
+            found.append(_str(member))
+            if len(found) >= limit * 4:  # a few spare: some may have expired
+                break
+        gone = set(await self._missing(found)) if found else set()
+        return [r for r in found if r not in gone][:limit]
 
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None

@@ -207,6 +207,13 @@ class SqliteStore:
         rows = await self._call(lambda conn: conn.execute(sql, args).fetchall(), write=False)
         return [codec.decode_record(r[0]) for r in rows]
 
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        # a range on the primary key (no LIKE: '%' and '_' in a prefix are plain here)
+        sql = "SELECT run_id FROM runs WHERE run_id >= ? AND substr(run_id, 1, ?) = ? LIMIT ?"
+        args = (prefix, len(prefix), prefix, limit)
+        rows = await self._call(lambda conn: conn.execute(sql, args).fetchall(), write=False)
+        return [r[0] for r in rows]
+
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:

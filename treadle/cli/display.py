@@ -28,6 +28,7 @@ from treadle.runtime.core.events import (
     ToolCallFinished,
 )
 from treadle.runtime.execution.runtime import RunResult
+from treadle.runtime.observe.metrics import counted
 
 _STYLE = {
     "pending": ("·", "dim"),
@@ -95,6 +96,10 @@ class RunView:
         elif isinstance(event, CacheHit):
             row.note = "cached"
 
+    def __rich__(self) -> Table:
+        # rendered anew on every refresh of a `Live` display: running times keep moving
+        return self.table()
+
     def table(self) -> Table:
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
         for col in ("", "node", "time", "detail"):
@@ -110,7 +115,8 @@ class RunView:
                 took = ""
             detail = row.note
             if row.children:
-                detail = f"{row.children_done}/{len(row.children)} items " + detail
+                items = "item" if len(row.children) == 1 else "items"
+                detail = f"{row.children_done}/{len(row.children)} {items} " + detail
             if row.attempt > 1:
                 detail = f"attempt {row.attempt} " + detail
             table.add_row(Text(mark, style=style), Text(node, style=style), took, detail[:80])
@@ -138,7 +144,8 @@ def render_result(console: Console, result: RunResult, view: RunView | None) -> 
     summary = f"{result.duration_s:.2f} s"
     if view is not None:
         summary += (
-            f" · {view.llm_calls} LLM calls · {view.tool_calls} tool calls · {view.tokens} tokens"
+            f" · {counted(view.llm_calls, 'LLM call')} · {counted(view.tool_calls, 'tool call')}"
+            f" · {counted(view.tokens, 'token')}"
         )
     console.print(
         Panel(
