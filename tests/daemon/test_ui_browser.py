@@ -57,12 +57,20 @@ class Page:
         return found
 
     def wait_node(self, node: str, status: str) -> None:
-        self.tab.wait_for_selector(
-            f'svg.dag g.node.st-{status}[data-node="{node}"]', timeout=WAIT_MS
-        )
+        self._wait(f'svg.dag g.node.st-{status}[data-node="{node}"]')
 
     def wait_status(self, status: str) -> None:
-        self.tab.wait_for_selector(f"#run-status.st-{status}", timeout=WAIT_MS)
+        self._wait(f"#run-status.st-{status}")
+
+    def _wait(self, selector: str) -> None:
+        try:
+            self.tab.wait_for_selector(selector, timeout=WAIT_MS)
+        except playwright.TimeoutError:
+            status = self.tab.inner_text("#run-status")
+            events = self.tab.inner_text("#events")[-2000:]
+            raise AssertionError(
+                f"no {selector}: the run is {status}; events:\n{events}\n{self.errors}"
+            ) from None
 
 
 def test_run_page_follows_a_run_live(daemon: ViewDaemon, browser: Any, tmp_path: Path) -> None:

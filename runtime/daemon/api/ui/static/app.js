@@ -30,6 +30,8 @@
   let selected = null;
   let formsFor = "";
   const streams = new Map(); // call id -> <pre>
+  // node -> [status, seq] from the events: newer than the state's journal until it commits
+  const live = new Map();
 
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
@@ -134,7 +136,10 @@
 
   function onEvent(e) {
     const st = NODE_STATUS[e.kind];
-    if (st) colour(e.node, st);
+    if (st) {
+      live.set(e.node, [st, e.seq]);
+      colour(e.node, st);
+    }
     if (e.kind === "run_started") setStatus("running");
     if (e.kind === "run_waiting") setStatus("waiting");
     if (e.kind === "llm_tokens") appendTokens(e);
@@ -219,7 +224,12 @@
     const error = $("run-error");
     error.hidden = !run.error;
     error.textContent = run.error || "";
-    for (const node of state.nodes) colour(node.id, node.status);
+    for (const node of state.nodes) {
+      // the state is the journal: an event that came live after it says more
+      const seen = live.get(node.id);
+      if (seen && seen[1] > state.last_seq) node.status = seen[0];
+      colour(node.id, node.status);
+    }
     renderNodes(state.nodes);
     renderRun(run);
     renderTimeline(state.timeline);
