@@ -82,6 +82,7 @@ SUBTREE = {
     "QuotaExceeded": DaemonError,
     "ProgramError": DaemonError,
     "RunInterrupted": DaemonError,
+    "LoginRequired": DaemonError,
     "ClientError": DaemonError,
     "TracingUnavailable": SetupError,
     "MetricsUnavailable": SetupError,

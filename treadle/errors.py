@@ -46,6 +46,7 @@ treadle's, so every layer (tools and backends included) may raise from it.
     │   ├── QuotaExceeded              a tenant's quota is used up (429, `retry_after_s`)
     │   ├── ProgramError               a worker cannot load a run's program: the run fails
     │   ├── RunInterrupted             a worker stopped a run; its writes are refused
+    │   ├── LoginRequired              the web view's request has no valid session
     │   └── ClientError                what `DaemonClient` raises for an error answer
     └── SetupError                 what was asked needs something this install lacks
         ├── TracingUnavailable         the OpenTelemetry packages
