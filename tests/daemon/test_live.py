@@ -13,6 +13,7 @@ import pytest
 from daemon_support import LiveServer, journal, make_config, open_daemon, submit
 from gates import gate
 from test_sse import parse_sse
+from ui_support import ANSWER, HELD
 
 from treadle.runtime.core.events import LLMTokens, NodeStarted, RunStarted, RunWaiting
 from treadle.runtime.daemon.api.app import create_app
@@ -20,20 +21,6 @@ from treadle.runtime.daemon.api.sse import _Merge
 from treadle.runtime.daemon.live import first_free_seq
 
 pytestmark = pytest.mark.anyio
-
-HELD = """\
-name: held
-inputs:
-  topic: str
-models:
-  default: {{backend: scripted}}
-nodes:
-  - {{id: first, kind: llm, prompt: "Start on {{t}}", inputs: {{t: $input.topic}}}}
-  - {{id: wait, kind: func, fn: 'gates:held', inputs: {{name: "{gate}", after: $first}}}}
-  - {{id: last, kind: llm, prompt: "Finish {{a}} after {{w}}", inputs: {{a: $first, w: $wait}}}}
-outputs:
-  text: $last
-"""
 
 
 @pytest.fixture
@@ -49,7 +36,7 @@ async def test_events_are_live_before_the_journal_has_them(gated: Any) -> None:
     daemon, server = gated
     name = uuid.uuid4().hex
     key = await daemon.tenant("acme")
-    await daemon.register(key, HELD.format(gate=name))
+    await daemon.register(key, HELD.format(gate=name, answer=ANSWER))
     run_id = await submit(daemon, key, "held", "live")
     store = daemon.services.store
     seen: list[dict[str, Any]] = []
