@@ -66,6 +66,12 @@ AllowImportsOpt = Annotated[
         "built-in tools are always allowed. Workers check it again before running a run."
     ),
 ]
+TokensOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Stream LLM answers as llm_tokens events to event streams (costs CPU per call)."
+    ),
+]
 AllowBackendsOpt = Annotated[
     str, typer.Option(help="Comma list of backends workflows may declare in models:.")
 ]
@@ -187,6 +193,7 @@ def serve(
             "--metrics-public", help="Serve /metrics without a token (private networks only)."
         ),
     ] = False,
+    stream_tokens: TokensOpt = True,
     log_level: LogOpt = "info",
 ) -> None:
     """Serve the HTTP API (and, unless --no-worker, run workers in the same process).
@@ -211,6 +218,7 @@ def serve(
         retain_s=_retain_s(retain_days),
         metrics_token=metrics_token,
         metrics_public=metrics_public,
+        stream_tokens=stream_tokens,
     )
     app = create_app(config, workers=0 if no_worker else max(1, workers_per_process))
     uvicorn.run(
@@ -237,6 +245,7 @@ def worker(
     allow_imports: AllowImportsOpt = "",
     allow_backends: AllowBackendsOpt = "scripted,sim",
     retain_days: RetainOpt = 7.0,
+    stream_tokens: TokensOpt = True,
     log_level: LogOpt = "info",
 ) -> None:
     """Execute runs from the daemon's work queue (start as many as you like, anywhere).
@@ -258,6 +267,7 @@ def worker(
         allow_imports=_csv(allow_imports),
         allow_backends=_csv(allow_backends),
         retain_s=_retain_s(retain_days),
+        stream_tokens=stream_tokens,
     )
     anyio.run(run_worker_process, config, max(1, count), backend_options=_loop_options())
 

@@ -46,6 +46,10 @@ from treadle.runtime.stores.redis import RedisKeys
 
 log = logging.getLogger(__name__)
 
+#: how long the publisher waits after an event for more before it publishes (s): a node's
+#: events come in bursts (finished, then its successors ready and started), and one round
+#: trip for a burst costs the worker far less CPU than one per event
+LINGER_S = 0.002
 #: seqs reserved at a time (a worker taking over a crashed run may skip up to this many)
 RESERVE = 256
 
@@ -107,6 +111,7 @@ class LiveEvents:
         """Publish what is queued, as soon as it is, until cancelled."""
         while True:
             await self._wake.wait()
+            await anyio.sleep(LINGER_S)  # what the run (and other runs) emit next goes too
             self._wake = anyio.Event()
             await self.flush()
 
