@@ -129,3 +129,10 @@ async def test_local_view_lists_shows_and_answers(tmp_path: Path) -> None:
             statuses = {n["id"]: n["status"] for n in state["nodes"]}
             assert statuses["approve"] == "done" and statuses["delete"] == "skipped"
             assert state["timeline"]["rows"]
+
+
+def test_treadle_ui_needs_a_store(tmp_path: Path) -> None:
+    from treadle.cli.main import app
+
+    result = CliRunner().invoke(app, ["ui", "--db", str(tmp_path / "none.db")])
+    assert result.exit_code == 2 and "no run store at" in result.stderr
