@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from treadle.backends.sim import Engine, EngineConfig, Profile, Prompt, SimRequest, VirtualClock
-from treadle.backends.sim.engine import sum_max_linear
+from treadle.backends.sim.profile import sum_max_linear
 from treadle.benchmarks.agents.workloads import CallSpec, ProgramSpec, Workload
 from treadle.benchmarks.common import mean, percentile
 from treadle.runtime.sched.scheduler import jain_index
