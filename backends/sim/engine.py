@@ -478,9 +478,10 @@ class Engine:
             self.prefix_hits += hit
             if r.cached_tokens is None:
                 r.cached_tokens = hit
-            if self._release_on_schedule and r.program_id in self.pins:
+            pid = r.program_id
+            if self._release_on_schedule and pid is not None and pid in self.pins:
                 # The program's next step runs: it holds the blocks it needs itself now.
-                self.pins.release_program(r.program_id, "next_request")
+                self.pins.release_program(pid, "next_request")
             chunks.append((r, c))
             budget -= c
             n_running += 1
@@ -705,9 +706,10 @@ class Engine:
         r.state = FINISHED
         r.finish_time = self.clock.now()
         self._register(r, L)
-        if not self._release_on_schedule and r.program_id in self.pins:
+        pid = r.program_id
+        if not self._release_on_schedule and pid is not None and pid in self.pins:
             # vllm-continuum: the job's next request is done; its own pin replaces the old
-            self.pins.release_program(r.program_id, "next_request")
+            self.pins.release_program(pid, "next_request")
         if r.pin_ttl_s is not None and not r.is_last_step and r._held:
             key = r.program_id if r.program_id is not None else r.request_id
             if self.pins.pin(key, list(r._held), r.pin_ttl_s) is not None:

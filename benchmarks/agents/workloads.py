@@ -82,6 +82,9 @@ class CallSpec:
     #: a later call continues this call's sequence (the same conversation goes on after
     #: the tool): static for a ReAct loop; a step graph's next node starts a new prompt
     continues: bool = False
+    #: a person answers before the calls after this one start (agent-session traces: the
+    #: gap between a turn's end and the next turn's first call); not known in advance
+    human_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,18 +133,18 @@ def _uniform(lo: float, hi: float) -> Callable[[random.Random], float]:
     return lambda rng: rng.uniform(lo, hi)
 
 
-def _clipped_lognormal(
+def clipped_lognormal(
     median: float, sigma: float, lo: float, hi: float
 ) -> Callable[[random.Random], float]:
     return lambda rng: min(hi, max(lo, rng.lognormvariate(math.log(median), sigma)))
 
 
-def _lognormal_int(rng: random.Random, mean: float, sigma: float, lo: int, hi: int) -> int:
+def lognormal_int(rng: random.Random, mean: float, sigma: float, lo: int, hi: int) -> int:
     mu = math.log(mean) - sigma * sigma / 2
     return int(min(hi, max(lo, round(rng.lognormvariate(mu, sigma)))))
 
 
-class _Keys:
+class Keys:
     """Content keys: fixed ones for shared prompts, fresh ones for everything else."""
 
     def __init__(self, start: int = 1_000_000):
@@ -169,7 +172,7 @@ SWE_TOOLS = {
     "run_python": ToolKind("run_python", 3.0, _loguniform(1.0, 10.0), "log-uniform 1-10 s"),
     "git": ToolKind("git", 2.0, _loguniform(1.0, 4.0), "log-uniform 1-4 s"),
     "run_tests": ToolKind(
-        "run_tests", 30.0, _clipped_lognormal(20.0, 0.7, 10.0, 120.0), "lognormal 20 s, 10-120 s"
+        "run_tests", 30.0, clipped_lognormal(20.0, 0.7, 10.0, 120.0), "lognormal 20 s, 10-120 s"
     ),
 }
 SWE_MIX = [
@@ -201,7 +204,7 @@ def _chain_program(
     arrival: float,
     first: tuple[Segment, ...],
     turns: list[tuple[int, str | None, float, int]],
-    keys: _Keys,
+    keys: Keys,
 ) -> ProgramSpec:
     """A ReAct loop: turn k continues turn k-1's sequence with its tool's output."""
     calls: list[CallSpec] = []
@@ -232,10 +235,10 @@ def _chain_program(
 
 
 def _swe_program(
-    pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
+    pid: int, tenant: str, arrival: float, rng: random.Random, keys: Keys
 ) -> ProgramSpec:
-    n_turns = _lognormal_int(rng, 40.0, 0.7, 3, 120)
-    issue = int(_clipped_lognormal(1000, 0.5, 300, 3000)(rng))
+    n_turns = lognormal_int(rng, 40.0, 0.7, 3, 120)
+    issue = int(clipped_lognormal(1000, 0.5, 300, 3000)(rng))
     ctx = SWE_SYSTEM_TOKENS + issue
     turns: list[tuple[int, str | None, float, int]] = []
     tool_sample = _loguniform(300, 2000)
@@ -270,9 +273,9 @@ BFCL_PARAMS: dict[str, Any] = {
 
 
 def _bfcl_program(
-    pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
+    pid: int, tenant: str, arrival: float, rng: random.Random, keys: Keys
 ) -> ProgramSpec:
-    n_calls = _lognormal_int(rng, 10.75, 0.5, 1, 40)
+    n_calls = lognormal_int(rng, 10.75, 0.5, 1, 40)
     docs = rng.randint(230, 330)
     query = rng.randint(20, 60)
     turns: list[tuple[int, str | None, float, int]] = []
@@ -340,7 +343,7 @@ MA_REMAINING_S = _remaining_cost()
 
 
 def _multiagent_program(
-    pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
+    pid: int, tenant: str, arrival: float, rng: random.Random, keys: Keys
 ) -> ProgramSpec:
     task_key, task = keys.fresh(), rng.randint(200, 600)
     outs = [rng.randint(100, 400) for _ in MA_STEPS]
@@ -371,7 +374,7 @@ def _multiagent_program(
 
 # -- assembling workloads --------------------------------------------------------------
 
-_GENERATORS: dict[str, Callable[[int, str, float, random.Random, _Keys], ProgramSpec]] = {
+_GENERATORS: dict[str, Callable[[int, str, float, random.Random, Keys], ProgramSpec]] = {
     "swe": _swe_program,
     "bfcl": _bfcl_program,
     "multiagent": _multiagent_program,
@@ -413,7 +416,7 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     if n_programs < 1:
         raise ValueError("n_programs must be >= 1")
     rng = random.Random(f"treadle-agents-{name}-{seed}")
-    keys = _Keys()
+    keys = Keys()
     if name != "mixed":
         t = 0.0
         programs = []
@@ -433,7 +436,7 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     sample_rng = random.Random(f"treadle-agents-mixed-work-{seed}")
     mean_work = {}
     for kind in ("swe", "bfcl", "multiagent"):
-        probe = [_GENERATORS[kind](0, "x", 0.0, sample_rng, _Keys()) for _ in range(200)]
+        probe = [_GENERATORS[kind](0, "x", 0.0, sample_rng, Keys()) for _ in range(200)]
         mean_work[kind] = sum(program_work(p) for p in probe) / len(probe)
     total_w = sum(w for _, w in MIXED_TENANTS.values())
     # program rate of each tenant so that its work share equals its weight share, scaled
