@@ -19,10 +19,8 @@ program that waits for a human (`idle(..., human=True)`) is suspended at once, s
 is held across a human wait. Lanes without a known budget admit while the calls of
 admitted runs do not back up (queued calls <= `backlog_factor` x the lanes' limits).
 
-The admission queue is ordered by tenant fair share (tenants take turns by virtual time,
-below), then least attained service (a program's *level*, Autellix's PLAS:
-`1 + floor(log2(attained / las_quantum_s))`, 0 below one quantum), then arrival; a program
-that has waited `starvation_s` goes first whatever its tenant or level.
+The admission queue (`waitlist.py`) is ordered by tenant fair share, then least attained
+service, then arrival, with anti-starvation.
 
 **Calls: order on a lane.** Each lane lets only `limit` calls be in flight, a limit adapted
 from observed congestion (AIMD, `limits.py`) for backends whose memory is unknown (with a
@@ -85,6 +83,7 @@ from treadle.runtime.sched.residency import (
     choose_victims,
     overflowing,
 )
+from treadle.runtime.sched.waitlist import AdmissionQueue
 
 __all__ = [
     "CANCELLED",
@@ -175,11 +174,7 @@ class Scheduler:
         self._counting = count_comparisons
         #: system virtual time: the tenant key of the latest dispatch
         self.vtime = 0.0
-        # programs waiting for admission: a heap of tenants keyed by (virtual time, their
-        # best program's key), and a heap of all of them by waiting time (anti-starvation)
-        self._admit_heap: list[tuple[Any, Tenant, int]] = []
-        self._admit_age: list[tuple[Any, Program, int]] = []
-        self.pending_programs = 0
+        self.waitlist = AdmissionQueue(self._key, self.config.starvation_s)
         self.active_programs = 0
         self.queued_calls = 0
         self.steals = 0
@@ -187,6 +182,11 @@ class Scheduler:
         self.suspensions: dict[str, int] = {}
 
     # -- bookkeeping helpers -------------------------------------------------------------
+
+    @property
+    def pending_programs(self) -> int:
+        """Programs waiting for admission."""
+        return self.waitlist.count
 
     @property
     def comparisons(self) -> int:
@@ -245,80 +245,37 @@ class Scheduler:
     ) -> Program:
         """A run arrives. It waits for admission (unless admission is off); `kv_tokens`
         is its first working set (its first prompt and answer)."""
+        p = self._new_program(program_id, tenant, now, home=home, info=info)
+        p.kv_tokens = max(0, int(kv_tokens))
+        self._queue_for_admission(p, now)
+        return p
+
+    def _new_program(
+        self,
+        program_id: str,
+        tenant: str | None,
+        now: float,
+        *,
+        home: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Program:
         if program_id in self.programs:
             raise ValueError(f"program {program_id!r} is already open")
         t = self.tenant(tenant)
         p = Program(program_id, t, now, next(self._seq), home=home, info=dict(info or {}))
-        p.kv_tokens = max(0, int(kv_tokens))
         self.programs[program_id] = p
-        if not self.admission_enabled:
-            self._admit(p, p.home if p.home is not None else self._least_loaded(p), now)
-            return p
-        self._wait_for_admission(p, now)
-        self.admit_waiting(now)
         return p
 
-    def _wait_for_admission(self, p: Program, now: float) -> None:
-        t = p.tenant
-        self._rejoin(t)
-        p.admit_version += 1
-        p.waiting_since = now
-        heapq.heappush(t.waiting, (self._key(p.level, p.arrival, p.seq), p, p.admit_version))
-        t.n_waiting += 1
-        self.pending_programs += 1
-        heapq.heappush(self._admit_age, (self._key(now, p.seq), p, p.admit_version))
-        self._push_admit(t)
-
-    def _leave_admission(self, p: Program) -> None:
-        """`p` is admitted or gone: its admission entries go stale."""
-        p.admit_version += 1
-        p.waiting_since = None
-        t = p.tenant
-        t.n_waiting -= 1
-        self.pending_programs -= 1
-        if t.n_waiting:
-            self._push_admit(t)
-
-    def _head(self, t: Tenant) -> Program | None:
-        """The tenant's next program to admit (stale heap entries dropped)."""
-        heap = t.waiting
-        while heap and heap[0][2] != heap[0][1].admit_version:
-            heapq.heappop(heap)
-        return heap[0][1] if heap else None
-
-    def _admit_key(self, t: Tenant, p: Program) -> Any:
-        return self._key(t.vtime, p.level, p.arrival, p.seq)
-
-    def _push_admit(self, t: Tenant) -> None:
-        head = self._head(t)
-        if head is None:
+    def _queue_for_admission(self, p: Program, now: float) -> None:
+        if not self.admission_enabled:
+            self._admit(p, p.home if p.home is not None else self._least_loaded(p), now)
             return
-        t.admit_token += 1
-        heapq.heappush(self._admit_heap, (self._admit_key(t, head), t, t.admit_token))
+        self._wait_for_admission(p, now)
+        self.admit_waiting(now)
 
-    def _next_to_admit(self, now: float) -> Program | None:
-        """The program admission considers next: one that has waited `starvation_s`, else
-        the head of the tenant with the lowest virtual time."""
-        age = self._admit_age
-        while age and age[0][2] != age[0][1].admit_version:
-            heapq.heappop(age)
-        if age:
-            p = age[0][1]
-            assert p.waiting_since is not None
-            if now - p.waiting_since >= self.config.starvation_s:
-                return p
-        heap = self._admit_heap
-        while heap:
-            _, t, token = heap[0]
-            head = self._head(t) if token == t.admit_token else None
-            if head is None:
-                heapq.heappop(heap)
-                continue
-            if heap[0][0] != self._admit_key(t, head):
-                self._push_admit(t)  # its virtual time or head moved since: re-key
-                continue
-            return head
-        return None
+    def _wait_for_admission(self, p: Program, now: float) -> None:
+        self._rejoin(p.tenant)
+        self.waitlist.push(p, now)
 
     def admit_waiting(self, now: float) -> int:
         """Admit waiting runs while the lanes can carry them; returns how many. In order:
@@ -326,19 +283,16 @@ class Scheduler:
         least attained service then arrival. The head waits when it does not fit (later
         runs do not pass it, so a large run is not starved by a stream of small ones)."""
         admitted = 0
-        while (p := self._next_to_admit(now)) is not None:
+        while (p := self.waitlist.peek(now)) is not None:
             lane = self._lane_for(p)
             if lane is None:
                 break
-            if p.waiting_since is not None and now - p.waiting_since >= self.config.starvation_s:
+            if self.waitlist.starved(p, now):
                 self.starvation_promotions += 1
-            self._leave_admission(p)
+            self.waitlist.remove(p)
             self._admit(p, lane, now)
             admitted += 1
         return admitted
-
-    def can_admit(self, program: Program) -> bool:
-        return self._lane_for(program) is not None
 
     def _lane_for(self, p: Program) -> int | None:
         """The lane `p` would be admitted to now, or None (it waits)."""
@@ -510,7 +464,7 @@ class Scheduler:
             self._home(p, None)
             p.admitted = False
         elif p.waiting_since is not None:
-            self._leave_admission(p)
+            self.waitlist.remove(p)
         self.admit_waiting(now)
         return dropped
 
@@ -528,27 +482,37 @@ class Scheduler:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def submit(self, call: Call, now: float = 0.0, *, tenant: str | None = None) -> Call:
-        """Queue a call; its program is opened (and admitted if possible) on first use."""
+    def submit(
+        self,
+        call: Call,
+        now: float = 0.0,
+        *,
+        tenant: str | None = None,
+        kv_tokens: int | None = None,
+    ) -> Call:
+        """Queue a call; its program is opened (and admitted if possible) on first use,
+        on the call's lane when it is bound to one. `kv_tokens`: the program's working set
+        with this call (its prompt and answer), as `set_working_set`."""
         if call.call_id in self.calls:
             raise ValueError(f"call {call.call_id!r} is already queued")
         p = self.programs.get(call.program_id)
         if p is None:
-            p = self.open_program(call.program_id, tenant, now)
+            p = self._new_program(call.program_id, tenant, now, home=call.lane)
         call.seq = next(self._seq)
         call.enqueued_at = now
         call.priority = p.level
         self.calls[call.call_id] = call
         p.busy += 1
+        if kv_tokens is not None:
+            self.set_working_set(p.program_id, kv_tokens, now)
         if p.admitted:
             self._enqueue(call, p, now)
             return call
         call.state = PENDING
         p.pending_calls.append(call)
-        if p.waiting_since is None and self.admission_enabled:
-            # suspended (or never admitted): its next call brings it back to the queue
-            self._wait_for_admission(p, now)
-            self.admit_waiting(now)
+        if p.waiting_since is None:
+            # new, or suspended: its call brings it to the admission queue
+            self._queue_for_admission(p, now)
         return call
 
     def _enqueue(self, call: Call, p: Program, now: float) -> None:
@@ -793,35 +757,6 @@ class Scheduler:
         """The backend priority (lower first) for the program's next call."""
         p = self.programs.get(program_id)
         return 0 if p is None else p.level
-
-    def limits(self) -> list[float]:
-        return [ln.limit.value for ln in self.lanes]
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "queued_calls": self.queued_calls,
-            "active_programs": self.active_programs,
-            "pending_programs": self.pending_programs,
-            "suspensions": dict(self.suspensions),
-            "lanes": [
-                {
-                    "name": ln.name,
-                    "in_flight": ln.in_flight,
-                    "queued": ln.queued,
-                    "limit": round(ln.limit.value, 2),
-                    "homed_programs": ln.homed_programs,
-                    "kv_reserved": ln.kv_reserved,
-                    "kv_budget": ln.kv_budget,
-                }
-                for ln in self.lanes
-            ],
-            "tenants": {
-                t.name: {"weight": t.weight, "service_s": round(t.service_s, 3)}
-                for t in self.tenants.values()
-            },
-            "steals": self.steals,
-            "starvation_promotions": self.starvation_promotions,
-        }
 
 
 def _lane_of(call: Call) -> int:
