@@ -70,7 +70,11 @@ DEFAULT_PROFILE = "h100_sxm_llama31_8b"
 #: programs per point: programs keep arriving for many times their JCT, so that a rate
 #: the system cannot sustain shows as a growing backlog, not a short burst
 DEFAULT_PROGRAMS = {"swe": 300, "bfcl": 1000, "multiagent": 1000, "mixed": 1000, "trace": 200}
-QUICK_PROGRAMS = {"swe": 100, "bfcl": 300, "multiagent": 300, "mixed": 300, "trace": 60}
+#: `--quick`: a smaller cluster and one seed, so the runs stay long (in minutes of arrivals)
+#: for their few programs; it shows the direction, the default run measures it
+QUICK_PROGRAMS = {"swe": 120, "bfcl": 400, "multiagent": 400, "mixed": 400, "trace": 60}
+QUICK = {"replicas": 2, "seeds": 1, "grid_step": 1.3}
+DEFAULTS = {"replicas": 4, "seeds": 3, "grid_step": 1.25}
 #: the grid starts at this many times the rate at which each replica would run one
 #: program at a time at its ideal speed
 GRID_START = 4.0
@@ -316,10 +320,16 @@ def main(
     sessions: Annotated[
         int, typer.Option("--sessions", min=1, help="Sessions for --generate-trace.")
     ] = 500,
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Engine replicas.")] = 4,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per rate.")] = 3,
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, help="Engine replicas (4; --quick: 2).")
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", min=1, help="Seeds per rate (3; --quick: 1).")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="The first seed.")] = 0,
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer programs (< 60 s).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="2 replicas, 1 seed, fewer programs (< 60 s).")
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     programs: Annotated[
         int | None, typer.Option("--programs", min=4, help="Programs per point.")
@@ -342,8 +352,9 @@ def main(
         float, typer.Option("--slo-factor", min=1.0, help="Capacity SLO: mean JCT <= this x ideal.")
     ] = 2.0,
     grid_step: Annotated[
-        float, typer.Option("--grid-step", min=1.01, help="Ratio between grid rates.")
-    ] = 1.25,
+        float | None,
+        typer.Option("--grid-step", min=1.01, help="Ratio between grid rates (1.25; quick 1.3)."),
+    ] = None,
     grid_start: Annotated[
         float | None, typer.Option("--grid-start", help="First grid rate (programs/min).")
     ] = None,
@@ -378,13 +389,15 @@ def main(
         )
     name = "trace" if trace is not None else workload
     table = QUICK_PROGRAMS if quick else DEFAULT_PROGRAMS
+    base = QUICK if quick else DEFAULTS
+    n_seeds = seeds or int(base["seeds"])
     spec = BenchSpec(
         source=Source(name, programs or table[name], str(trace) if trace else None),
-        cluster=ClusterSpec(replicas, profile, kv_tokens),
+        cluster=ClusterSpec(replicas or int(base["replicas"]), profile, kv_tokens),
         systems=_parse_systems(systems),
-        seeds=tuple(range(seed, seed + seeds)),
+        seeds=tuple(range(seed, seed + n_seeds)),
         slo_factor=slo_factor,
-        grid_step=grid_step,
+        grid_step=grid_step or base["grid_step"],
         grid_start=grid_start,
         workers=workers,
     )

@@ -47,7 +47,7 @@ class ResidencyConfig:
     #: predicted idle time beyond this counts no more (the prediction is not that good)
     horizon_s: float = 60.0
     #: a resident whose tool returns sooner than this is not suspended
-    min_idle_s: float = 0.5
+    min_idle_s: float = 3.0
 
     def __post_init__(self) -> None:
         if not 0 < self.admit_fraction <= self.overflow_fraction:
