@@ -291,6 +291,48 @@ def micro_benchmark(
     }
 
 
+def micro_admission(
+    waiting: int = 10_000, decisions: int = 20_000, seed: int = 0, *, counting: bool = False
+) -> dict[str, float]:
+    """Cost of one admission decision with `waiting` programs queued for KV: each round a
+    resident program ends, the next one is admitted by KV residency, and a new one joins
+    the queue (so it stays at `waiting`), over 16 tenants with weights."""
+    rng = random.Random(seed)
+    sched = Scheduler(4, SchedulerConfig(), kv_budgets=[400_000] * 4, count_comparisons=counting)
+    tenants = [f"t{i}" for i in range(16)]
+    for i, t in enumerate(tenants):
+        sched.set_weight(t, 1.0 + i % 4)
+    n = 0
+
+    def arrive(now: float) -> None:
+        nonlocal n
+        n += 1
+        sched.open_program(
+            f"p{n}", tenants[n % len(tenants)], now, kv_tokens=rng.randrange(5_000, 40_000)
+        )
+
+    now = 0.0
+    while sched.pending_programs < waiting:
+        arrive(now)
+    before = sched.comparisons
+    elapsed = 0.0
+    for _ in range(decisions):
+        now += 0.001
+        lane = sched.lanes[rng.randrange(len(sched.lanes))]
+        done = rng.choice(list(lane.residents)) if lane.residents else None
+        started = time.perf_counter()  # the scheduler's work only, not picking a victim
+        if done is not None:
+            sched.close_program(done, now)
+        arrive(now)
+        elapsed += time.perf_counter() - started
+    return {
+        "waiting_programs": float(sched.pending_programs),
+        "decisions": float(decisions),
+        "us_per_admission": elapsed / decisions * 1e6,
+        "comparisons_per_admission": (sched.comparisons - before) / decisions,
+    }
+
+
 # -- the command -----------------------------------------------------------------------------
 
 
@@ -370,14 +412,25 @@ def main(
     console = Console(width=max(Console().width, 150))
     if micro:
         m = micro_benchmark()
+        a = micro_admission()
         print_table(
-            "scheduler core: one decision (complete + submit + dispatch)",
-            ["queued calls", "decisions", "us per decision"],
-            [[int(m["queued_calls"]), int(m["decisions"]), m["us_per_decision"]]],
+            "scheduler core: one call decision (complete + submit + dispatch), one admission "
+            "(a program ends, the next is admitted by KV, one arrives)",
+            ["queued calls", "us per decision", "waiting programs", "us per admission"],
+            [
+                [
+                    int(m["queued_calls"]),
+                    m["us_per_decision"],
+                    int(a["waiting_programs"]),
+                    a["us_per_admission"],
+                ]
+            ],
             console=console,
         )
         if json_path is not None:
-            write_report(json_path, "agents-micro", {"queued": 10_000}, {"scheduler": m}, {})
+            write_report(
+                json_path, "agents-micro", {"queued": 10_000}, {"scheduler": m, "admission": a}, {}
+            )
         return
     if generate_trace is not None:
         n = write_sessions(generate_trace, generate_sessions(sessions, seed))

@@ -40,7 +40,8 @@ class AdmissionQueue:
         t.n_waiting += 1
         self.count += 1
         heapq.heappush(self._age, (self._key(now, p.seq), p, p.admit_version))
-        self._push_tenant(t)
+        if self._head(t) is p:  # a new head re-keys its tenant; otherwise its entry holds
+            self._push_tenant(t)
 
     def remove(self, p: Program) -> None:
         """`p` is admitted or gone: its entries go stale."""

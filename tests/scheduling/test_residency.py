@@ -170,3 +170,13 @@ def test_lanes_without_a_budget_keep_the_backlog_rule() -> None:
     assert admitted(s) == ["p0", "p1", "p2"]
     assert math.isinf(s.lanes[0].kv_free())
     assert isinstance(s.programs["p0"], Program)
+
+
+def test_an_admission_decision_costs_logarithmically_many_comparisons() -> None:
+    from treadle.benchmarks.agents.bench import micro_admission
+
+    small = micro_admission(1_000, 300, counting=True)["comparisons_per_admission"]
+    large = micro_admission(16_000, 300, counting=True)["comparisons_per_admission"]
+    # 16x the waiting programs: a linear scan would need ~16x the comparisons
+    assert large < 2.0 * small, (small, large)
+    assert large < 12 * math.log2(16_000), large
