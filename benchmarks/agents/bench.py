@@ -69,10 +69,10 @@ from treadle.runtime.sched.scheduler import Call, Scheduler, SchedulerConfig
 DEFAULT_PROFILE = "h100_sxm_llama31_8b"
 #: programs per point: programs keep arriving for many times their JCT, so that a rate
 #: the system cannot sustain shows as a growing backlog, not a short burst
-DEFAULT_PROGRAMS = {"swe": 300, "bfcl": 1000, "multiagent": 1000, "mixed": 1000, "trace": 200}
+DEFAULT_PROGRAMS = {"swe": 300, "bfcl": 1000, "multiagent": 1000, "mixed": 800, "trace": 200}
 #: `--quick`: a smaller cluster and one seed, so the runs stay long (in minutes of arrivals)
 #: for their few programs; it shows the direction, the default run measures it
-QUICK_PROGRAMS = {"swe": 120, "bfcl": 400, "multiagent": 400, "mixed": 400, "trace": 60}
+QUICK_PROGRAMS = {"swe": 120, "bfcl": 400, "multiagent": 400, "mixed": 300, "trace": 60}
 QUICK = {"replicas": 2, "seeds": 1, "grid_step": 1.3}
 DEFAULTS = {"replicas": 4, "seeds": 3, "grid_step": 1.25}
 #: the grid starts at this many times the rate at which each replica would run one

@@ -23,9 +23,10 @@ Generators (parameters are in `Workload.params` and printed by the benchmark):
 - `multiagent` — KVFlow-style workflows: five agents with fixed system prompts of 2-6k
   tokens (shared by every workflow) take turns in a fixed step graph with two parallel
   branches; some steps call a tool; many workflows at once.
-- `mixed` — three tenants at once, each with its own program kind and weight (swe: 2,
-  bfcl: 1, multiagent: 1); each tenant's arrival rate is set so its expected GPU demand is
-  proportional to its weight.
+- `mixed` — three tenants at once with weights 2 : 1 : 1: `coders` and `reviewers` run
+  coding agents (`swe`), `teams` run multi-agent workflows; each tenant's arrival rate is set
+  so that all three *demand* the same GPU work, so under overload a tenant gets its
+  weight's share only if the scheduler enforces it (FCFS would give each a third).
 
 The scheduler's static knowledge of a program is what `graphs.analysis` would derive from
 its DAG: a ReAct loop (`swe`, `bfcl`) is one `llm` node with tools, so neither its length
@@ -393,7 +394,7 @@ _SHARED = {
 #: mixed: tenant -> (program kind, weight)
 MIXED_TENANTS: dict[str, tuple[str, float]] = {
     "coders": ("swe", 2.0),
-    "callers": ("bfcl", 1.0),
+    "reviewers": ("swe", 1.0),
     "teams": ("multiagent", 1.0),
 }
 WORKLOADS = ("swe", "bfcl", "multiagent", "mixed")
@@ -438,10 +439,9 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     for kind in ("swe", "bfcl", "multiagent"):
         probe = [_GENERATORS[kind](0, "x", 0.0, sample_rng, Keys()) for _ in range(200)]
         mean_work[kind] = sum(program_work(p) for p in probe) / len(probe)
-    total_w = sum(w for _, w in MIXED_TENANTS.values())
-    # program rate of each tenant so that its work share equals its weight share, scaled
-    # so that all tenants together arrive at unit rate
-    raw = {t: (w / total_w) / mean_work[k] for t, (k, w) in MIXED_TENANTS.items()}
+    # program rate of each tenant so that every tenant demands the same work, scaled so
+    # that all tenants together arrive at unit rate
+    raw = {t: 1.0 / mean_work[k] for t, (k, _) in MIXED_TENANTS.items()}
     norm = sum(raw.values())
     rates = {t: r / norm for t, r in raw.items()}
     streams: list[tuple[float, str, str]] = []
@@ -468,7 +468,7 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
             t: {"kind": k, "weight": w, "programs": counts[t], "rate_share": round(rates[t], 4)}
             for t, (k, w) in MIXED_TENANTS.items()
         },
-        "demand": "each tenant's expected work share equals its weight share",
+        "demand": "every tenant's expected work is the same (weights differ)",
     }
     return Workload(
         "mixed",

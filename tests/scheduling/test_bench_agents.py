@@ -63,7 +63,7 @@ def test_workloads_are_seeded_and_match_their_statistics() -> None:
     assert 30 <= statistics.fmean(c.output_tokens for c in calls) <= 38
     mixed = make_workload("mixed", 300, 0)
     assert (
-        {p.tenant for p in mixed.programs} == set(mixed.tenants) == {"coders", "callers", "teams"}
+        {p.tenant for p in mixed.programs} == set(mixed.tenants) == {"coders", "reviewers", "teams"}
     )
     ma = make_workload("multiagent", 10, 0)
     last = [c for c in ma.programs[0].calls if c.is_last_step]
@@ -378,7 +378,7 @@ def test_report_shape_and_cli(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["bench"] == "agents" and set(data["results"]) == {"vllm", "treadle"}
     assert set(data["ratios"]) >= {"jain", "tenant_share_vs_weight"}
-    assert set(data["ratios"]["tenant_share_vs_weight"]) == {"coders", "callers", "teams"}
+    assert set(data["ratios"]["tenant_share_vs_weight"]) == {"coders", "reviewers", "teams"}
     bad = CliRunner().invoke(_app(), ["--workload", "nope"])
     assert bad.exit_code != 0
 
