@@ -18,11 +18,14 @@ from treadle.backends.base import (
 from treadle.backends.factory import create_backend
 from treadle.backends.openai_compat.backend import OpenAICompatBackend
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
+from treadle.backends.tokens import CHARS, CharTokenEstimator, TokenEstimator
 
 __all__ = [
+    "CHARS",
     "Backend",
     "BackendError",
     "Capabilities",
+    "CharTokenEstimator",
     "LLMRequest",
     "LLMResponse",
     "Message",
@@ -31,6 +34,7 @@ __all__ = [
     "ScriptRule",
     "ScriptedBackend",
     "StreamChunk",
+    "TokenEstimator",
     "ToolCall",
     "Usage",
     "create_backend",

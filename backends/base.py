@@ -14,6 +14,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# defined with the other bases of the error tree; backends import it from here
+from treadle.errors import BackendError as BackendError
+
 Role = Literal["system", "user", "assistant", "tool"]
 
 
@@ -131,18 +134,6 @@ class Capabilities(BaseModel):
     pin_ttl: bool = False
     program_id: bool = False
     metrics: bool = False
-
-
-class BackendError(Exception):
-    """A backend failed to produce a usable response.
-
-    `retryable` says whether the same request may succeed on another attempt or replica.
-    """
-
-    def __init__(self, message: str, *, retryable: bool = False, replica: str | None = None):
-        super().__init__(message)
-        self.retryable = retryable
-        self.replica = replica
 
 
 @runtime_checkable

@@ -26,6 +26,7 @@ from treadle.backends.base import (
     ToolCall,
     Usage,
 )
+from treadle.backends.tokens import CHARS, TokenEstimator
 
 _WORDS = (
     "alpha bravo cedar delta ember fjord grove harbor island juniper kestrel lumen meadow "
@@ -53,16 +54,20 @@ class ScriptRule(BaseModel):
     tool_calls: list[ScriptedToolCall] = Field(default_factory=list)
 
 
-def _approx_tokens(text: str) -> int:
-    return max(1, len(text) // 4) if text else 0
-
-
 class ScriptedBackend:
-    """Deterministic stand-in for an LLM. `latency_s` adds a fixed delay per call."""
+    """Deterministic stand-in for an LLM. `latency_s` adds a fixed delay per call; `tokens`
+    counts the usage it reports (it has no tokenizer of its own)."""
 
-    def __init__(self, rules: list[ScriptRule] | None = None, *, latency_s: float = 0.0):
+    def __init__(
+        self,
+        rules: list[ScriptRule] | None = None,
+        *,
+        latency_s: float = 0.0,
+        tokens: TokenEstimator = CHARS,
+    ):
         self.rules = list(rules or [])
         self.latency_s = latency_s
+        self.tokens = tokens
         self.calls = 0
 
     @property
@@ -81,8 +86,8 @@ class ScriptedBackend:
             tool_calls=calls,
             finish_reason="tool_calls" if calls else "stop",
             usage=Usage(
-                prompt_tokens=_approx_tokens(prompt_text),
-                completion_tokens=_approx_tokens(completion),
+                prompt_tokens=self.tokens.count(prompt_text),
+                completion_tokens=self.tokens.count(completion),
             ),
             model=request.model,
         )

@@ -1,6 +1,6 @@
 """What every benchmark shares: the JSON report format and a readable table.
 
-Report format (BENCHMARKS.md): `{"bench": NAME, "config": {...}, "results": {SYSTEM:
+Report format (docs/benchmarks.md): `{"bench": NAME, "config": {...}, "results": {SYSTEM:
 {METRIC: value}}, "ratios": {...}}`.
 """
 

@@ -48,14 +48,14 @@ import typer
 from rich.console import Console
 
 from treadle.backends.dispatch.routing import (
-    POLICIES,
+    ROUTING_POLICIES,
     CacheAwareConfig,
-    Policy,
     RequestFeatures,
     Router,
-    TreadleConfig,
+    RoutingPolicy,
+    TreadleRoutingConfig,
     chain_block_ids,
-    make_policy,
+    make_routing_policy,
 )
 from treadle.backends.sim.clock import VirtualClock
 from treadle.backends.sim.engine import Engine, SimRequest
@@ -224,8 +224,8 @@ class Bench:
     policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: int = 0
 
-    def make_policy(self, name: str) -> Policy:
-        return make_policy(name, self.replicas, **self.policy_options.get(name, {}))
+    def make_routing_policy(self, name: str) -> RoutingPolicy:
+        return make_routing_policy(name, self.replicas, **self.policy_options.get(name, {}))
 
     def slo_value(self, index: int, ttft: float) -> float:
         """What the SLO bounds for request `index` (module doc: absolute or slack)."""
@@ -242,7 +242,7 @@ class Bench:
         n = len(rows)
         clock = VirtualClock()
         engines = [Engine(self.profile, clock, name=f"replica-{i}") for i in range(self.replicas)]
-        router = Router(self.make_policy(policy_name), [e.name for e in engines])
+        router = Router(self.make_routing_policy(policy_name), [e.name for e in engines])
         block_size = engines[0].block_size
         # p99 (linear interpolation) exceeds the SLO once data[floor(0.99 (n-1))] does,
         # i.e. once n - floor(0.99 (n-1)) values exceed it
@@ -369,7 +369,7 @@ def run_bench(
     seed: int,
     ref_scale: float,
     tolerance: float,
-    policies: Sequence[str] = POLICIES,
+    policies: Sequence[str] = ROUTING_POLICIES,
     echo: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """Run every policy; returns (config, results, ratios) in the report's shape."""
@@ -377,9 +377,9 @@ def run_bench(
         raise ValueError("--replicas must be >= 1")
     if slo_s <= 0:
         raise ValueError("--slo-s must be > 0")
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in ROUTING_POLICIES]
     if unknown:
-        raise ValueError(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
+        raise ValueError(f"unknown policies {unknown}; known: {', '.join(ROUTING_POLICIES)}")
     profile = Profile.load(profile_name)
     workload = load_workload(trace, limit=requests, seed=seed)
     block_size = profile.engine.block_size
@@ -439,7 +439,7 @@ def run_bench(
         "policies": list(policies),
         "cache_aware": dataclasses.asdict(CacheAwareConfig(**bench.policy_options["cache_aware"])),
         "treadle": {
-            **dataclasses.asdict(TreadleConfig(**bench.policy_options["treadle"])),
+            **dataclasses.asdict(TreadleRoutingConfig(**bench.policy_options["treadle"])),
             "prefill_time_s": f"{profile.name} Profile.prefill_time",
         },
     }

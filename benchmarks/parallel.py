@@ -1,4 +1,4 @@
-"""`treadle bench parallel`: parallel function calling (BENCHMARKS.md section 4).
+"""`treadle bench parallel`: parallel function calling (docs/benchmarks.md).
 
 Data sets: LLMCompiler's HotpotQA comparison (two searches), Movie recommendation (a search
 per movie and per option, eight in all) and ParallelQA (`branch` searches, each followed by

@@ -1,4 +1,4 @@
-"""`treadle bench service`: the daemon under load and faults (BENCHMARKS.md, section 5).
+"""`treadle bench service`: the daemon under load and faults (docs/benchmarks.md).
 
 K tenants submit runs of a small 5-node workflow (scripted backend) through the HTTP API,
 at a fixed rate (open loop: a request is sent on schedule whether or not earlier ones have

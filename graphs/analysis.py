@@ -4,99 +4,48 @@ For every LLM node: how many LLM steps are still ahead of it on the longest path
 it is the program's last LLM step on every path through it — pinning its KV after it is
 useless), which tools follow it, and which other nodes share its prompt prefix. For the
 graph: the critical path by estimated cost, and every node's remaining cost to the end.
+What each kind contributes (its cost, its LLM steps, its prompt, the tools it calls) is
+said by the kind (`treadle.graphs.kinds`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from treadle.graphs.spec import LLMNode, MapNode, NodeSpec, PlannerNode, SubgraphNode, ToolNode
+from treadle.graphs.compiled import CompiledNode, GraphFacts, LLMFacts
+from treadle.graphs.kinds import kind_of
+from treadle.graphs.kinds.base import (
+    FUNC_COST_S,
+    LLM_STEP_COST_S,
+    TOOL_COST_S,
+    Prompted,
+)
+from treadle.graphs.spec import NodeSpec
 
-if TYPE_CHECKING:
-    from treadle.graphs.compile import CompiledNode
-
-#: cost estimates (seconds) used before any measurement exists
-LLM_STEP_COST_S = 1.0
-TOOL_COST_S = 0.5
-FUNC_COST_S = 0.001
-
-
-@dataclass(frozen=True)
-class LLMFacts:
-    node: str
-    #: LLM steps after this node on the longest path through it (0: last LLM step)
-    steps_to_execution: int
-    is_last_llm_step: bool
-    #: tools the program calls right after this step (its own tools, or tool nodes next)
-    next_tools: tuple[str, ...]
-    #: nodes whose prompts start the same way (same model, system prompt, template head)
-    prefix_group: str
-
-
-@dataclass
-class GraphFacts:
-    llm: dict[str, LLMFacts] = field(default_factory=dict)
-    critical_path: tuple[str, ...] = ()
-    critical_path_cost_s: float = 0.0
-    #: estimated cost from the start of each node to the end of the program
-    remaining_cost_s: dict[str, float] = field(default_factory=dict)
-    prefix_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+__all__ = [
+    "FUNC_COST_S",
+    "LLM_STEP_COST_S",
+    "TOOL_COST_S",
+    "GraphFacts",
+    "LLMFacts",
+    "analyze",
+    "llm_steps",
+    "node_cost_s",
+    "prefix_key",
+]
 
 
 def node_cost_s(spec: NodeSpec) -> float:
-    if isinstance(spec, LLMNode):
-        return LLM_STEP_COST_S
-    if isinstance(spec, PlannerNode):
-        return 2 * LLM_STEP_COST_S + TOOL_COST_S  # plan, its tasks, join
-    if isinstance(spec, ToolNode):
-        expected = spec.tool.expected_duration_s if spec.tool is not None else None
-        return expected if expected is not None else TOOL_COST_S
-    if isinstance(spec, MapNode):
-        return node_cost_s(spec.node) if spec.node is not None else FUNC_COST_S
-    if isinstance(spec, SubgraphNode):
-        return LLM_STEP_COST_S * _count_llm(spec) + FUNC_COST_S
-    return FUNC_COST_S
+    return kind_of(spec).cost_s(spec)
 
 
 def llm_steps(spec: NodeSpec) -> int:
     """LLM steps a node itself contributes on a path (a map counts once: it is parallel)."""
-    if isinstance(spec, LLMNode):
-        return 1
-    if isinstance(spec, PlannerNode):
-        return 2
-    if isinstance(spec, MapNode) and spec.node is not None:
-        return llm_steps(spec.node)
-    if isinstance(spec, SubgraphNode):
-        return _count_llm(spec)
-    return 0
+    return kind_of(spec).llm_steps(spec)
 
 
-def _count_llm(spec: SubgraphNode) -> int:
-    if spec.graph is None:
-        return 0
-    return sum(llm_steps(n) for n in spec.graph.nodes)
-
-
-def _llm_spec(spec: NodeSpec) -> LLMNode | PlannerNode | None:
-    if isinstance(spec, LLMNode | PlannerNode):
-        return spec
-    if isinstance(spec, MapNode) and isinstance(spec.node, LLMNode | PlannerNode):
-        return spec.node
-    return None
-
-
-def _tool_names(spec: NodeSpec) -> tuple[str, ...]:
-    if isinstance(spec, ToolNode) and spec.tool is not None:
-        return (spec.tool.name,)
-    if isinstance(spec, MapNode) and spec.node is not None:
-        return _tool_names(spec.node)
-    return ()
-
-
-def prefix_key(spec: LLMNode | PlannerNode) -> str:
+def prefix_key(spec: Prompted) -> str:
     head = spec.prompt.split("{", 1)[0]
     raw = "\x00".join((spec.model, spec.system or "", head))
     return hashlib.blake2b(raw.encode(), digest_size=6).hexdigest()
@@ -131,14 +80,17 @@ def analyze(nodes: Mapping[str, CompiledNode]) -> GraphFacts:
 
     groups: dict[str, list[str]] = {}
     for nid in order:
-        spec = _llm_spec(nodes[nid].spec)
+        node_spec = nodes[nid].spec
+        spec = kind_of(node_spec).prompted(node_spec)
         if spec is None:
             continue
         key = prefix_key(spec)
         groups.setdefault(key, []).append(nid)
         own_tools = tuple(t.name for t in spec.tools)
         following = tuple(
-            t for child in nodes[nid].dependents for t in _tool_names(nodes[child].spec)
+            t
+            for child in nodes[nid].dependents
+            for t in kind_of(nodes[child].spec).tools_called(nodes[child].spec)
         )
         facts.llm[nid] = LLMFacts(
             node=nid,

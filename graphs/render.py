@@ -1,4 +1,7 @@
-"""Drawing a graph: Mermaid (for Markdown) and Graphviz DOT (and PNG when `dot` exists)."""
+"""Drawing a graph: Mermaid (for Markdown) and Graphviz DOT (and PNG when `dot` exists).
+
+Each kind says how its nodes look (`label`, `mermaid`, `dot`), which bindings they read
+(`bindings`) and which nodes they choose to run (`control_edges`)."""
 
 from __future__ import annotations
 
@@ -8,17 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from treadle.graphs.spec import (
-    INPUT,
-    ITEM,
-    BranchNode,
-    FirstOf,
-    GraphSpec,
-    MapNode,
-    NodeSpec,
-    Ref,
-    SubgraphNode,
-)
+from treadle.graphs.kinds import kind_of
+from treadle.graphs.spec import INPUT, ITEM, FirstOf, GraphSpec, Ref
 
 
 @dataclass(frozen=True)
@@ -31,20 +25,6 @@ class DynamicNode:
     id: str
     label: str
     deps: tuple[str, ...] = ()
-
-
-def _label(node: NodeSpec) -> str:
-    if isinstance(node, MapNode) and node.node is not None:
-        inner = _label(node.node).split("\\n", 1)[1]
-        return f"{node.id}\\nmap × {inner}"
-    detail = ""
-    tool = getattr(node, "tool", None)
-    if tool is not None:
-        detail = f": {tool.name}"
-    model = getattr(node, "model", None)
-    if model is not None and node.kind == "llm":
-        detail = f": {model}"
-    return f"{node.id}\\n{node.kind}{detail}"
 
 
 def _edges(spec: GraphSpec) -> Iterator[tuple[str, str, str, bool]]:
@@ -62,21 +42,15 @@ def _edges(spec: GraphSpec) -> Iterator[tuple[str, str, str, bool]]:
         return "__input__" if ref.node == INPUT else ref.node
 
     for node in spec.nodes:
-        bindings = list(node.inputs.items())
-        if isinstance(node, MapNode):
-            bindings.append(("over", node.over))
-            if node.node is not None:
-                bindings += node.node.inputs.items()
-        for name, binding in bindings:
+        kind = kind_of(node)
+        for name, binding in kind.bindings(node):
             for ref in refs(binding):
                 src = source(ref)
                 if src is not None:
                     field = ".".join(ref.path)
                     yield src, node.id, f"{field}→{name}" if field else name, False
-        if isinstance(node, BranchNode):
-            for label, targets in node.routes.items():
-                for target in targets:
-                    yield node.id, target, label, True
+        for label, target in kind.control_edges(node):
+            yield node.id, target, label, True
     for name, binding in spec.outputs.items():
         for ref in refs(binding):
             src = source(ref)
@@ -106,17 +80,10 @@ def to_mermaid(spec: GraphSpec, extra: Sequence[DynamicNode] = ()) -> str:
     if spec.inputs:
         lines.append(f'  __input__(["inputs: {", ".join(spec.inputs)}"])')
     for node in spec.nodes:
-        nid, text = _mermaid_id(node.id), _label(node).replace("\\n", "<br/>")
-        if isinstance(node, BranchNode):
-            lines.append(f'  {nid}{{"{text}"}}')
-        elif isinstance(node, MapNode):
-            lines.append(f'  {nid}[/"{text}"/]')
-        elif isinstance(node, SubgraphNode):
-            lines.append(f'  {nid}[["{text}"]]')
-        elif node.kind == "llm":
-            lines.append(f'  {nid}("{text}")')
-        else:
-            lines.append(f'  {nid}["{text}"]')
+        kind = kind_of(node)
+        text = kind.label(node).replace("\\n", "<br/>")
+        opening, closing = kind.mermaid
+        lines.append(f"  {_mermaid_id(node.id)}{opening}{text}{closing}")
     if spec.outputs:
         lines.append(f'  __output__(["outputs: {", ".join(spec.outputs)}"])')
     for src, dst, label, control in _edges(spec):
@@ -127,7 +94,6 @@ def to_mermaid(spec: GraphSpec, extra: Sequence[DynamicNode] = ()) -> str:
 
 
 def to_dot(spec: GraphSpec, extra: Sequence[DynamicNode] = ()) -> str:
-    shapes = {"llm": "ellipse", "tool": "box", "func": "box", "branch": "diamond"}
     lines = [
         f'digraph "{spec.name}" {{',
         "  rankdir=TB;",
@@ -137,9 +103,8 @@ def to_dot(spec: GraphSpec, extra: Sequence[DynamicNode] = ()) -> str:
     if spec.inputs:
         lines.append(f'  "__input__" [label="inputs\\n{", ".join(spec.inputs)}", shape=invhouse];')
     for node in spec.nodes:
-        shape = shapes.get(node.kind, "box3d" if isinstance(node, MapNode) else "component")
-        style = ', style="rounded"' if node.kind == "func" else ""
-        lines.append(f'  "{node.id}" [label="{_label(node)}", shape={shape}{style}];')
+        kind = kind_of(node)
+        lines.append(f'  "{node.id}" [label="{kind.label(node)}", {kind.dot}];')
     if spec.outputs:
         lines.append(f'  "__output__" [label="outputs\\n{", ".join(spec.outputs)}", shape=house];')
     for src, dst, label, control in _edges(spec):

@@ -1,18 +1,21 @@
-"""The declared program as data: `GraphSpec` and its node kinds.
+"""The declared program as data: `GraphSpec`, the fields every node has (`NodeSpec`), its
+options (`NodeOptions`), references between nodes, and where things were written.
 
 Both the Python SDK (`treadle.graphs.builder`) and the workflow-file loader
 (`treadle.graphs.files.loader`) produce these objects, with references already resolved to
 Python objects (functions, `Tool`s, types). Two specs that describe the same program
 compare equal; where a spec came from (`source`) does not take part in the comparison.
+Each node kind adds its own fields in its module of `treadle.graphs.kinds`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from treadle.tools import Tool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 #: the pseudo-node that stands for the graph's inputs in a `Ref`
 INPUT = "$input"
@@ -20,7 +23,6 @@ INPUT = "$input"
 ITEM = "$item"
 
 ErrorPolicy = Literal["fail", "skip", "fallback"]
-NodeKind = Literal["func", "tool", "llm", "map", "branch", "subgraph", "planner"]
 
 
 @dataclass(frozen=True)
@@ -76,128 +78,82 @@ class FirstOf:
     refs: tuple[Ref, ...]
 
 
-@dataclass
-class Policy:
-    """How a node is retried, timed out and failed."""
+class NodeOptions(BaseModel):
+    """How a node is retried, timed out, failed and limited: the options every kind takes
+    (`retries=2, timeout_s=30, on_error="skip"` in the SDK, flat on the node in a file).
 
-    retries: int = 0
-    backoff_s: float = 0.1
-    backoff_max_s: float = 10.0
-    jitter: float = 0.5
-    timeout_s: float | None = None
-    on_error: ErrorPolicy = "fail"
-    fallback: Any = None
-    concurrency: int | None = None
+    The SDK checks option *names* when a node is declared (`NodeOptions.of`); their values
+    are checked with the rest of the graph by `compile_graph`, which reports every problem
+    at once (`problems()`). A workflow file's options are checked when it is loaded.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    retries: int = Field(0, ge=0, description="Attempts after the first failure.")
+    backoff_s: float = Field(0.1, ge=0, description="First retry delay (seconds).")
+    backoff_max_s: float = Field(10.0, ge=0, description="Largest retry delay.")
+    jitter: float = Field(0.5, ge=0, le=1, description="Random share of each delay.")
+    timeout_s: float | None = Field(None, gt=0, description="Per-attempt timeout.")
+    on_error: ErrorPolicy = Field(
+        "fail",
+        description="fail the run, skip this node and what depends only on it, or use "
+        "`fallback` as the output.",
+    )
+    fallback: Any = Field(None, description="The output when on_error is fallback.")
+    concurrency: int | None = Field(None, ge=1, description="At most this many instances at once.")
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> NodeOptions:
+        """Options given as keyword arguments of an SDK node method. An unknown name is a
+        `TypeError` at once (it is a mistake in the call itself, as an unexpected keyword
+        argument is); values are kept as given, for `compile_graph` to check."""
+        for name in options:
+            if name not in cls.model_fields:
+                close = difflib.get_close_matches(name, cls.model_fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                valid = ", ".join(cls.model_fields)
+                raise TypeError(f"unknown node option {name!r}{hint}; valid options: {valid}")
+        return cls.model_construct(**options)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(option, what is wrong) for every value that does not fit its option."""
+        try:
+            type(self).model_validate(dict(self))
+        except ValidationError as exc:
+            return [(str(err["loc"][0]), _option_problem(err)) for err in exc.errors()]
+        return []
+
+
+def _option_problem(err: Any) -> str:
+    name, ctx = err["loc"][0], err.get("ctx", {})
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+    }
+    if err["type"] in bounds:
+        op, key = bounds[err["type"]]
+        return f"{name} must be {op} {ctx[key]:g}"
+    if err["type"] == "literal_error":
+        return f"{name} must be one of {ctx['expected']}"
+    return f"{name}: {err['msg']}"
 
 
 @dataclass
 class NodeSpec:
     """Fields every node kind has. `inputs` maps an input name to a `Ref`, `FirstOf` or a
-    literal value."""
+    literal value. The kinds themselves (`FuncNode`, `LLMNode`, ...) are defined, one module
+    each, in `treadle.graphs.kinds`."""
 
     id: str
     inputs: dict[str, Any] = field(default_factory=dict)
-    policy: Policy = field(default_factory=Policy)
+    options: NodeOptions = field(default_factory=NodeOptions)
     source: SourceInfo | None = field(default=None, compare=False, repr=False)
 
-    kind: ClassVar[NodeKind]
+    #: the kind's name in workflow files and events ("llm", "map", ...)
+    kind: ClassVar[str]
 
-
-@dataclass
-class FuncNode(NodeSpec):
-    """A Python function; its parameters are the inputs, its return value the output.
-
-    Sync functions run on the event loop (they should be quick); set `blocking=True` to run
-    one in a worker thread instead.
-    """
-
-    fn: Callable[..., Any] = field(default=lambda: None)
-    blocking: bool = False
-    kind: ClassVar[NodeKind] = "func"
-
-
-@dataclass
-class ToolNode(NodeSpec):
-    """A call to a tool with bound arguments."""
-
-    tool: Tool | None = None
-    kind: ClassVar[NodeKind] = "tool"
-
-
-@dataclass
-class LLMNode(NodeSpec):
-    """A chat call. `prompt` (and `system`) are templates over the inputs (`{name}`).
-
-    `output` is `str` or a pydantic model the answer must parse into. With `tools` the
-    node runs a tool-calling conversation (parallel calls run at once) until the model
-    answers without calling a tool or `max_turns` is reached.
-    """
-
-    prompt: str = ""
-    model: str = "default"
-    system: str | None = None
-    output: Any = str
-    tools: tuple[Tool, ...] = ()
-    max_turns: int = 8
-    temperature: float | None = None
-    max_tokens: int | None = None
-    kind: ClassVar[NodeKind] = "llm"
-
-
-@dataclass
-class MapNode(NodeSpec):
-    """Run `node` once per element of `over` (bound to `$item` inside it), then collect the
-    outputs in order, optionally folding them with `reduce(list) -> value`."""
-
-    over: Any = None
-    node: NodeSpec | None = None
-    reduce: Callable[..., Any] | None = None
-    kind: ClassVar[NodeKind] = "map"
-
-
-@dataclass
-class BranchNode(NodeSpec):
-    """Choose a route. `route(**inputs)` returns a label (without `route`, the single
-    input's value is the label); the nodes listed under that label in `routes` run, those
-    listed only under other labels are skipped. The output is the chosen label."""
-
-    routes: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    route: Callable[..., Any] | None = None
-    default: str | None = None
-    kind: ClassVar[NodeKind] = "branch"
-
-
-@dataclass
-class SubgraphNode(NodeSpec):
-    """Another graph used as one node; its inputs are the subgraph's inputs."""
-
-    graph: GraphSpec | None = None
-    kind: ClassVar[NodeKind] = "subgraph"
-
-
-@dataclass
-class PlannerNode(NodeSpec):
-    """An LLM that writes a plan of tool calls, one task a line, in LLMCompiler's format
-    (`1. search("x")`, `2. calculator("$1 * 2")`, `3. join()`). Each task is dispatched as
-    soon as its line has arrived and its dependencies are done. A joiner then answers
-    (parsed as `output`) or asks for a new plan, at most `max_replans` times.
-    """
-
-    prompt: str = ""
-    model: str = "default"
-    system: str | None = None
-    tools: tuple[Tool, ...] = ()
-    output: Any = str
-    max_replans: int = 2
-    #: the joiner's instructions (a default is used when None)
-    joiner: str | None = None
-    kind: ClassVar[NodeKind] = "planner"
-
-
-NODE_KINDS: dict[str, type[NodeSpec]] = {
-    cls.kind: cls
-    for cls in (FuncNode, ToolNode, LLMNode, MapNode, BranchNode, SubgraphNode, PlannerNode)
-}
 
 _MISSING: Any = object()
 

@@ -107,6 +107,20 @@ def is_compatible(src: Any, dst: Any) -> bool:
     return True
 
 
+def type_hints(fn: Any) -> dict[str, Any]:
+    """The annotations of a function (or of a callable object's `__call__`); {} if none can
+    be read."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        # a callable object: its __call__ carries the annotations
+        target = type(fn).__call__ if not inspect.isroutine(fn) and callable(fn) else None
+        try:
+            return typing.get_type_hints(target) if target is not None else {}
+        except Exception:
+            return {}
+
+
 def describe(tp: Any) -> str:
     if tp is Any:
         return "Any"

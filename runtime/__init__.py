@@ -2,7 +2,7 @@
 
 from treadle.runtime.core.errors import NodeError, RunCancelled, RunFailed
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import RunRecord, StateStore
+from treadle.runtime.core.store import RunRecord, RunStatus, StateStore
 from treadle.runtime.execution.runtime import InvalidInputs, RunHandle, RunResult, Runtime
 from treadle.runtime.stores.memory import MemoryStore
 
@@ -16,6 +16,7 @@ __all__ = [
     "RunHandle",
     "RunRecord",
     "RunResult",
+    "RunStatus",
     "Runtime",
     "StateStore",
 ]

@@ -86,6 +86,22 @@ def test_run_with_input_and_bad_input(tmp_path: Path) -> None:
     assert "research" in listed.stdout and "succeeded" in listed.stdout
 
 
+def test_input_from_a_yaml_file_and_its_syntax_errors(tmp_path: Path) -> None:
+    db = str(tmp_path / "runs.db")
+    good = tmp_path / "in.yaml"
+    good.write_text("# the question\nquestion: What is prefix caching?\n")
+    ran = treadle("run", str(EXAMPLES / "research.yaml"), "--json", "--db", db, "-i", f"@{good}")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["output"]["report"]["summary"].startswith("What is prefix")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("question: fine\n  nested: [oops\n")
+    refused = treadle("run", str(EXAMPLES / "research.yaml"), "--db", db, "-i", f"@{bad}")
+    assert refused.returncode == 2
+    # one line naming the option, the file, the line and column, and the problem
+    line = " ".join(refused.stderr.split())
+    assert f"--input {bad}:2:" in line and "not allowed here" in line, refused.stderr
+
+
 PROGRAM = """
 import os, time
 from pathlib import Path
@@ -174,9 +190,10 @@ def test_resume_after_interrupt_or_kill(tmp_path: Path, sig: signal.Signals) -> 
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
+    listed = treadle("runs", "--db", db)
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "resume with" in err
-    listed = treadle("runs", "--db", db)
+        assert "interrupted" in listed.stdout and "cancelled" not in listed.stdout
     run_id = (
         listed.stdout.split("│")[1].strip() if "│" in listed.stdout else listed.stdout.split()[4]
     )

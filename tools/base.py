@@ -23,19 +23,12 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from treadle.errors import ToolError
+
 #: a tool function may take this keyword; it is filled by the runtime, not the model
 IDEMPOTENCY_PARAM = "idempotency_key"
 
 _log = logging.getLogger(__name__)
-
-
-class ToolError(Exception):
-    """A tool call failed. The message is what the model (or the run) is told."""
-
-    def __init__(self, tool: str, message: str):
-        super().__init__(f"tool {tool!r}: {message}")
-        self.tool = tool
-        self.reason = message
 
 
 class ToolArgumentError(ToolError):

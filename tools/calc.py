@@ -30,8 +30,11 @@ MAX_INT_BITS = 4096
 MAX_EXPONENT = 10_000
 
 
-class CalculatorError(ValueError):
+class CalculatorError(ToolError, ValueError):
     """The expression is not something the calculator evaluates, or its result is too big."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("calculator", message)
 
 
 def _check_int(value: Number) -> Number:

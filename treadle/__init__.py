@@ -18,7 +18,6 @@ import anyio
 
 from treadle.backends import (
     Backend,
-    BackendError,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -28,24 +27,30 @@ from treadle.backends import (
     ToolCall,
     Usage,
 )
+from treadle.errors import (
+    BackendError,
+    DaemonError,
+    GraphError,
+    RunError,
+    SetupError,
+    StoreError,
+    ToolError,
+    TreadleError,
+)
 from treadle.graphs.analysis import GraphFacts, LLMFacts
 from treadle.graphs.builder import ITEM_REF as ITEM
 from treadle.graphs.builder import Graph, NodeHandle, Out, first_of, step
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
-from treadle.graphs.spec import (
+from treadle.graphs.kinds import (
     BranchNode,
-    FirstOf,
     FuncNode,
-    GraphSpec,
-    InputSpec,
     LLMNode,
     MapNode,
-    NodeSpec,
-    Policy,
-    Ref,
+    PlannerNode,
     SubgraphNode,
     ToolNode,
 )
+from treadle.graphs.spec import FirstOf, GraphSpec, InputSpec, NodeOptions, NodeSpec, Ref
 from treadle.runtime import (
     Event,
     InvalidInputs,
@@ -56,11 +61,14 @@ from treadle.runtime import (
     RunHandle,
     RunRecord,
     RunResult,
+    RunStatus,
     Runtime,
     StateStore,
 )
 from treadle.runtime.core import events
-from treadle.tools import Tool, ToolArgumentError, ToolError, tool
+from treadle.runtime.core.context import LLMCall, ToolInvocation
+from treadle.runtime.core.interceptors import CallInterceptor, ExtraHeaders
+from treadle.tools import Tool, ToolArgumentError, tool
 
 __version__ = "0.1.0"
 
@@ -92,17 +100,22 @@ __all__ = [
     "Backend",
     "BackendError",
     "BranchNode",
+    "CallInterceptor",
     "Capabilities",
     "CompiledGraph",
+    "DaemonError",
     "Event",
+    "ExtraHeaders",
     "FirstOf",
     "FuncNode",
     "Graph",
+    "GraphError",
     "GraphFacts",
     "GraphSpec",
     "GraphValidationError",
     "InputSpec",
     "InvalidInputs",
+    "LLMCall",
     "LLMFacts",
     "LLMNode",
     "LLMRequest",
@@ -112,25 +125,32 @@ __all__ = [
     "Message",
     "NodeError",
     "NodeHandle",
+    "NodeOptions",
     "NodeSpec",
     "Out",
-    "Policy",
+    "PlannerNode",
     "Ref",
     "RunCancelled",
+    "RunError",
     "RunFailed",
     "RunHandle",
     "RunRecord",
     "RunResult",
+    "RunStatus",
     "Runtime",
     "ScriptRule",
     "ScriptedBackend",
+    "SetupError",
     "StateStore",
+    "StoreError",
     "SubgraphNode",
     "Tool",
     "ToolArgumentError",
     "ToolCall",
     "ToolError",
+    "ToolInvocation",
     "ToolNode",
+    "TreadleError",
     "Usage",
     "compile_graph",
     "events",

@@ -38,12 +38,13 @@ from treadle.backends.base import (
 )
 from treadle.backends.dispatch.routing import (
     DEFAULT_CHUNK_TOKENS,
-    Policy,
     RequestFeatures,
     Router,
+    RoutingPolicy,
     Ticket,
-    make_policy,
+    make_routing_policy,
 )
+from treadle.backends.tokens import CHARS, TokenEstimator
 
 #: errors that mean "this replica could not be reached", worth another replica
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
@@ -169,15 +170,17 @@ class _Replica:
 class ReplicaPool:
     """A `Backend` that routes each request to one of `replicas`.
 
-    `policy` is a name from `treadle.backends.dispatch.routing.POLICIES` (with `policy_options` for
-    its config) or a ready `Policy`. `max_attempts` bounds the replicas tried per request
-    (default: all of them). `clock` is injectable for tests."""
+    `policy` is a name from `treadle.backends.dispatch.routing.ROUTING_POLICIES` (with
+    `policy_options` for its config) or a ready `RoutingPolicy`. `max_attempts` bounds the
+    replicas tried per request (default: all of them). `tokens` estimates prompts' tokens
+    and cuts them into prefix chunks (the default counts characters; give the engine's
+    tokenizer, where you have it, for exact chunks). `clock` is injectable for tests."""
 
     def __init__(
         self,
         replicas: Sequence[Backend],
         *,
-        policy: str | Policy = "treadle",
+        policy: str | RoutingPolicy = "treadle",
         names: Sequence[str] | None = None,
         health_interval_s: float = 10.0,
         health_timeout_s: float = 5.0,
@@ -185,6 +188,7 @@ class ReplicaPool:
         cooldown_s: float = 30.0,
         max_attempts: int | None = None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        tokens: TokenEstimator = CHARS,
         policy_options: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -205,7 +209,7 @@ class ReplicaPool:
             for b, n in zip(replicas, names, strict=True)
         ]
         if isinstance(policy, str):
-            policy = make_policy(policy, len(replicas), **(policy_options or {}))
+            policy = make_routing_policy(policy, len(replicas), **(policy_options or {}))
         elif policy_options:
             raise ValueError("policy_options apply only to a policy given by name")
         self.router = Router(policy, names)
@@ -213,6 +217,7 @@ class ReplicaPool:
         self.health_timeout_s = health_timeout_s
         self.max_attempts = max_attempts or len(replicas)
         self.chunk_tokens = chunk_tokens
+        self.tokens = tokens
         self._task_group: anyio.abc.TaskGroup | None = None
 
     # -- Backend -------------------------------------------------------------------------
@@ -234,9 +239,7 @@ class ReplicaPool:
         )
 
     async def generate(self, request: LLMRequest) -> LLMResponse:
-        features = RequestFeatures.from_request(
-            request, chunk_tokens=self.chunk_tokens, now=self._clock()
-        )
+        features = self._features(request)
         tried: set[int] = set()
         while True:
             ticket, replica = self._pick(features, tried)
@@ -263,9 +266,7 @@ class ReplicaPool:
     async def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]:
         """Stream from one replica; failures before the first chunk go to another replica,
         a failure after it is raised (the chunks already yielded cannot be taken back)."""
-        features = RequestFeatures.from_request(
-            request, chunk_tokens=self.chunk_tokens, now=self._clock()
-        )
+        features = self._features(request)
         tried: set[int] = set()
         while True:
             ticket, replica = self._pick(features, tried)
@@ -302,6 +303,11 @@ class ReplicaPool:
             return
 
     # -- routing and bookkeeping -----------------------------------------------------------
+
+    def _features(self, request: LLMRequest) -> RequestFeatures:
+        return RequestFeatures.from_request(
+            request, chunk_tokens=self.chunk_tokens, now=self._clock(), tokens=self.tokens
+        )
 
     def _usable(self, replica: _Replica) -> bool:
         return replica.healthy and replica.breaker.can_execute()

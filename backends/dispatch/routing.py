@@ -8,7 +8,8 @@ there and ages like the engine's cache: bounded capacity in chunks with least-re
 eviction, and an optional TTL. `LoadTracker` keeps each replica's in-flight requests and
 outstanding tokens.
 
-Policies share one interface, `choose(request, replicas) -> replica index`:
+Routing policies (`RoutingPolicy`) share one interface, `choose(request, replicas) -> replica
+index`:
 - `round_robin` — the next available replica in turn;
 - `least_load` — fewest outstanding tokens (then fewest in-flight requests);
 - `cache_aware` — sgl-router's policy with its command-line defaults (see `CacheAwareConfig`);
@@ -17,10 +18,10 @@ Policies share one interface, `choose(request, replicas) -> replica index`:
   affinity per program with work stealing from an overloaded replica, and the sgl-router
   imbalance guard.
 
-Chunking of chat requests: when `treadle.backends.sim.tokenizer` is importable, its chat
-encoding (`encode_chat`, the tokens a simulated replica caches) gives token ids, chunked by
-`chunk_tokens`; otherwise the rendered prompt text is cut into chunks of
-`chunk_tokens * CHARS_PER_TOKEN` characters (a character chunk is an equally valid prefix key;
+Chunking of chat requests is the `TokenEstimator`'s (`treadle.backends.tokens`), given by
+the caller: one with the engine's tokenizer gives token ids, chunked by `chunk_tokens`;
+otherwise (the default, `CHARS`) the rendered prompt text is cut into chunks of
+`chunk_tokens * chars_per_token` characters (a character chunk is an equally valid prefix key;
 only the token counts are estimates then). Each decision costs O(prompt chunks) per replica
 holding a match, and the walk stops at the first miss.
 """
@@ -29,23 +30,22 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from treadle.backends.base import LLMRequest
+from treadle.backends.tokens import CHARS, TokenEstimator, prompt_text
+from treadle.errors import BackendError
 
 #: engine KV block size (vLLM default), also the default routing chunk
 DEFAULT_CHUNK_TOKENS = 16
-#: characters per token when no tokenizer is available (the usual English estimate)
-CHARS_PER_TOKEN = 4
 #: seed of every chain: the hash of "no parent"
 _ROOT = 0x5EED
 
 
-class NoReplicaAvailable(RuntimeError):
+class NoReplicaAvailable(BackendError, RuntimeError):
     """Every replica is marked unavailable; there is nothing to route to."""
 
 
@@ -96,52 +96,6 @@ def chain_text_chunks(text: str, chunk_chars: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def prompt_text(request: LLMRequest) -> str:
-    """The request as the text an engine would see first: tools, then messages in order.
-
-    The exact chat template does not matter for routing, only that equal conversation
-    prefixes give equal text prefixes, which this rendering preserves."""
-    parts: list[str] = []
-    if request.tools:
-        parts.append(json.dumps(request.tools, sort_keys=True, separators=(",", ":")))
-    for message in request.messages:
-        parts.append(f"<|{message.role}|>{message.content or ''}")
-        for call in message.tool_calls:
-            parts.append(f"<|call|>{call.name}{call.arguments}")
-    return "\n".join(parts)
-
-
-Encoder = Callable[[LLMRequest], Sequence[int]]
-
-
-def _load_encoder() -> Encoder | None:
-    """The simulator tokenizer's chat encoding (the very tokens a simulated replica
-    caches), or its plain tokenizer over `prompt_text`; None when the module is absent."""
-    try:
-        from treadle.backends.sim import tokenizer as sim_tokenizer
-    except ImportError:
-        return None
-    encode_chat = getattr(sim_tokenizer, "encode_chat", None)
-    if callable(encode_chat):
-        return lambda request: cast(
-            Sequence[int], encode_chat(request.messages, request.tools or None)
-        )
-    tokenize = getattr(sim_tokenizer, "tokenize", None)
-    if callable(tokenize):
-        return lambda request: cast(Sequence[int], tokenize(prompt_text(request)))
-    return None
-
-
-_ENCODER: list[Encoder | None] = []
-
-
-def request_encoder() -> Encoder | None:
-    """Cached lookup of the simulator's tokenizer (None: character chunks are used)."""
-    if not _ENCODER:
-        _ENCODER.append(_load_encoder())
-    return _ENCODER[0]
-
-
 # -- request features ----------------------------------------------------------------------
 
 
@@ -167,16 +121,16 @@ class RequestFeatures:
         *,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         now: float = 0.0,
+        tokens: TokenEstimator = CHARS,
     ) -> RequestFeatures:
-        encode = request_encoder()
-        if encode is not None:
-            tokens = list(encode(request))
-            chunks = chain_token_chunks(tokens, chunk_tokens)
-            n_tokens = len(tokens)
+        ids = tokens.token_ids(request)
+        if ids is not None:
+            chunks = chain_token_chunks(ids, chunk_tokens)
+            n_tokens = len(ids)
         else:
             text = prompt_text(request)
-            chunks = chain_text_chunks(text, chunk_tokens * CHARS_PER_TOKEN)
-            n_tokens = max(1, len(text) // CHARS_PER_TOKEN) if text else 0
+            chunks = chain_text_chunks(text, chunk_tokens * tokens.chars_per_token)
+            n_tokens = tokens.count(text)
         return cls(
             chunks=chunks,
             prompt_tokens=n_tokens,
@@ -359,7 +313,7 @@ class LoadTracker:
 # -- policies ----------------------------------------------------------------------------------
 
 
-class Policy(Protocol):
+class RoutingPolicy(Protocol):
     """A routing policy. `choose` may update the policy's own index (as sgl-router inserts
     the request into its tree when it selects a worker) and sets `last_cached_tokens`: how
     many prompt tokens it expects the chosen replica to have cached."""
@@ -509,7 +463,7 @@ class CacheAwarePolicy:
 
 
 @dataclass(frozen=True)
-class TreadleConfig:
+class TreadleRoutingConfig:
     """Knobs of the `treadle` policy.
 
     `capacity_chunks` should be the engine's prefix-cache capacity in chunks (KV blocks
@@ -541,7 +495,7 @@ class TreadleConfig:
     work_weight: float = 3.0
 
 
-class TreadlePolicy:
+class TreadleRoutingPolicy:
     """Cost-based choice between the best-matching and the least-loaded replica.
 
     cost(r) = queueing delay(r) + (1 + work_weight) x prefill time of the prompt given what r
@@ -552,8 +506,8 @@ class TreadlePolicy:
 
     name = "treadle"
 
-    def __init__(self, n_replicas: int, config: TreadleConfig | None = None):
-        self.config = config or TreadleConfig()
+    def __init__(self, n_replicas: int, config: TreadleRoutingConfig | None = None):
+        self.config = config or TreadleRoutingConfig()
         cfg = self.config
         self.indexes = [
             PrefixIndex(cfg.capacity_chunks, ttl_s=cfg.ttl_s) for _ in range(n_replicas)
@@ -678,12 +632,12 @@ class TreadlePolicy:
             )
 
 
-POLICIES = ("round_robin", "least_load", "cache_aware", "treadle")
+ROUTING_POLICIES = ("round_robin", "least_load", "cache_aware", "treadle")
 
 
-def make_policy(name: str, n_replicas: int, **options: Any) -> Policy:
+def make_routing_policy(name: str, n_replicas: int, **options: Any) -> RoutingPolicy:
     """Build a policy by name; `options` go to its config (`CacheAwareConfig`,
-    `TreadleConfig`)."""
+    `TreadleRoutingConfig`)."""
     if name == "round_robin":
         _no_options(name, options)
         return RoundRobinPolicy()
@@ -693,8 +647,10 @@ def make_policy(name: str, n_replicas: int, **options: Any) -> Policy:
     if name == "cache_aware":
         return CacheAwarePolicy(n_replicas, CacheAwareConfig(**options))
     if name == "treadle":
-        return TreadlePolicy(n_replicas, TreadleConfig(**options))
-    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
+        return TreadleRoutingPolicy(n_replicas, TreadleRoutingConfig(**options))
+    raise ValueError(
+        f"unknown routing policy {name!r}; choose one of {', '.join(ROUTING_POLICIES)}"
+    )
 
 
 def _no_options(name: str, options: dict[str, Any]) -> None:
@@ -709,7 +665,7 @@ def _no_options(name: str, options: dict[str, Any]) -> None:
 class Router:
     """A policy plus the load it acts on. The caller reports progress on each ticket."""
 
-    policy: Policy
+    policy: RoutingPolicy
     names: Sequence[str]
     tracker: LoadTracker = field(init=False)
 

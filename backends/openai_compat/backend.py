@@ -21,6 +21,14 @@ from typing import Any
 
 import anyio
 import httpx
+from httpx_sse import EventSource, SSEError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from treadle.backends.base import (
     BackendError,
@@ -44,6 +52,15 @@ from treadle.backends.openai_compat.server_metrics import (
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 HeaderHook = Callable[[LLMRequest], Mapping[str, str]]
+
+
+class _TryAgain(BackendError):
+    """A failure another try of the same request may not have (cannot connect, 429, 5xx);
+    `retry_after` is the server's `Retry-After`, in seconds."""
+
+    def __init__(self, failure: str, *, retry_after: float | None = None) -> None:
+        super().__init__(failure, retryable=True)
+        self.retry_after = retry_after
 
 
 class OpenAICompatBackend:
@@ -101,6 +118,7 @@ class OpenAICompatBackend:
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self._exponential = wait_exponential(multiplier=backoff_s, max=max_backoff_s)
         self.timeout_s = timeout_s
         self.metrics_url = metrics_url or self.root_url + "/metrics"
         self._chat_url = self.api_base + "/chat/completions"
@@ -225,7 +243,10 @@ class OpenAICompatBackend:
         usage: Usage | None = None
         done = False
         try:
-            async for data in _sse_events(response):
+            async for sse in EventSource(response).aiter_sse():
+                data = sse.data
+                if not data:
+                    continue  # an event without data (only `id:` or `event:` fields)
                 if data.strip() == "[DONE]":
                     done = True
                     break
@@ -254,6 +275,8 @@ class OpenAICompatBackend:
                         yield StreamChunk(delta=content)
                     if choice.get("finish_reason"):
                         finish = str(choice["finish_reason"])
+        except SSEError as exc:  # e.g. not text/event-stream: a proxy's page, not the model
+            raise self._garbage(f"a stream that is not Server-Sent Events: {exc}") from exc
         except httpx.HTTPError as exc:
             raise BackendError(
                 f"{self.name}: the stream broke: {exc!r}", retryable=True, replica=self.name
@@ -329,54 +352,71 @@ class OpenAICompatBackend:
     async def _send(
         self, body: dict[str, Any], headers: dict[str, str], *, stream: bool
     ) -> httpx.Response:
-        """POST the chat request; retry what may pass on a second try. A returned response
-        has a 2xx status (and, with `stream`, an unread body the caller must close)."""
-        attempt = 0
-        while True:
-            retry_after: float | None = None
-            try:
-                req = self._client.build_request(
-                    "POST", self._chat_url, json=body, headers=headers, timeout=self._timeout
-                )
-                response = await self._client.send(req, stream=stream)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                failure = f"cannot connect ({type(exc).__name__}: {exc})"
-            except httpx.TimeoutException as exc:
-                # The server took the request and went quiet. Waiting as long again here
-                # would only double the delay: the caller (or the pool) decides.
-                raise BackendError(
-                    f"{self.name}: no answer within {self.timeout_s:g} s",
-                    retryable=True,
-                    replica=self.name,
-                ) from exc
-            except httpx.HTTPError as exc:
-                failure = f"connection failed ({type(exc).__name__}: {exc})"
-            else:
-                if response.is_success:
-                    return response
-                raw = await response.aread()
-                await response.aclose()
-                detail = _error_detail(raw)
-                if response.status_code not in _RETRY_STATUS:
-                    raise BackendError(
-                        f"{self.name} refused the request ({response.status_code}): {detail}",
-                        retryable=False,
-                        replica=self.name,
-                    )
-                failure = f"answered {response.status_code}: {detail}"
-                retry_after = _retry_after(response.headers.get("retry-after"))
-            if attempt >= self.retries:
-                raise BackendError(
-                    f"{self.name} {failure} (gave up after {attempt + 1} attempts)",
-                    retryable=True,
-                    replica=self.name,
-                )
-            delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-            delay *= 0.5 + random.random() / 2  # jitter: replicas' clients must not sync up
-            if retry_after is not None:
-                delay = min(max(delay, retry_after), self.max_backoff_s)
-            await anyio.sleep(delay)
-            attempt += 1
+        """POST the chat request; retry what may pass on a second try (cannot connect, 429,
+        5xx) with jittered exponential backoff that honours `Retry-After`. A returned
+        response has a 2xx status (and, with `stream`, an unread body the caller must
+        close)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_TryAgain),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=self._backoff,
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        try:
+            return await retrying(self._send_once, body, headers, stream=stream)
+        except _TryAgain as exc:
+            raise BackendError(
+                f"{self.name} {exc} (gave up after {self.retries + 1} attempts)",
+                retryable=True,
+                replica=self.name,
+            ) from None
+
+    def _backoff(self, state: RetryCallState) -> float:
+        delay = self._exponential(state)
+        delay *= 0.5 + random.random() / 2  # jitter: replicas' clients must not sync up
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, _TryAgain) and failure.retry_after is not None:
+            delay = min(max(delay, failure.retry_after), self.max_backoff_s)
+        return delay
+
+    async def _send_once(
+        self, body: dict[str, Any], headers: dict[str, str], *, stream: bool
+    ) -> httpx.Response:
+        """One POST: the response if it is a success; `_TryAgain` for what another try may
+        fix; a `BackendError` for the rest."""
+        try:
+            req = self._client.build_request(
+                "POST", self._chat_url, json=body, headers=headers, timeout=self._timeout
+            )
+            response = await self._client.send(req, stream=stream)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise _TryAgain(f"cannot connect ({type(exc).__name__}: {exc})") from exc
+        except httpx.TimeoutException as exc:
+            # The server took the request and went quiet. Waiting as long again here
+            # would only double the delay: the caller (or the pool) decides.
+            raise BackendError(
+                f"{self.name}: no answer within {self.timeout_s:g} s",
+                retryable=True,
+                replica=self.name,
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise _TryAgain(f"connection failed ({type(exc).__name__}: {exc})") from exc
+        if response.is_success:
+            return response
+        raw = await response.aread()
+        await response.aclose()
+        detail = _error_detail(raw)
+        if response.status_code not in _RETRY_STATUS:
+            raise BackendError(
+                f"{self.name} refused the request ({response.status_code}): {detail}",
+                retryable=False,
+                replica=self.name,
+            )
+        raise _TryAgain(
+            f"answered {response.status_code}: {detail}",
+            retry_after=_retry_after(response.headers.get("retry-after")),
+        )
 
     # -- parsing ---------------------------------------------------------------------
 
@@ -546,25 +586,6 @@ class ToolCallAccumulator:
                 )
             )
         return out
-
-
-async def _sse_events(response: httpx.Response) -> AsyncIterator[str]:
-    """The `data` of each Server-Sent Event in `response` (comments and other fields
-    skipped; multi-line data joined with newlines, as the SSE specification says)."""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
 
 
 def _parse_usage(raw: Any, source: str) -> Usage:

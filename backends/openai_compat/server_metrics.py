@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from treadle.errors import BackendError
+
 
 class MetricNames(BaseModel):
     """Which metric families carry a server's load.
@@ -54,7 +56,7 @@ class ServerLoad(BaseModel):
     raw: dict[str, float] = Field(default_factory=dict)
 
 
-class MetricsFormatError(ValueError):
+class MetricsFormatError(BackendError, ValueError):
     """The text is not Prometheus exposition, or lacks the metrics a dialect needs."""
 
 
@@ -115,7 +117,7 @@ def windowed_hit_rate(previous: ServerLoad | None, current: ServerLoad) -> float
 
 
 def _collect_samples(text: str) -> dict[str, list[float]]:
-    # prometheus-client belongs to the `server` extra: import it only when metrics are read.
+    # imported on first use: only a process that reads servers' metrics pays for the import
     from prometheus_client.parser import text_string_to_metric_families
 
     samples: dict[str, list[float]] = defaultdict(list)

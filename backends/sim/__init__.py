@@ -1,4 +1,5 @@
-"""A discrete-event simulator of a GPU LLM serving engine (BENCHMARKS.md "The engine simulator").
+"""A discrete-event simulator of a GPU LLM serving engine (docs/benchmarks.md, the engine
+simulator).
 
 Modules (flat; each docstring states its public API):
 
@@ -11,8 +12,8 @@ Modules (flat; each docstring states its public API):
 - `trace`     — Mooncake / Azure trace loading and `replay` over several engines.
 - `realtime`  — `SimReplica`: an engine on a real-time clock answering chat requests.
 - `backend`   — `SimBackend`: a treadle `Backend` over a `SimReplica`.
-- `server`    — `create_app` / `serve`: OpenAI-compatible HTTP per replica (needs the
-  `server` extra: fastapi, uvicorn, prometheus-client); imported on its own, not here.
+- `server`    — `create_app` / `serve`: OpenAI-compatible HTTP per replica (FastAPI,
+  uvicorn, prometheus-client); imported on its own, not here.
 
 A typical virtual-time simulation:
 
@@ -26,12 +27,12 @@ A typical virtual-time simulation:
 from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import Clock, RealTimeClock, VirtualClock
 from treadle.backends.sim.engine import (
-    POLICIES,
+    SCHEDULING_POLICIES,
     Engine,
     EngineConfig,
     EngineMetrics,
     PinPressure,
-    Policy,
+    SchedulingPolicy,
     SimRequest,
     StepInfo,
 )
@@ -40,16 +41,16 @@ from treadle.backends.sim.tokenizer import encode_chat, encode_completion, token
 from treadle.backends.sim.trace import TraceRow, load_azure, load_mooncake, replay, round_robin
 
 __all__ = [
-    "POLICIES",
+    "SCHEDULING_POLICIES",
     "Clock",
     "Engine",
     "EngineConfig",
     "EngineMetrics",
     "PinPressure",
-    "Policy",
     "Profile",
     "Prompt",
     "RealTimeClock",
+    "SchedulingPolicy",
     "SimRequest",
     "StepInfo",
     "TraceRow",

@@ -41,7 +41,7 @@ from treadle.backends.base import (
 )
 from treadle.backends.openai_compat.dialects import SIM_CAPABILITIES
 from treadle.backends.scripted import ScriptRule
-from treadle.backends.sim.engine import EngineConfig, EngineMetrics, PinPressure, Policy
+from treadle.backends.sim.engine import EngineConfig, EngineMetrics, PinPressure, SchedulingPolicy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
 from treadle.backends.sim.realtime import SimCompletion, SimReplica, SimulatorFailure, load_rules
 
@@ -61,7 +61,7 @@ class SimBackend:
         replica: SimReplica | None = None,
         *,
         profile: str = DEFAULT_PROFILE,
-        policy: Policy = "fcfs",
+        policy: SchedulingPolicy = "fcfs",
         rules: Sequence[ScriptRule | Mapping[str, Any]] | None = None,
         script: str | Path | None = None,
         speed: float = 1.0,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Policy = Literal["fcfs", "priority", "program"]
+#: the order in which waiting requests are admitted (vLLM's `--scheduling-policy`, plus
+#: Continuum's "program"; `waiting.py` says how each orders them)
+SchedulingPolicy = Literal["fcfs", "priority", "program"]
 PinPressure = Literal["keep", "release", "last_resort"]
 PinRelease = Literal["scheduled", "finished"]
-POLICIES: tuple[Policy, ...] = ("fcfs", "priority", "program")
+SCHEDULING_POLICIES: tuple[SchedulingPolicy, ...] = ("fcfs", "priority", "program")
 PIN_PRESSURES: tuple[PinPressure, ...] = ("keep", "release", "last_resort")
 PIN_RELEASES: tuple[PinRelease, ...] = ("scheduled", "finished")
 
@@ -17,7 +19,7 @@ PIN_RELEASES: tuple[PinRelease, ...] = ("scheduled", "finished")
 class EngineConfig:
     """Switches of one engine; `None` limits come from the profile."""
 
-    policy: Policy = "fcfs"
+    policy: SchedulingPolicy = "fcfs"
     pin_pressure: PinPressure = "keep"
     pin_release: PinRelease = "scheduled"
     max_pinned_fraction: float = 0.5
@@ -29,8 +31,8 @@ class EngineConfig:
     keep_finished: bool = False
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; use one of {POLICIES}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; use one of {SCHEDULING_POLICIES}")
         if self.pin_pressure not in PIN_PRESSURES:
             raise ValueError(f"pin_pressure must be one of {PIN_PRESSURES}")
         if self.pin_release not in PIN_RELEASES:

@@ -2,8 +2,8 @@
 
 The engine is a discrete-event model of vLLM (V1) on one GPU (or one tensor-parallel
 group), driven by a clock (`clock.py`): virtual time for benchmarks, real time for the HTTP
-server. The physics is BENCHMARKS.md's "engine simulator"; the numbers come from a
-`Profile`.
+server. docs/benchmarks.md describes its physics (the engine simulator); the numbers come
+from a `Profile`.
 
 Public API (stable):
 
@@ -102,12 +102,12 @@ from collections.abc import Callable
 from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import Clock, Timer
 from treadle.backends.sim.config import (
-    POLICIES,
+    SCHEDULING_POLICIES,
     EngineConfig,
     EngineMetrics,
     PinPressure,
     PinRelease,
-    Policy,
+    SchedulingPolicy,
     StepInfo,
 )
 from treadle.backends.sim.kvcache import BlockCache, CacheEntry
@@ -117,13 +117,13 @@ from treadle.backends.sim.request import DECODE, FINISHED, NEW, PREFILL, WAITING
 from treadle.backends.sim.waiting import WaitQueue
 
 __all__ = [
-    "POLICIES",
+    "SCHEDULING_POLICIES",
     "Engine",
     "EngineConfig",
     "EngineMetrics",
     "PinPressure",
     "PinRelease",
-    "Policy",
+    "SchedulingPolicy",
     "SimRequest",
     "StepInfo",
     "sum_max_linear",
@@ -146,7 +146,7 @@ class Engine:
         self.clock = clock
         self.config = cfg
         self.name = name
-        self.policy: Policy = cfg.policy
+        self.policy: SchedulingPolicy = cfg.policy
         self._release_on_schedule = cfg.pin_release == "scheduled"
         self.block_size = profile.engine.block_size
         self.max_num_seqs = cfg.max_num_seqs or profile.engine.max_num_seqs

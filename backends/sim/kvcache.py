@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from treadle.errors import BackendError
+
 
 class CacheEntry:
     """One cached extent: `nblocks` blocks under the chained hash `key`."""
@@ -45,7 +47,7 @@ class CacheEntry:
         return f"CacheEntry({self.key:#x}, blocks={self.nblocks}, refs={self.refs})"
 
 
-class OutOfBlocks(RuntimeError):
+class OutOfBlocks(BackendError, RuntimeError):
     """An allocation asked for more than `available`; a bug in the caller's accounting."""
 
 

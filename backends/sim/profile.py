@@ -19,7 +19,7 @@ Public API (stable):
     p.prefill_tokens_per_s(n) -> float
     p.decode_step_time(batch, context) -> seconds
 
-The step-time model (BENCHMARKS.md): `t = overhead + max(flops / (peak * mfu),
+The step-time model (docs/benchmarks.md): `t = overhead + max(flops / (peak * mfu),
 bytes / (bandwidth * mbu))` where `flops = 2 * params * tokens + 4 * layers * (heads *
 head_dim) * attn_ctx` (attn_ctx: the sum over the step's new tokens of the context each
 attends to, itself included), and `bytes = weights + kv_bytes_per_token * (kv_read_tokens +

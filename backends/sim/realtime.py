@@ -33,27 +33,29 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from treadle.backends.base import LLMRequest, ToolCall
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import RealTimeClock
-from treadle.backends.sim.engine import Engine, EngineConfig, Policy, SimRequest
+from treadle.backends.sim.engine import Engine, EngineConfig, SchedulingPolicy, SimRequest
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
 from treadle.backends.sim.tokenizer import (
     completion_text_ends,
     encode_chat,
     encode_completion,
 )
+from treadle.errors import BackendError
 
 
-class SimulatorFailure(RuntimeError):
+class SimulatorFailure(BackendError, RuntimeError):
     """The simulated engine raised; the replica is unusable."""
 
 
-class DuplicateRequestId(ValueError):
+class DuplicateRequestId(BackendError, ValueError):
     """A request came with the id of a request still in flight (SGLang refuses these)."""
 
 
@@ -116,7 +118,7 @@ class SimReplica:
         cls,
         profile: str | Profile = DEFAULT_PROFILE,
         *,
-        policy: Policy = "fcfs",
+        policy: SchedulingPolicy = "fcfs",
         rules: list[ScriptRule] | None = None,
         speed: float = 1.0,
         name: str = "sim-0",
@@ -259,7 +261,10 @@ class SimReplica:
 
 def load_rules(path: str | Path) -> list[ScriptRule]:
     """Script rules from a YAML or JSON file: a list of rules, or `{"rules": [...]}`."""
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = YAML(typ="safe", pure=True).load(Path(path).read_text())
+    except YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if isinstance(data, dict) and "rules" in data:
         data = data["rules"]
     if not isinstance(data, list):

@@ -69,7 +69,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from treadle.backends.base import LLMRequest, Message, SchedulingHints, ToolCall
 from treadle.backends.scripted import ScriptRule
 from treadle.backends.sim.clock import RealTimeClock
-from treadle.backends.sim.engine import EngineConfig, Policy
+from treadle.backends.sim.engine import EngineConfig, SchedulingPolicy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
 from treadle.backends.sim.realtime import (
     DuplicateRequestId,
@@ -77,6 +77,7 @@ from treadle.backends.sim.realtime import (
     SimReplica,
     SimulatorFailure,
 )
+from treadle.errors import BackendError
 
 _T = TypeVar("_T")
 
@@ -237,7 +238,7 @@ class _PinRelease(BaseModel):
 # -- errors --------------------------------------------------------------------------------
 
 
-class _RequestError(Exception):
+class _RequestError(BackendError):
     def __init__(self, status: int, message: str, *, kind: str, code: str, param: str | None):
         super().__init__(message)
         self.status = status
@@ -515,7 +516,7 @@ def build_replicas(
     n: int,
     *,
     profile: str | Profile = DEFAULT_PROFILE,
-    policy: Policy = "fcfs",
+    policy: SchedulingPolicy = "fcfs",
     rules: list[ScriptRule] | None = None,
     speed: float = 1.0,
     model: str | None = None,

@@ -22,6 +22,7 @@ Public API (stable):
     encode_chat(messages, tools=None, add_generation_prompt=True) -> list[int]
     encode_completion(content, tool_calls=()) -> list[int]   # what the model generates
     completion_text_ends(content) -> list[int]      # char offsets for streaming `content`
+    SIM_TOKENS                                      # it as a `TokenEstimator`, for routing
     VOCAB_SIZE, BOS, EOT, ...
 
 The chat template follows Llama-3's layout: `<|begin_of_text|>`, then per message
@@ -38,9 +39,10 @@ import json
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from treadle.backends.base import Message, ToolCall
+from treadle.backends.base import LLMRequest, Message, ToolCall
 
 VOCAB_SIZE = 128256
 ORDINARY_VOCAB = 128000
@@ -136,3 +138,22 @@ def encode_chat(
     if add_generation_prompt:
         out += _role_header("assistant")
     return out
+
+
+@dataclass(frozen=True)
+class SimTokenEstimator:
+    """This tokenizer as a `TokenEstimator` (`treadle.backends.tokens`): exact counts and
+    token ids for simulated replicas, so prefix routing hashes the very blocks they cache.
+    Only for the simulator: a real server's tokens are not these."""
+
+    chars_per_token: int = 4
+
+    def count(self, text: str) -> int:
+        return len(tokenize(text))
+
+    def token_ids(self, request: LLMRequest) -> Sequence[int] | None:
+        return encode_chat(request.messages, request.tools or None)
+
+
+#: the simulator's tokenizer, for `ReplicaPool(tokens=...)` over simulated replicas
+SIM_TOKENS = SimTokenEstimator()

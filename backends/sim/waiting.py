@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Container
 
-from treadle.backends.sim.config import Policy
+from treadle.backends.sim.config import SchedulingPolicy
 from treadle.backends.sim.request import WAITING, SimRequest
 
 _Entry = tuple[tuple[float, ...], int, int, SimRequest]
@@ -26,7 +26,7 @@ _Entry = tuple[tuple[float, ...], int, int, SimRequest]
 class WaitQueue:
     """Requests waiting for a seat, memory or token budget (module docstring)."""
 
-    def __init__(self, policy: Policy, pinned: Container[str]):
+    def __init__(self, policy: SchedulingPolicy, pinned: Container[str]):
         self.policy = policy
         #: the programs that hold a pin now (the engine's pin table)
         self._pinned = pinned

@@ -5,6 +5,11 @@ JSON document against them before it resolves anything, and `workflow_json_schem
 turns them into the JSON Schema that `treadle schema` prints for editors. Keeping both
 jobs on one set of models means the schema can never drift from what the loader accepts.
 
+A node's model is made here from its kind's own fields (`NodeKind.fields`, in
+`treadle.graphs.kinds`) and the fields every node has (`id`, `inputs`, the options): one
+model for a node at the top level (`LLMNode`, id required) and one inside a map
+(`InnerLLMNode`, id optional).
+
 Validation is strict (no "2" -> 2 coercion) and closed (unknown keys are errors), because
 a workflow file is written by hand and a silently ignored typo is the worst outcome.
 
@@ -14,70 +19,44 @@ those tags when it maps a pydantic error location back to a place in the file.
 
 from __future__ import annotations
 
-import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, Discriminator, Field, Tag
 
-from treadle.graphs.spec import Policy
+from treadle.graphs.kinds import KINDS
+from treadle.graphs.kinds.base import NodeKind
+from treadle.graphs.kinds.file_fields import (
+    NESTED_GRAPH,
+    NESTED_NODE,
+    NODE_ID_PATTERN,
+    OPTION_FIELDS,
+    PATTERN_MEANING,
+    FileModel,
+    Ident,
+    InnerId,
+    InputFields,
+    OptionFields,
+    TopId,
+    TypeString,
+    ValueOrRef,
+)
+
+__all__ = [
+    "FILE_KINDS",
+    "JSON_SCHEMA_DIALECT",
+    "NODE_ID_PATTERN",
+    "OPTION_FIELDS",
+    "PATTERN_MEANING",
+    "UNION_TAGS",
+    "FieldDecl",
+    "InlineWorkflow",
+    "InputDecl",
+    "Workflow",
+    "workflow_json_schema",
+]
 
 #: JSON Schema dialect of `workflow_json_schema()` (pydantic emits draft 2020-12)
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-# -- string shapes ---------------------------------------------------------------------
-# Each pattern has a human description; the loader uses it to explain a mismatch.
-
-IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-NODE_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
-_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
-IMPORT_PATH_PATTERN = rf"^{_DOTTED}:{_DOTTED}$"
-TOOL_REF_PATTERN = rf"^(?:[A-Za-z_][A-Za-z0-9_\-]*|{_DOTTED}:{_DOTTED})$"
-
-PATTERN_MEANING: dict[str, str] = {
-    IDENT_PATTERN: "an identifier (letters, digits and _, not starting with a digit)",
-    NODE_ID_PATTERN: "a node id (letters, digits, _ and -, not starting with a digit or -)",
-    IMPORT_PATH_PATTERN: "an import path like 'package.module:name'",
-    TOOL_REF_PATTERN: "a built-in tool name or an import path like 'package.module:my_tool'",
-}
-
-Ident = Annotated[str, Field(pattern=IDENT_PATTERN)]
-NodeId = Annotated[str, Field(pattern=NODE_ID_PATTERN)]
-ImportPath = Annotated[
-    str,
-    Field(
-        pattern=IMPORT_PATH_PATTERN,
-        description="A Python object as 'package.module:attribute'.",
-        examples=["mypkg.steps:format_answer"],
-    ),
-]
-ToolRef = Annotated[
-    str,
-    Field(
-        pattern=TOOL_REF_PATTERN,
-        description="A built-in tool name (calculator, http_fetch, read_file) or an import "
-        "path 'package.module:tool' to an object made with @tool.",
-        examples=["calculator", "mypkg.tools:search_docs"],
-    ),
-]
-TypeString = Annotated[
-    str,
-    Field(
-        min_length=1,
-        description="A type in Python syntax: str, int, float, bool, bytes, Any, None, "
-        "list[T], dict[K, V], tuple[...], set[T], T | None, Optional[T], "
-        "Literal['a', 'b'], datetime, date, UUID, a name from `types:`, or an import path "
-        "'package.module:Model'.",
-        examples=["str", "list[str]", "Literal['yes', 'no'] | None", "mypkg.models:Report"],
-    ),
-]
-ValueOrRef = Annotated[
-    Any,
-    Field(
-        description="A reference ('$node', '$node.field', '$input.name', '$item', "
-        "'$item.field'), {first_of: [references]}, or a literal value ('$$' starts a "
-        "literal string with '$')."
-    ),
-]
 
 
 def _shape_tag(value: Any) -> str | None:
@@ -89,8 +68,8 @@ def _shape_tag(value: Any) -> str | None:
     return None
 
 
-#: node kinds a workflow file can declare (every kind of `treadle.graphs.spec`)
-FILE_KINDS: tuple[str, ...] = ("func", "tool", "llm", "map", "branch", "subgraph", "planner")
+#: node kinds a workflow file can declare (every kind of `treadle.graphs.kinds`)
+FILE_KINDS: tuple[str, ...] = tuple(kind.name for kind in KINDS)
 
 
 def _node_tag(value: Any) -> str | None:
@@ -103,14 +82,10 @@ def _node_tag(value: Any) -> str | None:
 UNION_TAGS = frozenset({"#text", "#mapping"} | {f"#{k}" for k in FILE_KINDS})
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
-
-
 # -- declarations ----------------------------------------------------------------------
 
 
-class InputDecl(_Model):
+class InputDecl(FileModel):
     """A graph input written as a mapping."""
 
     type: TypeString = "Any"
@@ -118,7 +93,7 @@ class InputDecl(_Model):
     description: str | None = None
 
 
-class FieldDecl(_Model):
+class FieldDecl(FileModel):
     """A field of an inline type written as a mapping."""
 
     type: TypeString
@@ -146,225 +121,44 @@ FieldType = Annotated[
 
 # -- nodes -----------------------------------------------------------------------------
 
-_P = Policy()  # the runtime's defaults, so the schema documents the real ones
 
-
-class _PolicyFields(_Model):
-    """Retry, timeout and error policy, written flat on the node."""
-
-    retries: int = Field(_P.retries, ge=0, description="Attempts after the first failure.")
-    backoff_s: float = Field(_P.backoff_s, ge=0, description="First retry delay (seconds).")
-    backoff_max_s: float = Field(_P.backoff_max_s, ge=0, description="Largest retry delay.")
-    jitter: float = Field(_P.jitter, ge=0, le=1, description="Random share of each delay.")
-    timeout_s: float | None = Field(_P.timeout_s, gt=0, description="Per-attempt timeout.")
-    on_error: Literal["fail", "skip", "fallback"] = Field(
-        _P.on_error,
-        description="fail the run, skip this node and what depends only on it, or use "
-        "`fallback` as the output.",
+def _node_model(kind: NodeKind[Any], *, inner: bool) -> type[BaseModel]:
+    # Field order in the schema follows the reversed MRO: id, kind fields, inputs, options.
+    bases: tuple[type[BaseModel], ...] = (
+        OptionFields,
+        *((InputFields,) if kind.has_inputs else ()),
+        kind.fields,
+        InnerId if inner else TopId,
     )
-    fallback: Any = Field(_P.fallback, description="The output when on_error is fallback.")
-    concurrency: int | None = Field(
-        _P.concurrency, ge=1, description="At most this many instances at once."
-    )
+    name = ("Inner" if inner else "") + kind.spec.__name__
+    doc = kind.inner_file_doc if inner else kind.file_doc
+    return type(name, bases, {"__doc__": doc, "__module__": __name__})
 
 
-POLICY_FIELDS: tuple[str, ...] = tuple(_PolicyFields.model_fields)
-
-
-class _TopId(_Model):
-    id: NodeId = Field(description="Unique within the graph; other nodes refer to $id.")
-
-
-class _InnerId(_Model):
-    id: NodeId | None = Field(None, description="Defaults to the id of the map node.")
-
-
-class _Inputs(_Model):
-    inputs: dict[Ident, ValueOrRef] = Field(
-        default_factory=dict, description="Input name -> reference or literal value."
-    )
-
-
-class _FuncFields(_Model):
-    kind: Literal["func"]
-    fn: ImportPath = Field(description="The function, as 'package.module:function'.")
-    blocking: bool = Field(False, description="Run a sync function in a worker thread.")
-
-
-class _ToolFields(_Model):
-    kind: Literal["tool"]
-    tool: ToolRef
-
-
-class _LLMFields(_Model):
-    kind: Literal["llm"]
-    prompt: str = Field(description="Template over the inputs: 'Answer {question}'.")
-    system: str | None = Field(None, description="System prompt (a template too).")
-    model: str = Field("default", min_length=1, description="A model alias.")
-    output: TypeString = Field("str", description="str, or the type the answer must parse to.")
-    tools: list[ToolRef] = Field(default_factory=list, description="Tools the model may call.")
-    max_turns: int = Field(8, ge=1, description="Tool-calling rounds before giving up.")
-    temperature: float | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-
-
-class _PlannerFields(_Model):
-    kind: Literal["planner"]
-    prompt: str = Field(description="Template over the inputs: what the plan must achieve.")
-    system: str | None = Field(None, description="System prompt (a template too).")
-    model: str = Field("default", min_length=1, description="A model alias.")
-    tools: list[ToolRef] = Field(min_length=1, description="Tools the plan may call.")
-    output: TypeString = Field("str", description="str, or the type the answer must parse to.")
-    max_replans: int = Field(2, ge=0, description="New plans the joiner may ask for.")
-    joiner: str | None = Field(None, description="The joiner's instructions.")
-
-
-class _MapFields(_Model):
-    kind: Literal["map"]
-    over: ValueOrRef = Field(description="The list to fan out over, usually a reference.")
-    node: InnerNode = Field(description="The node run once per element ($item).")
-    reduce: ImportPath | None = Field(None, description="Folds the list of outputs.")
-
-
-class _BranchFields(_Model):
-    kind: Literal["branch"]
-    routes: dict[str, list[NodeId]] = Field(
-        min_length=1, description="Label -> the nodes that run when it is chosen."
-    )
-    route: ImportPath | None = Field(
-        None, description="route(**inputs) -> label; without it the single input is the label."
-    )
-    default: str | None = Field(None, description="The label used when none matches.")
-
-    @field_validator("routes", mode="before")
-    @classmethod
-    def _label_keys(cls, value: Any) -> Any:
-        # YAML reads `true:` and `1:` as bool/int keys; labels are strings.
-        if isinstance(value, dict):
-            return {label_text(k): v for k, v in value.items()}
-        return value
-
-    @field_validator("default", mode="before")
-    @classmethod
-    def _label_default(cls, value: Any) -> Any:
-        return label_text(value) if value is not None else value
-
-
-class _SubgraphFields(_Model):
-    kind: Literal["subgraph"]
-    graph: GraphRef
-
-
-def label_text(value: Any) -> Any:
-    """A route label as a string, as the SDK's `route_label` makes it: YAML `true` ->
-    "true", `1` -> "1" (anything but a bool or number is left for validation to judge)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return value
-
-
-# Field order in the schema follows the reversed MRO: id, kind fields, inputs, policy.
-class FuncNode(_PolicyFields, _Inputs, _FuncFields, _TopId):
-    """Call a Python function."""
-
-
-class ToolNode(_PolicyFields, _Inputs, _ToolFields, _TopId):
-    """Call a tool with bound arguments."""
-
-
-class LLMNode(_PolicyFields, _Inputs, _LLMFields, _TopId):
-    """A chat call (optionally with tools)."""
-
-
-class PlannerNode(_PolicyFields, _Inputs, _PlannerFields, _TopId):
-    """An LLM that plans tool calls, run as they stream in, then joins the results."""
-
-
-class MapNode(_PolicyFields, _MapFields, _TopId):
-    """Run a node once per element of a list (a map reads only `over`; the inner node has
-    the inputs)."""
-
-
-class BranchNode(_PolicyFields, _Inputs, _BranchFields, _TopId):
-    """Choose which nodes run."""
-
-
-class SubgraphNode(_PolicyFields, _Inputs, _SubgraphFields, _TopId):
-    """Another workflow used as one node."""
-
-
-class InnerFuncNode(_PolicyFields, _Inputs, _FuncFields, _InnerId):
-    """Call a Python function (inside a map)."""
-
-
-class InnerToolNode(_PolicyFields, _Inputs, _ToolFields, _InnerId):
-    """Call a tool (inside a map)."""
-
-
-class InnerLLMNode(_PolicyFields, _Inputs, _LLMFields, _InnerId):
-    """A chat call (inside a map)."""
-
-
-class InnerPlannerNode(_PolicyFields, _Inputs, _PlannerFields, _InnerId):
-    """A planner (inside a map)."""
-
-
-class InnerMapNode(_PolicyFields, _MapFields, _InnerId):
-    """A nested map (inside a map)."""
-
-
-class InnerBranchNode(_PolicyFields, _Inputs, _BranchFields, _InnerId):
-    """A branch (inside a map)."""
-
-
-class InnerSubgraphNode(_PolicyFields, _Inputs, _SubgraphFields, _InnerId):
-    """A subgraph (inside a map)."""
-
+#: kind name -> its file model at the top level, and inside a map
+NODE_MODELS: dict[str, type[BaseModel]] = {k.name: _node_model(k, inner=False) for k in KINDS}
+INNER_NODE_MODELS: dict[str, type[BaseModel]] = {k.name: _node_model(k, inner=True) for k in KINDS}
 
 _KIND_MESSAGE = "a node needs `kind`: one of " + ", ".join(FILE_KINDS)
 
-Node = Annotated[
-    (
-        Annotated[FuncNode, Tag("#func")]
-        | Annotated[ToolNode, Tag("#tool")]
-        | Annotated[LLMNode, Tag("#llm")]
-        | Annotated[MapNode, Tag("#map")]
-        | Annotated[BranchNode, Tag("#branch")]
-        | Annotated[SubgraphNode, Tag("#subgraph")]
-        | Annotated[PlannerNode, Tag("#planner")]
-    ),
-    Discriminator(_node_tag, custom_error_type="node_kind", custom_error_message=_KIND_MESSAGE),
-]
-InnerNode = Annotated[
-    (
-        Annotated[InnerFuncNode, Tag("#func")]
-        | Annotated[InnerToolNode, Tag("#tool")]
-        | Annotated[InnerLLMNode, Tag("#llm")]
-        | Annotated[InnerMapNode, Tag("#map")]
-        | Annotated[InnerBranchNode, Tag("#branch")]
-        | Annotated[InnerSubgraphNode, Tag("#subgraph")]
-        | Annotated[InnerPlannerNode, Tag("#planner")]
-    ),
-    Discriminator(_node_tag, custom_error_type="node_kind", custom_error_message=_KIND_MESSAGE),
-]
 
-AnyNode = FuncNode | ToolNode | LLMNode | MapNode | BranchNode | SubgraphNode | PlannerNode
-AnyInnerNode = (
-    InnerFuncNode
-    | InnerToolNode
-    | InnerLLMNode
-    | InnerMapNode
-    | InnerBranchNode
-    | InnerSubgraphNode
-    | InnerPlannerNode
-)
+def _node_union(models: dict[str, type[BaseModel]], mark: Any = None) -> Any:
+    tagged = tuple(Annotated[model, Tag(f"#{name}")] for name, model in models.items())
+    discriminator = Discriminator(
+        _node_tag, custom_error_type="node_kind", custom_error_message=_KIND_MESSAGE
+    )
+    if mark is None:
+        return Annotated[Union[tagged], discriminator]  # noqa: UP007 - built at run time
+    return Annotated[Union[tagged], discriminator, mark]  # noqa: UP007
+
+
+Node: Any = _node_union(NODE_MODELS)
+InnerNode: Any = _node_union(INNER_NODE_MODELS, NESTED_NODE)
 
 # -- the document ----------------------------------------------------------------------
 
 
-class Workflow(_Model):
+class Workflow(FileModel):
     """A treadle workflow: typed inputs, nodes, outputs and model aliases."""
 
     schema_ref: str | None = Field(
@@ -410,15 +204,20 @@ GraphRef = Annotated[
         custom_error_type="graph_ref",
         custom_error_message="expected a file path or an inline workflow mapping",
     ),
+    NESTED_GRAPH,
 ]
 
-for _model in (
-    *typing.get_args(AnyNode),
-    *typing.get_args(AnyInnerNode),
+# the kinds' fields refer to these two by name (a map's `node`, a subgraph's `graph`)
+_NAMESPACE = {"InnerNode": InnerNode, "GraphRef": GraphRef}
+_REBUILT: list[type[BaseModel]] = [
+    *(k.fields for k in KINDS),
+    *NODE_MODELS.values(),
+    *INNER_NODE_MODELS.values(),
     Workflow,
     InlineWorkflow,
-):
-    _model.model_rebuild()
+]
+for _model in _REBUILT:
+    _model.model_rebuild(_types_namespace=_NAMESPACE)
 
 
 def workflow_json_schema() -> dict[str, Any]:

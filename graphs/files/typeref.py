@@ -29,6 +29,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from treadle.errors import GraphError
+
 __all__ = [
     "BUILTIN_TYPES",
     "ImportPathError",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class TypeRefError(ValueError):
+class TypeRefError(GraphError, ValueError):
     """A type string or import path that cannot be resolved; the message says why."""
 
 

@@ -1,26 +1,31 @@
 """Per-run state shared by every graph scope of a run: ids, the event sequence, the journal,
-restored outputs, and the services nodes call (LLM gateway, tools)."""
+restored outputs, and the ways out of the run for the calls its nodes make (`LLMCall`,
+`ToolInvocation`), each through the runtime's interceptor chain
+(`treadle.runtime.core.interceptors`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
+from treadle.backends.base import Backend, LLMRequest, LLMResponse
 from treadle.runtime.core.events import Event
 from treadle.runtime.core.journal import Journal
-
-if TYPE_CHECKING:
-    from treadle.runtime.nodes.llm import LLMGateway
+from treadle.tools import Tool
 
 _now = time.time
 
 
 #: called synchronously with every event of a run (tracing, metrics, displays)
 Listener = Callable[["RunContext", Event], None]
+
+#: receives an answer's text as it streams; returning True says the caller has all it needs,
+#: and the generation is stopped there (the stream is closed, which aborts it on the server)
+TextSink = Callable[[str], Awaitable[bool | None]]
 
 
 @dataclass
@@ -32,6 +37,45 @@ class RunOptions:
     tenant: str | None = None
 
 
+@dataclass(eq=False)
+class LLMCall:
+    """One LLM call on its way to its backend. An interceptor may replace `request` (e.g.
+    with more headers) before it passes the call on."""
+
+    ctx: RunContext
+    #: the node instance that makes the call, and the call's id in the run's events
+    node: str
+    call_id: str
+    #: the model alias and the backend it maps to
+    alias: str
+    backend: Backend
+    request: LLMRequest
+    # -- kept by the gateway (`treadle.runtime.core.gateway`) --
+    on_text: TextSink | None = field(default=None, repr=False)
+    queued_at: float = field(default=0.0, repr=False)
+    sent_at: float | None = field(default=None, repr=False)
+    streamed: bool = field(default=False, repr=False)
+
+
+@dataclass(eq=False)
+class ToolInvocation:
+    """One tool call on its way to its tool. `idempotency_key` is given to tools that are not
+    idempotent (None for those that are)."""
+
+    ctx: RunContext
+    node: str
+    call_id: str
+    tool: Tool
+    arguments: dict[str, Any] | str | None
+    idempotency_key: str | None
+
+
+#: an LLM call's way out: the interceptor chain, then its backend
+SendLLM = Callable[[LLMCall], Awaitable[LLMResponse]]
+#: a tool call's way out: the interceptor chain, then the tool
+InvokeTool = Callable[[ToolInvocation], Awaitable[Any]]
+
+
 class RunContext:
     """Everything one run's node executions share."""
 
@@ -39,8 +83,10 @@ class RunContext:
         self,
         run_id: str,
         journal: Journal,
-        gateway: LLMGateway,
         *,
+        backends: Mapping[str, Backend],
+        send_llm: SendLLM,
+        invoke_tool: InvokeTool,
         options: RunOptions,
         restored: dict[str, bytes] | None = None,
         first_seq: int = 1,
@@ -48,15 +94,16 @@ class RunContext:
     ) -> None:
         self.run_id = run_id
         self.journal = journal
-        self.gateway = gateway
+        #: model alias -> backend, for the run's LLM calls
+        self.backends = dict(backends)
+        self.send_llm = send_llm
+        self.invoke_tool = invoke_tool
         self.options = options
         self.restored = restored or {}
         self._seq = first_seq - 1
         #: every event of this run in this process; the journal persists it incrementally
         self.log: list[Event] = journal.log
         self._listeners = tuple(listeners)
-        #: extra HTTP headers per LLM call id, filled by listeners (e.g. trace context)
-        self.call_headers: dict[str, dict[str, str]] = {}
         self._changed: anyio.Event | None = None
         self.limiter = (
             anyio.CapacityLimiter(options.max_concurrency) if options.max_concurrency else None

@@ -13,10 +13,18 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
+from treadle.errors import StoreError
 from treadle.runtime.core.events import Event
 
-RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+#: every status a run can have, in a store's record and in a `RunResult`:
+#: - "pending": created, not started (the daemon's record stays so until the run ends; its
+#:   API reports a pending run with events as "running");
+#: - "running": executing, or resumed;
+#: - "interrupted": stopped before it ended (Ctrl-C, a worker shutting down); its finished
+#:   nodes are in the journal and it can be resumed;
+#: - "succeeded", "failed", "cancelled": ended (`TERMINAL`); never changed again.
+RunStatus = Literal["pending", "running", "interrupted", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[RunStatus] = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class RunRecord(BaseModel):
@@ -36,7 +44,7 @@ class RunRecord(BaseModel):
     meta: dict[str, str] = Field(default_factory=dict)
 
 
-class RunNotFound(KeyError):
+class RunNotFound(StoreError, KeyError):
     """No run with this id is in the store."""
 
 
@@ -54,7 +62,7 @@ class StateStore(Protocol):
         self,
         *,
         tenant: str | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:

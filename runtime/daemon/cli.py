@@ -36,7 +36,15 @@ KeyOpt = Annotated[
 LeaseOpt = Annotated[
     int, typer.Option(help="Run lease time (ms): a dead worker's runs move after about this.")
 ]
-ConcurrencyOpt = Annotated[int, typer.Option(help="Runs one worker executes at once.")]
+ConcurrencyOpt = Annotated[int, typer.Option(help="Runs one worker loop executes at once.")]
+MaxRunsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Runs this process executes at once, over all its worker loops "
+        "(default: loops × --concurrency).",
+        show_default=False,
+    ),
+]
 ModelsOpt = Annotated[
     Path | None,
     typer.Option(help="YAML/JSON file: model alias -> backend config, offered to every workflow."),
@@ -70,15 +78,34 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def load_data_file(path: Path, option: str) -> Any:
+    """The data of a JSON or YAML file named by a command-line option (ruamel.yaml, the
+    workflow loader's parser; YAML 1.2). A file that does not parse exits with `OPTION
+    FILE:LINE:COL: WHAT` on one line."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return YAML(typ="safe", pure=True).load(text)
+    except OSError as exc:
+        raise _fail(f"{option} {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{option} {path}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise _fail(f"{option} {where}: {exc.problem or exc.context or 'invalid YAML'}") from None
+    except YAMLError as exc:
+        raise _fail(f"{option} {path}: {' '.join(str(exc).split())}") from None
+
+
 def _models(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise _fail(f"--models {path}: {exc}") from None
+    data = load_data_file(path, "--models")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise _fail(f"--models {path}: expected a mapping of alias -> backend config")
     return {str(k): v for k, v in data.items()}
@@ -125,9 +152,7 @@ def serve(
     lease_ms: LeaseOpt = 10_000,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 1
     << 20,
-    max_concurrent_runs: Annotated[
-        int, typer.Option(help="Default concurrent-runs quota of new tenants.")
-    ] = 100,
+    max_concurrent_runs: MaxRunsOpt = None,
     prefix: PrefixOpt = "treadle",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     retain_days: RetainOpt = 7.0,
@@ -165,7 +190,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         lease_ms=lease_ms,
         worker_concurrency=concurrency,
-        default_max_concurrent_runs=max_concurrent_runs,
+        max_concurrent_runs=max_concurrent_runs,
         retain_s=_retain_s(retain_days),
         metrics_token=metrics_token,
         metrics_public=metrics_public,
@@ -185,6 +210,7 @@ def worker(
     redis: RedisOpt = DEFAULT_REDIS,
     count: Annotated[int, typer.Option(help="Worker loops in this process.")] = 1,
     concurrency: ConcurrencyOpt = 64,
+    max_concurrent_runs: MaxRunsOpt = None,
     models: ModelsOpt = None,
     lease_ms: LeaseOpt = 10_000,
     drain_s: Annotated[
@@ -201,7 +227,7 @@ def worker(
     Give it the same --allow-imports/--allow-backends as `treadle serve`: the worker checks
     every definition against them again before importing anything, and fails runs whose
     definition they refuse."""
-    from treadle.runtime.daemon.workers import run_worker_process
+    from treadle.runtime.daemon.worker_process import run_worker_process
 
     _logging(log_level)
     config = _config(
@@ -210,6 +236,7 @@ def worker(
         models=_models(models),
         lease_ms=lease_ms,
         worker_concurrency=concurrency,
+        max_concurrent_runs=max_concurrent_runs,
         drain_s=drain_s,
         allow_imports=_csv(allow_imports),
         allow_backends=_csv(allow_backends),

@@ -14,11 +14,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+from treadle.errors import DaemonError
+from treadle.runtime.core.store import TERMINAL
+
+#: dropped connections in a row, without an event in between, that `events()` survives
+_RECONNECTS = 10
 
 
-class ClientError(Exception):
+class ClientError(DaemonError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
@@ -81,24 +87,32 @@ class DaemonClient:
             time.sleep(poll_s)
 
     def events(self, run_id: str, *, after: int = 0, follow: bool = True) -> Iterator[Any]:
-        """The run's events (dicts, in seq order) from seq `after` on."""
+        """The run's events (dicts, in seq order) from seq `after` on. A dropped connection
+        is reconnected from the last seq seen, at once after it delivered events, else with
+        backoff; `_RECONNECTS` failures in a row without an event raise."""
         last = after
-        failures = 0
-        while True:
-            try:
-                for seq, data in self._stream(run_id, last, follow):
-                    failures = 0
-                    last = seq
-                    yield data
-            except httpx.TransportError:
-                failures += 1
-                if failures > 10:
-                    raise
-                time.sleep(min(0.2 * 2**failures, 5.0))
-                continue
-            if not follow or self.get_run(run_id)["status"] in TERMINAL:
-                return
-            # the server ended the stream early (restart, Redis blip): resume where we were
+        done = False
+        while not done:
+            delivered = broke = False
+            reconnects = Retrying(
+                retry=retry_if_exception_type(httpx.TransportError),
+                stop=stop_after_attempt(_RECONNECTS + 1),
+                wait=wait_exponential(multiplier=0.4, max=5.0),
+                reraise=True,
+            )
+            for attempt in reconnects:
+                with attempt:
+                    try:
+                        for seq, data in self._stream(run_id, last, follow):
+                            delivered = True
+                            last = seq
+                            yield data
+                    except httpx.TransportError:
+                        if not delivered:
+                            raise  # tenacity waits and tries again
+                        broke = True  # after events: reconnect now, with a fresh budget
+                    # a stream the server ended early (a restart, a Redis blip) resumes
+                    done = not broke and (not follow or self.get_run(run_id)["status"] in TERMINAL)
 
     def _stream(self, run_id: str, after: int, follow: bool) -> Iterator[tuple[int, Any]]:
         params = {"follow": "true" if follow else "false"}
@@ -109,22 +123,11 @@ class DaemonClient:
             if resp.status_code != 200:
                 resp.read()
                 raise _error(resp)
-            event_id: str | None = None
-            data: list[str] = []
-            for line in resp.iter_lines():
-                if line == "":
-                    if data and event_id is not None:
-                        yield int(event_id), json.loads("\n".join(data))
-                    event_id, data = None, []
-                elif line.startswith(":"):
-                    continue
-                else:
-                    name, _, value = line.partition(":")
-                    value = value[1:] if value.startswith(" ") else value
-                    if name == "id":
-                        event_id = value
-                    elif name == "data":
-                        data.append(value)
+            for sse in EventSource(resp).iter_sse():
+                # every event of the API has an id (its seq) and JSON data; the `retry:`
+                # advice it starts with has neither
+                if sse.data and sse.id:
+                    yield int(sse.id), json.loads(sse.data)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self._http.request(method, path, **kwargs)

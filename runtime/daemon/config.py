@@ -30,13 +30,13 @@ class DaemonConfig:
     max_definition_bytes: int = 256 * 1024
     #: event streams (SSE) served at once by one API process (503 above)
     max_event_streams: int = 256
-    #: quotas of a tenant created without explicit ones
-    default_max_concurrent_runs: int = 100
-    default_tokens_per_minute: int | None = None
     #: the run lease's time to live; a dead worker's runs are taken over after about this
     lease_ms: int = 10_000
-    #: runs executed at once by one worker
+    #: runs executed at once by one worker (one claim loop)
     worker_concurrency: int = 64
+    #: runs executed at once by one process, over all its workers; None: workers ×
+    #: `worker_concurrency`
+    max_concurrent_runs: int | None = None
     #: on shutdown, how long a worker lets its runs finish before handing them over
     drain_s: float = 10.0
     #: a finished run's keys expire this long after it settles (s); 0 keeps them forever
@@ -59,5 +59,9 @@ class DaemonConfig:
             raise ValueError("retain_s must be >= 0 (0 keeps finished runs forever)")
         if self.metrics_token is not None and not self.metrics_token.strip():
             raise ValueError("metrics_token must not be empty")
+        if self.worker_concurrency < 1:
+            raise ValueError("worker_concurrency must be >= 1")
+        if self.max_concurrent_runs is not None and self.max_concurrent_runs < 1:
+            raise ValueError("max_concurrent_runs must be >= 1 (or None: no cap per process)")
         if self.lease_ms < 100:
             raise ValueError("lease_ms must be >= 100")

@@ -13,16 +13,18 @@ The check runs in two passes:
    module is never imported. It parses with the loader's own parsers (ruamel's round-trip
    YAML loader, `json`), so both see the same data; anything that fails to parse here fails
    in the loader too, before it resolves a single name. Import paths can only occur in the
-   fields the loader resolves (`fn`, `reduce`, `route`, `tool`, `tools`, type strings);
-   every string outside the known free-text fields (prompts, literals, descriptions) is
-   scanned, so a field the walk does not know is checked rather than skipped. It also
-   refuses subgraph *files* (they would be read from the server's disk), `models:` entries
-   whose backend is not allowed, that read the server's environment (`api_key_env`) or its
-   files (the simulator's `profile` paths and `script`), and documents that YAML aliases
-   blow up past `MAX_NODES` values.
-2. `check_spec` walks the loaded `GraphSpec`: every function, tool and type must come
-   from an allowed module. This catches an allowed module re-exporting something else
-   (`allowed.mod:os.system` resolves to `posix.system`), which pass 1 cannot see.
+   fields the loader resolves, which each node kind marks in its file fields
+   (`NAMES_OBJECT`: `fn`, `reduce`, `route`, `tool`, `tools`, type strings); every string
+   outside the kinds' other fields (prompts, literals, labels) is scanned, so a field the
+   walk does not know is checked rather than skipped. It also refuses subgraph *files*
+   (they would be read from the server's disk), `models:` entries whose backend is not
+   allowed, that read the server's environment (`api_key_env`) or its files (the
+   simulator's `profile` paths and `script`), and documents that YAML aliases blow up past
+   `MAX_NODES` values.
+2. `check_spec` walks the loaded `GraphSpec`: every function, tool and type its nodes name
+   (each kind says which: `NodeKind.imported`) must come from an allowed module. This
+   catches an allowed module re-exporting something else (`allowed.mod:os.system`
+   resolves to `posix.system`), which pass 1 cannot see.
 """
 
 from __future__ import annotations
@@ -40,17 +42,11 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import YAMLError
 
-from treadle.graphs.spec import (
-    BranchNode,
-    FuncNode,
-    GraphSpec,
-    LLMNode,
-    MapNode,
-    NodeSpec,
-    PlannerNode,
-    SubgraphNode,
-    ToolNode,
-)
+from treadle.errors import DaemonError
+from treadle.graphs.files.schema import INNER_NODE_MODELS
+from treadle.graphs.kinds import Imported, graph_imports
+from treadle.graphs.kinds.file_fields import NAMES_OBJECT, NESTED_GRAPH, NESTED_NODE, field_marks
+from treadle.graphs.spec import GraphSpec
 from treadle.runtime.daemon.config import DEFAULT_ALLOWED_BACKENDS
 from treadle.tools import BUILTINS, Tool
 
@@ -62,11 +58,28 @@ _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 # path is found exactly where the loader would resolve one
 _TOKEN = re.compile(rf"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|(?P<path>{_DOTTED}:{_DOTTED})""")
 
-# node fields the loader never resolves as names: templates, bindings, literals, labels
-_NODE_TEXT = frozenset(
-    {"id", "kind", "prompt", "system", "joiner", "inputs", "over", "fallback", "routes",
-     "default", "model", "description", "blocking"}
-)  # fmt: skip
+
+def _roles(marks: set[Any]) -> str:
+    if NESTED_NODE in marks:
+        return "node"
+    if NESTED_GRAPH in marks:
+        return "graph"
+    return "names" if NAMES_OBJECT in marks else "text"
+
+
+# What each field of each node kind holds, from the kinds' file models: another node, a
+# workflow, names of Python objects (scanned for import paths), or something the loader
+# never resolves as a name (templates, bindings, literals, labels: skipped).
+_NODE_FIELDS: dict[str, dict[str, str]] = {
+    kind: {name: _roles(marks) for name, marks in field_marks(model).items()}
+    for kind, model in INNER_NODE_MODELS.items()
+}
+# a node whose kind is missing or unknown (the loader refuses it): what any kind's is
+_ANY_NODE_FIELDS: dict[str, str] = {}
+for _fields in _NODE_FIELDS.values():
+    for _name, _role in _fields.items():
+        if _ANY_NODE_FIELDS.get(_name, "text") == "text":
+            _ANY_NODE_FIELDS[_name] = _role
 _WORKFLOW_TEXT = frozenset({"name", "description", "$schema", "outputs"})
 # keys whose values are literals wherever they appear (input and field defaults)
 _LITERAL_KEYS = frozenset({"default", "description"})
@@ -79,14 +92,15 @@ _TYPE_MODULES = frozenset(
 Path = tuple[str | int, ...]
 
 
-class PolicyViolation(ValueError):
+class AllowListViolation(DaemonError, ValueError):
     """The definition refers to something the daemon does not allow (`FILE:LINE:COL: FIELD:
     WHAT`, like the loader's errors)."""
 
 
 @dataclass(frozen=True)
-class DefinitionPolicy:
-    """What a registered definition may refer to (see the module docstring)."""
+class ImportAllowList:
+    """What a registered definition may refer to: modules it may import from, backends it
+    may declare (see the module docstring)."""
 
     allow_imports: tuple[str, ...] = ()
     allow_backends: tuple[str, ...] = DEFAULT_ALLOWED_BACKENDS
@@ -122,30 +136,17 @@ class DefinitionPolicy:
     # -- pass 2: the loaded spec -----------------------------------------------------
 
     def check_spec(self, spec: GraphSpec) -> None:
-        for name, decl in spec.inputs.items():
-            self._check_type(decl.type, f"{spec.name}: inputs.{name}")
-        for node in spec.nodes:
-            self._check_node(node, spec.name)
+        for ref in graph_imports(spec):
+            self._check_imported(ref)
 
-    def _check_node(self, node: NodeSpec, graph: str) -> None:
-        where = f"{graph}: nodes[{node.id}]"
-        if isinstance(node, FuncNode):
-            self._check_object(node.fn, f"{where}.fn")
-        elif isinstance(node, ToolNode) and node.tool is not None:
-            self._check_tool(node.tool, f"{where}.tool")
-        elif isinstance(node, LLMNode | PlannerNode):
-            for tool in node.tools:
-                self._check_tool(tool, f"{where}.tools")
-            self._check_type(node.output, f"{where}.output")
-        elif isinstance(node, MapNode):
-            if node.reduce is not None:
-                self._check_object(node.reduce, f"{where}.reduce")
-            if node.node is not None:
-                self._check_node(node.node, graph)
-        elif isinstance(node, BranchNode) and node.route is not None:
-            self._check_object(node.route, f"{where}.route")
-        elif isinstance(node, SubgraphNode) and node.graph is not None:
-            self.check_spec(node.graph)
+    def _check_imported(self, ref: Imported) -> None:
+        where = f"{ref.graph}: {ref.where}"
+        if ref.role == "function":
+            self._check_object(ref.value, where)
+        elif ref.role == "tool":
+            self._check_tool(ref.value, where)
+        else:
+            self._check_type(ref.value, where)
 
     def _check_tool(self, tool: Tool, where: str) -> None:
         if any(tool is builtin for builtin in BUILTINS.values()):
@@ -155,7 +156,7 @@ class DefinitionPolicy:
     def _check_object(self, obj: Any, where: str) -> None:
         module = getattr(obj, "__module__", None)
         if not isinstance(module, str) or not self.module_allowed(module):
-            raise PolicyViolation(
+            raise AllowListViolation(
                 f"{where}: {getattr(obj, '__qualname__', type(obj).__name__)} comes from "
                 f"module {module!r}, which is not allowed here ({self._allowed()})"
             )
@@ -164,7 +165,7 @@ class DefinitionPolicy:
         for cls in _classes(tp, set()):
             module = getattr(cls, "__module__", "")
             if module not in _TYPE_MODULES and not self.module_allowed(module):
-                raise PolicyViolation(
+                raise AllowListViolation(
                     f"{where}: type {cls.__qualname__} comes from module {module!r}, "
                     f"which is not allowed here ({self._allowed()})"
                 )
@@ -176,7 +177,7 @@ def _classes(tp: Any, seen: set[int]) -> Iterator[type]:
         return
     seen.add(id(tp))
     if isinstance(tp, types.ModuleType):
-        raise PolicyViolation(f"a module ({tp.__name__}) is not a type")
+        raise AllowListViolation(f"a module ({tp.__name__}) is not a type")
     for arg in typing.get_args(tp):
         yield from _classes(arg, seen)
     origin = typing.get_origin(tp)
@@ -205,15 +206,15 @@ def _parse(text: str, fmt: str) -> tuple[Any, Any]:
 
 
 class _Walker:
-    def __init__(self, policy: DefinitionPolicy, filename: str, tree: Any, data: Any) -> None:
-        self.policy = policy
+    def __init__(self, allowlist: ImportAllowList, filename: str, tree: Any, data: Any) -> None:
+        self.allowlist = allowlist
         self.data = data
         self.filename = filename
         self.tree = tree
 
-    def fail(self, path: Path, problem: str) -> PolicyViolation:
+    def fail(self, path: Path, problem: str) -> AllowListViolation:
         line, col = _position(self.tree, path)
-        return PolicyViolation(
+        return AllowListViolation(
             f"{self.filename}:{line}:{col}: {_field(self.data, path)}: {problem}"
         )
 
@@ -254,14 +255,18 @@ class _Walker:
     def node(self, data: Any, path: Path) -> None:
         if not isinstance(data, dict):
             return self.scan(data, path)
+        kind = _text(data.get("kind"))
+        fields = _NODE_FIELDS.get(kind, _ANY_NODE_FIELDS) if isinstance(kind, str) else None
+        fields = fields or _ANY_NODE_FIELDS
         for raw_key, value in data.items():
             key = _text(raw_key)
             sub = (*path, str(key))
-            if isinstance(key, str) and key in _NODE_TEXT:
+            role = fields.get(key) if isinstance(key, str) else None
+            if role == "text":
                 continue
-            if key == "node":
+            if role == "node":
                 self.node(value, sub)
-            elif key == "graph":
+            elif role == "graph":
                 if isinstance(value, dict):
                     self.workflow(value, sub)
                 else:
@@ -270,31 +275,9 @@ class _Walker:
                         "subgraph files are not available in the daemon; write the "
                         "subgraph inline (graph: {nodes: ...})",
                     )
-            elif isinstance(key, str) and key in ("fn", "reduce", "route"):
-                self.import_path(value, sub)
-            elif key == "tool":
-                self.tool(value, sub)
-            elif key == "tools" and isinstance(value, list):
-                for i, tool in enumerate(value):
-                    self.tool(tool, (*sub, i))
-            else:  # output and anything unknown: every string is scanned
+            else:  # names (functions, tools, types) and anything unknown: scanned
                 self.scan(value, sub)
         return None
-
-    def tool(self, value: Any, path: Path) -> None:
-        value = _text(value)
-        if isinstance(value, str) and ":" not in value:
-            return  # a built-in tool name (the loader refuses unknown ones)
-        self.import_path(value, path)
-
-    def import_path(self, value: Any, path: Path) -> None:
-        value = _text(value)
-        if isinstance(value, str):
-            problem = self.policy.import_problem(value)
-            if problem is not None:
-                raise self.fail(path, problem)
-        else:
-            self.scan(value, path)
 
     def scan(self, value: Any, path: Path) -> None:
         """Every import path in every string under `value` (defaults excepted)."""
@@ -302,7 +285,7 @@ class _Walker:
         if isinstance(value, str):
             for match in _TOKEN.finditer(value):
                 if match["path"] is not None:
-                    problem = self.policy.import_problem(match["path"])
+                    problem = self.allowlist.import_problem(match["path"])
                     if problem is not None:
                         raise self.fail(path, problem)
         elif isinstance(value, dict):
@@ -323,7 +306,7 @@ class _Walker:
         if not isinstance(config, dict):
             return  # the loader / compiler report a malformed entry
         kind = config.get("backend")
-        allowed = self.policy.allow_backends
+        allowed = self.allowlist.allow_backends
         if kind not in allowed:
             raise self.fail(
                 (*path, "backend"),

@@ -29,6 +29,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from treadle.errors import DaemonError
 from treadle.runtime.core.context import RunContext
 from treadle.runtime.core.events import Event, LLMCallFinished
 from treadle.runtime.core.store import TERMINAL
@@ -50,7 +51,7 @@ return 1
 """
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(DaemonError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = max(1, retry_after_s)

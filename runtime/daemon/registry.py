@@ -5,13 +5,12 @@ names to the digest of its current definition (`treadle:tenant:<t>:workflows`). 
 `RunRecord.source` is `registry:<digest>`, not the name, so registering a workflow again
 never changes the program under a run that is queued or being resumed.
 
-Workers check the import policy again when they load a stored definition (defense in
+Workers check the import allow-list again when they load a stored definition (defense in
 depth: `ProgramError`, and the run fails). Registering validates the definition completely
-before storing it: the import policy
-(`DefinitionPolicy`, before and after loading), the loader (`WorkflowFileError`:
-file:line:col), and graph validation (`GraphValidationError`). Parsing and compiling are
-CPU work, so they run in a worker thread, and compiled graphs are cached by digest (in the
-API for input validation, in workers for execution).
+before storing it: the import allow-list (`ImportAllowList`, before and after loading), the
+loader (`WorkflowFileError`: file:line:col), and graph validation (`GraphValidationError`).
+Parsing and compiling are CPU work, so they run in a worker thread, and compiled graphs are
+cached by digest (in the API for input validation, in workers for execution).
 """
 
 from __future__ import annotations
@@ -34,11 +33,12 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
 from treadle.graphs.files.loader import WorkflowFileError, load_workflow_text
 from treadle.graphs.typecheck import describe
 from treadle.runtime.core.store import RunRecord
-from treadle.runtime.daemon.import_allowlist import DefinitionPolicy, PolicyViolation
+from treadle.runtime.daemon.import_allowlist import AllowListViolation, ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.worker import ProgramError
 
@@ -52,7 +52,7 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 Format = Literal["yaml", "json"]
 
 
-class DefinitionError(ValueError):
+class DefinitionError(DaemonError, ValueError):
     """The definition cannot be registered; the message says where and why."""
 
 
@@ -79,7 +79,7 @@ class WorkflowRegistry:
         self,
         redis: Redis,
         keys: DaemonKeys,
-        policy: DefinitionPolicy,
+        allowlist: ImportAllowList,
         *,
         models: Sequence[str] = (),
         max_bytes: int = 256 * 1024,
@@ -87,7 +87,7 @@ class WorkflowRegistry:
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.policy = policy
+        self.allowlist = allowlist
         self.models = tuple(models)
         self.max_bytes = max_bytes
         self._cache: OrderedDict[str, CompiledGraph] = OrderedDict()
@@ -105,7 +105,7 @@ class WorkflowRegistry:
             )
         try:
             cg = self._load(text, fmt, filename)
-        except (PolicyViolation, WorkflowFileError, GraphValidationError) as exc:
+        except (AllowListViolation, WorkflowFileError, GraphValidationError) as exc:
             raise DefinitionError(str(exc)) from None
         except RecursionError:
             raise DefinitionError(f"{filename}: the definition is nested too deeply") from None
@@ -198,15 +198,15 @@ class WorkflowRegistry:
             # checked again before loading, so that a definition stored before the allow-list
             # changed (or written to Redis directly) cannot import a refused module
             return self._load(text, fmt, f"{digest[:12]}.{fmt}")
-        except PolicyViolation as exc:
+        except AllowListViolation as exc:
             raise ProgramError(f"refused by the import allow-list: {exc}") from None
 
     def _load(self, text: str, fmt: Format, filename: str) -> CompiledGraph:
-        """The import policy on the document, the loader, the policy on the loaded spec,
+        """The import allow-list on the document, the loader, the allow-list on the loaded spec,
         then the compiler (CPU work)."""
-        self.policy.check_document(text, filename=filename, fmt=fmt)
+        self.allowlist.check_document(text, filename=filename, fmt=fmt)
         spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
-        self.policy.check_spec(spec)
+        self.allowlist.check_spec(spec)
         return compile_graph(spec, models=self.models)
 
     def _remember(self, digest: str, cg: CompiledGraph) -> None:
@@ -232,7 +232,7 @@ class RegistryLoader:
 @functools.cache
 def _empty_dir() -> Path:
     """Where a definition's relative subgraph paths and local modules would be looked up:
-    an empty folder of this process (the policy refuses subgraph files anyway)."""
+    an empty folder of this process (the allow-list refuses subgraph files anyway)."""
     folder = tempfile.TemporaryDirectory(prefix="treadle-defs-")
     atexit.register(folder.cleanup)
     return Path(folder.name)

@@ -26,7 +26,8 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
-from treadle.runtime.core.store import TERMINAL, RunRecord
+from treadle.errors import DaemonError
+from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
 from treadle.runtime.daemon.quotas import Quotas
 from treadle.runtime.daemon.registry import WorkflowRegistry, source_of
 from treadle.runtime.daemon.tenants import Tenant
@@ -41,15 +42,15 @@ _SCAN_BUDGET = 2000
 _CHUNK = 200
 
 
-class NotFound(LookupError):
+class NotFound(DaemonError, LookupError):
     """No such run or workflow for this tenant."""
 
 
-class Conflict(ValueError):
+class Conflict(DaemonError, ValueError):
     """The request does not fit the run's state (e.g. cancelling a finished run)."""
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(DaemonError, ValueError):
     """A request that is well formed but not acceptable (bad inputs, bad cursor)."""
 
 
@@ -61,7 +62,7 @@ class RunView:
     started: bool = False
 
     @property
-    def status(self) -> str:
+    def status(self) -> RunStatus:
         """The status to report: workers leave a fresh run's record `pending` until it ends
         (saving two round trips per run), so a pending run with a journal is running."""
         if self.record.status == "pending" and self.started:
@@ -172,7 +173,7 @@ class RunService:
         self,
         tenant: Tenant,
         *,
-        status: str | None = None,
+        status: RunStatus | None = None,
         workflow: str | None = None,
         limit: int = 50,
         cursor: str | None = None,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from treadle.runtime.daemon.config import DaemonConfig
-from treadle.runtime.daemon.import_allowlist import DefinitionPolicy
+from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.quotas import Quotas
 from treadle.runtime.daemon.registry import WorkflowRegistry
@@ -40,9 +40,13 @@ class Services:
         stream_redis = connect(config.redis_url, max_connections=config.max_event_streams + 8)
         store = RedisStore(redis, prefix=config.prefix)
         queue = WorkQueue(redis, prefix=config.prefix, lease_ms=config.lease_ms)
-        policy = DefinitionPolicy(config.allow_imports, config.allow_backends)
+        allowlist = ImportAllowList(config.allow_imports, config.allow_backends)
         registry = WorkflowRegistry(
-            redis, keys, policy, models=list(config.models), max_bytes=config.max_definition_bytes
+            redis,
+            keys,
+            allowlist,
+            models=list(config.models),
+            max_bytes=config.max_definition_bytes,
         )
         quotas = Quotas(redis, keys)
         return cls(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
+from treadle.errors import DaemonError
 from treadle.runtime.daemon.keys import DaemonKeys
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -56,7 +57,7 @@ class ApiKey(BaseModel):
     revoked: bool = False
 
 
-class TenantError(ValueError):
+class TenantError(DaemonError, ValueError):
     """A tenant operation that cannot be done (bad id, exists already, unknown)."""
 
 
@@ -68,7 +69,8 @@ class IssuedKey:
     key: ApiKey
 
 
-def digest(token: str) -> str:
+def key_digest(token: str) -> str:
+    """What is stored of an API key: its SHA-256, hex."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
@@ -123,7 +125,7 @@ class TenantStore:
             key_id = secrets.token_hex(6)
             token = f"trd_{key_id}_{secrets.token_urlsafe(32)}"
             key = ApiKey(
-                key_id=key_id, tenant=tenant_id, digest=digest(token), created_at=time.time()
+                key_id=key_id, tenant=tenant_id, digest=key_digest(token), created_at=time.time()
             )
             if await self.redis.hsetnx(self.keys.api_keys(), key_id, key.model_dump_json()):
                 return IssuedKey(token, key)
@@ -178,7 +180,7 @@ class TenantStore:
             tenant = Tenant.model_validate_json(found[1]) if found[1] else None
         except ValidationError:
             return None
-        presented = digest(token)
+        presented = key_digest(token)
         if not hmac.compare_digest(presented.encode(), key.digest.encode()):
             return None
         if key.revoked or tenant is None or tenant.revoked or tenant.id != key.tenant:

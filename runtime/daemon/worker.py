@@ -2,7 +2,9 @@
 
 A `Worker` claims queue entries (`WorkQueue.claim`: new entries, and entries whose worker
 stopped heartbeating), and runs each claimed run as a task of its own while it holds the
-run's lease (`LeaseKeeper`). For one run it:
+run's lease (`LeaseKeeper`). It claims only when it has a free slot: at most
+`concurrency` runs at once, and, when the workers of one process share `process_slots`
+(`--max-concurrent-runs`), at most that many in the whole process. For one run it:
 
 1. reads the run's record, the journal's last seq and the run's cancel flag (one round
    trip); a run that is already terminal is only acknowledged (a duplicate delivery);
@@ -49,11 +51,14 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
+from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import TERMINAL, RunRecord
+from treadle.runtime.core.interceptors import CallInterceptor
+from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, WorkQueue
 from treadle.runtime.execution.runtime import RunHandle, Runtime
 from treadle.runtime.stores import codec
@@ -94,7 +99,7 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class ProgramError(Exception):
+class ProgramError(DaemonError):
     """The run's program cannot be loaded (unknown or invalid definition): the run fails."""
 
 
@@ -174,7 +179,7 @@ class _Slot:
             self.scope.cancel()
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(DaemonError, RuntimeError):
     """The worker stopped this run without ending it; its writes are refused."""
 
 
@@ -215,7 +220,7 @@ class _Gate:
             self.settled[run_id] = status
 
     async def list_runs(
-        self, *, tenant: str | None = None, status: str | None = None, limit: int = 50,
+        self, *, tenant: str | None = None, status: RunStatus | None = None, limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:  # fmt: skip
         return await self.store.list_runs(tenant=tenant, status=status, limit=limit, offset=offset)
@@ -236,11 +241,18 @@ class _Gate:
         """The Redis client belongs to the caller."""
 
 
+def _claim_failed(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("claim failed (%s); retrying in %.1f s", failure, delay)
+
+
 class Worker:
     """Executes runs from `queue` with `store` (see the module docstring).
 
     `store` must be a `RedisStore` on the same Redis as `queue`; the worker writes through
-    its `fenced` view. `models` and `listeners` go to the worker's `Runtime`.
+    its `fenced` view. `models`, `listeners` and `interceptors` go to the worker's
+    `Runtime`.
     """
 
     def __init__(
@@ -251,10 +263,12 @@ class Worker:
         *,
         models: Mapping[str, Backend | Mapping[str, Any]] | None = None,
         listeners: Sequence[Listener] = (),
+        interceptors: Sequence[CallInterceptor] = (),
         on_settled: SettledHook | None = None,
         tracer: OtelTracer | None = None,
         options: WorkerOptions | None = None,
         check_program: ProgramCheck | None = None,
+        process_slots: anyio.Semaphore | None = None,
     ) -> None:
         self.options = options or WorkerOptions()
         if self.options.concurrency < 1:
@@ -274,10 +288,21 @@ class Worker:
         all_listeners = list(listeners)
         if tracer is not None:
             all_listeners.append(tracer.listener)
-        self.runtime = Runtime(store=self.store, models=models, listeners=all_listeners)
+        self.runtime = Runtime(
+            store=self.store, models=models, listeners=all_listeners, interceptors=interceptors
+        )
         self.stats = WorkerStats()
         self._slots: dict[str, _Slot] = {}
         self._capacity = anyio.Semaphore(self.options.concurrency)
+        #: slots shared by every worker of this process (`--max-concurrent-runs`), if capped
+        self._process_slots = process_slots
+        #: claiming outlives a Redis outage: tried again, with backoff, until it works
+        self._claims = AsyncRetrying(
+            retry=retry_if_exception_type((RedisError, OSError)),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            before_sleep=_claim_failed,
+            sleep=anyio.sleep,
+        )
         self._stopping = anyio.Event()
         self._claiming: anyio.CancelScope | None = None
         self._idle: anyio.Event | None = None
@@ -328,25 +353,35 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _claim_loop(self, runs: TaskGroup) -> None:
-        failures = 0
         while not self._stopping.is_set():
             job: Job | None = None
             with anyio.CancelScope() as self._claiming:
-                await self._capacity.acquire()  # a free slot first: claim only what we can run
+                await self._acquire_slot()  # a free slot first: claim only what we can run
                 try:
-                    job = await self.queue.claim(self.worker_id, block_ms=self.options.block_ms)
-                    failures = 0
-                except (RedisError, OSError) as exc:
-                    failures += 1
-                    delay = min(0.1 * 2**failures, 2.0)
-                    log.warning("claim failed (%s); retrying in %.1f s", exc, delay)
-                    await anyio.sleep(delay)
+                    job = await self._claims(
+                        self.queue.claim, self.worker_id, block_ms=self.options.block_ms
+                    )
                 finally:
                     if job is None:  # (a job's task releases the slot when it is done)
-                        self._capacity.release()
+                        self._release_slot()
             self._claiming = None
             if job is not None:
                 runs.start_soon(self._run_job, job)
+
+    async def _acquire_slot(self) -> None:
+        """One of this worker's slots, then one of the process's (when it caps its runs)."""
+        await self._capacity.acquire()
+        if self._process_slots is not None:
+            try:
+                await self._process_slots.acquire()
+            except BaseException:
+                self._capacity.release()
+                raise
+
+    def _release_slot(self) -> None:
+        if self._process_slots is not None:
+            self._process_slots.release()
+        self._capacity.release()
 
     async def _drain(self) -> None:
         if self._slots:
@@ -417,7 +452,7 @@ class Worker:
             self.stats.retried_later += 1
             log.warning("run %s: Redis error, left for a later retry: %s", job.run_id, exc)
         finally:
-            self._capacity.release()
+            self._release_slot()
 
     async def _execute(self, slot: _Slot) -> RunRecord | _Gone | None:
         """Run the run to a terminal state; its final record, `_GONE` (no such run: drop

@@ -4,41 +4,34 @@ There are no supersteps. When a node finishes, each successor whose inputs are a
 becomes ready at once and starts, whatever its siblings are doing. The task that finishes
 a node goes on with one ready successor itself (a chain never spawns a task per node) and
 starts tasks for the others; quick synchronous functions run inline in that task.
+
+The orchestrator knows no node kind: it resolves inputs, applies a node's options
+(retries with backoff through tenacity, timeout, error policy, the run's concurrency
+limit), journals outputs, and leaves the running itself to the kind's executor
+(`treadle.runtime.nodes`).
 """
 
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 from anyio.abc import TaskGroup
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base, wait_exponential
 
-from treadle.graphs.builder import route_label
-from treadle.graphs.compile import CompiledGraph, CompiledNode
-from treadle.graphs.spec import (
-    BranchNode,
-    FirstOf,
-    FuncNode,
-    LLMNode,
-    MapNode,
-    NodeSpec,
-    PlannerNode,
-    Ref,
-    SubgraphNode,
-    ToolNode,
-)
+from treadle.graphs.compiled import CompiledGraph, CompiledNode
+from treadle.graphs.kinds import kind_of
+from treadle.graphs.spec import FirstOf, NodeOptions, NodeSpec, Ref
 from treadle.runtime.core.context import RunContext
-from treadle.runtime.core.errors import NodeError, OutputError
+from treadle.runtime.core.errors import NodeError, OutputError, RunFailed
 from treadle.runtime.core.events import (
-    GraphExtended,
     NodeFailed,
     NodeFinished,
     NodeReady,
@@ -47,26 +40,13 @@ from treadle.runtime.core.events import (
     NodeStarted,
 )
 from treadle.runtime.core.values import Getter, adapter, dump_value, load_value, make_getter
-from treadle.runtime.nodes.llm import run_llm_node, run_tool_node
+from treadle.runtime.nodes.base import NodeCall, NodeExecutor, Skipped
+from treadle.runtime.nodes.registry import executor_for
 
 #: an inline chain yields to the event loop this often, so it can be cancelled
 _YIELD_EVERY = 64
 #: at most this many inline outputs wait for one commit
 _STAGE_LIMIT = 512
-
-
-class RunFailure(Exception):
-    """A node failed under the `fail` policy: the run stops."""
-
-    def __init__(self, node: str, message: str):
-        super().__init__(f"node {node!r} failed: {message}")
-        self.node = node
-        self.message = message
-
-
-class _Skip:
-    def __init__(self, reason: str):
-        self.reason = reason
 
 
 @dataclass
@@ -79,9 +59,14 @@ class NodePlan:
     hard_deps: tuple[str, ...]
     #: first_of groups: this node is skipped only if every node of a group is
     soft_groups: tuple[tuple[str, ...], ...]
-    inline: bool
+    executor: NodeExecutor[Any]
+    #: the synchronous `(**inputs) -> output` of a node that runs inline (None: it does not)
+    run_inline: Callable[..., Any] | None
     inner: NodePlan | None = None
-    over: Getter | None = None
+
+    @property
+    def inline(self) -> bool:
+        return self.run_inline is not None
 
     def dump(self, value: Any) -> bytes:
         """The output as JSON for the journal (ValueError if it cannot be serialized)."""
@@ -105,32 +90,25 @@ class NodePlan:
 
 def _plan(cn: CompiledNode) -> NodePlan:
     spec = cn.spec
-    getters: list[tuple[str, Getter]] = []
+    getters = [(name, make_getter(binding)[0]) for name, binding in spec.inputs.items()]
     hard: list[str] = []
     soft: list[tuple[str, ...]] = []
-    for name, binding in spec.inputs.items():
-        get, nodes = make_getter(binding)
-        getters.append((name, get))
+    # every reference the node reads (a map's `over` and its inner node's included): a
+    # skipped node it refers to directly skips it; a first_of only if all are skipped
+    for _, binding in kind_of(spec).bindings(spec):
         if isinstance(binding, FirstOf):
-            soft.append(nodes)
+            soft.append(make_getter(binding)[1])
         elif isinstance(binding, Ref):
-            hard.extend(nodes)
-    inner = over = None
-    if isinstance(spec, MapNode) and cn.inner is not None:
-        over, nodes = make_getter(spec.over)
-        hard.extend(nodes)
-        inner = _plan(cn.inner)
-        hard.extend(inner.hard_deps)
-        soft.extend(inner.soft_groups)
-    p = spec.policy
-    inline = (
-        isinstance(spec, FuncNode)
-        and not spec.blocking
-        and not inspect.iscoroutinefunction(spec.fn)
-        and p.timeout_s is None
-        and p.retries == 0
-    ) or (isinstance(spec, BranchNode) and p.timeout_s is None and p.retries == 0)
-    return NodePlan(cn, getters, tuple(dict.fromkeys(hard)), tuple(soft), inline, inner, over)
+            hard.extend(make_getter(binding)[1])
+    executor = executor_for(spec)
+    options = spec.options
+    run_inline = (
+        executor.inline(spec) if options.timeout_s is None and options.retries == 0 else None
+    )
+    inner = _plan(cn.inner) if cn.inner is not None else None
+    return NodePlan(
+        cn, getters, tuple(dict.fromkeys(hard)), tuple(soft), executor, run_inline, inner
+    )
 
 
 def plans_for(cg: CompiledGraph) -> dict[str, NodePlan]:
@@ -138,6 +116,22 @@ def plans_for(cg: CompiledGraph) -> dict[str, NodePlan]:
     if cached is None:
         cached = {nid: _plan(cn) for nid, cn in cg.nodes.items()}
         cg.__dict__["_plans"] = cached
+    return cached
+
+
+def _nested_plans(cg: CompiledGraph) -> dict[int, NodePlan]:
+    """The plans of nodes that other nodes run (a map's inner node, and so on down), by
+    the id of their `CompiledNode`."""
+    cached = cg.__dict__.get("_nested_plans")
+    if cached is None:
+        cached = {}
+        todo = [p.inner for p in plans_for(cg).values()]
+        while todo:
+            plan = todo.pop()
+            if plan is not None:
+                cached[id(plan.cn)] = plan
+                todo.append(plan.inner)
+        cg.__dict__["_nested_plans"] = cached
     return cached
 
 
@@ -258,19 +252,19 @@ class GraphScope:
             return None
         values, inputs = self.values, self.inputs
         kwargs = {name: get(values, inputs, None) for name, get in plan.getters}
-        if plan.inline:
+        if plan.run_inline is not None:
             result = self._run_inline(plan, iid, kwargs)
             self._inline_count += 1
             if self._inline_count % _YIELD_EVERY == 0:
                 await anyio.lowlevel.checkpoint()
         else:
-            result = await self._run_with_policy(plan, iid, kwargs)
-        if isinstance(result, _Skip):
+            result = await self._run_with_options(plan, iid, kwargs)
+        if isinstance(result, Skipped):
             self._mark_skipped(nid, result.reason)
             return None
         value, data_out, started = result
         self.ctx.emit(NodeFinished, iid, time.perf_counter() - started)
-        if plan.inline:
+        if plan.run_inline is not None:
             self.ctx.journal.stage(iid, data_out)
             return nid, value
         await self.ctx.journal.commit(iid, data_out)
@@ -280,171 +274,119 @@ class GraphScope:
 
     def _run_inline(
         self, plan: NodePlan, iid: str, kwargs: dict[str, Any]
-    ) -> tuple[Any, bytes, float] | _Skip:
+    ) -> tuple[Any, bytes, float] | Skipped:
+        assert plan.run_inline is not None
         self.ctx.emit(NodeStarted, iid, 1)
         started = time.perf_counter()
         try:
-            if isinstance(plan.spec, FuncNode):
-                value = plan.spec.fn(**kwargs)
-            else:
-                value = self._route(plan, kwargs)
+            value = plan.run_inline(**kwargs)
             return value, plan.dump(value), started
         except Exception as exc:
             return self._on_final_error(plan, iid, _describe(exc), 1, started)
 
-    async def _run_with_policy(
+    async def _run_with_options(
         self, plan: NodePlan, iid: str, kwargs: dict[str, Any]
-    ) -> tuple[Any, bytes, float] | _Skip:
-        policy = plan.spec.policy
-        attempt = 1
-        while True:
+    ) -> tuple[Any, bytes, float] | Skipped:
+        """Attempts until one succeeds or the retries are spent (a failure that says it is
+        not retryable ends them at once), then the error policy."""
+        options = plan.spec.options
+        attempt, started = 0, time.perf_counter()
+
+        async def once() -> tuple[Any, bytes, float]:
+            nonlocal attempt, started
+            attempt += 1
             self.ctx.emit(NodeStarted, node=iid, attempt=attempt)
             started = time.perf_counter()
+            value = await self._attempt(plan, iid, kwargs, attempt)
             try:
-                if self.ctx.limiter is not None and not isinstance(plan.spec, MapNode):
-                    async with self.ctx.limiter:
-                        value = await self._attempt(plan, iid, kwargs, attempt, policy.timeout_s)
-                else:
-                    value = await self._attempt(plan, iid, kwargs, attempt, policy.timeout_s)
-                try:
-                    return value, plan.dump(value), started
-                except ValueError as exc:
-                    raise OutputError(iid, str(exc), retryable=False) from None
-            except Exception as exc:
-                message = _describe(exc)
-                retryable = getattr(exc, "retryable", True)
-                if attempt <= policy.retries and retryable:
-                    delay = _backoff(policy.backoff_s, policy.backoff_max_s, policy.jitter, attempt)
-                    self.ctx.emit(
-                        NodeRetrying, node=iid, attempt=attempt, error=message, delay_s=delay
-                    )
-                    await anyio.sleep(delay)
-                    attempt += 1
-                    continue
-                return self._on_final_error(plan, iid, message, attempt, started)
+                return value, plan.dump(value), started
+            except ValueError as exc:
+                raise OutputError(iid, str(exc), retryable=False) from None
+
+        try:
+            if options.retries == 0:
+                return await once()
+            return await _retrying(options, lambda state: self._before_retry(iid, state))(once)
+        except Exception as exc:
+            return self._on_final_error(plan, iid, _describe(exc), attempt, started)
+
+    def _before_retry(self, iid: str, state: RetryCallState) -> None:
+        """Before the pause between two attempts: say which failed, and for how long."""
+        assert state.outcome is not None and state.next_action is not None
+        error = state.outcome.exception()
+        assert error is not None
+        self.ctx.emit(
+            NodeRetrying,
+            node=iid,
+            attempt=state.attempt_number,
+            error=_describe(error),
+            delay_s=state.next_action.sleep,
+        )
 
     def _on_final_error(
         self, plan: NodePlan, iid: str, message: str, attempt: int, started: float
-    ) -> tuple[Any, bytes, float] | _Skip:
+    ) -> tuple[Any, bytes, float] | Skipped:
         """What the node's error policy makes of its last failure: a skip, the fallback as
-        its output, or the end of the run (`RunFailure`)."""
-        policy = plan.spec.policy
-        self.ctx.emit(NodeFailed, node=iid, error=message, attempt=attempt, policy=policy.on_error)
-        if policy.on_error == "skip":
-            return _Skip(f"failed: {message}")
-        if policy.on_error == "fallback":
-            return policy.fallback, plan.dump(policy.fallback), started
-        raise RunFailure(iid, message)
+        its output, or the end of the run (`RunFailed`)."""
+        options = plan.spec.options
+        self.ctx.emit(NodeFailed, node=iid, error=message, attempt=attempt, policy=options.on_error)
+        if options.on_error == "skip":
+            return Skipped(f"failed: {message}")
+        if options.on_error == "fallback":
+            return options.fallback, plan.dump(options.fallback), started
+        raise RunFailed.at_node(self.ctx.run_id, iid, message)
 
-    async def _attempt(
-        self, plan: NodePlan, iid: str, kwargs: dict[str, Any], attempt: int, timeout: float | None
-    ) -> Any:
+    async def _attempt(self, plan: NodePlan, iid: str, kwargs: dict[str, Any], attempt: int) -> Any:
+        call = NodeCall(self.ctx, plan.spec, plan.cn, iid, kwargs, attempt, self)
+        timeout = plan.spec.options.timeout_s
+        limiter = self.ctx.limiter if plan.executor.takes_slot else None
         try:
             with anyio.fail_after(timeout):
-                return await self._invoke(plan, iid, kwargs, attempt)
+                if limiter is None:
+                    return await plan.executor.run(call)
+                async with limiter:
+                    return await plan.executor.run(call)
         except TimeoutError:
             raise NodeError(iid, f"timed out after {timeout} s") from None
 
-    async def _invoke(self, plan: NodePlan, iid: str, kwargs: dict[str, Any], attempt: int) -> Any:
-        spec = plan.spec
-        if isinstance(spec, FuncNode):
-            if inspect.iscoroutinefunction(spec.fn):
-                return await spec.fn(**kwargs)
-            if spec.blocking:
-                # on cancellation the thread is left to finish on its own: the node is not
-                # recorded, so it runs again on resume (at-least-once), and Ctrl-C is prompt
-                return await anyio.to_thread.run_sync(
-                    partial(spec.fn, **kwargs), abandon_on_cancel=True
-                )
-            return spec.fn(**kwargs)
-        if isinstance(spec, LLMNode):
-            return await run_llm_node(self.ctx, spec, self.cg.facts.llm.get(plan.id), iid, kwargs)
-        if isinstance(spec, ToolNode):
-            assert spec.tool is not None
-            return await run_tool_node(self.ctx, spec.tool, iid, kwargs, attempt)
-        if isinstance(spec, BranchNode):
-            return self._route(plan, kwargs)
-        if isinstance(spec, MapNode):
-            return await self._run_map(plan, iid)
-        if isinstance(spec, PlannerNode):
-            from treadle.runtime.nodes.planner.executor import run_planner_node
+    # -- what executors of nodes that run nodes use (`treadle.runtime.nodes.base.Scope`) --
 
-            return await run_planner_node(
-                self.ctx, spec, self.cg.facts.llm.get(plan.id), iid, kwargs
-            )
-        if isinstance(spec, SubgraphNode):
-            assert plan.cn.child is not None
-            return await GraphScope(self.ctx, plan.cn.child, kwargs, f"{iid}/").run()
-        raise NodeError(iid, f"cannot execute a {spec.kind} node", retryable=False)
+    @property
+    def graph(self) -> CompiledGraph:
+        return self.cg
 
-    def _route(self, plan: NodePlan, kwargs: dict[str, Any]) -> str:
-        spec = plan.spec
-        assert isinstance(spec, BranchNode)
-        raw = spec.route(**kwargs) if spec.route is not None else next(iter(kwargs.values()))
-        label = route_label(raw)
-        if label not in spec.routes and spec.default is not None:
-            return spec.default
-        return label
+    def evaluate(self, binding: Any) -> Any:
+        return make_getter(binding)[0](self.values, self.inputs, None)
 
-    # -- map -----------------------------------------------------------------------------
+    def runs_inline(self, node: CompiledNode) -> bool:
+        return self._inner_plan(node).inline
 
-    async def _run_map(self, plan: NodePlan, iid: str) -> Any:
-        spec = plan.spec
-        assert isinstance(spec, MapNode) and plan.inner is not None and plan.over is not None
-        items = list(plan.over(self.values, self.inputs, None))
-        instances = [f"{iid}[{i}]" for i in range(len(items))]
-        self.ctx.emit(GraphExtended, node=iid, instances=instances)
-        results: list[Any] = [None] * len(items)
-        skipped: set[int] = set()
-        inner = plan.inner
-        limiter = (
-            anyio.CapacityLimiter(spec.policy.concurrency) if spec.policy.concurrency else None
-        )
+    async def run_graph(self, graph: CompiledGraph, inputs: dict[str, Any], prefix: str) -> Any:
+        return await GraphScope(self.ctx, graph, inputs, prefix).run()
 
-        async def one(i: int) -> None:
-            inst = instances[i]
-            data = self.ctx.restored.get(inst)
-            if data is not None:
-                results[i] = load_value(inner.cn.output_type, data)
-                return
-            kwargs = {name: get(self.values, self.inputs, items[i]) for name, get in inner.getters}
-            if limiter is not None:
-                async with limiter:
-                    outcome = await self._run_instance(inner, inst, kwargs)
-            else:
-                outcome = await self._run_instance(inner, inst, kwargs)
-            if isinstance(outcome, _Skip):
-                skipped.add(i)
-            else:
-                results[i] = outcome
-
-        if inner.inline:
-            for i in range(len(items)):
-                await one(i)
+    async def run_element(self, node: CompiledNode, instance: str, item: Any) -> Any:
+        plan = self._inner_plan(node)
+        data = self.ctx.restored.get(instance)
+        if data is not None:
+            return load_value(node.output_type, data)
+        kwargs = {name: get(self.values, self.inputs, item) for name, get in plan.getters}
+        if plan.run_inline is not None:
+            result = self._run_inline(plan, instance, kwargs)
         else:
-            async with anyio.create_task_group() as tg:
-                for i in range(len(items)):
-                    tg.start_soon(one, i, name=instances[i])
-        collected = [r for i, r in enumerate(results) if i not in skipped]
-        if spec.reduce is None:
-            return collected
-        reduced = spec.reduce(collected)
-        return await reduced if inspect.isawaitable(reduced) else reduced
-
-    async def _run_instance(self, plan: NodePlan, inst: str, kwargs: dict[str, Any]) -> Any:
-        if plan.inline:
-            result = self._run_inline(plan, inst, kwargs)
-        else:
-            result = await self._run_with_policy(plan, inst, kwargs)
-        if isinstance(result, _Skip):
-            self.ctx.emit(NodeSkipped, node=inst, reason=result.reason)
+            result = await self._run_with_options(plan, instance, kwargs)
+        if isinstance(result, Skipped):
+            self.ctx.emit(NodeSkipped, node=instance, reason=result.reason)
             return result
         value, data, started = result
-        self.ctx.emit(NodeFinished, node=inst, duration_s=time.perf_counter() - started)
-        await self.ctx.journal.commit(inst, data)
+        self.ctx.emit(NodeFinished, node=instance, duration_s=time.perf_counter() - started)
+        await self.ctx.journal.commit(instance, data)
         # a retry of the whole map then reuses the elements that already finished
-        self.ctx.restored[inst] = data
+        self.ctx.restored[instance] = data
         return value
+
+    def _inner_plan(self, node: CompiledNode) -> NodePlan:
+        """The plan of a node run by another (a map's inner node), made with its parent's."""
+        return _nested_plans(self.cg)[id(node)]
 
     # -- result --------------------------------------------------------------------------
 
@@ -459,21 +401,51 @@ class GraphScope:
             get, nodes = make_getter(binding)
             if nodes and not any(n in self.values for n in nodes):
                 why = "; ".join(self.skipped.get(n, "did not run") for n in nodes)
-                raise RunFailure(self.prefix + nodes[0], f"output {name!r} is unavailable: {why}")
+                raise RunFailed.at_node(
+                    self.ctx.run_id,
+                    self.prefix + nodes[0],
+                    f"output {name!r} is unavailable: {why}",
+                )
             out[name] = get(self.values, self.inputs, None)
         return model.model_validate(out)
 
 
-def _backoff(base: float, cap: float, jitter: float, attempt: int) -> float:
-    delay = min(cap, base * 2 ** (attempt - 1))
-    return delay * (1 - jitter * random.random())
+class _jittered(wait_base):
+    """tenacity wait: `wait`'s delay less a random share of it, at most `jitter` (0..1)."""
+
+    def __init__(self, wait: wait_base, jitter: float) -> None:
+        self.wait = wait
+        self.jitter = jitter
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        return float(self.wait(retry_state)) * (1 - self.jitter * random.random())
+
+
+def _retrying(options: NodeOptions, before_sleep: Callable[[RetryCallState], None]) -> Any:
+    """Attempts under `options`: `retries` more after the first, the n-th pause
+    `min(backoff_max_s, backoff_s * 2**(n-1))` less up to `jitter` of it, on anyio's clock
+    (so cancellation ends a pause at once); a failure whose `retryable` is False is final."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(options.retries + 1),
+        wait=_jittered(
+            wait_exponential(multiplier=options.backoff_s, max=options.backoff_max_s),
+            options.jitter,
+        ),
+        # tenacity sees every BaseException: a cancellation must end the attempts, not retry
+        retry=retry_if_exception(
+            lambda exc: isinstance(exc, Exception) and getattr(exc, "retryable", True)
+        ),
+        before_sleep=before_sleep,
+        sleep=anyio.sleep,
+        reraise=True,
+    )
 
 
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
-    if isinstance(exc, RunFailure):
-        return f"{exc.node}: {exc.message}"
+    if isinstance(exc, RunFailed) and exc.node is not None:
+        return f"{exc.node}: {exc.reason}"
     if isinstance(exc, NodeError):
         return exc.reason
     text = str(exc)

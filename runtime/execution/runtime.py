@@ -5,8 +5,12 @@
     async with runtime.start(graph, inputs) as run:
         async for event in run.events(): ...
 
-A runtime owns the state store, the model aliases (backends) and, when configured, the
-scheduler that orders LLM calls across all of its runs.
+A runtime owns the state store, the model aliases (backends), the listeners that see
+every event of its runs, and the interceptor chain every LLM and tool call goes through
+(`treadle.runtime.core.interceptors`): the given `interceptors` in order, then listeners
+that are also interceptors (the OpenTelemetry tracer's passes each call's trace context
+on), then, nearest to the backend, the `admission` (the scheduler that orders LLM calls
+across all of the runtime's runs), when configured.
 """
 
 from __future__ import annotations
@@ -25,16 +29,24 @@ from pydantic import BaseModel, ValidationError
 
 from treadle.backends.base import Backend, ClosableBackend
 from treadle.backends.scripted import ScriptedBackend
+from treadle.errors import RunError
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import DEFAULT_MODEL, CompiledGraph, compile_graph
 from treadle.graphs.spec import GraphSpec
 from treadle.runtime.core.context import Listener, RunContext, RunOptions
 from treadle.runtime.core.errors import RunCancelled, RunFailed
 from treadle.runtime.core.events import Event, RunFinished, RunStarted
+from treadle.runtime.core.gateway import dispatch
+from treadle.runtime.core.interceptors import (
+    Admission,
+    CallAdmission,
+    CallChain,
+    CallInterceptor,
+    invoke_tool,
+)
 from treadle.runtime.core.journal import Journal
-from treadle.runtime.core.store import RunRecord, StateStore
-from treadle.runtime.execution.orchestrator import GraphScope, RunFailure
-from treadle.runtime.nodes.llm import CallAdmission, LLMGateway
+from treadle.runtime.core.store import RunRecord, RunStatus, StateStore
+from treadle.runtime.execution.orchestrator import GraphScope
 from treadle.runtime.stores.memory import MemoryStore
 
 GraphLike = Graph | GraphSpec | CompiledGraph
@@ -42,14 +54,14 @@ GraphLike = Graph | GraphSpec | CompiledGraph
 logger = logging.getLogger(__name__)
 
 
-class InvalidInputs(ValueError):
+class InvalidInputs(RunError, ValueError):
     """The inputs given to a run do not match the graph's declared inputs."""
 
 
 @dataclass
 class RunResult:
     run_id: str
-    status: str
+    status: RunStatus
     output: Any
     error: str | None
     events: list[Event] = field(default_factory=list, repr=False)
@@ -118,6 +130,7 @@ class Runtime:
         stream_tokens: bool = False,
         admission: CallAdmission | None = None,
         listeners: Sequence[Listener] = (),
+        interceptors: Sequence[CallInterceptor] = (),
     ) -> None:
         self.store: StateStore = store if store is not None else MemoryStore()
         self._models: dict[str, Backend] = {}
@@ -131,6 +144,15 @@ class Runtime:
         self.stream_tokens = stream_tokens
         self.admission = admission
         self.listeners = list(listeners)
+        chain = list(interceptors)
+        for hook in self.listeners:  # a listener may wrap calls too (the tracer's does)
+            if isinstance(hook, CallInterceptor):
+                chain.append(hook)
+        if admission is not None:
+            chain.append(Admission(admission))
+        self.chain = CallChain(chain)
+        self._send_llm = self.chain.wrap_llm(dispatch)
+        self._invoke_tool = self.chain.wrap_tool(invoke_tool)
         self._created: dict[str, Backend] = {}
 
     # -- graphs and backends -----------------------------------------------------------
@@ -228,7 +250,9 @@ class Runtime:
         ctx = RunContext(
             record.run_id,
             Journal(self.store, record.run_id),
-            LLMGateway(self._backends(cg), self.admission),
+            backends=self._backends(cg),
+            send_llm=self._send_llm,
+            invoke_tool=self._invoke_tool,
             options=RunOptions(
                 stream_tokens=self.stream_tokens,
                 max_concurrency=self.max_concurrency,
@@ -291,7 +315,7 @@ class Runtime:
         ctx: RunContext,
         handle: RunHandle,
         started: float,
-        status: str,
+        status: RunStatus,
         output: Any,
         error: str | None,
     ) -> None:
@@ -348,7 +372,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def _failure_message(exc: BaseException) -> str:
     leaves = _leaves(exc)
     for leaf in leaves:
-        if isinstance(leaf, RunFailure):
-            return str(leaf)
+        if isinstance(leaf, RunFailed):
+            return leaf.error
     leaf = leaves[0]
     return f"internal error: {type(leaf).__name__}: {leaf}"

@@ -1,193 +1,35 @@
-"""LLM and tool execution inside a run: the gateway every LLM call goes through, the
-tool-calling conversation of an `llm` node (parallel tool calls run at once), and `tool`
-nodes.
-
-The gateway is where scheduling hints are attached and where the scheduler (when one is
-configured) decides the order of calls across runs.
-"""
+"""The `llm` node's executor: a chat call, or a tool-calling conversation (the tools a
+turn asks for run at once) until the model answers without calling a tool, and the answer
+parsed into the node's output type."""
 
 from __future__ import annotations
 
 import functools
 import json
 import re
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import anyio
 from pydantic import BaseModel, ValidationError
 
-from treadle.backends.base import (
-    Backend,
-    BackendError,
-    LLMRequest,
-    LLMResponse,
-    Message,
-    SchedulingHints,
-    StreamChunk,
-    StreamingBackend,
-    ToolCall,
-    collect_stream,
-)
-from treadle.graphs.analysis import LLMFacts
-from treadle.graphs.spec import LLMNode
+from treadle.backends.base import LLMRequest, Message, SchedulingHints
+from treadle.graphs.compiled import LLMFacts
+from treadle.graphs.kinds import LLMNode
+from treadle.runtime.core.context import RunContext
 from treadle.runtime.core.errors import NodeError, OutputError
-from treadle.runtime.core.events import (
-    LLMCallDispatched,
-    LLMCallFinished,
-    LLMCallQueued,
-    LLMTokens,
-    ToolCallFinished,
-    ToolCallStarted,
-)
+from treadle.runtime.core.gateway import call_llm
 from treadle.runtime.core.values import as_text
-from treadle.tools import Tool, ToolArgumentError, ToolError
-
-if TYPE_CHECKING:
-    from treadle.runtime.core.context import RunContext
+from treadle.runtime.nodes.base import NodeCall, NodeExecutor
+from treadle.runtime.nodes.tool import run_tool_calls
 
 
-#: receives an answer's text as it streams; returning True says the caller has all it needs,
-#: and the generation is stopped there (the stream is closed, which aborts it on the server)
-TextSink = Callable[[str], Awaitable[bool | None]]
+class LLMExecutor(NodeExecutor[LLMNode]):
+    spec = LLMNode
+
+    async def run(self, call: NodeCall[LLMNode]) -> Any:
+        return await run_llm_node(call.ctx, call.spec, call.llm_facts, call.instance, call.inputs)
 
 
-class CallAdmission(Protocol):
-    """Decides when an LLM call may go to its backend (the scheduler implements this).
-
-    `admit` returns once the call may be sent (`call_id` names it in the run's events), with
-    a ticket and the request to send: the same one, or a copy whose hints the scheduler
-    filled in (priority, pin TTL).
-    `release(ticket, response)` follows every admitted call (response None: it failed or
-    was cancelled). `end_run(ctx, status)` comes once the run is over, before its
-    `RunFinished` event (status "interrupted": it stopped and may be resumed), so whatever
-    the admission still holds for it is released, and said, within the run's events."""
-
-    async def admit(
-        self, ctx: RunContext, node: str, call_id: str, request: LLMRequest
-    ) -> tuple[Any, LLMRequest]: ...
-
-    def release(self, ticket: Any, response: LLMResponse | None) -> None: ...
-
-    def end_run(self, ctx: RunContext, status: str) -> None: ...
-
-
-class LLMGateway:
-    """Maps model aliases to backends and sends calls, emitting the call events."""
-
-    def __init__(
-        self, backends: Mapping[str, Backend], admission: CallAdmission | None = None
-    ) -> None:
-        self.backends = dict(backends)
-        self.admission = admission
-
-    def backend(self, alias: str) -> Backend:
-        try:
-            return self.backends[alias]
-        except KeyError:
-            known = ", ".join(sorted(self.backends)) or "none"
-            raise NodeError(alias, f"no backend for model {alias!r} (known: {known})") from None
-
-    async def call(
-        self,
-        ctx: RunContext,
-        node: str,
-        alias: str,
-        request: LLMRequest,
-        *,
-        on_text: TextSink | None = None,
-    ) -> LLMResponse:
-        """Send one call through admission, with its events. With `on_text`, the answer's
-        text is handed over as it streams (all at once if the backend cannot stream)."""
-        backend = self.backend(alias)
-        ctx.llm_call_counter += 1
-        call_id = f"{node}#{ctx.llm_call_counter}"
-        ctx.emit(LLMCallQueued, node=node, call_id=call_id, model=alias)
-        queued = time.perf_counter()
-        ticket = None
-        if self.admission is not None:
-            ticket, request = await self.admission.admit(ctx, node, call_id, request)
-        ctx.emit(
-            LLMCallDispatched,
-            node=node,
-            call_id=call_id,
-            priority=request.hints.priority,
-            queue_wait_s=time.perf_counter() - queued,
-        )
-        headers = ctx.call_headers.pop(call_id, None)
-        if headers:
-            request = request.model_copy(update={"headers": {**request.headers, **headers}})
-        started = time.perf_counter()
-        response: LLMResponse | None = None
-        try:
-            streams = isinstance(backend, StreamingBackend) and backend.capabilities.streaming
-            if streams and (on_text is not None or ctx.options.stream_tokens):
-                assert isinstance(backend, StreamingBackend)
-                response = await self._streamed(ctx, backend, node, call_id, request, on_text)
-            else:
-                response = await backend.generate(request)
-        except BackendError as exc:
-            ctx.emit(
-                LLMCallFinished,
-                node=node,
-                call_id=call_id,
-                model=alias,
-                duration_s=time.perf_counter() - started,
-                error=str(exc),
-                replica=exc.replica,
-            )
-            raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
-        finally:
-            if self.admission is not None:
-                self.admission.release(ticket, response)
-        usage = response.usage
-        ctx.emit(
-            LLMCallFinished,
-            node=node,
-            call_id=call_id,
-            model=alias,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_prompt_tokens=usage.cached_prompt_tokens,
-            duration_s=time.perf_counter() - started,
-            ttft_s=response.ttft_s,
-            tool_calls=len(response.tool_calls),
-            replica=response.replica,
-            finish_reason=response.finish_reason,
-        )
-        if on_text is not None and not streams and response.content:
-            await on_text(response.content)  # the whole answer, once it has arrived
-        return response
-
-    async def _streamed(
-        self,
-        ctx: RunContext,
-        backend: StreamingBackend,
-        node: str,
-        call_id: str,
-        request: LLMRequest,
-        on_text: TextSink | None,
-    ) -> LLMResponse:
-        emit_tokens = ctx.options.stream_tokens
-
-        async def chunks() -> AsyncIterator[StreamChunk]:
-            stream = backend.stream(request.model_copy(update={"stream": True}))
-            async for chunk in stream:
-                if chunk.delta:
-                    if emit_tokens:
-                        ctx.emit(LLMTokens, node=node, call_id=call_id, text=chunk.delta)
-                    if on_text is not None and await on_text(chunk.delta):
-                        # closing the stream now (not when it is collected) ends the
-                        # generation on the server at once
-                        aclose = getattr(stream, "aclose", None)
-                        if aclose is not None:
-                            await aclose()
-                        yield chunk.model_copy(update={"finish_reason": "stop"})
-                        return
-                yield chunk
-
-        return await collect_stream(chunks())
+EXECUTOR = LLMExecutor()
 
 
 async def run_llm_node(
@@ -224,7 +66,7 @@ async def run_llm_node(
                 is_last_step=last_step,
             ),
         )
-        response = await ctx.gateway.call(ctx, node, spec.model, request)
+        response = await call_llm(ctx, node, spec.model, request)
         if response.tool_calls and tools and turn < spec.max_turns:
             messages.append(
                 Message(role="assistant", content=response.content, tool_calls=response.tool_calls)
@@ -255,90 +97,6 @@ async def run_llm_node(
                 )
             )
     raise NodeError(node, "no answer within max_turns")
-
-
-async def run_tool_calls(
-    ctx: RunContext, node: str, calls: list[ToolCall], tools: Mapping[str, Tool]
-) -> list[str]:
-    """Run a model turn's tool calls concurrently; errors become results the model reads."""
-    results: list[str] = [""] * len(calls)
-
-    async def one(i: int, call: ToolCall) -> None:
-        call_id = f"{node}:{call.id}"
-        tool = tools.get(call.name)
-        if tool is None:
-            known = ", ".join(tools)
-            results[i] = f"error: unknown tool {call.name!r} (available: {known})"
-            ctx.emit(ToolCallStarted, node=node, call_id=call_id, tool=call.name)
-            ctx.emit(
-                ToolCallFinished,
-                node=node,
-                call_id=call_id,
-                tool=call.name,
-                duration_s=0.0,
-                ok=False,
-                error=results[i],
-            )
-            return
-        try:
-            value = await call_tool(
-                ctx, tool, node, call_id, call.arguments, key=f"{ctx.run_id}:{call_id}"
-            )
-            results[i] = as_text(value)
-        except ToolError as exc:
-            results[i] = f"error: {exc.reason}"
-
-    async with anyio.create_task_group() as tg:
-        for i, call in enumerate(calls):
-            tg.start_soon(one, i, call)
-    return results
-
-
-async def call_tool(
-    ctx: RunContext,
-    tool: Tool,
-    node: str,
-    call_id: str,
-    arguments: dict[str, Any] | str | None,
-    *,
-    key: str,
-) -> Any:
-    """Invoke a tool between its `ToolCallStarted` / `ToolCallFinished` events. A tool that
-    is not idempotent receives `key` as its idempotency key; a `ToolError` is re-raised
-    after its event."""
-    ctx.emit(ToolCallStarted, node=node, call_id=call_id, tool=tool.name)
-    started = time.perf_counter()
-    try:
-        value = await tool.invoke(arguments, idempotency_key=None if tool.idempotent else key)
-    except ToolError as exc:
-        ctx.emit(
-            ToolCallFinished,
-            node=node,
-            call_id=call_id,
-            tool=tool.name,
-            duration_s=time.perf_counter() - started,
-            ok=False,
-            error=exc.reason,
-        )
-        raise
-    ctx.emit(
-        ToolCallFinished,
-        node=node,
-        call_id=call_id,
-        tool=tool.name,
-        duration_s=time.perf_counter() - started,
-    )
-    return value
-
-
-async def run_tool_node(
-    ctx: RunContext, tool: Tool, node: str, inputs: dict[str, Any], attempt: int
-) -> Any:
-    key = f"{ctx.run_id}:{node}:{attempt}"
-    try:
-        return await call_tool(ctx, tool, node, f"{node}@{attempt}", inputs, key=key)
-    except ToolError as exc:
-        raise NodeError(node, str(exc), retryable=not isinstance(exc, ToolArgumentError)) from exc
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)

@@ -7,6 +7,10 @@ tests never share counts); `render()` is the text for `/metrics`. Components tha
 live state (the scheduler's queue depth per tenant, in-flight calls per replica) add gauges
 with `gauge()` or, read at scrape time, with `gauge_callback()`.
 
+`RuntimeMetrics.calls_in_flight()` is a call interceptor (`Runtime(interceptors=[...])`)
+that keeps `treadle_calls_in_flight{call, name}`: the LLM calls per model alias and the
+tool calls per tool under way right now.
+
 `summarize_run(events)` needs no Prometheus: total time, the critical path the run actually
 took, tokens, the prefix-cache hit rate, and the time spent in LLM calls versus tools.
 """
@@ -18,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from treadle.errors import SetupError
+from treadle.runtime.core.context import InvokeTool, LLMCall, SendLLM, ToolInvocation
 from treadle.runtime.core.events import (
     Event,
     LLMCallDispatched,
@@ -36,11 +42,13 @@ from treadle.runtime.core.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
+from treadle.runtime.core.interceptors import CallInterceptor
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Gauge
     from prometheus_client.metrics_core import Metric
 
+    from treadle.backends.base import LLMResponse
     from treadle.graphs.compile import CompiledGraph
     from treadle.runtime.core.context import RunContext
 
@@ -53,7 +61,7 @@ _SLOW_BUCKETS = (
 )  # fmt: skip
 
 
-class MetricsUnavailable(RuntimeError):
+class MetricsUnavailable(SetupError, RuntimeError):
     """Prometheus metrics were asked for but prometheus-client is not installed."""
 
 
@@ -230,6 +238,16 @@ class RuntimeMetrics:
 
         return str(CONTENT_TYPE_LATEST)
 
+    def calls_in_flight(self) -> CallsInFlight:
+        """An interceptor that counts the calls under way (see the module docstring)."""
+        return CallsInFlight(
+            self.gauge(
+                "treadle_calls_in_flight",
+                "LLM calls (by model alias) and tool calls (by tool) under way.",
+                ["call", "name"],
+            )
+        )
+
     # -- events ------------------------------------------------------------------------
 
     def listener(self, ctx: RunContext, event: Event) -> None:
@@ -314,6 +332,30 @@ class RuntimeMetrics:
         if event.cached_prompt_tokens:
             self.llm_tokens.labels(model, run.tenant, "cached").inc(event.cached_prompt_tokens)
             self.llm_cache_hits.labels(model).inc()
+
+
+class CallsInFlight(CallInterceptor):
+    """Keeps a gauge of the calls under way: +1 as a call goes on, -1 as it returns, fails
+    or is cancelled."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+
+    async def llm_call(self, call: LLMCall, call_next: SendLLM) -> LLMResponse:
+        series = self.gauge.labels("llm", call.alias)
+        series.inc()
+        try:
+            return await call_next(call)
+        finally:
+            series.dec()
+
+    async def tool_call(self, call: ToolInvocation, call_next: InvokeTool) -> Any:
+        series = self.gauge.labels("tool", call.tool.name)
+        series.inc()
+        try:
+            return await call_next(call)
+        finally:
+            series.dec()
 
 
 @dataclass

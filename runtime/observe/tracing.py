@@ -11,9 +11,10 @@ events into spans with the events' own wall-clock timestamps:
          └─ node …
 
 A node keeps one span across its attempts; each retry is a span event. Failures set the
-span status to ERROR. The W3C `traceparent` of every `llm.call` span is put in
-`ctx.call_headers[call_id]`, which the gateway sends with the request, so a serving engine
-that traces joins the run's trace.
+span status to ERROR. The listener is also a call interceptor
+(`treadle.runtime.core.interceptors`), which the runtime puts in its chain: it adds the
+W3C `traceparent` of each call's `llm.call` span to the request it passes on, so a serving
+engine that traces joins the run's trace.
 
 A run's parent context is a traceparent given with `set_parent(run_id, ...)` before it
 starts (the daemon's worker passes the one the API request stored in `RunRecord.meta`), or
@@ -30,8 +31,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
+from treadle.errors import SetupError
+from treadle.runtime.core.context import LLMCall, RunContext, SendLLM
 from treadle.runtime.core.events import (
     Event,
     GraphExtended,
@@ -52,6 +55,7 @@ from treadle.runtime.core.events import (
     ToolCallFinished,
     ToolCallStarted,
 )
+from treadle.runtime.core.interceptors import CallInterceptor, with_headers
 from treadle.runtime.observe.timeline import SETTLED_LATER, parent_instance
 
 if TYPE_CHECKING:
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import Span, SpanContext, Tracer, TracerProvider
 
-    from treadle.runtime.core.context import RunContext
+    from treadle.backends.base import LLMResponse
 
 
 INSTRUMENTATION_NAME = "treadle"
@@ -126,7 +130,7 @@ TRACESTATE = "tracestate"
 _EXPORTERS = ("console", "otlp", "none")
 
 
-class TracingUnavailable(RuntimeError):
+class TracingUnavailable(SetupError, RuntimeError):
     """Tracing was asked for but the OpenTelemetry packages are not installed."""
 
 
@@ -206,6 +210,8 @@ class OtelTracer:
         self.provider = tracer_provider or trace.get_tracer_provider()
         self._owns_provider = owns_provider
         self.tracer: Tracer = self.provider.get_tracer(INSTRUMENTATION_NAME, _version())
+        #: the run listener and call interceptor: `Runtime(listeners=[tracer.listener])`
+        self.listener = TracingListener(self)
         self._runs: dict[str, _RunTrace] = {}
         self._parents: dict[str, Context] = {}
         #: runs that finished lately: an event after a run's end (e.g. a pin released as
@@ -301,8 +307,8 @@ class OtelTracer:
 
     # -- the listener ------------------------------------------------------------------
 
-    def listener(self, ctx: RunContext, event: Event) -> None:
-        """Run listener: `Runtime(listeners=[tracer.listener])`."""
+    def on_event(self, ctx: RunContext, event: Event) -> None:
+        """One event of a run (what `listener` does with it)."""
         kind = type(event)
         state = self._runs.get(event.run_id)
         if state is None and kind is not RunStarted and event.run_id in self._ended:
@@ -317,18 +323,18 @@ class OtelTracer:
         if handler is None:
             return
         handler(state, event)
-        if kind is LLMCallDispatched:
-            self._inject(ctx, state, cast(LLMCallDispatched, event))
 
-    def _inject(self, ctx: RunContext, state: _RunTrace, event: LLMCallDispatched) -> None:
-        """Hand the call's trace context to the gateway, which merges `call_headers` into
-        the request right after this event."""
-        span = state.llm.get(event.call_id) if state.recording else None
+    def trace_headers(self, run_id: str, call_id: str) -> dict[str, str]:
+        """The W3C trace context of an LLM call (of its run, for a run sampled out; {} for
+        a run this tracer does not know)."""
+        state = self._runs.get(run_id)
+        if state is None:
+            return {}
+        span = state.llm.get(call_id) if state.recording else None
         context = self._trace.set_span_in_context(span) if span is not None else state.run_ctx
         carrier: dict[str, str] = {}
         self._propagate.inject(carrier, context=context)
-        if carrier:
-            ctx.call_headers.setdefault(event.call_id, {}).update(carrier)
+        return carrier
 
     def replay(
         self,
@@ -656,6 +662,23 @@ class OtelTracer:
         if status == "failed":
             self._error(run, error or "run failed", "run_failed")
         run.end(end_time=end)
+
+
+class TracingListener(CallInterceptor):
+    """`OtelTracer.listener`: called with every event of a run (spans), and, in the runtime's
+    call chain, the interceptor that passes each LLM call's trace context on."""
+
+    def __init__(self, tracer: OtelTracer) -> None:
+        self.tracer = tracer
+
+    def __call__(self, ctx: RunContext, event: Event) -> None:
+        self.tracer.on_event(ctx, event)
+
+    async def llm_call(self, call: LLMCall, call_next: SendLLM) -> LLMResponse:
+        # the call's span was opened by its LLMCallQueued event, before the chain
+        headers = self.tracer.trace_headers(call.ctx.run_id, call.call_id)
+        call.request = with_headers(call.request, headers)
+        return await call_next(call)
 
 
 def current_trace_headers() -> dict[str, str]:

@@ -1,5 +1,5 @@
 """`SchedulerAdmission`: the scheduler and the pinning policy behind the runtime's
-`CallAdmission` hook, in real time.
+`CallAdmission` hook (the innermost interceptor of its call chain), in real time.
 
     admission = SchedulerAdmission(graphs=[cg], tools=[search, run_tests],
                                    pin_releasers={"local": HTTPPinReleaser(url)})
@@ -61,7 +61,7 @@ import anyio
 import httpx
 
 from treadle.backends.base import Backend, Capabilities, LLMRequest, LLMResponse
-from treadle.backends.dispatch.routing import CHARS_PER_TOKEN
+from treadle.backends.tokens import CHARS, TokenEstimator, estimate_prompt_tokens
 from treadle.runtime.core.events import PinReleased, PinSet, RunStarted
 from treadle.runtime.sched.limits import TTFTSignal
 from treadle.runtime.sched.pinning import (
@@ -188,9 +188,12 @@ class SchedulerAdmission:
         decode_s_per_token: float = 0.002,
         metrics_interval_s: float = 1.0,
         shed_pressure: float = 0.95,
+        tokens: TokenEstimator = CHARS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler if scheduler is not None else Scheduler([], config)
+        #: estimates a call's prompt tokens (its cost) before the backend reports them
+        self.tokens = tokens
         self.durations = durations or ToolDurations()
         self.pin_policy = pin_policy or PinPolicy(self.durations)
         self.pins = PinBook()
@@ -339,7 +342,7 @@ class SchedulerAdmission:
         run = self._run(ctx)
         alias = request.model
         run.aliases.add(alias)
-        backend = ctx.gateway.backends.get(alias)
+        backend = ctx.backends.get(alias)
         if backend is not None and alias not in self.releasers:
             found = backend_releaser(backend)
             if found is not None:
@@ -350,7 +353,7 @@ class SchedulerAdmission:
         # the program's next call: its pin (if any) did its job; the server hands the
         # blocks to this call when it runs
         self.pins.on_next_call(ctx.run_id, now)
-        prompt_tokens = estimate_prompt_tokens(request)
+        prompt_tokens = estimate_prompt_tokens(request, self.tokens)
         out = run.expected_output(request.max_tokens)
         call = Call(
             f"{ctx.run_id}/{call_id}",
@@ -529,11 +532,3 @@ class SchedulerAdmission:
         state.pressure = 1.0 if state.waiting > 0 and usage >= self.shed_pressure else usage
         if state.pressure >= self.shed_pressure and self.pins.pinned_tokens(lane):
             self.shed(lane, now)
-
-
-def estimate_prompt_tokens(request: LLMRequest) -> int:
-    """Prompt length estimate from characters (the backend reports the real count later)."""
-    chars = sum(len(m.content or "") for m in request.messages)
-    chars += sum(len(c.arguments) + len(c.name) for m in request.messages for c in m.tool_calls)
-    chars += sum(len(str(t)) for t in request.tools)
-    return max(1, chars // CHARS_PER_TOKEN)

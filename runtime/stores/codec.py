@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from treadle.errors import StoreError
 from treadle.runtime.core.events import Event, event_from_dict
 from treadle.runtime.core.store import RunRecord
 
@@ -26,7 +27,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_cir
 _DECODER = json.JSONDecoder()
 
 
-class JournalError(ValueError):
+class JournalError(StoreError, ValueError):
     """A batch of events does not continue the run's journal (seqs must increase from 1)."""
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import RunNotFound, RunRecord
+from treadle.runtime.core.store import RunNotFound, RunRecord, RunStatus
 from treadle.runtime.stores.codec import apply_changes, check_batch, check_outputs, check_page
 
 
@@ -40,7 +40,7 @@ class MemoryStore:
         self,
         *,
         tenant: str | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:

@@ -43,8 +43,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
+from treadle.errors import StoreError
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import RunNotFound, RunRecord
+from treadle.runtime.core.store import RunNotFound, RunRecord, RunStatus
 from treadle.runtime.stores import codec
 
 _MAX_BATCH = 256  # record calls sent in one pipeline at most
@@ -84,7 +85,7 @@ def adopt_client(url_or_client: str | Redis, user: str) -> tuple[Redis, bool]:
     return url_or_client, False
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(StoreError, RuntimeError):
     """This worker no longer holds the run's lease: another worker may be running it."""
 
 
@@ -324,7 +325,7 @@ class RedisStore:
         self,
         *,
         tenant: str | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:

@@ -33,7 +33,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import RunNotFound, RunRecord
+from treadle.runtime.core.store import RunNotFound, RunRecord, RunStatus
 from treadle.runtime.stores import codec
 
 T = TypeVar("T")
@@ -163,7 +163,7 @@ class SqliteStore:
         self,
         *,
         tenant: str | None = None,
-        status: str | None = None,
+        status: RunStatus | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[RunRecord]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fake_openai_server import USAGE, RunningServer
+from tenacity import RetryCallState
 
 from treadle.backends.base import (
     BackendError,
@@ -19,7 +20,11 @@ from treadle.backends.base import (
     ToolCall,
     collect_stream,
 )
-from treadle.backends.openai_compat.backend import OpenAICompatBackend, ToolCallAccumulator
+from treadle.backends.openai_compat.backend import (
+    OpenAICompatBackend,
+    ToolCallAccumulator,
+    _TryAgain,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -143,9 +148,29 @@ async def test_stream_retries_before_first_byte(fake_server: RunningServer) -> N
     async with _backend(fake_server, scenario, retries=1) as backend:
         # the flaky scenario answers JSON, not SSE, once it recovers: the stream parser
         # must then fail clearly rather than hang or invent an answer
-        with pytest.raises(BackendError):
+        with pytest.raises(BackendError, match="not Server-Sent Events") as info:
             await collect_stream(backend.stream(_request()))
+    assert info.value.retryable is True  # another replica may well answer properly
     assert len(fake_server.state.requests[scenario]) == 2
+
+
+def test_backoff_grows_is_jittered_capped_and_honours_retry_after() -> None:
+    backend = OpenAICompatBackend("http://127.0.0.1:9/v1", "m", backoff_s=0.5, max_backoff_s=4.0)
+
+    def wait(attempt: int, retry_after: float | None = None) -> float:
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        failure = _TryAgain("answered 503", retry_after=retry_after)
+        state.set_exception((type(failure), failure, None))
+        return backend._backoff(state)
+
+    for attempt, full in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)):
+        delays = [wait(attempt) for _ in range(50)]
+        assert all(full / 2 <= d <= full for d in delays)  # equal jitter: half to all of it
+        assert len(set(delays)) > 1
+    assert wait(1, retry_after=3.0) == 3.0  # the server asked for longer: wait as asked
+    assert wait(1, retry_after=60.0) == 4.0  # ... but never past max_backoff_s
+    assert wait(3, retry_after=0.0) <= 2.0  # a shorter Retry-After does not cut the backoff
 
 
 async def test_connection_refused_is_retried_then_retryable(closed_port_url: str) -> None:

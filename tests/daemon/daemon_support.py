@@ -24,7 +24,7 @@ from treadle.runtime.daemon.api.app import create_app
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import Worker
-from treadle.runtime.daemon.workers import run_workers
+from treadle.runtime.daemon.worker_process import run_workers
 from treadle.runtime.stores.redis import RedisStore
 from treadle.testing.processes import DaemonProcess
 

@@ -80,3 +80,23 @@ def test_submit_status_and_logs(redis_url: str, live: LiveServer, tmp_path: Path
     assert code == 2 and "422" in err
     code, _out, err = invoke("status", "x", env={**env, "TREADLE_API_KEY": "wrong"})
     assert code == 2 and "401" in err
+
+
+def test_models_file_is_yaml_or_json_and_errors_name_file_line_column(tmp_path: Path) -> None:
+    from treadle.runtime.daemon.cli import _models
+
+    good = tmp_path / "models.yaml"
+    good.write_text("# offered to every workflow\nfast: {backend: scripted, latency_s: 0}\n")
+    assert _models(good) == {"fast": {"backend": "scripted", "latency_s": 0}}
+    as_json = tmp_path / "models.json"
+    as_json.write_text('{"fast": {"backend": "sim"}}')
+    assert _models(as_json) == {"fast": {"backend": "sim"}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fast: {backend: scripted\nslow: 1\n")
+    code, _out, err = invoke("serve", "--models", str(bad))
+    assert code == 2
+    assert f"--models {bad}:" in " ".join(err.split()), err
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("- not a mapping\n")
+    code, _out, err = invoke("serve", "--models", str(flat))
+    assert code == 2 and "expected a mapping of alias -> backend config" in " ".join(err.split())

@@ -12,12 +12,12 @@ import pytest
 from daemon_support import Daemon, make_config, open_daemon, running_workers, submit
 
 from treadle.runtime.core.store import RunRecord
-from treadle.runtime.daemon.import_allowlist import DefinitionPolicy
+from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.registry import WorkflowRegistry, definition_digest, source_of
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import ProgramError
-from treadle.runtime.daemon.workers import policy_check
+from treadle.runtime.daemon.worker_process import allowlist_check
 
 pytestmark = pytest.mark.anyio
 
@@ -152,11 +152,11 @@ async def test_worker_refuses_a_definition_written_to_redis_directly(redis_url: 
         await services.close()
 
 
-def test_policy_check_refuses_a_loaded_graph_from_a_refused_module() -> None:
+def test_allowlist_check_refuses_a_loaded_graph_from_a_refused_module() -> None:
     # what a worker does with a graph it already had compiled (its cache): check the spec
-    wide = WorkflowRegistry(cast(Any, None), DaemonKeys(), DefinitionPolicy(("treadle.examples",)))
+    wide = WorkflowRegistry(cast(Any, None), DaemonKeys(), ImportAllowList(("treadle.examples",)))
     cg = wide.prepare(FUNC.format(ALLOWED_FN), "yaml", "flow.yaml")
     record = RunRecord(run_id="r", graph="x")
-    policy_check(DefinitionPolicy(("treadle.examples",)))(record, cg)  # allowed: no error
+    allowlist_check(ImportAllowList(("treadle.examples",)))(record, cg)  # allowed: no error
     with pytest.raises(ProgramError, match=r"treadle\.examples\.research"):
-        policy_check(DefinitionPolicy(()))(record, cg)
+        allowlist_check(ImportAllowList(()))(record, cg)

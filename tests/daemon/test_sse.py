@@ -3,7 +3,10 @@ a sequence number with `?after=` or `Last-Event-ID`; the CLI client's reconnecti
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,3 +114,78 @@ async def test_client_reader_follows_to_the_end(api_only: Daemon, live: LiveServ
     journal_seqs = [e.seq for e in await journal(api_only.services.store, run_id)]
     assert [e["seq"] for e in events] == journal_seqs[2:]
     assert events[-1]["kind"] == "run_finished"
+
+
+class CuttingProxy:
+    """A TCP proxy to `port` that cuts every connection after `limit` bytes of answer: a
+    network that drops long-lived streams."""
+
+    def __init__(self, port: int, limit: int) -> None:
+        self.upstream = port
+        self.limit = limit
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(
+                target=self._pipe, args=(server, client, self.limit), daemon=True
+            ).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while limit is None or sent < limit:
+                data = src.recv(min(4096, limit - sent) if limit is not None else 4096)
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+async def test_client_reader_survives_dropped_connections(
+    api_only: Daemon, live: LiveServer
+) -> None:
+    """Every connection is cut a few events in: the reader reconnects from the last seq it
+    saw, so it gets the whole journal once, in order."""
+    key = await api_only.tenant("acme")
+    await api_only.register(key, WORKFLOW)
+    run_id = await submit(api_only, key, "slow", "cut")
+    proxy = CuttingProxy(live.port, limit=1500)
+
+    def read_all() -> list[dict[str, Any]]:
+        with DaemonClient(proxy.url, key) as client:
+            return list(client.events(run_id))
+
+    try:
+        events = await anyio.to_thread.run_sync(read_all)
+    finally:
+        proxy.close()
+    journal_seqs = [e.seq for e in await journal(api_only.services.store, run_id)]
+    assert [e["seq"] for e in events] == journal_seqs  # no gap, no repeat
+    assert events[-1]["kind"] == "run_finished"
+    assert proxy.connections > 2  # it really was cut, more than once

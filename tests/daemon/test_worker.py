@@ -183,7 +183,7 @@ async def test_cancelling_the_worker_task_leaves_runs_resumable(api_only: Daemon
     the runs are its tenants', not the worker's."""
     import anyio
 
-    from treadle.runtime.daemon.workers import run_workers
+    from treadle.runtime.daemon.worker_process import run_workers
 
     services = api_only.services
     key = await api_only.tenant("acme")
@@ -204,7 +204,7 @@ async def test_the_run_continues_the_trace_of_the_submit_request(api_only: Daemo
     import anyio
 
     from treadle.runtime.daemon.quotas import UsageLedger
-    from treadle.runtime.daemon.workers import build_worker
+    from treadle.runtime.daemon.worker_process import build_worker
     from treadle.runtime.observe.tracing import OtelTracer
 
     services = api_only.services

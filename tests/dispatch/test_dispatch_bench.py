@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from treadle.backends.dispatch.routing import POLICIES
+from treadle.backends.dispatch.routing import ROUTING_POLICIES
 from treadle.backends.sim.profile import Profile
 from treadle.benchmarks.dispatch import (
     DEFAULT_TRACE,
@@ -125,7 +125,7 @@ def test_run_bench_on_a_small_trace(tmp_path: Path) -> None:
         echo=lambda _: None,
     )
     assert config["slo_mode"] == "absolute" and config["replicas"] == 2
-    assert set(results) == set(POLICIES)
+    assert set(results) == set(ROUTING_POLICIES)
     for r in results.values():
         assert set(r) >= RESULT_KEYS
         assert 0.0 <= r["hit_rate"] <= 1.0 and r["capacity_scale"] >= 0.0
@@ -165,7 +165,7 @@ def test_quick_smoke_run_writes_the_report(tmp_path: Path) -> None:
         assert key in config
     assert config["profile"] == Profile.default().name and config["replicas"] == 8
     assert config["requests"] == 600 and config["quick"] is True
-    assert set(report["results"]) == set(POLICIES)
+    assert set(report["results"]) == set(ROUTING_POLICIES)
     for row in report["results"].values():
         assert set(row) >= RESULT_KEYS
     assert {"capacity_vs_round_robin", "capacity_vs_cache_aware"} <= set(report["ratios"])

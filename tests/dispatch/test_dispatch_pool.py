@@ -407,9 +407,11 @@ async def test_http_health_checks(http_server: tuple[str, dict[str, bool]]) -> N
 @pytest.mark.parametrize(("policy", "expect_hit"), [("treadle", True), ("round_robin", False)])
 async def test_prefix_routing_turns_into_engine_cache_hits(policy: str, expect_hit: bool) -> None:
     from treadle.backends.sim.backend import SimBackend
+    from treadle.backends.sim.tokenizer import SIM_TOKENS
 
     replicas = [SimBackend(name=f"sim-{i}", speed=50.0) for i in range(3)]
-    pool = ReplicaPool(replicas, policy=policy, names=[r.name for r in replicas])
+    # the simulator's tokenizer: routing hashes the very blocks the simulated engines cache
+    pool = ReplicaPool(replicas, policy=policy, names=[r.name for r in replicas], tokens=SIM_TOKENS)
     system = "You are the coding agent of a large repository. Follow the style guide. " * 40
     first = await pool.generate(request(system + "Fix the failing test in module one."))
     second = await pool.generate(request(system + "Now add a docstring to module two."))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from treadle.backends.base import LLMRequest, Message, SchedulingHints
@@ -15,13 +18,15 @@ from treadle.backends.dispatch.routing import (
     RequestFeatures,
     RoundRobinPolicy,
     Router,
-    TreadleConfig,
-    TreadlePolicy,
+    TreadleRoutingConfig,
+    TreadleRoutingPolicy,
     chain_block_ids,
     chain_text_chunks,
     chain_token_chunks,
-    make_policy,
+    make_routing_policy,
 )
+from treadle.backends.sim.tokenizer import SIM_TOKENS, encode_chat
+from treadle.backends.tokens import CharTokenEstimator, prompt_text
 
 
 def feats(
@@ -173,12 +178,12 @@ def test_router_tracks_load_through_a_request() -> None:
     assert router.states[0].in_flight == 0 and router.states[0].outstanding_tokens == 0
 
 
-def test_make_policy_rejects_unknown_names_and_options() -> None:
+def test_make_routing_policy_rejects_unknown_names_and_options() -> None:
     with pytest.raises(ValueError, match="unknown routing policy"):
-        make_policy("random", 2)
+        make_routing_policy("random", 2)
     with pytest.raises(ValueError, match="takes no options"):
-        make_policy("round_robin", 2, cache_threshold=0.1)
-    assert make_policy("cache_aware", 2, cache_threshold=0.1).name == "cache_aware"
+        make_routing_policy("round_robin", 2, cache_threshold=0.1)
+    assert make_routing_policy("cache_aware", 2, cache_threshold=0.1).name == "cache_aware"
 
 
 # -- cache_aware -------------------------------------------------------------------------------
@@ -240,8 +245,8 @@ def test_cache_aware_trims_trees_only_at_eviction_interval() -> None:
 # -- treadle -----------------------------------------------------------------------------------
 
 
-def treadle(n: int = 3, **cfg: object) -> TreadlePolicy:
-    return TreadlePolicy(n, TreadleConfig(prefill_tokens_per_s=1000.0, **cfg))
+def treadle(n: int = 3, **cfg: object) -> TreadleRoutingPolicy:
+    return TreadleRoutingPolicy(n, TreadleRoutingConfig(prefill_tokens_per_s=1000.0, **cfg))
 
 
 def test_treadle_prefers_match_when_cheaper_than_queueing_elsewhere() -> None:
@@ -302,24 +307,52 @@ def test_treadle_failure_feedback_takes_back_the_assumed_cache() -> None:
     router = Router(treadle(2), ["a", "b"])
     ticket = router.route(feats([1, 2, 3], program_id="p"))
     policy = router.policy
-    assert isinstance(policy, TreadlePolicy)
+    assert isinstance(policy, TreadleRoutingPolicy)
     assert policy.indexes[ticket.replica].match(chain_block_ids([1, 2, 3]), now=0.0) == 3
     router.finish(ticket, now=1.0, ok=False)
     assert policy.indexes[ticket.replica].match(chain_block_ids([1, 2, 3]), now=1.0) == 0
     assert "p" not in policy.affinity
 
 
-def test_character_chunks_without_the_simulator_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from treadle.backends.dispatch import routing
-
-    monkeypatch.setattr(routing, "_ENCODER", [None])
+def test_character_chunks_by_default_token_chunks_with_a_tokenizer() -> None:
+    """Routing counts characters unless it is given a tokenizer: production routing never
+    uses the simulator's, which a real server's tokens do not match."""
     system = Message(role="system", content="Shared instructions for every call. " * 30)
     a = LLMRequest(model="m", messages=[system, Message(role="user", content="alpha " * 40)])
     b = LLMRequest(model="m", messages=[system, Message(role="user", content="omega " * 40)])
     fa = RequestFeatures.from_request(a, chunk_tokens=16)
     fb = RequestFeatures.from_request(b, chunk_tokens=16)
-    assert fa.prompt_tokens == len(routing.prompt_text(a)) // routing.CHARS_PER_TOKEN
+    assert fa.prompt_tokens == len(prompt_text(a)) // 4
     assert fa.chunks[:10] == fb.chunks[:10] and fa.chunks[-1] != fb.chunks[-1]
+    assert fa.chunks == chain_text_chunks(prompt_text(a), 16 * 4)
+
+    wide = CharTokenEstimator(chars_per_token=8)
+    fw = RequestFeatures.from_request(a, chunk_tokens=16, tokens=wide)
+    assert fw.prompt_tokens == len(prompt_text(a)) // 8
+    assert fw.chunks == chain_text_chunks(prompt_text(a), 16 * 8)
+
+    ids = encode_chat(a.messages)
+    fs = RequestFeatures.from_request(a, chunk_tokens=16, tokens=SIM_TOKENS)
+    assert fs.prompt_tokens == len(ids)
+    assert fs.chunks == chain_token_chunks(ids, 16)
+    shared = RequestFeatures.from_request(b, chunk_tokens=16, tokens=SIM_TOKENS).chunks
+    assert fs.chunks[:10] == shared[:10] and fs.chunks[-1] != shared[-1]
+
+
+def test_production_routing_and_admission_do_not_load_the_simulator() -> None:
+    code = (
+        "import sys\n"
+        "from treadle.backends.base import LLMRequest, Message\n"
+        "from treadle.backends.dispatch.pool import ReplicaPool\n"
+        "from treadle.backends.dispatch.routing import RequestFeatures\n"
+        "from treadle.runtime.sched.admission import SchedulerAdmission\n"
+        "r = LLMRequest(model='m', messages=[Message(role='user', content='hi ' * 99)])\n"
+        "RequestFeatures.from_request(r)\n"
+        "SchedulerAdmission()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('treadle.backends.sim')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_treadle_steal_never_returns_to_the_overloaded_home() -> None:

@@ -50,7 +50,8 @@ def test_a_valid_graph_compiles_in_topological_order() -> None:
 
 
 def test_cycle_is_reported_with_its_path() -> None:
-    from treadle.graphs.spec import FuncNode, GraphSpec, Ref
+    from treadle.graphs.kinds import FuncNode
+    from treadle.graphs.spec import GraphSpec, Ref
 
     spec = GraphSpec(
         "cyc",

@@ -22,23 +22,17 @@ from treadle.graphs.files.loader import (
 )
 from treadle.graphs.files.schema import FILE_KINDS
 from treadle.graphs.files.typeref import TypeRefError
-from treadle.graphs.spec import (
-    INPUT,
-    ITEM,
+from treadle.graphs.kinds import (
     NODE_KINDS,
     BranchNode,
-    FirstOf,
     FuncNode,
-    GraphSpec,
-    InputSpec,
     LLMNode,
     MapNode,
     PlannerNode,
-    Policy,
-    Ref,
     SubgraphNode,
     ToolNode,
 )
+from treadle.graphs.spec import INPUT, ITEM, FirstOf, GraphSpec, InputSpec, NodeOptions, Ref
 
 FILES = Path(__file__).parent / "files"
 
@@ -112,17 +106,17 @@ def test_research_yaml_equals_the_graph_built_by_hand(helpers: ModuleType) -> No
                 output=helpers.Queries,
                 tools=(helpers.lookup,),
                 inputs={"question": Ref(INPUT, ("question",))},
-                policy=Policy(retries=2, timeout_s=30),
+                options=NodeOptions(retries=2, timeout_s=30),
             ),
             MapNode(
                 id="search",
                 over=Ref("plan", ("queries",)),
-                policy=Policy(concurrency=4),
+                options=NodeOptions(concurrency=4),
                 node=ToolNode(
                     id="search",
                     tool=helpers.search_docs,
                     inputs={"query": Ref(ITEM), "top_k": Ref(INPUT, ("max_hits",))},
-                    policy=Policy(on_error="skip"),
+                    options=NodeOptions(on_error="skip"),
                 ),
                 reduce=helpers.merge_hits,
             ),
@@ -151,7 +145,7 @@ def test_research_yaml_equals_the_graph_built_by_hand(helpers: ModuleType) -> No
                 id="final",
                 fn=helpers.format_answer,
                 blocking=True,
-                policy=Policy(on_error="fallback", fallback="no answer"),
+                options=NodeOptions(on_error="fallback", fallback="no answer"),
                 inputs={
                     "summary": FirstOf((Ref("execute", ("summary",)), Ref("repair", ("summary",)))),
                     "question": Ref(INPUT, ("question",)),

@@ -171,3 +171,37 @@ def test_each_metrics_object_has_its_own_registry() -> None:
     a.observe(Journal().at(0, RunStarted, graph="g"))
     assert value(a, "treadle_runs_started_total", graph="g", tenant="") == 1
     assert value(b, "treadle_runs_started_total", graph="g", tenant="") == 0
+
+
+async def test_calls_in_flight_interceptor_counts_calls_under_way() -> None:
+    from treadle import Graph, LLMRequest, LLMResponse, tool
+    from treadle.backends.base import Capabilities
+
+    metrics = RuntimeMetrics()
+    during: list[float] = []
+
+    def in_flight(call: str, name: str) -> float:
+        labels = {"call": call, "name": name}
+        return metrics.registry.get_sample_value("treadle_calls_in_flight", labels) or 0.0
+
+    class Watching:
+        capabilities = Capabilities()
+
+        async def generate(self, request: LLMRequest) -> LLMResponse:
+            during.append(in_flight("llm", "default"))
+            return LLMResponse(content="ok")
+
+    @tool
+    def probe(x: str) -> float:
+        """Read the gauge while the tool runs."""
+        return in_flight("tool", "probe")
+
+    g = Graph("inflight", inputs={"q": str})
+    g.output(
+        a=g.llm("ask", "{q}", inputs={"q": g.input.q}).out,
+        t=g.tool("t", probe, inputs={"x": g.input.q}).out,
+    )
+    runtime = Runtime(models={"default": Watching()}, interceptors=[metrics.calls_in_flight()])
+    result = await runtime.run(g, {"q": "x"})
+    assert during == [1.0] and result.output.t == 1.0
+    assert in_flight("llm", "default") == in_flight("tool", "probe") == 0.0

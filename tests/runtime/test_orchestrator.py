@@ -336,3 +336,83 @@ async def test_global_concurrency_limit_is_respected() -> None:
         g.func(f"w{i}", work, inputs={"v": g.input.x})
     await Runtime(max_concurrency=3).run(g, {"x": 1})
     assert active["max"] == 3
+
+
+async def test_retry_delays_follow_backoff_cap_and_jitter() -> None:
+    calls = 0
+
+    def flaky(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls < 5:
+            raise ConnectionError("transient")
+        return x
+
+    g = Graph("backoff", inputs={"x": int})
+    g.output(
+        out=g.func(
+            "flaky",
+            flaky,
+            inputs={"x": g.input.x},
+            retries=4,
+            backoff_s=0.001,
+            backoff_max_s=0.004,
+            jitter=0.5,
+        ).out
+    )
+    result = await Runtime().run(g, {"x": 1})
+    delays = [e.delay_s for e in result.events if isinstance(e, NodeRetrying)]
+    # the n-th pause: min(cap, base * 2**(n-1)), less a random share of at most `jitter`
+    for n, delay in enumerate(delays, start=1):
+        full = min(0.004, 0.001 * 2 ** (n - 1))
+        assert full * 0.5 <= delay <= full
+    assert len(delays) == 4
+
+
+async def test_a_failure_that_is_not_retryable_is_not_retried() -> None:
+    from treadle.runtime.core.errors import NodeError
+
+    def refuse(x: int) -> int:
+        raise NodeError("refuse", "bad arguments", retryable=False)
+
+    g = Graph("final", inputs={"x": int})
+    g.output(out=g.func("refuse", refuse, inputs={"x": g.input.x}, retries=3).out)
+    result = await Runtime().run(g, {"x": 1}, check=False)
+    assert result.status == "failed"
+    assert not [e for e in result.events if isinstance(e, NodeRetrying)]
+    (failed,) = [e for e in result.events if isinstance(e, NodeFailed)]
+    assert failed.attempt == 1
+
+
+async def test_a_subgraph_under_a_concurrency_limit_of_one_does_not_deadlock() -> None:
+    async def slow(x: int) -> int:
+        await anyio.sleep(0)
+        return x + 1
+
+    inner = Graph("inner", inputs={"x": int})
+    inner.output(y=inner.func("a", slow, inputs={"x": inner.input.x}).out)
+    g = Graph("outer", inputs={"x": int})
+    g.output(z=g.subgraph("s", inner, inputs={"x": g.input.x}).out)
+    with anyio.fail_after(10):
+        result = await Runtime(max_concurrency=1).run(g, {"x": 1})
+    assert result.output.z.y == 2
+
+
+async def test_cancelling_a_node_between_retries_stops_it() -> None:
+    attempts = 0
+
+    async def failing(x: int) -> int:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionError("down")
+
+    g = Graph("cancel-retries", inputs={"x": int})
+    g.output(out=g.func("f", failing, inputs={"x": g.input.x}, retries=50, backoff_s=0.01).out)
+    runtime = Runtime()
+    async with runtime.start(g, {"x": 1}) as run:
+        async for event in run.events():
+            if isinstance(event, NodeRetrying) and event.attempt == 2:
+                run.cancel()
+        result = await run.result()
+    assert result.status == "cancelled"
+    assert attempts < 50

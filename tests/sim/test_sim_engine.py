@@ -1,4 +1,5 @@
-"""The engine's physics and policies, in virtual time (BENCHMARKS.md "Checks")."""
+"""The engine's physics and policies, in virtual time (the simulator's checks in
+docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -239,6 +239,9 @@ def test_load_rules_and_cli(tmp_path: Any) -> None:
     (tmp_path / "bad.yaml").write_text("match: hello\n")
     with pytest.raises(ValueError, match="list of script rules"):
         load_rules(tmp_path / "bad.yaml")
+    (tmp_path / "broken.yaml").write_text("- match: [hello\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: not valid YAML"):
+        load_rules(tmp_path / "broken.yaml")
     runner = CliRunner()
     assert "--replicas" in runner.invoke(sim_cli, ["serve", "--help"]).output
     bad = runner.invoke(sim_cli, ["serve", "--policy", "lifo"])

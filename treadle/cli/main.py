@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import anyio
 import typer
-import yaml
 from rich.console import Console
 from rich.live import Live
 
@@ -54,16 +53,18 @@ def _load(ref: str) -> Any:
 def _parse_inputs(raw: str | None) -> dict[str, Any]:
     if raw is None:
         return {}
-    text = raw
     if raw.startswith("@"):
+        from treadle.runtime.daemon.cli import load_data_file
+
         path = Path(raw[1:])
         if not path.exists():
             raise _fail(f"--input {raw}: no such file")
-        text = path.read_text()
-    try:
-        value = json.loads(text) if not raw.startswith("@") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise _fail(f"--input is not valid JSON: {exc}") from None
+        value = load_data_file(path, "--input")
+    else:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise _fail(f"--input is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise _fail("--input must be a JSON object of input names to values")
     return value
@@ -158,7 +159,7 @@ def run(
             with anyio.CancelScope(shield=True):
                 if started:
                     await state.update_run(
-                        started[0], status="cancelled", error="interrupted; resumable"
+                        started[0], status="interrupted", error="interrupted; resumable"
                     )
             raise
         finally:

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from treadle.errors import GraphError
 from treadle.graphs.builder import Graph
 from treadle.graphs.spec import GraphSpec
 
 WORKFLOW_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class ProgramNotFound(ValueError):
+class ProgramNotFound(GraphError, ValueError):
     """The program reference does not name a workflow file or a graph object."""
 
 

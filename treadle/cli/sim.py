@@ -1,7 +1,7 @@
 """`treadle sim`: run simulated GPU serving replicas as OpenAI-compatible HTTP servers.
 
-The lead's CLI mounts `app` under `treadle sim`. The server stack (FastAPI, uvicorn,
-prometheus-client: the `server` extra) is imported only when a command runs.
+`treadle.cli.main` mounts `app` under `treadle sim`. The server stack (FastAPI, uvicorn,
+prometheus-client) is imported only when a command runs, so `treadle --help` stays quick.
 """
 
 from __future__ import annotations
@@ -51,14 +51,16 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve N simulated replicas on ports PORT..PORT+N-1 (OpenAI chat API + /metrics)."""
-    from treadle.backends.sim.engine import POLICIES, Policy
+    from treadle.backends.sim.engine import SCHEDULING_POLICIES, SchedulingPolicy
     from treadle.backends.sim.profile import Profile
     from treadle.backends.sim.realtime import load_rules
     from treadle.backends.sim.server import build_replicas
     from treadle.backends.sim.server import serve as run_servers
 
-    if policy not in POLICIES:
-        raise typer.BadParameter(f"use one of {', '.join(POLICIES)}", param_hint="--policy")
+    if policy not in SCHEDULING_POLICIES:
+        raise typer.BadParameter(
+            f"use one of {', '.join(SCHEDULING_POLICIES)}", param_hint="--policy"
+        )
     try:
         prof = Profile.load(profile)
     except (FileNotFoundError, ValueError) as exc:
@@ -70,7 +72,7 @@ def serve(
     reps = build_replicas(
         replicas,
         profile=prof,
-        policy=cast("Policy", policy),  # checked against POLICIES above
+        policy=cast("SchedulingPolicy", policy),  # checked against SCHEDULING_POLICIES above
         rules=rules,
         speed=speed,
         model=model,

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import redis
 
+from treadle.errors import SetupError
 
-class RedisUnavailable(RuntimeError):
+
+class RedisUnavailable(SetupError, RuntimeError):
     """No `redis-server` binary on PATH."""
 
 

@@ -16,14 +16,14 @@ from fastapi import FastAPI
 
 from treadle.runtime.daemon.api.body_limit import BodyLimitMiddleware
 from treadle.runtime.daemon.api.errors import install_error_handlers
-from treadle.runtime.daemon.api.metrics import ApiObserver, HttpMetricsMiddleware
+from treadle.runtime.daemon.api.metrics import ApiMetrics, HttpMetricsMiddleware
 from treadle.runtime.daemon.api.routes_ops import router as ops_router
 from treadle.runtime.daemon.api.routes_runs import router as runs_router
 from treadle.runtime.daemon.api.routes_workflows import router as workflows_router
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import Worker
-from treadle.runtime.daemon.workers import run_workers
+from treadle.runtime.daemon.worker_process import run_workers
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ as Server-Sent Events, cancel them. Every `/v1` call needs an API key
 
 def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
     """The API for `config`, with `workers` in-process workers (0: none)."""
-    observer = ApiObserver()
+    api_metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,7 +49,11 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
                 if workers > 0:
                     running = await tg.start(
                         lambda **kw: run_workers(
-                            services, workers, listeners=[observer.metrics.listener], **kw
+                            services,
+                            workers,
+                            listeners=[api_metrics.metrics.listener],
+                            interceptors=[api_metrics.metrics.calls_in_flight()],
+                            **kw,
                         )
                     )
                 try:
@@ -66,14 +70,14 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.state.observer = observer
+    app.state.api_metrics = api_metrics
     app.state.config = config
     install_error_handlers(app)
     app.include_router(workflows_router)
     app.include_router(runs_router)
     app.include_router(ops_router)
     # outermost first: the size limit refuses before anything else runs
-    app.add_middleware(HttpMetricsMiddleware, metrics=observer.http)
+    app.add_middleware(HttpMetricsMiddleware, metrics=api_metrics.http)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     return app
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from treadle.errors import DaemonError
 from treadle.runtime.daemon.quotas import QuotaExceeded
 from treadle.runtime.daemon.registry import DefinitionError
 from treadle.runtime.daemon.runs import Conflict, InvalidRequest, NotFound
@@ -40,7 +41,7 @@ _CODES = {
 }
 
 
-class ApiError(Exception):
+class ApiError(DaemonError):
     def __init__(
         self,
         status: int,

@@ -60,7 +60,7 @@ class HttpMetricsMiddleware:
         await self.app(scope, receive, send_wrapper)
 
 
-class ApiObserver:
+class ApiMetrics:
     """The API process's Prometheus registry: run metrics (`RuntimeMetrics`, fed by an
     in-process worker), HTTP metrics, and work-queue gauges read from Redis per scrape."""
 

@@ -81,6 +81,6 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
     """Prometheus text format: HTTP requests, the work queue, and (with an in-process
     worker) runs, nodes, LLM and tool calls. Needs the metrics token unless the daemon
     serves it publicly (`--metrics-public`)."""
-    observer = request.app.state.observer
-    await observer.refresh(services)
-    return Response(observer.metrics.render(), media_type=observer.metrics.content_type)
+    api_metrics = request.app.state.api_metrics
+    await api_metrics.refresh(services)
+    return Response(api_metrics.metrics.render(), media_type=api_metrics.metrics.content_type)

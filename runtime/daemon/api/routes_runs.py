@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from treadle.runtime.core.store import RunStatus
 from treadle.runtime.daemon.api.auth import ServicesDep, TenantDep
 from treadle.runtime.daemon.api.errors import ApiError
 from treadle.runtime.daemon.api.schemas import (
@@ -17,7 +18,6 @@ from treadle.runtime.daemon.api.schemas import (
     RunIn,
     RunList,
     RunOut,
-    RunStatusName,
     TenantOut,
 )
 from treadle.runtime.daemon.api.sse import event_stream
@@ -84,7 +84,7 @@ async def submit_run(
 async def list_runs(
     tenant: TenantDep,
     services: ServicesDep,
-    status: RunStatusName | None = None,
+    status: RunStatus | None = None,
     workflow: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=400)] = None,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from treadle.runtime.core.store import RunStatus
 from treadle.runtime.daemon.registry import WorkflowInfo
 from treadle.runtime.daemon.runs import RunView
-
-RunStatusName = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 
 
 class _Strict(BaseModel):
@@ -59,7 +58,7 @@ class RunIn(_Strict):
 class RunOut(BaseModel):
     run_id: str
     workflow: str
-    status: RunStatusName
+    status: RunStatus
     created_at: float
     updated_at: float
     inputs: dict[str, Any]
@@ -77,7 +76,7 @@ class RunOut(BaseModel):
         return cls(
             run_id=r.run_id,
             workflow=r.graph,
-            status=cast(RunStatusName, view.status),
+            status=view.status,
             created_at=r.created_at,
             updated_at=r.updated_at,
             inputs=r.inputs,

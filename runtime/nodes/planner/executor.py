@@ -41,8 +41,8 @@ from treadle.backends.base import (
     Message,
     SchedulingHints,
 )
-from treadle.graphs.analysis import LLMFacts
-from treadle.graphs.spec import PlannerNode
+from treadle.graphs.compiled import LLMFacts
+from treadle.graphs.kinds import PlannerNode
 from treadle.runtime.core.errors import NodeError, OutputError
 from treadle.runtime.core.events import (
     GraphExtended,
@@ -51,8 +51,10 @@ from treadle.runtime.core.events import (
     NodeSkipped,
     NodeStarted,
 )
+from treadle.runtime.core.gateway import call_llm
 from treadle.runtime.core.values import adapter, as_text
-from treadle.runtime.nodes.llm import call_tool, output_schema, parse_output
+from treadle.runtime.nodes.base import NodeCall, NodeExecutor
+from treadle.runtime.nodes.llm import output_schema, parse_output
 from treadle.runtime.nodes.planner.parser import (
     ArgumentResolutionError,
     Join,
@@ -72,6 +74,7 @@ from treadle.runtime.nodes.planner.prompts import (
     planner_system,
     scratchpad,
 )
+from treadle.runtime.nodes.tool import call_tool
 from treadle.tools import Tool, ToolError
 
 if TYPE_CHECKING:
@@ -88,8 +91,20 @@ async def run_planner_node(
     iid: str,
     inputs: dict[str, Any],
 ) -> Any:
-    """Run a `planner` node to its final, parsed answer (called by the orchestrator)."""
+    """Run a `planner` node to its final, parsed answer."""
     return await PlannerRun(ctx, spec, facts, iid, inputs).run()
+
+
+class PlannerExecutor(NodeExecutor[PlannerNode]):
+    spec = PlannerNode
+
+    async def run(self, call: NodeCall[PlannerNode]) -> Any:
+        return await run_planner_node(
+            call.ctx, call.spec, call.llm_facts, call.instance, call.inputs
+        )
+
+
+EXECUTOR = PlannerExecutor()
 
 
 # -- checkpoints ------------------------------------------------------------------------
@@ -209,7 +224,7 @@ class PlannerRun:
             Message(role="user", content=self.question),
         ]
         self.limiter = (
-            anyio.CapacityLimiter(spec.policy.concurrency) if spec.policy.concurrency else None
+            anyio.CapacityLimiter(spec.options.concurrency) if spec.options.concurrency else None
         )
         self._schema = output_schema(spec.output)
 
@@ -329,7 +344,7 @@ class PlannerRun:
             # the plan ends at join(): what the model would still write is not needed
             return parser.joined
 
-        await ctx.gateway.call(ctx, self.iid, spec.model, request, on_text=feed)
+        await call_llm(ctx, self.iid, spec.model, request, on_text=feed)
         return parser.text
 
     # -- tasks ---------------------------------------------------------------------------
@@ -489,7 +504,7 @@ class PlannerRun:
                 is_last_step=last,
             ),
         )
-        return await ctx.gateway.call(ctx, self.iid, spec.model, request)
+        return await call_llm(ctx, self.iid, spec.model, request)
 
     async def _answer(self, answer: str, raw: str) -> Any:
         try:

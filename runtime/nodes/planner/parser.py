@@ -40,6 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from treadle.errors import RunError
 from treadle.runtime.core.values import as_text
 from treadle.tools import Tool
 
@@ -108,7 +109,7 @@ class PlanError:
 PlanItem = Task | Join | Thought | PlanError
 
 
-class ArgumentResolutionError(ValueError):
+class ArgumentResolutionError(RunError, ValueError):
     """A reference could not be substituted (e.g. `$1.missing_field`)."""
 
 
@@ -388,8 +389,8 @@ class PlanParser:
         return tuple(deps)
 
 
-class _LineError(Exception):
-    pass
+class _LineError(RunError):
+    """One plan line is invalid (caught in this module: it becomes a `PlanError`)."""
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Workers as the daemon runs them: a `Worker` wired to the registry (programs), the import
 allow-list (checked again on every loaded program: `check_program`), the quotas (settling a
 run frees its tenant's slot; LLM tokens are counted), the retention of finished runs and,
-when configured, metrics and tracing. `run_worker_process` is the body of `treadle worker`.
+when configured, metrics and tracing. `run_workers` runs a process's workers (in `treadle
+serve`, or `treadle worker` through `run_worker_process`); with `--max-concurrent-runs` they
+share one pool of slots, so the process runs at most that many runs at once.
 
 The allow-list is checked again here, not only when a definition is registered, because
 a definition stored before the operator narrowed `--allow-imports`, or written to Redis
@@ -20,9 +22,10 @@ from anyio.abc import TaskStatus
 
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
+from treadle.runtime.core.interceptors import CallInterceptor
 from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.config import DaemonConfig
-from treadle.runtime.daemon.import_allowlist import DefinitionPolicy, PolicyViolation
+from treadle.runtime.daemon.import_allowlist import AllowListViolation, ImportAllowList
 from treadle.runtime.daemon.quotas import UsageLedger
 from treadle.runtime.daemon.registry import RegistryLoader
 from treadle.runtime.daemon.services import Services
@@ -32,14 +35,14 @@ from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
 log = logging.getLogger(__name__)
 
 
-def policy_check(policy: DefinitionPolicy) -> ProgramCheck:
+def allowlist_check(allowlist: ImportAllowList) -> ProgramCheck:
     """The worker's `check_program`: every function, tool and type of the loaded graph must
-    come from a module `policy` allows, else the run fails with the violation as its error."""
+    come from a module `allowlist` allows, else the run fails with the violation as its error."""
 
     def check(record: RunRecord, cg: CompiledGraph) -> None:
         try:
-            policy.check_spec(cg.spec)
-        except PolicyViolation as exc:
+            allowlist.check_spec(cg.spec)
+        except AllowListViolation as exc:
             raise ProgramError(f"refused by the import allow-list: {exc}") from None
 
     return check
@@ -50,8 +53,10 @@ def build_worker(
     ledger: UsageLedger,
     *,
     listeners: Sequence[Listener] = (),
+    interceptors: Sequence[CallInterceptor] = (),
     tracer: OtelTracer | None = None,
     worker_id: str | None = None,
+    process_slots: anyio.Semaphore | None = None,
 ) -> Worker:
     config = services.config
 
@@ -65,6 +70,7 @@ def build_worker(
         RegistryLoader(services.registry),
         models=config.models,
         listeners=[ledger.listener, *listeners],
+        interceptors=interceptors,
         on_settled=settled,
         tracer=tracer,
         options=WorkerOptions(
@@ -73,7 +79,8 @@ def build_worker(
             worker_id=worker_id,
             retain_s=config.retain_s,
         ),
-        check_program=policy_check(services.registry.policy),
+        check_program=allowlist_check(services.registry.allowlist),
+        process_slots=process_slots,
     )
 
 
@@ -82,14 +89,26 @@ async def run_workers(
     count: int,
     *,
     listeners: Sequence[Listener] = (),
+    interceptors: Sequence[CallInterceptor] = (),
     task_status: TaskStatus[list[Worker]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `count` workers (and their quota ledger) until cancelled or until every worker has
-    been stopped (`Worker.stop`)."""
+    been stopped (`Worker.stop`). With `max_concurrent_runs` configured, the workers share
+    that many slots: the process runs at most that many runs at once."""
     ledger = UsageLedger(services.redis, services.keys)
     tracer = configure_tracing()  # None unless OTEL_TRACES_EXPORTER asks for spans
+    cap = services.config.max_concurrent_runs
+    slots = anyio.Semaphore(cap) if cap is not None else None
     workers = [
-        build_worker(services, ledger, listeners=listeners, tracer=tracer) for _ in range(count)
+        build_worker(
+            services,
+            ledger,
+            listeners=listeners,
+            interceptors=interceptors,
+            tracer=tracer,
+            process_slots=slots,
+        )
+        for _ in range(count)
     ]
     try:
         async with anyio.create_task_group() as tg:

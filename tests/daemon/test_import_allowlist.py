@@ -8,13 +8,13 @@ from typing import Any, cast
 
 import pytest
 
-from treadle.runtime.daemon.import_allowlist import DefinitionPolicy
+from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.registry import DefinitionError, WorkflowRegistry
 
 
 def prepare(text: str, allow: tuple[str, ...] = (), fmt: str = "yaml") -> Any:
-    registry = WorkflowRegistry(cast(Any, None), DaemonKeys(), DefinitionPolicy(allow))
+    registry = WorkflowRegistry(cast(Any, None), DaemonKeys(), ImportAllowList(allow))
     return registry.prepare(text, cast(Any, fmt), "flow.yaml")
 
 

@@ -1,0 +1,137 @@
+"""The LLM gateway: the one way out for a run's LLM calls.
+
+Nodes (`llm`, `planner`) call `call_llm(ctx, ...)`; the gateway maps the model alias to
+its backend, numbers the call, emits its events, and sends it through the run's
+interceptor chain (admission, tracing headers, extra headers, metrics:
+`treadle.runtime.core.interceptors`, composed by the `Runtime` as `ctx.send_llm`) to
+`dispatch`, the chain's end, which hands it to the backend, streaming when someone wants
+the text as it arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from treadle.backends.base import (
+    Backend,
+    BackendError,
+    LLMRequest,
+    LLMResponse,
+    StreamChunk,
+    StreamingBackend,
+    collect_stream,
+)
+from treadle.runtime.core.context import LLMCall, RunContext, TextSink
+from treadle.runtime.core.errors import NodeError
+from treadle.runtime.core.events import (
+    LLMCallDispatched,
+    LLMCallFinished,
+    LLMCallQueued,
+    LLMTokens,
+)
+
+__all__ = ["backend_for", "call_llm", "dispatch"]
+
+
+def backend_for(ctx: RunContext, alias: str) -> Backend:
+    try:
+        return ctx.backends[alias]
+    except KeyError:
+        known = ", ".join(sorted(ctx.backends)) or "none"
+        raise NodeError(alias, f"no backend for model {alias!r} (known: {known})") from None
+
+
+async def call_llm(
+    ctx: RunContext,
+    node: str,
+    alias: str,
+    request: LLMRequest,
+    *,
+    on_text: TextSink | None = None,
+) -> LLMResponse:
+    """Send one call through the chain, with its events. With `on_text`, the answer's
+    text is handed over as it streams (all at once if the backend cannot stream)."""
+    backend = backend_for(ctx, alias)
+    ctx.llm_call_counter += 1
+    call_id = f"{node}#{ctx.llm_call_counter}"
+    ctx.emit(LLMCallQueued, node=node, call_id=call_id, model=alias)
+    call = LLMCall(
+        ctx, node, call_id, alias, backend, request, on_text, queued_at=time.perf_counter()
+    )
+    try:
+        response = await ctx.send_llm(call)
+    except BackendError as exc:
+        ctx.emit(
+            LLMCallFinished,
+            node=node,
+            call_id=call_id,
+            model=alias,
+            duration_s=time.perf_counter() - (call.sent_at or call.queued_at),
+            error=str(exc),
+            replica=exc.replica,
+        )
+        raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
+    usage = response.usage
+    ctx.emit(
+        LLMCallFinished,
+        node=node,
+        call_id=call_id,
+        model=alias,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+        duration_s=time.perf_counter() - (call.sent_at or call.queued_at),
+        ttft_s=response.ttft_s,
+        tool_calls=len(response.tool_calls),
+        replica=response.replica,
+        finish_reason=response.finish_reason,
+    )
+    if on_text is not None and not call.streamed and response.content:
+        await on_text(response.content)  # the whole answer, once it has arrived
+    return response
+
+
+async def dispatch(call: LLMCall) -> LLMResponse:
+    """The chain's end: the call leaves for its backend."""
+    ctx = call.ctx
+    ctx.emit(
+        LLMCallDispatched,
+        node=call.node,
+        call_id=call.call_id,
+        priority=call.request.hints.priority,
+        queue_wait_s=time.perf_counter() - call.queued_at,
+    )
+    call.sent_at = time.perf_counter()
+    backend = call.backend
+    if (
+        isinstance(backend, StreamingBackend)
+        and backend.capabilities.streaming
+        and (call.on_text is not None or ctx.options.stream_tokens)
+    ):
+        call.streamed = True
+        return await _streamed(call, backend)
+    return await backend.generate(call.request)
+
+
+async def _streamed(call: LLMCall, backend: StreamingBackend) -> LLMResponse:
+    ctx, on_text = call.ctx, call.on_text
+    emit_tokens = ctx.options.stream_tokens
+
+    async def chunks() -> AsyncIterator[StreamChunk]:
+        stream = backend.stream(call.request.model_copy(update={"stream": True}))
+        async for chunk in stream:
+            if chunk.delta:
+                if emit_tokens:
+                    ctx.emit(LLMTokens, node=call.node, call_id=call.call_id, text=chunk.delta)
+                if on_text is not None and await on_text(chunk.delta):
+                    # closing the stream now (not when it is collected) ends the
+                    # generation on the server at once
+                    aclose = getattr(stream, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    yield chunk.model_copy(update={"finish_reason": "stop"})
+                    return
+            yield chunk
+
+    return await collect_stream(chunks())
