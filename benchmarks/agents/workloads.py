@@ -198,7 +198,7 @@ SWE_PARAMS: dict[str, Any] = {
 }
 
 
-def _chain_program(
+def chain_program(
     pid: int,
     tenant: str,
     kind: str,
@@ -206,12 +206,19 @@ def _chain_program(
     first: tuple[Segment, ...],
     turns: list[tuple[int, str | None, float, int]],
     keys: Keys,
+    *,
+    human_waits: dict[int, float] | None = None,
 ) -> ProgramSpec:
-    """A ReAct loop: turn k continues turn k-1's sequence with its tool's output."""
+    """A ReAct loop: turn k (output tokens, tool, tool seconds, tool output tokens)
+    continues turn k-1's sequence with its tool's output; after a turn in `human_waits` a
+    person answers (that long, with the tool output tokens as their message) and the
+    conversation goes on."""
     calls: list[CallSpec] = []
     prompt_tokens = sum(n for _, n in first)
     append: tuple[Segment, ...] = first
+    waits = human_waits or {}
     for k, (out, tool, tool_s, tool_out) in enumerate(turns):
+        goes_on = tool is not None or k in waits
         calls.append(
             CallSpec(
                 index=k,
@@ -226,10 +233,11 @@ def _chain_program(
                 # one llm node with tools: its length is unknown, its last turn too
                 remaining_cost_s=LLM_STEP_COST_S,
                 is_last_step=False,
-                continues=tool is not None,
+                continues=goes_on,
+                human_wait_s=waits.get(k, 0.0),
             )
         )
-        if tool is not None:
+        if goes_on:
             append = ((keys.fresh(), tool_out),)
             prompt_tokens += out + tool_out
     return ProgramSpec(pid, f"{kind}-{pid}", tenant, kind, arrival, tuple(calls))
@@ -254,7 +262,7 @@ def _swe_program(
         turns.append((out, name, SWE_TOOLS[name].sample(rng), tool_out))
         ctx += out + tool_out
     first = ((SWE_SYSTEM_KEY, SWE_SYSTEM_TOKENS), (keys.fresh(), issue))
-    return _chain_program(pid, tenant, "swe", arrival, first, turns, keys)
+    return chain_program(pid, tenant, "swe", arrival, first, turns, keys)
 
 
 # -- bfcl ------------------------------------------------------------------------------
@@ -289,7 +297,7 @@ def _bfcl_program(
         result = rng.randint(20, 50)
         turns.append((out, name, BFCL_TOOLS[name].sample(rng), result))
     first = ((keys.fresh(), docs), (keys.fresh(), query))
-    return _chain_program(pid, tenant, "bfcl", arrival, first, turns, keys)
+    return chain_program(pid, tenant, "bfcl", arrival, first, turns, keys)
 
 
 # -- multiagent ------------------------------------------------------------------------

@@ -34,12 +34,11 @@ from treadle.benchmarks.agents.sim import PointResult, Simulation, ideal_times
 from treadle.benchmarks.agents.systems import SYSTEMS, make_system
 from treadle.benchmarks.agents.treadle_system import TreadleSystem
 from treadle.benchmarks.agents.workloads import (
-    LLM_STEP_COST_S,
-    CallSpec,
     Keys,
     ProgramSpec,
     ToolKind,
     Workload,
+    chain_program,
     make_workload,
 )
 
@@ -108,30 +107,16 @@ def _chain(
 ) -> ProgramSpec:
     """A conversation: turn k continues turn k-1 with 200 new tokens after tool k-1; a
     `human` wait follows the first turn when given."""
-    calls = []
-    append: tuple[tuple[int, int], ...] = ((keys.fresh(), ctx),)
-    prompt = ctx
-    for k, (tool, tool_s) in enumerate(turns):
-        calls.append(
-            CallSpec(
-                index=k,
-                deps=(k - 1,) if k else (),
-                base=k - 1 if k else None,
-                append=append,
-                prompt_tokens=prompt,
-                output_tokens=out,
-                output_key=keys.fresh(),
-                tool=tool,
-                tool_s=tool_s if tool else 0.0,
-                remaining_cost_s=LLM_STEP_COST_S,
-                is_last_step=False,
-                continues=k < len(turns) - 1,
-                human_wait_s=human if k == 0 else 0.0,
-            )
-        )
-        append = ((keys.fresh(), 200),)
-        prompt += out + 200
-    return ProgramSpec(pid, f"p{pid}", "default", "test", arrival, tuple(calls))
+    return chain_program(
+        pid,
+        "default",
+        "test",
+        arrival,
+        ((keys.fresh(), ctx),),
+        [(out, tool, tool_s, 200) for tool, tool_s in turns],
+        keys,
+        human_waits={0: human} if human else None,
+    )
 
 
 def _workload(programs: list[ProgramSpec], tools: dict[str, float]) -> Workload:
