@@ -24,9 +24,10 @@ Generators (parameters are in `Workload.params` and printed by the benchmark):
   tokens (shared by every workflow) take turns in a fixed step graph with two parallel
   branches; some steps call a tool; many workflows at once.
 - `mixed` — three tenants at once with weights 2 : 1 : 1: `coders` and `reviewers` run
-  coding agents (`swe`), `teams` run multi-agent workflows; each tenant's arrival rate is set
-  so that all three *demand* the same GPU work, so under overload a tenant gets its
-  weight's share only if the scheduler enforces it (FCFS would give each a third).
+  coding agents (`swe`), `teams` run multi-agent workflows; their arrival rates are set so
+  that they demand 40 / 30 / 30 % of the expected GPU work: under overload (1.5 x capacity)
+  each wants more than its weight's share (50 / 25 / 25 %), and gets that share only if the
+  scheduler enforces it (first-come-first-served would serve them 40 / 30 / 30).
 
 The scheduler's static knowledge of a program is what `graphs.analysis` would derive from
 its DAG: a ReAct loop (`swe`, `bfcl`) is one `llm` node with tools, so neither its length
@@ -399,22 +400,24 @@ _SHARED = {
     "bfcl": {},
     "multiagent": {k: n for k, n, _ in MA_AGENTS.values()},
 }
-#: mixed: tenant -> (program kind, weight)
-MIXED_TENANTS: dict[str, tuple[str, float]] = {
-    "coders": ("swe", 2.0),
-    "reviewers": ("swe", 1.0),
-    "teams": ("multiagent", 1.0),
+#: mixed: tenant -> (program kind, weight, share of the expected GPU work it demands)
+MIXED_TENANTS: dict[str, tuple[str, float, float]] = {
+    "coders": ("swe", 2.0, 0.4),
+    "reviewers": ("swe", 1.0, 0.3),
+    "teams": ("multiagent", 1.0, 0.3),
 }
 WORKLOADS = ("swe", "bfcl", "multiagent", "mixed")
 
 
 def program_work(p: ProgramSpec) -> float:
-    """A rough GPU-token measure of a program (new prompt tokens + 20 x output tokens),
-    used only to set the mixed workload's per-tenant rates."""
+    """A rough GPU measure of a program in prefill-token equivalents, used only to set the
+    mixed workload's per-tenant rates: each new prompt token counts 1, each output token
+    11 (its share of reading the weights in a batch of 16) plus 1 per 760 tokens of
+    context it reads (an 8B model's KV against its prefill rate)."""
     total = 0.0
     for c in p.calls:
         new = sum(n for _, n in c.append)
-        total += new + 20.0 * c.output_tokens
+        total += new + c.output_tokens * (11.0 + c.prompt_tokens / 760.0)
     return total
 
 
@@ -447,13 +450,13 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     for kind in ("swe", "bfcl", "multiagent"):
         probe = [_GENERATORS[kind](0, "x", 0.0, sample_rng, Keys()) for _ in range(200)]
         mean_work[kind] = sum(program_work(p) for p in probe) / len(probe)
-    # program rate of each tenant so that every tenant demands the same work, scaled so
-    # that all tenants together arrive at unit rate
-    raw = {t: 1.0 / mean_work[k] for t, (k, _) in MIXED_TENANTS.items()}
+    # program rate of each tenant so that it demands its share of the work, scaled so that
+    # all tenants together arrive at unit rate
+    raw = {t: share / mean_work[k] for t, (k, _, share) in MIXED_TENANTS.items()}
     norm = sum(raw.values())
     rates = {t: r / norm for t, r in raw.items()}
     streams: list[tuple[float, str, str]] = []
-    for tenant, (kind, _) in MIXED_TENANTS.items():
+    for tenant, (kind, _, _) in MIXED_TENANTS.items():
         t_rng = random.Random(f"treadle-agents-mixed-{tenant}-{seed}")
         t = 0.0
         for _ in range(n_programs):
@@ -473,10 +476,15 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     params = {
         "programs": n_programs,
         "tenants": {
-            t: {"kind": k, "weight": w, "programs": counts[t], "rate_share": round(rates[t], 4)}
-            for t, (k, w) in MIXED_TENANTS.items()
+            t: {
+                "kind": k,
+                "weight": w,
+                "demand_share": d,
+                "programs": counts[t],
+                "rate_share": round(rates[t], 4),
+            }
+            for t, (k, w, d) in MIXED_TENANTS.items()
         },
-        "demand": "every tenant's expected work is the same (weights differ)",
     }
     return Workload(
         "mixed",
@@ -484,6 +492,6 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
         params,
         programs,
         tools,
-        {t: w for t, (_, w) in MIXED_TENANTS.items()},
+        {t: w for t, (_, w, _) in MIXED_TENANTS.items()},
         shared,
     )

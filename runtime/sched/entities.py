@@ -81,8 +81,12 @@ class Tenant:
     service_s: float = 0.0
     dispatched: int = 0
     lanes_with_work: set[int] = field(default_factory=set)
+    #: runs open (admitted or waiting): a tenant with none is idle
+    open_programs: int = 0
     #: programs waiting for admission: heap of (key, program, admission version)
     waiting: list[tuple[Any, Program, int]] = field(default_factory=list)
+    #: the same programs by the time they started waiting (anti-starvation)
+    aged: list[tuple[Any, Program, int]] = field(default_factory=list)
     n_waiting: int = 0
     admit_token: int = 0
 

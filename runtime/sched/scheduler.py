@@ -20,7 +20,7 @@ is held across a human wait. Lanes without a known budget admit while the calls 
 admitted runs do not back up (queued calls <= `backlog_factor` x the lanes' limits).
 
 The admission queue (`waitlist.py`) is ordered by tenant fair share, then least attained
-service, then arrival, with anti-starvation.
+service, then arrival, with anti-starvation within a tenant.
 
 **Calls: order on a lane.** Each lane lets only `limit` calls be in flight, a limit adapted
 from observed congestion (AIMD, `limits.py`) for backends whose memory is unknown (with a
@@ -217,8 +217,10 @@ class Scheduler:
         return min(self.config.las_levels - 1, 1 + int(math.log2(attained_s / q)))
 
     def _rejoin(self, t: Tenant) -> None:
-        """An idle tenant rejoins at the system's virtual time (no banked credit)."""
-        if not t.lanes_with_work and not t.n_waiting and t.vtime < self.vtime:
+        """A tenant that had no run open rejoins at the system's virtual time (no banked
+        credit). One with runs open is not idle, even when none of its calls is queued this
+        instant (they run, or wait for tools): it keeps its virtual time."""
+        if not t.open_programs and t.vtime < self.vtime:
             t.vtime = self.vtime
             t.version += 1
 
@@ -262,6 +264,8 @@ class Scheduler:
         if program_id in self.programs:
             raise ValueError(f"program {program_id!r} is already open")
         t = self.tenant(tenant)
+        self._rejoin(t)
+        t.open_programs += 1
         p = Program(program_id, t, now, next(self._seq), home=home, info=dict(info or {}))
         self.programs[program_id] = p
         return p
@@ -274,7 +278,6 @@ class Scheduler:
         self.admit_waiting(now)
 
     def _wait_for_admission(self, p: Program, now: float) -> None:
-        self._rejoin(p.tenant)
         self.waitlist.push(p, now)
 
     def admit_waiting(self, now: float) -> int:
@@ -289,7 +292,7 @@ class Scheduler:
                 break
             if self.waitlist.starved(p, now):
                 self.starvation_promotions += 1
-            self.waitlist.remove(p)
+            self.waitlist.remove(p, now)
             self._admit(p, lane, now)
             admitted += 1
         return admitted
@@ -445,6 +448,7 @@ class Scheduler:
         p = self.programs.pop(program_id, None)
         if p is None:
             return []
+        p.tenant.open_programs -= 1
         dropped: list[Call] = []
         for call in p.pending_calls:
             call.state = CANCELLED
@@ -464,7 +468,7 @@ class Scheduler:
             self._home(p, None)
             p.admitted = False
         elif p.waiting_since is not None:
-            self.waitlist.remove(p)
+            self.waitlist.remove(p, now)
         self.admit_waiting(now)
         return dropped
 
@@ -526,7 +530,6 @@ class Scheduler:
         tq = lane.tenant_queues.get(t.name)
         if tq is None:
             tq = lane.tenant_queues[t.name] = TenantQueue(t)
-        self._rejoin(t)
         call.state = QUEUED
         call._pq = pq
         heapq.heappush(pq.heap, (self._key(-call.remaining_cost_s, call.seq), call))

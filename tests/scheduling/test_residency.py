@@ -146,14 +146,34 @@ def test_admission_alternates_tenants_by_weighted_service() -> None:
     assert order.count("heavy") == pytest.approx(12, abs=1)
 
 
-def test_a_program_that_waited_too_long_is_admitted_first() -> None:
+def test_within_a_tenant_a_program_that_waited_too_long_goes_first() -> None:
     s = kv_scheduler(budget=1000)
-    s.set_weight("vip", 100.0)
-    s.open_program("blocker", "vip", 0.0, kv_tokens=950)
-    s.open_program("old", "meek", 0.0, kv_tokens=900)
-    s.open_program("vip-new", "vip", 70.0, kv_tokens=900)
-    s.close_program("blocker", 70.0)  # "old" has waited past starvation_s (60 s)
-    assert admitted(s) == ["old"] and s.starvation_promotions == 1
+    s.open_program("hog", "t", 0.0, kv_tokens=900)
+    c = s.submit(Call("hog-1", "hog"), 0.0)
+    s.dispatch(0.0)
+    s.complete(c, 10.0, service_s=10.0)  # a high level now
+    s.idle("hog", 10.0, 0.0, human=True)
+    s.open_program("blocker", "t", 10.0, kv_tokens=950)
+    s.submit(Call("hog-2", "hog"), 11.0)  # waits from 11 s
+    s.open_program("fresh", "t", 70.0, kv_tokens=900)  # level 0, but arrives later
+    s.close_program("blocker", 72.0)  # "hog" has waited 61 s: past starvation_s
+    assert admitted(s) == ["hog"] and s.starvation_promotions == 1
+
+
+def test_across_tenants_fair_share_decides_even_for_long_waits() -> None:
+    s = kv_scheduler(budget=1000)
+    s.set_weight("light", 1.0)
+    s.set_weight("heavy", 4.0)
+    s.open_program("blocker", "heavy", 0.0, kv_tokens=950)
+    c = s.submit(Call("b-1", "blocker", est_service_s=8.0), 0.0)
+    s.dispatch(0.0)
+    s.complete(c, 2.0, service_s=8.0)  # heavy's weighted service: 8 / 4 = 2
+    s.open_program("light-old", "light", 1.0, kv_tokens=900)
+    s.tenants["light"].vtime = 8.0  # light has had 8 (weight 1) before
+    s.open_program("heavy-new", "heavy", 100.0, kv_tokens=900)
+    s.close_program("blocker", 100.0)
+    # light-old waited 99 s, but heavy is behind its share: heavy goes first
+    assert admitted(s) == ["heavy-new"]
 
 
 def test_residency_config_is_checked() -> None:
