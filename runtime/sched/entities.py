@@ -83,6 +83,9 @@ class Tenant:
     lanes_with_work: set[int] = field(default_factory=set)
     #: runs open (admitted or waiting): a tenant with none is idle
     open_programs: int = 0
+    #: service its runs took (a moving mean over the last ~32): charged at admission
+    mean_program_s: float = 0.0
+    programs_done: int = 0
     #: programs waiting for admission: heap of (key, program, admission version)
     waiting: list[tuple[Any, Program, int]] = field(default_factory=list)
     #: the same programs by the time they started waiting (anti-starvation)
@@ -100,6 +103,8 @@ class Program:
     home: int | None = None
     admitted: bool = False
     attained_s: float = 0.0
+    #: service charged to its tenant at admission and not yet drawn down by its calls
+    prepaid_s: float = 0.0
     level: int = 0
     pending_calls: list[Call] = field(default_factory=list)
     queues: dict[int, ProgramQueue] = field(default_factory=dict)

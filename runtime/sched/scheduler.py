@@ -323,6 +323,16 @@ class Scheduler:
         return self._place(p, self.lanes) if self._place else self._least_loaded(p)
 
     def _admit(self, p: Program, lane_i: int, now: float) -> None:
+        # a run's service is charged to its tenant when it is admitted (what its tenant's
+        # runs took on average, minus what it has had), then drawn down by its calls:
+        # otherwise a tenant could get many long runs admitted before the first of them
+        # had cost it anything
+        t = p.tenant
+        prepay = max(0.0, t.mean_program_s - p.attained_s - p.prepaid_s)
+        if prepay:
+            p.prepaid_s += prepay
+            t.vtime += prepay / t.weight
+            self._rekey(t)
         p.admitted = True
         self.active_programs += 1
         self._home(p, lane_i)
@@ -448,7 +458,13 @@ class Scheduler:
         p = self.programs.pop(program_id, None)
         if p is None:
             return []
-        p.tenant.open_programs -= 1
+        t = p.tenant
+        t.open_programs -= 1
+        if p.prepaid_s:  # it took less than its tenant's runs usually do
+            t.vtime -= p.prepaid_s / t.weight
+            self._rekey(t)
+        t.programs_done += 1
+        t.mean_program_s += (p.attained_s - t.mean_program_s) / min(t.programs_done, 32)
         dropped: list[Call] = []
         for call in p.pending_calls:
             call.state = CANCELLED
@@ -623,7 +639,9 @@ class Scheduler:
         lane.in_flight += 1
         # start-time fair queueing: the system's virtual time is the dispatched tenant's
         self.vtime = max(self.vtime, t.vtime)
-        t.vtime += call.est_service_s / t.weight
+        paid = min(call.est_service_s, p.prepaid_s)
+        p.prepaid_s -= paid
+        t.vtime += (call.est_service_s - paid) / t.weight
         t.dispatched += 1
         self._rekey(t)
 
