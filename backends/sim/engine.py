@@ -20,9 +20,10 @@ Public API (stable):
     engine.on_step = callback          # observe launched steps (StepInfo)
     engine.decoded_tokens(req) -> int  # output so far (`req.output_tokens` is exact only
                                        # between runs and once it has finished)
-    EngineConfig(policy, pin_pressure="keep", max_pinned_fraction=0.5, max_num_seqs=None,
-                 max_num_batched_tokens=None, kv_capacity_blocks=None,
-                 max_jump_steps=None, keep_finished=False)  # None: from the profile
+    EngineConfig(policy, pin_pressure="keep", pin_release="scheduled",
+                 max_pinned_fraction=0.5, max_num_seqs=None, max_num_batched_tokens=None,
+                 kv_capacity_blocks=None, max_jump_steps=None, keep_finished=False)
+                                       # (config.py; None: from the profile)
 
 `SimRequest` is both the input and the record. After it finishes: `arrival_time`,
 `first_token_time`, `finish_time`, `prompt_tokens`, `cached_tokens` (prefix-cache hit at

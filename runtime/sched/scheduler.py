@@ -29,9 +29,10 @@ When a lane has room the next call is chosen by:
 
 1. **Fair share across tenants** by weight, in virtual time (start-time fair queueing):
    serving a call advances its tenant's virtual time by `service / weight` (GPU seconds,
-   estimated at dispatch and corrected at completion); the backlogged tenant with the
-   lowest virtual time goes first, and a tenant that was idle rejoins at the current system
-   virtual time (no banked credit).
+   estimated at dispatch and corrected at completion; a run's expected service is charged
+   when it is admitted and drawn down by its calls); the backlogged tenant with the lowest
+   virtual time goes first (also at admission), and a tenant that had no run open rejoins
+   at the current system virtual time (no banked credit).
 2. **Least attained service** within a tenant: key `(level, program arrival)`, so one huge
    program cannot hold back many short ones; a call that has waited `starvation_s` goes
    first regardless, so nothing starves.
