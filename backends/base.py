@@ -79,6 +79,10 @@ class LLMRequest(BaseModel):
     model: str
     messages: list[Message]
     tools: list[dict[str, Any]] = Field(default_factory=list)
+    #: OpenAI's `tool_choice` as sent: "none", "auto", "required" or
+    #: {"type": "function", "function": {"name": ...}}; None: the server's default ("auto"
+    #: with tools, "none" without)
+    tool_choice: str | dict[str, Any] | None = None
     response_schema: dict[str, Any] | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -106,6 +110,8 @@ class LLMResponse(BaseModel):
     finish_reason: str = "stop"
     usage: Usage = Field(default_factory=Usage)
     model: str | None = None
+    #: the server's id of the completion (OpenAI's `id`), when it gave one
+    id: str | None = None
     replica: str | None = None
     #: seconds from send to first token, when the backend measured it
     ttft_s: float | None = None
@@ -119,6 +125,7 @@ class StreamChunk(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     model: str | None = None
+    id: str | None = None
     replica: str | None = None
 
 
@@ -134,6 +141,28 @@ class Capabilities(BaseModel):
     pin_ttl: bool = False
     program_id: bool = False
     metrics: bool = False
+
+
+class BackendTarget(BaseModel):
+    """Who answers a backend's calls, in the terms of OpenTelemetry's GenAI conventions:
+    `provider` (`gen_ai.provider.name`: "openai", "vllm", "sglang", ...), the `model` the
+    requests go to (`gen_ai.request.model`; None when there is none, as for scripted
+    answers), and the server (`server.address`, `server.port`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    provider: str
+    model: str | None = None
+    server_address: str | None = None
+    server_port: int | None = None
+
+
+def target_of(backend: Backend) -> BackendTarget:
+    """A backend's `target` (backends may define one), or a target named after its class."""
+    target = getattr(backend, "target", None)
+    if isinstance(target, BackendTarget):
+        return target
+    return BackendTarget(provider=type(backend).__name__)
 
 
 @runtime_checkable
@@ -167,7 +196,7 @@ async def collect_stream(chunks: AsyncIterator[StreamChunk]) -> LLMResponse:
     calls: list[ToolCall] = []
     finish = "stop"
     usage = Usage()
-    model = replica = None
+    model = replica = response_id = None
     async for chunk in chunks:
         if ttft is None and (chunk.delta or chunk.tool_calls):
             ttft = time.perf_counter() - started
@@ -178,6 +207,7 @@ async def collect_stream(chunks: AsyncIterator[StreamChunk]) -> LLMResponse:
         if chunk.usage is not None:
             usage = chunk.usage
         model = chunk.model or model
+        response_id = chunk.id or response_id
         replica = chunk.replica or replica
     return LLMResponse(
         content="".join(text) or None,
@@ -185,6 +215,7 @@ async def collect_stream(chunks: AsyncIterator[StreamChunk]) -> LLMResponse:
         finish_reason=finish,
         usage=usage,
         model=model,
+        id=response_id,
         replica=replica,
         ttft_s=ttft,
     )

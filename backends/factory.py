@@ -25,10 +25,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from treadle.backends.base import Backend
-from treadle.backends.openai_compat.dialects import make_dialect
+from treadle.backends.openai_compat.dialects import LlamaCppDialect, make_dialect
 from treadle.backends.scripted import ScriptedBackend, ScriptRule
 
 
@@ -49,9 +49,9 @@ class ScriptedConfig(_Config):
 
 class OpenAICompatConfig(_Config):
     backend: Literal["openai_compat"]
-    base_url: str = Field(pattern=r"^https?://")
+    base_url: str
     model: str = Field(min_length=1)
-    dialect: Literal["vllm", "sglang", "continuum", "sim", "openai"] = "vllm"
+    dialect: Literal["vllm", "sglang", "continuum", "llamacpp", "dynamo", "sim", "openai"] = "vllm"
     dialect_options: dict[str, Any] = Field(default_factory=dict)
     name: str | None = None
     api_key: str | None = None
@@ -62,6 +62,13 @@ class OpenAICompatConfig(_Config):
     backoff_s: float = Field(default=0.5, ge=0)
     headers: dict[str, str] = Field(default_factory=dict)
     metrics_url: str | None = None
+
+    @field_validator("base_url", "metrics_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {url!r})")
+        return url
 
 
 class LiteLLMConfig(_Config):
@@ -89,7 +96,18 @@ class PoolConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     backend: Literal["pool"]
-    replicas: list[dict[str, Any]] = Field(min_length=1)
+    replicas: list[Any] = Field(min_length=1)
+
+    @field_validator("replicas")
+    @classmethod
+    def _entries(cls, replicas: list[Any]) -> list[Any]:
+        for i, entry in enumerate(replicas):
+            if not isinstance(entry, Mapping):
+                raise ValueError(
+                    f"replica {i} is {entry!r}: each replica is a model entry of its own, "
+                    "e.g. {backend: openai_compat, base_url: ..., model: ...}"
+                )
+        return replicas
 
 
 KINDS: dict[str, type[BaseModel]] = {
@@ -101,21 +119,112 @@ KINDS: dict[str, type[BaseModel]] = {
 }
 
 
+#: (field, what is wrong) — the field as a dotted path inside the entry ("" for the entry)
+EntryProblem = tuple[str, str]
+
+
+def model_entry_problems(config: Any) -> list[EntryProblem]:
+    """Everything wrong with a `models:` entry that can be told without building it: its
+    kind, its fields and their values, a dialect's options, the options `sim` and `pool`
+    pass to their constructors, and every replica of a pool (`replicas.N.FIELD`). What
+    depends on where it runs (an unset `api_key_env`, an optional package) is checked
+    when the backend is built."""
+    return _checked(config)[1]
+
+
 def create_backend(config: Mapping[str, Any]) -> Backend:
     """The backend a `models:` entry describes. `ValueError` names what is wrong with it."""
+    parsed, problems = _checked(config)
+    if parsed is None or problems:
+        kind = config.get("backend") if isinstance(config, Mapping) else None
+        raise ValueError(describe_entry_problems(kind, problems))
+    return _BUILDERS[parsed.backend](parsed)  # type: ignore[attr-defined]
+
+
+def _checked(config: Any) -> tuple[BaseModel | None, list[EntryProblem]]:
+    """The entry parsed (None when it does not parse), and its problems."""
+    parsed = _parse(config)
+    if isinstance(parsed, list):
+        return None, parsed
+    return parsed, _CHECKS[parsed.backend](parsed)  # type: ignore[attr-defined]
+
+
+def describe_entry_problems(kind: Any, problems: list[EntryProblem]) -> str:
+    """The problems of one entry as one line."""
+    text = "; ".join(f"{field}: {what}" if field else what for field, what in problems)
+    return f"invalid {kind!r} model entry: {text}" if kind in KINDS else text
+
+
+def _parse(config: Any) -> BaseModel | list[EntryProblem]:
     if not isinstance(config, Mapping):
-        raise ValueError(f"a model entry must be a mapping, got {type(config).__name__}")
+        return [("", f"a model entry must be a mapping, got {type(config).__name__}")]
     kind = config.get("backend")
     if kind is None:
-        raise ValueError(f"model entry has no 'backend' field; expected one of {', '.join(KINDS)}")
+        return [("", f"model entry has no 'backend' field; expected one of {', '.join(KINDS)}")]
     model = KINDS.get(str(kind))
     if model is None:
-        raise ValueError(f"unknown backend {kind!r}; expected one of {', '.join(KINDS)}")
+        return [("backend", f"unknown backend {kind!r}; expected one of {', '.join(KINDS)}")]
     try:
-        parsed = model.model_validate(dict(config))
+        return model.model_validate(dict(config))
     except ValidationError as exc:
-        raise ValueError(f"invalid {kind!r} model entry: {_describe(exc)}") from None
-    return _BUILDERS[str(kind)](parsed)
+        return _problems(exc)
+
+
+def _check_scripted(cfg: BaseModel) -> list[EntryProblem]:
+    return []
+
+
+def _check_openai_compat(cfg: BaseModel) -> list[EntryProblem]:
+    assert isinstance(cfg, OpenAICompatConfig)
+    problems: list[EntryProblem] = []
+    if cfg.api_key is not None and cfg.api_key_env is not None:
+        problems.append(("api_key_env", "give api_key or api_key_env, not both"))
+    try:
+        make_dialect(cfg.dialect, **cfg.dialect_options)
+    except ValidationError as exc:
+        problems += [(f"dialect_options.{f}".rstrip("."), w) for f, w in _problems(exc)]
+    except ValueError as exc:
+        problems.append(("dialect_options", str(exc)))
+    return problems
+
+
+def _check_litellm(cfg: BaseModel) -> list[EntryProblem]:
+    assert isinstance(cfg, LiteLLMConfig)
+    clash = {"model", "messages", "stream"} & set(cfg.params)
+    if clash:
+        return [("params", f"{', '.join(sorted(clash))} is set by treadle")]
+    return []
+
+
+def _check_sim(cfg: BaseModel) -> list[EntryProblem]:
+    try:
+        sim_backend = _optional("sim", "treadle.backends.sim.backend", "SimBackend")
+    except ValueError as exc:
+        return [("backend", str(exc))]
+    # `replica` is a ready SimReplica object: not something a workflow file can hold.
+    return _unknown_options(sim_backend, _extras(cfg), skip=("replica",))
+
+
+def _check_pool(cfg: BaseModel) -> list[EntryProblem]:
+    assert isinstance(cfg, PoolConfig)
+    try:
+        replica_pool = _optional("pool", "treadle.backends.dispatch.pool", "ReplicaPool")
+    except ValueError as exc:
+        return [("backend", str(exc))]
+    problems = _unknown_options(replica_pool, _extras(cfg), skip=("replicas", "clock"))
+    for i, entry in enumerate(cfg.replicas):
+        for field, what in model_entry_problems(entry):
+            problems.append((f"replicas.{i}.{field}".rstrip("."), what))
+    return problems
+
+
+_CHECKS: dict[str, Callable[[BaseModel], list[EntryProblem]]] = {
+    "scripted": _check_scripted,
+    "openai_compat": _check_openai_compat,
+    "litellm": _check_litellm,
+    "sim": _check_sim,
+    "pool": _check_pool,
+}
 
 
 def _build_scripted(cfg: BaseModel) -> Backend:
@@ -127,10 +236,6 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
     assert isinstance(cfg, OpenAICompatConfig)
     from treadle.backends.openai_compat.backend import OpenAICompatBackend
 
-    if cfg.api_key is not None and cfg.api_key_env is not None:
-        raise ValueError(
-            "invalid 'openai_compat' model entry: give api_key or api_key_env, not both"
-        )
     api_key = cfg.api_key
     if cfg.api_key_env is not None:
         api_key = os.environ.get(cfg.api_key_env)
@@ -139,15 +244,14 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
                 f"invalid 'openai_compat' model entry: api_key_env: "
                 f"environment variable {cfg.api_key_env} is not set"
             )
-    try:
-        dialect = make_dialect(cfg.dialect, **cfg.dialect_options)
-    except ValidationError as exc:
-        raise ValueError(
-            f"invalid 'openai_compat' model entry: dialect_options: {_describe(exc)}"
-        ) from None
-    except ValueError as exc:
-        raise ValueError(f"invalid 'openai_compat' model entry: dialect_options: {exc}") from None
-    return OpenAICompatBackend(
+    dialect = make_dialect(cfg.dialect, **cfg.dialect_options)  # checked before building
+    cls: type[OpenAICompatBackend] = OpenAICompatBackend
+    if isinstance(dialect, LlamaCppDialect):
+        # slot placement, pins and offload live in the backend: they need the slot table
+        from treadle.backends.openai_compat.llamacpp import LlamaCppBackend
+
+        cls = LlamaCppBackend
+    return cls(
         cfg.base_url,
         cfg.model,
         dialect=dialect,
@@ -167,11 +271,6 @@ def _build_litellm(cfg: BaseModel) -> Backend:
     from treadle.backends.litellm import LiteLLMBackend
 
     params = dict(cfg.params)
-    clash = {"model", "messages", "stream"} & set(params)
-    if clash:
-        raise ValueError(
-            f"invalid 'litellm' model entry: params: {', '.join(sorted(clash))} is set by treadle"
-        )
     if cfg.api_base is not None:
         params["api_base"] = cfg.api_base
     if cfg.timeout_s is not None:
@@ -185,23 +284,19 @@ def _build_litellm(cfg: BaseModel) -> Backend:
 
 def _build_sim(cfg: BaseModel) -> Backend:
     sim_backend = _optional("sim", "treadle.backends.sim.backend", "SimBackend")
-    options = _extras(cfg)
-    # `replica` is a ready SimReplica object: not something a workflow file can hold.
-    _check_options("sim", sim_backend, options, skip=("replica",))
-    return _construct("sim", sim_backend, options)
+    return _construct("sim", sim_backend, _extras(cfg))
 
 
 def _build_pool(cfg: BaseModel) -> Backend:
     assert isinstance(cfg, PoolConfig)
     replica_pool = _optional("pool", "treadle.backends.dispatch.pool", "ReplicaPool")
     options = _extras(cfg)
-    _check_options("pool", replica_pool, options, skip=("replicas", "clock"))
     replicas: list[Backend] = []
     for i, entry in enumerate(cfg.replicas):
         try:
             replicas.append(create_backend(entry))
         except ValueError as exc:
-            raise ValueError(f"invalid 'pool' model entry: replicas[{i}]: {exc}") from None
+            raise ValueError(f"invalid 'pool' model entry: replicas.{i}: {exc}") from None
     if "names" not in options:
         names = [getattr(r, "name", None) for r in replicas]
         if all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
@@ -235,12 +330,12 @@ def _extras(cfg: BaseModel) -> dict[str, Any]:
     return dict(cfg.model_extra or {})
 
 
-def _check_options(
-    kind: str, target: Callable[..., Any], options: Mapping[str, Any], skip: tuple[str, ...]
-) -> None:
+def _unknown_options(
+    target: Callable[..., Any], options: Mapping[str, Any], skip: tuple[str, ...]
+) -> list[EntryProblem]:
     params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
+        return []
     accepted = [
         n
         for n, p in params.items()
@@ -248,12 +343,8 @@ def _check_options(
         and n != "self"
         and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"invalid {kind!r} model entry: unknown field {', '.join(map(repr, unknown))}; "
-            f"fields: backend, {', '.join(accepted)}"
-        )
+    fields = f"fields: backend, {', '.join(accepted)}"
+    return [(name, f"unknown field; {fields}") for name in sorted(set(options) - set(accepted))]
 
 
 def _construct(kind: str, target: Callable[..., Backend], options: dict[str, Any]) -> Backend:
@@ -263,15 +354,17 @@ def _construct(kind: str, target: Callable[..., Backend], options: dict[str, Any
         raise ValueError(f"invalid {kind!r} model entry: {exc}") from None
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
+def _problems(exc: ValidationError) -> list[EntryProblem]:
+    out: list[EntryProblem] = []
     for error in exc.errors():
         loc = ".".join(str(p) for p in error["loc"])
         if error["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown field")
+            out.append((loc, "unknown field"))
+        elif error["type"] == "value_error":  # our validators' messages, without the prefix
+            out.append((loc, str(error["ctx"]["error"])))
         else:
-            parts.append(f"{loc}: {error['msg']}")
-    return "; ".join(parts)
+            out.append((loc, error["msg"]))
+    return out
 
 
-__all__ = ["KINDS", "create_backend"]
+__all__ = ["KINDS", "create_backend", "model_entry_problems"]

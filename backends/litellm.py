@@ -16,6 +16,7 @@ from typing import Any
 
 from treadle.backends.base import (
     BackendError,
+    BackendTarget,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -29,6 +30,40 @@ INSTALL_HINT = "litellm is not installed; install it with: pip install 'treadle[
 
 #: HTTP statuses after which the same call may succeed later
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+
+
+#: litellm's provider prefixes whose `gen_ai.provider.name` is spelled differently
+_PROVIDERS = {
+    "bedrock": "aws.bedrock",
+    "azure": "azure.ai.openai",
+    "azure_ai": "azure.ai.inference",
+    "vertex_ai": "gcp.vertex_ai",
+    "gemini": "gcp.gemini",
+    "mistral": "mistral_ai",
+    "xai": "x_ai",
+    "watsonx": "ibm.watsonx.ai",
+    "hosted_vllm": "vllm",
+}
+
+
+def litellm_target(model: str, api_base: Any = None) -> BackendTarget:
+    """`openai/gpt-4o-mini` → provider "openai", model "gpt-4o-mini" (and the server of
+    `api_base`, when given)."""
+    prefix, sep, name = model.partition("/")
+    provider = _PROVIDERS.get(prefix, prefix) if sep else "openai"
+    address = port = None
+    if isinstance(api_base, str) and api_base:
+        import httpx
+
+        url = httpx.URL(api_base)
+        address, port = url.host or None, url.port or (443 if url.scheme == "https" else 80)
+    return BackendTarget(
+        provider=provider, model=name if sep else model, server_address=address, server_port=port
+    )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def load_litellm() -> ModuleType:
@@ -64,6 +99,7 @@ class LiteLLMBackend:
         self.api_key_env = api_key_env
         self.name = name or f"litellm:{model}"
         self.kwargs = kwargs
+        self.target = litellm_target(model, kwargs.get("api_base"))
 
     def __repr__(self) -> str:
         return f"LiteLLMBackend({self.model!r})"
@@ -88,6 +124,8 @@ class LiteLLMBackend:
         }
         if request.tools:
             call["tools"] = request.tools
+        if request.tool_choice is not None:
+            call["tool_choice"] = request.tool_choice
         if request.max_tokens is not None:
             call["max_tokens"] = request.max_tokens
         if request.temperature is not None:
@@ -203,6 +241,7 @@ class LiteLLMBackend:
             finish_reason=str(finish),
             usage=_usage(getattr(response, "usage", None)),
             model=getattr(response, "model", None) or self.model,
+            id=_str(getattr(response, "id", None)),
             replica=self.name,
         )
 

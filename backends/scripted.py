@@ -4,6 +4,11 @@ Rules (`ScriptRule`) match a regular expression against the latest user message 
 with fixed content or tool calls. Without a matching rule, the answer is generated from the
 request's response schema: a value that validates against it, derived from a hash of the
 prompt, so equal prompts give equal answers.
+
+Tool calls follow the request's `tool_choice` as an engine with constrained decoding does
+(vLLM): none without tools or with "none" (a tool-call rule is passed over), a call forced
+with "required" (the rule's, or one to the first tool) or a named function (to that one),
+arguments generated from the function's parameter schema when no rule gives them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import anyio
 from pydantic import BaseModel, Field
 
 from treadle.backends.base import (
+    BackendTarget,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -27,6 +33,8 @@ from treadle.backends.base import (
     Usage,
 )
 from treadle.backends.tokens import CHARS, TokenEstimator
+
+_SCRIPTED = BackendTarget(provider="treadle.scripted")
 
 _WORDS = (
     "alpha bravo cedar delta ember fjord grove harbor island juniper kestrel lumen meadow "
@@ -74,6 +82,10 @@ class ScriptedBackend:
     def capabilities(self) -> Capabilities:
         return Capabilities(streaming=True, tool_calls=True)
 
+    @property
+    def target(self) -> BackendTarget:
+        return _SCRIPTED
+
     async def generate(self, request: LLMRequest) -> LLMResponse:
         self.calls += 1
         if self.latency_s:
@@ -84,7 +96,7 @@ class ScriptedBackend:
         return LLMResponse(
             content=content,
             tool_calls=calls,
-            finish_reason="tool_calls" if calls else "stop",
+            finish_reason=tool_finish_reason(request, calls),
             usage=Usage(
                 prompt_tokens=self.tokens.count(prompt_text),
                 completion_tokens=self.tokens.count(completion),
@@ -106,14 +118,16 @@ class ScriptedBackend:
 
     def _answer(self, request: LLMRequest) -> tuple[str | None, list[ToolCall]]:
         last_user, results = _conversation_tail(request.messages)
+        seed = _digest(json.dumps([m.model_dump() for m in request.messages], default=str))
+        choice = _ToolChoice.of(request)
         for rule in self.rules:
             m = re.search(rule.match, last_user, flags=re.S)
             if m is None:
                 continue
             if rule.tool_calls:
-                if results:
+                if results or not choice.allowed:
                     continue
-                return None, [
+                calls = [
                     ToolCall(
                         id=f"call_{i}_{_digest(last_user)[:8]}",
                         name=c.name,
@@ -121,14 +135,64 @@ class ScriptedBackend:
                     )
                     for i, c in enumerate(rule.tool_calls)
                 ]
-            if rule.content is None:
+                if choice.name is not None:  # constrained to that function's call
+                    calls = [c for c in calls if c.name == choice.name][:1]
+                    if not calls:
+                        return choice.forced_call(request.tools, seed, last_user)
+                return None, calls
+            if rule.content is None or choice.forced:
                 continue
             return _render(rule.content, m, results), []
-        seed = _digest(json.dumps([m.model_dump() for m in request.messages], default=str))
+        if choice.forced:
+            return choice.forced_call(request.tools, seed, last_user)
         if request.response_schema is not None:
             value = generate_from_schema(request.response_schema, seed)
             return json.dumps(value), []
         return f"Answer ({seed[:6]}): {' '.join(_words(seed, 8))}.", []
+
+
+class _ToolChoice:
+    """What a request's `tools` and `tool_choice` allow: no calls, calls, or a forced call."""
+
+    __slots__ = ("allowed", "forced", "name")
+
+    def __init__(self, allowed: bool, forced: bool, name: str | None) -> None:
+        self.allowed = allowed
+        self.forced = forced
+        #: the function a named `tool_choice` forces
+        self.name = name
+
+    @classmethod
+    def of(cls, request: LLMRequest) -> _ToolChoice:
+        choice = request.tool_choice
+        if not request.tools or choice == "none":
+            return cls(False, False, None)
+        if isinstance(choice, dict):
+            name = str((choice.get("function") or {}).get("name", ""))
+            return cls(True, True, name)
+        return cls(True, choice == "required", None)
+
+    def forced_call(
+        self, tools: list[dict[str, Any]], seed: str, last_user: str
+    ) -> tuple[str, list[ToolCall]]:
+        """The call constrained decoding makes: to the named function (or the first tool),
+        arguments that validate against its parameters. Content is empty, as vLLM's is."""
+        functions = [t.get("function") or {} for t in tools]
+        fn = next((f for f in functions if f.get("name") == self.name), functions[0])
+        schema = fn.get("parameters") or {"type": "object", "properties": {}}
+        arguments = generate_from_schema(schema, seed + str(fn.get("name")))
+        call = ToolCall(
+            id=f"call_0_{_digest(last_user)[:8]}",
+            name=str(fn.get("name", "")),
+            arguments=json.dumps(arguments),
+        )
+        return "", [call]
+
+
+def tool_finish_reason(request: LLMRequest, calls: list[ToolCall]) -> str:
+    """`finish_reason` of an answer, as OpenAI (and vLLM) give it: "tool_calls" when it
+    calls tools, except for a call forced by a named `tool_choice`, which is "stop"."""
+    return "tool_calls" if calls and not isinstance(request.tool_choice, dict) else "stop"
 
 
 def _conversation_tail(messages: list[Message]) -> tuple[str, list[str]]:

@@ -10,10 +10,10 @@ always`) unless `--redis-url` is given, the API (`treadle serve --no-worker`), t
 Phases (each followed by a drain: waiting until every accepted run is terminal):
 - `full`: `--rate` runs/s for `--duration` s;
 - `half`: half that rate (the API latency target is for this phase);
-- `faults` (with `--kill-every` and/or `--restart-redis`): `--fault-rate` runs/s (default
-  half the rate) while a worker is SIGKILLed (and restarted at once) every `--kill-every`
-  s, and Redis is SIGKILLed and restarted once, half-way (its append-only file is fsynced
-  on every write, so nothing it acknowledged is lost).
+- `faults` (with `--kill-every` and/or `--restart-redis`; always with `--quick`):
+  `--fault-rate` runs/s (default half the rate) while a worker is SIGKILLed (and restarted
+  at once) every `--kill-every` s, and Redis is SIGKILLed and restarted once, half-way (its
+  append-only file is fsynced on every write, so nothing it acknowledged is lost).
 
 Metrics per phase:
 - `runs_per_s`: runs that succeeded, over the time from the phase's first submission to
@@ -525,16 +525,24 @@ def main(
     concurrency: Annotated[int, typer.Option(help="Runs per worker at once.")] = 128,
     lease_ms: Annotated[int, typer.Option(help="Run lease time of the workers (ms).")] = 3000,
     seed: Annotated[int, typer.Option(help="Seed of the fault schedule.")] = 0,
-    quick: Annotated[bool, typer.Option(help="A short smoke run (CI).")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            help="A short smoke run (CI), faults included; it fails if a run is lost or "
+            "another tenant's run can be read."
+        ),
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """The daemon under load (runs/s, API latency) and under faults (lost runs, repeats)."""
     if restart_redis and redis_url is not None:
         raise typer.BadParameter("--restart-redis needs the private Redis (no --redis-url)")
     if quick:
+        # a smoke run (CI) that still takes the fault path: a worker is killed twice and,
+        # with the private Redis, Redis once, while the faults phase submits
         tenants, rate, duration = min(tenants, 5), min(rate, 40.0), min(duration, 4.0)
-        if kill_every is not None:
-            kill_every = min(kill_every, 1.5)
+        kill_every = min(kill_every or duration, duration / 2 - 0.01)
+        restart_redis = restart_redis or redis_url is None
     config = {
         "tenants": tenants, "workers": workers, "rate": rate, "duration_s": duration,
         "kill_every_s": kill_every, "restart_redis": restart_redis, "fault_rate": fault_rate,
@@ -565,3 +573,12 @@ def main(
     cpu_rows = [[name, *(r["cpu_ms_per_run"].get(p) for p in parts)] for name, r in results.items()]
     print_table("CPU ms per completed run", ["phase", *parts], cpu_rows, console=console)
     write_report(json_path, "service", config, results, {})
+    broken = [
+        f"{name}: {r['runs_lost']} runs lost, {r['cross_tenant_reads_allowed']} other "
+        "tenants' runs read"
+        for name, r in results.items()
+        if r["runs_lost"] or r["cross_tenant_reads_allowed"]
+    ]
+    if quick and broken:  # the smoke run fails on what must never happen
+        console.print("\n".join(broken), style="red", markup=False)
+        raise typer.Exit(1)

@@ -2,6 +2,7 @@
 summarise, as a subgraph per document), then merge the follow-ups into one digest.
 
     treadle run examples/doc_digest.yaml
+    python examples/doc_digest.py     # prints the result
 """
 
 from __future__ import annotations
@@ -99,3 +100,8 @@ def build() -> Graph:
 
 
 graph = build()
+
+if __name__ == "__main__":  # python examples/doc_digest.py
+    from treadle.examples import run_and_print
+
+    run_and_print(graph)

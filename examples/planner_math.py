@@ -6,6 +6,7 @@ task the moment its line has streamed and its inputs are ready. The joiner turns
 observations into a typed `StockValue`. The embedded scripted model makes it run offline.
 
     treadle run examples/planner_math.yaml              # the same program as a workflow file
+    python examples/planner_math.py                     # prints the result
     treadle run treadle.examples.planner_math:graph     # this module
 """
 
@@ -81,3 +82,8 @@ def build() -> Graph:
 
 
 graph = build()
+
+if __name__ == "__main__":  # python examples/planner_math.py
+    from treadle.examples import run_and_print
+
+    run_and_print(graph)

@@ -2,6 +2,7 @@
 sources.
 
     treadle run examples/research.yaml            # the same program as a workflow file
+    python examples/research.py                   # prints the result
     treadle run treadle.examples.research:graph   # this module
 """
 
@@ -133,3 +134,8 @@ def build() -> Graph:
 
 
 graph = build()
+
+if __name__ == "__main__":  # python examples/research.py
+    from treadle.examples import run_and_print
+
+    run_and_print(graph)

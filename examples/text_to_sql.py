@@ -2,6 +2,7 @@
 when it is wrong, run it, and answer.
 
     treadle run examples/text_to_sql.yaml
+    python examples/text_to_sql.py     # prints the result
 """
 
 from __future__ import annotations
@@ -163,3 +164,8 @@ def build() -> Graph:
 
 
 graph = build()
+
+if __name__ == "__main__":  # python examples/text_to_sql.py
+    from treadle.examples import run_and_print
+
+    run_and_print(graph)

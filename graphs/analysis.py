@@ -10,10 +10,11 @@ said by the kind (`treadle.graphs.kinds`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 
-from treadle.graphs.compiled import CompiledNode, GraphFacts, LLMFacts
+from treadle.graphs.compiled import CompiledGraph, CompiledNode, GraphFacts, LLMFacts
 from treadle.graphs.kinds import kind_of
 from treadle.graphs.kinds.base import (
     FUNC_COST_S,
@@ -21,6 +22,7 @@ from treadle.graphs.kinds.base import (
     TOOL_COST_S,
     Prompted,
 )
+from treadle.graphs.kinds.loop import LOOP, LoopNode
 from treadle.graphs.spec import NodeSpec
 
 __all__ = [
@@ -32,8 +34,12 @@ __all__ = [
     "analyze",
     "llm_steps",
     "node_cost_s",
+    "observe_iterations",
     "prefix_key",
 ]
+
+#: how much one run's iteration count moves a loop's expectation (an exponential average)
+ITERATIONS_WEIGHT = 0.2
 
 
 def node_cost_s(spec: NodeSpec) -> float:
@@ -101,3 +107,35 @@ def analyze(nodes: Mapping[str, CompiledNode]) -> GraphFacts:
         )
     facts.prefix_groups = {k: tuple(v) for k, v in groups.items()}
     return facts
+
+
+def observe_iterations(cg: CompiledGraph, node_id: str, iterations: int) -> float:
+    """A run of loop `node_id` of `cg` took `iterations`: refine the loop's expected
+    iterations (an exponential average over runs, starting from its declared hint) and
+    the facts that depend on it, in place (`GraphFacts.update`): the graph's critical
+    path and remaining costs, and the body's LLM steps ahead. Returns the new expectation.
+    """
+    history: dict[str, float] = cg.__dict__.setdefault("_iterations", {})
+    node = cg.nodes[node_id]
+    assert isinstance(node.spec, LoopNode)
+    before = history.get(node_id, node.spec.expected)
+    expected = before + ITERATIONS_WEIGHT * (iterations - before)
+    history[node_id] = expected
+    nodes = {
+        nid: _with_expected(cn, history[nid]) if nid in history else cn
+        for nid, cn in cg.nodes.items()
+    }
+    cg.facts.update(analyze(nodes))
+    refined = nodes[node_id].spec
+    assert isinstance(refined, LoopNode)
+    if node.child is not None:
+        body = analyze(node.child.nodes)
+        body.repeat(LOOP.more_steps(refined, node.child))
+        node.child.facts.update(body)
+    return expected
+
+
+def _with_expected(cn: CompiledNode, expected: float) -> CompiledNode:
+    spec = cn.spec
+    assert isinstance(spec, LoopNode)
+    return dataclasses.replace(cn, spec=dataclasses.replace(spec, expected_iterations=expected))

@@ -8,10 +8,10 @@
     g.output(hits=hits.out)
 
 A node's `inputs` maps each input name to a reference (`other.out.field`, `g.input.name`,
-`ITEM` inside a map, `first_of(a, b)`) or to a literal value. Node options (`retries`,
-`timeout_s`, `on_error`, `fallback`, `concurrency`, ...: `NodeOptions`) are keyword
-arguments of every node method. The node methods themselves are defined with their kinds
-(`treadle.graphs.kinds`).
+`ITEM` and `INDEX` inside a map, `ERROR` inside an error handler, `first_of(a, b)`) or to a
+literal value. Node options (`retries`, `timeout_s`, `on_error`, `handler`, `fallback`,
+`concurrency`, `cache`, ...: `NodeOptions`) are keyword arguments of every node method.
+The node methods themselves are defined with their kinds (`treadle.graphs.kinds`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from treadle.graphs.compile import CompiledGraph, compile_graph
-from treadle.graphs.handles import ITEM_REF, NodeHandle, Out, binding, first_of
+from treadle.graphs.handles import (
+    ERROR_REF,
+    INDEX_REF,
+    ITEM_REF,
+    NodeHandle,
+    Out,
+    binding,
+    first_of,
+)
 from treadle.graphs.kinds import KindMethods, KindSteps, route_label
 from treadle.graphs.spec import INPUT, FirstOf, GraphSpec, InputSpec, NodeSpec, Ref
 
@@ -86,6 +94,8 @@ def _input_specs(inputs: Mapping[str, Any] | type[BaseModel] | None) -> dict[str
 
 
 __all__ = [
+    "ERROR_REF",
+    "INDEX_REF",
     "ITEM_REF",
     "FirstOf",
     "Graph",

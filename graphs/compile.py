@@ -12,19 +12,29 @@ from __future__ import annotations
 import enum
 import inspect
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PydanticSchemaGenerationError,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from treadle.errors import GraphError
 from treadle.graphs.analysis import analyze
 from treadle.graphs.compiled import CompiledGraph, CompiledNode, Param
 from treadle.graphs.kinds import kind_of
 from treadle.graphs.spec import (
+    ERROR,
+    INDEX,
     INPUT,
     ITEM,
+    ErrorInfo,
     FirstOf,
     GraphSpec,
     NodeSpec,
@@ -74,26 +84,42 @@ class GraphValidationError(GraphError, ValueError):
         super().__init__(f"graph {graph!r} is invalid ({len(issues)} problem(s)):\n{lines}")
 
 
-def compile_graph(spec: GraphSpec, *, models: Iterable[str] | None = None) -> CompiledGraph:
+#: the problems of one `models:` entry, as (field inside the entry, what is wrong): the
+#: backends' `model_entry_problems`, handed in by the runtime (graphs know no backend)
+ModelCheck = Callable[[Any], list[tuple[str, str]]]
+
+
+def compile_graph(
+    spec: GraphSpec,
+    *,
+    models: Iterable[str] | None = None,
+    check_model: ModelCheck | None = None,
+) -> CompiledGraph:
     """Validate `spec` and precompute its execution plan and static facts.
 
     `models` are the aliases the runtime will provide besides those the graph declares;
-    "default" is always known.
+    "default" is always known. `check_model` checks each entry the graph (or a subgraph)
+    declares under `models:`.
     """
     known = {DEFAULT_MODEL, *spec.models, *(models or ())}
-    return _Compiler(spec, frozenset(known)).run()
+    return _Compiler(spec, frozenset(known), check_model).run()
 
 
 class _Compiler:
     """Implements `treadle.graphs.kinds.base.Checks`: the kinds check their own nodes
     through it."""
 
-    def __init__(self, spec: GraphSpec, known_models: frozenset[str]):
+    def __init__(
+        self, spec: GraphSpec, known_models: frozenset[str], check_model: ModelCheck | None
+    ):
         self.spec = spec
         self.known_models = known_models
+        self.check_model = check_model
         self.issues: list[GraphIssue] = []
         self.out_types: dict[str, Any] = {}
         self.by_id: dict[str, NodeSpec] = {}
+        #: > 0 while an `on_error` handler is checked (`$error` is defined there)
+        self._in_handler = 0
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -117,6 +143,12 @@ class _Compiler:
                 self.issue("duplicate node id", node, "id")
             by_id[node.id] = node
 
+        if not spec.nodes:
+            self.issue("a graph needs at least one node", field="nodes")
+        if self.check_model is not None:
+            for alias, entry in spec.models.items():
+                for field, problem in self.check_model(entry):
+                    self.issue(problem, field=".".join(p for p in ("models", alias, field) if p))
         compiled: dict[str, CompiledNode] = {}
         for node in spec.nodes:
             compiled[node.id] = self.describe(node, item_type=None)
@@ -146,7 +178,7 @@ class _Compiler:
         if self.issues:
             raise GraphValidationError(spec.name, self.issues)
         ordered = {nid: compiled[nid] for nid in order}
-        prompted = (kind_of(n.spec).prompted(n.spec) for n in ordered.values())
+        prompted = (kind_of(n.spec).prompted(n.spec) for n in _with_nested(ordered.values()))
         return CompiledGraph(
             spec=spec,
             nodes=ordered,
@@ -154,7 +186,7 @@ class _Compiler:
             input_model=input_model,
             output_type=output_type,
             facts=analyze(ordered),
-            # LLM and planner nodes, those a map runs included
+            # LLM and planner nodes, those a map, a race or an error handler runs included
             models=frozenset(p.model for p in prompted if p is not None),
         )
 
@@ -171,7 +203,7 @@ class _Compiler:
 
     def compile_child(self, node: NodeSpec, graph: GraphSpec) -> CompiledGraph | None:
         try:
-            return compile_graph(graph, models=self.known_models)
+            return compile_graph(graph, models=self.known_models, check_model=self.check_model)
         except GraphValidationError as exc:
             for sub in exc.issues:
                 self.issues.append(
@@ -219,8 +251,72 @@ class _Compiler:
         kind.check(node, cn, self, item_type, prefix, deps)
         if kind.has_inputs:
             self.check_inputs(node, cn, item_type, prefix, deps)
+        if node.options.on_error == "fallback":
+            self.check_fallback(node, cn, prefix)
+        self.check_cache(node, cn, prefix)
+        if isinstance(node.options.handler, NodeSpec):
+            deps += self.check_handler(node, node.options.handler, cn, item_type, prefix)
         cn.deps = tuple(dict.fromkeys(deps))
         return deps
+
+    def check_handler(
+        self, node: NodeSpec, handler: NodeSpec, cn: CompiledNode, item_type: Any, prefix: str
+    ) -> list[str]:
+        """An `on_error` handler: checked like a nested node that may read `$error`, whose
+        output must fit the failed node's."""
+        if not handler.id:
+            handler.id = "on_error"
+        hcn = self.describe(handler, item_type)
+        self._in_handler += 1
+        try:
+            deps = self.check_node(handler, hcn, item_type, prefix=prefix + "handler.")
+        finally:
+            self._in_handler -= 1
+        if not is_compatible(hcn.output_type, cn.output_type):
+            self.issue(
+                f"the handler's output ({describe(hcn.output_type)}) does not fit the "
+                f"node's ({describe(cn.output_type)})",
+                node,
+                prefix + "handler",
+            )
+        cn.handler = hcn
+        return deps
+
+    def check_cache(self, node: NodeSpec, cn: CompiledNode, prefix: str) -> None:
+        try:
+            options = node.options.cache_options
+        except ValueError:
+            return  # reported with the other option problems
+        if options is None or options.key is None:
+            return
+        for name in options.key:
+            if name not in node.inputs:
+                bound = ", ".join(node.inputs) or "none"
+                self.issue(
+                    f"cache key {name!r} is not one of the node's inputs ({bound})",
+                    node,
+                    prefix + "cache",
+                )
+
+    def check_fallback(self, node: NodeSpec, cn: CompiledNode, prefix: str) -> None:
+        """The fallback must be a value of the node's output type; it is kept converted (a
+        mapping written for a model output becomes the model), as the node's output is."""
+        fallback = node.options.fallback
+        try:
+            adapter: TypeAdapter[Any] = TypeAdapter(cn.output_type)
+        except PydanticSchemaGenerationError:
+            cn.fallback = fallback  # a type pydantic cannot check: taken as given
+            return
+        try:
+            cn.fallback = adapter.validate_python(fallback)
+        except ValidationError as exc:
+            why = "; ".join(e["msg"] for e in exc.errors()[:3])
+            self.issue(
+                f"fallback {fallback!r} is not a {describe(cn.output_type)} (the node's output "
+                f"type): {why}",
+                node,
+                prefix + "fallback",
+            )
 
     def check_inputs(
         self, node: NodeSpec, cn: CompiledNode, item_type: Any, prefix: str, deps: list[str]
@@ -232,9 +328,13 @@ class _Compiler:
                 self.issue(kind_of(node).unused_input(node, name, cn.params), node, where)
             src = self.binding_type(binding, node, where, item_type, deps)
             if param is not None and src is not None and not is_compatible(src, param.type):
+                given = (
+                    f"{_source_of(binding)} is {describe(src)}"
+                    if isinstance(binding, Ref | FirstOf)
+                    else f"the value {binding!r}"
+                )
                 self.issue(
-                    f"type mismatch: {describe(src)} is bound to an input of type "
-                    f"{describe(param.type)}",
+                    f"type mismatch: {given}, bound to an input of type {describe(param.type)}",
                     node,
                     where,
                 )
@@ -280,6 +380,16 @@ class _Compiler:
                 self.issue("$item is only defined inside a map", node, where)
                 return None
             tp = item_type
+        elif ref.node == INDEX:
+            if item_type is None:
+                self.issue("$index is only defined inside a map", node, where)
+                return None
+            tp = int
+        elif ref.node == ERROR:
+            if not self._in_handler:
+                self.issue("$error is only defined inside an on_error handler", node, where)
+                return None
+            tp = ErrorInfo
         else:
             if ref.node not in self.by_id:
                 self.issue(f"reference to unknown node {ref.node!r}", node, where)
@@ -397,6 +507,18 @@ class _Compiler:
 # -- helpers ---------------------------------------------------------------------------
 
 
+def _with_nested(nodes: Iterable[CompiledNode]) -> list[CompiledNode]:
+    """`nodes` and every node they run themselves (a map's inner node, a race's branches,
+    error handlers), recursively."""
+    out: list[CompiledNode] = []
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo.extend(node.nested_nodes())
+    return out
+
+
 def _reads_any_ref(spec: NodeSpec) -> bool:
     try:
         bindings = kind_of(spec).bindings(spec)
@@ -425,3 +547,14 @@ def _find_cycle(stuck: list[str], compiled: dict[str, CompiledNode]) -> list[str
 
 def _ident(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name) or "graph"
+
+
+def _source_of(binding: Ref | FirstOf) -> str:
+    """Where a bound value comes from, for a message: the producing node and the reference."""
+    if isinstance(binding, FirstOf):
+        return "first_of(" + ", ".join(_source_of(r) for r in binding.refs) + ")"
+    if binding.node == INPUT:
+        return f"graph input {'.'.join(binding.path)!r}"
+    if binding.node == ITEM:
+        return f"the map's item ({binding})"
+    return f"the output of node {binding.node!r} ({binding})"

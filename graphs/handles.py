@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
-from treadle.graphs.spec import ITEM, FirstOf, NodeSpec, Ref
+from treadle.graphs.spec import ERROR, INDEX, ITEM, FirstOf, NodeSpec, Ref
 
 
 class Out:
@@ -41,6 +41,11 @@ class Out:
 
 #: inside a `map`, the current element
 ITEM_REF = Out(Ref(ITEM))
+#: inside a `map`, the current element's index (0, 1, ...)
+INDEX_REF = Out(Ref(INDEX))
+#: inside an `on_error` handler, the error it handles (`ErrorInfo`: type, message, node,
+#: attempt; `ERROR.message` names one field)
+ERROR_REF = Out(Ref(ERROR))
 
 
 class NodeHandle:

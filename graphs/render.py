@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from treadle.graphs.kinds import kind_of
-from treadle.graphs.spec import INPUT, ITEM, FirstOf, GraphSpec, Ref
+from treadle.graphs.spec import ERROR, INDEX, INPUT, ITEM, FirstOf, GraphSpec, Ref
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def _edges(spec: GraphSpec) -> Iterator[tuple[str, str, str, bool]]:
             yield from binding.refs
 
     def source(ref: Ref) -> str | None:
-        if ref.node == ITEM:
+        if ref.node in (ITEM, INDEX, ERROR):  # values of the node itself, not edges
             return None
         return "__input__" if ref.node == INPUT else ref.node
 

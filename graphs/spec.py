@@ -10,19 +10,53 @@ Each node kind adds its own fields in its module of `treadle.graphs.kinds`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 #: the pseudo-node that stands for the graph's inputs in a `Ref`
 INPUT = "$input"
 #: the pseudo-node that stands for the current element inside a `map`
 ITEM = "$item"
+#: the pseudo-node that stands for the current element's index inside a `map`
+INDEX = "$index"
+#: the pseudo-node that stands for the caught error inside an `on_error` handler
+ERROR = "$error"
 
-ErrorPolicy = Literal["fail", "skip", "fallback"]
+ErrorPolicy = Literal["fail", "skip", "fallback", "handler"]
+
+
+class ErrorInfo(BaseModel):
+    """A node's failure as a value: what an `on_error` handler binds as `$error`, and what
+    a map with `max_failures` reports for each element that failed."""
+
+    #: the exception's class name (`NodeTimeout`, `OutputError`, `ToolError`, ...)
+    type: str
+    message: str
+    #: the node instance that failed (`fetch`, `m[3]`, `sub/x`)
+    node: str
+    #: the attempt that failed last (1 without retries)
+    attempt: int = 1
+
+
+class CacheOptions(BaseModel):
+    """A node's result cache: a node whose key was seen within `ttl_s` takes the cached
+    output instead of running (an LLM node then costs no tokens). The key is the node's
+    identity (graph, node id, kind, definition: for an LLM node its model and prompt) and
+    the values of its inputs, all of them or those named in `key`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ttl_s: float | None = Field(
+        None, gt=0, description="Seconds a cached output stays valid (None: until evicted)."
+    )
+    key: list[str] | None = Field(
+        None, description="The inputs that make up the key (default: all of them)."
+    )
 
 
 @dataclass(frozen=True)
@@ -96,11 +130,26 @@ class NodeOptions(BaseModel):
     timeout_s: float | None = Field(None, gt=0, description="Per-attempt timeout.")
     on_error: ErrorPolicy = Field(
         "fail",
-        description="fail the run, skip this node and what depends only on it, or use "
-        "`fallback` as the output.",
+        description="fail the run, skip this node and what depends only on it, use "
+        "`fallback` as the output, or run `handler` on the error and use its output.",
     )
     fallback: Any = Field(None, description="The output when on_error is fallback.")
+    handler: Any = Field(
+        None,
+        description="With on_error: handler, the node run on the error ($error: type, "
+        "message, node, attempt); its output replaces the failed node's.",
+    )
+    catch: list[str] | None = Field(
+        None,
+        description="Error types (class names, e.g. NodeTimeout, ToolError) that on_error "
+        "applies to; others fail the run. Default: every error.",
+    )
     concurrency: int | None = Field(None, ge=1, description="At most this many instances at once.")
+    cache: CacheOptions | bool | None = Field(
+        None,
+        description="Reuse this node's output for the same inputs: {ttl_s, key}, or true "
+        "(no expiry, every input).",
+    )
 
     @classmethod
     def of(cls, options: Mapping[str, Any]) -> NodeOptions:
@@ -113,15 +162,44 @@ class NodeOptions(BaseModel):
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 valid = ", ".join(cls.model_fields)
                 raise TypeError(f"unknown node option {name!r}{hint}; valid options: {valid}")
+        handler = options.get("handler")
+        if isinstance(handler, NodeSpec) and not handler.id:
+            handler.id = "on_error"
+        cache = options.get("cache")
+        if cache is True or isinstance(cache, Mapping):
+            # a bad one is kept as given: `compile_graph` reports it with the other problems
+            with contextlib.suppress(ValidationError):
+                options = {**options, "cache": _cache_options(cache)}
         return cls.model_construct(**options)
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_true(cls, value: Any) -> Any:
+        # `cache: true` is the default cache, as the SDK's `cache=True` is
+        return _cache_options(value) if value is True else value or None
 
     def problems(self) -> list[tuple[str, str]]:
         """(option, what is wrong) for every value that does not fit its option."""
+        problems: list[tuple[str, str]] = []
         try:
             type(self).model_validate(dict(self))
         except ValidationError as exc:
-            return [(str(err["loc"][0]), _option_problem(err)) for err in exc.errors()]
-        return []
+            problems = [(str(err["loc"][0]), _option_problem(err)) for err in exc.errors()]
+        if (self.on_error == "handler") != (self.handler is not None):
+            problems.append(("handler", "on_error: handler and a `handler` node go together"))
+        return problems
+
+    @property
+    def cache_options(self) -> CacheOptions | None:
+        """`cache` as `CacheOptions` (None: not cached); ValueError if it is not valid."""
+        raw = self.cache
+        if raw is None or raw is False or isinstance(raw, CacheOptions):
+            return raw or None
+        return _cache_options(raw)
+
+
+def _cache_options(raw: Any) -> CacheOptions:
+    return CacheOptions.model_validate({} if raw is True else raw, strict=False)
 
 
 def _option_problem(err: Any) -> str:

@@ -37,6 +37,10 @@ NOT_ERRORS = {
     # in the engine between raise and catch would swallow them
     "treadle.benchmarks.dispatch._SloBroken",
     "treadle.benchmarks.dispatch._AllStarted",
+    # a signal, not an error: an `ask` node without an answer raises it, and the scopes
+    # above pass it up to the runtime, which parks the run (status `waiting`); under the
+    # root, an `except TreadleError` on the way would take a wait for a failure
+    "treadle.runtime.core.waiting.InputPending",
 }
 
 #: where each public exception belongs (the tree in `treadle.errors`' docstring)
@@ -47,15 +51,20 @@ SUBTREE = {
     "ImportPathError": GraphError,
     "ProgramNotFound": GraphError,
     "InvalidInputs": RunError,
+    "InvalidModel": RunError,
     "RunFailed": RunError,
     "RunCancelled": RunError,
     "NodeError": RunError,
     "OutputError": RunError,
+    "NodeTimeout": RunError,
+    "InputRejected": RunError,
+    "InputConflict": RunError,
     "ArgumentResolutionError": RunError,
     "NoReplicaAvailable": BackendError,
     "MetricsFormatError": BackendError,
     "SimulatorFailure": BackendError,
     "DuplicateRequestId": BackendError,
+    "ContextLengthExceeded": BackendError,
     "OutOfBlocks": BackendError,
     "ToolArgumentError": ToolError,
     "ToolTimeout": ToolError,
@@ -77,6 +86,7 @@ SUBTREE = {
     "TracingUnavailable": SetupError,
     "MetricsUnavailable": SetupError,
     "RedisUnavailable": SetupError,
+    "LlamaServerUnavailable": SetupError,
 }
 
 

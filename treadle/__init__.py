@@ -38,6 +38,8 @@ from treadle.errors import (
     TreadleError,
 )
 from treadle.graphs.analysis import GraphFacts, LLMFacts
+from treadle.graphs.builder import ERROR_REF as ERROR
+from treadle.graphs.builder import INDEX_REF as INDEX
 from treadle.graphs.builder import ITEM_REF as ITEM
 from treadle.graphs.builder import Graph, NodeHandle, Out, first_of, step
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
@@ -50,10 +52,20 @@ from treadle.graphs.kinds import (
     SubgraphNode,
     ToolNode,
 )
-from treadle.graphs.spec import FirstOf, GraphSpec, InputSpec, NodeOptions, NodeSpec, Ref
+from treadle.graphs.spec import (
+    CacheOptions,
+    ErrorInfo,
+    FirstOf,
+    GraphSpec,
+    InputSpec,
+    NodeOptions,
+    NodeSpec,
+    Ref,
+)
 from treadle.runtime import (
     Event,
     InvalidInputs,
+    InvalidModel,
     MemoryStore,
     NodeError,
     RunCancelled,
@@ -96,14 +108,18 @@ def run_sync(
 
 
 __all__ = [
+    "ERROR",
+    "INDEX",
     "ITEM",
     "Backend",
     "BackendError",
     "BranchNode",
+    "CacheOptions",
     "CallInterceptor",
     "Capabilities",
     "CompiledGraph",
     "DaemonError",
+    "ErrorInfo",
     "Event",
     "ExtraHeaders",
     "FirstOf",
@@ -115,6 +131,7 @@ __all__ = [
     "GraphValidationError",
     "InputSpec",
     "InvalidInputs",
+    "InvalidModel",
     "LLMCall",
     "LLMFacts",
     "LLMNode",

@@ -15,15 +15,20 @@ treadle's, so every layer (tools and backends included) may raise from it.
     │   └── ProgramNotFound            cli.programs: names no workflow file or graph object
     ├── RunError                   a run that cannot start, or did not succeed
     │   ├── InvalidInputs              runtime: the inputs do not match the graph's
+    │   ├── InvalidModel               runtime: a model alias's backend cannot be built
     │   ├── RunFailed                  the run ended in failure: which node, and why
     │   ├── RunCancelled               the run was cancelled
     │   ├── NodeError                  one node attempt failed (retried per its policy)
-    │   │   └── OutputError                its output cannot be parsed, validated, serialized
+    │   │   ├── OutputError                its output cannot be parsed, validated, serialized
+    │   │   └── NodeTimeout                it ran past its `timeout_s`
+    │   ├── InputRejected              an answer to a waiting run does not fit its request
+    │   ├── InputConflict              the run does not wait for that answer (any more)
     │   └── ArgumentResolutionError    planner: a `$N` reference cannot be substituted
     ├── BackendError               a model backend gave no usable answer (`retryable`)
     │   ├── NoReplicaAvailable         dispatch.routing: every replica is out of routing
     │   ├── MetricsFormatError         openai_compat: a server's /metrics is unreadable
-    │   └── SimulatorFailure, DuplicateRequestId, OutOfBlocks   the simulated engine
+    │   └── SimulatorFailure, DuplicateRequestId, ContextLengthExceeded, OutOfBlocks:
+    │                                  the simulated engine
     ├── ToolError                  a tool call failed; the message is what the model is told
     │   ├── ToolArgumentError          the arguments do not match the tool's schema
     │   ├── ToolTimeout                the tool did not return in time
@@ -45,7 +50,8 @@ treadle's, so every layer (tools and backends included) may raise from it.
     └── SetupError                 what was asked needs something this install lacks
         ├── TracingUnavailable         the OpenTelemetry packages
         ├── MetricsUnavailable         prometheus-client
-        └── RedisUnavailable           a `redis-server` binary (treadle.testing)
+        ├── RedisUnavailable           a `redis-server` binary (treadle.testing)
+        └── LlamaServerUnavailable     a `llama-server` binary, or its build (treadle.testing)
 
 Each class lives next to the code that raises it (the module named above); this module
 holds the root and the bases. `BackendError` and `ToolError` are bases *and* concrete: the

@@ -31,10 +31,12 @@ import httpx
 from treadle.backends.base import (
     Backend,
     BackendError,
+    BackendTarget,
     Capabilities,
     LLMRequest,
     LLMResponse,
     StreamChunk,
+    target_of,
 )
 from treadle.backends.dispatch.routing import (
     DEFAULT_CHUNK_TOKENS,
@@ -221,6 +223,13 @@ class ReplicaPool:
         self._task_group: anyio.abc.TaskGroup | None = None
 
     # -- Backend -------------------------------------------------------------------------
+
+    @property
+    def target(self) -> BackendTarget:
+        """The replicas' provider and model (the first replica's: a pool serves one model);
+        no one server."""
+        first = target_of(self._replicas[0].backend)
+        return BackendTarget(provider=first.provider, model=first.model)
 
     @property
     def capabilities(self) -> Capabilities:

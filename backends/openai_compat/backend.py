@@ -32,6 +32,7 @@ from tenacity import (
 
 from treadle.backends.base import (
     BackendError,
+    BackendTarget,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -136,6 +137,13 @@ class OpenAICompatBackend:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
         )
         self._last_load: ServerLoad | None = None
+        url = httpx.URL(self.api_base)
+        self.target = BackendTarget(
+            provider=_PROVIDERS.get(self.dialect.name, self.dialect.name),
+            model=model,
+            server_address=url.host,
+            server_port=url.port or (443 if url.scheme == "https" else 80),
+        )
 
     def __repr__(self) -> str:
         return (
@@ -164,8 +172,10 @@ class OpenAICompatBackend:
         *,
         stream: bool,
         extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, str]]:
-        """The JSON body and the headers this backend sends for `request`."""
+        """The JSON body and the headers this backend sends for `request`; `extra_body`
+        (fields of this one send, e.g. llama.cpp's `id_slot`) is merged last."""
         dialect = self.dialect
         body: dict[str, Any] = {
             "model": self.model,
@@ -173,6 +183,9 @@ class OpenAICompatBackend:
         }
         if request.tools:
             body["tools"] = request.tools
+            body.update(dialect.tool_fields())
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
         if request.max_tokens is not None:
             body[dialect.max_tokens_field] = request.max_tokens
         if request.temperature is not None:
@@ -192,6 +205,8 @@ class OpenAICompatBackend:
             hints = hints.model_copy(update={"request_id": wire_id})
         hint_body, hint_headers = dialect.hint_fields(hints)
         body.update(hint_body)
+        if extra_body:
+            body.update(extra_body)
         headers = {**self._headers, **hint_headers}
         if self._request_headers is not None:
             headers.update(self._request_headers(request))
@@ -203,13 +218,17 @@ class OpenAICompatBackend:
     # -- generate --------------------------------------------------------------------
 
     async def generate(
-        self, request: LLMRequest, *, extra_headers: Mapping[str, str] | None = None
+        self,
+        request: LLMRequest,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> LLMResponse:
         """A whole answer. With `request.stream` the answer is streamed and folded, which
         also measures the time to first token (`ttft_s`)."""
         if request.stream:
             timing = _Timing()
-            folded = await collect_stream(self._stream(request, extra_headers, timing))
+            folded = await collect_stream(self._stream(request, extra_headers, timing, extra_body))
             return folded.model_copy(
                 update={
                     "model": timing.model or self.model,
@@ -217,16 +236,22 @@ class OpenAICompatBackend:
                     "ttft_s": timing.ttft_s,
                 }
             )
-        body, headers = self.build_request(request, stream=False, extra_headers=extra_headers)
+        body, headers = self.build_request(
+            request, stream=False, extra_headers=extra_headers, extra_body=extra_body
+        )
         response = await self._send(body, headers, stream=False)
         return self._parse_completion(self._json(response))
 
     async def stream(
-        self, request: LLMRequest, *, extra_headers: Mapping[str, str] | None = None
+        self,
+        request: LLMRequest,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Text as it is generated; the last chunk carries the tool calls (assembled),
         the finish reason and the usage."""
-        async for chunk in self._stream(request, extra_headers, _Timing()):
+        async for chunk in self._stream(request, extra_headers, _Timing(), extra_body):
             yield chunk
 
     async def _stream(
@@ -234,8 +259,11 @@ class OpenAICompatBackend:
         request: LLMRequest,
         extra_headers: Mapping[str, str] | None,
         timing: _Timing,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
-        body, headers = self.build_request(request, stream=True, extra_headers=extra_headers)
+        body, headers = self.build_request(
+            request, stream=True, extra_headers=extra_headers, extra_body=extra_body
+        )
         timing.start = time.perf_counter()
         response = await self._send(body, headers, stream=True)
         calls = ToolCallAccumulator(self.name)
@@ -258,6 +286,7 @@ class OpenAICompatBackend:
                         replica=self.name,
                     )
                 timing.model = timing.model or _str_or_none(event.get("model"))
+                timing.response_id = timing.response_id or _str_or_none(event.get("id"))
                 if event.get("usage"):
                     usage = _parse_usage(event["usage"], self.name)
                 for choice in event.get("choices") or []:
@@ -289,11 +318,14 @@ class OpenAICompatBackend:
                 retryable=True,
                 replica=self.name,
             )
+        self._refuse_truncated_call(finish, calls)
         tool_calls = calls.calls()
         yield StreamChunk(
             tool_calls=tool_calls,
             finish_reason=finish or ("tool_calls" if tool_calls else "stop"),
             usage=usage or Usage(),
+            model=timing.model or self.model,
+            id=timing.response_id,
         )
 
     # -- server state ----------------------------------------------------------------
@@ -425,6 +457,16 @@ class OpenAICompatBackend:
         # (or another replica) may well succeed.
         return BackendError(f"{self.name} returned {what}", retryable=True, replica=self.name)
 
+    def _refuse_truncated_call(self, finish: Any, calls: ToolCallAccumulator) -> None:
+        # A tool call cut at max_tokens is never safe to run, and some servers (llama.cpp)
+        # answer 500 when it is sent back: the request must be asked again with more room.
+        if finish == "length" and calls:
+            raise BackendError(
+                f"{self.name}: the answer reached max_tokens in the middle of a tool call",
+                retryable=False,
+                replica=self.name,
+            )
+
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
             data = response.json()
@@ -466,6 +508,7 @@ class OpenAICompatBackend:
             if not isinstance(raw, dict):
                 raise self._garbage(f"a tool call that is not an object: {raw!r:.200}")
             calls.add_delta({**raw, "index": i})
+        self._refuse_truncated_call(choice.get("finish_reason"), calls)
         tool_calls = calls.calls()
         finish = choice.get("finish_reason") or ("tool_calls" if tool_calls else "stop")
         return LLMResponse(
@@ -474,8 +517,13 @@ class OpenAICompatBackend:
             finish_reason=str(finish),
             usage=_parse_usage(data.get("usage"), self.name),
             model=_str_or_none(data.get("model")) or self.model,
+            id=_str_or_none(data.get("id")),
             replica=self.name,
         )
+
+
+#: `gen_ai.provider.name` of a dialect's server (others: the dialect's name)
+_PROVIDERS = {"continuum": "vllm", "llamacpp": "llama.cpp", "sim": "treadle.sim"}
 
 
 @dataclass
@@ -483,6 +531,7 @@ class _Timing:
     start: float = 0.0
     ttft_s: float | None = None
     model: str | None = None
+    response_id: str | None = None
 
     def first_token(self) -> None:
         if self.ttft_s is None:
@@ -554,6 +603,9 @@ class ToolCallAccumulator:
             name=_str_or_none(function.get("name")),
             arguments=function.get("arguments"),
         )
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
 
     def calls(self) -> list[ToolCall]:
         """The assembled calls in index order; `BackendError` if one is not usable."""

@@ -5,16 +5,17 @@ treadle's scheduler knows. A dialect adds exactly the fields its server reads (n
 against the servers' sources, cited below), declares what it can honour (`Capabilities`)
 and which Prometheus metrics carry its load.
 
-| hint         | vllm                | sglang               | continuum      | sim          |
-|--------------|---------------------|----------------------|----------------|--------------|
-| request_id   | X-Request-Id header | rid                  | X-Request-Id   | X-Request-Id |
-| priority     | priority (1)        | priority, negated (2)| -- (3)         | priority     |
-| program_id   | vllm_xargs (4)      | --                   | job_id         | program_id   |
-| is_last_step | vllm_xargs (4)      | --                   | is_last_step   | is_last_step |
-| next_tool    | vllm_xargs (4)      | --                   | this_func_call | --           |
-| pin_ttl_s    | vllm_xargs (4)      | --                   | -- (own TTL)   | pin_ttl_s    |
-| tenant       | cache_salt (5)      | cache_salt (5)       | cache_salt (5) | --           |
+| hint         | vllm            | sglang          | continuum      | dynamo (6)    | llamacpp (7) |
+|--------------|-----------------|-----------------|----------------|---------------|--------------|
+| request_id   | X-Request-Id    | rid             | X-Request-Id   | x-request-id  | --           |
+| priority     | priority (1)    | -priority (2)   | -- (3)         | nvext, negated| --           |
+| program_id   | vllm_xargs (4)  | --              | job_id         | session header| slot choice  |
+| is_last_step | vllm_xargs (4)  | --              | is_last_step   | session final | no pin       |
+| next_tool    | vllm_xargs (4)  | --              | this_func_call | spec. prefill | --           |
+| pin_ttl_s    | vllm_xargs (4)  | --              | -- (own TTL)   | cache_control | slot pin     |
+| tenant       | cache_salt (5)  | cache_salt (5)  | cache_salt (5) | --            | --           |
 
+The `sim` dialect sends every hint top level, with treadle's conventions.
 The `openai` dialect sends no hints. (1) as is (lower runs first), and only with
 `priority_scheduling=True`, i.e. a server started with `--scheduling-policy priority`.
 (2) only with `priority_scheduling=True` (`--enable-priority-scheduling`); negated because
@@ -27,9 +28,13 @@ scheduler or KV-connector plugin can read them.
 (5) only when a `cache_salt_secret` is configured: the salt is HMAC-SHA256(secret, tenant),
 so tenants do not share (or probe) each other's prefix cache, and the salt cannot be guessed
 from the tenant name.
+(6) `DynamoDialect`: headers and `nvext` fields, each behind an option (its docstring).
+(7) `LlamaCppDialect` sends `cache_prompt`; the slot-level hints are `LlamaCppBackend`'s
+(`id_slot`, slot reservation, save/restore under `/slots`).
 SGLang sessions (`session_params` / `session_id`) are not used: they need `/open_session`
 and make the server append each request to the session's previous context, while treadle
-always sends the whole conversation; affinity is treadle's router's job.
+always sends the whole conversation; affinity is treadle's router's job. What each engine
+offers agents, with the upstream files and commits, is in docs/engines.md.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import base64
 import hashlib
 import hmac
 import inspect
+import math
 import re
 from typing import Any, ClassVar
 
@@ -88,6 +94,10 @@ class Dialect:
     def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
         """Body fields and HTTP headers that carry `hints` to this server."""
         return {}, {}
+
+    def tool_fields(self) -> dict[str, Any]:
+        """Extra body fields for a request that offers tools."""
+        return {}
 
     def structured_output(self, schema: dict[str, Any]) -> dict[str, Any]:
         """Body fields that constrain the answer to the JSON `schema`.
@@ -282,6 +292,148 @@ class ContinuumDialect(_SaltMixin, Dialect):
         return body, headers
 
 
+# tools/server/server-task.cpp (server_task_result_metrics::to_metrics), with `--metrics`.
+# `prompt_tokens_total` counts the prompt tokens computed (cached ones excluded), so the
+# queries are hits + misses. llama.cpp exports no KV usage gauge: `LlamaCppBackend` fills
+# `kv_usage` in from its slot table.
+LLAMACPP_METRICS = MetricNames(
+    running=("llamacpp:requests_processing",),
+    waiting=("llamacpp:requests_deferred",),
+    prefix_hits=("llamacpp:prompt_tokens_cached",),
+    prefix_misses=("llamacpp:prompt_tokens",),
+)
+
+
+class LlamaCppDialect(Dialect):
+    """llama.cpp's `llama-server` (tools/server; fields read in server-schema.cpp and
+    server-context.cpp, llama-cpp-python 0.3.36's vendored copy, commit 0c1e570).
+
+    Every request asks for `cache_prompt: true` (reuse the slot's KV for the common prefix).
+    llama.cpp has no program ids, priorities or pins: a server has `-np` *slots*, each with
+    its own KV partition that keeps its last sequence until another request takes the slot.
+    `LlamaCppBackend` (llamacpp.py) builds program affinity, pins and KV offload on that:
+    it picks each request's slot itself (`id_slot`), reserves a program's slot while its
+    tool runs (`pinning`), and saves a slot that another request must take to a file under
+    the server's `--slot-save-path`, restoring it when the program comes back (`offload`).
+    This dialect alone (on a plain `OpenAICompatBackend`) sends `cache_prompt` and lets the
+    server choose slots (by longest common prefix, then least recently used).
+
+    Quirks handled: a truncated tool call (`finish_reason: "length"`) is refused by the
+    backend rather than sent back (llama.cpp answers HTTP 500 to its own truncated call);
+    treadle sends no `tool_choice` or `parallel_tool_calls` (llama.cpp treats a named
+    choice as "auto" and ignores the flag). `tool_call_bias` adds `logit_bias` on the
+    `<tool_call>` token to requests that offer tools (for small models that rarely call
+    tools, and the tests' random one); `extra_body` is merged into every request (sampling
+    knobs, a `grammar`).
+    """
+
+    name = "llamacpp"
+    metric_names = LLAMACPP_METRICS
+    health_path = "/health"
+
+    @validate_call
+    def __init__(
+        self,
+        *,
+        manage_slots: bool = True,
+        pinning: bool = True,
+        offload: bool = True,
+        offload_min_tokens: int = 64,
+        max_pinned_slots: int | None = None,
+        tool_call_bias: float | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if offload_min_tokens < 0:
+            raise ValueError("offload_min_tokens must be >= 0")
+        if max_pinned_slots is not None and max_pinned_slots < 0:
+            raise ValueError("max_pinned_slots must be >= 0")
+        self.manage_slots = manage_slots
+        self.pinning = pinning and manage_slots
+        self.offload = offload and manage_slots
+        self.offload_min_tokens = offload_min_tokens
+        self.max_pinned_slots = max_pinned_slots
+        self.tool_call_bias = tool_call_bias
+        self.extra_body = dict(extra_body or {})
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Pins need the slot table, i.e. `LlamaCppBackend`, which widens this.
+        return Capabilities(streaming=True, tool_calls=True, prefix_cache=True, metrics=True)
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        return {**self.extra_body, "cache_prompt": True}, {}
+
+    def tool_fields(self) -> dict[str, Any]:
+        if self.tool_call_bias is None:
+            return {}
+        return {"logit_bias": {"<tool_call>": self.tool_call_bias}}
+
+
+class DynamoDialect(Dialect):
+    """NVIDIA Dynamo's OpenAI frontend (ai-dynamo/dynamo; cited in docs/engines.md).
+
+    Sent: `x-request-id` (Dynamo copies it into `request.x_request_id`), the program as the
+    session (`X-Dynamo-Session-ID`; `X-Dynamo-Session-Final: true` on its last step), which
+    Dynamo records as passive `agent_context` identity (it changes no placement by itself),
+    and under `nvext`: `agent_hints.priority` with `priority_hints=True` (negated: Dynamo's
+    unified priority runs higher values first), `agent_hints.speculative_prefill` with
+    `speculative_prefill=True` on a call the program continues after a tool (Dynamo then
+    prefills the predicted next-turn prefix on a worker), and `cache_control` (`{"type":
+    "ephemeral", "ttl": "<N>s"}`) from `pin_ttl_s` with `cache_control=True`. That last one is
+    experimental upstream: it needs `--enable-cache-control` on the frontend and SGLang's
+    HiCache prefix pins, which SGLang has since reverted; Dynamo clamps the TTL to 300-3600 s.
+    Dynamo's router does prefix-aware placement itself; load comes from its own metrics.
+    """
+
+    name = "dynamo"
+    health_path = "/health"
+
+    @validate_call
+    def __init__(
+        self,
+        *,
+        priority_hints: bool = False,
+        speculative_prefill: bool = False,
+        cache_control: bool = False,
+    ) -> None:
+        self.priority_hints = priority_hints
+        self.speculative_prefill = speculative_prefill
+        self.cache_control = cache_control
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            streaming=True,
+            tool_calls=True,
+            prefix_cache=True,
+            priority=self.priority_hints,
+            pin_ttl=self.cache_control,
+            program_id=True,
+        )
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        headers: dict[str, str] = {}
+        if hints.request_id is not None:
+            headers["x-request-id"] = hints.request_id
+        if hints.program_id is not None:
+            headers["X-Dynamo-Session-ID"] = hints.program_id
+            if hints.is_last_step:
+                headers["X-Dynamo-Session-Final"] = "true"
+        agent_hints: dict[str, Any] = {}
+        if self.priority_hints:
+            agent_hints["priority"] = -hints.priority
+        continues = hints.program_id is not None and not hints.is_last_step
+        if self.speculative_prefill and continues and hints.next_tool is not None:
+            agent_hints["speculative_prefill"] = True
+        nvext: dict[str, Any] = {}
+        if agent_hints:
+            nvext["agent_hints"] = agent_hints
+        if self.cache_control and hints.pin_ttl_s is not None and continues:
+            ttl = max(1, math.ceil(hints.pin_ttl_s))
+            nvext["cache_control"] = {"type": "ephemeral", "ttl": f"{ttl}s"}
+        return ({"nvext": nvext} if nvext else {}), headers
+
+
 #: what treadle's simulator can do, over HTTP (`SimDialect`) or in-process (`SimBackend`)
 SIM_CAPABILITIES = Capabilities(
     streaming=True,
@@ -317,7 +469,16 @@ class SimDialect(Dialect):
 
 
 DIALECTS: dict[str, type[Dialect]] = {
-    d.name: d for d in (VLLMDialect, SGLangDialect, ContinuumDialect, SimDialect, OpenAIDialect)
+    d.name: d
+    for d in (
+        VLLMDialect,
+        SGLangDialect,
+        ContinuumDialect,
+        LlamaCppDialect,
+        DynamoDialect,
+        SimDialect,
+        OpenAIDialect,
+    )
 }
 
 

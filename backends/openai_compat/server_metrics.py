@@ -33,6 +33,9 @@ class MetricNames(BaseModel):
     #: cumulative counters of prefix-cache hits and queries (tokens)
     prefix_hits: tuple[str, ...] = ()
     prefix_queries: tuple[str, ...] = ()
+    #: a counter of prompt tokens computed (not from the cache), for engines that count
+    #: misses instead of queries (llama.cpp): queries = hits + misses
+    prefix_misses: tuple[str, ...] = ()
     #: a gauge holding a hit rate directly, for engines that export no counters
     prefix_hit_rate: tuple[str, ...] = ()
 
@@ -78,6 +81,9 @@ def parse_server_load(text: str, names: MetricNames) -> ServerLoad:
 
     hits = _first(samples, names.prefix_hits, "sum")
     queries = _first(samples, names.prefix_queries, "sum")
+    if queries is None and hits is not None:
+        misses = _first(samples, names.prefix_misses, "sum")
+        queries = None if misses is None else hits + misses
     if hits is not None and queries is not None:
         hit_rate: float | None = hits / queries if queries > 0 else None
     else:

@@ -33,6 +33,7 @@ from typing import Any
 
 from treadle.backends.base import (
     BackendError,
+    BackendTarget,
     Capabilities,
     LLMRequest,
     LLMResponse,
@@ -43,7 +44,13 @@ from treadle.backends.openai_compat.dialects import SIM_CAPABILITIES
 from treadle.backends.scripted import ScriptRule
 from treadle.backends.sim.engine import EngineConfig, EngineMetrics, PinPressure, SchedulingPolicy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
-from treadle.backends.sim.realtime import SimCompletion, SimReplica, SimulatorFailure, load_rules
+from treadle.backends.sim.realtime import (
+    SimCompletion,
+    SimReplica,
+    SimulatorFailure,
+    default_model_name,
+    load_rules,
+)
 
 
 class SimBackend:
@@ -117,6 +124,14 @@ class SimBackend:
     def capabilities(self) -> Capabilities:
         return SIM_CAPABILITIES
 
+    @property
+    def target(self) -> BackendTarget:
+        if self._replica is not None:
+            model = self._replica.model
+        else:
+            model = self._model or default_model_name(self._profile)
+        return BackendTarget(provider="treadle.sim", model=model)
+
     def metrics(self) -> EngineMetrics:
         return self.replica.engine.metrics()
 
@@ -143,7 +158,8 @@ class SimBackend:
             tool_calls=done.tool_calls,
             finish_reason=done.finish_reason,
             usage=self._usage(done),
-            model=request.model,
+            model=replica.model,
+            id=done.request.request_id,
             replica=replica.name,
             ttft_s=done.ttft_s,
         )
@@ -159,6 +175,8 @@ class SimBackend:
                         tool_calls=item.tool_calls,
                         finish_reason=item.finish_reason,
                         usage=self._usage(item),
+                        model=replica.model,
+                        id=item.request.request_id,
                     )
         except ValueError as exc:
             raise BackendError(str(exc), retryable=False, replica=replica.name) from exc

@@ -11,20 +11,24 @@ Public API (stable):
     Profile.load(name_or_path) -> Profile      # "h100_sxm_llama31_8b" or a path to a .json
     Profile.default() -> Profile               # the H100 SXM + Llama-3.1-8B profile
     available_profiles() -> list[str]
-    p.kv_bytes_per_token                       # 2 * layers * kv_heads * head_dim * dtype
+    p.kv_storage_bytes_per_token               # 2 * layers * kv_heads * head_dim * dtype
+    p.kv_bytes_per_token                       # the same at the weights' bandwidth (kv_mbu)
     p.weight_bytes                             # params * dtype bytes
     p.kv_capacity_tokens / p.kv_capacity_blocks
     p.step_time(tokens, attn_ctx, kv_read_tokens) -> seconds   # the roofline, one step
     p.prefill_time(n, cached=0) -> seconds     # a lone request's TTFT, chunked as the engine
     p.prefill_tokens_per_s(n) -> float
     p.decode_step_time(batch, context) -> seconds
+    p.calibration                              # how it was measured, when calibrated
 
 The step-time model (docs/benchmarks.md): `t = overhead + max(flops / (peak * mfu),
 bytes / (bandwidth * mbu))` where `flops = 2 * params * tokens + 4 * layers * (heads *
 head_dim) * attn_ctx` (attn_ctx: the sum over the step's new tokens of the context each
-attends to, itself included), and `bytes = weights + kv_bytes_per_token * (kv_read_tokens +
-tokens)` — the weights once per step, the KV cache each decoding request (and each prefill
-chunk's already-computed prefix) reads, and the KV the step's new tokens write.
+attends to, itself included; the attention term weighted by `mfu / attention_mfu` when a
+profile gives attention its own efficiency), and `bytes = weights + kv_bytes_per_token *
+(kv_read_tokens + tokens)` — the weights once per step, the KV cache each decoding request
+(and each prefill chunk's already-computed prefix) reads, and the KV the step's new tokens
+write.
 """
 
 from __future__ import annotations
@@ -76,6 +80,12 @@ class Efficiency(BaseModel):
     mfu: float = Field(gt=0, le=1, description="achieved / peak FLOP/s")
     mbu: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
     step_overhead_s: float = Field(ge=0, description="scheduler + launch cost per step")
+    #: achieved / peak FLOP/s of attention (QK^T, AV) when it differs from the GEMMs' `mfu`
+    #: (a CPU's is often several times lower); None: the same
+    attention_mfu: float | None = Field(default=None, gt=0, le=1)
+    #: achieved / peak bandwidth of reading the KV cache (decode attention over a long
+    #: context) when it differs from streaming the weights (`mbu`); None: the same
+    kv_mbu: float | None = Field(default=None, gt=0, le=1)
 
 
 class EngineLimits(BaseModel):
@@ -87,6 +97,23 @@ class EngineLimits(BaseModel):
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int = Field(8192, ge=1)
+
+
+class Calibration(BaseModel):
+    """How a calibrated profile was measured (`treadle sim calibrate`): the server, when,
+    the fitted request overhead the engine does not model (HTTP, tokenising, the chat
+    template: added to every simulated time to first token), and the fit's error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server: str
+    served_model: str
+    measured_at: str
+    samples: int = Field(ge=1)
+    request_overhead_s: float = Field(ge=0)
+    fit_mape: float = Field(ge=0, description="mean |error| / measured over the samples")
+    validation_ttft_mape: float | None = None
+    validation_decode_mape: float | None = None
 
 
 class Profile(BaseModel):
@@ -102,6 +129,8 @@ class Profile(BaseModel):
     engine: EngineLimits
     #: dotted field name (e.g. "gpu.peak_flops") -> where the number comes from
     sources: dict[str, str]
+    #: set when the efficiencies were measured on a real server
+    calibration: Calibration | None = None
 
     @model_validator(mode="after")
     def _every_number_has_a_source(self) -> Profile:
@@ -141,10 +170,19 @@ class Profile(BaseModel):
     # -- memory ----------------------------------------------------------------------------
 
     @cached_property
-    def kv_bytes_per_token(self) -> int:
+    def kv_storage_bytes_per_token(self) -> int:
         """K and V, every layer, every KV head (summed over tensor-parallel shards)."""
         m = self.model
         return 2 * m.layers * m.kv_heads * m.head_dim * m.dtype_bytes
+
+    @cached_property
+    def kv_bytes_per_token(self) -> float:
+        """KV bytes a step reads or writes per token, counted at the weights' bandwidth: the
+        stored bytes, scaled by `mbu / kv_mbu` when reading the KV cache has its own
+        efficiency, so that `bytes / effective_bandwidth` is its time everywhere."""
+        e = self.efficiency
+        scale = e.mbu / e.kv_mbu if e.kv_mbu is not None else 1.0
+        return self.kv_storage_bytes_per_token * scale
 
     @cached_property
     def weight_bytes(self) -> float:
@@ -157,7 +195,7 @@ class Profile(BaseModel):
             self.gpu.memory_bytes * self.gpu.count * self.engine.gpu_memory_utilization
             - self.weight_bytes
         )
-        block_bytes = self.kv_bytes_per_token * self.engine.block_size
+        block_bytes = self.kv_storage_bytes_per_token * self.engine.block_size
         return max(0, int(usable // block_bytes))
 
     @cached_property
@@ -178,9 +216,13 @@ class Profile(BaseModel):
 
     @cached_property
     def attn_flops_per_ctx_token(self) -> float:
-        """FLOPs for one new token attending to one context token: QK^T and AV, all layers."""
+        """FLOPs for one new token attending to one context token: QK^T and AV, all layers,
+        counted at the GEMMs' rate: scaled by `mfu / attention_mfu` when attention runs at
+        its own efficiency, so that `flops / effective_flops` is its time everywhere."""
         m = self.model
-        return 4.0 * m.layers * m.num_heads * m.head_dim
+        flops = 4.0 * m.layers * m.num_heads * m.head_dim
+        e = self.efficiency
+        return flops * (e.mfu / e.attention_mfu) if e.attention_mfu is not None else flops
 
     def step_time(self, tokens: float, attn_ctx: float, kv_read_tokens: float) -> float:
         """Seconds for one engine step that computes `tokens` new tokens (see module doc)."""

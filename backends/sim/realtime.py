@@ -20,8 +20,9 @@ Public API (stable):
     replica.engine, replica.clock, replica.name, replica.model
     load_rules(path) -> list[ScriptRule]     # a YAML/JSON file of scripted-answer rules
 
-Errors: a request that can never fit (too long for the model or the KV cache) raises
-`ValueError` before it is queued; if the engine itself fails, every pending request gets
+Errors: a request that can never fit (too long for the model or the KV cache, or its
+prompt plus `max_tokens` over the context: `ContextLengthExceeded`) raises `ValueError`
+before it is queued; if the engine itself fails, every pending request gets
 that error (`SimulatorFailure`) and the replica refuses new work.
 """
 
@@ -51,12 +52,21 @@ from treadle.backends.sim.tokenizer import (
 from treadle.errors import BackendError
 
 
+def default_model_name(profile: Profile) -> str:
+    """The served model name of a replica not given one: `sim-` and the profile's model."""
+    return f"sim-{Path(profile.model.name).name}"
+
+
 class SimulatorFailure(BackendError, RuntimeError):
     """The simulated engine raised; the replica is unusable."""
 
 
 class DuplicateRequestId(BackendError, ValueError):
     """A request came with the id of a request still in flight (SGLang refuses these)."""
+
+
+class ContextLengthExceeded(BackendError, ValueError):
+    """The prompt plus the requested `max_tokens` exceed the model's context (vLLM: 400)."""
 
 
 @dataclass
@@ -99,7 +109,7 @@ class SimReplica:
         self.clock: RealTimeClock = engine.clock
         self.content = content or ScriptedBackend()
         self.name = engine.name
-        self.model = model or f"sim-{Path(engine.profile.model.name).name}"
+        self.model = model or default_model_name(engine.profile)
         self._pending: dict[
             SimRequest, tuple[asyncio.Future[SimRequest], asyncio.Event | None]
         ] = {}
@@ -138,7 +148,7 @@ class SimReplica:
         content, calls = scripted.content, list(scripted.tool_calls)
         output_ids = encode_completion(content, calls)
         ends = completion_text_ends(content)
-        finish = "tool_calls" if calls else "stop"
+        finish = scripted.finish_reason
         limit = request.max_tokens
         if limit is not None and len(output_ids) > limit:
             if limit < 1:
@@ -158,9 +168,18 @@ class SimReplica:
         if self._failure is not None:
             raise SimulatorFailure(f"replica {self.name} failed: {self._failure}")
         hints = request.hints
-        prompt = Prompt.from_tokens(
-            encode_chat(request.messages, request.tools), self.engine.block_size
-        )
+        prompt_ids = encode_chat(request.messages, request.tools)
+        context = self.engine.profile.model.max_model_len
+        if request.max_tokens is not None and len(prompt_ids) + request.max_tokens > context:
+            # vLLM refuses it before anything is generated (its wording)
+            raise ContextLengthExceeded(
+                f"You passed {len(prompt_ids)} input tokens and requested "
+                f"{request.max_tokens} output tokens. However, the model's context length is "
+                f"only {context} tokens, resulting in a maximum input length of "
+                f"{context - request.max_tokens} tokens. Please reduce the length of the "
+                "input prompt."
+            )
+        prompt = Prompt.from_tokens(prompt_ids, self.engine.block_size)
         fut: asyncio.Future[SimRequest] = asyncio.get_running_loop().create_future()
 
         def done(r: SimRequest) -> None:

@@ -34,11 +34,25 @@ Request extension fields (beyond OpenAI's), top level or inside vLLM's `vllm_xar
 - `request_id` (str; `rid`, SGLang's name, or the `X-Request-Id` header): the response
   `id` and the engine's request id; one still in flight is refused (400), as SGLang does.
 
-Also honoured: `max_tokens` / `max_completion_tokens` (cuts the answer, `finish_reason:
-"length"`), `response_format` (`json_schema` or `json_object`: the scripted content
-validates against it), `tools`. `n` must be 1. Bad requests get a 4xx in OpenAI's error
-shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a malformed body or a
-prompt that cannot fit, 404 for an unknown model.
+Also honoured, as vLLM's OpenAI server does (checked against its `ChatCompletionRequest`
+validators and serving code):
+
+- `max_tokens` / `max_completion_tokens` (cuts the answer, `finish_reason: "length"`);
+  over `max_model_len`, or with the prompt over the context, a 400 in vLLM's words.
+- `response_format` (`json_schema` or `json_object`: the scripted content validates).
+- `tools` (functions; anything else is a 400, as is `tools: []`) and `tool_choice`:
+  "none" (no tool calls, whatever the script says), "auto" (the default with tools: the
+  script's calls), "required" (a call is forced: the script's, or one to the first tool
+  with arguments generated from its parameters; `finish_reason: "tool_calls"`) and a named
+  function (a call to it; `finish_reason: "stop"`, as OpenAI and vLLM). A `tool_choice`
+  without `tools`, or naming no tool of them, is a 400.
+- `logprobs` / `top_logprobs` (at most 20, vLLM's default `--max-logprobs`): made-up but
+  well-formed, deterministic values for every content token, streamed with their delta.
+- `stream_options` only with `stream: true`; `n` must be 1.
+
+Bad requests get a 4xx in vLLM's error shape, `{"error": {"message", "type", "param",
+"code"}}` (`type` "BadRequestError" / "NotFoundError", `code` the status): 400 for a
+malformed body, a refused field or a prompt that cannot fit, 404 for an unknown model.
 
 Public API (stable): `create_app(replica, *, served_model_name=None) -> FastAPI`,
 `build_replicas(n, *, profile, policy, rules, speed, model) -> list[SimReplica]`,
@@ -54,7 +68,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -63,7 +77,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from treadle.backends.base import LLMRequest, Message, SchedulingHints, ToolCall
@@ -72,11 +93,13 @@ from treadle.backends.sim.clock import RealTimeClock
 from treadle.backends.sim.engine import EngineConfig, SchedulingPolicy
 from treadle.backends.sim.profile import DEFAULT_PROFILE, Profile
 from treadle.backends.sim.realtime import (
+    ContextLengthExceeded,
     DuplicateRequestId,
     SimCompletion,
     SimReplica,
     SimulatorFailure,
 )
+from treadle.backends.sim.tokenizer import VOCAB_SIZE, tokenize_with_offsets
 from treadle.errors import BackendError
 
 _T = TypeVar("_T")
@@ -145,14 +168,47 @@ class _StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class _FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class _ToolIn(BaseModel):
+    """A tool as vLLM takes it: a function (`type` may be left out)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: _FunctionDef
+
+
+class _Refused(BackendError, ValueError):
+    """A request vLLM refuses with 400, in its words; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param: str | None = param
+
+
+#: vLLM's default `--max-logprobs`
+MAX_LOGPROBS = 20
+
+
 class ChatCompletionRequest(BaseModel):
-    """The fields of an OpenAI chat completion request this server reads (others ignored)."""
+    """The fields of an OpenAI chat completion request this server reads (others ignored),
+    checked as vLLM checks them (`_check_as_vllm`)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
     messages: list[_MessageIn] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[_ToolIn] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
@@ -168,6 +224,68 @@ class ChatCompletionRequest(BaseModel):
     request_id: str | None = None
     rid: str | None = None  # SGLang's name for it
     vllm_xargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_as_vllm(cls, data: Any) -> Any:
+        """The 400s of vLLM's `ChatCompletionRequest` validators (`check_tool_usage`,
+        `check_logprobs`, `validate_stream_options`), with their messages."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("stream_options") and not data.get("stream"):
+            raise _Refused(
+                "Stream options can only be defined when `stream=True`.", "stream_options"
+            )
+        top = data.get("top_logprobs")
+        if top is not None:
+            if not isinstance(top, int) or isinstance(top, bool):
+                raise _Refused("`top_logprobs` must be an integer.", "top_logprobs")
+            if top < 0 and top != -1:
+                raise _Refused("`top_logprobs` must be a positive value or -1.", "top_logprobs")
+            if (top == -1 or top > 0) and not data.get("logprobs"):
+                raise _Refused(
+                    "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
+                )
+            wanted = VOCAB_SIZE if top == -1 else top
+            if wanted > MAX_LOGPROBS:
+                raise _Refused(
+                    f"Requested sample logprobs of {wanted}, which is greater than max "
+                    f"allowed: {MAX_LOGPROBS}",
+                    "top_logprobs",
+                )
+        tools = data.get("tools")
+        if tools == []:
+            raise _Refused(
+                "`tools` must not be an empty array. Either provide at least one tool or "
+                "omit the field entirely.",
+                "tools",
+            )
+        choice = data.get("tool_choice")
+        if choice is None or choice == "none":
+            return data
+        if not tools:
+            raise _Refused("When using `tool_choice`, `tools` must be set.", "tool_choice")
+        if not isinstance(choice, dict):
+            if choice not in ("auto", "required"):
+                raise _Refused(
+                    f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", '
+                    '"auto" or "required" are supported.',
+                    "tool_choice",
+                )
+            return data
+        usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+        function = choice.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _Refused(
+                f"Invalid value for `function` in `tool_choice`! {usage}", "tool_choice.function"
+            )
+        names = {(t.get("function") or {}).get("name") for t in tools if isinstance(t, dict)}
+        if function["name"] not in names:
+            raise _Refused(
+                "The tool specified in `tool_choice` does not match any of the specified `tools`",
+                "tool_choice",
+            )
+        return data
 
     def hints(self) -> SchedulingHints:
         xargs = self.vllm_xargs or {}
@@ -210,7 +328,8 @@ class ChatCompletionRequest(BaseModel):
         return LLMRequest(
             model=self.model,
             messages=[m.to_message() for m in self.messages],
-            tools=self.tools or [],
+            tools=[t.model_dump(exclude_none=True) for t in self.tools or []],
+            tool_choice=self.tool_choice,
             response_schema=self.response_schema(),
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=self.temperature,
@@ -239,31 +358,30 @@ class _PinRelease(BaseModel):
 
 
 class _RequestError(BackendError):
-    def __init__(self, status: int, message: str, *, kind: str, code: str, param: str | None):
+    def __init__(self, status: int, message: str, *, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.kind = kind
-        self.code = code
         self.param = param
 
 
-def _error(
-    status: int,
-    message: str,
-    *,
-    kind: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+#: vLLM's error `type` by status
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """vLLM's error shape: `{"error": {"message", "type", "param", "code"}}`, `code` the
+    HTTP status (the OpenAI clients read the message whatever the shape)."""
+    kind = _ERROR_TYPES.get(status, "BadRequestError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param), status_code=status)
 
 
 def _bad(message: str, param: str | None = None) -> _RequestError:
-    return _RequestError(
-        400, message, kind="invalid_request_error", code="bad_request", param=param
-    )
+    return _RequestError(400, message, param=param)
 
 
 async def _admitted(answer: Awaitable[_T]) -> _T:
@@ -272,23 +390,58 @@ async def _admitted(answer: Awaitable[_T]) -> _T:
         return await answer
     except DuplicateRequestId as exc:
         raise _bad(str(exc), "rid") from exc
+    except ContextLengthExceeded as exc:
+        raise _bad(str(exc), "input_tokens") from exc
     except ValueError as exc:
         raise _bad(str(exc), "messages") from exc
     except SimulatorFailure as exc:
-        raise _RequestError(
-            500, str(exc), kind="server_error", code="simulator_failure", param=None
-        ) from exc
+        raise _RequestError(500, str(exc)) from exc
 
 
 def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in errors:
+        refused = (err.get("ctx") or {}).get("error")
+        if isinstance(refused, _Refused):  # vLLM's own words, and the field they are about
+            parts.append(str(refused))
+            param = param or refused.param
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         param = param or where or None
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return "; ".join(parts) or "invalid request", param
+
+
+def _logprobs(text: str, top: int) -> list[dict[str, Any]]:
+    """`logprobs.content` for the tokens of `text`: made up but well formed and
+    deterministic (the simulator has no distribution): each token's logprob in (-1.5, 0],
+    and `top` alternatives, the sampled token first, in falling order."""
+    ids, ends = tokenize_with_offsets(text)
+    out: list[dict[str, Any]] = []
+    start = 0
+    for token_id, end in zip(ids, ends, strict=True):
+        token = text[start:end]
+        start = end
+        logprob = -round((token_id % 1000) / 1000 * 1.5, 4)
+        ranked = [_logprob_entry(token, logprob)]
+        k = 0
+        while len(ranked) < top:
+            other = _ALTERNATIVES[(token_id + k) % len(_ALTERNATIVES)]
+            k += 1
+            if other != token:
+                ranked.append(_logprob_entry(other, round(logprob - 1.0 - 0.5 * k, 4)))
+        out.append({**ranked[0], "top_logprobs": ranked[:top] if top else []})
+    return out
+
+
+def _logprob_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+#: the tokens the made-up alternatives of `_logprobs` are drawn from
+_ALTERNATIVES = (" the", " a", ",", ".", " and", " of", " to", " in", " is", " that", "\n")
 
 
 # -- metrics -------------------------------------------------------------------------------
@@ -376,16 +529,15 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(list(exc.errors()))
-        return _error(400, message, code="bad_request", param=param)
+        return _error(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), kind=kind, code=str(exc.status_code))
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(_RequestError)
     async def _on_request_error(request: Request, exc: _RequestError) -> JSONResponse:
-        return _error(exc.status, exc.message, kind=exc.kind, code=exc.code, param=exc.param)
+        return _error(exc.status, exc.message, exc.param)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -417,17 +569,21 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, http: Request) -> Response | dict[str, Any]:
         if body.model != model_name:
-            raise _RequestError(
-                404,
-                f"The model `{body.model}` does not exist; this replica serves `{model_name}`.",
-                kind="not_found_error",
-                code="model_not_found",
-                param="model",
-            )
+            raise _RequestError(404, f"The model `{body.model}` does not exist.", param="model")
+        context = replica.engine.profile.model.max_model_len
+        for name in ("max_completion_tokens", "max_tokens"):
+            asked = getattr(body, name)
+            if asked is not None and asked > context:
+                raise _bad(
+                    f"{name}={asked} cannot be greater than max_model_len={context}. Please "
+                    "request fewer output tokens.",
+                    name,
+                )
         try:
             request = body.to_llm_request()
         except (ValueError, ValidationError) as exc:
             raise _bad(str(exc)) from exc
+        top = (body.top_logprobs or 0) if body.logprobs else None
         completion_id = (
             request.hints.request_id
             or http.headers.get("x-request-id")
@@ -451,7 +607,9 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
                     {
                         "index": 0,
                         "message": message,
-                        "logprobs": None,
+                        "logprobs": None
+                        if top is None
+                        else {"content": _logprobs(done.content or "", top)},
                         "finish_reason": done.finish_reason,
                     }
                 ],
@@ -469,24 +627,34 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
             "model": model_name,
         }
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            obj: dict[str, Any] = {
-                **head,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
+        def chunk(
+            delta: dict[str, Any],
+            finish: str | None = None,
+            logprobs: list[dict[str, Any]] | None = None,
+        ) -> bytes:
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None if logprobs is None else {"content": logprobs},
+                "finish_reason": finish,
             }
+            obj: dict[str, Any] = {**head, "choices": [choice]}
             if include_usage:
                 obj["usage"] = None
             return _sse(obj)
 
         async def events() -> AsyncIterator[bytes]:
+            text = ""  # the content so far: each delta ends where a token does
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 item: str | SimCompletion = first
                 while True:
                     if isinstance(item, str):
-                        yield chunk({"content": item})
+                        tokens = None
+                        if top is not None:
+                            tokens = _logprobs(text + item, top)[len(_logprobs(text, 0)) :]
+                        text += item
+                        yield chunk({"content": item}, logprobs=tokens)
                     else:
                         if item.tool_calls:
                             calls = [
@@ -499,7 +667,7 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
                         break
                     item = await anext(items)
             except SimulatorFailure as exc:
-                yield _sse({"error": {"message": str(exc), "type": "server_error"}})
+                yield _sse(_error_body(500, str(exc)))
             finally:
                 await items.aclose()
             yield b"data: [DONE]\n\n"

@@ -406,10 +406,18 @@ def main(
     micro: Annotated[
         bool, typer.Option("--micro", help="Only time the scheduler core at 10,000 queued calls.")
     ] = False,
+    engine: Annotated[
+        str, typer.Option("--engine", help="sim, or llamacpp: a real llama-server (realengine).")
+    ] = "sim",
 ) -> None:
     """Whole agent programs on a simulated KV-bound cluster: capacity, JCT at the reference
     load and goodput under overload of treadle against vLLM, Continuum and Autellix."""
     console = Console(width=max(Console().width, 150))
+    if engine != "sim":
+        from treadle.benchmarks.agents.realengine import run_cli
+
+        run_cli(engine, quick=quick, json_path=json_path, seed=seed, profile=profile)
+        return
     if micro:
         m = micro_benchmark()
         a = micro_admission()

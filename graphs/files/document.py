@@ -18,6 +18,12 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedBase, CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import (
+    MappingEndEvent,
+    MappingStartEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+)
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 
@@ -100,17 +106,46 @@ class Document:
         )
 
 
+#: mappings and lists nested deeper than this are refused: no workflow needs them, and
+#: the passes over a document (the YAML constructor, validation, resolving) recurse
+MAX_DEPTH = 100
+
+
 def parse(text: str, file: str, fmt: Format) -> Document:
-    """The document's data and positions (`WorkflowFileError` if it does not parse, or holds
-    what a workflow file must not: custom tags, sets, self-containing aliases)."""
-    if fmt == "json":
-        return _parse_json(text, file)
-    root = _load_yaml(text, file)
-    doc = Document(file, None)
-    doc.data = _plain(root, (), doc, set(), strict=True)
+    """The document's data and positions (`WorkflowFileError` if it does not parse, nests
+    deeper than `MAX_DEPTH`, or holds what a workflow file must not: custom tags, sets,
+    self-containing aliases)."""
+    try:
+        if fmt == "json":
+            return _parse_json(text, file)
+        root = _load_yaml(text, file)
+        doc = Document(file, None)
+        doc.data = _plain(root, (), doc, set(), strict=True)
+    except RecursionError:
+        # a parser ran out of stack first: find where the nesting passes the limit
+        raise _too_deep(text, file) from None
     if doc.refused:
         raise doc.error(*doc.refused[0])
     return doc
+
+
+def _too_deep(text: str, file: str) -> WorkflowFileError:
+    """The error for the first mapping or list nested deeper than `MAX_DEPTH`, found from
+    the parser's events (a loop: it cannot run out of stack)."""
+    depth = 0
+    line, col = 1, 1
+    try:
+        for event in YAML(typ="rt").parse(text):
+            if isinstance(event, MappingStartEvent | SequenceStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    line, col = event.start_mark.line + 1, event.start_mark.column + 1
+                    break
+            elif isinstance(event, MappingEndEvent | SequenceEndEvent):
+                depth -= 1
+    except YAMLError:
+        pass  # the problem is reported where the scan stopped (or at the start)
+    return WorkflowFileError(file, line, col, DOCUMENT, f"nested more than {MAX_DEPTH} levels deep")
 
 
 def _load_yaml(text: str, file: str) -> Any:
@@ -120,14 +155,35 @@ def _load_yaml(text: str, file: str) -> Any:
     except DuplicateKeyError:
         raise _duplicate_key_error(text, file) from None
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        what = exc.problem or exc.context or "invalid YAML"
-        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+        line, col, what = yaml_syntax_error(exc)
         raise WorkflowFileError(file, line, col, DOCUMENT, f"YAML syntax error: {what}") from None
     except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
         raise WorkflowFileError(file, line, col, DOCUMENT, f"cannot parse YAML: {exc}") from None
+
+
+def yaml_syntax_error(exc: MarkedYAMLError) -> tuple[int, int, str]:
+    """Line, column and message of a YAML syntax error. A string or a flow collection that
+    is never closed is reported where it starts: the parser only notices at the end of
+    the file, or where the next line no longer fits, lines later."""
+    problem, context = exc.problem or "", exc.context or ""
+    end, start = exc.problem_mark, exc.context_mark
+    if start is not None and end is not None:
+        at = f"{end.line + 1}:{end.column + 1}"
+        if "quoted scalar" in context and "end of stream" in problem:
+            return (
+                start.line + 1,
+                start.column + 1,
+                f"quoted string is never closed (the file ends at {at})",
+            )
+        if "flow mapping" in context or "flow sequence" in context:
+            bracket = "{" if "mapping" in context else "["
+            found = problem.replace("'<stream end>'", "the end of the file")
+            return start.line + 1, start.column + 1, f"{bracket!r} is not closed: {found} at {at}"
+    mark = end or start
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    return line, col, problem or context or "invalid YAML"
 
 
 def _parse_json(text: str, file: str) -> Document:
@@ -226,6 +282,8 @@ def _plain(node: Any, path: DocPath, doc: Document, active: set[int], *, strict:
         if tag is not None and not isinstance(node, TaggedScalar):
             return doc.refuse(path, f"YAML tags are not supported here ({tag})")
     if isinstance(node, CommentedMap | CommentedSeq):
+        if len(path) >= MAX_DEPTH:
+            raise _too_deep_at(doc, path)
         if id(node) in active:  # a list holding itself (ruamel 0.18+ nulls a mapping's)
             return doc.refuse(path, "a YAML alias refers to a mapping or list that contains it")
         active.add(id(node))
@@ -263,6 +321,13 @@ def _plain(node: Any, path: DocPath, doc: Document, active: set[int], *, strict:
     if strict:
         return doc.refuse(path, f"unsupported YAML value of type {type(node).__name__}")
     return node
+
+
+def _too_deep_at(doc: Document, path: DocPath) -> WorkflowFileError:
+    line, col = doc.values.get(path, (0, 0))
+    return WorkflowFileError(
+        doc.file, line + 1, col + 1, DOCUMENT, f"nested more than {MAX_DEPTH} levels deep"
+    )
 
 
 def _plain_container(

@@ -60,6 +60,8 @@ from treadle.graphs.kinds.base import NodeKind
 from treadle.graphs.kinds.branch import label_text
 from treadle.graphs.kinds.file_fields import NODE_ID_PATTERN, OPTION_FIELDS
 from treadle.graphs.spec import (
+    ERROR,
+    INDEX,
     INPUT,
     ITEM,
     FirstOf,
@@ -85,9 +87,10 @@ workflow_json_schema = ff.workflow_json_schema
 
 _SEGMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*|[0-9]+")
 _NODE_ID = re.compile(NODE_ID_PATTERN)
-_RESERVED_IDS = {"input", "item"}  # `$input` and `$item` would be ambiguous
+_RESERVED_IDS = {"input", "item", "index", "error"}  # `$input`, `$item`... would be ambiguous
 _REF_HINT = (
-    "references look like $node, $node.field, $input.name or $item; write $$ for a literal '$'"
+    "references look like $node, $node.field, $input.name, $item, $index or $error; write $$ "
+    "for a literal '$'"
 )
 _KIND_BY_NAME: dict[str, NodeKind[Any]] = {kind.name: kind for kind in KINDS}
 
@@ -137,11 +140,12 @@ def _format_of(path: Path, text: str) -> Format:
 def _load_file(path: Path, ctx: _Context) -> GraphSpec:
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise WorkflowFileError(file, 1, 1, DOCUMENT, "file not found") from None
     except UnicodeDecodeError as exc:
-        raise WorkflowFileError(file, 1, 1, DOCUMENT, f"not UTF-8 text: {exc.reason}") from None
+        raise _not_utf8(file, data, exc) from None
     except OSError as exc:
         raise WorkflowFileError(file, 1, 1, DOCUMENT, f"cannot read: {exc.strerror}") from None
     resolved = path.resolve()
@@ -152,6 +156,21 @@ def _load_file(path: Path, ctx: _Context) -> GraphSpec:
         ctx.stack.pop()
     ctx.cache[resolved] = spec
     return spec
+
+
+def _not_utf8(file: str, data: bytes, exc: UnicodeDecodeError) -> WorkflowFileError:
+    """Where the first byte that is not UTF-8 is: line, column (in characters), offset."""
+    before = data[: exc.start]
+    line = before.count(b"\n") + 1
+    col = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", errors="replace")) + 1
+    return WorkflowFileError(
+        file,
+        line,
+        col,
+        DOCUMENT,
+        f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
+        "save the file as UTF-8",
+    )
 
 
 def _load_text(text: str, file: str, base_dir: Path, fmt: Format, ctx: _Context) -> GraphSpec:
@@ -239,10 +258,13 @@ class _Builder:
         kind: NodeKind[Any] = _KIND_BY_NAME[m.kind]
         raw_inputs: dict[str, Any] = getattr(m, "inputs", {})  # a map has none of its own
         inputs = {k: self.value(v, (*path, "inputs", k)) for k, v in raw_inputs.items()}
-        options = NodeOptions(
-            **{f: getattr(m, f) for f in OPTION_FIELDS if f in m.model_fields_set}
-        )
         source = SourceInfo(self.doc.pos(path), self.field_positions(path))
+        given = {f: getattr(m, f) for f in OPTION_FIELDS if f in m.model_fields_set}
+        if given.get("handler") is not None:
+            given["handler"] = self.nested_node(
+                given["handler"], (*path, "handler"), "on_error", source
+            )
+        options = NodeOptions(**given)
         common = {"id": node_id, "inputs": inputs, "options": options, "source": source}
         return kind.from_file(m, common, self, path)
 
@@ -329,6 +351,10 @@ class _Builder:
             node = INPUT
         elif head == "item":
             node = ITEM
+        elif head == "index":
+            node = INDEX
+        elif head == "error":
+            node = ERROR
         elif _NODE_ID.match(head):
             node = head
         else:
@@ -434,6 +460,18 @@ class _Builder:
 
     # -- positions ---------------------------------------------------------------------
 
+    def nested_positions(self, path: DocPath, dotted: str) -> dict[str, Pos]:
+        """Dotted name -> position of everything below `path`, at any depth."""
+        out: dict[str, Pos] = {}
+        data = self.doc.at(path)
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            name = f"{dotted}.{key}"
+            out[name] = self.doc.pos((*path, key))
+            if isinstance(value, dict | list):
+                out.update(self.nested_positions((*path, key), name))
+        return out
+
     def field_positions(self, path: DocPath) -> dict[str, Pos]:
         """Dotted field name -> position, for this mapping and one level below it.
 
@@ -446,6 +484,10 @@ class _Builder:
             name = str(key)
             out[name] = self.doc.pos((*path, key))
             if name in ("node", "graph", "fallback"):
+                continue
+            if name == "models" and isinstance(value, dict):
+                # backend entries are checked by the runtime: every field of them, at depth
+                out.update(self.nested_positions((*path, key), name))
                 continue
             if isinstance(value, dict):
                 for sub, subval in value.items():

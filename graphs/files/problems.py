@@ -93,7 +93,9 @@ def _problem(doc: Document, err: Any) -> _Problem:
         what = f"expected {_EXPECTED[kind]}, got {describe_value(value)}"
         return _Problem(doc.error(path, what, key=on_key), False)
     if kind == "too_short" and isinstance(value, str | dict | list):
-        return _Problem(doc.error(path, "must not be empty"), False)
+        least = int(err.get("ctx", {}).get("min_length", 1))
+        what = "must not be empty" if least <= 1 else f"must have at least {least} entries"
+        return _Problem(doc.error(path, what), False)
     msg = str(err["msg"])
     msg = msg.replace("Input should be", "must be").replace("String should", "must")
     if found and not isinstance(value, dict | list):

@@ -210,6 +210,7 @@ GraphRef = Annotated[
 # the kinds' fields refer to these two by name (a map's `node`, a subgraph's `graph`)
 _NAMESPACE = {"InnerNode": InnerNode, "GraphRef": GraphRef}
 _REBUILT: list[type[BaseModel]] = [
+    OptionFields,
     *(k.fields for k in KINDS),
     *NODE_MODELS.values(),
     *INNER_NODE_MODELS.values(),

@@ -245,8 +245,17 @@ def graph_imports(graph: GraphSpec) -> Iterator[Imported]:
     for name, decl in graph.inputs.items():
         yield Imported(f"inputs.{name}", decl.type, "type", graph.name)
     for node in graph.nodes:
-        for ref in kind_of(node).imported(node):
+        for ref in node_imports(node):
             yield ref if ref.graph is not None else _in(ref, graph.name)
+
+
+def node_imports(node: NodeSpec) -> Iterator[Imported]:
+    """What a node's definition names by import path: its kind's fields, and its
+    `on_error` handler's."""
+    yield from kind_of(node).imported(node)
+    handler = node.options.handler
+    if isinstance(handler, NodeSpec):
+        yield from node_imports(handler)
 
 
 def _in(ref: Imported, graph: str) -> Imported:

@@ -10,11 +10,14 @@ mark, which the daemon's import allow-list reads (`names_objects`) to know what 
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.graphs.spec import NodeOptions
+
+if TYPE_CHECKING:  # the file format's union of inner nodes, resolved by its module
+    from typing import Any as InnerNode
 
 
 class _Mark:
@@ -87,8 +90,9 @@ ValueOrRef = Annotated[
     Any,
     Field(
         description="A reference ('$node', '$node.field', '$input.name', '$item', "
-        "'$item.field'), {first_of: [references]}, or a literal value ('$$' starts a "
-        "literal string with '$')."
+        "'$item.field', '$index' inside a map, '$error' inside an on_error handler), "
+        "{first_of: [references]}, or a literal value ('$$' starts a literal string with "
+        "'$')."
     ),
 ]
 
@@ -108,9 +112,16 @@ class FileFields(FileModel):
 
 
 class OptionFields(FileModel, NodeOptions):
-    """Retry, timeout and error options, written flat on the node."""
+    """Retry, timeout, error and cache options, written flat on the node."""
 
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    # `InnerNode`: every kind's inner file model (treadle.graphs.files.schema resolves it)
+    handler: InnerNode | None = Field(
+        None,
+        description="With on_error: handler, the node run on the error; it may read $error "
+        "({type, message, node, attempt}) and its output replaces the failed node's.",
+    )
 
 
 OPTION_FIELDS: tuple[str, ...] = tuple(NodeOptions.model_fields)

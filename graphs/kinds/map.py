@@ -1,13 +1,15 @@
 """The `map` kind: run an inner node once per element of a list (bound to `$item` inside
-it), then collect the outputs in order, optionally folding them with `reduce`."""
+it, its index to `$index`), then collect the outputs in order, optionally folding them
+with `reduce`. With `max_failures`, up to that many elements may fail without failing the
+map, and the output lists every element as an `ElementResult` (its value or its error)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from treadle.graphs.compiled import CompiledNode
 from treadle.graphs.handles import NodeAdder, NodeHandle, binding
@@ -20,23 +22,45 @@ from treadle.graphs.kinds.base import (
     NodeKind,
     Prompted,
     kind_of,
+    node_imports,
 )
 from treadle.graphs.kinds.file_fields import FileFields, ImportPath, ValueOrRef
-from treadle.graphs.spec import NodeOptions, NodeSpec
+from treadle.graphs.spec import ErrorInfo, NodeOptions, NodeSpec
 from treadle.graphs.typecheck import describe, element_type, type_hints
 
 if TYPE_CHECKING:  # the file format's union of inner nodes, resolved by its module
     from typing import Any as InnerNode
 
 
+T = TypeVar("T")
+
+
+class ElementResult(BaseModel, Generic[T]):
+    """One element of a map with `max_failures`: its output, or why it failed."""
+
+    index: int
+    value: T | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 @dataclass
 class MapNode(NodeSpec):
-    """Run `node` once per element of `over` (bound to `$item` inside it), then collect the
-    outputs in order, optionally folding them with `reduce(list) -> value`."""
+    """Run `node` once per element of `over` (bound to `$item` inside it, its index to
+    `$index`), then collect the outputs in order, optionally folding them with
+    `reduce(list) -> value`.
+
+    With `max_failures`, an element that fails (under its node's `fail` policy) does not
+    fail the map until more than `max_failures` have; the output is then a list of
+    `ElementResult`s, one per element that ran, each with its value or its error."""
 
     over: Any = None
     node: NodeSpec | None = None
     reduce: Callable[..., Any] | None = None
+    max_failures: int | None = None
     kind: ClassVar[str] = "map"
 
 
@@ -48,12 +72,18 @@ class MapMethods(NodeAdder):
         node: NodeSpec,
         *,
         reduce: Callable[..., Any] | None = None,
+        max_failures: int | None = None,
         **options: Any,
     ) -> NodeHandle:
         if not node.id:
             node.id = id
         spec = MapNode(
-            id=id, options=NodeOptions.of(options), over=binding(over), node=node, reduce=reduce
+            id=id,
+            options=NodeOptions.of(options),
+            over=binding(over),
+            node=node,
+            reduce=reduce,
+            max_failures=max_failures,
         )
         return self.add(spec)
 
@@ -62,8 +92,14 @@ class MapFields(FileFields):
     kind: Literal["map"]
     over: ValueOrRef = Field(description="The list to fan out over, usually a reference.")
     # `InnerNode`: every kind's inner file model (treadle.graphs.files.schema resolves it)
-    node: InnerNode = Field(description="The node run once per element ($item).")
+    node: InnerNode = Field(description="The node run once per element ($item, $index).")
     reduce: ImportPath | None = Field(None, description="Folds the list of outputs.")
+    max_failures: int | None = Field(
+        None,
+        ge=0,
+        description="Elements that may fail without failing the map; the output is then a "
+        "list of {index, value, error}.",
+    )
 
 
 class MapKind(NodeKind[MapNode]):
@@ -82,7 +118,9 @@ class MapKind(NodeKind[MapNode]):
         over = r.value(m.over, (*path, "over"))
         inner = r.nested_node(m.node, (*path, "node"), m.node.id or common["id"], common["source"])
         reduce_fn = r.function(m.reduce, (*path, "reduce")) if m.reduce else None
-        return MapNode(**common, over=over, node=inner, reduce=reduce_fn)
+        return MapNode(
+            **common, over=over, node=inner, reduce=reduce_fn, max_failures=m.max_failures
+        )
 
     def describe(self, node: MapNode, c: Checks, item_type: Any) -> CompiledNode:
         if node.node is None:
@@ -90,6 +128,8 @@ class MapKind(NodeKind[MapNode]):
             return CompiledNode(node.id, node, {}, list[Any])
         inner = c.describe(node.node, item_type)
         collected: Any = list[inner.output_type]  # type: ignore[name-defined]
+        if node.max_failures is not None:
+            collected = list[ElementResult[inner.output_type]]  # type: ignore[name-defined]
         if node.reduce is not None:
             collected = type_hints(node.reduce).get("return", Any)
         return CompiledNode(node.id, node, {}, collected, inner=inner, child=inner.child)
@@ -111,6 +151,10 @@ class MapKind(NodeKind[MapNode]):
             deps += c.check_node(node.node, cn.inner, elem or Any, prefix="node.")
         if node.reduce is not None and not callable(node.reduce):
             c.issue("reduce must be callable", node, prefix + "reduce")
+        if node.max_failures is not None and (
+            not isinstance(node.max_failures, int) or node.max_failures < 0
+        ):
+            c.issue("max_failures must be an int >= 0", node, prefix + "max_failures")
 
     def bindings(self, node: MapNode) -> Iterator[tuple[str, Any]]:
         yield from node.inputs.items()
@@ -140,7 +184,7 @@ class MapKind(NodeKind[MapNode]):
         if node.reduce is not None:
             yield Imported(f"nodes[{node.id}].reduce", node.reduce, "function")
         if node.node is not None:
-            yield from kind_of(node.node).imported(node.node)
+            yield from node_imports(node.node)
 
 
 MAP = MapKind()

@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 from treadle.backends.base import Backend, LLMRequest, LLMResponse
+from treadle.runtime.core.cache import ResultCache
 from treadle.runtime.core.events import Event
 from treadle.runtime.core.journal import Journal
 from treadle.tools import Tool
@@ -22,6 +23,16 @@ _now = time.time
 
 #: called synchronously with every event of a run (tracing, metrics, displays)
 Listener = Callable[["RunContext", Event], None]
+
+
+class NodeAdmission(Protocol):
+    """What a node that cancels other nodes (a race) tells the runtime's admission
+    (`treadle.runtime.core.interceptors.CallAdmission`)."""
+
+    def end_node(self, ctx: RunContext, node: str, reason: str) -> None:
+        """Node instance `node`, and every instance under it, was cancelled: release what
+        the admission holds for them (a KV pin one of their calls set)."""
+
 
 #: receives an answer's text as it streams; returning True says the caller has all it needs,
 #: and the generation is stopped there (the stream is closed, which aborts it on the server)
@@ -91,6 +102,8 @@ class RunContext:
         restored: dict[str, bytes] | None = None,
         first_seq: int = 1,
         listeners: Sequence[Listener] = (),
+        cache: ResultCache | None = None,
+        admission: NodeAdmission | None = None,
     ) -> None:
         self.run_id = run_id
         self.journal = journal
@@ -99,6 +112,10 @@ class RunContext:
         self.send_llm = send_llm
         self.invoke_tool = invoke_tool
         self.options = options
+        #: where nodes with the `cache` option keep their outputs (None: not cached)
+        self.cache = cache
+        #: the runtime's admission, told when a node instance is cancelled (a race's loser)
+        self.admission = admission
         self.restored = restored or {}
         self._seq = first_seq - 1
         #: every event of this run in this process; the journal persists it incrementally

@@ -89,8 +89,17 @@ class GraphExtended(Event):
 class LLMCallQueued(Event):
     node: str
     call_id: str
+    #: the model alias of the workflow
     model: str
     prompt_tokens: int = 0
+    #: the model the request goes to, its provider and server (the backend's `target`)
+    request_model: str | None = None
+    provider: str | None = None
+    server_address: str | None = None
+    server_port: int | None = None
+    #: the request's limits, as sent
+    max_tokens: int | None = None
+    temperature: float | None = None
     kind: ClassVar[str] = "llm_call_queued"
 
 
@@ -127,6 +136,9 @@ class LLMCallFinished(Event):
     error: str | None = None
     #: why the model stopped ("stop", "length", "tool_calls", ...), when it answered
     finish_reason: str | None = None
+    #: the model that answered and the server's id of the completion, when it said
+    response_model: str | None = None
+    response_id: str | None = None
     kind: ClassVar[str] = "llm_call_finished"
 
 
@@ -163,10 +175,57 @@ class PinReleased(Event):
     node: str
     call_id: str
     #: next_call, no_tool_call, expired, replaced, pressure, tool_estimate, run_finished,
-    #: cancelled or interrupted
+    #: cancelled, interrupted or waiting (the run parked for human input)
     reason: str
     used: bool = False
     kind: ClassVar[str] = "pin_released"
+
+
+@dataclass(slots=True)
+class InputRequested(Event):
+    """An `ask` node asks a person (first time only; `RunRecord.pending_inputs` lists the
+    requests a waiting run has open). The fields are `InputRequest`'s."""
+
+    node: str
+    prompt: str
+    answer_schema: dict[str, Any] = dataclasses.field(default_factory=dict)
+    has_default: bool = False
+    default: Any = None
+    expires_at: float | None = None
+    kind: ClassVar[str] = "input_requested"
+
+
+@dataclass(slots=True)
+class InputReceived(Event):
+    """An `ask` node got its answer: from a person (`key`: the client's idempotency key),
+    or its default once the request expired (`defaulted`)."""
+
+    node: str
+    key: str | None = None
+    defaulted: bool = False
+    kind: ClassVar[str] = "input_received"
+
+
+@dataclass(slots=True)
+class RunWaiting(Event):
+    """The run is parked until a person answers: `nodes` are the `ask` instances it waits
+    on. It holds no task, scheduler slot or KV pin until it is resumed (`RunStarted` with
+    `resumed`)."""
+
+    nodes: list[str]
+    kind: ClassVar[str] = "run_waiting"
+
+
+@dataclass(slots=True)
+class CacheHit(Event):
+    """A node's output (or, with `call_id`, one LLM call's answer) came from the result
+    cache: nothing ran, and `saved_tokens` tokens were not spent."""
+
+    node: str
+    key: str
+    call_id: str | None = None
+    saved_tokens: int = 0
+    kind: ClassVar[str] = "cache_hit"
 
 
 @dataclass(slots=True)
@@ -196,6 +255,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ToolCallFinished,
         PinSet,
         PinReleased,
+        InputRequested,
+        InputReceived,
+        RunWaiting,
+        CacheHit,
         RunFinished,
     )
 }

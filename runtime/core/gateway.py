@@ -20,10 +20,13 @@ from treadle.backends.base import (
     LLMResponse,
     StreamChunk,
     StreamingBackend,
+    Usage,
     collect_stream,
+    target_of,
 )
+from treadle.backends.tokens import CHARS, estimate_prompt_tokens
 from treadle.runtime.core.context import LLMCall, RunContext, TextSink
-from treadle.runtime.core.errors import NodeError
+from treadle.runtime.core.errors import NodeError, why_call_ended
 from treadle.runtime.core.events import (
     LLMCallDispatched,
     LLMCallFinished,
@@ -55,23 +58,39 @@ async def call_llm(
     backend = backend_for(ctx, alias)
     ctx.llm_call_counter += 1
     call_id = f"{node}#{ctx.llm_call_counter}"
-    ctx.emit(LLMCallQueued, node=node, call_id=call_id, model=alias)
+    target = target_of(backend)
+    ctx.emit(
+        LLMCallQueued,
+        node=node,
+        call_id=call_id,
+        model=alias,
+        request_model=target.model,
+        provider=target.provider,
+        server_address=target.server_address,
+        server_port=target.server_port,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+    )
     call = LLMCall(
         ctx, node, call_id, alias, backend, request, on_text, queued_at=time.perf_counter()
     )
     try:
         response = await ctx.send_llm(call)
-    except BackendError as exc:
+    except BaseException as exc:
+        # a call cut off (the node's timeout, the run's end) is closed too, failed
+        failure = exc if isinstance(exc, BackendError) else None
         ctx.emit(
             LLMCallFinished,
             node=node,
             call_id=call_id,
             model=alias,
             duration_s=time.perf_counter() - (call.sent_at or call.queued_at),
-            error=str(exc),
-            replica=exc.replica,
+            error=str(exc) if failure is not None else why_call_ended(exc),
+            replica=failure.replica if failure is not None else None,
         )
-        raise NodeError(node, f"model {alias!r}: {exc}", retryable=exc.retryable) from exc
+        if failure is not None:
+            raise NodeError(node, f"model {alias!r}: {exc}", retryable=failure.retryable) from exc
+        raise
     usage = response.usage
     ctx.emit(
         LLMCallFinished,
@@ -86,6 +105,8 @@ async def call_llm(
         tool_calls=len(response.tool_calls),
         replica=response.replica,
         finish_reason=response.finish_reason,
+        response_model=response.model,
+        response_id=response.id,
     )
     if on_text is not None and not call.streamed and response.content:
         await on_text(response.content)  # the whole answer, once it has arrived
@@ -134,4 +155,13 @@ async def _streamed(call: LLMCall, backend: StreamingBackend) -> LLMResponse:
                     return
             yield chunk
 
-    return await collect_stream(chunks())
+    response = await collect_stream(chunks())
+    if response.usage.total_tokens == 0:
+        # no usage arrived: the stream was closed before its last chunk (a planner stops
+        # reading at join()), or the server does not report it. Count what was sent and
+        # what was received, so run totals, spans and token quotas do not miss the call.
+        response.usage = Usage(
+            prompt_tokens=estimate_prompt_tokens(call.request),
+            completion_tokens=CHARS.count(response.content or ""),
+        )
+    return response

@@ -29,10 +29,13 @@ costs nothing.
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from treadle.backends.base import LLMRequest, LLMResponse
+from treadle.backends.base import LLMRequest, LLMResponse, Usage
+from treadle.runtime.core.cache import ResultCache
 from treadle.runtime.core.context import (
     InvokeTool,
     LLMCall,
@@ -40,6 +43,7 @@ from treadle.runtime.core.context import (
     SendLLM,
     ToolInvocation,
 )
+from treadle.runtime.core.events import CacheHit
 
 __all__ = [
     "Admission",
@@ -49,6 +53,7 @@ __all__ = [
     "ExtraHeaders",
     "InvokeTool",
     "LLMCall",
+    "LLMCallCache",
     "SendLLM",
     "ToolInvocation",
     "invoke_tool",
@@ -107,8 +112,10 @@ class CallAdmission(Protocol):
     filled in (priority, pin TTL).
     `release(ticket, response)` follows every admitted call (response None: it failed or
     was cancelled). `end_run(ctx, status)` comes once the run is over, before its
-    `RunFinished` event (status "interrupted": it stopped and may be resumed), so whatever
-    the admission still holds for it is released, and said, within the run's events."""
+    `RunFinished` event (status "interrupted": it stopped and may be resumed; "waiting": it
+    parked until a person answers, and its next call after that starts it anew), so
+    whatever the admission still holds for it is released, and said, within the run's
+    events."""
 
     async def admit(
         self, ctx: RunContext, node: str, call_id: str, request: LLMRequest
@@ -117,6 +124,10 @@ class CallAdmission(Protocol):
     def release(self, ticket: Any, response: LLMResponse | None) -> None: ...
 
     def end_run(self, ctx: RunContext, status: str) -> None: ...
+
+    def end_node(self, ctx: RunContext, node: str, reason: str) -> None:
+        """Node instance `node` and those under it were cancelled while the run goes on
+        (a race's losers): release what the admission holds for them."""
 
 
 class Admission(CallInterceptor):
@@ -147,6 +158,55 @@ class ExtraHeaders(CallInterceptor):
     async def llm_call(self, call: LLMCall, call_next: SendLLM) -> LLMResponse:
         call.request = with_headers(call.request, self.headers, override=False)
         return await call_next(call)
+
+
+class LLMCallCache(CallInterceptor):
+    """Answers an LLM call from a result cache (`ResultCache`: any of treadle's stores)
+    when the same request — model alias, messages, tools, output schema, sampling — got an
+    answer within `ttl_s`, for the same tenant. A cached answer costs no tokens: the call's
+    `LLMCallFinished` reports none, and a `CacheHit` event (with the call's id) the tokens
+    it saved. Put it first in the chain, so a cached call waits for no admission.
+
+    The node `cache` option caches whole nodes; this caches single calls (a planner's, a
+    tool-calling conversation's turns) — for models whose answer the request determines
+    (temperature 0, or answers that may be reused)."""
+
+    def __init__(self, cache: ResultCache, *, ttl_s: float | None = None) -> None:
+        self.cache = cache
+        self.ttl_s = ttl_s
+
+    async def llm_call(self, call: LLMCall, call_next: SendLLM) -> LLMResponse:
+        key = llm_call_key(call.ctx.options.tenant, call.alias, call.request)
+        try:
+            data = await self.cache.cache_get(key)
+        except Exception as exc:  # a cache that cannot be read is no reason to fail
+            _log.warning("LLM call cache: reading failed, calling the model: %s", exc)
+            data = None
+        if data is not None:
+            cached = LLMResponse.model_validate_json(data)
+            saved = cached.usage.total_tokens
+            call.ctx.emit(CacheHit, node=call.node, key=key, call_id=call.call_id,
+                          saved_tokens=saved)  # fmt: skip
+            return cached.model_copy(update={"usage": Usage(), "replica": None, "ttft_s": None})
+        response = await call_next(call)
+        try:
+            await self.cache.cache_put(key, response.model_dump_json().encode(), self.ttl_s)
+        except Exception as exc:
+            _log.warning("LLM call cache: writing failed: %s", exc)
+        return response
+
+
+def llm_call_key(tenant: str | None, alias: str, request: LLMRequest) -> str:
+    """The cache key of an LLM request: what determines its answer, not its ids or
+    scheduling hints."""
+    what = request.model_dump_json(
+        include={"messages", "tools", "response_schema", "max_tokens", "temperature"}
+    )
+    raw = "\x00".join(("llm-call:1", tenant or "", alias, what))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+_log = logging.getLogger(__name__)
 
 
 def with_headers(

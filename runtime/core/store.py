@@ -15,15 +15,20 @@ from pydantic import BaseModel, Field
 
 from treadle.errors import StoreError
 from treadle.runtime.core.events import Event
+from treadle.runtime.core.waiting import InputRequest
 
 #: every status a run can have, in a store's record and in a `RunResult`:
 #: - "pending": created, not started (the daemon's record stays so until the run ends; its
 #:   API reports a pending run with events as "running");
 #: - "running": executing, or resumed;
+#: - "waiting": parked until a person answers its requests for input (`pending_inputs`);
+#:   it holds nothing meanwhile and goes on when answered (or at a request's deadline);
 #: - "interrupted": stopped before it ended (Ctrl-C, a worker shutting down); its finished
 #:   nodes are in the journal and it can be resumed;
 #: - "succeeded", "failed", "cancelled": ended (`TERMINAL`); never changed again.
-RunStatus = Literal["pending", "running", "interrupted", "succeeded", "failed", "cancelled"]
+RunStatus = Literal[
+    "pending", "running", "waiting", "interrupted", "succeeded", "failed", "cancelled"
+]
 TERMINAL: frozenset[RunStatus] = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -42,6 +47,8 @@ class RunRecord(BaseModel):
     #: how to find the program again on resume (a workflow file path, a registered name)
     source: str | None = None
     meta: dict[str, str] = Field(default_factory=dict)
+    #: while `waiting`: the questions the run waits on
+    pending_inputs: list[InputRequest] = Field(default_factory=list)
 
 
 class RunNotFound(StoreError, KeyError):
@@ -67,6 +74,12 @@ class StateStore(Protocol):
         offset: int = 0,
     ) -> list[RunRecord]:
         """Newest first."""
+        ...
+
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        """Ids of runs that start with `prefix`, at most `limit`, in no given order: how a
+        command line finds a run by the first characters of its id (two tell a unique
+        prefix from an ambiguous one)."""
         ...
 
     async def record(

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from treadle.graphs.spec import INPUT, ITEM, FirstOf, Ref
+from treadle.graphs.spec import ERROR, INDEX, INPUT, ITEM, FirstOf, Ref
 
 MISSING: Any = object()
 
@@ -70,6 +70,10 @@ def make_getter(binding: Any) -> tuple[Getter, tuple[str, ...]]:
             return (lambda values, inputs, item: get_path(inputs, path)), ()
         if node == ITEM:
             return (lambda values, inputs, item: get_path(item, path)), ()
+        if node in (INDEX, ERROR):
+            # bound by the scope in a copy of its inputs: a map element's index, the error
+            # an `on_error` handler handles
+            return (lambda values, inputs, item: get_path(inputs[node], path)), ()
         if not path:
             return (lambda values, inputs, item: values[node]), (node,)
         return (lambda values, inputs, item: get_path(values[node], path)), (node,)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import typer
 from rich.console import Console
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,8 +71,22 @@ AllowBackendsOpt = Annotated[
 ]
 
 
+#: a problem that says where it is (`FILE:LINE:COL: ...`, `FILE:LINE: ...`)
+_LOCATED = re.compile(r"\S+:\d+:(?:\d+:)? ")
+
+
+def problem_text(line: str) -> Text:
+    """One problem as the CLIs print it: a located one (`FILE:LINE:COL: message`, what
+    editors and CI annotators read) as it is, any other after `error: `; never Rich
+    markup (`nodes[a]`, `pip install 'treadle[otel]'` keep their brackets). Print it with
+    `soft_wrap=True`: one problem stays one line at any terminal width, and in a pipe."""
+    if _LOCATED.match(line):
+        return Text(line)
+    return Text.assemble(("error: ", "red"), line)
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    err_console.print(problem_text(message), soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -85,6 +101,8 @@ def load_data_file(path: Path, option: str) -> Any:
     from ruamel.yaml import YAML
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+    from treadle.graphs.files.document import yaml_syntax_error
+
     try:
         text = path.read_text()
         if path.suffix.lower() == ".json":
@@ -93,11 +111,10 @@ def load_data_file(path: Path, option: str) -> Any:
     except OSError as exc:
         raise _fail(f"{option} {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise _fail(f"{option} {path}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+        raise _fail(f"{path}:{exc.lineno}:{exc.colno}: {option}: {exc.msg}") from None
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise _fail(f"{option} {where}: {exc.problem or exc.context or 'invalid YAML'}") from None
+        line, col, what = yaml_syntax_error(exc)
+        raise _fail(f"{path}:{line}:{col}: {option}: {what}") from None
     except YAMLError as exc:
         raise _fail(f"{option} {path}: {' '.join(str(exc).split())}") from None
 
@@ -378,14 +395,21 @@ def _call(fn: Any) -> Any:
         raise _fail(f"cannot reach the daemon: {exc}") from None
 
 
-def _inputs(raw: str | None) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    text = Path(raw[1:]).read_text() if raw.startswith("@") else raw
+def input_value(raw: str, option: str = "--input") -> Any:
+    """A value given on the command line: JSON, or @FILE (a JSON or YAML file)."""
+    if raw.startswith("@"):
+        path = Path(raw[1:])
+        if not path.exists():
+            raise _fail(f"{option} {raw}: no such file")
+        return load_data_file(path, option)
     try:
-        value = json.loads(text)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise _fail(f"--input is not valid JSON: {exc}") from None
+        raise _fail(f"{option} is not valid JSON: {exc}") from None
+
+
+def _inputs(raw: str | None) -> dict[str, Any]:
+    value = input_value(raw) if raw is not None else {}
     if not isinstance(value, dict):
         raise _fail("--input must be a JSON object of input names to values")
     return value
@@ -399,6 +423,9 @@ def submit(
         str | None, typer.Option("--input", "-i", help="Inputs as JSON, or @file.json.")
     ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish; print it.")] = False,
+    version: Annotated[
+        int | None, typer.Option(help="Run this version of the workflow (default: latest).")
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = "",
 ) -> None:
@@ -412,13 +439,16 @@ def submit(
             info = _call(lambda: client.register(path.read_text(), fmt, path.name))
             name = info["name"]
             err_console.print(f"registered {name} (version {info['version']})")
-        run = _call(lambda: client.submit(name, inputs))
+        run = _call(lambda: client.submit(name, inputs, version=version))
         if not wait:
             print(run["run_id"])
             return
         err_console.print(f"run {run['run_id']} submitted; waiting")
         final = _call(lambda: client.wait(run["run_id"]))
         print(json.dumps(final, indent=2))
+        if final["status"] == "waiting":
+            err_console.print(f"waiting for input: treadle answer {run['run_id']} --input JSON")
+            raise typer.Exit(3)
         if final["status"] != "succeeded":
             raise typer.Exit(1)
 
@@ -453,6 +483,75 @@ def logs(
         _call(show)
 
 
+def answer(
+    run_id: Annotated[str, typer.Argument(help="The waiting run.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="The answer: JSON, or @file.json.")],
+    node: Annotated[
+        str | None, typer.Option(help="The request answered, when the run waits on several.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="The same answer again changes nothing."),
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = "",
+) -> None:
+    """Answer a waiting run's request for input on the daemon (it then goes on)."""
+    value = input_value(input)
+    with _client(url, key) as client:
+        out = _call(lambda: client.answer(run_id, value, node=node, key=idempotency_key))
+    print(json.dumps(out, indent=2))
+
+
+workflows_app = typer.Typer(help="Registered workflows and their versions (on the daemon).")
+
+
+@workflows_app.command("list")
+def workflows_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = "") -> None:
+    """The tenant's workflows, each at its latest version."""
+    from rich.table import Table
+
+    with _client(url, key) as client:
+        found = _call(client.workflows)["workflows"]
+    table = Table("name", "version", "digest", "nodes")
+    for wf in found:
+        table.add_row(wf["name"], str(wf["version"]), wf["digest"][:12], str(len(wf["nodes"])))
+    console.print(table)
+
+
+@workflows_app.command("versions")
+def workflows_versions(
+    name: Annotated[str, typer.Argument(help="A registered workflow name.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = "",
+) -> None:
+    """Every version of a workflow, oldest first."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    with _client(url, key) as client:
+        found = _call(lambda: client.versions(name))["versions"]
+    table = Table("version", "digest", "registered", "nodes")
+    for wf in found:
+        when = dt.datetime.fromtimestamp(wf["updated_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(str(wf["version"]), wf["digest"][:12], when, ", ".join(wf["nodes"]))
+    console.print(table)
+
+
+@workflows_app.command("show")
+def workflows_show(
+    name: Annotated[str, typer.Argument(help="A registered workflow name.")],
+    version: Annotated[int | None, typer.Option(help="This version (default: latest).")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = "",
+) -> None:
+    """Print a workflow's definition (its latest version, or `--version`)."""
+    with _client(url, key) as client:
+        found = _call(lambda: client.workflow(name, version))
+    print(found["definition"], end="")
+
+
 def _event_line(event: dict[str, Any]) -> str:
     skip = {"seq", "run_id", "ts", "kind"}
     rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip and v is not None)
@@ -466,7 +565,9 @@ def register(app: typer.Typer) -> None:
     app.command("submit")(submit)
     app.command("status")(status)
     app.command("logs")(logs)
+    app.command("answer")(answer)
     app.add_typer(tenants_app, name="tenants")
+    app.add_typer(workflows_app, name="workflows")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""A small synchronous client of the daemon's HTTP API (what `treadle submit`, `status` and
-`logs` use). Errors come back as `ClientError` with the API's status, code and message.
+"""A small synchronous client of the daemon's HTTP API (what `treadle submit`, `status`,
+`logs`, `answer` and `workflows` use). Errors come back as `ClientError` with the API's
+status, code and message.
 
 `events()` follows a run's Server-Sent Events and survives dropped connections: it
 reconnects with `Last-Event-ID` (the last seq it saw) until the run is terminal, so no
@@ -20,6 +21,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from treadle.errors import DaemonError
 from treadle.runtime.core.store import TERMINAL
 
+#: statuses `wait` returns at: the run is over, or waits for a person (`answer`)
+SETTLED = TERMINAL | {"waiting"}
 #: dropped connections in a row, without an event in between, that `events()` survives
 _RECONNECTS = 10
 
@@ -59,16 +62,36 @@ class DaemonClient:
         body = {"definition": definition, "format": fmt, "filename": filename}
         return self._json("POST", "/v1/workflows", json=body)
 
+    def workflows(self) -> Any:
+        return self._json("GET", "/v1/workflows")
+
+    def versions(self, name: str) -> Any:
+        return self._json("GET", f"/v1/workflows/{name}/versions")
+
+    def workflow(self, name: str, version: int | None = None) -> Any:
+        path = f"/v1/workflows/{name}" + (f"/versions/{version}" if version else "")
+        return self._json("GET", path)
+
     def submit(
         self,
         workflow: str,
         inputs: Mapping[str, Any] | None = None,
         *,
+        version: int | None = None,
         traceparent: str | None = None,
     ) -> Any:
         headers = {"traceparent": traceparent} if traceparent else {}
-        body = {"workflow": workflow, "inputs": dict(inputs or {})}
+        body: dict[str, Any] = {"workflow": workflow, "inputs": dict(inputs or {})}
+        if version is not None:
+            body["version"] = version
         return self._json("POST", "/v1/runs", json=body, headers=headers)
+
+    def answer(
+        self, run_id: str, value: Any, *, node: str | None = None, key: str | None = None
+    ) -> Any:
+        """Answer a waiting run's request for input (idempotent on `key`)."""
+        body = {"value": value, "node": node, "key": key}
+        return self._json("POST", f"/v1/runs/{run_id}/input", json=body)
 
     def get_run(self, run_id: str) -> Any:
         return self._json("GET", f"/v1/runs/{run_id}")
@@ -77,10 +100,11 @@ class DaemonClient:
         return self._json("POST", f"/v1/runs/{run_id}/cancel")
 
     def wait(self, run_id: str, *, poll_s: float = 0.2, timeout_s: float | None = None) -> Any:
+        """The run once it has finished or waits for input."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             run = self.get_run(run_id)
-            if run["status"] in TERMINAL:
+            if run["status"] in SETTLED:
                 return run
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} is still {run['status']}")

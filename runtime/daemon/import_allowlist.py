@@ -264,8 +264,9 @@ class _Walker:
             role = fields.get(key) if isinstance(key, str) else None
             if role == "text":
                 continue
-            if role == "node":
-                self.node(value, sub)
+            if role == "node":  # one nested node (a map's), or a list (a race's branches)
+                for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+                    self.node(item, sub if i is None else (*sub, i))
             elif role == "graph":
                 if isinstance(value, dict):
                     self.workflow(value, sub)

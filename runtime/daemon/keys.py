@@ -4,7 +4,9 @@
 - `treadle:{auth}:apikeys`   hash: key id -> key JSON (tenant, sha256 of the key, revoked).
   Both carry the hash tag `{auth}`, so the authentication script may read both in one
   round trip on Redis Cluster too;
-- `treadle:tenant:<t>:workflows`  hash: workflow name -> registered definition info;
+- `treadle:tenant:<t>:workflows`  hash: workflow name -> its latest version's info;
+- `treadle:tenant:<t>:wfversions:<name>`  hash: version number -> that version's info
+  (each version written once, never changed);
 - `treadle:wfdef:<sha256>`   hash: `format`, `text`: a definition by content (immutable, so a
   run keeps the program it was submitted with when its workflow is registered again);
 - `treadle:tenant:<t>:active`  sorted set: the tenant's runs not yet settled (score: when
@@ -37,6 +39,9 @@ class DaemonKeys:
 
     def workflows(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:workflows"
+
+    def workflow_versions(self, tenant: str, name: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:wfversions:{name}"
 
     def definition(self, digest: str) -> str:
         return f"{self.prefix}:wfdef:{digest}"

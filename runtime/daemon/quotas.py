@@ -1,11 +1,13 @@
 """Per-tenant quotas: concurrent runs and LLM tokens per minute.
 
 - **Concurrent runs**: `treadle:tenant:<t>:active` holds the tenant's runs that are not
-  settled yet. Submitting adds the run in one script that first checks the count, so two
-  API processes cannot both admit the last slot; a worker removes the run when it settles
-  it (`release_run`). A slot can leak only if a process dies between admitting a run and
-  creating its record; `prune` (run when a tenant hits its limit) drops members whose run
-  is terminal, or missing for longer than a minute. Workers release in batches
+  settled yet (a run waiting for human input is not counted: its worker releases it when it
+  parks, and an answer admits it again). Submitting adds the run in one script that first
+  checks the count, so two API processes cannot both admit the last slot; a worker removes
+  the run when it settles it (`release_run`). A slot can leak only if a process dies
+  between admitting a run and creating its record; `prune` (run when a tenant hits its
+  limit) drops members whose run is terminal or waiting, or missing for longer than a
+  minute. Workers release in batches
   (`UsageLedger`).
 - **Tokens per minute**: workers count the prompt and completion tokens of every LLM call
   (`UsageLedger`, a run listener) and add them every 0.2 s to a counter per tenant and
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: a member of the active set whose run record never appeared is dropped after this long
 _ORPHAN_AFTER_S = 60.0
+#: statuses that hold no slot: settled, or parked until a person answers
+_NOT_ACTIVE = TERMINAL | {"waiting"}
 
 # KEYS: active set.  ARGV: limit, run id, now.  1: admitted (or already in), 0: full.
 _ADMIT_LUA = """
@@ -119,7 +123,7 @@ class Quotas:
             if raw is None:
                 if now - float(score) > _ORPHAN_AFTER_S:
                     stale.append(run_id)
-            elif codec.decode_record(raw).status in TERMINAL:
+            elif codec.decode_record(raw).status in _NOT_ACTIVE:
                 stale.append(run_id)
         if stale:
             await self.redis.zrem(key, *stale)

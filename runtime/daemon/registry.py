@@ -1,9 +1,14 @@
-"""The workflow registry: tenants' named workflow definitions, stored in Redis.
+"""The workflow registry: tenants' named, versioned workflow definitions, stored in Redis.
 
-A definition is stored once by content (`treadle:wfdef:<sha256>`), and each tenant maps
-names to the digest of its current definition (`treadle:tenant:<t>:workflows`). A run's
-`RunRecord.source` is `registry:<digest>`, not the name, so registering a workflow again
-never changes the program under a run that is queued or being resumed.
+A definition is stored once by content (`treadle:wfdef:<sha256>`). Registering a name with
+a definition that differs from its latest makes a new version (1, 2, ...): each version's
+info is written once and never changed (`treadle:tenant:<t>:wfversions:<name>`), and the
+name points at the latest (`treadle:tenant:<t>:workflows`); registering the latest
+definition again changes nothing. A run records its version
+(`RunRecord.meta["workflow_version"]`) and its program by content (`RunRecord.source` is
+`registry:<digest>`), so registering a workflow again never changes the program under a
+run that is queued, waiting or being resumed. A run is submitted on the latest version or
+on one it names.
 
 Workers check the import allow-list again when they load a stored definition (defense in
 depth: `ProgramError`, and the run fails). Registering validates the definition completely
@@ -33,6 +38,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from treadle.backends.factory import model_entry_problems
 from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
 from treadle.graphs.files.loader import WorkflowFileError, load_workflow_text
@@ -142,6 +148,9 @@ class WorkflowRegistry:
                     info = _info(cg, digest, fmt, old)
                     pipe.multi()
                     pipe.hset(key, cg.name, info.model_dump_json())
+                    # the version's own record: written once (a version never changes)
+                    versions = self.keys.workflow_versions(tenant, cg.name)
+                    pipe.hsetnx(versions, str(info.version), info.model_dump_json())
                     await pipe.execute()
                     self._names[(tenant, cg.name)] = (time.monotonic() + NAME_CACHE_S, info)
                     return info
@@ -163,6 +172,24 @@ class WorkflowRegistry:
             self._names.clear()
         self._names[(tenant, name)] = (now + NAME_CACHE_S, info)
         return info
+
+    async def versions(self, tenant: str, name: str) -> list[WorkflowInfo]:
+        """Every version of the tenant's workflow `name`, oldest first (empty: no such
+        workflow)."""
+        raw = await self.redis.hgetall(self.keys.workflow_versions(tenant, name))
+        found = sorted((WorkflowInfo.model_validate_json(v) for v in raw.values()), key=_by_version)
+        if not found:  # registered before versions were kept: its latest is all there is
+            latest = await self.get(tenant, name)
+            found = [latest] if latest is not None else []
+        return found
+
+    async def version(self, tenant: str, name: str, version: int) -> WorkflowInfo | None:
+        """Version `version` of the tenant's workflow `name` (None: no such version)."""
+        raw = await self.redis.hget(self.keys.workflow_versions(tenant, name), str(version))
+        if raw is not None:
+            return WorkflowInfo.model_validate_json(raw)
+        latest = await self.get(tenant, name)
+        return latest if latest is not None and latest.version == version else None
 
     async def list_workflows(self, tenant: str) -> list[WorkflowInfo]:
         raw = await self.redis.hgetall(self.keys.workflows(tenant))
@@ -207,7 +234,7 @@ class WorkflowRegistry:
         self.allowlist.check_document(text, filename=filename, fmt=fmt)
         spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
         self.allowlist.check_spec(spec)
-        return compile_graph(spec, models=self.models)
+        return compile_graph(spec, models=self.models, check_model=model_entry_problems)
 
     def _remember(self, digest: str, cg: CompiledGraph) -> None:
         self._cache[digest] = cg
@@ -248,6 +275,10 @@ def source_of(digest: str) -> str:
 
 def _by_name(info: WorkflowInfo) -> str:
     return info.name
+
+
+def _by_version(info: WorkflowInfo) -> int:
+    return info.version
 
 
 def _info(cg: CompiledGraph, digest: str, fmt: Format, old: WorkflowInfo | None) -> WorkflowInfo:

@@ -1,4 +1,5 @@
-"""Runs as a tenant sees them: submit, read, list, cancel — each scoped to its tenant.
+"""Runs as a tenant sees them: submit, read, list, cancel, answer — each scoped to its
+tenant.
 
 A run id that belongs to another tenant is answered exactly like one that does not exist
 (`NotFound`, the same message), so ids of other tenants cannot even be confirmed.
@@ -9,6 +10,12 @@ Workers leave a fresh run's record `pending` until it ends; `RunView.status` rep
 `running` once its journal has events. Cancelling sets the run's cancel flag
 (`request_cancel`): the worker running the run stops it, and a worker that claims a
 flagged run that has not started marks it cancelled instead.
+
+Answering (`answer`) records a person's input for a `waiting` run
+(`treadle.runtime.execution.inputs.record_input`: checked against the request, idempotent
+on the client's key) and queues the run again. A waiting run does not count against its
+tenant's concurrent runs (its worker released it when it parked); an answer re-admits it
+first, so a tenant at its limit gets 429 and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -29,9 +36,15 @@ from redis.asyncio import Redis
 from treadle.errors import DaemonError
 from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
 from treadle.runtime.daemon.quotas import Quotas
-from treadle.runtime.daemon.registry import WorkflowRegistry, source_of
+from treadle.runtime.daemon.registry import SOURCE_PREFIX, WorkflowRegistry, source_of
 from treadle.runtime.daemon.tenants import Tenant
-from treadle.runtime.daemon.worker import request_cancel
+from treadle.runtime.daemon.worker import ProgramError, request_cancel
+from treadle.runtime.execution.inputs import (
+    InputConflict,
+    InputRejected,
+    InputResult,
+    record_input,
+)
 from treadle.runtime.execution.runtime import InvalidInputs, validate_inputs
 from treadle.runtime.stores import codec
 from treadle.runtime.stores.redis import RedisStore
@@ -85,6 +98,7 @@ class RunService:
         quotas: Quotas,
     ) -> None:
         self.redis = redis
+        self.store = store
         self.registry = registry
         self.quotas = quotas
         self.keys = store.keys
@@ -95,10 +109,16 @@ class RunService:
         workflow: str,
         inputs: Mapping[str, Any],
         meta: Mapping[str, str] | None = None,
+        *,
+        version: int | None = None,
     ) -> RunRecord:
-        info = await self.registry.get(tenant.id, workflow)
+        if version is None:
+            info = await self.registry.get(tenant.id, workflow)
+        else:
+            info = await self.registry.version(tenant.id, workflow, version)
         if info is None:
-            raise NotFound(f"workflow {workflow!r} not found")
+            which = "" if version is None else f" version {version}"
+            raise NotFound(f"workflow {workflow!r}{which} not found")
         cg = await self.registry.compiled(info.digest)
         bad = _non_finite(inputs)
         if bad is not None:
@@ -168,6 +188,55 @@ class RunService:
             raise Conflict(f"run {run_id!r} has finished already ({view.record.status})")
         await request_cancel(self.redis, self.keys, run_id)
         return RunView(view.record, True, view.started)
+
+    async def answer(
+        self,
+        tenant: Tenant,
+        run_id: str,
+        value: Any,
+        *,
+        node: str | None = None,
+        key: str | None = None,
+    ) -> tuple[InputResult, RunView]:
+        """Record the answer to a waiting run's request and queue the run to go on. Raises
+        `NotFound`, `InvalidRequest` (the answer does not fit), `Conflict` (not waiting for
+        it), or `QuotaExceeded`."""
+        view = await self.get(tenant, run_id)
+        record = view.record
+        if record.status in TERMINAL:
+            raise Conflict(f"run {run_id!r} has finished already ({record.status})")
+        bad = _non_finite(value)
+        if bad is not None:
+            raise InvalidRequest(f"value.{bad}: NaN and Infinity are not JSON numbers")
+        source = record.source or ""
+        if not source.startswith(SOURCE_PREFIX):
+            raise Conflict(f"run {run_id!r} was not submitted from a registered workflow")
+        try:
+            cg = await self.registry.compiled(source[len(SOURCE_PREFIX) :])
+        except ProgramError as exc:
+            raise Conflict(f"run {run_id!r}: its workflow cannot be loaded: {exc}") from None
+        await self.quotas.admit_run(tenant, run_id)
+        resumed = False
+        try:
+            try:
+                result = await record_input(
+                    self.store, cg, run_id, value, node=node, key=key, record=record
+                )
+            except InputRejected as exc:
+                raise InvalidRequest(str(exc)) from None
+            except InputConflict as exc:
+                raise Conflict(str(exc)) from None
+            if not result.replayed and record.status == "waiting":
+                await self.store.update_run(run_id, status="pending")
+                await self.redis.xadd(
+                    self.keys.queue(), {"run": run_id, "payload": codec.dumps({})}
+                )
+                resumed = True
+        finally:
+            if not resumed:  # nothing to run: the slot goes back
+                with anyio.CancelScope(shield=True):
+                    await self.quotas.release_run(tenant.id, run_id)
+        return result, await self.get(tenant, run_id)
 
     async def list_runs(
         self,

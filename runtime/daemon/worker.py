@@ -34,6 +34,12 @@ its subscription was down (a Redis restart) is lost.
 Shutting down (`stop()`): no more claims; runs in progress get `drain_s` to finish, then
 are interrupted without being marked (their leases are released and their queue entries
 stay pending, so another worker resumes them from the journal).
+
+Waiting for human input: a run that parks (status `waiting`) is settled for now: its quota
+slot is released (`on_settled`) and its queue entry acknowledged; it holds no task, lease or
+scheduler slot. An answer (`RunService.answer`) queues it again. A request with a deadline
+puts the run in `treadle:input_deadlines`; every worker looks there every `cancel_poll_s`
+and queues the runs whose deadline has passed (one worker wins each), so defaults apply.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
 from treadle.runtime.daemon.workqueue import Job, LeaseKeeper, WorkQueue
 from treadle.runtime.execution.runtime import RunHandle, Runtime
 from treadle.runtime.stores import codec
-from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore
+from treadle.runtime.stores.redis import LeaseLost, RedisKeys, RedisStore, _strs
 
 if TYPE_CHECKING:
     from treadle.backends.base import Backend
@@ -112,7 +118,8 @@ class ProgramLoader(Protocol):
         ...
 
 
-#: called once a run is terminal, before its queue entry is acknowledged
+#: called once a run is terminal, or parked to wait for input, before its queue entry is
+#: acknowledged
 SettledHook = Callable[[RunRecord], Awaitable[None]]
 #: called with a run and its loaded program before it runs; raises `ProgramError` to refuse
 ProgramCheck = Callable[[RunRecord, CompiledGraph], None]
@@ -146,6 +153,9 @@ class WorkerStats:
     lease_lost: int = 0
     interrupted: int = 0
     retried_later: int = 0
+    #: runs that parked to wait for input, and those queued again at a deadline
+    parked: int = 0
+    deadlines: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
 
 
@@ -191,7 +201,8 @@ class _Gate:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self._closed: set[str] = set()
-        #: runs whose terminal status this worker wrote (saves reading the record back)
+        #: runs whose terminal (or waiting) status this worker wrote (saves reading the
+        #: record back)
         self.settled: dict[str, str] = {}
 
     def shut(self, run_id: str) -> None:
@@ -216,7 +227,7 @@ class _Gate:
         self._check(run_id)
         await self.store.update_run(run_id, **changes)
         status = changes.get("status")
-        if isinstance(status, str) and status in TERMINAL:
+        if isinstance(status, str) and (status in TERMINAL or status == "waiting"):
             self.settled[run_id] = status
 
     async def list_runs(
@@ -224,6 +235,9 @@ class _Gate:
         offset: int = 0,
     ) -> list[RunRecord]:  # fmt: skip
         return await self.store.list_runs(tenant=tenant, status=status, limit=limit, offset=offset)
+
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        return await self.store.run_ids_with_prefix(prefix, limit=limit)
 
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
@@ -289,7 +303,11 @@ class Worker:
         if tracer is not None:
             all_listeners.append(tracer.listener)
         self.runtime = Runtime(
-            store=self.store, models=models, listeners=all_listeners, interceptors=interceptors
+            store=self.store,
+            models=models,
+            listeners=all_listeners,
+            interceptors=interceptors,
+            cache=store,  # tenant-scoped: every key of the result cache holds the tenant
         )
         self.stats = WorkerStats()
         self._slots: dict[str, _Slot] = {}
@@ -330,6 +348,7 @@ class Worker:
             async with anyio.create_task_group() as services:
                 services.start_soon(self._subscribe_cancels)
                 services.start_soon(self._poll_cancels)
+                services.start_soon(self._poll_deadlines)
                 if self.options.retain_s > 0:
                     services.start_soon(self._prune_indexes)
                 task_status.started()
@@ -462,7 +481,8 @@ class Worker:
         if record is None:
             log.error("queue entry for run %s, which does not exist: dropping it", run_id)
             return _GONE
-        if record.status in TERMINAL:
+        if record.status in TERMINAL or record.status == "waiting":
+            # done, or parked until an answer (or a deadline) queues it again
             return record
         if flagged:
             await self.store.update_run(
@@ -488,6 +508,7 @@ class Worker:
         self._set_trace_parent(record)
         try:
             async with self.runtime.open_run(cg, record, resume=resume) as handle:
+                handle._release()  # a run that parks is settled for now (see above)
                 slot.handle = handle
                 if slot.cancel_requested:
                     handle.cancel()
@@ -504,7 +525,8 @@ class Worker:
         status = self.store.settled.get(run_id)
         if status is not None:
             # the runtime recorded the end: the record is what we had, with its new status
-            return record.model_copy(update={"status": status, "error": result.error})
+            update = {"status": status, "error": result.error, "pending_inputs": result.pending}
+            return record.model_copy(update=update)
         final = await self.store.get_run(run_id)
         if final is None or final.status not in TERMINAL:
             owner = await self.queue.lease_owner(run_id)
@@ -520,11 +542,38 @@ class Worker:
         if isinstance(final, RunRecord):
             if self.on_settled is not None:
                 await self.on_settled(final)
-            if self.options.retain_s > 0:
+            if final.status == "waiting":
+                await self._parked(final)
+            elif self.options.retain_s > 0:
                 await self._unfenced.expire_run(final.run_id, self.options.retain_s)
             self.stats.settled += 1
             self.stats.by_status[final.status] = self.stats.by_status.get(final.status, 0) + 1
         await self.queue.ack(job)
+
+    async def _parked(self, record: RunRecord) -> None:
+        """A run parked for input: remember when its first request expires."""
+        self.stats.parked += 1
+        deadlines = [r.expires_at for r in record.pending_inputs if r.expires_at is not None]
+        if deadlines:
+            await self._client.zadd(self.keys.input_deadlines(), {record.run_id: min(deadlines)})
+
+    async def _poll_deadlines(self) -> None:
+        """Queue waiting runs whose request has expired, so its default applies."""
+        key = self.keys.input_deadlines()
+        while True:
+            await anyio.sleep(self.options.cancel_poll_s)
+            try:
+                due = _strs(await self._client.zrangebyscore(key, "-inf", time.time(), 0, 100))
+                for run_id in due:
+                    if not await self._client.zrem(key, run_id):
+                        continue  # another worker took it
+                    record = await self._unfenced.get_run(run_id)
+                    if record is not None and record.status == "waiting":
+                        await self._unfenced.update_run(run_id, status="pending")
+                        await self.queue.enqueue(run_id)
+                        self.stats.deadlines += 1
+            except (RedisError, OSError) as exc:
+                log.warning("polling input deadlines failed: %s", exc)
 
     async def _read_state(self, run_id: str) -> tuple[RunRecord | None, int, bool]:
         async with self._client.pipeline(transaction=False) as pipe:

@@ -30,7 +30,8 @@ from treadle.runtime.daemon.quotas import UsageLedger
 from treadle.runtime.daemon.registry import RegistryLoader
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import ProgramCheck, ProgramError, Worker, WorkerOptions
-from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
+from treadle.runtime.observe.tracing import OtelTracer
+from treadle.runtime.observe.tracing_setup import configure_tracing
 
 log = logging.getLogger(__name__)
 

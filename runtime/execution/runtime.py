@@ -5,6 +5,13 @@
     async with runtime.start(graph, inputs) as run:
         async for event in run.events(): ...
 
+A run that reaches an `ask` node with no answer parks (status `waiting`: it holds no
+task, scheduler slot or KV pin) once nothing else of it can run; `run()` then returns a
+`RunResult` whose `pending` lists the requests. `runtime.resume(run_id, graph, input=...)`
+answers and continues it, in this process or any other that opens the same store; inside
+`start(...)`, `await run.resume(value)` continues the same handle. A request whose
+`deadline_s` passes while the handle is open is answered by its default there and then.
+
 A runtime owns the state store, the model aliases (backends), the listeners that see
 every event of its runs, and the interceptor chain every LLM and tool call goes through
 (`treadle.runtime.core.interceptors`): the given `interceptors` in order, then listeners
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -28,14 +36,16 @@ import anyio
 from pydantic import BaseModel, ValidationError
 
 from treadle.backends.base import Backend, ClosableBackend
+from treadle.backends.factory import create_backend, describe_entry_problems, model_entry_problems
 from treadle.backends.scripted import ScriptedBackend
 from treadle.errors import RunError
 from treadle.graphs.builder import Graph
 from treadle.graphs.compile import DEFAULT_MODEL, CompiledGraph, compile_graph
 from treadle.graphs.spec import GraphSpec
+from treadle.runtime.core.cache import ResultCache
 from treadle.runtime.core.context import Listener, RunContext, RunOptions
 from treadle.runtime.core.errors import RunCancelled, RunFailed
-from treadle.runtime.core.events import Event, RunFinished, RunStarted
+from treadle.runtime.core.events import Event, RunFinished, RunStarted, RunWaiting
 from treadle.runtime.core.gateway import dispatch
 from treadle.runtime.core.interceptors import (
     Admission,
@@ -46,6 +56,8 @@ from treadle.runtime.core.interceptors import (
 )
 from treadle.runtime.core.journal import Journal
 from treadle.runtime.core.store import RunRecord, RunStatus, StateStore
+from treadle.runtime.core.waiting import InputPending, InputRequest, answer_key
+from treadle.runtime.execution.inputs import InputConflict, InputResult, record_input
 from treadle.runtime.execution.orchestrator import GraphScope
 from treadle.runtime.stores.memory import MemoryStore
 
@@ -58,6 +70,14 @@ class InvalidInputs(RunError, ValueError):
     """The inputs given to a run do not match the graph's declared inputs."""
 
 
+class InvalidModel(RunError, ValueError):
+    """A model alias's backend cannot be built from its configuration."""
+
+
+#: `resume(..., input=NO_INPUT)`: continue without answering anything
+NO_INPUT: Any = object()
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -66,37 +86,66 @@ class RunResult:
     error: str | None
     events: list[Event] = field(default_factory=list, repr=False)
     duration_s: float = 0.0
+    #: while `waiting`: the requests the run waits on
+    pending: list[InputRequest] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
 
+    @property
+    def waiting(self) -> bool:
+        return self.status == "waiting"
+
     def raise_for_status(self) -> RunResult:
+        """The result itself if the run succeeded or waits for input; else `RunFailed` or
+        `RunCancelled`."""
         if self.status == "cancelled":
             raise RunCancelled(self.run_id)
-        if self.status != "succeeded":
+        if self.status not in ("succeeded", "waiting"):
             raise RunFailed(self.run_id, self.error or "unknown error")
         return self
 
 
 class RunHandle:
-    """A run in progress: its events as they happen, its result, and a way to cancel it."""
+    """A run in progress: its events as they happen, its result, a way to cancel it, and,
+    when it waits for input, a way to answer and continue it (`resume`)."""
 
-    def __init__(self, ctx: RunContext, scope: anyio.CancelScope):
+    def __init__(
+        self, ctx: RunContext, scope: anyio.CancelScope, store: StateStore, cg: CompiledGraph
+    ):
         self._ctx = ctx
         self._scope = scope
+        self._store = store
+        self._cg = cg
         self._done = anyio.Event()
         self._result: RunResult | None = None
+        #: set by `resume` (or a deadline): the parked run goes on
+        self._wake: anyio.Event | None = None
+        #: False once the `async with` block that opened the run is left: a run that parks
+        #: then is left waiting in the store rather than in this process
+        self._held = True
+        self._park_scope: anyio.CancelScope | None = None
+        #: the run waited for input (its record lists requests to clear when it ends)
+        self._had_requests = False
 
     @property
     def run_id(self) -> str:
         return self._ctx.run_id
 
+    @property
+    def pending(self) -> list[InputRequest]:
+        """The requests the run waits on now (empty unless it is parked)."""
+        result = self._result
+        return list(result.pending) if result is not None and self._wake is not None else []
+
     def cancel(self) -> None:
         self._scope.cancel()
 
     async def events(self, after: int = 0) -> AsyncIterator[Event]:
-        """Every event of this run (from index `after` on), up to its `RunFinished`."""
+        """Every event of this run (from index `after` on), up to its `RunFinished`, or
+        its `RunWaiting` when it parks to wait for input (after `resume`, read on with
+        `events(after=...)`)."""
         index = after
         log = self._ctx.log
         while True:
@@ -104,18 +153,66 @@ class RunHandle:
                 event = log[index]
                 index += 1
                 yield event
-                if isinstance(event, RunFinished):
+                if isinstance(event, RunFinished | RunWaiting):
                     return
             await self._ctx.wait_for_events(index)
 
     async def result(self) -> RunResult:
+        """The run's result once it has finished, or parked to wait for input."""
         await self._done.wait()
         assert self._result is not None
         return self._result
 
+    async def resume(
+        self, input: Any = NO_INPUT, *, node: str | None = None, key: str | None = None
+    ) -> InputResult | None:
+        """Answer the request at `node` (optional when the run waits on one) with `input`,
+        checked against the request's type, and continue the run in this handle; `result()`
+        then waits for its new end. Raises `InputRejected` for an answer that does not fit,
+        `InputConflict` when the run is not waiting (for that request)."""
+        if self._wake is None:
+            raise InputConflict(f"run {self.run_id!r} is not waiting for input")
+        answered = None
+        if input is not NO_INPUT:
+            answered = await record_input(self._store, self._cg, self.run_id, input,
+                                          node=node, key=key)  # fmt: skip
+        self._done = anyio.Event()
+        self._result = None
+        self._wake.set()
+        return answered
+
     def _finish(self, result: RunResult) -> None:
         self._result = result
         self._done.set()
+
+    async def _parked(self, result: RunResult) -> bool:
+        """The run parks with `result`: wait here, while the handle is held, for `resume`
+        or the earliest deadline of its requests. True: go on; False: leave it waiting."""
+        self._wake = wake = anyio.Event()
+        self._had_requests = True
+        self._finish(result)
+        deadlines = [r.expires_at for r in result.pending if r.expires_at is not None]
+        try:
+            if not self._held:
+                return False
+            with anyio.CancelScope() as self._park_scope:
+                delay = max(0.0, min(deadlines) - time.time()) if deadlines else math.inf
+                with anyio.move_on_after(delay):
+                    await wake.wait()
+                if not wake.is_set():  # a deadline passed: its default answers it
+                    self._done = anyio.Event()
+                    self._result = None
+                return True
+            return False  # released while parked
+        finally:
+            self._park_scope = None
+            self._wake = None
+
+    def _release(self) -> None:
+        """The opening block is left: stop holding the run in this process."""
+        self._held = False
+        if self._park_scope is not None:
+            self._park_scope.cancel()
 
 
 class Runtime:
@@ -131,12 +228,21 @@ class Runtime:
         admission: CallAdmission | None = None,
         listeners: Sequence[Listener] = (),
         interceptors: Sequence[CallInterceptor] = (),
+        cache: ResultCache | None = None,
     ) -> None:
         self.store: StateStore = store if store is not None else MemoryStore()
+        #: where nodes with the `cache` option keep their outputs: the store, unless given
+        self.cache: ResultCache | None = cache
+        if cache is None and isinstance(self.store, ResultCache):
+            self.cache = self.store
         self._models: dict[str, Backend] = {}
         self._model_configs: dict[str, Mapping[str, Any]] = {}
         for alias, backend in (models or {}).items():
             if isinstance(backend, Mapping):
+                problems = model_entry_problems(backend)
+                if problems:
+                    text = describe_entry_problems(backend.get("backend"), problems)
+                    raise InvalidModel(f"model {alias!r}: {text}")
                 self._model_configs[alias] = backend
             else:
                 self._models[alias] = backend
@@ -161,7 +267,9 @@ class Runtime:
         if isinstance(graph, CompiledGraph):
             return graph
         spec = graph.spec if isinstance(graph, Graph) else graph
-        return compile_graph(spec, models=[*self._models, *self._model_configs])
+        return compile_graph(
+            spec, models=[*self._models, *self._model_configs], check_model=model_entry_problems
+        )
 
     def _backends(self, cg: CompiledGraph) -> dict[str, Backend]:
         backends: dict[str, Backend] = {}
@@ -176,9 +284,10 @@ class Runtime:
                 continue
             key = alias + json.dumps(config, sort_keys=True, default=str)
             if key not in self._created:
-                from treadle.backends.factory import create_backend
-
-                self._created[key] = create_backend(dict(config))
+                try:
+                    self._created[key] = create_backend(dict(config))
+                except ValueError as exc:
+                    raise InvalidModel(f"model {alias!r}: {exc}") from None
             backends[alias] = self._created[key]
         return backends
 
@@ -196,15 +305,34 @@ class Runtime:
     ) -> RunResult:
         """Run to completion. With `check` (default) a failed run raises `RunFailed`."""
         async with self.start(graph, inputs, run_id=run_id, tenant=tenant, source=source) as run:
+            run._release()  # a run that parks is left waiting in the store
             result = await run.result()
         return result.raise_for_status() if check else result
 
-    async def resume(self, run_id: str, graph: GraphLike, *, check: bool = True) -> RunResult:
-        """Continue an interrupted run from its journal: finished nodes are not re-run."""
+    async def resume(
+        self,
+        run_id: str,
+        graph: GraphLike,
+        input: Any = NO_INPUT,
+        *,
+        node: str | None = None,
+        key: str | None = None,
+        check: bool = True,
+    ) -> RunResult:
+        """Continue an interrupted or waiting run from its journal: finished nodes are not
+        re-run. `input` answers the request at `node` (which may be left out when the run
+        waits on one request), checked against its type first (`InputRejected`); `key`
+        makes the answer idempotent (the same answer with the same key again is accepted
+        and changes nothing). A waiting run resumed without input applies the defaults of
+        the requests whose deadline has passed and waits on the others."""
         record = await self.store.get_run(run_id)
         if record is None:
             raise KeyError(f"no run {run_id!r} in the store")
-        async with self.open_run(self.compile(graph), record, resume=True) as run:
+        cg = self.compile(graph)
+        if input is not NO_INPUT:
+            await record_input(self.store, cg, run_id, input, node=node, key=key, record=record)
+        async with self.open_run(cg, record, resume=True) as run:
+            run._release()  # a run that parks again is left waiting in the store
             result = await run.result()
         return result.raise_for_status() if check else result
 
@@ -221,6 +349,7 @@ class Runtime:
         """Start a run in the background of the `async with` block."""
         cg = self.compile(graph)
         validated = validate_inputs(cg, inputs)
+        self._backends(cg)  # a backend that cannot be built fails here, before the run exists
         record = RunRecord(
             run_id=run_id or uuid.uuid4().hex,
             graph=cg.name,
@@ -238,8 +367,14 @@ class Runtime:
         self, cg: CompiledGraph, record: RunRecord, *, resume: bool
     ) -> AsyncIterator[RunHandle]:
         """Execute a run whose record is already in the store (a daemon's API created it);
-        with `resume`, continue from its journal."""
-        inputs_model = validate_inputs(cg, record.inputs)
+        with `resume`, continue from its journal. A run that cannot start (its inputs no
+        longer fit, a backend cannot be built) is recorded as failed, and the error raised."""
+        try:
+            inputs_model = validate_inputs(cg, record.inputs)
+            backends = self._backends(cg)
+        except (InvalidInputs, InvalidModel) as exc:
+            await self.store.update_run(record.run_id, status="failed", error=str(exc))
+            raise
         restored: dict[str, bytes] = {}
         first_seq = 1
         if resume:
@@ -250,7 +385,7 @@ class Runtime:
         ctx = RunContext(
             record.run_id,
             Journal(self.store, record.run_id),
-            backends=self._backends(cg),
+            backends=backends,
             send_llm=self._send_llm,
             invoke_tool=self._invoke_tool,
             options=RunOptions(
@@ -261,14 +396,23 @@ class Runtime:
             restored=restored,
             first_seq=first_seq,
             listeners=self.listeners,
+            cache=self.cache,
+            admission=self.admission,
         )
         inputs = {name: getattr(inputs_model, name) for name in type(inputs_model).model_fields}
         scope = anyio.CancelScope()
-        handle = RunHandle(ctx, scope)
-        # leaving the block waits for the run, as a task group does; `handle.cancel()` stops it
+        handle = RunHandle(ctx, scope, self.store, cg)
+        handle._had_requests = bool(record.pending_inputs)
+        # leaving the block waits for the run, as a task group does, until it finishes or
+        # parks to wait for input; `handle.cancel()` stops it
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._execute, ctx, cg, inputs, scope, handle, resume)
-            yield handle
+            try:
+                yield handle
+                if not handle._done.is_set():
+                    await handle._done.wait()
+            finally:
+                handle._release()
 
     async def _execute(
         self,
@@ -283,7 +427,15 @@ class Runtime:
         ctx.emit(RunStarted, graph=cg.name, resumed=resume)
         try:
             with scope:
-                output = await GraphScope(ctx, cg, inputs).run()
+                while True:
+                    try:
+                        output = await GraphScope(ctx, cg, inputs).run()
+                        break
+                    except InputPending as pending:
+                        if not await self._park(ctx, handle, started, pending.requests):
+                            return  # left waiting: resumed later, by whoever answers
+                        started = time.perf_counter()
+                        await self._unpark(ctx, cg)
             if scope.cancelled_caught:
                 await self._finish(ctx, handle, started, "cancelled", None, None)
             else:
@@ -296,6 +448,42 @@ class Runtime:
             raise
         except Exception as exc:
             await self._finish(ctx, handle, started, "failed", None, _failure_message(exc))
+
+    async def _park(
+        self, ctx: RunContext, handle: RunHandle, started: float, requests: list[InputRequest]
+    ) -> bool:
+        """Everything that could run has: the run waits for the answers to `requests`. It
+        gives back what it holds (the admission's slot and pin), becomes `waiting` in the
+        store, and, while its handle is held, waits in this process (True: go on)."""
+        with anyio.CancelScope(shield=True):
+            if self.admission is not None:
+                self.admission.end_run(ctx, "waiting")
+            ctx.emit(RunWaiting, nodes=[r.node for r in requests])
+            await ctx.journal.commit(final=True)
+            await self.store.update_run(
+                ctx.run_id, status="waiting", error=None, pending_inputs=requests
+            )
+            # an answer recorded while the run was still running, after its ask node
+            # looked, would be waited for in vain: go on at once
+            outputs = await self.store.load_outputs(ctx.run_id)
+        result = RunResult(
+            ctx.run_id,
+            "waiting",
+            None,
+            None,
+            ctx.log,
+            time.perf_counter() - started,
+            pending=requests,
+        )
+        if any(answer_key(r.node) in outputs for r in requests):
+            return True
+        return await handle._parked(result)
+
+    async def _unpark(self, ctx: RunContext, cg: CompiledGraph) -> None:
+        """Continue a parked run in this process, from what its journal holds now."""
+        ctx.restored = await self.store.load_outputs(ctx.run_id)
+        await self.store.update_run(ctx.run_id, status="running", error=None)
+        ctx.emit(RunStarted, graph=cg.name, resumed=True)
 
     async def _interrupt(self, ctx: RunContext, handle: RunHandle, started: float) -> None:
         with anyio.CancelScope(shield=True):
@@ -325,9 +513,12 @@ class Runtime:
                 self.admission.end_run(ctx, status)
             ctx.emit(RunFinished, status=status, error=error, duration_s=duration)
             dumped = output.model_dump(mode="json") if isinstance(output, BaseModel) else output
+            changes: dict[str, Any] = {"status": status, "output": dumped, "error": error}
+            if handle._had_requests:
+                changes["pending_inputs"] = []
             try:
                 await ctx.journal.commit(final=True)
-                await self.store.update_run(ctx.run_id, status=status, output=dumped, error=error)
+                await self.store.update_run(ctx.run_id, **changes)
             except Exception as exc:  # the store itself failed: say so, do not hide it
                 status, error = "failed", f"state store error: {exc}"
             handle._finish(RunResult(ctx.run_id, status, output, error, ctx.log, duration))
@@ -355,11 +546,10 @@ def validate_inputs(cg: CompiledGraph, inputs: Mapping[str, Any] | BaseModel | N
 def _declared_config(cg: CompiledGraph, alias: str) -> Mapping[str, Any] | None:
     if alias in cg.spec.models:
         return cg.spec.models[alias]
-    for node in cg.nodes.values():
-        if node.child is not None:
-            found = _declared_config(node.child, alias)
-            if found is not None:
-                return found
+    for child in cg.children():
+        found = _declared_config(child, alias)
+        if found is not None:
+            return found
     return None
 
 

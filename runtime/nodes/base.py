@@ -33,7 +33,8 @@ class Skipped:
 
 class Scope(Protocol):
     """The graph scope a node runs in (the orchestrator's `GraphScope`): what executors that
-    run other nodes (a map's elements, a subgraph) need from it."""
+    run other nodes (a map's elements, a subgraph, a loop's iterations, a race's branches)
+    need from it."""
 
     @property
     def graph(self) -> CompiledGraph: ...
@@ -44,9 +45,13 @@ class Scope(Protocol):
     def runs_inline(self, node: CompiledNode) -> bool:
         """Whether `node` runs synchronously in the caller's task."""
 
-    async def run_element(self, node: CompiledNode, instance: str, item: Any) -> Any:
-        """Run `node` as instance `instance` with `$item` bound to `item`, under its options,
-        its output journaled: its output, or `Skipped`."""
+    async def run_element(
+        self, node: CompiledNode, instance: str, item: Any = None, index: int | None = None
+    ) -> Any:
+        """Run `node` (a map's inner node, a race's branch) as instance `instance` with
+        `$item` and `$index` bound to `item` and `index`, under its options, its output
+        journaled: its output, or `Skipped`. Raises `RunFailed` when it fails under the
+        `fail` policy, `InputPending` when it waits for human input."""
 
     async def run_graph(self, graph: CompiledGraph, inputs: dict[str, Any], prefix: str) -> Any:
         """Run a nested graph in this run, its node instances named `prefix + id`."""

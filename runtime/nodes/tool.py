@@ -14,7 +14,7 @@ import anyio
 from treadle.backends.base import ToolCall
 from treadle.graphs.kinds import ToolNode
 from treadle.runtime.core.context import RunContext, ToolInvocation
-from treadle.runtime.core.errors import NodeError
+from treadle.runtime.core.errors import NodeError, why_call_ended
 from treadle.runtime.core.events import ToolCallFinished, ToolCallStarted
 from treadle.runtime.core.values import as_text
 from treadle.runtime.nodes.base import NodeCall, NodeExecutor
@@ -90,7 +90,9 @@ async def call_tool(
     )
     try:
         value = await ctx.invoke_tool(invocation)
-    except ToolError as exc:
+    except BaseException as exc:
+        # a call cut off (the node's timeout, the run's end) is closed too, failed: else it
+        # stays open in the journal, its trace and its span for ever
         ctx.emit(
             ToolCallFinished,
             node=node,
@@ -98,7 +100,7 @@ async def call_tool(
             tool=tool.name,
             duration_s=time.perf_counter() - started,
             ok=False,
-            error=exc.reason,
+            error=exc.reason if isinstance(exc, ToolError) else why_call_ended(exc),
         )
         raise
     ctx.emit(

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from treadle.errors import SetupError
 from treadle.runtime.core.context import InvokeTool, LLMCall, SendLLM, ToolInvocation
 from treadle.runtime.core.events import (
+    CacheHit,
     Event,
     LLMCallDispatched,
     LLMCallFinished,
@@ -39,6 +40,7 @@ from treadle.runtime.core.events import (
     PinSet,
     RunFinished,
     RunStarted,
+    RunWaiting,
     ToolCallFinished,
     ToolCallStarted,
 )
@@ -153,6 +155,25 @@ class RuntimeMetrics:
             "treadle_llm_cache_hit_calls",
             "LLM calls with at least one prompt token served from the prefix cache.",
             ["model"],
+            registry=r,
+        )
+        self.result_cache_hits = Counter(
+            "treadle_result_cache_hits",
+            "Node outputs (scope node) and LLM answers (scope llm_call) taken from the "
+            "result cache instead of being computed.",
+            ["scope", "tenant"],
+            registry=r,
+        )
+        self.result_cache_saved_tokens = Counter(
+            "treadle_result_cache_saved_tokens",
+            "LLM tokens not spent because an answer came from the result cache.",
+            ["tenant"],
+            registry=r,
+        )
+        self.runs_parked = Counter(
+            "treadle_runs_parked",
+            "Runs that parked to wait for human input (they hold nothing until resumed).",
+            ["graph", "tenant"],
             registry=r,
         )
         self.tool_calls = Counter(
@@ -308,15 +329,23 @@ class RuntimeMetrics:
                 self.runs_active.labels(run.tenant).inc()
             run.graph = event.graph
             self.runs_started.labels(run.graph, run.tenant).inc()
-        elif isinstance(event, RunFinished):
+        elif isinstance(event, RunFinished | RunWaiting):
             self._live.pop(event.run_id, None)
             if run.started:
                 self.runs_active.labels(run.tenant).dec()
-            self.runs_finished.labels(run.graph, run.tenant, event.status).inc()
-            self.run_duration.labels(run.graph, event.status).observe(event.duration_s)
+            if isinstance(event, RunWaiting):
+                self.runs_parked.labels(run.graph, run.tenant).inc()
+            else:
+                self.runs_finished.labels(run.graph, run.tenant, event.status).inc()
+                self.run_duration.labels(run.graph, event.status).observe(event.duration_s)
             # whatever the run still held is gone with it; the gauge must not drift
             if run.pins:
                 self.pins_active.dec(len(run.pins))
+        elif isinstance(event, CacheHit):
+            scope = "llm_call" if event.call_id else "node"
+            self.result_cache_hits.labels(scope, run.tenant).inc()
+            if event.saved_tokens:
+                self.result_cache_saved_tokens.labels(run.tenant).inc(event.saved_tokens)
 
     def _llm_finished(self, event: LLMCallFinished, run: _LiveRun) -> None:
         model = run.models.pop(event.call_id, event.model)
@@ -461,6 +490,9 @@ class RunSummary:
     tool_wall_s: float = 0.0
     #: the chain of top-level nodes that determined the run's end, first to last
     critical_path: list[CriticalStep] = field(default_factory=list)
+    #: nodes and LLM calls answered by the result cache, and the tokens that saved
+    result_cache_hits: int = 0
+    result_cache_saved_tokens: int = 0
 
     @property
     def critical_path_s(self) -> float:
@@ -478,27 +510,38 @@ class RunSummary:
     def lines(self) -> list[str]:
         """A few human lines for the end of `treadle run`."""
         out = [
-            f"{_secs(self.total_s)} · {self.nodes_finished} nodes done"
+            f"{_secs(self.total_s)} · {counted(self.nodes_finished, 'node')} done"
             + (f", {self.nodes_failed} failed" if self.nodes_failed else "")
             + (f", {self.nodes_skipped} skipped" if self.nodes_skipped else "")
-            + (f", {self.retries} retries" if self.retries else "")
+            + (f", {counted(self.retries, 'retry', 'retries')}" if self.retries else "")
         ]
         if self.llm_calls:
             hit = f"{self.cache_hit_rate:.0%}" if self.cache_hit_rate is not None else "n/a"
             out.append(
-                f"LLM: {self.llm_calls} calls, {self.tokens_in} in / {self.tokens_out} out "
-                f"tokens, cache hit {hit}, {_secs(self.llm_wall_s)} in flight "
-                f"(queue {_secs(self.llm_queue_s)})"
+                f"LLM: {counted(self.llm_calls, 'call')}, {self.tokens_in} in / "
+                f"{self.tokens_out} out tokens, cache hit {hit}, {_secs(self.llm_wall_s)} in "
+                f"flight (queue {_secs(self.llm_queue_s)})"
             )
         if self.tool_calls:
             out.append(
-                f"tools: {self.tool_calls} calls, {_secs(self.tool_wall_s)} running "
+                f"tools: {counted(self.tool_calls, 'call')}, {_secs(self.tool_wall_s)} running "
                 f"({_secs(self.tool_time_s)} summed)"
+            )
+        if self.result_cache_hits:
+            saved = self.result_cache_saved_tokens
+            out.append(
+                f"result cache: {self.result_cache_hits} hits"
+                + (f", {saved} tokens saved" if saved else "")
             )
         if self.critical_path:
             path = " → ".join(s.node for s in self.critical_path)
             out.append(f"critical path: {path} ({_secs(self.critical_path_s)} in nodes)")
         return out
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 call`, `2 calls`: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _secs(seconds: float) -> str:
@@ -568,6 +611,9 @@ def summarize_run(
             summary.tool_errors += not e.ok
             summary.tool_time_s += e.duration_s
             tool_intervals.append((tool_open.pop(e.call_id, e.ts - e.duration_s), e.ts))
+        elif isinstance(e, CacheHit):
+            summary.result_cache_hits += 1
+            summary.result_cache_saved_tokens += e.saved_tokens
         elif isinstance(e, RunFinished):
             summary.status = e.status
     if summary.tokens_in:

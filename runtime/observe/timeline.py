@@ -35,9 +35,10 @@ from treadle.runtime.core.events import (
 from treadle.runtime.observe.metrics import RunSummary, summarize_run
 
 #: error policies after whose `NodeFailed` the orchestrator still settles the node: `skip`
-#: emits `NodeSkipped`, `fallback` emits `NodeFinished` (with the fallback value); after
-#: `fail` (or a planner task's `observe`) nothing more comes for the node
-SETTLED_LATER = frozenset({"skip", "fallback"})
+#: emits `NodeSkipped`, `fallback` and `handler` emit `NodeFinished` (with the fallback
+#: value, or the handler's output); after `fail` (or a planner task's `observe`) nothing
+#: more comes for the node
+SETTLED_LATER = frozenset({"skip", "fallback", "handler"})
 
 #: segment kinds, in the order a legend lists them
 SEGMENT_KINDS = (

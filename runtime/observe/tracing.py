@@ -3,41 +3,47 @@
 `OtelTracer.listener` is a run listener (`Runtime(listeners=[tracer.listener])`). It turns
 events into spans with the events' own wall-clock timestamps:
 
-    run ─┬─ node ─┬─ llm.call        (gen_ai.* attributes, queue wait, replica, TTFT)
-         │        ├─ tool.call       (gen_ai.tool.name)
-         │        ├─ kv.pin          (TTL, used; linked to the llm.call that pinned)
-         │        └─ node            (map elements `m[i]`, subgraph nodes `sub/x`,
-         │                            planner tasks `planner/taskN`: under their parent)
-         └─ node …
+    invoke_workflow {graph} ─┬─ node ─┬─ chat {model}         (CLIENT)
+                             │        ├─ execute_tool {tool}
+                             │        ├─ kv.pin               (linked to the chat that pinned)
+                             │        └─ node                 (map elements, subgraph nodes,
+                             └─ node …                         planner tasks: under their parent)
 
+Names, kinds and `gen_ai.*` attributes are those of OpenTelemetry's GenAI semantic
+conventions (Development status): a run is a workflow, an LLM call an inference span with
+the model it really goes to, its provider and server (the backend's `target`; the alias is
+`treadle.model_alias`). Nodes and KV pins have no convention: `node` and `kv.pin` are ours.
 A node keeps one span across its attempts; each retry is a span event. Failures set the
-span status to ERROR. The listener is also a call interceptor
+span status to ERROR. A node or LLM call answered by the result cache has
+`treadle.cache_hit` set (and a `cache_hit` span event); a cached LLM call has no tokens. A
+run that parks to wait for human input ends its `run` span with status `waiting` (the
+`ask` node's span has an `input_requested` event); when it resumes, its new `run` span
+links to that one. The listener is also a call interceptor
 (`treadle.runtime.core.interceptors`), which the runtime puts in its chain: it adds the
-W3C `traceparent` of each call's `llm.call` span to the request it passes on, so a serving
+W3C `traceparent` of each call's `chat` span to the request it passes on, so a serving
 engine that traces joins the run's trace.
 
 A run's parent context is a traceparent given with `set_parent(run_id, ...)` before it
 starts (the daemon's worker passes the one the API request stored in `RunRecord.meta`), or
 else the context that was current when the run was started (an SDK user's own span).
 
-`configure_tracing()` builds a tracer from the standard `OTEL_*` variables. Tracing is
-opt-in: without `OTEL_TRACES_EXPORTER` (or with `none`) it returns None, no listener is
-installed, and the OpenTelemetry SDK is never imported, so tracing off costs nothing.
+`configure_tracing()` (`treadle.runtime.observe.tracing_setup`) builds a tracer from the
+standard `OTEL_*` variables; tracing off costs nothing.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from treadle.errors import SetupError
 from treadle.runtime.core.context import LLMCall, RunContext, SendLLM
 from treadle.runtime.core.events import (
+    CacheHit,
     Event,
     GraphExtended,
+    InputRequested,
     LLMCallDispatched,
     LLMCallFinished,
     LLMCallQueued,
@@ -52,6 +58,7 @@ from treadle.runtime.core.events import (
     PinSet,
     RunFinished,
     RunStarted,
+    RunWaiting,
     ToolCallFinished,
     ToolCallStarted,
 )
@@ -60,7 +67,6 @@ from treadle.runtime.observe.timeline import SETTLED_LATER, parent_instance
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import Span, SpanContext, Tracer, TracerProvider
 
@@ -69,18 +75,21 @@ if TYPE_CHECKING:
 
 INSTRUMENTATION_NAME = "treadle"
 
-# Span names: one per kind, low cardinality (node ids and models are attributes).
-SPAN_RUN = "run"
+# Span names of treadle's own spans (low cardinality: node ids are attributes); the GenAI
+# spans are named `{gen_ai.operation.name} {what}` as the conventions say.
 SPAN_NODE = "node"
-SPAN_LLM = "llm.call"
-SPAN_TOOL = "tool.call"
 SPAN_PIN = "kv.pin"
 
 # GenAI semantic conventions, as named in opentelemetry-semantic-conventions 0.66b2
 # (`opentelemetry.semconv._incubating.attributes.gen_ai_attributes`); spelled out here
 # because that module is incubating and marks the whole namespace as moving.
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
@@ -91,6 +100,8 @@ GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
 GEN_AI_WORKFLOW_NAME = "gen_ai.workflow.name"
 GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
 ERROR_TYPE = "error.type"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
 
 OP_CHAT = "chat"
 OP_EXECUTE_TOOL = "execute_tool"
@@ -111,6 +122,7 @@ T_ERROR_POLICY = "treadle.error_policy"
 T_SKIP_REASON = "treadle.skip_reason"
 T_UNFINISHED = "treadle.unfinished"
 T_CALL_ID = "treadle.call_id"
+T_MODEL_ALIAS = "treadle.model_alias"
 T_QUEUE_WAIT_S = "treadle.queue_wait_s"
 T_PRIORITY = "treadle.priority"
 T_REPLICA = "treadle.replica"
@@ -123,11 +135,13 @@ T_PIN_USED = "treadle.pin_used"
 T_PIN_RELEASE_REASON = "treadle.pin_release_reason"
 T_INSTANCES = "treadle.instances"
 T_LLM_CALLS = "treadle.llm_calls"
+T_CACHE_HIT = "treadle.cache_hit"
+T_CACHE_KEY = "treadle.cache_key"
+T_WAITING_FOR = "treadle.waiting_for"
+T_PROMPT = "treadle.prompt"
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-
-_EXPORTERS = ("console", "otlp", "none")
 
 
 class TracingUnavailable(SetupError, RuntimeError):
@@ -217,6 +231,8 @@ class OtelTracer:
         #: runs that finished lately: an event after a run's end (e.g. a pin released as
         #: it ends) must not open a second `run` span that never closes
         self._ended: dict[str, None] = {}
+        #: the `run` spans of runs parked for input, which their resumed span links to
+        self._parked: dict[str, SpanContext] = {}
         self._handlers: dict[type[Event], Callable[[_RunTrace, Any], None]] = {
             NodeReady: self._on_node_ready,
             NodeStarted: self._on_node_started,
@@ -233,6 +249,9 @@ class OtelTracer:
             ToolCallFinished: self._on_tool_finished,
             PinSet: self._on_pin_set,
             PinReleased: self._on_pin_released,
+            CacheHit: self._on_cache_hit,
+            InputRequested: self._on_input_requested,
+            RunWaiting: self._on_run_waiting,
             RunFinished: self._on_run_finished,
         }
 
@@ -284,6 +303,9 @@ class OtelTracer:
         previous_end: float | None = None,
     ) -> _RunTrace:
         links = []
+        parked = self._parked.pop(event.run_id, None)
+        if parked is not None:  # resumed after waiting for input: its last life
+            links.append(self._trace.Link(parked))
         old = self._runs.pop(event.run_id, None)
         if old is not None:
             # a second RunStarted without RunFinished: the run was resumed; its first life
@@ -292,14 +314,16 @@ class OtelTracer:
             self._close(old, end, status="interrupted", error=None)
             links.append(self._trace.Link(old.run_span.get_span_context()))
         attrs: dict[str, Any] = {T_RUN_ID: event.run_id, GEN_AI_OPERATION_NAME: OP_INVOKE_WORKFLOW}
+        name = OP_INVOKE_WORKFLOW
         if isinstance(event, RunStarted):
+            name = f"{OP_INVOKE_WORKFLOW} {event.graph}"
             attrs[T_GRAPH] = event.graph
             attrs[GEN_AI_WORKFLOW_NAME] = event.graph
             attrs[T_RESUMED] = event.resumed
         if tenant:
             attrs[T_TENANT] = tenant
         span = self.tracer.start_span(
-            SPAN_RUN, context=parent, attributes=attrs, links=links, start_time=_ns(event.ts)
+            name, context=parent, attributes=attrs, links=links, start_time=_ns(event.ts)
         )
         state = _RunTrace(event.run_id, span, self._trace.set_span_in_context(span), tenant)
         self._runs[event.run_id] = state
@@ -484,19 +508,34 @@ class OtelTracer:
     # -- LLM calls ---------------------------------------------------------------------
 
     def _llm_span(self, state: _RunTrace, e: LLMCallQueued | LLMCallFinished, start: float) -> Span:
+        # what sampling decisions may use is set at creation (the conventions ask so):
+        # operation, provider, model and server
+        model = e.model
         attrs: dict[str, Any] = {
             GEN_AI_OPERATION_NAME: OP_CHAT,
-            GEN_AI_REQUEST_MODEL: e.model,
             GEN_AI_CONVERSATION_ID: state.run_id,
+            T_MODEL_ALIAS: e.model,
             T_RUN_ID: state.run_id,
             T_NODE: e.node,
             T_CALL_ID: e.call_id,
         }
+        if isinstance(e, LLMCallQueued):
+            model = e.request_model or e.model
+            optional = {
+                GEN_AI_PROVIDER_NAME: e.provider,
+                SERVER_ADDRESS: e.server_address,
+                SERVER_PORT: e.server_port,
+                GEN_AI_REQUEST_MAX_TOKENS: e.max_tokens,
+                GEN_AI_REQUEST_TEMPERATURE: e.temperature,
+            }
+            attrs.update((k, v) for k, v in optional.items() if v is not None)
+        attrs[GEN_AI_REQUEST_MODEL] = model
         if state.tenant:
             attrs[T_TENANT] = state.tenant
         return self.tracer.start_span(
-            SPAN_LLM,
+            f"{OP_CHAT} {model}",
             context=self._context_of(state, e.node),
+            kind=self._trace.SpanKind.CLIENT,
             attributes=attrs,
             start_time=_ns(start),
         )
@@ -547,6 +586,10 @@ class OtelTracer:
             attrs[T_REPLICA] = e.replica
         if e.finish_reason:
             attrs[GEN_AI_RESPONSE_FINISH_REASONS] = [e.finish_reason]
+        if e.response_model:
+            attrs[GEN_AI_RESPONSE_MODEL] = e.response_model
+        if e.response_id:
+            attrs[GEN_AI_RESPONSE_ID] = e.response_id
         span.set_attributes(attrs)
         if e.error is not None:
             self._error(span, e.error, "backend_error")
@@ -570,7 +613,7 @@ class OtelTracer:
         if e.call_id.startswith(native):  # a model's tool call: its id follows the node
             attrs[GEN_AI_TOOL_CALL_ID] = e.call_id[len(native) :]
         return self.tracer.start_span(
-            SPAN_TOOL,
+            f"{OP_EXECUTE_TOOL} {e.tool}",
             context=self._context_of(state, e.node),
             attributes=attrs,
             start_time=_ns(start),
@@ -627,6 +670,30 @@ class OtelTracer:
             return
         span.set_attributes({T_PIN_USED: e.used, T_PIN_RELEASE_REASON: e.reason})
         span.end(end_time=_ns(e.ts))
+
+    # -- the result cache, human input ---------------------------------------------------
+
+    def _on_cache_hit(self, state: _RunTrace, e: CacheHit) -> None:
+        if not state.recording:
+            return
+        span = state.llm.get(e.call_id) if e.call_id else state.nodes.get(e.node)
+        if span is not None:
+            span.set_attribute(T_CACHE_HIT, True)
+            span.add_event("cache_hit", {T_CACHE_KEY: e.key}, timestamp=_ns(e.ts))
+
+    def _on_input_requested(self, state: _RunTrace, e: InputRequested) -> None:
+        span = state.nodes.get(e.node) if state.recording else None
+        if span is not None:
+            span.add_event("input_requested", {T_PROMPT: e.prompt}, timestamp=_ns(e.ts))
+
+    def _on_run_waiting(self, state: _RunTrace, e: RunWaiting) -> None:
+        # a person may take days: this life of the run ends here, the next links to it
+        self._runs.pop(state.run_id, None)
+        self._parked[state.run_id] = state.run_span.get_span_context()
+        if len(self._parked) > _ENDED_KEPT:
+            del self._parked[next(iter(self._parked))]
+        state.run_span.set_attribute(T_WAITING_FOR, list(e.nodes))
+        self._close(state, e.ts, status="waiting", error=None)
 
     # -- the end -----------------------------------------------------------------------
 
@@ -692,93 +759,6 @@ def current_trace_headers() -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return {k: v for k, v in carrier.items() if k in (TRACEPARENT, TRACESTATE)}
-
-
-def configure_tracing(*, set_global: bool = False) -> OtelTracer | None:
-    """A tracer configured by the standard environment, or None when tracing is off.
-
-    `OTEL_TRACES_EXPORTER`: a comma list of `console` (spans as JSON on stderr), `otlp`
-    and `none`. Unset means off: unlike the OpenTelemetry default (`otlp`), a CLI should not
-    send to a collector nobody asked for. `OTEL_SDK_DISABLED=true` turns it off too.
-    `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf`
-    (default) or `grpc`, each needing its exporter package; the endpoint, headers and
-    timeout are read by the exporter from its own `OTEL_EXPORTER_OTLP_*` variables.
-    `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service (default `treadle`),
-    and `OTEL_TRACES_SAMPLER` / `OTEL_BSP_*` are honoured by the SDK itself.
-    With `set_global`, the provider also becomes the process's global one, so spans that
-    user code opens inside nodes are exported too.
-    """
-    env = os.environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",")]
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in _EXPORTERS]
-    if unknown:
-        raise ValueError(
-            f"OTEL_TRACES_EXPORTER: unsupported exporter {unknown[0]!r} "
-            f"(supported: {', '.join(_EXPORTERS)})"
-        )
-    names = [n for n in names if n != "none"]
-    if not names:
-        return None
-    try:
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider as SdkProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError as exc:
-        raise TracingUnavailable(
-            f"OTEL_TRACES_EXPORTER={env['OTEL_TRACES_EXPORTER']} needs OpenTelemetry: "
-            "pip install 'treadle[otel]'"
-        ) from exc
-    resource = Resource.create({})
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: "treadle"}))
-    provider = SdkProvider(resource=resource)
-    for name in dict.fromkeys(names):
-        provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
-    if set_global:
-        trace.set_tracer_provider(provider)
-    return OtelTracer(provider, owns_provider=True)
-
-
-def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
-    if name == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        # stderr: stdout carries the command's own output (`treadle run --json`)
-        return ConsoleSpanExporter(out=sys.stderr)
-    protocol = (
-        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol == "http/protobuf":
-        package = "opentelemetry-exporter-otlp-proto-http"
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter as HttpExporter,
-            )
-        except ImportError:
-            raise TracingUnavailable(
-                f"OTLP over http/protobuf needs {package}: pip install {package}"
-            ) from None
-        return HttpExporter()
-    if protocol == "grpc":
-        package = "opentelemetry-exporter-otlp-proto-grpc"
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcExporter,
-            )
-        except ImportError:
-            raise TracingUnavailable(
-                f"OTLP over grpc needs {package}: pip install {package}"
-            ) from None
-        return GrpcExporter()
-    raise ValueError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} (http/protobuf or grpc)"
-    )
 
 
 def _version() -> str:

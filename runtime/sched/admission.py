@@ -311,9 +311,10 @@ class SchedulerAdmission:
                 self._release_on_server(alias, program.program_id)
 
     def end_run(self, ctx: RunContext, status: str) -> None:
-        """The run is over, cancelled or interrupted: its pin is of no use to anyone now,
-        and its calls still queued will never be sent."""
-        reason = status if status in ("cancelled", "interrupted") else "run_finished"
+        """The run is over, cancelled, interrupted or parked to wait for a person: its pin
+        is of no use to anyone now, and its calls still queued will never be sent. (A
+        parked run is a new program of the scheduler when it resumes.)"""
+        reason = status if status in ("cancelled", "interrupted", "waiting") else "run_finished"
         pin = self.pins.cancel(ctx.run_id, reason)
         run = self._runs.pop(ctx.run_id, None)
         if pin is not None and run is not None:
@@ -323,6 +324,17 @@ class SchedulerAdmission:
             if isinstance(call.payload, anyio.Event):
                 call.payload.set()
         self._pump()
+
+    def end_node(self, ctx: RunContext, node: str, reason: str) -> None:
+        """Node instance `node` was cancelled while its run goes on (a race's loser): a
+        pin that one of its calls (or of the instances under it) set is of no use now."""
+        pin = self.pins.get(ctx.run_id)
+        if pin is None or not _under(pin.node, node):
+            return
+        self.pins.cancel(ctx.run_id, reason)
+        run = self._runs.get(ctx.run_id)
+        for alias in run.aliases if run is not None else ():
+            self._release_on_server(alias, ctx.run_id)
 
     def _on_pin(self, kind: str, pin: Pin, reason: str, used: bool) -> None:
         if kind != "released":
@@ -532,3 +544,8 @@ class SchedulerAdmission:
         state.pressure = 1.0 if state.waiting > 0 and usage >= self.shed_pressure else usage
         if state.pressure >= self.shed_pressure and self.pins.pinned_tokens(lane):
             self.shed(lane, now)
+
+
+def _under(instance: str, node: str) -> bool:
+    """Whether `instance` is node instance `node` or one it runs (`node/x`, `node[2]`)."""
+    return instance == node or instance.startswith((node + "/", node + "["))

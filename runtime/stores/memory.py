@@ -1,9 +1,12 @@
 """The in-memory `StateStore`: the SDK's and the tests' default. Nothing survives the
-process, but it keeps the same journal discipline as the durable stores."""
+process, but it keeps the same journal discipline as the durable stores. It is also a
+`ResultCache` (bounded: the least recently used entries go first)."""
 
 from __future__ import annotations
 
 import bisect
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,10 +19,13 @@ class MemoryStore:
     #: nothing survives the process, so runs may write their journal here in batches
     durable = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, cache_entries: int = 10_000) -> None:
         self._runs: dict[str, RunRecord] = {}
         self._events: dict[str, list[Event]] = {}
         self._outputs: dict[str, dict[str, bytes]] = {}
+        #: key -> (value, expiry on the monotonic clock or None), least recently used first
+        self._cache: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+        self._cache_entries = cache_entries
 
     async def create_run(self, record: RunRecord) -> None:
         self._runs[record.run_id] = record.model_copy()
@@ -53,6 +59,9 @@ class MemoryStore:
         runs.sort(key=lambda r: r.created_at, reverse=True)
         return [r.model_copy() for r in runs[offset : offset + limit]]
 
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        return [r for r in self._runs if r.startswith(prefix)][:limit]
+
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:
@@ -74,6 +83,24 @@ class MemoryStore:
             return list(events)
         # seqs strictly increase, so bisect rather than assume they are dense
         return events[bisect.bisect_right(events, after_seq, key=lambda e: e.seq) :]
+
+    async def cache_get(self, key: str) -> bytes | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        value, expires = entry
+        if expires is not None and time.monotonic() >= expires:
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return value
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float | None) -> None:
+        expires = time.monotonic() + ttl_s if ttl_s is not None else None
+        self._cache[key] = (bytes(value), expires)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_entries:
+            self._cache.popitem(last=False)
 
     async def close(self) -> None:
         return None

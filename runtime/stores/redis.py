@@ -11,6 +11,11 @@ so all of them live in one Redis Cluster slot and one script may touch them toge
 - `treadle:runs`         sorted set of all run ids by `created_at` (the listing index), and
   `treadle:tenant:<tenant>:runs` the same per tenant. These are not keys *of a run* (they
   span runs), so they are written after the run's meta, in a separate round trip.
+- `treadle:input_deadlines`  sorted set: waiting runs by the earliest time one of their
+  requests for human input expires (the daemon's workers queue them then, so that the
+  requests' defaults apply);
+- `treadle:cache:<key>`  a node's cached output (`ResultCache`), expiring with its TTL (the
+  key is a digest that includes the tenant).
 
 Retention: `expire_run` sets one time to live on a finished run's keys (the daemon's worker
 does it when a run settles, `--retain-days`). The listing indexes cannot expire entry by
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +128,12 @@ class RedisKeys:
 
     def cancel_channel(self) -> str:
         return f"{self.prefix}:cancel"
+
+    def cache(self, key: str) -> str:
+        return f"{self.prefix}:cache:{key}"
+
+    def input_deadlines(self) -> str:
+        return f"{self.prefix}:input_deadlines"
 
     def run_keys(self, run_id: str) -> list[str]:
         """Every key that belongs to one run (all share the `{run_id}` hash tag)."""
@@ -363,6 +375,17 @@ class RedisStore:
                 return out
             pos += chunk - len(gone)  # the dropped ids no longer take up positions
 
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        # the run index holds every live run; its glob is escaped, so a prefix is literal
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+        found: list[str] = []
+        async for member, _score in self._redis.zscan_iter(self.keys.runs(), match=pattern):
+            found.append(_str(member))
+            if len(found) >= limit * 4:  # a few spare: some may have expired
+                break
+        gone = set(await self._missing(found)) if found else set()
+        return [r for r in found if r not in gone][:limit]
+
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:
@@ -399,6 +422,16 @@ class RedisStore:
                 return out
             last_seq = int(_str(entries[-1][0] or b"0").split("-", 1)[0])
             start = f"{last_seq + 1}-0"
+
+    # -- ResultCache ------------------------------------------------------------------------
+
+    async def cache_get(self, key: str) -> bytes | None:
+        raw = await self._redis.get(self.keys.cache(key))
+        return _bytes(raw) if raw is not None else None
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float | None) -> None:
+        ttl_ms = max(1, int(ttl_s * 1000)) if ttl_s is not None else None
+        await self._redis.set(self.keys.cache(key), value, px=ttl_ms)
 
     async def close(self) -> None:
         if self._owns_client:

@@ -1,8 +1,9 @@
 """`SqliteStore`: the embedded durable `StateStore`, the CLI's default (`~/.treadle/runs.db`).
 
-One file, three tables: `runs` (the record as JSON plus the columns `list_runs` filters and
-orders on), `events` (one row per event, primary key `(run_id, seq)`) and `outputs` (one row
-per finished node instance, primary key `(run_id, node)`).
+One file, four tables: `runs` (the record as JSON plus the columns `list_runs` filters and
+orders on), `events` (one row per event, primary key `(run_id, seq)`), `outputs` (one row
+per finished node instance, primary key `(run_id, node)`), and `cache` (the node result
+cache: `ResultCache`; expired rows are deleted as new ones are written).
 
 Threading: the stdlib `sqlite3` module blocks, so every statement runs on one worker thread
 that this store owns; callers queue an operation and await its result. The thread drains
@@ -26,6 +27,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -64,6 +66,11 @@ CREATE TABLE IF NOT EXISTS outputs (
     data   BLOB NOT NULL,
     PRIMARY KEY (run_id, node)
 );
+CREATE TABLE IF NOT EXISTS cache (
+    key        TEXT PRIMARY KEY,
+    data       BLOB NOT NULL,
+    expires_at REAL
+) WITHOUT ROWID;
 """
 
 _UPSERT_RUN = (
@@ -80,6 +87,13 @@ _UPSERT_OUTPUT = (
     "INSERT INTO outputs (run_id, node, data) VALUES (?, ?, ?) "
     "ON CONFLICT (run_id, node) DO UPDATE SET data = excluded.data"
 )
+_CACHE_GET = "SELECT data FROM cache WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)"
+_CACHE_PUT = (
+    "INSERT INTO cache (key, data, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at"
+)
+#: every this many cache writes, expired rows are deleted
+_CACHE_SWEEP_EVERY = 256
 
 
 class _Op:
@@ -121,6 +135,7 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._cache_puts = 0
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
@@ -186,6 +201,13 @@ class SqliteStore:
         rows = await self._call(lambda conn: conn.execute(sql, args).fetchall(), write=False)
         return [codec.decode_record(r[0]) for r in rows]
 
+    async def run_ids_with_prefix(self, prefix: str, *, limit: int = 2) -> list[str]:
+        # a range on the primary key (no LIKE: '%' and '_' in a prefix are plain here)
+        sql = "SELECT run_id FROM runs WHERE run_id >= ? AND substr(run_id, 1, ?) = ? LIMIT ?"
+        args = (prefix, len(prefix), prefix, limit)
+        rows = await self._call(lambda conn: conn.execute(sql, args).fetchall(), write=False)
+        return [r[0] for r in rows]
+
     async def record(
         self, run_id: str, events: Sequence[Event], outputs: Mapping[str, bytes] | None = None
     ) -> None:
@@ -229,6 +251,28 @@ class SqliteStore:
             write=False,
         )
         return [codec.decode_event(r[0]) for r in rows]
+
+    # -- ResultCache ------------------------------------------------------------------------
+
+    async def cache_get(self, key: str) -> bytes | None:
+        now = time.time()
+        row = await self._call(
+            lambda conn: conn.execute(_CACHE_GET, (key, now)).fetchone(), write=False
+        )
+        return bytes(row[0]) if row is not None else None
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float | None) -> None:
+        now = time.time()
+        expires = now + ttl_s if ttl_s is not None else None
+        self._cache_puts += 1
+        sweep = self._cache_puts % _CACHE_SWEEP_EVERY == 0
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute(_CACHE_PUT, (key, bytes(value), expires))
+            if sweep:
+                conn.execute("DELETE FROM cache WHERE expires_at <= ?", (now,))
+
+        await self._call(put, write=True)
 
     async def close(self) -> None:
         """Finish queued work, close the connection and stop the thread (idempotent)."""

@@ -4,7 +4,8 @@ The first path segment picks a behaviour: `http://127.0.0.1:PORT/<scenario>/v1` 
 normally (`ok`), streams (`stream`), returns tool calls (`tools`, `stream_tools`), garbage
 (`garbage`, `no_choices`, `bad_tool_json`, `stream_garbage`), fails then succeeds
 (`flaky-N-<id>`: N answers 500 first), always fails (`down`), refuses (`refuse`), breaks a
-stream (`stream_cut`, `stream_error`) or hangs (`hang`). Every request's body and headers
+stream (`stream_cut`, `stream_error`) or hangs (`hang`); `record-<name>` answers as `ok`,
+in a recording of its own. Every request's body and headers
 are recorded per scenario. `/metrics` serves text in vLLM's exposition format.
 Imported by `conftest.py` (fixtures) and by the tests (types, sample texts).
 """
@@ -156,7 +157,7 @@ def create_fake_app(state: FakeState) -> FastAPI:
         state.requests[scenario].append(body)
         state.headers[scenario].append(dict(request.headers))
 
-        if scenario == "ok":
+        if scenario == "ok" or scenario.startswith("record-"):
             return JSONResponse(
                 _completion({"role": "assistant", "content": "hello there"}, "stop", USAGE)
             )

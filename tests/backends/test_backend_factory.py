@@ -77,7 +77,10 @@ def test_openai_compat_with_dialect_options(monkeypatch: pytest.MonkeyPatch) -> 
         ({"backend": "tgi"}, "unknown backend 'tgi'; expected one of scripted, openai_compat"),
         ({**VLLM_ENTRY, "base_ur": "http://x"}, "base_ur: unknown field"),
         ({k: v for k, v in VLLM_ENTRY.items() if k != "model"}, "model: Field required"),
-        ({**VLLM_ENTRY, "base_url": "gpu1:8000"}, "base_url: String should match pattern"),
+        (
+            {**VLLM_ENTRY, "base_url": "gpu1:8000"},
+            "base_url: must start with http:// or https:// (got 'gpu1:8000')",
+        ),
         ({**VLLM_ENTRY, "dialect": "tgi"}, "dialect: Input should be 'vllm'"),
         ({**VLLM_ENTRY, "retries": -1}, "retries: Input should be greater than or equal to 0"),
         ({**VLLM_ENTRY, "timeout_s": 0}, "timeout_s: Input should be greater than 0"),
@@ -87,7 +90,7 @@ def test_openai_compat_with_dialect_options(monkeypatch: pytest.MonkeyPatch) -> 
         ),
         (
             {**VLLM_ENTRY, "dialect_options": {"priority_scheduling": "maybe"}},
-            "dialect_options: priority_scheduling: Input should be a valid boolean",
+            "dialect_options.priority_scheduling: Input should be a valid boolean",
         ),
         (
             {**VLLM_ENTRY, "api_key_env": "TREADLE_SURELY_UNSET_VAR"},
@@ -168,7 +171,7 @@ def test_pool_of_replicas() -> None:
 @pytest.mark.skipif(not HAS_POOL, reason="treadle.backends.dispatch.pool not built yet")
 def test_pool_errors_name_replica_and_option() -> None:
     with pytest.raises(
-        ValueError, match=r"replicas\[1\]: invalid 'openai_compat' model entry: model"
+        ValueError, match=r"invalid 'pool' model entry: replicas.1.model: Field required"
     ):
         create_backend(
             {
@@ -176,7 +179,7 @@ def test_pool_errors_name_replica_and_option() -> None:
                 "replicas": [VLLM_ENTRY, {"backend": "openai_compat", "base_url": "http://x"}],
             }
         )
-    with pytest.raises(ValueError, match="unknown field 'polcy'"):
+    with pytest.raises(ValueError, match="polcy: unknown field"):
         create_backend({"backend": "pool", "polcy": "x", "replicas": [VLLM_ENTRY]})
     with pytest.raises(ValueError, match="invalid 'pool' model entry"):
         create_backend({"backend": "pool", "policy": "no-such-policy", "replicas": [VLLM_ENTRY]})
@@ -190,5 +193,23 @@ def test_sim_entry() -> None:
     from treadle.backends.sim.backend import SimBackend
 
     assert isinstance(create_backend({"backend": "sim"}), SimBackend)
-    with pytest.raises(ValueError, match="unknown field 'no_such_option'"):
+    with pytest.raises(ValueError, match="no_such_option: unknown field; fields: backend, "):
         create_backend({"backend": "sim", "no_such_option": 1})
+
+
+def test_entry_problems_are_found_without_building_and_name_the_field() -> None:
+    """14.6: what `validate` reports for `models:` entries: each problem with its field
+    (dotted, into a pool's replicas), nothing built, no environment read."""
+    from treadle.backends.factory import model_entry_problems
+
+    assert model_entry_problems(VLLM_ENTRY) == []
+    assert model_entry_problems({**VLLM_ENTRY, "api_key_env": "TREADLE_SURELY_UNSET"}) == []
+    assert model_entry_problems({**VLLM_ENTRY, "base_url": "localhost:8000"}) == [
+        ("base_url", "must start with http:// or https:// (got 'localhost:8000')")
+    ]
+    urls = {"backend": "pool", "replicas": ["http://a:8000/v1", "http://b:8000/v1"]}
+    ((field, what),) = model_entry_problems(urls)
+    assert field == "replicas" and "replica 0 is 'http://a:8000/v1'" in what
+    assert "each replica is a model entry of its own" in what
+    nested = {"backend": "pool", "replicas": [VLLM_ENTRY, {**VLLM_ENTRY, "base_url": "b:1"}]}
+    assert [f for f, _ in model_entry_problems(nested)] == ["replicas.1.base_url"]

@@ -87,13 +87,22 @@ async def test_streaming_text_usage_and_ttft(backend: OpenAICompatBackend) -> No
     assert response.ttft_s is not None and response.ttft_s > 0
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+
+
 async def test_tool_calls_whole_and_streamed(backend: OpenAICompatBackend) -> None:
-    response = await backend.generate(_request("what is the weather?"))
+    response = await backend.generate(_request("what is the weather?", tools=[WEATHER_TOOL]))
     assert response.finish_reason == "tool_calls"
     assert [(c.name, c.arguments) for c in response.tool_calls] == [
         ("get_weather", '{"city": "Oslo"}')
     ]
-    streamed = await collect_stream(backend.stream(_request("the weather, streamed?")))
+    streamed = await collect_stream(
+        backend.stream(_request("the weather, streamed?", tools=[WEATHER_TOOL]))
+    )
+    # named: the call the request forces (and sent on the wire, as OpenAI's `tool_choice`)
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    named = await backend.generate(_request("hello", tools=[WEATHER_TOOL], tool_choice=forced))
+    assert [c.name for c in named.tool_calls] == ["get_weather"]
     assert [(c.name, c.arguments) for c in streamed.tool_calls] == [
         ("get_weather", '{"city": "Oslo"}')
     ]

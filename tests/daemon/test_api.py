@@ -142,7 +142,10 @@ async def test_bad_submissions(api_only: Daemon) -> None:
         assert error_of(await c.get("/v1/runs", params={"status": "bogus"}))[0] == 422
         assert error_of(await c.get("/v1/runs", params={"cursor": "!!"}))[0] == 422
     # Python's JSON parser takes NaN; the run's record must stay JSON, so it is refused
-    floats = "name: f\ninputs:\n  x: float\nnodes: []\n"
+    floats = (
+        "name: f\ninputs:\n  x: float\n"
+        "nodes:\n  - {id: a, kind: llm, prompt: '{x}', inputs: {x: $input.x}}\n"
+    )
     await api_only.register(key, floats)
     async with api_only.client(key) as c:
         for raw in (b"NaN", b"-Infinity", b"1e999"):

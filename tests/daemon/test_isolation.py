@@ -15,10 +15,13 @@ COVERED = {
     ("POST", "/v1/workflows"),
     ("GET", "/v1/workflows"),
     ("GET", "/v1/workflows/{name}"),
+    ("GET", "/v1/workflows/{name}/versions"),
+    ("GET", "/v1/workflows/{name}/versions/{version}"),
     ("POST", "/v1/runs"),
     ("GET", "/v1/runs"),
     ("GET", "/v1/runs/{run_id}"),
     ("POST", "/v1/runs/{run_id}/cancel"),
+    ("POST", "/v1/runs/{run_id}/input"),
     ("GET", "/v1/runs/{run_id}/events"),
     ("GET", "/v1/tenant"),
 }
@@ -44,13 +47,14 @@ async def test_every_endpoint_refuses_other_tenants(api_only: Daemon) -> None:
 
     async with api_only.client(bob) as b:
         # runs: read, cancel, stream -> 404, indistinguishable from an unknown id
-        for method, path in [
-            ("GET", "/v1/runs/{}"),
-            ("POST", "/v1/runs/{}/cancel"),
-            ("GET", "/v1/runs/{}/events"),
+        for method, path, body in [
+            ("GET", "/v1/runs/{}", None),
+            ("POST", "/v1/runs/{}/cancel", None),
+            ("POST", "/v1/runs/{}/input", {"value": True, "key": "k"}),
+            ("GET", "/v1/runs/{}/events", None),
         ]:
-            theirs = await b.request(method, path.format(run_id))
-            nobodys = await b.request(method, path.format(ghost))
+            theirs = await b.request(method, path.format(run_id), json=body)
+            nobodys = await b.request(method, path.format(ghost), json=body)
             assert error_of(theirs)[:2] == (404, "not_found"), path
             assert error_of(theirs)[2].replace(run_id, "ID") == error_of(nobodys)[2].replace(
                 ghost, "ID"
@@ -61,8 +65,12 @@ async def test_every_endpoint_refuses_other_tenants(api_only: Daemon) -> None:
         assert (await b.get("/v1/workflows")).json() == {"workflows": []}
         # alice's workflow name means nothing to bob
         assert error_of(await b.get("/v1/workflows/five"))[:2] == (404, "not_found")
+        assert error_of(await b.get("/v1/workflows/five/versions"))[:2] == (404, "not_found")
+        assert error_of(await b.get("/v1/workflows/five/versions/1"))[:2] == (404, "not_found")
         submit = await b.post("/v1/runs", json={"workflow": "five", "inputs": {"topic": "x"}})
         assert error_of(submit)[:2] == (404, "not_found")
+        pinned = {"workflow": "five", "inputs": {"topic": "x"}, "version": 1}
+        assert error_of(await b.post("/v1/runs", json=pinned))[:2] == (404, "not_found")
         # registering the same name gives bob his own workflow, leaving alice's alone
         mine = await b.post("/v1/workflows", json={"definition": FIVE})
         assert mine.status_code == 201 and mine.json()["version"] == 1

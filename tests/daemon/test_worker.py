@@ -225,7 +225,7 @@ async def test_the_run_continues_the_trace_of_the_submit_request(api_only: Daemo
         await wait_for(lambda: _is(status_of(api_only, run_id), "succeeded"))
         worker.stop()
     spans = exporter.get_finished_spans()
-    runs = [s for s in spans if s.name == "run"]
+    runs = [s for s in spans if s.name.startswith("invoke_workflow ")]
     assert len(runs) == 1 and runs[0].attributes["treadle.run_id"] == run_id
     assert f"{runs[0].context.trace_id:032x}" == trace_id
     assert runs[0].parent is not None and f"{runs[0].parent.span_id:016x}" == parent_span

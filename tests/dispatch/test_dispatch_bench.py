@@ -149,6 +149,36 @@ def test_run_bench_on_a_small_trace(tmp_path: Path) -> None:
         )
 
 
+def test_requests_longer_than_the_context_are_refused_and_counted(tmp_path: Path) -> None:
+    """14.12: a real server answers a request over its context with 400; the benchmark
+    counts those per policy and replays the rest, instead of aborting."""
+    trace = write_mooncake(tmp_path / "t.jsonl")
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    for i in (3, 10):  # two requests over Llama-3.1's 131,072-token context
+        n_blocks = 131072 // 512 + 2
+        rows[i]["hash_ids"] = list(range(90000 + 1000 * i, 90000 + 1000 * i + n_blocks))
+        rows[i]["input_length"] = 512 * n_blocks - 10
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines: list[str] = []
+    config, results, _ = run_bench(
+        trace=trace,
+        replicas=2,
+        slo_s=2.0,
+        slo_mode="absolute",
+        profile_name="h100_sxm_llama31_8b",
+        requests=None,
+        seed=0,
+        ref_scale=1.0,
+        tolerance=0.5,
+        echo=lines.append,
+    )
+    assert config["requests"] == len(rows) and config["refused_requests"] == 2
+    assert config["max_model_len"] == 131072
+    for r in results.values():
+        assert r["refused"] == 2 and r["capacity_scale"] > 0
+    assert any("2 requests are longer than the model's context" in line for line in lines)
+
+
 def test_quick_smoke_run_writes_the_report(tmp_path: Path) -> None:
     trace = data_dir() / DEFAULT_TRACE
     if not trace.is_file():

@@ -87,11 +87,18 @@ def test_type_mismatch_along_an_edge_and_missing_field() -> None:
     g.func("nofield", inc, inputs={"x": p.out.z})
     g.func("ok", inc, inputs={"x": p.out.y})
     found = problems(g)
+    # 14.5: the message names the producing node (or graph input) too
     assert any(
-        "'wrong'" in f and "type mismatch: int is bound to an input of type list[int]" in f
+        "'wrong'" in f
+        and "type mismatch: the output of node 'p' ($p.x) is int, bound to an input of type "
+        "list[int]"
+        in f
         for f in found
     )
-    assert any("'text'" in f and "str is bound to an input of type int" in f for f in found)
+    assert any(
+        "'text'" in f and "graph input 's' is str, bound to an input of type int" in f
+        for f in found
+    )
     assert any("'nofield'" in f and "has no field 'z'" in f for f in found)
     assert not any("'ok'" in f for f in found)
 
@@ -139,7 +146,7 @@ def test_tool_node_inputs_follow_the_tool_schema() -> None:
     g.tool("bad", lookup, inputs={"key": g.input.k, "limit": "many"})
     found = problems(g)
     assert any(
-        "'bad'" in f and "Literal['many'] is bound to an input of type int" in f for f in found
+        "'bad'" in f and "the value 'many', bound to an input of type int" in f for f in found
     )
 
 
@@ -201,3 +208,28 @@ def test_every_problem_is_collected_not_only_the_first() -> None:
     g.func("b", inc, inputs={"x": g.input.zz})
     g.llm("c", "{q}", model="nope", inputs={"q": g.input.n})
     assert len(problems(g)) >= 3
+
+
+def test_a_graph_without_nodes_is_invalid() -> None:
+    """14.6: `nodes: []` (or an SDK graph with none) is not a program."""
+    assert any("at least one node" in p for p in problems(Graph("empty")))
+
+
+def test_a_fallback_must_fit_the_output_type() -> None:
+    """14.6: a fallback of the wrong type is a validation error, not a TypeError later; one
+    that fits is converted to the output type (a model, not a dict)."""
+
+    def fails(v: int) -> Point:
+        raise RuntimeError("down")
+
+    g = Graph("fb", inputs={"n": int})
+    g.func("bad", inc, inputs={"x": g.input.n}, on_error="fallback", fallback="oops")
+    g.func("unset", inc, inputs={"x": g.input.n}, on_error="fallback")
+    found = problems(g)
+    assert any("'bad'" in f and "'fallback'" in f and "'oops'" in f for f in found), found
+    assert any("'unset'" in f and "'fallback'" in f for f in found), found
+
+    g = Graph("fb", inputs={"n": int})
+    p = g.func("p", fails, inputs={"v": g.input.n}, on_error="fallback", fallback={"x": 1, "y": 2})
+    g.output(x=g.func("x", inc, inputs={"x": p.out.x}).out)
+    assert g.compile().nodes["p"].fallback == Point(x=1, y=2)

@@ -98,7 +98,7 @@ def test_option_values_are_checked_by_pydantic_with_the_others() -> None:
     assert dict(options.problems()) == {
         "retries": "retries must be >= 0",
         "jitter": "jitter must be <= 1",
-        "on_error": "on_error must be one of 'fail', 'skip' or 'fallback'",
+        "on_error": "on_error must be one of 'fail', 'skip', 'fallback' or 'handler'",
     }
     assert NodeOptions(retries=2).problems() == []
     assert NodeOptions.of({"retries": 2}) == NodeOptions(retries=2)

@@ -458,7 +458,7 @@ def test_duplicate_mapping_key() -> None:
 
 def test_bad_on_error_value() -> None:
     err = load_error(HEAD + "  - {id: a, kind: llm, prompt: p, on_error: retry}\n")
-    assert_at(err, 3, 45, "nodes[a].on_error", "'fail', 'skip' or 'fallback'", "'retry'")
+    assert_at(err, 3, 45, "nodes[a].on_error", "'fail', 'skip', 'fallback' or 'handler'", "'retry'")
 
 
 def test_subgraph_file_missing() -> None:
@@ -610,7 +610,12 @@ def test_json_schema_describes_the_format() -> None:
     assert {"LLMNode", "MapNode", "BranchNode", "InnerToolNode", "InputDecl"} <= set(defs)
     assert "prompt" in defs["LLMNode"]["required"] and "id" in defs["LLMNode"]["required"]
     assert "id" not in defs["InnerLLMNode"].get("required", [])
-    assert defs["LLMNode"]["properties"]["on_error"]["enum"] == ["fail", "skip", "fallback"]
+    assert defs["LLMNode"]["properties"]["on_error"]["enum"] == [
+        "fail",
+        "skip",
+        "fallback",
+        "handler",
+    ]
     json.dumps(schema)  # plain JSON
 
 
@@ -633,3 +638,111 @@ def test_json_schema_validates_the_sample_files() -> None:
         errors = list(validator.iter_errors(doc))
         assert errors == [], errors[0].message if errors else ""
     assert list(validator.iter_errors(bad))
+
+
+def test_a_workflow_needs_nodes() -> None:
+    """14.6: `nodes: []` and a file without `nodes` are refused where they are written."""
+    from treadle.graphs.compile import GraphValidationError, compile_graph
+
+    for text, where in (
+        ("name: g\nnodes: []\n", "flow.yaml:2:8: "),
+        ("name: g\n", "flow.yaml:1:1: "),
+    ):
+        spec = load_workflow_text(text, filename="flow.yaml", base_dir=FILES)
+        with pytest.raises(GraphValidationError) as info:
+            compile_graph(spec)
+        assert str(info.value.issues[0]) == where + "field 'nodes': a graph needs at least one node"
+
+
+def test_a_fallback_of_the_wrong_type_is_reported_at_its_line() -> None:
+    """14.6: the fallback is checked against the node's output type, with its position."""
+    from treadle.graphs.compile import GraphValidationError, compile_graph
+
+    spec = load_workflow_text(
+        "name: g\ntypes:\n  Count: {n: int}\nnodes:\n"
+        "  - id: a\n    kind: llm\n    prompt: How many?\n    output: Count\n"
+        "    on_error: fallback\n    fallback: {n: many}\n",
+        filename="flow.yaml",
+        base_dir=FILES,
+    )
+    with pytest.raises(GraphValidationError) as info:
+        compile_graph(spec)
+    (issue,) = info.value.issues
+    assert str(issue).startswith(
+        "flow.yaml:10:15: node 'a', field 'fallback': fallback {'n': 'many'} is not a Count"
+    )
+
+
+@pytest.mark.parametrize("depth", [150, 300, 2000])
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_deep_nesting_is_a_clear_error_not_a_crash(
+    depth: int, fmt: Literal["yaml", "json"]
+) -> None:
+    """14.7: a value nested thousands deep is refused where it passes the limit, whichever
+    pass (parser, constructor, validation) would have run out of stack first."""
+    value = "[" * depth + "]" * depth
+    if fmt == "yaml":
+        text = HEAD + "  - {id: a, kind: llm, prompt: hi, inputs: {q: " + value + "}}\n"
+    else:
+        text = (
+            '{"name": "g", "nodes": [{"id": "a", "kind": "llm", "prompt": "hi", "inputs": {"q": '
+            + value
+            + "}}]}"
+        )
+    err = load_error(text, fmt=fmt)
+    # levels: the document, nodes, the node, inputs: the list opens at level 5
+    col = text.index("[" * depth) + 1 + (100 - 4)
+    line = 3 if fmt == "yaml" else 1
+    assert (err.line, err.col) == (line, col - (len(HEAD) if fmt == "yaml" else 0)), str(err)
+    assert "nested more than 100 levels deep" in err.problem
+
+
+def test_deep_block_nesting_is_a_clear_error() -> None:
+    """14.7: the same for nesting by indentation."""
+    lines = [f"{'  ' * i}k{i}:" for i in range(120)]
+    text = "name: g\nnodes: []\ntypes:\n  T:\n" + "\n".join("    " + ln for ln in lines) + " 1\n"
+    err = load_error(text)
+    assert "nested more than 100 levels deep" in err.problem
+    assert err.line == 5 + 98, str(err)  # k0 is on line 5; level 101 holds k98
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "col", "words"),
+    [
+        # the string opened on line 5 runs to the end of the file
+        (
+            HEAD + '  - id: a\n    kind: llm\n    prompt: "hello\n    inputs: {}\n'
+            "  - id: b\n    kind: llm\n    prompt: hi\n",
+            5,
+            13,
+            ("quoted string is never closed (the file ends at 10:1)",),
+        ),
+        # the flow mapping opened on line 3 is not closed before line 4
+        (
+            HEAD + "  - {id: a, kind: llm, prompt: hi\n  - id: b\n    kind: llm\n",
+            3,
+            5,
+            ("'{' is not closed", "expected ',' or '}', but got ':' at 4:7"),
+        ),
+        (
+            "name: g\nnodes: [\n  {id: a, kind: llm, prompt: hi}\n",
+            2,
+            8,
+            ("'[' is not closed", "at 4:1"),
+        ),
+    ],
+)
+def test_unclosed_strings_and_brackets_point_where_they_start(
+    text: str, line: int, col: int, words: tuple[str, ...]
+) -> None:
+    """14.8: not where the parser gave up, lines later."""
+    assert_at(load_error(text), line, col, "(document)", *words)
+
+
+def test_bytes_that_are_not_utf8_are_reported_at_their_line(tmp_path: Path) -> None:
+    """14.8: the line, column and byte offset of the first bad byte, not 1:1."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: g\ndescription: caf\xe9 au lait\nnodes: []\n")
+    with pytest.raises(WorkflowFileError) as info:
+        load_workflow(path)
+    assert_at(info.value, 2, 17, "(document)", "not UTF-8 text", "byte 0xe9 at offset 24")

@@ -25,7 +25,8 @@ from treadle.benchmarks.overhead import SHAPES, treadle_graph
 from treadle.runtime.core.context import Listener
 from treadle.runtime.execution.runtime import Runtime
 from treadle.runtime.observe.metrics import RuntimeMetrics
-from treadle.runtime.observe.tracing import OtelTracer, configure_tracing
+from treadle.runtime.observe.tracing import OtelTracer
+from treadle.runtime.observe.tracing_setup import configure_tracing
 
 
 def _dropping_batch_tracer() -> OtelTracer:

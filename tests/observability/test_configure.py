@@ -18,7 +18,8 @@ pytest.importorskip("opentelemetry.sdk.trace")
 from obs_sample import Journal
 
 from treadle.runtime.core.events import NodeFinished, NodeStarted, RunFinished, RunStarted
-from treadle.runtime.observe.tracing import TracingUnavailable, configure_tracing
+from treadle.runtime.observe.tracing import TracingUnavailable
+from treadle.runtime.observe.tracing_setup import configure_tracing
 
 OTEL_VARS = (
     "OTEL_SDK_DISABLED",
@@ -96,7 +97,7 @@ def test_console_exporter_writes_spans_to_stderr(
     out, err = capsys.readouterr()
     assert out == ""  # stdout stays the command's own
     names = [json.loads(chunk)["name"] for chunk in _json_objects(err)]
-    assert sorted(names) == ["node", "run"]
+    assert sorted(names) == ["invoke_workflow g", "node"]
     assert '"service.name": "treadle-test"' in err
 
 
@@ -171,7 +172,7 @@ def test_otlp_http_exports_to_a_collector(monkeypatch: pytest.MonkeyPatch) -> No
     )
     assert service == "treadle-otlp"
     names = sorted(s.name for scope in resource_spans.scope_spans for s in scope.spans)
-    assert names == ["node", "run"]
+    assert names == ["invoke_workflow g", "node"]
 
 
 def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
@@ -179,7 +180,7 @@ def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
     # tracer with tracing off loads neither OpenTelemetry nor prometheus-client
     code = (
         "import sys\n"
-        "from treadle.runtime.observe.tracing import configure_tracing\n"
+        "from treadle.runtime.observe.tracing_setup import configure_tracing\n"
         "import treadle.runtime.observe.metrics, treadle.runtime.observe.timeline\n"
         "import treadle.cli.trace_view\n"
         "assert configure_tracing() is None\n"

@@ -1,4 +1,4 @@
-"""Trace context reaches the backend: the `traceparent` of each llm.call span is on the
+"""Trace context reaches the backend: the `traceparent` of each `chat` span is on the
 request a backend receives, and over HTTP it arrives at the (simulated) serving engine."""
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class Recording:
 
 
 def llm_spans(exporter: InMemorySpanExporter) -> dict[int, Any]:
-    return {s.context.span_id: s for s in exporter.get_finished_spans() if s.name == "llm.call"}
+    spans = exporter.get_finished_spans()
+    return {s.context.span_id: s for s in spans if s.name.startswith("chat ")}
 
 
 async def test_each_request_carries_its_llm_call_span() -> None:
@@ -85,7 +86,7 @@ async def test_current_trace_headers_for_the_daemon_api() -> None:
     worker, exporter = OtelTracer.in_memory()
     worker.set_parent("r-1", headers["traceparent"])
     await Runtime(listeners=[worker.listener]).run(g, {"x": 1}, run_id="r-1")
-    (run,) = [s for s in exporter.get_finished_spans() if s.name == "run"]
+    (run,) = [s for s in exporter.get_finished_spans() if s.name == "invoke_workflow tiny"]
     assert run.context.trace_id == trace_id
     assert run.parent is not None and run.parent.span_id == span_id
 

@@ -54,6 +54,10 @@ class Tree:
     def named(self, name: str) -> list[ReadableSpan]:
         return [s for s in self.spans if s.name == name]
 
+    def op(self, operation: str) -> list[ReadableSpan]:
+        """The spans of one GenAI operation (`invoke_workflow`, `chat`, `execute_tool`)."""
+        return [s for s in self.spans if attr(s, "gen_ai.operation.name") == operation]
+
     def node(self, node: str) -> ReadableSpan:
         (span,) = [s for s in self.named("node") if attr(s, "treadle.node") == node]
         return span
@@ -96,7 +100,7 @@ async def test_span_tree_of_a_sample_run() -> None:
     tracer = memory_tracer()
     result, tree = await run_sample(tracer)
     assert result.ok
-    (run,) = tree.named("run")
+    (run,) = tree.op("invoke_workflow")
     assert run.parent is None
     assert attr(run, "treadle.run_id") == result.run_id
     assert attr(run, "treadle.graph") == "sample"
@@ -121,8 +125,13 @@ async def test_span_tree_of_a_sample_run() -> None:
     # the LLM node: two llm.call spans and two tool.call spans, all children of the node
     ask = tree.node("ask")
     kids = sorted(tree.children(ask), key=lambda s: s.start_time or 0)
-    assert [s.name for s in kids] == ["llm.call", "tool.call", "tool.call", "llm.call"]
-    assert {attr(s, semconv.GEN_AI_TOOL_NAME) for s in kids if s.name == "tool.call"} == {"lookup"}
+    assert [s.name for s in kids] == [
+        "chat default",  # the scripted model has no model name: the alias stands for it
+        "execute_tool lookup",
+        "execute_tool lookup",
+        "chat default",
+    ]
+    assert {attr(s, semconv.GEN_AI_TOOL_NAME) for s in kids[1:3]} == {"lookup"}
     assert all(attr(s, semconv.GEN_AI_OPERATION_NAME) == "execute_tool" for s in kids[1:3])
     assert all(str(attr(s, semconv.GEN_AI_TOOL_CALL_ID)).startswith("call_") for s in kids[1:3])
 
@@ -131,7 +140,7 @@ async def test_llm_call_attributes_follow_genai_conventions() -> None:
     tracer = memory_tracer()
     result, tree = await run_sample(tracer)
     finished = [e for e in result.events if isinstance(e, LLMCallFinished)]
-    spans = {attr(s, "treadle.call_id"): s for s in tree.named("llm.call")}
+    spans = {attr(s, "treadle.call_id"): s for s in tree.op("chat")}
     assert set(spans) == {e.call_id for e in finished}
     for event in finished:
         span = spans[event.call_id]
@@ -207,7 +216,7 @@ async def test_failed_nodes_and_runs_have_error_status() -> None:
     result = await Runtime(listeners=[tracer.listener]).run(g, {"x": 1}, check=False)
     assert result.status == "failed"
     tree = Tree(exporter_of(tracer).get_finished_spans())
-    (run,) = tree.named("run")
+    (run,) = tree.op("invoke_workflow")
     assert run.status.status_code is StatusCode.ERROR
     assert "bad value" in (run.status.description or "")
     assert tree.node("bad").status.status_code is StatusCode.ERROR
@@ -233,11 +242,35 @@ async def test_backend_error_marks_the_llm_call() -> None:
     result = await runtime.run(g, {"q": "hi"}, check=False)
     assert result.status == "failed"
     tree = Tree(exporter_of(tracer).get_finished_spans())
-    (call,) = tree.named("llm.call")
+    (call,) = tree.op("chat")
     assert call.status.status_code is StatusCode.ERROR
     assert attr(call, "error.type") == "backend_error"
     assert attr(call, "treadle.replica") == "gpu-3"
     assert tree.parent(call) is tree.node("ask")
+
+
+async def test_a_tool_call_cut_off_by_its_node_timeout_is_an_error_span() -> None:
+    """14.2: the node's timeout ends the tool call; its span says so (status ERROR)."""
+    import anyio
+
+    from treadle import tool
+
+    @tool
+    async def slow(x: int) -> int:
+        """Slow."""
+        await anyio.sleep(30)
+        return x
+
+    g = Graph("cutoff", inputs={"x": int})
+    g.output(out=g.tool("t", slow, inputs={"x": g.input.x}, timeout_s=0.05).out)
+    tracer = memory_tracer()
+    result = await Runtime(listeners=[tracer.listener]).run(g, {"x": 1}, check=False)
+    assert result.status == "failed"
+    tree = Tree(exporter_of(tracer).get_finished_spans())
+    (call,) = [s for s in tree.spans if attr(s, semconv.GEN_AI_TOOL_NAME) == "slow"]
+    assert call.status.status_code is StatusCode.ERROR
+    assert "cancelled" in (call.status.description or "")
+    assert tree.parent(call) is tree.node("t")
 
 
 async def test_run_joins_a_given_traceparent() -> None:
@@ -248,7 +281,7 @@ async def test_run_joins_a_given_traceparent() -> None:
     runtime = Runtime(listeners=[tracer.listener])
     tracer.set_parent("fixed-run", parent)
     await runtime.run(g, {"x": 1}, run_id="fixed-run")
-    (run,) = Tree(exporter_of(tracer).get_finished_spans()).named("run")
+    (run,) = Tree(exporter_of(tracer).get_finished_spans()).op("invoke_workflow")
     assert run.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
     assert run.parent is not None and run.parent.span_id == 0xB7AD6B7169203331
     assert run.parent.is_remote
@@ -276,7 +309,7 @@ async def test_run_started_inside_a_span_is_its_child() -> None:
     with tracer.tracer.start_as_current_span("request") as outer:
         await runtime.run(g, {"x": 1})
     tree = Tree(exporter_of(tracer).get_finished_spans())
-    (run,) = tree.named("run")
+    (run,) = tree.op("invoke_workflow")
     assert run.parent is not None and run.parent.span_id == outer.get_span_context().span_id
 
 
@@ -316,9 +349,9 @@ def test_replay_of_an_unfinished_journal_closes_what_is_open() -> None:
     tracer = memory_tracer()
     tracer.replay(j.events)
     tree = Tree(exporter_of(tracer).get_finished_spans())
-    (run,) = tree.named("run")
+    (run,) = tree.op("invoke_workflow")
     assert attr(run, "treadle.status") == "interrupted"
-    call = tree.named("llm.call")[0]
+    call = tree.op("chat")[0]
     assert attr(call, "treadle.unfinished") is True
     assert call.end_time == ns(j.events[-1].ts)
     assert attr(tree.node("a"), "treadle.unfinished") is True
@@ -350,8 +383,8 @@ def test_planner_tasks_nest_under_the_planner_node() -> None:
     assert sorted(attr(s, "treadle.node") for s in tasks) == ["plan/task1", "plan/task2"]
     for task in tasks:
         (tool_span,) = tree.children(task)
-        assert tool_span.name == "tool.call"
-    (call,) = tree.named("llm.call")
+        assert tool_span.name.startswith("execute_tool ")
+    (call,) = tree.op("chat")
     assert attr(call, "treadle.ttft_s") == 0.05
     assert attr(call, semconv.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK) == 0.05
     assert attr(call, "treadle.queue_wait_s") == 0.1
@@ -373,7 +406,7 @@ def test_pins_are_spans_linked_to_the_call_that_pinned() -> None:
     tracer.replay(j.events)
     tree = Tree(exporter_of(tracer).get_finished_spans())
     (pin,) = tree.named("kv.pin")
-    (call,) = tree.named("llm.call")
+    (call,) = tree.op("chat")
     assert tree.parent(pin) is tree.node("agent")
     assert [link.context.span_id for link in pin.links] == [call.context.span_id]
     assert attr(pin, "treadle.pin_ttl_s") == 2.5
@@ -420,7 +453,7 @@ def test_events_for_an_unknown_run_start_its_span_lazily() -> None:
     for event in j.events:
         tracer.listener(ctx, event)
     tree = Tree(exporter_of(tracer).get_finished_spans())
-    (run,) = tree.named("run")
+    (run,) = tree.op("invoke_workflow")
     assert tree.parent(tree.node("a")) is run
     assert run.start_time == ns(j.events[0].ts)
 
@@ -457,8 +490,9 @@ async def test_a_real_planner_run_nests_its_tasks() -> None:
     tasks = sorted(attr(s, "treadle.node") for s in tree.children(plan) if s.name == "node")
     assert tasks == ["plan/task1", "plan/task2"]
     for task in tasks:
-        assert [s.name for s in tree.children(tree.node(task))] == ["tool.call"]
-    assert {s.name for s in tree.children(plan)} == {"node", "llm.call"}
+        (tool_span,) = tree.children(tree.node(task))
+        assert attr(tool_span, "gen_ai.operation.name") == "execute_tool"
+    assert {s.name for s in tree.children(plan)} == {"node", "chat default"}
 
 
 def test_a_failure_handed_to_the_joiner_ends_the_task_span_there() -> None:
@@ -489,7 +523,7 @@ def test_a_resumed_journal_gives_two_linked_run_spans() -> None:
     tracer = memory_tracer()
     tracer.replay(j.events)
     tree = Tree(exporter_of(tracer).get_finished_spans())
-    first, second = sorted(tree.named("run"), key=lambda s: s.start_time or 0)
+    first, second = sorted(tree.op("invoke_workflow"), key=lambda s: s.start_time or 0)
     assert attr(first, "treadle.status") == "interrupted"
     assert first.end_time == ns(j.events[2].ts)  # where its journal stops
     assert attr(second, "treadle.resumed") is True
@@ -505,7 +539,7 @@ _HAS_FINISH_REASON = "finish_reason" in {f.name for f in dataclasses.fields(LLMC
 async def test_finish_reasons_are_recorded() -> None:
     tracer = memory_tracer()
     _, tree = await run_sample(tracer)
-    calls = sorted(tree.named("llm.call"), key=lambda s: s.start_time or 0)
+    calls = sorted(tree.op("chat"), key=lambda s: s.start_time or 0)
     reasons = [attr(s, semconv.GEN_AI_RESPONSE_FINISH_REASONS) for s in calls]
     assert reasons == [("tool_calls",), ("stop",)]
 
@@ -526,7 +560,7 @@ def test_events_after_the_end_of_a_run_open_no_second_run_span() -> None:
     replayed.replay(j.events)
     for tracer in (live, replayed):
         tree = Tree(exporter_of(tracer).get_finished_spans())
-        assert len(tree.named("run")) == 1
+        assert len(tree.op("invoke_workflow")) == 1
         (pin,) = tree.named("kv.pin")
         assert attr(pin, "treadle.unfinished") is True  # cut at the run's end
         assert tracer.open_runs() == []

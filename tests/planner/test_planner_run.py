@@ -227,6 +227,28 @@ async def test_the_plan_stream_is_closed_at_join() -> None:
     assert plan_call.error is None and plan_call.finish_reason == "stop"
 
 
+async def test_a_plan_stream_closed_at_join_still_counts_its_tokens() -> None:
+    """14.3: the stream is closed before its usage chunk; the call counts what was sent and
+    what was received, so run totals, spans and token quotas include it."""
+    from treadle.runtime.observe.metrics import summarize_run
+
+    plan = '1. calculator("3 * 3")\n2. join()'
+    backend = EndlessAfterJoin(
+        [finish_with_last_observation(), ScriptRule(match="Task:", content=plan)]
+    )
+    result = await run(planner_graph([calculator]), backend)
+    assert result.ok, result.error
+    plan_call = next(
+        e for e in result.events if isinstance(e, LLMCallFinished) and e.call_id == "plan#1"
+    )
+    # the planner's system prompt alone is hundreds of characters; the plan up to join()
+    # is 30 characters
+    assert plan_call.prompt_tokens > 50
+    assert plan_call.completion_tokens == len('1. calculator("3 * 3")\n2. join() ') // 4
+    totals = summarize_run(result.events)
+    assert totals.tokens_in >= plan_call.prompt_tokens
+
+
 class NonStreaming:
     """A backend without `stream`: the planner parses the whole answer at once."""
 

@@ -416,3 +416,116 @@ async def test_cancelling_a_node_between_retries_stops_it() -> None:
         result = await run.result()
     assert result.status == "cancelled"
     assert attempts < 50
+
+
+@pytest.mark.parametrize("parent_is_async", [False, True])
+async def test_a_quick_sync_sibling_does_not_wait_for_a_slow_async_one(
+    parent_is_async: bool,
+) -> None:
+    """14.1: `a → b` (async) and `a → c` (plain def): c runs while b is still running."""
+    gate = anyio.Event()
+
+    async def slow(x: int) -> int:
+        await gate.wait()  # released only by the quick sibling
+        return x
+
+    def quick(x: int) -> int:
+        gate.set()
+        return x + 1
+
+    async def parent_async(x: int) -> int:
+        return x
+
+    g = Graph("siblings", inputs={"x": int})
+    a = g.func("a", parent_async if parent_is_async else inc, inputs={"x": g.input.x})
+    g.func("b", slow, inputs={"x": a})
+    g.func("c", quick, inputs={"x": a})
+    with anyio.fail_after(5):  # before the fix: c waited for b, which waits for c
+        result = await Runtime().run(g, {"x": 1})
+    ev = result.events
+    assert order_of(ev, NodeStarted, "c") < order_of(ev, NodeFinished, "b")
+
+
+async def test_a_node_timeout_closes_the_calls_it_cut_off() -> None:
+    """14.2: a tool (or LLM) call ended by its node's timeout gets its finished event, failed,
+    so traces, summaries and spans do not show it running forever."""
+    from treadle import ScriptedBackend, tool
+    from treadle.backends.base import LLMRequest, LLMResponse
+    from treadle.runtime.core.events import (
+        LLMCallFinished,
+        LLMCallQueued,
+        ToolCallFinished,
+        ToolCallStarted,
+    )
+    from treadle.runtime.observe.metrics import summarize_run
+
+    @tool
+    async def slow(x: int) -> int:
+        """Slow."""
+        await anyio.sleep(30)
+        return x
+
+    class Hanging(ScriptedBackend):
+        async def generate(self, request: LLMRequest) -> LLMResponse:
+            await anyio.sleep(30)
+            raise AssertionError("unreachable")
+
+    g = Graph("cutoff", inputs={"x": int})
+    t = g.tool("t", slow, inputs={"x": g.input.x}, timeout_s=0.05, retries=1, backoff_s=0)
+    m = g.llm("m", "say {x}", inputs={"x": g.input.x}, timeout_s=0.05, on_error="skip")
+    g.output(t=t.out, m=first_of(m.out, t.out))
+    result = await Runtime(models={"default": Hanging()}).run(g, {"x": 1}, check=False)
+    ev = result.events
+    started = [e.call_id for e in ev if isinstance(e, ToolCallStarted)]
+    finished = {e.call_id: e for e in ev if isinstance(e, ToolCallFinished)}
+    assert len(started) == 2 and set(started) == set(finished)
+    assert all(not f.ok and "cancelled" in (f.error or "") for f in finished.values())
+    queued = [e.call_id for e in ev if isinstance(e, LLMCallQueued)]
+    llm_done = {e.call_id: e for e in ev if isinstance(e, LLMCallFinished)}
+    assert queued and set(queued) == set(llm_done)
+    assert all("cancelled" in (f.error or "") for f in llm_done.values())
+    summary = summarize_run(ev)
+    assert summary.tool_calls == 2 and summary.tool_errors == 2
+    assert summary.llm_calls == 1 and summary.llm_errors == 1
+
+
+@pytest.mark.parametrize("output_uses_targets", [True, False])
+async def test_a_branch_with_no_route_for_its_label_fails_itself_once(
+    output_uses_targets: bool,
+) -> None:
+    """14.4: no route for the label and no default: the branch fails, saying so once; a
+    target that never ran is not blamed, and the run does not silently succeed."""
+    g = Graph("colors", inputs={"color": str})
+    pick = g.branch("pick", {"red": ["set_red"], "blue": ["set_blue"]}, inputs={"c": g.input.color})
+    red = g.func("set_red", lambda: "R", inputs={})
+    blue = g.func("set_blue", lambda: "B", inputs={})
+    if output_uses_targets:
+        g.output(colors=first_of(red.out, blue.out))
+    else:
+        g.output(picked=pick.out)
+    result = await Runtime().run(g, {"color": "yellow"}, check=False)
+    assert result.status == "failed"
+    error = result.error or ""
+    assert error.startswith("node 'pick' failed:"), error
+    assert "no route for 'yellow'" in error and "red, blue" in error
+    assert error.count("yellow") == 1
+    failed = [e.node for e in result.events if isinstance(e, NodeFailed)]
+    assert failed == ["pick"]
+
+
+async def test_an_unavailable_output_blames_no_node_and_gives_each_reason_once() -> None:
+    """14.4: every target skipped (the branch failed under on_error='skip'): the output is
+    unavailable, said once, without blaming a target that never ran."""
+    g = Graph("colors", inputs={"color": str})
+    g.branch(
+        "pick",
+        {"red": ["set_red"], "blue": ["set_blue"]},
+        inputs={"c": g.input.color},
+        on_error="skip",
+    )
+    red = g.func("set_red", lambda: "R", inputs={})
+    blue = g.func("set_blue", lambda: "B", inputs={})
+    g.output(colors=first_of(red.out, blue.out))
+    result = await Runtime().run(g, {"color": "yellow"}, check=False)
+    assert result.status == "failed"
+    assert result.error == "output 'colors' is unavailable: branch 'pick' was skipped"

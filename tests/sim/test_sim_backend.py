@@ -52,7 +52,10 @@ async def test_stream_tool_calls_and_pins_from_hints() -> None:
     rules = [ScriptRule(match="search", tool_calls=[ScriptedToolCall(name="search")])]
     backend = SimBackend.create(rules=rules, speed=50.0, policy="program")
     hints = SchedulingHints(program_id="run-1", pin_ttl_s=60.0)
-    folded = await collect_stream(backend.stream(request("please search", hints=hints)))
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+    folded = await collect_stream(
+        backend.stream(request("please search", hints=hints, tools=tools))
+    )
     assert [c.name for c in folded.tool_calls] == ["search"]
     assert folded.finish_reason == "tool_calls" and folded.usage.completion_tokens > 0
     m = backend.metrics()

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from sim_serving import serving as sim_serving
 from typer.testing import CliRunner
 
 from treadle.backends.base import Message
 from treadle.backends.scripted import ScriptedToolCall, ScriptRule
 from treadle.backends.sim.engine import EngineConfig
 from treadle.backends.sim.realtime import SimReplica, load_rules
-from treadle.backends.sim.server import build_replicas, create_app
 from treadle.backends.sim.tokenizer import encode_chat, encode_completion
 from treadle.cli.sim import app as sim_cli
 
@@ -39,23 +36,8 @@ MODEL = "sim-test"
 async def serving(
     config: EngineConfig | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, SimReplica]]:
-    replica = build_replicas(1, rules=RULES, speed=20.0, model=MODEL, config=config)[0]
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(replica), log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as client:
-            yield client, replica
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with sim_serving(rules=RULES, model=MODEL, config=config) as served:
+        yield served
 
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:

@@ -165,6 +165,22 @@ async def test_list_runs_rejects_negative_paging(store: StateStore) -> None:
 # -- journal ------------------------------------------------------------------------------
 
 
+async def test_run_ids_with_a_prefix(store: StateStore) -> None:
+    """14.10: what `treadle trace PREFIX` and `run --resume PREFIX` look runs up by."""
+    for run_id in ("9c00cd1e", "9c00ff12", "a1b2", "a*[?]%_x"):
+        await store.create_run(run(run_id))
+    assert sorted(await store.run_ids_with_prefix("9c00")) == ["9c00cd1e", "9c00ff12"]
+    assert await store.run_ids_with_prefix("9c00c") == ["9c00cd1e"]
+    assert await store.run_ids_with_prefix("9c00cd1e") == ["9c00cd1e"]
+    assert await store.run_ids_with_prefix("b") == []
+    assert len(await store.run_ids_with_prefix("", limit=3)) == 3
+    # characters that mean something to glob or LIKE patterns are plain characters here
+    assert await store.run_ids_with_prefix("a*") == ["a*[?]%_x"]
+    assert await store.run_ids_with_prefix("a*[?]%") == ["a*[?]%_x"]
+    assert await store.run_ids_with_prefix("a%") == []
+    assert await store.run_ids_with_prefix("a_") == []
+
+
 async def test_record_outputs_and_events(store: StateStore) -> None:
     await store.create_run(run("r"))
     await store.create_run(run("other"))
@@ -268,7 +284,11 @@ _SAMPLES: dict[str, Any] = {
     "bool": True,
     "str | None": "an error",
     "float | None": 1e-300,
+    "int | None": 8000,
     "list[str]": ["a[0]", "a[1]", "ü"],
+    # a request's answer schema and default: any JSON value
+    "dict[str, Any]": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+    "Any": {"nested": [1, 2.5, None, "x"]},
 }
 
 

@@ -15,8 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 from treadle.runtime.core.events import (
+    CacheHit,
     Event,
     GraphExtended,
+    InputRequested,
     LLMCallFinished,
     NodeFailed,
     NodeFinished,
@@ -26,6 +28,7 @@ from treadle.runtime.core.events import (
     ToolCallFinished,
 )
 from treadle.runtime.execution.runtime import RunResult
+from treadle.runtime.observe.metrics import counted
 
 _STYLE = {
     "pending": ("·", "dim"),
@@ -34,6 +37,7 @@ _STYLE = {
     "done": ("✓", "green"),
     "failed": ("✗", "red"),
     "skipped": ("−", "dim"),
+    "waiting": ("?", "magenta"),
 }
 
 
@@ -87,6 +91,14 @@ class RunView:
             row.state, row.note = ("failed" if event.policy == "fail" else "done"), event.error
         elif isinstance(event, NodeSkipped):
             row.state, row.note = "skipped", event.reason
+        elif isinstance(event, InputRequested):
+            row.state, row.note = "waiting", event.prompt
+        elif isinstance(event, CacheHit):
+            row.note = "cached"
+
+    def __rich__(self) -> Table:
+        # rendered anew on every refresh of a `Live` display: running times keep moving
+        return self.table()
 
     def table(self) -> Table:
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
@@ -103,7 +115,8 @@ class RunView:
                 took = ""
             detail = row.note
             if row.children:
-                detail = f"{row.children_done}/{len(row.children)} items " + detail
+                items = "item" if len(row.children) == 1 else "items"
+                detail = f"{row.children_done}/{len(row.children)} {items} " + detail
             if row.attempt > 1:
                 detail = f"attempt {row.attempt} " + detail
             table.add_row(Text(mark, style=style), Text(node, style=style), took, detail[:80])
@@ -111,10 +124,16 @@ class RunView:
 
 
 def render_result(console: Console, result: RunResult, view: RunView | None) -> None:
-    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}[result.status]
+    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(
+        result.status, "magenta"
+    )
     parts: list[Any] = []
     if result.error:
         parts.append(Text(result.error, style="red"))
+    for request in result.pending:
+        parts.append(Text(f"{request.node} asks: {request.prompt}", style="magenta"))
+        schema = json.dumps(request.answer_schema, default=str)
+        parts.append(Text(f"  answer: {schema}", style="dim"))
     if result.output is not None:
         dumped = (
             result.output.model_dump(mode="json")
@@ -125,7 +144,8 @@ def render_result(console: Console, result: RunResult, view: RunView | None) -> 
     summary = f"{result.duration_s:.2f} s"
     if view is not None:
         summary += (
-            f" · {view.llm_calls} LLM calls · {view.tool_calls} tool calls · {view.tokens} tokens"
+            f" · {counted(view.llm_calls, 'LLM call')} · {counted(view.tool_calls, 'tool call')}"
+            f" · {counted(view.tokens, 'token')}"
         )
     console.print(
         Panel(

@@ -18,7 +18,8 @@ WORKFLOW_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class ProgramNotFound(GraphError, ValueError):
-    """The program reference does not name a workflow file or a graph object."""
+    """The program reference does not name a workflow file or a graph object, or its
+    module cannot be imported (the message says where and why, on one line)."""
 
 
 def load_program(ref: str) -> GraphSpec:
@@ -36,8 +37,10 @@ def load_program(ref: str) -> GraphSpec:
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ProgramNotFound(f"{ref}: cannot import {target!r}: {exc}") from None
+        except Exception as exc:  # the module's own code failed: say where, not how deep
+            raise ProgramNotFound(
+                f"{_where(exc, None) or ref + ':'} cannot import {target!r}: {_error(exc)}"
+            ) from None
     try:
         obj: Any = getattr(module, attr)
     except AttributeError:
@@ -60,5 +63,34 @@ def _import_file(path: Path) -> Any:
         raise ProgramNotFound(f"{path}: cannot be imported")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        where = _where(exc, path) or f"{path}:"
+        raise ProgramNotFound(f"{where} the program failed to import: {_error(exc)}") from None
     return module
+
+
+def _error(exc: Exception) -> str:
+    text = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _where(exc: Exception, path: Path | None) -> str | None:
+    """`FILE:LINE:` (with `COL:` for a syntax error) where an import failed: the deepest
+    frame in `path` (any file when None), as editors and CI annotators read it."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        col = f"{exc.offset}:" if exc.offset else ""
+        return f"{exc.filename}:{exc.lineno}:{col}"
+    found: str | None = None
+    tb = exc.__traceback__
+    resolved = path.resolve() if path is not None else None
+    while tb is not None:
+        frame_file = tb.tb_frame.f_code.co_filename
+        mine = resolved is None or Path(frame_file).resolve() == resolved
+        if mine and not frame_file.startswith("<"):
+            shown = str(path) if path is not None else frame_file
+            found = f"{shown}:{tb.tb_lineno}:"
+        tb = tb.tb_next
+    return found

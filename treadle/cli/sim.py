@@ -84,3 +84,76 @@ def serve(
             highlight=False,
         )
     asyncio.run(run_servers(reps, host, port, log_level))
+
+
+@app.command()
+def calibrate(
+    server: Annotated[
+        str | None,
+        typer.Option(help="The server to measure (its root or /v1 URL), e.g. a vLLM replica."),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Start a server of this engine instead (llamacpp: a local build)."),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="Base profile (hardware and model) whose efficiencies are fitted."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="The served model name.")] = None,
+    dialect: Annotated[
+        str, typer.Option(help="The server's dialect (vllm, sglang, ...).")
+    ] = "vllm",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the calibrated profile here.")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the whole report (probes, fit) here.")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Fewer probes and a shorter mix.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and the mix.")] = 0,
+) -> None:
+    """Fit a simulator profile to a real server, then report its error on a held-back mix.
+
+    Against a running server: `--server URL --profile BASE --model NAME [--dialect vllm]`.
+    `--engine llamacpp` starts a local llama-server with treadle's small test model instead.
+    """
+    from treadle.cli.calibrate import run_calibration
+
+    if (server is None) == (engine is None):
+        raise typer.BadParameter("give --server URL or --engine llamacpp", param_hint="--server")
+    if engine is not None and engine != "llamacpp":
+        raise typer.BadParameter(
+            "the only engine treadle starts is llamacpp", param_hint="--engine"
+        )
+    report = run_calibration(
+        server=server,
+        engine=engine,
+        profile=profile,
+        model=model,
+        dialect=dialect,
+        quick=quick,
+        seed=seed,
+        echo=console.print,
+    )
+    v = report.validation
+    fit = report.fit
+    console.print(
+        f"fit: mfu {fit['mfu']:.4f}  attention_mfu {fit['attention_mfu']:.4f}  "
+        f"mbu {fit['mbu']:.4f}  step overhead {fit['step_overhead_s'] * 1e3:.3f} ms  "
+        f"request overhead {fit['request_overhead_s'] * 1e3:.3f} ms  "
+        f"(fit error {fit['fit_mape']:.1%})",
+        highlight=False,
+    )
+    console.print(
+        f"held-back mix ({v['requests']} requests): TTFT error {v['ttft_mape']:.1%}, "
+        f"decode error {v['decode_mape']:.1%} (mean absolute percentage)",
+        highlight=False,
+    )
+    if out is not None:
+        out.write_text(report.profile.model_dump_json(indent=2, exclude_none=True) + "\n")
+        console.print(f"profile written to {out}")
+    if json_path is not None:
+        import json
+
+        json_path.write_text(json.dumps(report.as_json(), indent=2) + "\n")

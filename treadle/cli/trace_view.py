@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from treadle.runtime.core.events import Event
+from treadle.runtime.observe.metrics import counted
 from treadle.runtime.observe.timeline import Row, Timeline, build_timeline
 
 #: segment kind → (glyph, style)
@@ -198,7 +199,7 @@ def _detail(row: Row) -> str:
         if d.get("replica"):
             parts.append(f"@{d['replica']}")
         if d.get("tool_calls"):
-            parts.append(f"{d['tool_calls']} tool calls")
+            parts.append(counted(d["tool_calls"], "tool call"))
         if d.get("error"):
             parts.append(str(d["error"]))
         return " · ".join(parts)

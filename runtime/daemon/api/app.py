@@ -15,6 +15,7 @@ import anyio
 from fastapi import FastAPI
 
 from treadle.runtime.daemon.api.body_limit import BodyLimitMiddleware
+from treadle.runtime.daemon.api.docs_ui import install_docs
 from treadle.runtime.daemon.api.errors import install_error_handlers
 from treadle.runtime.daemon.api.metrics import ApiMetrics, HttpMetricsMiddleware
 from treadle.runtime.daemon.api.routes_ops import router as ops_router
@@ -69,10 +70,13 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from the package (`install_docs`), not from a CDN
+        redoc_url=None,
     )
     app.state.api_metrics = api_metrics
     app.state.config = config
     install_error_handlers(app)
+    install_docs(app)
     app.include_router(workflows_router)
     app.include_router(runs_router)
     app.include_router(ops_router)

@@ -1,5 +1,5 @@
-"""`/v1/runs`: submit runs, read and list them, cancel them, stream their events; and
-`/v1/tenant`: the caller's own quotas and usage."""
+"""`/v1/runs`: submit runs, read and list them, cancel them, answer their requests for
+human input, stream their events; and `/v1/tenant`: the caller's own quotas and usage."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from treadle.runtime.daemon.api.auth import ServicesDep, TenantDep
 from treadle.runtime.daemon.api.errors import ApiError
 from treadle.runtime.daemon.api.schemas import (
     ErrorBody,
+    InputIn,
+    InputOut,
+    PendingInput,
     RunIn,
     RunList,
     RunOut,
@@ -71,10 +74,15 @@ async def submit_run(
     traceparent: Annotated[str | None, Header(max_length=512)] = None,
     tracestate: Annotated[str | None, Header(max_length=_TRACESTATE_MAX)] = None,
 ) -> RunOut:
-    """Start a run of a registered workflow. It is queued (`pending`) and a worker runs
-    it; follow it with GET /v1/runs/{run_id} or its event stream."""
+    """Start a run of a registered workflow (its latest version, or `version`). It is
+    queued (`pending`) and a worker runs it; follow it with GET /v1/runs/{run_id} or its
+    event stream."""
     record = await services.runs.submit(
-        tenant, body.workflow, body.inputs, trace_meta(traceparent, tracestate)
+        tenant,
+        body.workflow,
+        body.inputs,
+        trace_meta(traceparent, tracestate),
+        version=body.version,
     )
     response.headers["Location"] = f"/v1/runs/{record.run_id}"
     return RunOut.of(RunView(record))
@@ -111,6 +119,39 @@ async def cancel_run(run_id: RunId, tenant: TenantDep, services: ServicesDep) ->
     """Ask for the run to be cancelled; the worker running it stops it (a queued run is
     marked cancelled when a worker takes it)."""
     return RunOut.of(await services.runs.cancel(tenant, run_id))
+
+
+@router.post(
+    "/runs/{run_id}/input",
+    status_code=202,
+    response_model=InputOut,
+    responses={
+        **_SUBMIT_ERRORS,
+        409: {
+            "model": ErrorBody,
+            "description": "The run is not waiting for this answer (finished, or the request "
+            "was answered with another key).",
+        },
+        422: {"model": ErrorBody, "description": "The answer does not fit the request."},
+    },
+)
+async def answer_run(
+    run_id: RunId, body: InputIn, tenant: TenantDep, services: ServicesDep
+) -> InputOut:
+    """Answer a waiting run's request for human input (`pending_inputs[].node`; optional
+    when it waits on one): the value is checked against the request's `answer_schema`,
+    recorded, and the run is queued to go on. Idempotent on `key`: the same answer posted
+    again with its key is accepted again (`replayed`) and changes nothing."""
+    result, view = await services.runs.answer(
+        tenant, run_id, body.value, node=body.node, key=body.key
+    )
+    return InputOut(
+        run_id=run_id,
+        node=result.node,
+        replayed=result.replayed,
+        status=RunOut.of(view).status,
+        pending_inputs=[PendingInput(**p.model_dump()) for p in result.pending],
+    )
 
 
 @router.get(

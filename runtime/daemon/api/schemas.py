@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.runtime.core.store import RunStatus
+from treadle.runtime.core.waiting import InputRequest
 from treadle.runtime.daemon.registry import WorkflowInfo
 from treadle.runtime.daemon.runs import RunView
 
@@ -50,9 +51,49 @@ class WorkflowList(BaseModel):
     workflows: list[WorkflowOut]
 
 
+class WorkflowVersions(BaseModel):
+    versions: list[WorkflowOut] = Field(description="Every version, oldest first.")
+
+
 class RunIn(_Strict):
     workflow: str = Field(min_length=1, max_length=100, description="A registered name.")
     inputs: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(
+        None, ge=1, description="Run this version of the workflow (default: the latest)."
+    )
+
+
+class PendingInput(InputRequest):
+    """A request for human input a waiting run has open: what a form asks. Answer it with
+    POST /v1/runs/{run_id}/input."""
+
+
+class InputIn(_Strict):
+    value: Any = Field(
+        description="The answer: a JSON value that matches the request's `answer_schema`."
+    )
+    node: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="The request answered (`pending_inputs[].node`); may be left out when "
+        "the run waits on one request.",
+    )
+    key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Idempotency key: posting the same answer with the same key again is "
+        "accepted and changes nothing (a retry after a lost reply).",
+    )
+
+
+class InputOut(BaseModel):
+    run_id: str
+    node: str = Field(description="The request answered.")
+    replayed: bool = Field(description="True: this key's answer was recorded before.")
+    status: RunStatus = Field(description="The run's status now (queued: pending).")
+    pending_inputs: list[PendingInput] = Field(description="Requests still open.")
 
 
 class RunOut(BaseModel):
@@ -67,6 +108,10 @@ class RunOut(BaseModel):
     workflow_version: int | None = None
     cancel_requested: bool = False
     trace_id: str | None = Field(None, description="From the traceparent given on submit.")
+    pending_inputs: list[PendingInput] = Field(
+        default_factory=list,
+        description="While `waiting`: the requests for human input the run waits on.",
+    )
 
     @classmethod
     def of(cls, view: RunView, *, full: bool = True) -> RunOut:
@@ -85,6 +130,7 @@ class RunOut(BaseModel):
             workflow_version=int(version) if version and version.isdigit() else None,
             cancel_requested=view.cancel_requested,
             trace_id=parent.split("-")[1] if parent else None,
+            pending_inputs=[PendingInput(**p.model_dump()) for p in r.pending_inputs],
         )
 
 

@@ -1,0 +1,99 @@
+"""The calibration's fit and its validation replay, on measurements made by a known profile:
+the fit must find that profile's efficiencies again, and the replay must then agree with the
+measurements. (The real-server run is `treadle sim calibrate`, exercised in
+tests/realengine.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from treadle.backends.sim.calibrate import (
+    Sample,
+    calibrated_profile,
+    fit_efficiency,
+    mape,
+    simulate_mix,
+    validate,
+)
+from treadle.backends.sim.engine import EngineConfig
+from treadle.backends.sim.profile import Efficiency, Profile
+
+
+def truth() -> Profile:
+    base = Profile.default()
+    return base.model_copy(
+        update={
+            "efficiency": Efficiency(mfu=0.45, attention_mfu=0.2, mbu=0.7, step_overhead_s=0.003),
+            "sources": {**base.sources, "efficiency.attention_mfu": "test"},
+        }
+    )
+
+
+def probes(p: Profile, overhead: float) -> list[Sample]:
+    out = []
+    for n in (64, 512, 2048, 8192, 20000):
+        out.append(Sample("prefill", n, ttft_s=overhead + p.prefill_time(n)))
+    for n in (4096, 16384):
+        out.append(Sample("cached", n + 40, n, ttft_s=overhead + p.prefill_time(n + 40, n)))
+    for b in (1, 16, 64):
+        for c in (128, 8000):
+            out.append(Sample("decode", c, batch=b, context=c, decode_s=p.decode_step_time(b, c)))
+    return out
+
+
+def test_the_fit_recovers_a_known_profile() -> None:
+    real = truth()
+    fit = fit_efficiency(Profile.default(), probes(real, overhead=0.004))
+    assert fit["fit_mape"] < 0.01
+    assert fit["mfu"] == pytest.approx(0.45, rel=0.05)
+    assert fit["attention_mfu"] == pytest.approx(0.2, rel=0.1)
+    assert fit["mbu"] == pytest.approx(0.7, rel=0.05)
+    assert fit["step_overhead_s"] == pytest.approx(0.003, rel=0.1)
+    assert fit["request_overhead_s"] == pytest.approx(0.004, rel=0.1)
+
+
+def test_a_calibrated_profile_says_where_its_numbers_come_from() -> None:
+    fit = fit_efficiency(Profile.default(), probes(truth(), overhead=0.0))
+    profile = calibrated_profile(
+        Profile.default(), fit, server="http://gpu1:8000", served_model="llama", samples=17
+    )
+    assert profile.calibration is not None and profile.calibration.samples == 17
+    assert "http://gpu1:8000" in profile.sources["efficiency.mfu"]
+    assert profile.efficiency.attention_mfu == pytest.approx(fit["attention_mfu"])
+    # round trip through the file format
+    again = Profile.model_validate_json(profile.model_dump_json())
+    assert again == profile
+
+
+def test_validation_replays_a_mix_on_the_engine() -> None:
+    """A mix 'measured' on the true profile's engine is predicted exactly by that profile
+    (and not by one with a different speed)."""
+    real = truth()
+    mix = [
+        Sample(
+            "mix",
+            1000 + 200 * i,
+            output_tokens=32,
+            start_s=0.05 * i,
+            prefix=i % 2 or None,
+            prefix_tokens=512 if i % 2 else 0,
+        )
+        for i in range(12)
+    ]
+    config = EngineConfig()
+    for s, (ttft, decode) in zip(mix, simulate_mix(real, mix, config), strict=True):
+        s.ttft_s, s.decode_s = ttft, decode
+    exact = validate(real, [mix], config)
+    assert exact["ttft_mape"] == pytest.approx(0.0, abs=1e-9)
+    assert exact["decode_mape"] == pytest.approx(0.0, abs=1e-9)
+    slow = real.model_copy(
+        update={"efficiency": Efficiency(mfu=0.2, mbu=0.3, step_overhead_s=0.01)}
+    )
+    assert validate(slow, [mix], config)["ttft_mape"] > 0.3
+
+
+def test_mape_ignores_zero_measurements() -> None:
+    assert mape([(1.1, 1.0), (5.0, 0.0)]) == pytest.approx(0.1)
+    assert math.isnan(mape([]))
