@@ -70,10 +70,6 @@ MAX_PROMPT_TOKENS = 120_000
 # -- reading -------------------------------------------------------------------------------
 
 
-class TraceFormatError(ValueError):
-    """A trace line does not match the Copilot session format."""
-
-
 def _open_text(path: Path) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as fh:
@@ -85,7 +81,7 @@ def read_sessions(path: str | Path) -> list[dict[str, Any]]:
     naming the file, the line and the field."""
     p = Path(path)
     if not p.is_file():
-        raise TraceFormatError(f"{p}: no such trace file")
+        raise ValueError(f"{p}: no such trace file")
     sessions = []
     for lineno, line in enumerate(_open_text(p), 1):
         line = line.strip()
@@ -94,13 +90,13 @@ def read_sessions(path: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise TraceFormatError(f"{p}:{lineno}: not JSON: {exc.msg}") from None
+            raise ValueError(f"{p}:{lineno}: not JSON: {exc.msg}") from None
         problem = _check_session(record)
         if problem:
-            raise TraceFormatError(f"{p}:{lineno}: {problem}")
+            raise ValueError(f"{p}:{lineno}: {problem}")
         sessions.append(record)
     if not sessions:
-        raise TraceFormatError(f"{p}: no sessions")
+        raise ValueError(f"{p}: no sessions")
     return sessions
 
 

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from treadle.benchmarks.agents.bench import main
 from treadle.benchmarks.agents.copilot import (
-    TraceFormatError,
     generate_sessions,
     read_sessions,
     session_program,
@@ -98,13 +97,13 @@ def test_malformed_lines_name_the_file_line_and_field(tmp_path: Path) -> None:
     good = json.dumps(generate_sessions(1, seed=0)[0])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good + "\n" + '{"turns": [{"llm_calls": [{"tokens": {"prompt": -1}}]}]}\n')
-    with pytest.raises(TraceFormatError, match=r"bad\.jsonl:2: turns\[0\]\.llm_calls\[0\]"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: turns\[0\]\.llm_calls\[0\]"):
         read_sessions(bad)
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    with pytest.raises(TraceFormatError, match=r"broken\.jsonl:1: not JSON"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1: not JSON"):
         read_sessions(broken)
-    with pytest.raises(TraceFormatError, match="no such trace file"):
+    with pytest.raises(ValueError, match="no such trace file"):
         read_sessions(tmp_path / "missing.jsonl")
 
 
