@@ -38,7 +38,6 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +108,6 @@ def run_point(job: PointJob) -> PointResult:
     result = sim.run(cached_ideal(job.source, job.seed, cluster.profile), job.seed)
     result.rate_per_min = job.rate_per_min  # exactly the grid's rate (not x / 60 * 60)
     return result
-
-
-Runner = Callable[[Iterable[PointJob]], Iterable[tuple[PointJob, PointResult]]]
 
 
 class PoolRunner:

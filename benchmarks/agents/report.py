@@ -20,6 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
+from treadle.backends.sim import Profile
 from treadle.benchmarks.agents.sim import PointResult
 from treadle.benchmarks.agents.spec import BenchOutcome
 from treadle.benchmarks.common import mean, percentile, print_table
@@ -134,8 +135,6 @@ def build_report(outcome: BenchOutcome) -> dict[str, Any]:
 
 
 def _profile_kv(profile: str) -> int:
-    from treadle.backends.sim import Profile
-
     return Profile.load(profile).kv_capacity_tokens
 
 
