@@ -20,9 +20,10 @@ Public API (stable):
     engine.on_step = callback          # observe launched steps (StepInfo)
     engine.decoded_tokens(req) -> int  # output so far (`req.output_tokens` is exact only
                                        # between runs and once it has finished)
-    EngineConfig(policy, pin_pressure="keep", max_pinned_fraction=0.5, max_num_seqs=None,
-                 max_num_batched_tokens=None, kv_capacity_blocks=None,
-                 max_jump_steps=None, keep_finished=False)  # None: from the profile
+    EngineConfig(policy, pin_pressure="keep", pin_release="scheduled",
+                 max_pinned_fraction=0.5, max_num_seqs=None, max_num_batched_tokens=None,
+                 kv_capacity_blocks=None, max_jump_steps=None, keep_finished=False)
+                                       # (config.py; None: from the profile)
 
 `SimRequest` is both the input and the record. After it finishes: `arrival_time`,
 `first_token_time`, `finish_time`, `prompt_tokens`, `cached_tokens` (prefix-cache hit at
@@ -57,22 +58,32 @@ The model, step by step:
   A step that had to preempt admits no waiting request (as vLLM). Nothing is ever dropped.
 - **Step time**: `Profile.step_time` (roofline) over the step's tokens, attention context
   and KV reads.
-- **Policies** (`EngineConfig.policy`): `fcfs` (arrival order), `priority` (lower
-  `priority` first, then arrival; vLLM), `program` (Continuum: waiting requests of a
-  program that holds a pin first, then by the arrival of the request's program, then the
-  request's arrival). Preemption victims are the last in the same order.
+- **Policies** (`EngineConfig.policy`, `waiting.py`): `fcfs` (arrival order), `priority`
+  (lower `priority` first, then arrival; vLLM), `program` (vllm-continuum: waiting requests
+  of a program that holds a pin first, then by the arrival of the request's program, then
+  the request's arrival). Preemption victims are the last in the same order; under
+  `program` a request that is not its program's last step is chosen before one that is
+  (vllm-continuum's `pop_running_request_based_on_last_step`).
 - **Pins** (`pin_ttl_s`): when a request with a pin TTL finishes, the blocks of its whole
   sequence are pinned for that long under its `program_id` (its request id when it has
-  none): they count toward memory and cannot be evicted. A pin is released (1) at its
-  deadline, (2) when the next request of the same program is *scheduled* — it then holds
-  the blocks itself, so a queued next step keeps its cache until it runs — and a request
-  with `is_last_step` releases its program's pins the same way and sets none, or (3) on
-  demand, `release_pins(key)`. Under memory pressure pins are kept by default
-  (`pin_pressure="keep"`): waiting requests wait and running ones are preempted as if
-  pinned blocks were in use, until the pins expire. With `pin_pressure="release"` pins are
-  released earliest deadline first whenever an allocation would otherwise fail (before
-  anyone is preempted). A new pin that would take pinned blocks over
-  `max_pinned_fraction` of capacity is refused (counted in `pins_refused`).
+  none): they count toward memory and cannot be evicted. A request with `is_last_step`
+  sets none. A pin is released:
+  1. by the program's next request: when it is *scheduled* (`pin_release="scheduled"`: it
+     then holds the blocks itself) or when it *finishes* (`"finished"`, vllm-continuum's
+     `_free_blocks`); a request with `is_last_step` releases its program's pins the same
+     way;
+  2. at its deadline, unless a request of its program is waiting in this engine: then the
+     pin is held until that request leaves the waiting queue (vllm-continuum's
+     `unpin_requests_regular` releases only pins whose job has nothing waiting);
+  3. on demand, `release_pins(key)`;
+  4. under memory pressure, by `pin_pressure`: `"keep"` never (waiting requests wait and
+     running ones are preempted as if pinned blocks were in use); `"release"` earliest
+     deadline first whenever an allocation would otherwise fail, before anyone is
+     preempted; `"last_resort"` (vllm-continuum) the pin with the *latest* deadline, and
+     only when nothing else can give way: a running request's allocation fails while at
+     most one request runs, or a waiting one's while none runs.
+  A new pin that would take pinned blocks over `max_pinned_fraction` of capacity is
+  refused (counted in `pins_refused`; 1.0 means no cap, as in vllm-continuum).
 
 **Performance.** Decoding requests are kept in aggregate form (a global decode-step
 counter, block-phase counts, the sum of their context lengths), so a decode step costs
@@ -87,297 +98,37 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
 
 from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import Clock, Timer
+from treadle.backends.sim.config import (
+    SCHEDULING_POLICIES,
+    EngineConfig,
+    EngineMetrics,
+    PinPressure,
+    PinRelease,
+    SchedulingPolicy,
+    StepInfo,
+)
 from treadle.backends.sim.kvcache import BlockCache, CacheEntry
-from treadle.backends.sim.profile import Profile
+from treadle.backends.sim.pins import PinTable
+from treadle.backends.sim.profile import Profile, sum_max_linear
+from treadle.backends.sim.request import DECODE, FINISHED, NEW, PREFILL, WAITING, SimRequest
+from treadle.backends.sim.waiting import WaitQueue
 
-#: the order in which waiting requests are admitted (vLLM's `--scheduling-policy`, plus
-#: Continuum's "program"; the module docstring says how each orders them)
-SchedulingPolicy = Literal["fcfs", "priority", "program"]
-PinPressure = Literal["keep", "release"]
-SCHEDULING_POLICIES: tuple[SchedulingPolicy, ...] = ("fcfs", "priority", "program")
-
-NEW, WAITING, PREFILL, DECODE, FINISHED = range(5)
-_STATE_NAMES = {NEW: "new", WAITING: "waiting", PREFILL: "prefill", DECODE: "decode"}
-_STATE_NAMES[FINISHED] = "finished"
-
-RequestCallback = Callable[["SimRequest"], None]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Switches of one engine; `None` limits come from the profile."""
-
-    policy: SchedulingPolicy = "fcfs"
-    pin_pressure: PinPressure = "keep"
-    max_pinned_fraction: float = 0.5
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    kv_capacity_blocks: int | None = None
-    #: most decode steps one event may cover (None: up to the next completion)
-    max_jump_steps: int | None = None
-    keep_finished: bool = False
-
-    def __post_init__(self) -> None:
-        if self.policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; use one of {SCHEDULING_POLICIES}")
-        if self.pin_pressure not in ("keep", "release"):
-            raise ValueError("pin_pressure must be 'keep' or 'release'")
-        if not 0.0 <= self.max_pinned_fraction <= 1.0:
-            raise ValueError("max_pinned_fraction must be in [0, 1]")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_capacity_blocks"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_jump_steps is not None and self.max_jump_steps < 1:
-            raise ValueError("max_jump_steps must be >= 1")
-
-
-@dataclass(frozen=True)
-class EngineMetrics:
-    """A snapshot of one engine's gauges and counters (token counts in tokens)."""
-
-    name: str
-    time: float
-    running: int
-    waiting: int
-    kv_usage: float
-    kv_capacity_blocks: int
-    pinned_blocks: int
-    prefix_queries_tokens: int
-    prefix_hits_tokens: int
-    pins_active: int
-    pins_set: int
-    pins_released: int
-    pins_expired: int
-    pins_refused: int
-    preemptions: int
-    recomputed_tokens: int
-    prompt_tokens: int
-    generation_tokens: int
-    submitted: int
-    finished: int
-    aborted: int
-    steps: int
-    busy_s: float
-    evicted_blocks: int
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return (
-            self.prefix_hits_tokens / self.prefix_queries_tokens
-            if self.prefix_queries_tokens
-            else 0.0
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class StepInfo:
-    """One launched step, or a run of `steps` identical decode steps (for observers)."""
-
-    start: float
-    end: float
-    steps: int
-    decode_requests: int
-    prefill_tokens: int
-    prefill_requests: int
-
-
-class SimRequest:
-    """A request to the simulated engine, and the record of what happened to it."""
-
-    __slots__ = (
-        "_L0",
-        "_S0",
-        "_computed",
-        "_dec_c",
-        "_dec_epoch",
-        "_ends",
-        "_g0",
-        "_held",
-        "_held_blocks",
-        "_keys",
-        "_n_held",
-        "_private",
-        "_reported",
-        "_seq",
-        "_sort_key",
-        "_target",
-        "_wait_epoch",
-        "_watermark",
-        "aborted",
-        "arrival_time",
-        "cached_tokens",
-        "finish_time",
-        "first_token_time",
-        "is_last_step",
-        "num_preemptions",
-        "on_finish",
-        "on_first_token",
-        "on_token",
-        "output_len",
-        "output_tokens",
-        "pin_ttl_s",
-        "priority",
-        "program_id",
-        "prompt",
-        "prompt_tokens",
-        "recomputed_tokens",
-        "replica",
-        "request_id",
-        "sequence",
-        "state",
-        "tag",
-    )
-
-    _ids = itertools.count()
-
-    def __init__(
-        self,
-        prompt: Prompt,
-        output_len: int | None = None,
-        *,
-        output_tokens: list[int] | tuple[int, ...] | None = None,
-        output_key: Any = None,
-        request_id: str | None = None,
-        priority: int = 0,
-        program_id: str | None = None,
-        pin_ttl_s: float | None = None,
-        is_last_step: bool = False,
-        on_first_token: RequestCallback | None = None,
-        on_token: RequestCallback | None = None,
-        on_finish: RequestCallback | None = None,
-        tag: Any = None,
-    ):
-        """`output_len` tokens will be generated (or `len(output_tokens)`).
-
-        Identity of the output for the prefix cache (optional): `output_tokens` (the ids the
-        model generates, for token prompts) or `output_key` (a segment key, for segment
-        prompts); without either, output blocks are never shared.
-        """
-        if output_tokens is not None:
-            if output_len is not None and output_len != len(output_tokens):
-                raise ValueError("output_len disagrees with len(output_tokens)")
-            output_len = len(output_tokens)
-        if output_len is None or output_len < 1:
-            raise ValueError("a request must generate at least one token (output_len >= 1)")
-        if prompt.num_tokens < 1:
-            raise ValueError("a request needs a prompt of at least one token")
-        if pin_ttl_s is not None and not (0 < pin_ttl_s < math.inf):
-            raise ValueError("pin_ttl_s must be a positive, finite number of seconds")
-        if output_tokens is not None:
-            sequence = prompt.extend_tokens(output_tokens)
-        elif output_key is not None:
-            sequence = prompt.extend_segments([(output_key, output_len)])
-        else:
-            sequence = prompt
-        self.prompt = prompt
-        self.sequence = sequence
-        self.prompt_tokens = prompt.num_tokens
-        self.output_len = output_len
-        self.request_id = request_id if request_id is not None else f"simreq-{next(self._ids)}"
-        self.priority = priority
-        self.program_id = program_id
-        self.pin_ttl_s = pin_ttl_s
-        self.is_last_step = is_last_step
-        self.on_first_token = on_first_token
-        self.on_token = on_token
-        self.on_finish = on_finish
-        self.tag = tag
-        # the record
-        self.state = NEW
-        self.replica: str | None = None
-        self.arrival_time = math.nan
-        self.first_token_time: float | None = None
-        self.finish_time: float | None = None
-        self.cached_tokens: int | None = None
-        self.recomputed_tokens = 0
-        self.output_tokens = 0
-        self.num_preemptions = 0
-        self.aborted = False
-        # engine state
-        self._keys = sequence.keys
-        self._ends = sequence.ends
-        self._seq = 0
-        self._sort_key: tuple[float, ...] = ()
-        self._target = prompt.num_tokens
-        self._computed = 0
-        self._held: list[CacheEntry] = []
-        self._n_held = 0
-        self._held_blocks = 0
-        self._private = 0
-        self._watermark = 0
-        self._wait_epoch = 0
-        self._dec_epoch = 0
-        self._dec_c = 0
-        self._L0 = 0
-        self._g0 = 0
-        self._S0 = 0
-        self._reported = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.state == FINISHED
-
-    @property
-    def status(self) -> str:
-        return _STATE_NAMES[self.state]
-
-    @property
-    def ttft(self) -> float | None:
-        """Seconds from arrival to the first output token."""
-        if self.first_token_time is None:
-            return None
-        return self.first_token_time - self.arrival_time
-
-    @property
-    def latency(self) -> float | None:
-        """Seconds from arrival to the last output token."""
-        if self.finish_time is None:
-            return None
-        return self.finish_time - self.arrival_time
-
-    def __repr__(self) -> str:
-        return (
-            f"SimRequest({self.request_id}, {self.status}, prompt={self.prompt_tokens}, "
-            f"out={self.output_tokens}/{self.output_len})"
-        )
-
-
-class _Pin:
-    __slots__ = ("active", "deadline", "entries", "key", "timer")
-
-    def __init__(self, key: str, entries: list[CacheEntry], deadline: float):
-        self.key = key
-        self.entries = entries
-        self.deadline = deadline
-        self.active = True
-        self.timer: Timer | None = None
-
-
-def sum_max_linear(a: float, b: float, c: float, e: float, j: int) -> float:
-    """sum_{i=0}^{j-1} max(a + b*i, c + e*i), in closed form."""
-    if j <= 0:
-        return 0.0
-
-    def lin(p: float, q: float, lo: int, hi: int) -> float:
-        n = hi - lo
-        return n * p + q * (lo + hi - 1) * n / 2.0 if n > 0 else 0.0
-
-    if b == e:
-        return lin(max(a, c), b, 0, j)
-    x = (c - a) / (b - e)  # where a + b*i == c + e*i
-    if b > e:  # the first term wins from ceil(x) on
-        k = min(j, max(0, math.ceil(x)))
-        return lin(c, e, 0, k) + lin(a, b, k, j)
-    k = min(j, max(0, math.floor(x) + 1))  # the first term wins up to floor(x)
-    return lin(a, b, 0, k) + lin(c, e, k, j)
+__all__ = [
+    "SCHEDULING_POLICIES",
+    "Engine",
+    "EngineConfig",
+    "EngineMetrics",
+    "PinPressure",
+    "PinRelease",
+    "SchedulingPolicy",
+    "SimRequest",
+    "StepInfo",
+    "sum_max_linear",
+]
 
 
 class Engine:
@@ -397,6 +148,7 @@ class Engine:
         self.config = cfg
         self.name = name
         self.policy: SchedulingPolicy = cfg.policy
+        self._release_on_schedule = cfg.pin_release == "scheduled"
         self.block_size = profile.engine.block_size
         self.max_num_seqs = cfg.max_num_seqs or profile.engine.max_num_seqs
         self.max_num_batched_tokens = (
@@ -425,14 +177,15 @@ class Engine:
         self._dec_base = 0  # sum over decoders of (L0 - S0): sum of contexts = base + B*S
         self._dec_heap: list[tuple[int, int, int, SimRequest]] = []
         self._watched: set[SimRequest] = set()
-        # waiting requests
-        self._wq: list[tuple[tuple[float, ...], int, int, SimRequest]] = []
-        self._pinned_wq: list[tuple[tuple[float, ...], int, int, SimRequest]] = []
-        self._waiting_by_program: dict[str, set[SimRequest]] = {}
-        self._n_waiting = 0
-        self._program_first: dict[str, float] = {}
-        # pins
-        self._pins: dict[str, list[_Pin]] = {}
+        # pins (by program) and the waiting queue, which puts pinned programs first
+        self.pins = PinTable(
+            self.cache,
+            clock,
+            max_fraction=cfg.max_pinned_fraction,
+            holds=lambda key: self._waiting.has_program(key),
+            on_release=self._pin_released,
+        )
+        self._waiting = WaitQueue(cfg.policy, self.pins)
         # the step in flight
         self._busy = False
         self._planning = False
@@ -450,11 +203,6 @@ class Engine:
         self.n_aborted = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
-        self.pins_set = 0
-        self.pins_released = 0
-        self.pins_expired = 0
-        self.pins_refused = 0
-        self.pins_active = 0
         self.preemptions = 0
         self.recomputed = 0
         self.prompt_tokens = 0
@@ -470,7 +218,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._n_waiting
+        return self._waiting.count
 
     @property
     def kv_usage(self) -> float:
@@ -501,18 +249,11 @@ class Engine:
         request.arrival_time = now
         request.replica = self.name
         request._seq = next(self._seqs)
-        if self.policy == "fcfs":
-            request._sort_key = (now,)
-        elif self.policy == "priority":
-            request._sort_key = (float(request.priority), now)
-        else:
-            pid = request.program_id
-            first = self._program_first.setdefault(pid, now) if pid is not None else now
-            request._sort_key = (first, now)
+        request._sort_key = self._waiting.sort_key(request, now)
         if request.on_token is not None:
             self._watched.add(request)
         self.submitted += 1
-        self._enqueue(request)
+        self._waiting.push(request)
         if self._busy:
             self._interrupt()
         else:
@@ -530,10 +271,7 @@ class Engine:
 
     def release_pins(self, key: str) -> int:
         """Release every pin held under `key` (a program id); returns how many."""
-        pins = list(self._pins.get(key, ()))
-        for pin in pins:
-            self._release_pin(pin, "api")
-        return len(pins)
+        return self.pins.release_program(key, "api")
 
     def abort(self, request: SimRequest) -> bool:
         """Stop `request` (a client went away): its blocks are freed (cached ones stay
@@ -553,7 +291,7 @@ class Engine:
 
     def _abort_now(self, request: SimRequest) -> None:
         if request.state == WAITING:
-            self._take_waiting(request)  # its queue entries are skipped from now on
+            self._leave_waiting(request)  # its queue entries are skipped from now on
         elif request.state == DECODE:
             self._register(request, self._leave_decode(request))
         elif request.state == PREFILL:
@@ -565,11 +303,11 @@ class Engine:
         request.finish_time = self.clock.now()
         self._watched.discard(request)
         self.n_aborted += 1
-        if self._n_waiting:
+        if self._waiting.count:
             self._request_plan()
 
     def pinned_programs(self) -> list[str]:
-        return list(self._pins)
+        return self.pins.programs()
 
     def probe(self, prompt: Prompt) -> int:
         """Tokens of `prompt` a request scheduled now would take from the prefix cache."""
@@ -581,17 +319,17 @@ class Engine:
             name=self.name,
             time=self.clock.now(),
             running=self.num_running,
-            waiting=self._n_waiting,
+            waiting=self._waiting.count,
             kv_usage=self.kv_usage,
             kv_capacity_blocks=self.cache.total,
             pinned_blocks=self.cache.pinned_blocks,
             prefix_queries_tokens=self.prefix_queries,
             prefix_hits_tokens=self.prefix_hits,
-            pins_active=self.pins_active,
-            pins_set=self.pins_set,
-            pins_released=self.pins_released,
-            pins_expired=self.pins_expired,
-            pins_refused=self.pins_refused,
+            pins_active=self.pins.active,
+            pins_set=self.pins.set_count,
+            pins_released=self.pins.released,
+            pins_expired=self.pins.expired,
+            pins_refused=self.pins.refused,
             preemptions=self.preemptions,
             recomputed_tokens=self.recomputed,
             prompt_tokens=self.prompt_tokens,
@@ -612,43 +350,12 @@ class Engine:
 
     # -- waiting queue ---------------------------------------------------------------------
 
-    def _enqueue(self, r: SimRequest) -> None:
-        r.state = WAITING
-        r._wait_epoch += 1
-        entry = (r._sort_key, r._seq, r._wait_epoch, r)
-        heapq.heappush(self._wq, entry)
-        self._n_waiting += 1
+    def _leave_waiting(self, r: SimRequest) -> None:
+        """`r` leaves the waiting queue; a pin held only because it waited goes now."""
+        self._waiting.take(r)
         pid = r.program_id
-        if self.policy == "program" and pid is not None:
-            self._waiting_by_program.setdefault(pid, set()).add(r)
-            if pid in self._pins:
-                heapq.heappush(self._pinned_wq, entry)
-
-    def _peek_waiting(self) -> SimRequest | None:
-        if self.policy == "program":
-            pq = self._pinned_wq
-            while pq:
-                _, _, epoch, r = pq[0]
-                if r.state != WAITING or r._wait_epoch != epoch or r.program_id not in self._pins:
-                    heapq.heappop(pq)
-                    continue
-                return r
-        wq = self._wq
-        while wq:
-            _, _, epoch, r = wq[0]
-            if r.state != WAITING or r._wait_epoch != epoch:
-                heapq.heappop(wq)
-                continue
-            return r
-        return None
-
-    def _take_waiting(self, r: SimRequest) -> None:
-        self._n_waiting -= 1
-        if self.policy == "program" and r.program_id is not None:
-            waiting = self._waiting_by_program[r.program_id]
-            waiting.discard(r)
-            if not waiting:
-                del self._waiting_by_program[r.program_id]
+        if pid is not None and not self._waiting.has_program(pid):
+            self.pins.waiting_left(pid)
 
     # -- planning a step -------------------------------------------------------------------
 
@@ -659,26 +366,40 @@ class Engine:
         self._plan_pending = True
         self.clock.call_later(0.0, self._plan)
 
-    def _make_room(self, need: int, matched: list[CacheEntry] | None = None) -> bool:
+    def _make_room(
+        self, need: int, matched: list[CacheEntry] | None = None, *, others_can_yield: bool
+    ) -> bool:
         """Whether `need` blocks can be allocated (besides acquiring `matched`), releasing
-        pins first when the pressure policy allows."""
+        pins first when the pressure policy allows (`others_can_yield`: someone else could
+        give way instead: another running request to preempt, or one to wait for)."""
         cache = self.cache
+        mode = self.config.pin_pressure
         while True:
             touched = cache.evictable_in(matched) if matched else 0
             if need + touched <= cache.available:
                 return True
-            if self.config.pin_pressure != "release" or not self.pins_active:
+            if not self.pins.active or mode == "keep":
                 return False
-            pin = min((p for ps in self._pins.values() for p in ps), key=lambda p: p.deadline)
-            self._release_pin(pin, "pressure")
+            pins = iter(self.pins)
+            if mode == "release":
+                pin = min(pins, key=lambda p: p.deadline)
+            elif not others_can_yield:  # last_resort: the longest retained KV goes
+                pin = max(pins, key=lambda p: p.deadline)
+            else:
+                return False
+            self.pins.release(pin, "pressure")
 
     def _victim(self) -> SimRequest:
-        """The running request to preempt: last in policy order (latest arrival first)."""
+        """The running request to preempt: last in policy order (latest arrival first);
+        under `program`, one that is not its program's last step if there is one."""
+        prefer_steps = self.policy == "program"
         best: SimRequest | None = None
+        best_key: tuple[object, ...] = ()
         for group in (self._dec, self._pre):
             for r in group.values():
-                if best is None or (r._sort_key, r._seq) > (best._sort_key, best._seq):
-                    best = r
+                key = (prefer_steps and not r.is_last_step, r._sort_key, r._seq)
+                if best is None or key > best_key:
+                    best, best_key = r, key
         assert best is not None
         return best
 
@@ -715,7 +436,7 @@ class Engine:
                     extra = 0
                 need += extra
                 plan.append((r, c, extra))
-            if self._make_room(need):
+            if self._make_room(need, others_can_yield=len(dec) + len(pre) > 1):
                 break
             self._preempt(self._victim())
             preempted = True
@@ -727,8 +448,9 @@ class Engine:
         # 2. Admit waiting requests in policy order while budget, seats and blocks last
         #    (not in a step that had to preempt: memory is short, as vLLM).
         n_running = len(dec) + len(pre)
-        while not preempted and budget > 0 and n_running < self.max_num_seqs and self._n_waiting:
-            head = self._peek_waiting()
+        waiting = self._waiting
+        while not preempted and budget > 0 and n_running < self.max_num_seqs and waiting.count:
+            head = waiting.peek()
             assert head is not None
             r = head
             target = r._target
@@ -739,11 +461,11 @@ class Engine:
             hit = min(mblocks * bs, target - 1)
             c = min(target - hit, budget)
             extra = max(0, -(-(hit + c) // bs) - mblocks)
-            if not self._make_room(extra, matched):
-                if self._peek_waiting() is not r:
+            if not self._make_room(extra, matched, others_can_yield=n_running > 0):
+                if waiting.peek() is not r:
                     continue  # released pins reordered the queue (program policy)
                 break
-            self._take_waiting(r)
+            self._leave_waiting(r)
             cache.acquire(matched)
             cache.allocate(extra)
             r.state = PREFILL
@@ -757,10 +479,10 @@ class Engine:
             self.prefix_hits += hit
             if r.cached_tokens is None:
                 r.cached_tokens = hit
-            if r.program_id is not None and r.program_id in self._pins:
+            pid = r.program_id
+            if self._release_on_schedule and pid is not None and pid in self.pins:
                 # The program's next step runs: it holds the blocks it needs itself now.
-                for pin in list(self._pins[r.program_id]):
-                    self._release_pin(pin, "next_request")
+                self.pins.release_program(pid, "next_request")
             chunks.append((r, c))
             budget -= c
             n_running += 1
@@ -985,8 +707,14 @@ class Engine:
         r.state = FINISHED
         r.finish_time = self.clock.now()
         self._register(r, L)
+        pid = r.program_id
+        if not self._release_on_schedule and pid is not None and pid in self.pins:
+            # vllm-continuum: the job's next request is done; its own pin replaces the old
+            self.pins.release_program(pid, "next_request")
         if r.pin_ttl_s is not None and not r.is_last_step and r._held:
-            self._pin(r)
+            key = r.program_id if r.program_id is not None else r.request_id
+            if self.pins.pin(key, list(r._held), r.pin_ttl_s) is not None:
+                self._waiting.program_pinned(key)
         self._free_blocks(r)
         self.n_finished += 1
         if self.config.keep_finished:
@@ -1014,46 +742,13 @@ class Engine:
         r._target = r.prompt_tokens + r.output_tokens
         r.num_preemptions += 1
         self.preemptions += 1
-        self._enqueue(r)
+        self._waiting.push(r)
 
     # -- pins ------------------------------------------------------------------------------
 
-    def _pin(self, r: SimRequest) -> None:
-        assert r.pin_ttl_s is not None
-        key = r.program_id if r.program_id is not None else r.request_id
-        cache = self.cache
-        entries = list(r._held)
-        added = cache.newly_pinned_blocks(entries)
-        if cache.pinned_blocks + added > self.config.max_pinned_fraction * cache.total:
-            self.pins_refused += 1
-            return
-        cache.pin(entries)
-        pin = _Pin(key, entries, self.clock.now() + r.pin_ttl_s)
-        pin.timer = self.clock.schedule(pin.deadline, lambda: self._release_pin(pin, "expired"))
-        self._pins.setdefault(key, []).append(pin)
-        self.pins_set += 1
-        self.pins_active += 1
-        if self.policy == "program":
-            for w in self._waiting_by_program.get(key, ()):
-                heapq.heappush(self._pinned_wq, (w._sort_key, w._seq, w._wait_epoch, w))
-
-    def _release_pin(self, pin: _Pin, reason: str) -> None:
-        if not pin.active:
-            return
-        pin.active = False
-        if pin.timer is not None and reason != "expired":
-            pin.timer.cancel()
-        self.cache.unpin(pin.entries)
-        pins = self._pins[pin.key]
-        pins.remove(pin)
-        if not pins:
-            del self._pins[pin.key]
-        self.pins_active -= 1
-        self.pins_released += 1
-        if reason == "expired":
-            self.pins_expired += 1
-        # Freed blocks may let a waiting request in.
-        if self._n_waiting and not self._planning:
+    def _pin_released(self) -> None:
+        """Freed blocks may let a waiting request in."""
+        if self._waiting.count and not self._planning:
             if self._busy:
                 self._interrupt()
             else:

@@ -34,6 +34,7 @@ write.
 from __future__ import annotations
 
 import json
+import math
 from functools import cached_property
 from pathlib import Path
 
@@ -254,3 +255,22 @@ class Profile(BaseModel):
 
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+
+
+def sum_max_linear(a: float, b: float, c: float, e: float, j: int) -> float:
+    """sum_{i=0}^{j-1} max(a + b*i, c + e*i), in closed form."""
+    if j <= 0:
+        return 0.0
+
+    def lin(p: float, q: float, lo: int, hi: int) -> float:
+        n = hi - lo
+        return n * p + q * (lo + hi - 1) * n / 2.0 if n > 0 else 0.0
+
+    if b == e:
+        return lin(max(a, c), b, 0, j)
+    x = (c - a) / (b - e)  # where a + b*i == c + e*i
+    if b > e:  # the first term wins from ceil(x) on
+        k = min(j, max(0, math.ceil(x)))
+        return lin(c, e, 0, k) + lin(a, b, k, j)
+    k = min(j, max(0, math.floor(x) + 1))  # the first term wins up to floor(x)
+    return lin(a, b, 0, k) + lin(c, e, k, j)

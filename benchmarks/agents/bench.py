@@ -1,336 +1,234 @@
-"""`treadle bench agents`: scheduling whole agent programs (docs/benchmarks.md).
+"""`treadle bench agents`: serving whole agent programs on a KV-bound cluster
+(docs/benchmarks.md, "Agent programs").
 
-Multi-turn agent programs (`agents_workloads.py`: `swe`, `bfcl`, `multiagent`, `mixed`)
-arrive as a Poisson process and run on a simulated cluster of engine replicas
-(`agents_sim.py`, default 4 x H100 + Llama-3.1-8B) in virtual time, under four systems
-(`agents_systems.py`: `vllm`, `continuum`, `autellix`, `treadle`), all in the same process
-on the same programs and seeds.
+Multi-turn agent programs (`workloads.py`: `swe`, `bfcl`, `multiagent`, `mixed`; or the
+sessions of a GitHub Copilot agent trace, `--trace PATH`, `copilot.py`) arrive as a Poisson
+process and run on a simulated cluster of engine replicas (`sim.py`; default 4 x H100 +
+Llama-3.1-8B, `--profile` for others) in virtual time, under each system (`systems.py`):
+`vllm` (the fair baseline: FCFS, prefix caching, session affinity), `vllm-least-load`,
+`vllm-rr`, `continuum`, `autellix`, `treadle`, and `bound` (the same engines with
+unlimited KV: the physical limit memory puts on FCFS serving). Every system runs the same
+programs on the same seeds.
 
-The load is relative to the `vllm` system's **saturation throughput**, found by
-measurement on a longer run (`SATURATION_PROGRAMS`): the arrival rate is raised (x1.5)
-until vllm stops keeping up (it finishes less than 95 % of the work that arrives in the
-measurement window, or a backlog builds: the later half of the programs is slowed 1.5x more
-than the earlier half), then bisected on a log scale; the saturation throughput is the
-highest rate it kept up with. Each load point runs every system at `load x saturation`.
+Metrics:
 
-Metrics per system and load: JCT mean / p50 / p95 / p99, programs per minute (finished
-while programs arrive, after a warm-up quarter), prefix hit rate, recomputed prompt tokens
-(uncached tokens that the program or a shared prompt had computed before, plus the engine's
-recomputation after preemption), SLO attainment (JCT <= `--slo-factor` x ideal), Jain's
-fairness index over tenants' mean normalised JCT (JCT / ideal), and JCT over each program's
-ideal (its own LLM and tool time alone on an empty replica with a perfect cache).
+- **capacity** (`capacity.py`): the highest arrival rate at which the mean JCT stays within
+  `--slo-factor` (2) x the programs' mean ideal JCT (each program alone on an empty replica
+  with a perfect prefix cache), averaged over `--seeds` seeds at every rate of a geometric
+  grid shared by all systems;
+- at the **reference load** (the fair `vllm`'s capacity): JCT mean / p50 / p99 (programs
+  of all seeds pooled), mean JCT / ideal, programs finished per minute, prefix hit rate,
+  recomputed prompt tokens and preemptions per run;
+- **goodput under overload**: programs finished per minute at 1.5 x the system's own
+  capacity, and its ratio to the throughput at capacity (collapse shows here);
+- on `mixed`, Jain's index over tenants' mean JCT / ideal at the reference load, and each
+  tenant's share of the GPU token-time under overload against its weight's share.
+
+Programs are measured after a warm-up (the first quarter of the arrival span), so that the
+cluster is loaded when they arrive; throughput counts programs finished between the
+warm-up's end and the last arrival.
 
 `--micro` times the scheduler core alone: the cost of one decision with 10,000 calls queued.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
 import statistics
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from treadle.backends.sim import Profile
-from treadle.benchmarks.agents.sim import SimResult, Simulation, ideal_times
+from treadle.benchmarks.agents.capacity import Grid, SystemSearch
+from treadle.benchmarks.agents.copilot import generate_sessions, write_sessions
+from treadle.benchmarks.agents.report import OVERLOAD_FACTOR, build_report, print_report
+from treadle.benchmarks.agents.sim import PointResult, Simulation
+from treadle.benchmarks.agents.spec import (
+    BenchOutcome,
+    BenchSpec,
+    ClusterSpec,
+    Source,
+    cached_ideal,
+)
 from treadle.benchmarks.agents.systems import SYSTEMS, make_system
-from treadle.benchmarks.agents.workloads import WORKLOADS, Workload, make_workload
+from treadle.benchmarks.agents.workloads import WORKLOADS
 from treadle.benchmarks.common import print_table, write_report
 from treadle.runtime.sched.limits import LimitConfig
 from treadle.runtime.sched.scheduler import Call, Scheduler, SchedulerConfig
 
-DEFAULT_LOADS = (0.5, 0.7, 0.9, 1.0, 1.2)
-DEFAULT_LOAD_TEXT = "0.5,0.7,0.9,1,1.2"
 DEFAULT_PROFILE = "h100_sxm_llama31_8b"
-#: programs per point: enough that programs arrive over a span many times their JCT
-DEFAULT_PROGRAMS = {"swe": 240, "bfcl": 800, "multiagent": 800, "mixed": 1200}
-#: programs per saturation probe: a longer horizon, so a slowly growing backlog shows
-SATURATION_PROGRAMS = {"swe": 480, "bfcl": 1600, "multiagent": 1600, "mixed": 1200}
-QUICK_PROGRAMS = 40
+#: programs per point: programs keep arriving for many times their JCT, so that a rate
+#: the system cannot sustain shows as a growing backlog, not a short burst
+DEFAULT_PROGRAMS = {"swe": 300, "bfcl": 1000, "multiagent": 1000, "mixed": 800, "trace": 200}
+#: `--quick`: a smaller cluster and one seed, so the runs stay long (in minutes of arrivals)
+#: for their few programs; it shows the direction, the default run measures it
+QUICK_PROGRAMS = {"swe": 120, "bfcl": 400, "multiagent": 400, "mixed": 300, "trace": 60}
+QUICK = {"replicas": 2, "seeds": 1, "grid_step": 1.3}
+DEFAULTS = {"replicas": 4, "seeds": 3, "grid_step": 1.25}
+#: the grid starts at this many times the rate at which each replica would run one
+#: program at a time at its ideal speed
+GRID_START = 4.0
+REFERENCE = "vllm"
 
-# -- running points ---------------------------------------------------------------------
+# -- points ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ClusterSpec:
-    """The simulated cluster every system runs on."""
+class PointJob:
+    source: Source
+    seed: int
+    system: str
+    rate_per_min: float
+    cluster: ClusterSpec
+    #: what the point is for: "grid" (capacity search), "ref" (reference load), "over"
+    phase: str = "grid"
 
-    replicas: int
-    profile: str
-    #: KV capacity per replica in tokens (None: the profile's)
-    kv_tokens: int | None = None
 
-
-def run_point(workload: Workload, system: str, rate: float, cluster: ClusterSpec) -> SimResult:
+def run_point(job: PointJob) -> PointResult:
+    """One system at one rate on one seed's programs (in a worker process: workloads are
+    regenerated there from their seed, the same data everywhere)."""
+    cluster = job.cluster
     sim = Simulation(
-        workload,
-        make_system(system),
-        rate_per_s=rate,
+        job.source.load(job.seed),
+        make_system(job.system),
+        rate_per_s=job.rate_per_min / 60.0,
         replicas=cluster.replicas,
         profile=Profile.load(cluster.profile),
         kv_capacity_tokens=cluster.kv_tokens,
     )
-    return sim.run()
+    result = sim.run(cached_ideal(job.source, job.seed, cluster.profile), job.seed)
+    result.rate_per_min = job.rate_per_min  # exactly the grid's rate (not x / 60 * 60)
+    return result
 
 
-PointJob = tuple[str, int, int, str, float, ClusterSpec]
+class PoolRunner:
+    """Runs points on a process pool (or in this process for `workers=1`), yielding each
+    result as it comes; `submit` may be called while results are being consumed."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+        self._futures: dict[Future[PointResult], PointJob] = {}
+        self._local: list[PointJob] = []
+
+    def submit(self, job: PointJob) -> None:
+        if self._pool is None:
+            self._local.append(job)
+        else:
+            self._futures[self._pool.submit(run_point, job)] = job
+
+    @property
+    def pending(self) -> int:
+        return len(self._futures) + len(self._local)
+
+    def next_done(self) -> list[tuple[PointJob, PointResult]]:
+        if self._pool is None:
+            job = self._local.pop(0)
+            return [(job, run_point(job))]
+        done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
+        return [(self._futures.pop(f), f.result()) for f in done]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
 
 
-def _point_job(job: PointJob) -> SimResult:
-    """A point in a worker process (workloads are regenerated there: same seed, same data)."""
-    name, n, seed, system, rate, cluster = job
-    return run_point(_cached_workload(name, n, seed), system, rate, cluster)
+# -- the whole run --------------------------------------------------------------------------
 
 
-@functools.cache
-def _cached_workload(name: str, n: int, seed: int) -> Workload:
-    return make_workload(name, n, seed)
-
-
-def run_points(jobs: Sequence[PointJob], workers: int) -> list[SimResult]:
-    if workers <= 1 or len(jobs) <= 1:
-        return [_point_job(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_point_job, jobs))
-
-
-# -- saturation ---------------------------------------------------------------------------
-
-
-def keeps_up(result: SimResult, ideal: dict[int, float]) -> bool:
-    """Whether a run kept up with its arrivals: it finished at least 95 % of the work that
-    arrived in the measurement window (programs weighted by their ideal JCT), and no
-    backlog built up: the programs of the second half of the arrivals were slowed (JCT /
-    ideal, on average) at most 1.5x as much as those of the first half."""
-    times = sorted(result.arrivals.items(), key=lambda kv: kv[1])
-    half = len(times) // 2
-    early = statistics.fmean(result.jct[p] / ideal[p] for p, _ in times[:half])
-    late = statistics.fmean(result.jct[p] / ideal[p] for p, _ in times[half:])
-    return result.work_ratio(ideal) >= 0.95 and late <= 1.5 * early
-
-
-def find_saturation(
-    workload: Workload,
-    ideal: dict[int, float],
-    cluster: ClusterSpec,
-    *,
-    steps: int = 5,
-    log: Any = None,
-) -> tuple[float, list[dict[str, float]]]:
-    """The highest arrival rate (programs/s) that `vllm` keeps up with (module docstring)."""
-    trace: list[dict[str, float]] = []
-
-    def probe(rate: float) -> bool:
-        res = run_point(workload, "vllm", rate, cluster)
-        ok = keeps_up(res, ideal)
-        trace.append(
-            {
-                "rate_per_min": rate * 60,
-                "throughput_per_min": res.throughput_per_min(),
-                "work_ratio": res.work_ratio(ideal),
-                "keeps_up": float(ok),
-            }
-        )
-        if log:
-            log(
-                f"  saturation probe {rate * 60:7.2f}/min -> {'keeps up' if ok else 'falls behind'}"
-            )
-        return ok
-
-    # a first guess from the work: each replica serves one program's ideal LLM time at once
+def grid_for(spec: BenchSpec) -> tuple[Grid, float]:
+    """The rate grid and the workload's mean ideal JCT (seed `spec.seeds[0]`)."""
+    ideal = cached_ideal(spec.source, spec.seeds[0], spec.cluster.profile)
     mean_ideal = statistics.fmean(ideal.values())
-    rate = cluster.replicas / mean_ideal
-    lo: float | None = None
-    hi: float | None = None
-    for _ in range(12):
-        if probe(rate):
-            lo = rate
-            if hi is not None:
-                break
-            rate *= 1.5
-        else:
-            hi = rate
-            if lo is not None:
-                break
-            rate /= 1.5
-    if lo is None or hi is None:
-        raise RuntimeError("could not bracket vllm's saturation rate")
-    for _ in range(steps):
-        mid = math.sqrt(lo * hi)
-        if probe(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, trace
+    start = spec.grid_start or GRID_START * spec.cluster.replicas * 60.0 / mean_ideal
+    return Grid(start, spec.grid_step), mean_ideal
 
 
-# -- the report -----------------------------------------------------------------------------
-
-
-def _fmt_load(load: float) -> str:
-    return f"{load:g}"
-
-
-def ratios_at(results: dict[str, dict[str, dict[str, float]]], load: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    t = results.get("treadle", {}).get(load)
-    v = results.get("vllm", {}).get(load)
-    c = results.get("continuum", {}).get(load)
-    if t and v:
-        out["jct_mean_vs_vllm"] = v["jct_mean_s"] / t["jct_mean_s"]
-        out["jct_p99_vs_vllm"] = v["jct_p99_s"] / t["jct_p99_s"]
-        out["throughput_vs_vllm"] = t["throughput_per_min"] / v["throughput_per_min"]
-    if t and c:
-        out["jct_mean_vs_continuum"] = c["jct_mean_s"] / t["jct_mean_s"]
-        out["jct_p99_vs_continuum"] = c["jct_p99_s"] / t["jct_p99_s"]
-    return out
-
-
-def run_bench(
-    *,
-    workload_name: str,
-    loads: Sequence[float],
-    cluster: ClusterSpec,
-    seed: int,
-    programs: int,
-    systems: Sequence[str],
-    saturation_programs: int,
-    slo_factor: float,
-    workers: int,
-    saturation_per_min: float | None = None,
-    log: Any = print,
-) -> dict[str, Any]:
-    profile = Profile.load(cluster.profile)
-    workload = _cached_workload(workload_name, programs, seed)
-    ideal = ideal_times(workload, profile)
+def run_bench(spec: BenchSpec, *, progress: Progress | None = None) -> BenchOutcome:
+    """Every system's capacity search, then every system at the reference load and at 1.5 x
+    its own capacity; all points of all systems share one process pool."""
     started = time.perf_counter()
-    if saturation_per_min is None:
-        sat_workload = _cached_workload(workload_name, saturation_programs, seed)
-        sat_ideal = ideal_times(sat_workload, profile) if sat_workload is not workload else ideal
-        log(f"finding vllm's saturation on {saturation_programs} programs ...")
-        sat_rate, sat_trace = find_saturation(sat_workload, sat_ideal, cluster, log=log)
-    else:
-        sat_rate, sat_trace = saturation_per_min / 60.0, []
-    log(
-        f"vllm saturation: {sat_rate * 60:.2f} programs/min ({time.perf_counter() - started:.1f} s)"
-    )
-    points = [(load, system) for load in loads for system in systems]
-    jobs: list[PointJob] = [
-        (workload_name, programs, seed, system, load * sat_rate, cluster) for load, system in points
-    ]
-    outcomes = run_points(jobs, workers)
-    results: dict[str, dict[str, dict[str, float]]] = {s: {} for s in systems}
-    extras: dict[str, dict[str, Any]] = {s: {} for s in systems}
-    for (load_value, system), res in zip(points, outcomes, strict=True):
-        load = _fmt_load(load_value)
-        results[system][load] = res.metrics(ideal, slo_factor)
-        extras[system][load] = {
-            "tenants_jct_over_ideal": res.tenant_means(ideal),
-            "pins": res.pins,
-            **res.frontend,
-        }
-    ratios = {_fmt_load(load): ratios_at(results, _fmt_load(load)) for load in loads}
-    config = {
-        "workload": workload_name,
-        "workload_params": workload.params,
-        "tools": {
-            t.name: {"declared_s": t.declared_s, "true": t.describe}
-            for t in workload.tools.values()
-        },
-        "programs": programs,
-        "seed": seed,
-        "replicas": cluster.replicas,
-        "profile": cluster.profile,
-        "kv_tokens_per_replica": cluster.kv_tokens or profile.kv_capacity_tokens,
-        "loads": list(loads),
-        "systems": list(systems),
-        "saturation_per_min": sat_rate * 60,
-        "saturation_programs": saturation_programs,
-        "saturation_search": sat_trace,
-        "ideal_jct_mean_s": statistics.fmean(ideal.values()),
-        "slo_factor": slo_factor,
-        "wall_s": time.perf_counter() - started,
-        # per system and load: tenants' mean JCT / ideal, engine pin counters, the
-        # frontend's own counters (pins asked, steals, final lane limits)
-        "details": extras,
-    }
-    return {"config": config, "results": results, "ratios": ratios}
+    grid, mean_ideal = grid_for(spec)
+    searches = {s: SystemSearch(s, grid, spec.seeds, spec.slo_factor) for s in spec.systems}
+    outcome = BenchOutcome(spec, grid, searches, math.nan, ideal_mean_s=mean_ideal)
+    runner = PoolRunner(spec.workers)
+    task = progress.add_task("capacity", total=0) if progress is not None else None
+    queued: set[tuple[str, float, int]] = set()
+    extra: dict[str, dict[str, list[PointResult]]] = {"ref": {}, "over": {}}
+    planned: set[tuple[str, str]] = set()
+
+    def job(system: str, rate: float, seed: int, phase: str = "grid") -> PointJob:
+        return PointJob(spec.source, seed, system, rate, spec.cluster, phase)
+
+    def feed() -> None:
+        for name, search in searches.items():
+            for rate, seed in search.wanted():
+                if (name, rate, seed) not in queued:
+                    queued.add((name, rate, seed))
+                    runner.submit(job(name, rate, seed))
+                    _grow(progress, task, 1)
+        ref_search = searches.get(REFERENCE) or next(iter(searches.values()))
+        if ref_search.done and math.isnan(outcome.reference_per_min):
+            outcome.reference_per_min = ref_search.capacity()
+        for name, search in searches.items():
+            for phase, rate in (
+                ("ref", outcome.reference_per_min),
+                ("over", OVERLOAD_FACTOR * search.capacity() if search.done else math.nan),
+            ):
+                if math.isnan(rate) or (phase, name) in planned:
+                    continue
+                planned.add((phase, name))
+                extra[phase][name] = []
+                for seed in spec.seeds:
+                    runner.submit(job(name, rate, seed, phase))
+                    _grow(progress, task, 1)
+
+    try:
+        feed()
+        while runner.pending:
+            for done_job, result in runner.next_done():
+                if done_job.phase == "grid":
+                    searches[done_job.system].add(result)
+                else:
+                    extra[done_job.phase][done_job.system].append(result)
+                if progress is not None and task is not None:
+                    progress.update(
+                        task,
+                        advance=1,
+                        description=_describe(searches, outcome.reference_per_min),
+                    )
+            feed()
+    finally:
+        runner.close()
+    stalled = [name for name, search in searches.items() if not search.done]
+    if stalled:
+        raise RuntimeError(f"capacity search stalled for {stalled}")
+    outcome.at_ref = extra["ref"]
+    outcome.overload = extra["over"]
+    outcome.wall_s = time.perf_counter() - started
+    return outcome
 
 
-def print_report(report: dict[str, Any]) -> None:
-    cfg = report["config"]
-    results = report["results"]
-    cols = [
-        "system",
-        "load",
-        "JCT mean s",
-        "p50",
-        "p95",
-        "p99",
-        "prog/min",
-        "hit rate",
-        "recomp Mtok",
-        "SLO",
-        "Jain",
-        "JCT/ideal",
-    ]
-    rows = []
-    for load in cfg["loads"]:
-        key = _fmt_load(load)
-        for system in cfg["systems"]:
-            m = results[system].get(key)
-            if not m:
-                continue
-            rows.append(
-                [
-                    system,
-                    key,
-                    m["jct_mean_s"],
-                    m["jct_p50_s"],
-                    m["jct_p95_s"],
-                    m["jct_p99_s"],
-                    m["throughput_per_min"],
-                    m["hit_rate"],
-                    m["recomputed_tokens"] / 1e6,
-                    m["slo_attainment"],
-                    m["jain"],
-                    m["jct_over_ideal_mean"],
-                ]
-            )
-    title = (
-        f"bench agents: {cfg['workload']} on {cfg['replicas']} x {cfg['profile']} "
-        f"(KV {cfg['kv_tokens_per_replica']:,} tokens each), "
-        f"{cfg['programs']} programs, seed {cfg['seed']}, vllm saturation "
-        f"{cfg['saturation_per_min']:.2f}/min"
-    )
-    console = Console(width=max(Console().width, 150))
-    print_table(title, cols, rows, console=console)
-    ratio_rows = []
-    for load, r in report["ratios"].items():
-        ratio_rows.append(
-            [
-                load,
-                r.get("jct_mean_vs_vllm", float("nan")),
-                r.get("jct_p99_vs_vllm", float("nan")),
-                r.get("jct_mean_vs_continuum", float("nan")),
-                r.get("throughput_vs_vllm", float("nan")),
-            ]
-        )
-    print_table(
-        "treadle's ratios (higher is better for treadle)",
-        ["load", "mean JCT vs vllm", "p99 JCT vs vllm", "mean JCT vs continuum", "thr vs vllm"],
-        ratio_rows,
-        console=console,
-    )
+def _grow(progress: Progress | None, task: Any, n: int) -> None:
+    if progress is not None and task is not None:
+        total = progress.tasks[task].total or 0
+        progress.update(task, total=total + n)
+
+
+def _describe(searches: dict[str, SystemSearch], ref: float) -> str:
+    busy = [f"{n} {s.current_rate:.1f}/min" for n, s in searches.items() if not s.done]
+    if busy:
+        return "capacity: " + ", ".join(busy[:3]) + (" ..." if len(busy) > 3 else "")
+    return f"reference load {ref:.2f}/min and overload"
 
 
 # -- the micro-benchmark ------------------------------------------------------------------------
@@ -389,35 +287,90 @@ def micro_benchmark(
     }
 
 
+def micro_admission(
+    waiting: int = 10_000, decisions: int = 20_000, seed: int = 0, *, counting: bool = False
+) -> dict[str, float]:
+    """Cost of one admission decision with `waiting` programs queued for KV: each round a
+    resident program ends, the next one is admitted by KV residency, and a new one joins
+    the queue (so it stays at `waiting`), over 16 tenants with weights."""
+    rng = random.Random(seed)
+    sched = Scheduler(4, SchedulerConfig(), kv_budgets=[400_000] * 4, count_comparisons=counting)
+    tenants = [f"t{i}" for i in range(16)]
+    for i, t in enumerate(tenants):
+        sched.set_weight(t, 1.0 + i % 4)
+    n = 0
+
+    def arrive(now: float) -> None:
+        nonlocal n
+        n += 1
+        sched.open_program(
+            f"p{n}", tenants[n % len(tenants)], now, kv_tokens=rng.randrange(5_000, 40_000)
+        )
+
+    now = 0.0
+    while sched.pending_programs < waiting:
+        arrive(now)
+    before = sched.comparisons
+    elapsed = 0.0
+    for _ in range(decisions):
+        now += 0.001
+        lane = sched.lanes[rng.randrange(len(sched.lanes))]
+        done = rng.choice(list(lane.residents)) if lane.residents else None
+        started = time.perf_counter()  # the scheduler's work only, not picking a victim
+        if done is not None:
+            sched.close_program(done, now)
+        arrive(now)
+        elapsed += time.perf_counter() - started
+    return {
+        "waiting_programs": float(sched.pending_programs),
+        "decisions": float(decisions),
+        "us_per_admission": elapsed / decisions * 1e6,
+        "comparisons_per_admission": (sched.comparisons - before) / decisions,
+    }
+
+
 # -- the command -----------------------------------------------------------------------------
 
 
-def _parse_loads(text: str) -> list[float]:
-    try:
-        loads = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(
-            f"--load takes numbers separated by commas, got {text!r}"
-        ) from None
-    if not loads or any(not 0 < x <= 5 for x in loads):
-        raise typer.BadParameter("--load values must be in (0, 5] (fractions of saturation)")
-    return loads
+def _parse_systems(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    return names
 
 
 def main(
     workload: Annotated[
         str, typer.Option("--workload", help=f"One of: {', '.join(WORKLOADS)}.")
     ] = "swe",
-    load: Annotated[
-        str,
-        typer.Option("--load", help="Loads as fractions of vllm's saturation, comma separated."),
-    ] = DEFAULT_LOAD_TEXT,
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Engine replicas.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Workload seed.")] = 0,
-    quick: Annotated[bool, typer.Option("--quick", help="One small point (< 20 s).")] = False,
+    trace: Annotated[
+        Path | None,
+        typer.Option("--trace", help="Replay the sessions of a Copilot agent trace (JSONL)."),
+    ] = None,
+    generate_trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--generate-trace",
+            help="Write --sessions generated sessions in the Copilot trace format and exit.",
+        ),
+    ] = None,
+    sessions: Annotated[
+        int, typer.Option("--sessions", min=1, help="Sessions for --generate-trace.")
+    ] = 500,
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, help="Engine replicas (4; --quick: 2).")
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", min=1, help="Seeds per rate (3; --quick: 1).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The first seed.")] = 0,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="2 replicas, 1 seed, fewer programs (< 60 s).")
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     programs: Annotated[
-        int | None, typer.Option("--programs", min=4, help="Programs per load point.")
+        int | None, typer.Option("--programs", min=4, help="Programs per point.")
     ] = None,
     profile: Annotated[
         str, typer.Option("--profile", help="Simulator profile (name or JSON path).")
@@ -433,16 +386,19 @@ def main(
     systems: Annotated[
         str, typer.Option("--systems", help=f"Comma list of: {', '.join(SYSTEMS)}.")
     ] = ",".join(SYSTEMS),
-    saturation: Annotated[
-        float | None,
-        typer.Option("--saturation", help="Skip the search: vllm's saturation in programs/min."),
-    ] = None,
     slo_factor: Annotated[
-        float, typer.Option("--slo-factor", help="SLO: JCT <= this x the program's ideal.")
+        float, typer.Option("--slo-factor", min=1.0, help="Capacity SLO: mean JCT <= this x ideal.")
     ] = 2.0,
+    grid_step: Annotated[
+        float | None,
+        typer.Option("--grid-step", min=1.01, help="Ratio between grid rates (1.25; quick 1.3)."),
+    ] = None,
+    grid_start: Annotated[
+        float | None, typer.Option("--grid-start", help="First grid rate (programs/min).")
+    ] = None,
     workers: Annotated[
-        int, typer.Option("--workers", min=1, help="Processes for the load points.")
-    ] = min(2, os.cpu_count() or 1),
+        int, typer.Option("--workers", min=1, help="Processes (default: the CPU count).")
+    ] = os.cpu_count() or 1,
     micro: Annotated[
         bool, typer.Option("--micro", help="Only time the scheduler core at 10,000 queued calls.")
     ] = False,
@@ -450,7 +406,9 @@ def main(
         str, typer.Option("--engine", help="sim, or llamacpp: a real llama-server (realengine).")
     ] = "sim",
 ) -> None:
-    """Whole agent programs on a simulated cluster: treadle vs vllm, continuum, autellix."""
+    """Whole agent programs on a simulated KV-bound cluster: capacity, JCT at the reference
+    load and goodput under overload of treadle against vLLM, Continuum and Autellix."""
+    console = Console(width=max(Console().width, 150))
     if engine != "sim":
         from treadle.benchmarks.agents.realengine import run_cli
 
@@ -458,42 +416,62 @@ def main(
         return
     if micro:
         m = micro_benchmark()
+        a = micro_admission()
         print_table(
-            "scheduler core: one decision (complete + submit + dispatch)",
-            ["queued calls", "decisions", "us per decision"],
-            [[int(m["queued_calls"]), int(m["decisions"]), m["us_per_decision"]]],
+            "scheduler core: one call decision (complete + submit + dispatch), one admission "
+            "(a program ends, the next is admitted by KV, one arrives)",
+            ["queued calls", "us per decision", "waiting programs", "us per admission"],
+            [
+                [
+                    int(m["queued_calls"]),
+                    m["us_per_decision"],
+                    int(a["waiting_programs"]),
+                    a["us_per_admission"],
+                ]
+            ],
+            console=console,
         )
         if json_path is not None:
-            write_report(json_path, "agents-micro", {"queued": 10_000}, {"scheduler": m}, {})
+            write_report(
+                json_path, "agents-micro", {"queued": 10_000}, {"scheduler": m, "admission": a}, {}
+            )
         return
-    if workload not in WORKLOADS:
+    if generate_trace is not None:
+        n = write_sessions(generate_trace, generate_sessions(sessions, seed))
+        typer.echo(f"wrote {n} sessions to {generate_trace}")
+        return
+    if trace is None and workload not in WORKLOADS:
         raise typer.BadParameter(
             f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}"
         )
-    system_list = [s.strip() for s in systems.split(",") if s.strip()]
-    unknown = [s for s in system_list if s not in SYSTEMS]
-    if unknown:
-        raise typer.BadParameter(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
-    load_list = _parse_loads(load)
-    if quick:
-        load_list = [0.9] if load == DEFAULT_LOAD_TEXT else load_list[:1]
-    n_programs = programs or (QUICK_PROGRAMS if quick else DEFAULT_PROGRAMS[workload])
-    sat_programs = n_programs if quick or programs else SATURATION_PROGRAMS[workload]
-    report = run_bench(
-        workload_name=workload,
-        loads=load_list,
-        cluster=ClusterSpec(replicas, profile, kv_tokens),
-        seed=seed,
-        programs=n_programs,
-        systems=system_list,
-        saturation_programs=sat_programs,
+    name = "trace" if trace is not None else workload
+    table = QUICK_PROGRAMS if quick else DEFAULT_PROGRAMS
+    base = QUICK if quick else DEFAULTS
+    n_seeds = seeds or int(base["seeds"])
+    spec = BenchSpec(
+        source=Source(name, programs or table[name], str(trace) if trace else None),
+        cluster=ClusterSpec(replicas or int(base["replicas"]), profile, kv_tokens),
+        systems=_parse_systems(systems),
+        seeds=tuple(range(seed, seed + n_seeds)),
         slo_factor=slo_factor,
+        grid_step=grid_step or base["grid_step"],
+        grid_start=grid_start,
         workers=workers,
-        saturation_per_min=saturation,
-        log=typer.echo,
     )
-    typer.echo(f"workload parameters: {report['config']['workload_params']}")
-    print_report(report)
+    try:
+        spec.source.load(spec.seeds[0])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        outcome = run_bench(spec, progress=progress)
+    report = build_report(outcome)
+    print_report(report, console=console)
     write_report(json_path, "agents", report["config"], report["results"], report["ratios"])
     if json_path is not None:
         typer.echo(f"wrote {json_path}")

@@ -18,15 +18,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from treadle.backends.sim import Engine, EngineConfig, Profile, Prompt, SimRequest, VirtualClock
-from treadle.backends.sim.engine import sum_max_linear
+from treadle.backends.sim.profile import sum_max_linear
 from treadle.benchmarks.agents.workloads import CallSpec, ProgramSpec, Workload
-from treadle.benchmarks.common import mean, percentile
-from treadle.runtime.sched.scheduler import jain_index
+from treadle.benchmarks.common import mean
 
 
 @dataclass(eq=False, slots=True)
@@ -66,6 +64,10 @@ class ProgramRun:
     @property
     def tenant(self) -> str:
         return self.spec.tenant
+
+
+#: "unlimited" KV for the `bound` system: more blocks than any run here can fill
+UNLIMITED_KV_BLOCKS = 1 << 30
 
 
 class Frontend(Protocol):
@@ -115,7 +117,9 @@ class Simulation:
         self.rate = rate_per_s
         self.frontend = frontend
         cfg = frontend.engine_config()
-        if kv_capacity_tokens is not None:
+        if getattr(frontend, "unlimited_kv", False):
+            cfg = dataclasses.replace(cfg, kv_capacity_blocks=UNLIMITED_KV_BLOCKS)
+        elif kv_capacity_tokens is not None:
             blocks = max(1, kv_capacity_tokens // self.profile.engine.block_size)
             cfg = dataclasses.replace(cfg, kv_capacity_blocks=blocks)
         self.engines = [
@@ -126,7 +130,7 @@ class Simulation:
 
     # -- driving programs ------------------------------------------------------------------
 
-    def run(self) -> SimResult:
+    def run(self, ideal: dict[int, float], seed: int = 0) -> PointResult:
         for spec in self.workload.programs:
             at = spec.arrival_unit / self.rate
             self.clock.schedule(at, functools.partial(self._arrive, spec, at))
@@ -137,7 +141,7 @@ class Simulation:
                 f"{self.frontend.name}: {len(unfinished)} programs never finished "
                 f"(first: {unfinished[0].spec.name})"
             )
-        return collect(self)
+        return collect(self, ideal, seed)
 
     def _arrive(self, spec: ProgramSpec, at: float) -> None:
         prog = ProgramRun(spec, at)
@@ -197,11 +201,18 @@ class Simulation:
             d = call.spec.tool_s
             self.clock.call_later(d, lambda: self._tool_done(call, tool, d))
         else:
-            self._settled(call)
+            self._after_tool(call)
 
     def _tool_done(self, call: CallRun, tool: str, duration: float) -> None:
         self.frontend.tool_done(call, tool, duration)
-        self._settled(call)
+        self._after_tool(call)
+
+    def _after_tool(self, call: CallRun) -> None:
+        wait = call.spec.human_wait_s
+        if wait > 0:
+            self.clock.call_later(wait, lambda: self._settled(call))
+        else:
+            self._settled(call)
 
     def _settled(self, call: CallRun) -> None:
         prog = call.prog
@@ -276,7 +287,7 @@ def ideal_times(workload: Workload, profile: Profile) -> dict[int, float]:
             seqs.append(seq)
             known.update(seq.keys)
             start = max((finish[d] for d in c.deps), default=0.0)
-            finish.append(start + llm + c.tool_s)
+            finish.append(start + llm + c.tool_s + c.human_wait_s)
         out[prog.pid] = max(finish)
     return out
 
@@ -284,100 +295,101 @@ def ideal_times(workload: Workload, profile: Profile) -> dict[int, float]:
 # -- metrics -----------------------------------------------------------------------------
 
 
+class ServiceModel:
+    """GPU token-time of a call: prefill of its uncached prompt plus its output tokens'
+    share of decode steps at a reference batch. "Service" for least-attained-service,
+    fair shares and tenants' token-time shares."""
+
+    def __init__(self, profile: Profile, ref_batch: int = 16):
+        self.profile = profile
+        self.ref_batch = ref_batch
+
+    def prefill_s(self, prompt: int, cached: int = 0) -> float:
+        cached = max(0, min(cached, prompt - 1))
+        return self.profile.prefill_time(prompt, cached) if prompt > 0 else 0.0
+
+    def decode_s(self, context: int, output: int) -> float:
+        b = self.ref_batch
+        mid = context + output // 2
+        return output * self.profile.decode_step_time(b, mid) / b
+
+    def service_s(self, prompt: int, cached: int, output: int) -> float:
+        return self.prefill_s(prompt, cached) + self.decode_s(prompt, output)
+
+    def of(self, req: SimRequest) -> float:
+        """The service a finished request received."""
+        return self.service_s(req.prompt_tokens, req.cached_tokens or 0, req.output_tokens)
+
+
+#: the first part of the arrival span is warm-up: its programs met an emptier cluster
+WARMUP = 0.25
+
+
 @dataclass
-class SimResult:
+class PointResult:
+    """What one system did at one arrival rate on one seed's programs.
+
+    Programs are *measured* when they arrive after the warm-up (the first `WARMUP` of the
+    arrival span, when the cluster was still filling); throughput and tenants' token-time
+    count what finished between the warm-up's end and the last arrival."""
+
     system: str
-    rate_per_s: float
-    jct: dict[int, float]
-    tenants: dict[int, str]
-    finished_at: dict[int, float]
-    arrivals: dict[int, float]
+    rate_per_min: float
+    seed: int
+    #: measured programs: (JCT, ideal JCT, tenant)
+    measured: list[tuple[float, float, str]]
+    throughput_per_min: float
     prompt_tokens: int
     hit_tokens: int
     recomputed_tokens: int
     preemptions: int
     pins: dict[str, int]
-    makespan_s: float
     frontend: dict[str, Any]
-    busy_s: list[float]
+    #: tenant -> GPU token-time of its calls that finished in the window
+    tenant_service_s: dict[str, float]
+    busy: float
 
-    def _window(self) -> tuple[float, float] | None:
-        """The measurement window: from a warm-up quarter of the arrival span to the last
-        arrival; None for fewer than 4 programs."""
-        if len(self.arrivals) < 4:
-            return None
-        first, last = min(self.arrivals.values()), max(self.arrivals.values())
-        return first + 0.25 * (last - first), last
+    @property
+    def jct_mean_s(self) -> float:
+        return mean([j for j, _, _ in self.measured])
 
-    @staticmethod
-    def _per_min(times: Iterable[float], window: tuple[float, float]) -> float:
-        t0, t1 = window
-        return sum(1 for t in times if t0 <= t <= t1) / max(t1 - t0, 1e-9) * 60.0
+    @property
+    def ideal_mean_s(self) -> float:
+        return mean([i for _, i, _ in self.measured])
 
-    def throughput_per_min(self) -> float:
-        """Programs finished per minute while programs arrive (after a warm-up quarter)."""
-        window = self._window()
-        if window is None:
-            return len(self.arrivals) / max(self.makespan_s, 1e-9) * 60.0
-        return self._per_min(self.finished_at.values(), window)
+    @property
+    def slowdown(self) -> float:
+        """Mean JCT over mean ideal JCT: what capacity is judged by."""
+        return self.jct_mean_s / self.ideal_mean_s
 
-    def work_ratio(self, ideal: dict[int, float]) -> float:
-        """Work finished over work arrived in the measurement window (after a warm-up
-        quarter), each program weighted by its ideal JCT: about 1 while the system keeps
-        up, below 1 once a backlog builds (the count of programs would hide a backlog of
-        big programs behind many small ones)."""
-        window = self._window()
-        if window is None:
-            return 1.0
-        t0, t1 = window
-        arrived = sum(ideal[p] for p, t in self.arrivals.items() if t0 <= t <= t1)
-        done = sum(ideal[p] for p, t in self.finished_at.items() if t0 <= t <= t1)
-        return done / arrived if arrived else 1.0
-
-    def arrivals_per_min(self) -> float:
-        window = self._window()
-        return float("nan") if window is None else self._per_min(self.arrivals.values(), window)
-
-    def metrics(self, ideal: dict[int, float], slo_factor: float = 2.0) -> dict[str, float]:
-        jcts = list(self.jct.values())
-        ratios = {pid: self.jct[pid] / ideal[pid] for pid in self.jct if ideal.get(pid)}
-        by_tenant: dict[str, list[float]] = {}
-        for pid, r in ratios.items():
-            by_tenant.setdefault(self.tenants[pid], []).append(r)
-        slo = [self.jct[pid] <= slo_factor * ideal[pid] for pid in self.jct if pid in ideal]
-        return {
-            "jct_mean_s": mean(jcts),
-            "jct_p50_s": percentile(jcts, 0.5),
-            "jct_p95_s": percentile(jcts, 0.95),
-            "jct_p99_s": percentile(jcts, 0.99),
-            "throughput_per_min": self.throughput_per_min(),
-            "offered_per_min": self.arrivals_per_min(),
-            "hit_rate": self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
-            "recomputed_tokens": float(self.recomputed_tokens),
-            "slo_attainment": sum(slo) / len(slo) if slo else float("nan"),
-            "jain": jain_index(mean(v) for v in by_tenant.values()),
-            "jct_over_ideal_mean": mean(list(ratios.values())),
-            "jct_over_ideal_p99": percentile(list(ratios.values()), 0.99),
-            "preemptions": float(self.preemptions),
-            "pins_set": float(self.pins.get("set", 0)),
-            "makespan_s": self.makespan_s,
-        }
-
-    def tenant_means(self, ideal: dict[int, float]) -> dict[str, float]:
-        by_tenant: dict[str, list[float]] = {}
-        for pid, j in self.jct.items():
-            by_tenant.setdefault(self.tenants[pid], []).append(j / ideal[pid])
-        return {t: mean(v) for t, v in sorted(by_tenant.items())}
+    def tenant_slowdowns(self) -> dict[str, float]:
+        """Each tenant's mean JCT / ideal over its programs."""
+        by: dict[str, list[float]] = {}
+        for j, i, t in self.measured:
+            by.setdefault(t, []).append(j / i)
+        return {t: mean(v) for t, v in sorted(by.items())}
 
 
-def collect(sim: Simulation) -> SimResult:
+def collect(sim: Simulation, ideal: dict[int, float], seed: int = 0) -> PointResult:
     bs = sim.profile.engine.block_size
+    model = ServiceModel(sim.profile)
+    arrivals = [p.arrival for p in sim.programs]
+    first, last = min(arrivals), max(arrivals)
+    t0 = first + WARMUP * (last - first)
     prompt_tokens = hit = recomputed = 0
+    finished_in_window = 0
+    tenant_service: dict[str, float] = {}
+    measured: list[tuple[float, float, str]] = []
     # recomputed prompt tokens: what a call computed that its program (or a shared prompt)
     # had computed before: uncached prompt tokens beyond the content that is new to the
     # program, plus the engine's recomputation after preemption
     shared_keys = _shared_keys(sim.workload, bs)
     for prog in sim.programs:
+        assert prog.finished_at is not None
+        if prog.arrival >= t0:
+            measured.append((prog.finished_at - prog.arrival, ideal[prog.spec.pid], prog.tenant))
+        if t0 <= prog.finished_at <= last:
+            finished_in_window += 1
         known: set[int] = set(shared_keys)
         for call in prog.calls:
             req = call.request
@@ -388,14 +400,16 @@ def collect(sim: Simulation) -> SimResult:
             could = _known_prefix_tokens(call.prompt, known, bs)
             recomputed += max(0, could - cached) + req.recomputed_tokens
             known.update(call.sequence.keys)
+            if req.finish_time is not None and t0 <= req.finish_time <= last:
+                tenant_service[prog.tenant] = tenant_service.get(prog.tenant, 0.0) + model.of(req)
     metrics = [e.metrics() for e in sim.engines]
-    return SimResult(
+    makespan = sim.clock.now()
+    return PointResult(
         system=sim.frontend.name,
-        rate_per_s=sim.rate,
-        jct={p.spec.pid: p.finished_at - p.arrival for p in sim.programs if p.finished_at},
-        tenants={p.spec.pid: p.tenant for p in sim.programs},
-        finished_at={p.spec.pid: p.finished_at for p in sim.programs if p.finished_at},
-        arrivals={p.spec.pid: p.arrival for p in sim.programs},
+        rate_per_min=sim.rate * 60.0,
+        seed=seed,
+        measured=measured,
+        throughput_per_min=finished_in_window / max(last - t0, 1e-9) * 60.0,
         prompt_tokens=prompt_tokens,
         hit_tokens=hit,
         recomputed_tokens=recomputed,
@@ -406,7 +420,7 @@ def collect(sim: Simulation) -> SimResult:
             "expired": sum(m.pins_expired for m in metrics),
             "refused": sum(m.pins_refused for m in metrics),
         },
-        makespan_s=sim.clock.now(),
         frontend=sim.frontend.stats(),
-        busy_s=[m.busy_s for m in metrics],
+        tenant_service_s=tenant_service,
+        busy=mean([m.busy_s / makespan for m in metrics]) if makespan > 0 else 0.0,
     )

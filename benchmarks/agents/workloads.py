@@ -23,9 +23,11 @@ Generators (parameters are in `Workload.params` and printed by the benchmark):
 - `multiagent` — KVFlow-style workflows: five agents with fixed system prompts of 2-6k
   tokens (shared by every workflow) take turns in a fixed step graph with two parallel
   branches; some steps call a tool; many workflows at once.
-- `mixed` — three tenants at once, each with its own program kind and weight (swe: 2,
-  bfcl: 1, multiagent: 1); each tenant's arrival rate is set so its expected GPU demand is
-  proportional to its weight.
+- `mixed` — three tenants at once with weights 2 : 1 : 1: `coders` and `reviewers` run
+  coding agents (`swe`), `teams` run multi-agent workflows; their arrival rates are set so
+  that they demand 40 / 30 / 30 % of the expected GPU work: under overload (1.5 x capacity)
+  each wants more than its weight's share (50 / 25 / 25 %), and gets that share only if the
+  scheduler enforces it (first-come-first-served would serve them 40 / 30 / 30).
 
 The scheduler's static knowledge of a program is what `graphs.analysis` would derive from
 its DAG: a ReAct loop (`swe`, `bfcl`) is one `llm` node with tools, so neither its length
@@ -82,6 +84,9 @@ class CallSpec:
     #: a later call continues this call's sequence (the same conversation goes on after
     #: the tool): static for a ReAct loop; a step graph's next node starts a new prompt
     continues: bool = False
+    #: a person answers before the calls after this one start (agent-session traces: the
+    #: gap between a turn's end and the next turn's first call); not known in advance
+    human_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,18 +135,18 @@ def _uniform(lo: float, hi: float) -> Callable[[random.Random], float]:
     return lambda rng: rng.uniform(lo, hi)
 
 
-def _clipped_lognormal(
+def clipped_lognormal(
     median: float, sigma: float, lo: float, hi: float
 ) -> Callable[[random.Random], float]:
     return lambda rng: min(hi, max(lo, rng.lognormvariate(math.log(median), sigma)))
 
 
-def _lognormal_int(rng: random.Random, mean: float, sigma: float, lo: int, hi: int) -> int:
+def lognormal_int(rng: random.Random, mean: float, sigma: float, lo: int, hi: int) -> int:
     mu = math.log(mean) - sigma * sigma / 2
     return int(min(hi, max(lo, round(rng.lognormvariate(mu, sigma)))))
 
 
-class _Keys:
+class Keys:
     """Content keys: fixed ones for shared prompts, fresh ones for everything else."""
 
     def __init__(self, start: int = 1_000_000):
@@ -169,7 +174,7 @@ SWE_TOOLS = {
     "run_python": ToolKind("run_python", 3.0, _loguniform(1.0, 10.0), "log-uniform 1-10 s"),
     "git": ToolKind("git", 2.0, _loguniform(1.0, 4.0), "log-uniform 1-4 s"),
     "run_tests": ToolKind(
-        "run_tests", 30.0, _clipped_lognormal(20.0, 0.7, 10.0, 120.0), "lognormal 20 s, 10-120 s"
+        "run_tests", 30.0, clipped_lognormal(20.0, 0.7, 10.0, 120.0), "lognormal 20 s, 10-120 s"
     ),
 }
 SWE_MIX = [
@@ -194,20 +199,27 @@ SWE_PARAMS: dict[str, Any] = {
 }
 
 
-def _chain_program(
+def chain_program(
     pid: int,
     tenant: str,
     kind: str,
     arrival: float,
     first: tuple[Segment, ...],
     turns: list[tuple[int, str | None, float, int]],
-    keys: _Keys,
+    keys: Keys,
+    *,
+    human_waits: dict[int, float] | None = None,
 ) -> ProgramSpec:
-    """A ReAct loop: turn k continues turn k-1's sequence with its tool's output."""
+    """A ReAct loop: turn k (output tokens, tool, tool seconds, tool output tokens)
+    continues turn k-1's sequence with its tool's output; after a turn in `human_waits` a
+    person answers (that long, with the tool output tokens as their message) and the
+    conversation goes on."""
     calls: list[CallSpec] = []
     prompt_tokens = sum(n for _, n in first)
     append: tuple[Segment, ...] = first
+    waits = human_waits or {}
     for k, (out, tool, tool_s, tool_out) in enumerate(turns):
+        goes_on = tool is not None or k in waits
         calls.append(
             CallSpec(
                 index=k,
@@ -222,20 +234,21 @@ def _chain_program(
                 # one llm node with tools: its length is unknown, its last turn too
                 remaining_cost_s=LLM_STEP_COST_S,
                 is_last_step=False,
-                continues=tool is not None,
+                continues=goes_on,
+                human_wait_s=waits.get(k, 0.0),
             )
         )
-        if tool is not None:
+        if goes_on:
             append = ((keys.fresh(), tool_out),)
             prompt_tokens += out + tool_out
     return ProgramSpec(pid, f"{kind}-{pid}", tenant, kind, arrival, tuple(calls))
 
 
 def _swe_program(
-    pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
+    pid: int, tenant: str, arrival: float, rng: random.Random, keys: Keys
 ) -> ProgramSpec:
-    n_turns = _lognormal_int(rng, 40.0, 0.7, 3, 120)
-    issue = int(_clipped_lognormal(1000, 0.5, 300, 3000)(rng))
+    n_turns = lognormal_int(rng, 40.0, 0.7, 3, 120)
+    issue = int(clipped_lognormal(1000, 0.5, 300, 3000)(rng))
     ctx = SWE_SYSTEM_TOKENS + issue
     turns: list[tuple[int, str | None, float, int]] = []
     tool_sample = _loguniform(300, 2000)
@@ -250,7 +263,7 @@ def _swe_program(
         turns.append((out, name, SWE_TOOLS[name].sample(rng), tool_out))
         ctx += out + tool_out
     first = ((SWE_SYSTEM_KEY, SWE_SYSTEM_TOKENS), (keys.fresh(), issue))
-    return _chain_program(pid, tenant, "swe", arrival, first, turns, keys)
+    return chain_program(pid, tenant, "swe", arrival, first, turns, keys)
 
 
 # -- bfcl ------------------------------------------------------------------------------
@@ -270,9 +283,9 @@ BFCL_PARAMS: dict[str, Any] = {
 
 
 def _bfcl_program(
-    pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
+    pid: int, tenant: str, arrival: float, rng: random.Random, keys: Keys
 ) -> ProgramSpec:
-    n_calls = _lognormal_int(rng, 10.75, 0.5, 1, 40)
+    n_calls = lognormal_int(rng, 10.75, 0.5, 1, 40)
     docs = rng.randint(230, 330)
     query = rng.randint(20, 60)
     turns: list[tuple[int, str | None, float, int]] = []
@@ -285,7 +298,7 @@ def _bfcl_program(
         result = rng.randint(20, 50)
         turns.append((out, name, BFCL_TOOLS[name].sample(rng), result))
     first = ((keys.fresh(), docs), (keys.fresh(), query))
-    return _chain_program(pid, tenant, "bfcl", arrival, first, turns, keys)
+    return chain_program(pid, tenant, "bfcl", arrival, first, turns, keys)
 
 
 # -- multiagent ------------------------------------------------------------------------
@@ -340,7 +353,7 @@ MA_REMAINING_S = _remaining_cost()
 
 
 def _multiagent_program(
-    pid: int, tenant: str, arrival: float, rng: random.Random, keys: _Keys
+    pid: int, tenant: str, arrival: float, rng: random.Random, keys: Keys
 ) -> ProgramSpec:
     task_key, task = keys.fresh(), rng.randint(200, 600)
     outs = [rng.randint(100, 400) for _ in MA_STEPS]
@@ -371,7 +384,7 @@ def _multiagent_program(
 
 # -- assembling workloads --------------------------------------------------------------
 
-_GENERATORS: dict[str, Callable[[int, str, float, random.Random, _Keys], ProgramSpec]] = {
+_GENERATORS: dict[str, Callable[[int, str, float, random.Random, Keys], ProgramSpec]] = {
     "swe": _swe_program,
     "bfcl": _bfcl_program,
     "multiagent": _multiagent_program,
@@ -387,22 +400,24 @@ _SHARED = {
     "bfcl": {},
     "multiagent": {k: n for k, n, _ in MA_AGENTS.values()},
 }
-#: mixed: tenant -> (program kind, weight)
-MIXED_TENANTS: dict[str, tuple[str, float]] = {
-    "coders": ("swe", 2.0),
-    "callers": ("bfcl", 1.0),
-    "teams": ("multiagent", 1.0),
+#: mixed: tenant -> (program kind, weight, share of the expected GPU work it demands)
+MIXED_TENANTS: dict[str, tuple[str, float, float]] = {
+    "coders": ("swe", 2.0, 0.4),
+    "reviewers": ("swe", 1.0, 0.3),
+    "teams": ("multiagent", 1.0, 0.3),
 }
 WORKLOADS = ("swe", "bfcl", "multiagent", "mixed")
 
 
 def program_work(p: ProgramSpec) -> float:
-    """A rough GPU-token measure of a program (new prompt tokens + 20 x output tokens),
-    used only to set the mixed workload's per-tenant rates."""
+    """A rough GPU measure of a program in prefill-token equivalents, used only to set the
+    mixed workload's per-tenant rates: each new prompt token counts 1, each output token
+    11 (its share of reading the weights in a batch of 16) plus 1 per 760 tokens of
+    context it reads (an 8B model's KV against its prefill rate)."""
     total = 0.0
     for c in p.calls:
         new = sum(n for _, n in c.append)
-        total += new + 20.0 * c.output_tokens
+        total += new + c.output_tokens * (11.0 + c.prompt_tokens / 760.0)
     return total
 
 
@@ -413,7 +428,7 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     if n_programs < 1:
         raise ValueError("n_programs must be >= 1")
     rng = random.Random(f"treadle-agents-{name}-{seed}")
-    keys = _Keys()
+    keys = Keys()
     if name != "mixed":
         t = 0.0
         programs = []
@@ -433,16 +448,15 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     sample_rng = random.Random(f"treadle-agents-mixed-work-{seed}")
     mean_work = {}
     for kind in ("swe", "bfcl", "multiagent"):
-        probe = [_GENERATORS[kind](0, "x", 0.0, sample_rng, _Keys()) for _ in range(200)]
+        probe = [_GENERATORS[kind](0, "x", 0.0, sample_rng, Keys()) for _ in range(200)]
         mean_work[kind] = sum(program_work(p) for p in probe) / len(probe)
-    total_w = sum(w for _, w in MIXED_TENANTS.values())
-    # program rate of each tenant so that its work share equals its weight share, scaled
-    # so that all tenants together arrive at unit rate
-    raw = {t: (w / total_w) / mean_work[k] for t, (k, w) in MIXED_TENANTS.items()}
+    # program rate of each tenant so that it demands its share of the work, scaled so that
+    # all tenants together arrive at unit rate
+    raw = {t: share / mean_work[k] for t, (k, _, share) in MIXED_TENANTS.items()}
     norm = sum(raw.values())
     rates = {t: r / norm for t, r in raw.items()}
     streams: list[tuple[float, str, str]] = []
-    for tenant, (kind, _) in MIXED_TENANTS.items():
+    for tenant, (kind, _, _) in MIXED_TENANTS.items():
         t_rng = random.Random(f"treadle-agents-mixed-{tenant}-{seed}")
         t = 0.0
         for _ in range(n_programs):
@@ -462,10 +476,15 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
     params = {
         "programs": n_programs,
         "tenants": {
-            t: {"kind": k, "weight": w, "programs": counts[t], "rate_share": round(rates[t], 4)}
-            for t, (k, w) in MIXED_TENANTS.items()
+            t: {
+                "kind": k,
+                "weight": w,
+                "demand_share": d,
+                "programs": counts[t],
+                "rate_share": round(rates[t], 4),
+            }
+            for t, (k, w, d) in MIXED_TENANTS.items()
         },
-        "demand": "each tenant's expected work share equals its weight share",
     }
     return Workload(
         "mixed",
@@ -473,6 +492,6 @@ def make_workload(name: str, n_programs: int, seed: int = 0) -> Workload:
         params,
         programs,
         tools,
-        {t: w for t, (_, w) in MIXED_TENANTS.items()},
+        {t: w for t, (_, w, _) in MIXED_TENANTS.items()},
         shared,
     )

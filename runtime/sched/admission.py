@@ -30,6 +30,15 @@ Releases that need the server (`POST /v1/pins/release` on treadle's simulator, o
 backend's own `release_pins`) run in the background task group while the admission is
 entered (`async with admission:`); otherwise they run at the next `admit`.
 
+KV residency: with `kv_budget_tokens` (what each backend's KV cache holds; vLLM logs it
+at start as "GPU KV cache size"), every lane gets that budget and runs are admitted by
+their working set (`residency.py`): the tokens of the call being sent plus its expected
+answer, then of the conversation it continues (from the response's usage). A run that
+does not fit waits before its first call and holds no KV; an admitted one is never
+displaced by newcomers; when runs outgrow a backend, the one whose tools keep it idle
+longest is suspended (its pin released) until its next call. A resident run's pins are
+priced at no memory pressure: its memory is reserved already.
+
 Static facts: register compiled graphs (`graphs=` or `register_graph`) so calls carry their
 node's remaining critical-path cost (`GraphFacts.remaining_cost_s`); without them every call
 of a run weighs the same. Tool durations feed the pinning estimator when tools are
@@ -63,7 +72,7 @@ from treadle.runtime.sched.pinning import (
     PinRequest,
     ToolDurations,
 )
-from treadle.runtime.sched.scheduler import DISPATCHED, Call, Scheduler, SchedulerConfig
+from treadle.runtime.sched.scheduler import DISPATCHED, Call, Program, Scheduler, SchedulerConfig
 
 if TYPE_CHECKING:
     from treadle.graphs.analysis import GraphFacts
@@ -139,6 +148,15 @@ class _Run:
     ctx: RunContext
     facts: GraphFacts | None
     aliases: set[str] = field(default_factory=set)
+    outputs: int = 0
+    output_tokens: int = 0
+
+    def expected_output(self, max_tokens: int | None) -> int:
+        """The answer's expected length: the run's mean so far, else its cap (at most a
+        thousand tokens: a cap is an upper bound, not an estimate)."""
+        if self.outputs:
+            return self.output_tokens // self.outputs
+        return min(max_tokens or 256, 1024)
 
 
 @dataclass
@@ -165,6 +183,7 @@ class SchedulerAdmission:
         tools: Iterable[Tool] = (),
         tenant_weights: Mapping[str, float] | None = None,
         kv_capacity_tokens: int = 400_000,
+        kv_budget_tokens: int | None = None,
         prefill_tokens_per_s: float = 20_000.0,
         decode_s_per_token: float = 0.002,
         metrics_interval_s: float = 1.0,
@@ -180,7 +199,10 @@ class SchedulerAdmission:
         self.pins = PinBook()
         self.pins.listeners.append(self._on_pin)
         self.releasers: dict[str, PinReleaser] = dict(pin_releasers or {})
-        self.kv_capacity_tokens = kv_capacity_tokens
+        self.kv_capacity_tokens = kv_budget_tokens or kv_capacity_tokens
+        self.kv_budget_tokens = kv_budget_tokens
+        if self.scheduler.on_suspend is None:
+            self.scheduler.on_suspend = self._suspended
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.decode_s_per_token = decode_s_per_token
         self.metrics_interval_s = metrics_interval_s
@@ -279,9 +301,14 @@ class SchedulerAdmission:
         graph = next((e.graph for e in ctx.log if isinstance(e, RunStarted)), None)
         run = _Run(ctx, self._facts.get(graph) if graph is not None else None)
         self._runs[ctx.run_id] = run
-        if ctx.run_id not in self.scheduler.programs:
-            self.scheduler.open_program(ctx.run_id, ctx.options.tenant, self.clock())
         return run
+
+    def _suspended(self, program: Program, reason: str) -> None:
+        """The scheduler took the run off its backend: its pin holds nothing useful now."""
+        run = self._runs.get(program.program_id)
+        if self.pins.cancel(program.program_id, reason) is not None and run is not None:
+            for alias in run.aliases:
+                self._release_on_server(alias, program.program_id)
 
     def end_run(self, ctx: RunContext, status: str) -> None:
         """The run is over, cancelled, interrupted or parked to wait for a person: its pin
@@ -334,12 +361,12 @@ class SchedulerAdmission:
                 self.releasers[alias] = found
         lane = self.scheduler.lane_index(alias)
         if lane is None:
-            lane = self.scheduler.add_lane(alias)
+            lane = self.scheduler.add_lane(alias, kv_budget=self.kv_budget_tokens)
         # the program's next call: its pin (if any) did its job; the server hands the
         # blocks to this call when it runs
         self.pins.on_next_call(ctx.run_id, now)
         prompt_tokens = estimate_prompt_tokens(request, self.tokens)
-        out = request.max_tokens or 256
+        out = run.expected_output(request.max_tokens)
         call = Call(
             f"{ctx.run_id}/{call_id}",
             ctx.run_id,
@@ -348,7 +375,7 @@ class SchedulerAdmission:
             lane=lane,
             payload=anyio.Event(),
         )
-        self.scheduler.submit(call, now, tenant=ctx.options.tenant)
+        self.scheduler.submit(call, now, tenant=ctx.options.tenant, kv_tokens=prompt_tokens + out)
         self._pump()
         if call.state != DISPATCHED:
             try:
@@ -374,7 +401,7 @@ class SchedulerAdmission:
                     tokens=tokens,
                     prefill_s=tokens / self.prefill_tokens_per_s,
                     capacity_tokens=self.kv_capacity_tokens,
-                    pressure=self._lanes[lane].pressure,
+                    pressure=self.scheduler.pin_pressure(ctx.run_id, self._lanes[lane].pressure),
                     tool=hints.next_tool,
                     is_last_step=hints.is_last_step,
                 )
@@ -409,9 +436,27 @@ class SchedulerAdmission:
         else:
             service = ticket.call.est_service_s
         self.scheduler.complete(ticket.call, now, service_s=service, congested=congested)
+        if response is not None:
+            self._after(ticket, response, now)
         if response is not None and ticket.pin is not None and ticket.pin.ttl_s is not None:
             self._pinned(ticket, response, now)
         self._pump()
+
+    def _after(self, ticket: AdmissionTicket, response: LLMResponse, now: float) -> None:
+        """What the answer says about the run's KV: the conversation it continues, and how
+        long its tools will keep it away from the GPU."""
+        usage = response.usage
+        run = self._runs.get(ticket.ctx.run_id)
+        if run is not None and usage.completion_tokens:
+            run.outputs += 1
+            run.output_tokens += usage.completion_tokens
+        pid = ticket.call.program_id
+        context = (usage.prompt_tokens or ticket.prompt_tokens) + usage.completion_tokens
+        self.scheduler.set_working_set(pid, context, now)
+        expected = max(
+            (self.durations.estimator(c.name).mean() for c in response.tool_calls), default=0.0
+        )
+        self.scheduler.idle(pid, now, expected)
 
     # -- pins ----------------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ inside the engine, was preempted, or waited well beyond its own prefill) and
 - with congestion it shrinks by the factor `decrease` (multiplicative decrease), at most
   once per `cooldown_s` so one burst of late answers counts once.
 
-Signals come from the caller: the agents benchmark reads the simulated engine's waiting
-queue and preemptions; real runs use the backend's measured time to first token against a
-learned baseline (`TTFTSignal`) or the server's waiting count.
+Signals come from the caller: real runs use the backend's measured time to first token
+against a learned baseline (`TTFTSignal`) or the server's waiting count. A lane with a KV
+budget needs no adaptive limit (admission by KV working set keeps its batch in memory):
+its limit can stay at the engine's seats, as the agents benchmark's `treadle` does.
 """
 
 from __future__ import annotations

@@ -1,38 +1,51 @@
 """Workflow-atomic scheduling: the order in which the LLM calls of all runs reach backends.
 
 The `Scheduler` is the policy core, pure data structures with no I/O and no clock of its own
-(every method takes `now`), like vLLM's v1 scheduler: the agents benchmark drives it in
-virtual time, and `treadle.runtime.sched.admission.SchedulerAdmission` puts it behind the
-runtime's `CallAdmission` hook for real runs.
+(every method takes `now`), like vLLM v1's `core/sched`: the agents benchmark drives it in
+virtual time, `treadle.runtime.sched.admission.SchedulerAdmission` puts it behind the
+runtime's `CallAdmission` hook for real runs, and nothing in it knows a run context (so it
+can serve many workers from one gateway).
 
-It holds calls in its own queues and lets each *lane* (a replica, or a backend) have only
-`limit` calls in flight, a limit adapted from observed congestion (AIMD, see
-`sched_limits.py`) so the batch stays full while the order stays the runtime's. When a lane
-has room, the next call is chosen in this order of precedence:
+It decides at two levels.
 
-1. **Run-level admission.** A run (program) is *admitted* before its calls are scheduled.
-   A new run is admitted only while the calls of admitted runs do not already back up
-   (queued calls <= `backlog_factor` x the lanes' limits) and the `can_carry` hook agrees
-   (the benchmark checks the KV working set), and admission goes in arrival order within a
-   tenant. Admitted runs therefore never wait behind runs that arrive later.
-   Among admitted runs, program-level first-come-first-served is refined by
-   least-attained-service (Autellix's PLAS): a program's *level* is
-   `1 + floor(log2(attained / las_quantum_s))` (0 below one quantum), the key is
-   `(level, program arrival)`, so one huge program cannot hold back many short ones; and a
-   call that has waited `starvation_s` goes first regardless, so nothing starves.
-2. **Fair share across tenants** by weight, in virtual time (start-time fair queueing):
+**Programs: admission and KV residency** (`residency.py`). A run (program) is *admitted*
+before any of its calls is scheduled, and then stays resident on a lane (replica) with a
+reservation of its KV working set (`set_working_set`, measured by the caller). A lane
+admits only while the working sets fit its KV budget, so an admitted program keeps its
+cache and is never thrashed by newcomers, and a program that is not admitted holds no KV
+at all. When residents outgrow a lane, idle ones (waiting for a tool) are suspended by
+cost and benefit (longest predicted idle first) and re-admitted with their next call; a
+program that waits for a human (`idle(..., human=True)`) is suspended at once, so nothing
+is held across a human wait. Lanes without a known budget admit while the calls of
+admitted runs do not back up (queued calls <= `backlog_factor` x the lanes' limits).
+
+The admission queue (`waitlist.py`) is ordered by tenant fair share, then least attained
+service, then arrival, with anti-starvation within a tenant.
+
+**Calls: order on a lane.** Each lane lets only `limit` calls be in flight, a limit adapted
+from observed congestion (AIMD, `limits.py`) for backends whose memory is unknown (with a
+KV budget the batch fits by construction and the limit can stay at the engine's seats).
+When a lane has room the next call is chosen by:
+
+1. **Fair share across tenants** by weight, in virtual time (start-time fair queueing):
    serving a call advances its tenant's virtual time by `service / weight` (GPU seconds,
-   estimated at dispatch and corrected at completion); the backlogged tenant with the
-   lowest virtual time goes first, and a tenant that was idle rejoins at the current system
-   virtual time (no banked credit).
+   estimated at dispatch and corrected at completion; a run's expected service is charged
+   when it is admitted and drawn down by its calls); the backlogged tenant with the lowest
+   virtual time goes first (also at admission), and a tenant that had no run open rejoins
+   at the current system virtual time (no banked credit).
+2. **Least attained service** within a tenant: key `(level, program arrival)`, so one huge
+   program cannot hold back many short ones; a call that has waited `starvation_s` goes
+   first regardless, so nothing starves.
 3. **Critical path** within a program: the call with the most estimated work remaining
    after it (`GraphFacts.remaining_cost_s`) goes first.
 
-Every decision is O(log n) in queued calls: a heap of tenants per lane, a heap of programs
-per (lane, tenant), a heap of calls per (lane, program), and a heap of calls by age per
-lane, all with lazy deletion (an entry carries a version; stale ones are dropped when they
-reach the top). With `count_comparisons=True` every key comparison is counted in
-`comparisons`, so a test can check the bound by counting rather than timing.
+Every call decision is O(log n) in queued calls: a heap of tenants per lane, a heap of
+programs per (lane, tenant), a heap of calls per (lane, program), and a heap of calls by
+age per lane, all with lazy deletion (an entry carries a version; stale ones are dropped
+when they reach the top); admission is O(log n) in waiting programs the same way.
+Suspension scans the residents of one lane (as many as fit in its memory). With
+`count_comparisons=True` every key comparison is counted in `comparisons`, so a test can
+check the bound by counting rather than timing.
 
 Priorities passed to backends use treadle's convention (lower runs first): the program's
 level, so the engine's own queue and its preemption choice agree with the runtime's order.
@@ -43,20 +56,51 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from treadle.runtime.sched.limits import AIMDLimit, LimitConfig
-
-QUEUED, DISPATCHED, DONE, CANCELLED, PENDING = (
-    "queued",
-    "dispatched",
-    "done",
-    "cancelled",
-    "pending",
+from treadle.runtime.sched.entities import (
+    CANCELLED,
+    DISPATCHED,
+    DONE,
+    PENDING,
+    QUEUED,
+    Call,
+    Counted,
+    Lane,
+    Placer,
+    Program,
+    ProgramQueue,
+    StealCheck,
+    SuspendListener,
+    Tenant,
+    TenantQueue,
 )
+from treadle.runtime.sched.limits import AIMDLimit, LimitConfig
+from treadle.runtime.sched.residency import (
+    ResidencyConfig,
+    choose_lane,
+    choose_victims,
+    overflowing,
+)
+from treadle.runtime.sched.waitlist import AdmissionQueue
+
+__all__ = [
+    "CANCELLED",
+    "DISPATCHED",
+    "DONE",
+    "PENDING",
+    "QUEUED",
+    "Call",
+    "Lane",
+    "Program",
+    "ResidencyConfig",
+    "Scheduler",
+    "SchedulerConfig",
+    "Tenant",
+    "jain_index",
+]
 
 
 @dataclass(frozen=True)
@@ -66,9 +110,10 @@ class SchedulerConfig:
     #: attained service (GPU seconds) that ends level 0; each further level doubles it
     las_quantum_s: float = 2.0
     las_levels: int = 16
-    #: a call queued this long goes first, whatever its program's level or tenant
+    #: a call (or a program waiting for admission) this long goes first
     starvation_s: float = 60.0
-    #: admit new runs while queued calls of admitted runs <= this x the sum of lane limits
+    #: lanes without a KV budget: admit new runs while queued calls of admitted runs
+    #: <= this x the sum of lane limits
     backlog_factor: float = 1.0
     #: never more admitted, unfinished runs than this (None: no fixed cap)
     max_active_programs: int | None = None
@@ -76,6 +121,8 @@ class SchedulerConfig:
     limits: LimitConfig = field(default_factory=LimitConfig)
     #: a call waiting this long on a full lane may be taken by an idle lane (homed calls)
     steal_after_s: float = 1.0
+    #: KV residency (lanes with a budget)
+    residency: ResidencyConfig = field(default_factory=ResidencyConfig)
 
     def __post_init__(self) -> None:
         if self.las_quantum_s <= 0:
@@ -90,134 +137,6 @@ class SchedulerConfig:
             raise ValueError("max_active_programs must be >= 1 or None")
 
 
-class _Counted:
-    """A heap key that counts its comparisons (for the O(log n) test)."""
-
-    __slots__ = ("counter", "key")
-
-    def __init__(self, key: tuple[Any, ...], counter: list[int]):
-        self.key = key
-        self.counter = counter
-
-    def __lt__(self, other: _Counted) -> bool:
-        self.counter[0] += 1
-        return self.key < other.key
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Counted) and self.key == other.key
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-@dataclass(eq=False, slots=True)
-class Call:
-    """One LLM call as the scheduler sees it. The caller fills the first fields; the
-    scheduler sets `state`, `assigned`, `priority`, `dispatched_at`."""
-
-    call_id: str
-    program_id: str
-    #: estimated GPU seconds of the call (charged to the tenant at dispatch)
-    est_service_s: float = 0.0
-    #: estimated work (seconds) from this call to the end of its program
-    remaining_cost_s: float = 0.0
-    #: the lane it must go to (None: its program's home lane, which it may be stolen from)
-    lane: int | None = None
-    #: the lane it was dispatched to
-    assigned: int | None = None
-    #: anything the caller wants back (a request, a future)
-    payload: Any = None
-    state: str = PENDING
-    priority: int = 0
-    enqueued_at: float = 0.0
-    dispatched_at: float | None = None
-    seq: int = 0
-    stolen: bool = False
-    _pq: _ProgramQueue | None = None
-
-
-@dataclass(eq=False, slots=True)
-class Tenant:
-    name: str
-    weight: float = 1.0
-    #: virtual time: weighted service received (the tenant heap's key)
-    vtime: float = 0.0
-    version: int = 0
-    service_s: float = 0.0
-    dispatched: int = 0
-    lanes_with_work: set[int] = field(default_factory=set)
-    pending: deque[Program] = field(default_factory=deque)
-    admit_token: int = 0
-
-
-@dataclass(eq=False, slots=True)
-class Program:
-    program_id: str
-    tenant: Tenant
-    arrival: float
-    seq: int
-    home: int | None = None
-    admitted: bool = False
-    attained_s: float = 0.0
-    level: int = 0
-    pending_calls: list[Call] = field(default_factory=list)
-    queues: dict[int, _ProgramQueue] = field(default_factory=dict)
-    #: caller data, e.g. the expected KV working set
-    info: dict[str, Any] = field(default_factory=dict)
-    #: the lane whose homed-program counts include this program
-    counted_on: int | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _TenantQueue:
-    """A tenant's programs with queued calls on one lane."""
-
-    tenant: Tenant
-    heap: list[tuple[Any, _ProgramQueue, int]] = field(default_factory=list)
-    queued: int = 0
-
-
-@dataclass(eq=False, slots=True)
-class _ProgramQueue:
-    """A program's queued calls on one lane, critical path first."""
-
-    program: Program
-    lane: int
-    heap: list[tuple[Any, Call]] = field(default_factory=list)
-    queued: int = 0
-    version: int = 0
-
-
-class Lane:
-    """One replica or backend: its in-flight count, limit and queues."""
-
-    def __init__(self, index: int, name: str, limit: AIMDLimit):
-        self.index = index
-        self.name = name
-        self.limit = limit
-        self.in_flight = 0
-        self.queued = 0
-        self.tenant_heap: list[tuple[Any, _TenantQueue, int]] = []
-        self.tenant_queues: dict[str, _TenantQueue] = {}
-        self.age_heap: list[tuple[Any, Call]] = []
-        self.homed_programs = 0
-        self.tenant_homed: dict[str, int] = {}
-
-    @property
-    def has_room(self) -> bool:
-        return self.in_flight < self.limit.value
-
-    def __repr__(self) -> str:
-        return (
-            f"Lane({self.name}, in_flight={self.in_flight}, limit={self.limit.value:.1f}, "
-            f"queued={self.queued})"
-        )
-
-
-Placer = Callable[[Program, Sequence[Lane]], int]
-CarryCheck = Callable[[Program], bool]
-StealCheck = Callable[[Call, Lane, Lane, float], bool]
-
-
 class Scheduler:
     """The scheduling core (module docstring). Not thread-safe; one per event loop."""
 
@@ -226,9 +145,10 @@ class Scheduler:
         lanes: int | Sequence[str] = 1,
         config: SchedulerConfig | None = None,
         *,
+        kv_budgets: Sequence[int | None] | None = None,
         place: Placer | None = None,
-        can_carry: CarryCheck | None = None,
         can_steal: StealCheck | None = None,
+        on_suspend: SuspendListener | None = None,
         admission: bool = True,
         count_comparisons: bool = False,
     ) -> None:
@@ -236,35 +156,45 @@ class Scheduler:
         names = [f"lane-{i}" for i in range(lanes)] if isinstance(lanes, int) else list(lanes)
         if isinstance(lanes, int) and lanes < 1:
             raise ValueError("a scheduler needs at least one lane (or lane names, maybe none yet)")
-        self.lanes = [Lane(i, n, AIMDLimit(self.config.limits)) for i, n in enumerate(names)]
+        budgets = list(kv_budgets) if kv_budgets is not None else [None] * len(names)
+        if len(budgets) != len(names):
+            raise ValueError("kv_budgets needs one entry per lane")
+        self.lanes = [
+            Lane(i, n, AIMDLimit(self.config.limits), b)
+            for i, (n, b) in enumerate(zip(names, budgets, strict=True))
+        ]
         self.tenants: dict[str, Tenant] = {}
         self.programs: dict[str, Program] = {}
         self.calls: dict[str, Call] = {}
         self._place = place
-        self._can_carry = can_carry
         self._can_steal = can_steal
+        self.on_suspend = on_suspend
         self.admission_enabled = admission
         self._seq = itertools.count(1)
         self._counter = [0]
         self._counting = count_comparisons
         #: system virtual time: the tenant key of the latest dispatch
         self.vtime = 0.0
-        # runs waiting for admission, by tenant (heap of tenants keyed by virtual time)
-        self._admit_heap: list[tuple[Any, Tenant, int]] = []
-        self.pending_programs = 0
+        self.waitlist = AdmissionQueue(self._key, self.config.starvation_s)
         self.active_programs = 0
         self.queued_calls = 0
         self.steals = 0
         self.starvation_promotions = 0
+        self.suspensions: dict[str, int] = {}
 
     # -- bookkeeping helpers -------------------------------------------------------------
+
+    @property
+    def pending_programs(self) -> int:
+        """Programs waiting for admission."""
+        return self.waitlist.count
 
     @property
     def comparisons(self) -> int:
         return self._counter[0]
 
     def _key(self, *parts: Any) -> Any:
-        return _Counted(parts, self._counter) if self._counting else parts
+        return Counted(parts, self._counter) if self._counting else parts
 
     def tenant(self, name: str | None, weight: float | None = None) -> Tenant:
         """The tenant called `name` (created on first use; `weight` sets its weight)."""
@@ -288,8 +218,10 @@ class Scheduler:
         return min(self.config.las_levels - 1, 1 + int(math.log2(attained_s / q)))
 
     def _rejoin(self, t: Tenant) -> None:
-        """An idle tenant rejoins at the system's virtual time (no banked credit)."""
-        if not t.lanes_with_work and t.vtime < self.vtime:
+        """A tenant that had no run open rejoins at the system's virtual time (no banked
+        credit). One with runs open is not idle, even when none of its calls is queued this
+        instant (they run, or wait for tools): it keeps its virtual time."""
+        if not t.open_programs and t.vtime < self.vtime:
             t.vtime = self.vtime
             t.version += 1
 
@@ -302,7 +234,7 @@ class Scheduler:
             lane = self.lanes[lane_i]
             heapq.heappush(lane.tenant_heap, (key, lane.tenant_queues[t.name], t.version))
 
-    # -- programs ------------------------------------------------------------------------
+    # -- programs: opening, admission, residency -------------------------------------------
 
     def open_program(
         self,
@@ -311,75 +243,101 @@ class Scheduler:
         now: float = 0.0,
         *,
         home: int | None = None,
+        kv_tokens: int = 0,
         info: dict[str, Any] | None = None,
     ) -> Program:
-        """A run arrives. It waits for admission (unless admission is off)."""
+        """A run arrives. It waits for admission (unless admission is off); `kv_tokens`
+        is its first working set (its first prompt and answer)."""
+        p = self._new_program(program_id, tenant, now, home=home, info=info)
+        p.kv_tokens = max(0, int(kv_tokens))
+        self._queue_for_admission(p, now)
+        return p
+
+    def _new_program(
+        self,
+        program_id: str,
+        tenant: str | None,
+        now: float,
+        *,
+        home: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Program:
         if program_id in self.programs:
             raise ValueError(f"program {program_id!r} is already open")
         t = self.tenant(tenant)
+        self._rejoin(t)
+        t.open_programs += 1
         p = Program(program_id, t, now, next(self._seq), home=home, info=dict(info or {}))
         self.programs[program_id] = p
-        if not self.admission_enabled:
-            self._admit(p, now)
-            return p
-        self._rejoin(t)
-        t.pending.append(p)
-        if len(t.pending) == 1:
-            self._push_admit(t)
-        self.pending_programs += 1
-        self.admit_waiting(now)
         return p
 
-    def can_admit(self, program: Program) -> bool:
+    def _queue_for_admission(self, p: Program, now: float) -> None:
+        if not self.admission_enabled:
+            self._admit(p, p.home if p.home is not None else self._least_loaded(p), now)
+            return
+        self._wait_for_admission(p, now)
+        self.admit_waiting(now)
+
+    def _wait_for_admission(self, p: Program, now: float) -> None:
+        self.waitlist.push(p, now)
+
+    def admit_waiting(self, now: float) -> int:
+        """Admit waiting runs while the lanes can carry them; returns how many. In order:
+        a run that waited `starvation_s`, else tenants by virtual time and, within one,
+        least attained service then arrival. The head waits when it does not fit (later
+        runs do not pass it, so a large run is not starved by a stream of small ones)."""
+        admitted = 0
+        while (p := self.waitlist.peek(now)) is not None:
+            lane = self._lane_for(p)
+            if lane is None:
+                break
+            if self.waitlist.starved(p, now):
+                self.starvation_promotions += 1
+            self.waitlist.remove(p, now)
+            self._admit(p, lane, now)
+            admitted += 1
+        return admitted
+
+    def _lane_for(self, p: Program) -> int | None:
+        """The lane `p` would be admitted to now, or None (it waits)."""
         cfg = self.config
         if cfg.max_active_programs is not None and self.active_programs >= cfg.max_active_programs:
-            return False
+            return None
+        if not self.lanes:
+            return None
+        bound = next((c.lane for c in p.pending_calls if c.lane is not None), None)
+        if any(lane.kv_budget is not None for lane in self.lanes):
+            if bound is not None:
+                fits = choose_lane(p, [self.lanes[bound]], cfg.residency) is not None
+                return bound if fits else None
+            if self._place is not None:
+                return self._place(p, self.lanes)
+            return choose_lane(p, self.lanes, cfg.residency)
         if self.active_programs > 0:
             capacity = sum(lane.limit.value for lane in self.lanes)
             if self.queued_calls > cfg.backlog_factor * capacity:
-                return False
-        return self._can_carry is None or self._can_carry(program)
+                return None
+        if bound is not None:
+            return bound
+        if p.home is not None:
+            return p.home
+        return self._place(p, self.lanes) if self._place else self._least_loaded(p)
 
-    def admit_waiting(self, now: float) -> int:
-        """Admit waiting runs while the backends can carry them; returns how many.
-
-        Tenants take turns by virtual time (each has one live entry in the admission heap,
-        re-keyed lazily when its virtual time moved); within a tenant, arrival order."""
-        admitted = 0
-        heap = self._admit_heap
-        while heap:
-            _, t, token = heap[0]
-            if token != t.admit_token or not t.pending:
-                heapq.heappop(heap)
-                continue
-            p = t.pending[0]
-            if heap[0][0] != self._admit_key(t, p):
-                self._push_admit(t)  # its virtual time moved since: re-key, try again
-                continue
-            if not self.can_admit(p):
-                break
-            heapq.heappop(heap)
-            t.pending.popleft()
-            self.pending_programs -= 1
-            self._admit(p, now)
-            admitted += 1
-            if t.pending:
-                self._push_admit(t)
-        return admitted
-
-    def _admit_key(self, t: Tenant, p: Program) -> Any:
-        return self._key(t.vtime, p.arrival, p.seq)
-
-    def _push_admit(self, t: Tenant) -> None:
-        t.admit_token += 1
-        heapq.heappush(self._admit_heap, (self._admit_key(t, t.pending[0]), t, t.admit_token))
-
-    def _admit(self, p: Program, now: float) -> None:
+    def _admit(self, p: Program, lane_i: int, now: float) -> None:
+        # a run's service is charged to its tenant when it is admitted (what its tenant's
+        # runs took on average, minus what it has had), then drawn down by its calls:
+        # otherwise a tenant could get many long runs admitted before the first of them
+        # had cost it anything
+        t = p.tenant
+        prepay = max(0.0, t.mean_program_s - p.attained_s - p.prepaid_s)
+        if prepay:
+            p.prepaid_s += prepay
+            t.vtime += prepay / t.weight
+            self._rekey(t)
         p.admitted = True
         self.active_programs += 1
-        if p.home is None and self.lanes:
-            p.home = self._place(p, self.lanes) if self._place else self._least_loaded(p)
-        self._home(p, p.home)
+        self._home(p, lane_i)
+        self._reserve(p, lane_i)
         pending, p.pending_calls = p.pending_calls, []
         for call in pending:
             self._enqueue(call, p, now)
@@ -400,18 +358,97 @@ class Scheduler:
         ).index
 
     def _home(self, p: Program, lane_i: int | None) -> None:
-        """Move `p`'s home to `lane_i` (None: it has none any more)."""
+        """Count `p` as homed on `lane_i` (None: on no lane; its last home stays known as
+        the lane where its cache is)."""
         name = p.tenant.name
         if p.counted_on is not None:
             old = self.lanes[p.counted_on]
             old.homed_programs -= 1
             old.tenant_homed[name] -= 1
-        p.home = lane_i
         p.counted_on = lane_i
         if lane_i is not None:
+            p.home = lane_i
             new = self.lanes[lane_i]
             new.homed_programs += 1
             new.tenant_homed[name] = new.tenant_homed.get(name, 0) + 1
+
+    def _reserve(self, p: Program, lane_i: int) -> None:
+        lane = self.lanes[lane_i]
+        p.resident_on = lane_i
+        lane.kv_reserved += p.kv_tokens
+        lane.residents[p.program_id] = p
+
+    def _unreserve(self, p: Program) -> None:
+        if p.resident_on is not None:
+            lane = self.lanes[p.resident_on]
+            lane.kv_reserved -= p.kv_tokens
+            del lane.residents[p.program_id]
+            p.resident_on = None
+
+    def set_working_set(self, program_id: str, tokens: int, now: float) -> list[Program]:
+        """The program's KV working set is now `tokens` (measured by the caller: the
+        context its next call sends, plus its answer). Returns the programs suspended
+        because their lane overflowed."""
+        p = self.programs.get(program_id)
+        if p is None:
+            return []
+        tokens = max(0, int(tokens))
+        old, p.kv_tokens = p.kv_tokens, tokens
+        if p.resident_on is None:
+            return []
+        lane = self.lanes[p.resident_on]
+        lane.kv_reserved += tokens - old
+        if tokens > old and overflowing(lane, self.config.residency):
+            return self._relieve(lane, now)
+        if tokens < old:
+            self.admit_waiting(now)
+        return []
+
+    def idle(self, program_id: str, now: float, expected_s: float, *, human: bool = False) -> bool:
+        """The program's calls are done for now: it runs a tool predicted to take
+        `expected_s`, or (`human=True`) waits for a person, which is unbounded: it is then
+        suspended at once (nothing is held across a human wait). Returns whether it was
+        suspended."""
+        p = self.programs.get(program_id)
+        if p is None:
+            return False
+        p.idle_until = now + max(0.0, expected_s)
+        if human and p.admitted and not p.busy:
+            self.suspend(program_id, now, "human_wait")
+            return True
+        return False
+
+    def suspend(self, program_id: str, now: float, reason: str = "suspended") -> bool:
+        """Take `program_id` off its lane: its KV reservation is released and its next
+        call waits for admission again (calls already queued wait with it)."""
+        p = self.programs.get(program_id)
+        if p is None or not p.admitted:
+            return False
+        p.admitted = False
+        self.active_programs -= 1
+        self._unreserve(p)
+        self._home(p, None)
+        p.suspensions += 1
+        self.suspensions[reason] = self.suspensions.get(reason, 0) + 1
+        queued = [
+            c for pq in p.queues.values() for _, c in pq.heap if c.state == QUEUED and c._pq is pq
+        ]
+        for c in dict.fromkeys(queued):
+            self._unqueue(c)
+            c.state = PENDING
+            p.pending_calls.append(c)
+        if self.on_suspend is not None:
+            self.on_suspend(p, reason)
+        if p.pending_calls:
+            self._wait_for_admission(p, now)
+        self.admit_waiting(now)
+        return True
+
+    def _relieve(self, lane: Lane, now: float) -> list[Program]:
+        victims = choose_victims(lane, now, self.config.residency)
+        for p in victims:
+            self.suspend(p.program_id, now, "memory")
+        return victims
 
     def close_program(self, program_id: str, now: float = 0.0) -> None:
         """The run finished: forget it (its queued calls, if any, are cancelled)."""
@@ -422,6 +459,13 @@ class Scheduler:
         p = self.programs.pop(program_id, None)
         if p is None:
             return []
+        t = p.tenant
+        t.open_programs -= 1
+        if p.prepaid_s:  # it took less than its tenant's runs usually do
+            t.vtime -= p.prepaid_s / t.weight
+            self._rekey(t)
+        t.programs_done += 1
+        t.mean_program_s += (p.attained_s - t.mean_program_s) / min(t.programs_done, 32)
         dropped: list[Call] = []
         for call in p.pending_calls:
             call.state = CANCELLED
@@ -437,21 +481,17 @@ class Scheduler:
                     dropped.append(call)
         if p.admitted:
             self.active_programs -= 1
+            self._unreserve(p)
             self._home(p, None)
-        else:
-            # still waiting for admission: drop it from its tenant's queue
-            t = p.tenant
-            if p in t.pending:
-                t.pending.remove(p)
-                self.pending_programs -= 1
-                if t.pending:
-                    self._push_admit(t)
+            p.admitted = False
+        elif p.waiting_since is not None:
+            self.waitlist.remove(p, now)
         self.admit_waiting(now)
         return dropped
 
-    def add_lane(self, name: str) -> int:
+    def add_lane(self, name: str, kv_budget: int | None = None) -> int:
         """Add a lane (e.g. a backend seen for the first time); returns its index."""
-        lane = Lane(len(self.lanes), name, AIMDLimit(self.config.limits))
+        lane = Lane(len(self.lanes), name, AIMDLimit(self.config.limits), kv_budget)
         self.lanes.append(lane)
         return lane.index
 
@@ -463,22 +503,37 @@ class Scheduler:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def submit(self, call: Call, now: float = 0.0, *, tenant: str | None = None) -> Call:
-        """Queue a call; its program is opened (and admitted if possible) on first use."""
+    def submit(
+        self,
+        call: Call,
+        now: float = 0.0,
+        *,
+        tenant: str | None = None,
+        kv_tokens: int | None = None,
+    ) -> Call:
+        """Queue a call; its program is opened (and admitted if possible) on first use,
+        on the call's lane when it is bound to one. `kv_tokens`: the program's working set
+        with this call (its prompt and answer), as `set_working_set`."""
         if call.call_id in self.calls:
             raise ValueError(f"call {call.call_id!r} is already queued")
         p = self.programs.get(call.program_id)
         if p is None:
-            p = self.open_program(call.program_id, tenant, now)
+            p = self._new_program(call.program_id, tenant, now, home=call.lane)
         call.seq = next(self._seq)
         call.enqueued_at = now
         call.priority = p.level
         self.calls[call.call_id] = call
-        if not p.admitted:
-            call.state = PENDING
-            p.pending_calls.append(call)
-        else:
+        p.busy += 1
+        if kv_tokens is not None:
+            self.set_working_set(p.program_id, kv_tokens, now)
+        if p.admitted:
             self._enqueue(call, p, now)
+            return call
+        call.state = PENDING
+        p.pending_calls.append(call)
+        if p.waiting_since is None:
+            # new, or suspended: its call brings it to the admission queue
+            self._queue_for_admission(p, now)
         return call
 
     def _enqueue(self, call: Call, p: Program, now: float) -> None:
@@ -487,12 +542,11 @@ class Scheduler:
         lane = self.lanes[lane_i]
         pq = p.queues.get(lane_i)
         if pq is None:
-            pq = p.queues[lane_i] = _ProgramQueue(p, lane_i)
+            pq = p.queues[lane_i] = ProgramQueue(p, lane_i)
         t = p.tenant
         tq = lane.tenant_queues.get(t.name)
         if tq is None:
-            tq = lane.tenant_queues[t.name] = _TenantQueue(t)
-        self._rejoin(t)
+            tq = lane.tenant_queues[t.name] = TenantQueue(t)
         call.state = QUEUED
         call._pq = pq
         heapq.heappush(pq.heap, (self._key(-call.remaining_cost_s, call.seq), call))
@@ -540,6 +594,9 @@ class Scheduler:
             return False
         c.state = CANCELLED
         del self.calls[c.call_id]
+        p = self.programs.get(c.program_id)
+        if p is not None:
+            p.busy -= 1
         return True
 
     # -- choosing ------------------------------------------------------------------------
@@ -583,7 +640,9 @@ class Scheduler:
         lane.in_flight += 1
         # start-time fair queueing: the system's virtual time is the dispatched tenant's
         self.vtime = max(self.vtime, t.vtime)
-        t.vtime += call.est_service_s / t.weight
+        paid = min(call.est_service_s, p.prepaid_s)
+        p.prepaid_s -= paid
+        t.vtime += (call.est_service_s - paid) / t.weight
         t.dispatched += 1
         self._rekey(t)
 
@@ -630,6 +689,9 @@ class Scheduler:
                 if p is not None and p.home == src.index:
                     # the program moves: its context is rebuilt on the new lane anyway
                     self._home(p, dst.index)
+                    if p.resident_on is not None:
+                        self._unreserve(p)
+                        self._reserve(p, dst.index)
                     self._rehome_queued(p, src.index, dst.index, now)
                 out.append(call)
         return out
@@ -672,7 +734,12 @@ class Scheduler:
         if c is None:
             return
         dispatched = c.state == DISPATCHED
+        if c.state == QUEUED:
+            self._unqueue(c)
         c.state = DONE
+        p = self.programs.get(c.program_id)
+        if p is not None:
+            p.busy -= 1
         if not dispatched:
             return
         assert c.assigned is not None
@@ -681,7 +748,6 @@ class Scheduler:
         if congested is not None:
             lane.limit.observe(congested=congested, in_flight=lane.in_flight + 1, now=now)
         actual = c.est_service_s if service_s is None else max(0.0, service_s)
-        p = self.programs.get(c.program_id)
         if p is None:
             return
         t = p.tenant
@@ -701,36 +767,18 @@ class Scheduler:
 
     # -- views ---------------------------------------------------------------------------
 
+    def pin_pressure(self, program_id: str, measured: float) -> float:
+        """The memory pressure a pin of `program_id` should be priced at: none while the
+        program is resident on a lane with a KV budget (its memory is reserved already),
+        else what the backend measures."""
+        p = self.programs.get(program_id)
+        lane = None if p is None or p.resident_on is None else self.lanes[p.resident_on]
+        return 0.0 if lane is not None and lane.kv_budget is not None else measured
+
     def priority_of(self, program_id: str) -> int:
         """The backend priority (lower first) for the program's next call."""
         p = self.programs.get(program_id)
         return 0 if p is None else p.level
-
-    def limits(self) -> list[float]:
-        return [ln.limit.value for ln in self.lanes]
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "queued_calls": self.queued_calls,
-            "active_programs": self.active_programs,
-            "pending_programs": self.pending_programs,
-            "lanes": [
-                {
-                    "name": ln.name,
-                    "in_flight": ln.in_flight,
-                    "queued": ln.queued,
-                    "limit": round(ln.limit.value, 2),
-                    "homed_programs": ln.homed_programs,
-                }
-                for ln in self.lanes
-            ],
-            "tenants": {
-                t.name: {"weight": t.weight, "service_s": round(t.service_s, 3)}
-                for t in self.tenants.values()
-            },
-            "steals": self.steals,
-            "starvation_promotions": self.starvation_promotions,
-        }
 
 
 def _lane_of(call: Call) -> int:

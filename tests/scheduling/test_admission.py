@@ -187,3 +187,38 @@ async def test_the_answer_s_tool_shortens_the_pin() -> None:
     assert pin_sets[0].ttl_s > 1.0  # asked with the slow tool's quantile
     assert released[0] == ("fix#1", "tool_estimate")
     assert backend.metrics().pins_active == 0
+
+
+async def test_with_a_kv_budget_runs_wait_for_room_and_all_finish() -> None:
+    """Real runs admitted by KV working set: a run's working set (about 350-600 tokens
+    here) leaves no room for a second one in 700, so the runs take turns (never two
+    resident at once), and all finish."""
+    backend = _backend("run_checks")
+    graph = _graph("budgeted", run_checks)
+    async with SchedulerAdmission(tools=[run_checks], kv_budget_tokens=700) as adm:
+        runtime = Runtime(models={"default": backend}, admission=adm)
+        most_resident = 0
+        seen_ws: set[int] = set()
+        original = adm.scheduler.admit_waiting
+
+        def watch(now: float) -> int:
+            nonlocal most_resident
+            n = original(now)
+            for ln in adm.scheduler.lanes:
+                most_resident = max(most_resident, len(ln.residents))
+                seen_ws.update(p.kv_tokens for p in ln.residents.values())
+            return n
+
+        adm.scheduler.admit_waiting = watch  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            results: list[str] = []
+
+            async def one(i: int) -> None:
+                results.append((await runtime.run(graph, {"task": f"issue {i}"})).status)
+
+            for i in range(4):
+                tg.start_soon(one, i)
+    assert results == ["succeeded"] * 4
+    assert most_resident == 1 and max(seen_ws) <= 700 < 2 * min(seen_ws), seen_ws
+    lane = adm.scheduler.lanes[0]
+    assert lane.kv_budget == 700 and lane.kv_reserved == 0 and not lane.residents

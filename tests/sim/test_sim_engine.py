@@ -213,6 +213,85 @@ def test_pin_is_released_by_the_programs_next_request_api_and_last_step() -> Non
     settled(engine)
 
 
+def test_a_pin_is_held_past_its_deadline_while_the_programs_next_request_waits() -> None:
+    clock, engine = make(max_num_seqs=1)
+    ctx = toks(110, 320)
+    engine.submit(SimRequest(Prompt.from_tokens(ctx), 1, program_id="p", pin_ttl_s=1.0))
+    clock.run_until(0.5)
+    hog = engine.submit(SimRequest(Prompt.from_tokens(toks(111, 16)), 3000))  # the one seat
+    clock.run_until(0.6)
+    nxt = engine.submit(SimRequest(Prompt.from_tokens(ctx + toks(112, 16)), 1, program_id="p"))
+    clock.run_until(5.0)  # the deadline (about 1.1 s) passed; the next request still waits
+    assert not nxt.first_token_time and engine.pinned_programs() == ["p"]
+    clock.run()
+    assert hog.finished and nxt.cached_tokens == 320  # the pin kept its context
+    m = engine.metrics()
+    assert m.pins_active == 0 and m.pins_expired == 1
+    settled(engine)
+
+
+def test_continuum_releases_a_pin_when_the_jobs_next_request_finishes() -> None:
+    clock, engine = make(pin_release="finished")
+    ctx = toks(120, 320)
+    engine.submit(SimRequest(Prompt.from_tokens(ctx), 1, program_id="p", pin_ttl_s=30.0))
+    clock.run_until(1.0)
+    nxt = engine.submit(SimRequest(Prompt.from_tokens(ctx + toks(121, 16)), 400, program_id="p"))
+    clock.run_until(1.2)
+    assert nxt.first_token_time and not nxt.finished
+    assert engine.pinned_programs() == ["p"]  # scheduled is not enough ...
+    clock.run()
+    assert engine.metrics().pins_released == 1 and engine.pinned_programs() == []  # ... done is
+    settled(engine)
+
+
+@pytest.mark.parametrize("running", [1, 2])
+def test_continuum_drops_a_pin_only_when_no_running_request_can_give_way(running: int) -> None:
+    clock, engine = make(
+        kv_capacity_blocks=60,
+        pin_pressure="last_resort",
+        max_pinned_fraction=1.0,
+        policy="program",
+        pin_release="finished",
+    )
+    early = engine.submit(
+        SimRequest(Prompt.from_tokens(toks(130, 320)), 1, program_id="a", pin_ttl_s=50.0)
+    )
+    late = engine.submit(
+        SimRequest(Prompt.from_tokens(toks(131, 320)), 1, program_id="b", pin_ttl_s=60.0)
+    )
+    clock.run_until(1.0)
+    assert early.finished and late.finished and engine.cache.pinned_blocks == 40
+    # 20 blocks are free: one request that outgrows them, or two that fit one at a time
+    out = 400 if running == 1 else 190
+    growing = [
+        engine.submit(SimRequest(Prompt.from_tokens(toks(140 + i, 16)), out, program_id=f"g{i}"))
+        for i in range(running)
+    ]
+    clock.run()
+    m = engine.metrics()
+    if running == 1:
+        # nothing else can give way: the pin with the latest deadline ("b") goes; "a" lasts
+        assert m.preemptions == 0 and m.pins_released == 2 and m.pins_expired == 1
+    else:
+        # another running request can be preempted instead: both pins last to their deadline
+        assert m.preemptions >= 1 and m.pins_expired == 2
+    assert all(g.output_tokens == out for g in growing)
+    settled(engine)
+
+
+def test_continuum_preempts_a_request_that_is_not_a_last_step_first() -> None:
+    clock, engine = make(kv_capacity_blocks=30, policy="program")
+    last = SimRequest(Prompt.from_tokens(toks(150, 16)), 300, program_id="late-job")
+    last.is_last_step = True
+    early = engine.submit(SimRequest(Prompt.from_tokens(toks(151, 16)), 300, program_id="early"))
+    clock.run_until(0.01)
+    engine.submit(last)
+    clock.run()
+    # by job order the later job's request would go; it is a last step, so the other does
+    assert early.num_preemptions >= 1 and last.num_preemptions == 0
+    settled(engine)
+
+
 # -- preemption ----------------------------------------------------------------------------
 
 
