@@ -12,11 +12,14 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+import typer
+from typer.testing import CliRunner
 from ui_support import ASK, ViewDaemon, view_daemon
 
 from treadle.graphs.compile import compile_graph
 from treadle.graphs.files.loader import load_workflow
 from treadle.runtime.daemon.api.ui.local import create_local_app
+from treadle.runtime.daemon.cli import register
 from treadle.runtime.execution.runtime import Runtime
 from treadle.runtime.stores.sqlite import SqliteStore
 
@@ -73,15 +76,10 @@ def test_login_sessions_and_tenant_scope(daemon: ViewDaemon) -> None:
         assert other.post("/ui/logout").status_code == 303
         assert other.get("/ui/").status_code == 303
     # revoking the key ends its sessions at once
-    with login(daemon.url, acme) as mine, daemon.api(acme):
+    with login(daemon.url, acme) as mine:
         assert mine.get("/ui/").status_code == 200
-        import typer
-        from typer.testing import CliRunner
-
-        import treadle.runtime.daemon.cli as cli
-
         admin = typer.Typer()
-        cli.register(admin)
+        register(admin)
         key_id = acme.split("_")[1]
         revoked = CliRunner().invoke(
             admin, ["tenants", "revoke", "acme", "--key", key_id, "--redis", daemon.redis_url]
