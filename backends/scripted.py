@@ -1,7 +1,11 @@
 """The `scripted` backend: deterministic answers, so every workflow runs offline.
 
 Rules (`ScriptRule`) match a regular expression against the latest user message and answer
-with fixed content or tool calls. Without a matching rule, the answer is generated from the
+with fixed content or tool calls. Patterns are RE2's (google-re2): matching takes time
+linear in the text, whatever the pattern, so a rule written by one tenant of a daemon cannot
+stall the process that runs it (Python's backtracking `re` takes exponential time on
+`(a+)+$`). RE2 has no backreferences or lookarounds; a pattern using them is refused where
+it is written. Without a matching rule, the answer is generated from the
 request's response schema: a value that validates against it, derived from a hash of the
 prompt, so equal prompts give equal answers.
 
@@ -13,6 +17,7 @@ arguments generated from the function's parameter schema when no rule gives them
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -20,7 +25,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, Field
+import re2
+from pydantic import BaseModel, Field, field_validator
 
 from treadle.backends.base import (
     BackendTarget,
@@ -60,6 +66,37 @@ class ScriptRule(BaseModel):
     match: str = ""
     content: Any = None
     tool_calls: list[ScriptedToolCall] = Field(default_factory=list)
+
+    @field_validator("match")
+    @classmethod
+    def _linear_time(cls, pattern: str) -> str:
+        compile_rule(pattern)
+        return pattern
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.dot_nl = True  # as `re.S`: `.` matches newlines too
+    options.log_errors = False  # the error is raised (and reported) here, not printed
+    return options
+
+
+_OPTIONS = _re2_options()
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_rule(pattern: str) -> Any:
+    """`pattern` compiled by RE2; `ValueError` saying why RE2 refuses it."""
+    try:
+        return re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ValueError(
+            f"{pattern!r} is not a pattern RE2 accepts ({reason}); rules use RE2 syntax, "
+            "which has no backreferences or lookarounds"
+        ) from None
 
 
 class ScriptedBackend:
@@ -121,7 +158,7 @@ class ScriptedBackend:
         seed = _digest(json.dumps([m.model_dump() for m in request.messages], default=str))
         choice = _ToolChoice.of(request)
         for rule in self.rules:
-            m = re.search(rule.match, last_user, flags=re.S)
+            m = compile_rule(rule.match).search(last_user)
             if m is None:
                 continue
             if rule.tool_calls:
@@ -209,7 +246,7 @@ def _conversation_tail(messages: list[Message]) -> tuple[str, list[str]]:
 _PLACEHOLDER = re.compile(r"\{(tool_results|groups\[(\d+)\])\}")
 
 
-def _render(content: Any, match: re.Match[str], results: list[str]) -> str:
+def _render(content: Any, match: Any, results: list[str]) -> str:
     """Fill `{tool_results}` and `{groups[N]}`; inside JSON content, values are escaped."""
     if not isinstance(content, str):
         return json.dumps(content)

@@ -77,6 +77,7 @@ SUBTREE = {
     "Conflict": DaemonError,
     "InvalidRequest": DaemonError,
     "DefinitionError": DaemonError,
+    "CheckFailed": DaemonError,
     "AllowListViolation": DaemonError,
     "TenantError": DaemonError,
     "QuotaExceeded": DaemonError,

@@ -249,9 +249,21 @@ def calculator(expression: str) -> float:
         expression: The expression, e.g. "2 * (3 + 4) ** 2" or "sqrt(2) / 2".
     """
     try:
-        return evaluate(expression)
+        value = evaluate(expression)
     except CalculatorError as exc:
         raise ToolError("calculator", str(exc)) from None
+    try:
+        # the tool's declared type is float, which an exact integer must fit in (it stays
+        # exact when it does): 9**999 does not, and that is an error to report here, not
+        # one to fail on where the answer is converted
+        float(value)
+    except OverflowError:
+        raise ToolError(
+            "calculator",
+            f"the result is too large for a float ({int(value).bit_length()} bits; a float "
+            "holds at most about 1.8e308)",
+        ) from None
+    return value
 
 
 __all__ = ["MAX_EXPONENT", "MAX_INT_BITS", "CalculatorError", "calculator", "evaluate"]

@@ -1,12 +1,14 @@
 """The `read_file` built-in: read a UTF-8 text file that lies under an allowed root directory.
 
 `make_read_file(root)` builds a tool confined to `root`; the default `read_file` tool is
-confined to `$TREADLE_FILES_ROOT` if set, else to the process's working directory, both
-looked up at call time. A path is resolved (symlinks included) before anything is opened,
-and refused unless the result is inside the root: absolute paths elsewhere, `..` escapes
-and symlinks that point out of the root all get a clear `ToolError`. The file is then opened
-without following a final symlink and must be a regular file, so a FIFO or device under the
-root cannot block the call. Files larger than `max_bytes` are cut, with `truncated` set.
+confined to the root of its context (`files_root(path)`: a daemon's worker gives each run
+its tenant's own directory, or none at all), else to `$TREADLE_FILES_ROOT` if set, else to
+the process's working directory, all looked up at call time. A path is resolved (symlinks
+included) before anything is opened, and refused unless the result is inside the root:
+absolute paths elsewhere, `..` escapes and symlinks that point out of the root all get a
+clear `ToolError`. The file is then opened without following a final symlink and must be a
+regular file, so a FIFO or device under the root cannot block the call. Files larger than
+`max_bytes` are cut, with `truncated` set.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import codecs
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -39,8 +43,34 @@ class FileContent(BaseModel):
     truncated: bool
 
 
+#: the root set by `files_root` for the calls in its context (None: no root at all)
+_SCOPED_ROOT: ContextVar[Path | None] = ContextVar("treadle_files_root")
+_UNSET = object()
+
+
+@contextmanager
+def files_root(root: Path | None) -> Iterator[None]:
+    """Within the block (and the tasks and threads started in it), the default `read_file`
+    reads under `root`; with None it reads nothing, whatever the environment says."""
+    token = _SCOPED_ROOT.set(root)
+    try:
+        yield
+    finally:
+        _SCOPED_ROOT.reset(token)
+
+
 def default_root() -> Path:
-    """The default tool's root: `$TREADLE_FILES_ROOT`, else the current working directory."""
+    """The default tool's root: the one `files_root` set for this context, else
+    `$TREADLE_FILES_ROOT`, else the current working directory."""
+    scoped = _SCOPED_ROOT.get(_UNSET)
+    if scoped is None:
+        raise ToolError(
+            "read_file",
+            "no files are readable here: the daemon gives each tenant a directory of its own "
+            "only when the operator starts it with --files-root",
+        )
+    if isinstance(scoped, Path):
+        return scoped
     return Path(os.environ.get(ROOT_ENV) or os.getcwd())
 
 
@@ -163,6 +193,7 @@ __all__ = [
     "ROOT_ENV",
     "FileContent",
     "default_root",
+    "files_root",
     "make_read_file",
     "read_file",
     "resolve_under",

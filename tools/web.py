@@ -26,11 +26,11 @@ import ipaddress
 import os
 import socket
 import ssl
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 
 import anyio
+import httpcore
 import httpx
 from pydantic import BaseModel, Field
 
@@ -112,10 +112,12 @@ def make_http_fetch(
 
     A model's URL is untrusted input, so by default every request (each redirect too) is
     refused when its host resolves to a non-public address: loopback, private networks,
-    link-local (cloud metadata services), shared and reserved ranges, and an answer is
-    refused unread when it came from such an address anyway (a name that resolved to
-    another address to connect: DNS rebinding). `allow_private` (or, when it is None,
-    `TREADLE_HTTP_FETCH_ALLOW_PRIVATE=1`) lets it reach them.
+    link-local (cloud metadata services), shared and reserved ranges, and IPv4 addresses
+    inside IPv6 in any form (mapped, compatible, NAT64, 6to4, Teredo). The name is resolved
+    once and the connection goes to an address that was checked, so a name server that
+    answers differently the second time (DNS rebinding) cannot steer it to an internal
+    service. `allow_private` (or, when it is None, `TREADLE_HTTP_FETCH_ALLOW_PRIVATE=1`)
+    lets it reach them.
     """
     if max_bytes_cap < 1 or not timeout_cap_s > 0:
         raise ValueError("max_bytes_cap and timeout_cap_s must be positive")
@@ -199,6 +201,7 @@ async def _fetch(
     hooks: dict[str, list[Callable[..., Any]]] = {}
     if not allow_private:
         hooks["request"] = [functools.partial(_refuse_internal, tool_name)]
+    transport = None if allow_private else _checked_transport(tool_name)
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(timeout_s),
         follow_redirects=True,
@@ -206,11 +209,10 @@ async def _fetch(
         headers=headers,
         verify=_ssl_context(),
         event_hooks=hooks,
+        transport=transport,
     ) as client:
         try:
             async with client.stream("GET", target) as response:
-                if not allow_private and not _proxied(response.url):
-                    _refuse_internal_peer(tool_name, response)
                 body = await _read_body(tool_name, response, max_bytes)
         except httpx.TimeoutException:
             raise ToolTimeout(
@@ -240,59 +242,111 @@ async def _fetch(
 
 def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Not an address of the public internet (private, loopback, link-local, shared,
-    reserved, multicast), IPv4 inside IPv6 included."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not address.is_global or address.is_multicast
+    reserved, multicast), an IPv4 address inside IPv6 in any form included."""
+    if not address.is_global or address.is_multicast:
+        return True
+    return any(_internal(inner) for inner in _embedded_ipv4(address))
+
+
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # IPv4-compatible (deprecated, RFC 4291)
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: mapped (::ffff:a.b.c.d), compatible
+    (::a.b.c.d), NAT64 (64:ff9b::a.b.c.d; RFC 6052 and 8215), 6to4 (2002:aabb:ccdd::) and
+    Teredo (server and client)."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    if address in _COMPATIBLE or any(address in net for net in _NAT64):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
 
 
 async def _refuse_internal(tool_name: str, request: httpx.Request) -> None:
-    """httpx calls this before every request, each redirect hop included."""
-    host = request.url.host
+    """httpx calls this before every request, each redirect hop included: a refused host
+    fails before anything is sent (a request through a proxy included, which resolves the
+    name itself)."""
+    port = request.url.port or (443 if request.url.scheme == "https" else 80)
+    await _checked_addresses(tool_name, request.url.host, port)
+
+
+class _CheckedNetwork(httpcore.AsyncNetworkBackend):
+    """Connects only to addresses it has checked: it resolves the host itself, refuses it
+    when any of its addresses is internal, and connects to those very addresses (by
+    number), so no second lookup can lead elsewhere. TLS still verifies the host's name."""
+
+    def __init__(self, tool_name: str) -> None:
+        self.tool_name = tool_name
+        self._network = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await _checked_addresses(self.tool_name, host, port)
+        failure: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._network.connect_tcp(
+                    str(address), port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None  # _checked_addresses returns at least one
+        raise failure
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("http_fetch connects over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._network.sleep(seconds)
+
+
+def _checked_transport(tool_name: str) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(verify=_ssl_context())
+    # httpx has no option for the network backend; its pool is rebuilt with ours (the
+    # same settings httpx gives it by default)
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=_ssl_context(), network_backend=_CheckedNetwork(tool_name)
+    )
+    return transport
+
+
+async def _checked_addresses(
+    tool_name: str, host: str, port: int
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The host's addresses (it resolved once), or a ToolError when any is internal."""
     try:
-        addresses = {ipaddress.ip_address(host)}
+        addresses = [ipaddress.ip_address(host.strip("[]"))]
     except ValueError:
-        port = request.url.port or (443 if request.url.scheme == "https" else 80)
         try:
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise ToolError(tool_name, f"cannot resolve host {host!r}: {exc}") from None
-        addresses = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+        addresses = list(
+            dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos)
+        )
     blocked = sorted(str(a) for a in addresses if _internal(a))
-    if blocked:
+    if blocked or not addresses:
         raise ToolError(
             tool_name,
-            f"{host} is an internal address ({', '.join(blocked)}): only public addresses "
-            f"may be fetched (allow_private=True or {ALLOW_PRIVATE_ENV}=1 allows more)",
+            f"{host} is an internal address ({', '.join(blocked) or 'none found'}): only "
+            f"public addresses may be fetched (allow_private=True or {ALLOW_PRIVATE_ENV}=1 "
+            "allows more)",
         )
-
-
-def _refuse_internal_peer(tool_name: str, response: httpx.Response) -> None:
-    """The address the answer came from must be public too. The host name was resolved once
-    for the check before the request and again to connect; a name that answers differently
-    the second time (DNS rebinding) would otherwise reach an internal service. Its body is
-    not read, so nothing of it reaches the model."""
-    stream = response.extensions.get("network_stream")
-    peer = stream.get_extra_info("server_addr") if stream is not None else None
-    if not peer:
-        return
-    address = ipaddress.ip_address(str(peer[0]).split("%")[0])
-    if _internal(address):
-        raise ToolError(
-            tool_name,
-            f"{response.url.host} answered from an internal address ({address}) although it "
-            f"resolved to public ones before: refused (allow_private=True or "
-            f"{ALLOW_PRIVATE_ENV}=1 allows it)",
-        )
-
-
-def _proxied(url: httpx.URL) -> bool:
-    """Whether the environment sends requests for `url` through a proxy (httpx follows the
-    same variables); then the connection is to the proxy, which resolves the name itself."""
-    proxies = urllib.request.getproxies()
-    if url.scheme not in proxies and "all" not in proxies:
-        return False
-    return not urllib.request.proxy_bypass(url.host)
+    return addresses
 
 
 async def _read_body(tool_name: str, response: httpx.Response, max_bytes: int) -> bytes:

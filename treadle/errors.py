@@ -41,6 +41,7 @@ treadle's, so every layer (tools and backends included) may raise from it.
     │   ├── ApiError                   an HTTP error answer (status, code, message)
     │   ├── NotFound, Conflict, InvalidRequest   daemon.runs: 404, 409, 422
     │   ├── DefinitionError            a workflow definition cannot be registered (422)
+    │   ├── CheckFailed                the definition checker did not answer in time (503)
     │   ├── AllowListViolation         the import allow-list refuses a definition
     │   ├── TenantError                a tenant operation that cannot be done
     │   ├── QuotaExceeded              a tenant's quota is used up (429, `retry_after_s`)

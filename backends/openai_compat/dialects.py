@@ -15,7 +15,8 @@ and which Prometheus metrics carry its load.
 | pin_ttl_s    | vllm_xargs (4)  | --              | -- (own TTL)   | cache_control | slot pin     |
 | tenant       | cache_salt (5)  | cache_salt (5)  | cache_salt (5) | --            | --           |
 
-The `sim` dialect sends every hint top level, with treadle's conventions.
+The `sim` dialect sends every hint top level, with treadle's conventions, and `cache_salt`
+as (5).
 The `openai` dialect sends no hints. (1) as is (lower runs first), and only with
 `priority_scheduling=True`, i.e. a server started with `--scheduling-policy priority`.
 (2) only with `priority_scheduling=True` (`--enable-priority-scheduling`); negated because
@@ -446,13 +447,18 @@ SIM_CAPABILITIES = Capabilities(
 )
 
 
-class SimDialect(Dialect):
+class SimDialect(_SaltMixin, Dialect):
     """treadle's own simulator server (`treadle sim serve`): every hint, top level, with
-    treadle's conventions (`priority` lower first, `pin_ttl_s` in seconds)."""
+    treadle's conventions (`priority` lower first, `pin_ttl_s` in seconds), and vLLM's
+    `cache_salt`."""
 
     name = "sim"
     metric_names = VLLM_METRICS
     health_path = "/health"
+
+    @validate_call
+    def __init__(self, *, cache_salt_secret: str | None = None) -> None:
+        self.cache_salt_secret = cache_salt_secret
 
     @property
     def capabilities(self) -> Capabilities:
@@ -464,6 +470,7 @@ class SimDialect(Dialect):
             body["program_id"] = hints.program_id
         if hints.pin_ttl_s is not None:
             body["pin_ttl_s"] = hints.pin_ttl_s
+        body.update(self._salt(hints))
         headers = {"X-Request-Id": hints.request_id} if hints.request_id is not None else {}
         return body, headers
 

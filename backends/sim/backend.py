@@ -148,7 +148,7 @@ class SimBackend:
     async def generate(self, request: LLMRequest) -> LLMResponse:
         replica = self.replica
         try:
-            done = await replica.complete(request)
+            done = await replica.complete(request, cache_salt=_salt(request))
         except ValueError as exc:
             raise BackendError(str(exc), retryable=False, replica=replica.name) from exc
         except SimulatorFailure as exc:
@@ -167,7 +167,7 @@ class SimBackend:
     async def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]:
         replica = self.replica
         try:
-            async for item in replica.stream(request):
+            async for item in replica.stream(request, cache_salt=_salt(request)):
                 if isinstance(item, str):
                     yield StreamChunk(delta=item)
                 else:
@@ -182,3 +182,10 @@ class SimBackend:
             raise BackendError(str(exc), retryable=False, replica=replica.name) from exc
         except SimulatorFailure as exc:
             raise BackendError(str(exc), retryable=True, replica=replica.name) from exc
+
+
+def _salt(request: LLMRequest) -> str | None:
+    """Each tenant's prompts get a prefix cache of their own: its cached-token counts (and
+    timings) then tell nothing of what another tenant asked. The replica is in this process,
+    so the tenant's id is salt enough (a server needs a secret one: `cache_salt_secret`)."""
+    return request.hints.tenant

@@ -74,10 +74,17 @@ class Prompt:
     # -- constructors ----------------------------------------------------------------------
 
     @classmethod
-    def from_tokens(cls, tokens: Sequence[int], block_size: int = 16) -> Prompt:
-        """One extent per full block of `tokens`, hashed as (parent hash, block tokens)."""
+    def from_tokens(
+        cls, tokens: Sequence[int], block_size: int = 16, salt: str | None = None
+    ) -> Prompt:
+        """One extent per full block of `tokens`, hashed as (parent hash, block tokens).
+
+        A `salt` (vLLM's `cache_salt`) goes into the first block's hash, so the chain, and
+        every block of it, is shared only with prompts of the same salt: a server salts
+        each tenant's requests with its own, and tenants never hit each other's cache."""
+        root = _ROOT if salt is None else hash((_ROOT, "salt", salt))
         empty = cls(
-            num_tokens=0, block_size=block_size, keys=(), ends=(), kind="tokens", chain=_ROOT
+            num_tokens=0, block_size=block_size, keys=(), ends=(), kind="tokens", chain=root
         )
         return empty.extend_tokens(tokens)
 

@@ -163,7 +163,11 @@ class SimReplica:
         return _Answer(content, calls, finish, output_ids, ends)
 
     def _submit(
-        self, request: LLMRequest, answer: _Answer, wake: asyncio.Event | None = None
+        self,
+        request: LLMRequest,
+        answer: _Answer,
+        wake: asyncio.Event | None = None,
+        cache_salt: str | None = None,
     ) -> tuple[SimRequest, asyncio.Future[SimRequest]]:
         if self._failure is not None:
             raise SimulatorFailure(f"replica {self.name} failed: {self._failure}")
@@ -179,7 +183,7 @@ class SimReplica:
                 f"{context - request.max_tokens} tokens. Please reduce the length of the "
                 "input prompt."
             )
-        prompt = Prompt.from_tokens(prompt_ids, self.engine.block_size)
+        prompt = Prompt.from_tokens(prompt_ids, self.engine.block_size, cache_salt)
         fut: asyncio.Future[SimRequest] = asyncio.get_running_loop().create_future()
 
         def done(r: SimRequest) -> None:
@@ -221,10 +225,13 @@ class SimReplica:
             request=sim,
         )
 
-    async def complete(self, request: LLMRequest) -> SimCompletion:
-        """Run `request` through the engine; returns when its last token is generated."""
+    async def complete(
+        self, request: LLMRequest, *, cache_salt: str | None = None
+    ) -> SimCompletion:
+        """Run `request` through the engine; returns when its last token is generated. Its
+        prompt shares cached blocks only with prompts of the same `cache_salt`."""
         answer = await self._answer(request)
-        sim, fut = self._submit(request, answer)
+        sim, fut = self._submit(request, answer, cache_salt=cache_salt)
         try:
             await fut
         except asyncio.CancelledError:
@@ -232,11 +239,13 @@ class SimReplica:
             raise
         return self._completion(sim, answer)
 
-    async def stream(self, request: LLMRequest) -> AsyncGenerator[str | SimCompletion, None]:
+    async def stream(
+        self, request: LLMRequest, *, cache_salt: str | None = None
+    ) -> AsyncGenerator[str | SimCompletion, None]:
         """Yield the content as the engine generates it (text deltas), then the completion."""
         answer = await self._answer(request)
         wake = asyncio.Event()
-        sim, fut = self._submit(request, answer, wake)
+        sim, fut = self._submit(request, answer, wake, cache_salt)
         text = answer.content or ""
         ends = answer.text_ends
         sent = 0

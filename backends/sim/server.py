@@ -224,6 +224,8 @@ class ChatCompletionRequest(BaseModel):
     request_id: str | None = None
     rid: str | None = None  # SGLang's name for it
     vllm_xargs: dict[str, Any] | None = None
+    #: vLLM's: prompts share cached blocks only with prompts of the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="before")
     @classmethod
@@ -594,7 +596,7 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
         )
         now = int(time.time())
         if not body.stream:
-            done = await _admitted(replica.complete(request))
+            done = await _admitted(replica.complete(request, cache_salt=body.cache_salt))
             message: dict[str, Any] = {"role": "assistant", "content": done.content}
             if done.tool_calls:
                 message["tool_calls"] = [c.to_openai() for c in done.tool_calls]
@@ -617,7 +619,7 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
             }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        items = replica.stream(request)
+        items = replica.stream(request, cache_salt=body.cache_salt)
         first = await _admitted(anext(items))  # queues the request: a misfit is still a 400 here
 
         head = {

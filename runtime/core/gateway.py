@@ -136,9 +136,10 @@ async def dispatch(call: LLMCall) -> LLMResponse:
     call.sent_at = time.perf_counter()
     backend = call.backend
     if (
-        isinstance(backend, StreamingBackend)
+        # the cheap test first: an isinstance check against a Protocol costs microseconds
+        (call.on_text is not None or ctx.options.stream_tokens)
+        and isinstance(backend, StreamingBackend)
         and backend.capabilities.streaming
-        and (call.on_text is not None or ctx.options.stream_tokens)
     ):
         call.streamed = True
         return await _streamed(call, backend)

@@ -11,6 +11,7 @@ commands take the daemon's URL and an API key (`--url`/`--key`, or `TREADLE_URL`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -70,6 +71,23 @@ TokensOpt = Annotated[
     bool,
     typer.Option(
         help="Stream LLM answers as llm_tokens events to event streams (costs CPU per call)."
+    ),
+]
+NiceOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        max=19,
+        help="Niceness of worker processes: on a machine shared with the API, its answers "
+        "come first.",
+    ),
+]
+FilesRootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Directory whose <tenant> subdirectories the read_file tool may read, each "
+        "tenant its own; without it read_file reads nothing.",
+        show_default=False,
     ),
 ]
 AllowBackendsOpt = Annotated[
@@ -140,6 +158,14 @@ def _retain_s(days: float) -> float:
     return days * 24 * 3600
 
 
+def _files_root(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_dir():
+        raise _fail(f"--files-root {path}: not a directory")
+    return str(path.resolve())
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -165,9 +191,22 @@ def serve(
     no_worker: Annotated[
         bool, typer.Option("--no-worker", help="API only; runs execute in `treadle worker`s.")
     ] = False,
-    workers_per_process: Annotated[
-        int, typer.Option(help="Worker loops inside this process (unless --no-worker).")
+    worker_processes: Annotated[
+        int,
+        typer.Option(help="Worker processes this server starts and restarts if they die."),
     ] = 1,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            "--in-process",
+            help="Run the worker loops inside the API's process (development: a heavy run "
+            "then slows every tenant's API calls).",
+        ),
+    ] = False,
+    workers_per_process: Annotated[
+        int, typer.Option(help="Worker loops in each worker process (or in-process).")
+    ] = 1,
+    worker_nice: NiceOpt = 0,
     concurrency: ConcurrencyOpt = 64,
     allow_imports: AllowImportsOpt = "",
     allow_backends: AllowBackendsOpt = "scripted,sim",
@@ -194,15 +233,32 @@ def serve(
         ),
     ] = False,
     stream_tokens: TokensOpt = True,
+    files_root: FilesRootOpt = None,
+    tenant_rate: Annotated[
+        float, typer.Option(help="Requests per second one tenant may make (0: no limit).")
+    ] = 50.0,
+    tenant_burst: Annotated[int, typer.Option(help="Requests above that rate at once.")] = 100,
+    tenant_in_flight: Annotated[
+        int, typer.Option(help="Requests of one tenant in progress at once.")
+    ] = 32,
+    tenant_event_streams: Annotated[
+        int, typer.Option(help="Event streams one tenant may hold open at once.")
+    ] = 16,
+    header_timeout_s: Annotated[
+        float, typer.Option(help="Seconds a request's headers may take to arrive.")
+    ] = 10.0,
+    body_timeout_s: Annotated[
+        float, typer.Option(help="Seconds a request's body may take to arrive (408).")
+    ] = 30.0,
     log_level: LogOpt = "info",
 ) -> None:
-    """Serve the HTTP API (and, unless --no-worker, run workers in the same process).
+    """Serve the HTTP API, with --worker-processes worker processes it supervises (none
+    with --no-worker; loops in its own process with --in-process).
 
     /metrics needs --metrics-token (or TREADLE_METRICS_TOKEN) or --metrics-public; without
     either it answers 401. Finished runs expire after --retain-days."""
-    import uvicorn
-
     from treadle.runtime.daemon.api.app import create_app
+    from treadle.runtime.daemon.api.server import serve as serve_api
 
     _logging(log_level)
     config = _config(
@@ -216,19 +272,28 @@ def serve(
         worker_concurrency=concurrency,
         max_concurrent_runs=max_concurrent_runs,
         retain_s=_retain_s(retain_days),
+        worker_nice=worker_nice,
         metrics_token=metrics_token,
         metrics_public=metrics_public,
         stream_tokens=stream_tokens,
+        files_root=_files_root(files_root),
+        tenant_rate_per_s=tenant_rate,
+        tenant_rate_burst=tenant_burst,
+        tenant_max_in_flight=tenant_in_flight,
+        max_event_streams_per_tenant=tenant_event_streams,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
     )
-    app = create_app(config, workers=0 if no_worker else max(1, workers_per_process))
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        access_log=access_log,
-        timeout_graceful_shutdown=5,
-    )
+    loops = max(1, workers_per_process)
+    if no_worker or (worker_processes < 1 and not in_process):
+        app = create_app(config)
+    elif in_process:
+        app = create_app(config, workers=loops)
+    else:
+        app = create_app(
+            config, workers=loops, worker_processes=worker_processes, log_level=log_level
+        )
+    serve_api(app, config, host=host, port=port, log_level=log_level, access_log=access_log)
 
 
 def worker(
@@ -241,12 +306,23 @@ def worker(
     drain_s: Annotated[
         float, typer.Option(help="On SIGTERM, time runs get to finish before handing over.")
     ] = 10.0,
+    nice: NiceOpt = 0,
     prefix: PrefixOpt = "treadle",
     allow_imports: AllowImportsOpt = "",
     allow_backends: AllowBackendsOpt = "scripted,sim",
     retain_days: RetainOpt = 7.0,
     stream_tokens: TokensOpt = True,
+    files_root: FilesRootOpt = None,
     log_level: LogOpt = "info",
+    config_from_env: Annotated[
+        bool,
+        typer.Option(
+            "--config-from-env",
+            hidden=True,
+            help="Take the whole configuration from TREADLE_DAEMON_CONFIG (treadle serve's "
+            "worker processes).",
+        ),
+    ] = False,
 ) -> None:
     """Execute runs from the daemon's work queue (start as many as you like, anywhere).
 
@@ -256,20 +332,36 @@ def worker(
     from treadle.runtime.daemon.worker_process import run_worker_process
 
     _logging(log_level)
-    config = _config(
-        redis_url=redis,
-        prefix=prefix,
-        models=_models(models),
-        lease_ms=lease_ms,
-        worker_concurrency=concurrency,
-        max_concurrent_runs=max_concurrent_runs,
-        drain_s=drain_s,
-        allow_imports=_csv(allow_imports),
-        allow_backends=_csv(allow_backends),
-        retain_s=_retain_s(retain_days),
-        stream_tokens=stream_tokens,
+    parent: int | None = None
+    if config_from_env:
+        import os
+
+        from treadle.runtime.daemon import supervisor
+
+        config = supervisor.config_from_env(os.environ[supervisor.CONFIG_ENV])
+        parent = int(os.environ.get(supervisor.PARENT_ENV) or os.getppid())
+    else:
+        config = _config(
+            redis_url=redis,
+            prefix=prefix,
+            models=_models(models),
+            lease_ms=lease_ms,
+            worker_concurrency=concurrency,
+            max_concurrent_runs=max_concurrent_runs,
+            drain_s=drain_s,
+            worker_nice=nice,
+            allow_imports=_csv(allow_imports),
+            allow_backends=_csv(allow_backends),
+            retain_s=_retain_s(retain_days),
+            files_root=_files_root(files_root),
+            stream_tokens=stream_tokens,
+        )
+    anyio.run(
+        functools.partial(run_worker_process, parent=parent),
+        config,
+        max(1, count),
+        backend_options=_loop_options(),
     )
-    anyio.run(run_worker_process, config, max(1, count), backend_options=_loop_options())
 
 
 def _loop_options() -> dict[str, Any]:

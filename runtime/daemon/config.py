@@ -28,8 +28,26 @@ class DaemonConfig:
     max_body_bytes: int = 1 << 20
     #: largest workflow definition accepted (422 above)
     max_definition_bytes: int = 256 * 1024
+    #: how long loading and checking one definition may take (422 above)
+    check_timeout_s: float = 10.0
     #: event streams (SSE) served at once by one API process (503 above)
     max_event_streams: int = 256
+    #: event streams one tenant may hold open at once on one API process (429 above)
+    max_event_streams_per_tenant: int = 16
+    #: requests per second one tenant may make to one API process, on average (429 above;
+    #: 0: no limit)
+    tenant_rate_per_s: float = 50.0
+    #: requests one tenant may make at once above that rate (the token bucket's size)
+    tenant_rate_burst: int = 100
+    #: requests of one tenant in progress at once on one API process (429 above)
+    tenant_max_in_flight: int = 32
+    #: a request's line and headers must arrive within this, else the connection is closed
+    header_timeout_s: float = 10.0
+    #: a request's body must arrive within this once its headers have (408 above)
+    body_timeout_s: float = 30.0
+    #: the directory under which each tenant's `read_file` reads (`<files_root>/<tenant>`);
+    #: None: `read_file` reads nothing at all in the daemon
+    files_root: str | None = None
     #: the run lease's time to live; a dead worker's runs are taken over after about this
     lease_ms: int = 10_000
     #: runs executed at once by one worker (one claim loop)
@@ -39,6 +57,9 @@ class DaemonConfig:
     max_concurrent_runs: int | None = None
     #: on shutdown, how long a worker lets its runs finish before handing them over
     drain_s: float = 10.0
+    #: niceness a worker process adds to itself (0-19): on a machine it shares with an API
+    #: process, the API's answers then come first and the runs absorb the wait
+    worker_nice: int = 0
     #: a finished run's keys expire this long after it settles (s); 0 keeps them forever
     retain_s: float = DEFAULT_RETAIN_S
     #: bearer token `/metrics` requires (compared in constant time); None: see metrics_public
@@ -65,5 +86,15 @@ class DaemonConfig:
             raise ValueError("worker_concurrency must be >= 1")
         if self.max_concurrent_runs is not None and self.max_concurrent_runs < 1:
             raise ValueError("max_concurrent_runs must be >= 1 (or None: no cap per process)")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError("worker_nice must be between 0 and 19")
         if self.lease_ms < 100:
             raise ValueError("lease_ms must be >= 100")
+        if self.max_event_streams < 1 or self.max_event_streams_per_tenant < 1:
+            raise ValueError("max_event_streams and max_event_streams_per_tenant must be >= 1")
+        if not self.tenant_rate_per_s >= 0 or self.tenant_rate_burst < 1:
+            raise ValueError("tenant_rate_per_s must be >= 0 (0: no limit), tenant_rate_burst >= 1")
+        if self.tenant_max_in_flight < 1:
+            raise ValueError("tenant_max_in_flight must be >= 1")
+        if not (self.header_timeout_s > 0 and self.body_timeout_s > 0):
+            raise ValueError("header_timeout_s and body_timeout_s must be > 0")

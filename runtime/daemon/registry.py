@@ -14,23 +14,20 @@ Workers check the import allow-list again when they load a stored definition (de
 depth: `ProgramError`, and the run fails). Registering validates the definition completely
 before storing it: the import allow-list (`ImportAllowList`, before and after loading), the
 loader (`WorkflowFileError`: file:line:col), and graph validation (`GraphValidationError`).
-Parsing and compiling are CPU work, so they run in a worker thread, and compiled graphs are
-cached by digest (in the API for input validation, in workers for execution).
+Parsing and compiling are CPU work a tenant controls: with a `DefinitionChecker` (the API's)
+they run in its child process, which also validates each new run's inputs, so none of it
+runs in the API's process; without one they run in a worker thread. Workers compile the
+definitions they execute themselves (cached by digest).
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
-import hashlib
 import logging
-import re
-import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -38,15 +35,24 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from treadle.backends.factory import model_entry_problems
-from treadle.errors import DaemonError
-from treadle.graphs.compile import CompiledGraph, GraphValidationError, compile_graph
-from treadle.graphs.files.loader import WorkflowFileError, load_workflow_text
-from treadle.graphs.typecheck import describe
+from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.store import RunRecord
-from treadle.runtime.daemon.import_allowlist import AllowListViolation, ImportAllowList
+from treadle.runtime.daemon.checker import DefinitionChecker
+from treadle.runtime.daemon.definitions import (
+    NAME,
+    DefinitionLoader,
+    Format,
+    Summary,
+    definition_digest,
+    summarize,
+)
+from treadle.runtime.daemon.definitions import (
+    DefinitionError as DefinitionError,  # (where callers have always found it)
+)
+from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.worker import ProgramError
+from treadle.runtime.execution.runtime import validate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +60,6 @@ SOURCE_PREFIX = "registry:"
 #: how long a name -> definition lookup is reused (see `WorkflowRegistry.get`)
 NAME_CACHE_S = 1.0
 _NAME_CACHE_MAX = 10_000
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
-Format = Literal["yaml", "json"]
-
-
-class DefinitionError(DaemonError, ValueError):
-    """The definition cannot be registered; the message says where and why."""
 
 
 class InputInfo(BaseModel):
@@ -90,43 +90,22 @@ class WorkflowRegistry:
         models: Sequence[str] = (),
         max_bytes: int = 256 * 1024,
         cache_size: int = 256,
+        checker: DefinitionChecker | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.allowlist = allowlist
-        self.models = tuple(models)
-        self.max_bytes = max_bytes
+        self.loader = DefinitionLoader(allowlist, models=models, max_bytes=max_bytes)
         self._cache: OrderedDict[str, CompiledGraph] = OrderedDict()
         self._names: dict[tuple[str, str], tuple[float, WorkflowInfo | None]] = {}
         self._cache_size = cache_size
-        self._base_dir = _empty_dir()
+        self.checker = checker
 
     # -- validation --------------------------------------------------------------------
 
     def prepare(self, text: str, fmt: Format, filename: str) -> CompiledGraph:
         """Check and compile a definition (CPU work: call it in a thread)."""
-        if len(text.encode("utf-8", "surrogatepass")) > self.max_bytes:
-            raise DefinitionError(
-                f"{filename}: the definition is larger than {self.max_bytes} bytes"
-            )
-        try:
-            cg = self._load(text, fmt, filename)
-        except (AllowListViolation, WorkflowFileError, GraphValidationError) as exc:
-            raise DefinitionError(str(exc)) from None
-        except RecursionError:
-            raise DefinitionError(f"{filename}: the definition is nested too deeply") from None
-        except Exception as exc:
-            # a loader or compiler bug on odd input is still the definition's 422, not a 500
-            log.exception("unexpected error while loading a definition")
-            raise DefinitionError(
-                f"{filename}: cannot load the definition: {type(exc).__name__}: {exc}"
-            ) from None
-        if not NAME.fullmatch(cg.name):
-            raise DefinitionError(
-                f"{filename}: name {cg.name!r}: a registered workflow's name must be 1-100 "
-                "letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
-            )
-        return cg
+        return self.loader.prepare(text, fmt, filename)
 
     # -- registering and reading -------------------------------------------------------
 
@@ -134,25 +113,29 @@ class WorkflowRegistry:
         self, tenant: str, text: str, fmt: Format, filename: str | None = None
     ) -> WorkflowInfo:
         name = filename or f"<definition>.{fmt}"
-        cg = await anyio.to_thread.run_sync(self.prepare, text, fmt, name)
         digest = definition_digest(text, fmt)
-        self._remember(digest, cg)
+        if self.checker is not None:
+            summary = await self.checker.check(text, fmt, name)
+        else:
+            cg = await anyio.to_thread.run_sync(self.prepare, text, fmt, name)
+            self._remember(digest, cg)
+            summary = summarize(cg)
         await self.redis.hset(self.keys.definition(digest), mapping={"format": fmt, "text": text})
         key = self.keys.workflows(tenant)
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(key)
-                    raw = await pipe.hget(key, cg.name)
+                    raw = await pipe.hget(key, summary.name)
                     old = WorkflowInfo.model_validate_json(raw) if raw is not None else None
-                    info = _info(cg, digest, fmt, old)
+                    info = _info(summary, digest, fmt, old)
                     pipe.multi()
-                    pipe.hset(key, cg.name, info.model_dump_json())
+                    pipe.hset(key, summary.name, info.model_dump_json())
                     # the version's own record: written once (a version never changes)
-                    versions = self.keys.workflow_versions(tenant, cg.name)
+                    versions = self.keys.workflow_versions(tenant, summary.name)
                     pipe.hsetnx(versions, str(info.version), info.model_dump_json())
                     await pipe.execute()
-                    self._names[(tenant, cg.name)] = (time.monotonic() + NAME_CACHE_S, info)
+                    self._names[(tenant, summary.name)] = (time.monotonic() + NAME_CACHE_S, info)
                     return info
                 except WatchError:
                     continue  # registered concurrently: read the new version and go again
@@ -162,6 +145,8 @@ class WorkflowRegistry:
         `NAME_CACHE_S` (submitting looks the name up on every run); a registration through
         this process updates the cache at once, one through another process is seen within
         that time."""
+        if not NAME.fullmatch(name):
+            return None  # no registered workflow has such a name
         now = time.monotonic()
         hit = self._names.get((tenant, name))
         if hit is not None and hit[0] > now:
@@ -176,6 +161,8 @@ class WorkflowRegistry:
     async def versions(self, tenant: str, name: str) -> list[WorkflowInfo]:
         """Every version of the tenant's workflow `name`, oldest first (empty: no such
         workflow)."""
+        if not NAME.fullmatch(name):
+            return []
         raw = await self.redis.hgetall(self.keys.workflow_versions(tenant, name))
         found = sorted((WorkflowInfo.model_validate_json(v) for v in raw.values()), key=_by_version)
         if not found:  # registered before versions were kept: its latest is all there is
@@ -185,6 +172,8 @@ class WorkflowRegistry:
 
     async def version(self, tenant: str, name: str, version: int) -> WorkflowInfo | None:
         """Version `version` of the tenant's workflow `name` (None: no such version)."""
+        if not NAME.fullmatch(name):
+            return None
         raw = await self.redis.hget(self.keys.workflow_versions(tenant, name), str(version))
         if raw is not None:
             return WorkflowInfo.model_validate_json(raw)
@@ -196,11 +185,24 @@ class WorkflowRegistry:
         return sorted((WorkflowInfo.model_validate_json(v) for v in raw.values()), key=_by_name)
 
     async def definition(self, digest: str) -> tuple[Format, str] | None:
+        """The stored definition's (format, text), or None."""
         found: Any = await self.redis.hmget(self.keys.definition(digest), ["format", "text"])
         fmt, text = found
         if fmt is None or text is None:
             return None
         return ("json" if fmt == b"json" else "yaml"), text.decode("utf-8")
+
+    async def validate_inputs(
+        self, digest: str, inputs: Mapping[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        """(graph name, the inputs validated as the run's record keeps them) for a run of the
+        stored definition `digest`; `InvalidInputs` when they do not match its inputs."""
+        if self.checker is not None:
+            return await self.checker.validate(
+                digest, inputs, functools.partial(self.definition, digest)
+            )
+        cg = await self.compiled(digest)
+        return cg.name, validate_inputs(cg, inputs).model_dump(mode="json")
 
     async def compiled(self, digest: str) -> CompiledGraph:
         """The compiled graph of a stored definition (cached); `ProgramError` if unknown."""
@@ -212,29 +214,9 @@ class WorkflowRegistry:
         if found is None:
             raise ProgramError(f"no workflow definition with digest {digest}")
         fmt, text = found
-        try:
-            cg = await anyio.to_thread.run_sync(self._compile_stored, text, fmt, digest)
-        except (WorkflowFileError, GraphValidationError) as exc:
-            # it was valid when registered: the installed code changed since
-            raise ProgramError(str(exc)) from None
+        cg = await anyio.to_thread.run_sync(self.loader.load_stored, text, fmt, digest)
         self._remember(digest, cg)
         return cg
-
-    def _compile_stored(self, text: str, fmt: Format, digest: str) -> CompiledGraph:
-        try:
-            # checked again before loading, so that a definition stored before the allow-list
-            # changed (or written to Redis directly) cannot import a refused module
-            return self._load(text, fmt, f"{digest[:12]}.{fmt}")
-        except AllowListViolation as exc:
-            raise ProgramError(f"refused by the import allow-list: {exc}") from None
-
-    def _load(self, text: str, fmt: Format, filename: str) -> CompiledGraph:
-        """The import allow-list on the document, the loader, the allow-list on the loaded spec,
-        then the compiler (CPU work)."""
-        self.allowlist.check_document(text, filename=filename, fmt=fmt)
-        spec = load_workflow_text(text, filename=filename, base_dir=self._base_dir, fmt=fmt)
-        self.allowlist.check_spec(spec)
-        return compile_graph(spec, models=self.models, check_model=model_entry_problems)
 
     def _remember(self, digest: str, cg: CompiledGraph) -> None:
         self._cache[digest] = cg
@@ -256,19 +238,6 @@ class RegistryLoader:
         return await self.registry.compiled(source[len(SOURCE_PREFIX) :])
 
 
-@functools.cache
-def _empty_dir() -> Path:
-    """Where a definition's relative subgraph paths and local modules would be looked up:
-    an empty folder of this process (the allow-list refuses subgraph files anyway)."""
-    folder = tempfile.TemporaryDirectory(prefix="treadle-defs-")
-    atexit.register(folder.cleanup)
-    return Path(folder.name)
-
-
-def definition_digest(text: str, fmt: str) -> str:
-    return hashlib.sha256(f"{fmt}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
-
-
 def source_of(digest: str) -> str:
     return SOURCE_PREFIX + digest
 
@@ -281,30 +250,25 @@ def _by_version(info: WorkflowInfo) -> int:
     return info.version
 
 
-def _info(cg: CompiledGraph, digest: str, fmt: Format, old: WorkflowInfo | None) -> WorkflowInfo:
+def _info(summary: Summary, digest: str, fmt: Format, old: WorkflowInfo | None) -> WorkflowInfo:
     now = time.time()
     if old is None:
         version, created = 1, now
     else:
         version = old.version if old.digest == digest else old.version + 1
         created = old.created_at
-    try:
-        schema: dict[str, Any] | None = cg.input_model.model_json_schema()
-    except Exception:  # a type pydantic cannot describe: the schema is only informative
-        schema = None
-    inputs = {
-        name: InputInfo(type=describe(decl.type), required=decl.required)
-        for name, decl in cg.spec.inputs.items()
-    }
     return WorkflowInfo(
-        name=cg.name,
+        name=summary.name,
         digest=digest,
         version=version,
         format=fmt,
-        description=cg.spec.description,
-        inputs=inputs,
-        input_schema=schema,
-        nodes=[n.id for n in cg.spec.nodes],
+        description=summary.description,
+        inputs={
+            name: InputInfo(type=kind, required=required)
+            for name, (kind, required) in summary.inputs.items()
+        },
+        input_schema=summary.input_schema,
+        nodes=summary.nodes,
         created_at=created,
         updated_at=now,
     )

@@ -45,7 +45,7 @@ from treadle.runtime.execution.inputs import (
     InputResult,
     record_input,
 )
-from treadle.runtime.execution.runtime import InvalidInputs, validate_inputs
+from treadle.runtime.execution.runtime import InvalidInputs
 from treadle.runtime.stores import codec
 from treadle.runtime.stores.redis import RedisStore
 
@@ -122,14 +122,12 @@ class RunService:
         if info is None:
             which = "" if version is None else f" version {version}"
             raise NotFound(f"workflow {workflow!r}{which} not found")
-        cg = await self.registry.compiled(info.digest)
-        bad = _non_finite(inputs)
+        bad = unstorable(inputs)
         if bad is not None:
-            # Python's JSON parser takes NaN/Infinity; JSON has no such numbers, and the run's
-            # record (and every API answer about it) must be JSON
-            raise InvalidRequest(f"inputs.{bad}: NaN and Infinity are not JSON numbers")
+            where, why = bad
+            raise InvalidRequest(f"inputs.{where}: {why}")
         try:
-            validated = validate_inputs(cg, inputs)
+            graph, validated = await self.registry.validate_inputs(info.digest, inputs)
         except InvalidInputs as exc:
             raise InvalidRequest(str(exc)) from None
         await self.quotas.check_tokens(tenant)
@@ -137,10 +135,10 @@ class RunService:
         await self.quotas.admit_run(tenant, run_id)
         record = RunRecord(
             run_id=run_id,
-            graph=cg.name,
+            graph=graph,
             status="pending",
             tenant=tenant.id,
-            inputs=validated.model_dump(mode="json"),
+            inputs=validated,
             source=source_of(info.digest),
             meta={**(meta or {}), "workflow_version": str(info.version)},
         )
@@ -208,9 +206,10 @@ class RunService:
         record = view.record
         if record.status in TERMINAL:
             raise Conflict(f"run {run_id!r} has finished already ({record.status})")
-        bad = _non_finite(value)
+        bad = unstorable(value)
         if bad is not None:
-            raise InvalidRequest(f"value.{bad}: NaN and Infinity are not JSON numbers")
+            where, why = bad
+            raise InvalidRequest(f"value.{where}: {why}")
         source = record.source or ""
         if not source.startswith(SOURCE_PREFIX):
             raise Conflict(f"run {run_id!r} was not submitted from a registered workflow")
@@ -362,20 +361,41 @@ def _matches(view: RunView, status: RunStatus | None, workflow: str | None) -> b
     )
 
 
-def _non_finite(value: Any, path: str = "") -> str | None:
-    """The path of the first NaN or infinite number in `value`, or None."""
+def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(where, why) for the first part of `value` that the run's record cannot hold, or None.
+
+    Python's JSON parser takes NaN and Infinity, and `\\ud800` escapes that decode to lone
+    surrogates; JSON has no such numbers, and a lone surrogate is not Unicode text (it
+    cannot be encoded as UTF-8), while the record, and every API answer about it, is JSON
+    in UTF-8."""
     if isinstance(value, float) and not math.isfinite(value):
-        return path or "(value)"
+        return path or "(value)", "NaN and Infinity are not JSON numbers"
+    if isinstance(value, str):
+        return _surrogate(value, path)
     if isinstance(value, Mapping):
         for key, item in value.items():
-            found = _non_finite(item, f"{path}.{key}" if path else str(key))
+            at = f"{path}.{key}" if path else str(key)
+            found = _surrogate(str(key), at, "key") or unstorable(item, at)
             if found is not None:
                 return found
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            found = _non_finite(item, f"{path}[{i}]")
+            found = unstorable(item, f"{path}[{i}]")
             if found is not None:
                 return found
+    return None
+
+
+def _surrogate(text: str, path: str, what: str = "text") -> tuple[str, str] | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        where = path.encode("utf-8", "backslashreplace").decode("utf-8") or "(value)"
+        return where, (
+            f"the {what} holds a lone surrogate (\\u{ord(char):04x}) at character {exc.start}, "
+            "which is not Unicode text (it cannot be encoded as UTF-8)"
+        )
     return None
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from treadle.runtime.daemon.checker import Settings, checker_for
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
@@ -41,12 +42,20 @@ class Services:
         store = RedisStore(redis, prefix=config.prefix)
         queue = WorkQueue(redis, prefix=config.prefix, lease_ms=config.lease_ms)
         allowlist = ImportAllowList(config.allow_imports, config.allow_backends)
+        settings = Settings(
+            allow_imports=config.allow_imports,
+            allow_backends=config.allow_backends,
+            models=tuple(config.models),
+            max_bytes=config.max_definition_bytes,
+        )
         registry = WorkflowRegistry(
             redis,
             keys,
             allowlist,
             models=list(config.models),
             max_bytes=config.max_definition_bytes,
+            # started on first use: only the API registers definitions and submits runs
+            checker=checker_for(settings, config.check_timeout_s),
         )
         quotas = Quotas(redis, keys)
         return cls(

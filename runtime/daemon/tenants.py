@@ -74,6 +74,12 @@ def key_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def key_id_of(token: str) -> str | None:
+    """The public key id of a well-formed API key (no secret is checked), or None."""
+    match = TOKEN.fullmatch(token)
+    return match[1] if match is not None else None
+
+
 def check_tenant_id(tenant_id: str) -> str:
     if not TENANT_ID.fullmatch(tenant_id):
         raise TenantError(

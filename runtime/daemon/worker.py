@@ -18,10 +18,11 @@ run's lease (`LeaseKeeper`). It claims only when it has a free slot: at most
 4. writes everything through `RedisStore.fenced(worker_id)`, so that once the lease has
    passed to another worker this one cannot add to the journal; a lost lease cancels the
    run here (`LeaseKeeper`) and the queue entry is left to the new owner;
-5. once the record is terminal, calls the `on_settled` hook (quota bookkeeping), sets the
-   run's keys to expire after `retain_s` (`RedisStore.expire_run`; 0 keeps them) and
-   acknowledges the queue entry. A crash in between is harmless: the entry is delivered
-   again and step 1 settles it again (each step is idempotent).
+5. once the record is terminal, calls the `on_settled` hook (quota bookkeeping), then in one
+   transaction (`WorkQueue.finish`) sets the run's keys to expire after `retain_s` (0 keeps
+   them), acknowledges the queue entry and releases the lease. A crash in between is
+   harmless: the entry is delivered again and step 1 settles it again (each step is
+   idempotent).
 
 A `check_program` hook, when given, inspects every loaded program before it runs (the
 daemon re-checks its import allow-list there); a `ProgramError` from it fails the run.
@@ -463,7 +464,7 @@ class Worker:
                             with slot.scope:
                                 final = await self._execute(slot)
                                 if final is not None:
-                                    await self._settle(job, final)
+                                    await self._settle(job, final, lease)
                         except Exception as exc:  # raised below, not as an exception group
                             error = exc
                         finally:
@@ -558,17 +559,22 @@ class Worker:
             return None
         return final
 
-    async def _settle(self, job: Job, final: RunRecord | _Gone) -> None:
+    async def _settle(self, job: Job, final: RunRecord | _Gone, lease: LeaseKeeper) -> None:
+        expire: list[str] = []
         if isinstance(final, RunRecord):
             if self.on_settled is not None:
                 await self.on_settled(final)
             if final.status == "waiting":
                 await self._parked(final)
             elif self.options.retain_s > 0:
-                await self._unfenced.expire_run(final.run_id, self.options.retain_s)
+                expire = self._unfenced.keys.run_keys(final.run_id)[:3]  # not the lease
             self.stats.settled += 1
             self.stats.by_status[final.status] = self.stats.by_status.get(final.status, 0) + 1
-        await self.queue.ack(job)
+        # the ack, the lease and the retention, in one round trip
+        await self.queue.finish(
+            job, self.worker_id, expire=expire, expire_ms=int(self.options.retain_s * 1000)
+        )
+        lease.released = True
 
     async def _parked(self, record: RunRecord) -> None:
         """A run parked for input: remember when its first request expires."""

@@ -14,15 +14,18 @@ process cached) before it runs."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from treadle.graphs.compile import CompiledGraph
 from treadle.runtime.core.context import Listener
-from treadle.runtime.core.interceptors import CallInterceptor
+from treadle.runtime.core.interceptors import CallInterceptor, InvokeTool, ToolInvocation
 from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.import_allowlist import AllowListViolation, ImportAllowList
@@ -32,6 +35,7 @@ from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import ProgramCheck, ProgramError, Worker, WorkerOptions
 from treadle.runtime.observe.tracing import OtelTracer
 from treadle.runtime.observe.tracing_setup import configure_tracing
+from treadle.tools.files import files_root
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,21 @@ def allowlist_check(allowlist: ImportAllowList) -> ProgramCheck:
             raise ProgramError(f"refused by the import allow-list: {exc}") from None
 
     return check
+
+
+class TenantFiles(CallInterceptor):
+    """Confines the built-in `read_file` of each run to `<root>/<its tenant>`; without a
+    root (no `--files-root`), to nothing: the operator's directory is never readable."""
+
+    def __init__(self, root: str | None) -> None:
+        self.root = Path(root) if root is not None else None
+
+    async def tool_call(self, call: ToolInvocation, call_next: InvokeTool) -> Any:
+        tenant = call.ctx.options.tenant
+        # tenant ids are lowercase letters, digits, '_' and '-': one plain path component
+        root = self.root / tenant if self.root is not None and tenant else None
+        with files_root(root):
+            return await call_next(call)
 
 
 def build_worker(
@@ -71,7 +90,7 @@ def build_worker(
         RegistryLoader(services.registry),
         models=config.models,
         listeners=[ledger.listener, *listeners],
-        interceptors=interceptors,
+        interceptors=[TenantFiles(config.files_root), *interceptors],
         on_settled=settled,
         tracer=tracer,
         options=WorkerOptions(
@@ -126,18 +145,43 @@ async def run_workers(
             tracer.shutdown()
 
 
-async def run_worker_process(config: DaemonConfig, count: int = 1) -> None:
-    """`treadle worker`: run workers until SIGTERM/SIGINT, then drain and hand over."""
+async def run_worker_process(
+    config: DaemonConfig, count: int = 1, *, parent: int | None = None
+) -> None:
+    """`treadle worker`: run workers until SIGTERM/SIGINT, then drain and hand over. With
+    `parent` (the pid of `treadle serve`, for its worker processes), also once that is no
+    longer this process's parent (it was killed without the chance to stop its children,
+    perhaps before this one had even started)."""
+    if config.worker_nice:
+        os.nice(config.worker_nice)
     services = Services.open(config)
     try:
         async with anyio.create_task_group() as tg:
             workers: list[Worker] = await tg.start(run_workers, services, count)
+            stopping = anyio.Event()
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(_stop_on_signal, stopping)
+                if parent is not None:
+                    watch.start_soon(_stop_when_orphaned, stopping, parent)
+                await stopping.wait()
+                watch.cancel_scope.cancel()
             # workers stop only when told to; `run_workers` returns once they have drained
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("signal %s: stopping the workers", signal.Signals(signum).name)
-                    for worker in workers:
-                        worker.stop()
-                    break
+            for worker in workers:
+                worker.stop()
     finally:
         await services.close()
+
+
+async def _stop_on_signal(stopping: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %s: stopping the workers", signal.Signals(signum).name)
+            stopping.set()
+            return
+
+
+async def _stop_when_orphaned(stopping: anyio.Event, parent: int) -> None:
+    while os.getppid() == parent:
+        await anyio.sleep(1.0)
+    log.warning("the process that started this worker (pid %d) is gone: stopping", parent)
+    stopping.set()

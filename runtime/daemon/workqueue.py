@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -82,6 +82,8 @@ class Job:
     payload: dict[str, Any] = field(default_factory=dict)
     #: taken over from a worker that stopped heartbeating: the run may be half done
     reclaimed: bool = False
+    #: when the claim took the run's lease (`anyio.current_time()`)
+    leased_at: float = field(default=0.0, compare=False)
 
 
 class WorkQueue:
@@ -110,6 +112,9 @@ class WorkQueue:
         self.claim_idle_ms = lease_ms if claim_idle_ms is None else claim_idle_ms
         self._group_ready = False
         self._autoclaim_cursor = "0-0"
+        #: entries idle past `claim_idle_ms` are looked for this often, not on every claim
+        self._autoclaim_every_s = self.claim_idle_ms / 4000
+        self._next_autoclaim = 0.0
         self._acquire = self._redis.register_script(_ACQUIRE_LUA)
         self._renew = self._redis.register_script(_RENEW_LUA)
         self._release = self._redis.register_script(_RELEASE_LUA)
@@ -161,10 +166,15 @@ class WorkQueue:
             return await self._claim(worker_id, block_ms)
 
     async def _claim(self, worker_id: str, block_ms: int) -> Job | None:
-        for entry_id, fields in await self._autoclaim(worker_id):
-            job = await self._to_job(entry_id, fields, worker_id, reclaimed=True)
-            if job is not None:
-                return job
+        now = anyio.current_time()
+        if now >= self._next_autoclaim:
+            entries = await self._autoclaim(worker_id)
+            if not entries:  # none idle now: a dead worker's entries wait a little longer
+                self._next_autoclaim = now + self._autoclaim_every_s
+            for entry_id, fields in entries:
+                job = await self._to_job(entry_id, fields, worker_id, reclaimed=True)
+                if job is not None:
+                    return job
         resp: Any = await self._redis.xreadgroup(
             self.group,
             worker_id,
@@ -188,6 +198,21 @@ class WorkQueue:
             pipe.xdel(self.keys.queue(), job.id)
             acked, _deleted = await pipe.execute()
         return bool(acked)
+
+    async def finish(
+        self, job: Job, owner: str, *, expire: Sequence[str] = (), expire_ms: int = 0
+    ) -> bool:
+        """`ack` the job, give its run's lease back, and let the keys `expire` expire in
+        `expire_ms`, in one transaction (one round trip where three would do); False if
+        the job was already acknowledged."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key in expire:
+                pipe.pexpire(key, expire_ms)
+            pipe.xack(self.keys.queue(), self.group, job.id)
+            pipe.xdel(self.keys.queue(), job.id)
+            await self._release(keys=[self.keys.lease(job.run_id)], args=[owner], client=pipe)
+            results = await pipe.execute()
+        return bool(results[len(expire)])
 
     async def touch(self, job: Job, worker_id: str) -> None:
         """Reset the idle time of `job`'s entry (the heartbeat does this), so that no other
@@ -265,10 +290,11 @@ class WorkQueue:
             log.error("dropping malformed queue entry %s: %r", eid, fields)
             await self.ack(Job(id=eid, run_id=""))
             return None
+        leased_at = anyio.current_time()
         if not await self.acquire_lease(run_id, worker_id):
             log.info("run %s is leased by another worker; leaving entry %s", run_id, eid)
             return None
-        return Job(id=eid, run_id=run_id, payload=payload, reclaimed=reclaimed)
+        return Job(id=eid, run_id=run_id, payload=payload, reclaimed=reclaimed, leased_at=leased_at)
 
 
 class LeaseKeeper:
@@ -305,12 +331,18 @@ class LeaseKeeper:
         self.cancel_on_loss = cancel_on_loss
         self.lost = anyio.Event()
         self.reason: str | None = None
+        #: the lease was given back with the job (`WorkQueue.finish`): nothing to release
+        self.released = False
         self._tg: TaskGroup | None = None
         self._body: anyio.CancelScope | None = None
 
     async def __aenter__(self) -> LeaseKeeper:
         started = anyio.current_time()
-        if not await self.queue.acquire_lease(self.run_id, self.owner, self.ttl_ms):
+        fresh = self.job is not None and started - self.job.leased_at < self.interval_s
+        if fresh:
+            assert self.job is not None
+            started = self.job.leased_at  # the claim took it just now: it is valid from then
+        elif not await self.queue.acquire_lease(self.run_id, self.owner, self.ttl_ms):
             holder = await self.queue.lease_owner(self.run_id)
             raise LeaseLost(f"run {self.run_id!r} is leased by {holder!r}, not {self.owner!r}")
         self._tg = anyio.create_task_group()
@@ -334,7 +366,7 @@ class LeaseKeeper:
             await self._tg.__aexit__(None, None, None)
         finally:
             # also when an outer cancellation is on its way out: hand the run over now
-            if not self.lost.is_set():
+            if not self.lost.is_set() and not self.released:
                 with anyio.CancelScope(shield=True):
                     await self._release()
         if self.lost.is_set():

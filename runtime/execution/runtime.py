@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ from treadle.runtime.stores.memory import MemoryStore
 GraphLike = Graph | GraphSpec | CompiledGraph
 
 logger = logging.getLogger(__name__)
+
+#: backends a runtime keeps built from configs (a worker serves many tenants' workflows)
+MAX_BUILT_BACKENDS = 1024
 
 
 class InvalidInputs(RunError, ValueError):
@@ -264,7 +268,11 @@ class Runtime:
         self.chain = CallChain(chain)
         self._send_llm = self.chain.wrap_llm(dispatch)
         self._invoke_tool = self.chain.wrap_tool(invoke_tool)
-        self._created: dict[str, Backend] = {}
+        #: backends built from configs, by (tenant that declared it or None, alias, config)
+        self._created: OrderedDict[tuple[str | None, str, str], Backend] = OrderedDict()
+        self._retired: list[ClosableBackend] = []
+        #: what `default` is when neither the runtime nor a workflow configures it
+        self._fallback: Backend = ScriptedBackend()
 
     # -- graphs and backends -----------------------------------------------------------
 
@@ -276,25 +284,43 @@ class Runtime:
             spec, models=[*self._models, *self._model_configs], check_model=model_entry_problems
         )
 
-    def _backends(self, cg: CompiledGraph) -> dict[str, Backend]:
+    def _backends(self, cg: CompiledGraph, tenant: str | None = None) -> dict[str, Backend]:
+        """The run's backends. An alias resolves to the runtime's own backend or config (the
+        operator's), else to the workflow's own declaration, else (`default` only) to a
+        scripted backend. Resolving changes nothing another run resolves: a backend built
+        from a workflow's declaration is shared only by runs of the same tenant that declare
+        the same config (so its state, a simulator's prefix cache say, is the tenant's)."""
         backends: dict[str, Backend] = {}
         for alias in cg.all_models() | {DEFAULT_MODEL}:
             if alias in self._models:
                 backends[alias] = self._models[alias]
                 continue
-            config = self._model_configs.get(alias) or _declared_config(cg, alias)
+            operator = self._model_configs.get(alias)
+            config = operator if operator is not None else _declared_config(cg, alias)
             if config is None:
                 if alias == DEFAULT_MODEL:
-                    backends[alias] = self._models.setdefault(alias, ScriptedBackend())
+                    backends[alias] = self._fallback
                 continue
-            key = alias + json.dumps(config, sort_keys=True, default=str)
-            if key not in self._created:
-                try:
-                    self._created[key] = create_backend(dict(config))
-                except ValueError as exc:
-                    raise InvalidModel(f"model {alias!r}: {exc}") from None
-            backends[alias] = self._created[key]
+            owner = None if operator is not None else tenant
+            backends[alias] = self._built(owner, alias, config)
         return backends
+
+    def _built(self, owner: str | None, alias: str, config: Mapping[str, Any]) -> Backend:
+        key = (owner, alias, json.dumps(config, sort_keys=True, default=str))
+        backend = self._created.get(key)
+        if backend is not None:
+            self._created.move_to_end(key)
+            return backend
+        try:
+            backend = self._created[key] = create_backend(dict(config))
+        except ValueError as exc:
+            raise InvalidModel(f"model {alias!r}: {exc}") from None
+        if len(self._created) > MAX_BUILT_BACKENDS:
+            # the least recently used goes; one a run still holds stays usable until it ends
+            _, old = self._created.popitem(last=False)
+            if isinstance(old, ClosableBackend):
+                self._retired.append(old)
+        return backend
 
     # -- running -----------------------------------------------------------------------
 
@@ -378,7 +404,7 @@ class Runtime:
         longer fit, a backend cannot be built) is recorded as failed, and the error raised."""
         try:
             inputs_model = validate_inputs(cg, record.inputs)
-            backends = self._backends(cg)
+            backends = self._backends(cg, record.tenant)
         except (InvalidInputs, InvalidModel) as exc:
             await self.store.update_run(record.run_id, status="failed", error=str(exc))
             raise
@@ -533,10 +559,11 @@ class Runtime:
 
     async def aclose(self) -> None:
         """Close the store and the backends this runtime created from configs."""
-        for backend in self._created.values():
+        for backend in [*self._created.values(), *self._retired]:
             if isinstance(backend, ClosableBackend):
                 await backend.aclose()
         self._created.clear()
+        self._retired.clear()
         await self.store.close()
 
 

@@ -188,4 +188,10 @@ def test_make_dialect_rejects_unknown() -> None:
     with pytest.raises(ValueError, match="has no option 'flip'; options: priority_scheduling"):
         make_dialect("sglang", flip=True)
     with pytest.raises(ValueError, match=r"options: \(none\)"):
-        make_dialect("sim", priority=1)
+        make_dialect("openai", priority=1)
+
+
+def test_sim_salts_by_tenant_like_vllm() -> None:
+    body, _ = _body("sim", cache_salt_secret="s3cret")
+    assert body["cache_salt"] == _salt("s3cret", "acme")
+    assert "cache_salt" not in _body("sim")[0]  # no secret: no salt

@@ -21,6 +21,7 @@ from redis_support import free_port
 
 from treadle.runtime.core.events import Event, NodeFinished
 from treadle.runtime.daemon.api.app import create_app
+from treadle.runtime.daemon.api.server import uvicorn_config
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.worker import Worker
@@ -148,16 +149,15 @@ async def open_daemon(config: DaemonConfig, workers: int) -> AsyncIterator[Daemo
 
 
 class LiveServer:
-    """`app` served by uvicorn on 127.0.0.1 in a background thread (its own event loop)."""
+    """`app` served by uvicorn on 127.0.0.1 in a background thread (its own event loop),
+    with the daemon's own server settings (`uvicorn_config`)."""
 
     def __init__(self, app: Any) -> None:
         import uvicorn
 
         self.port = free_port()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning",
-            timeout_graceful_shutdown=2,
-        )  # fmt: skip
+        config = uvicorn_config(app, app.state.config, port=self.port, log_level="warning")
+        config.timeout_graceful_shutdown = 2
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -135,7 +135,7 @@ async def test_bad_submissions(api_only: Daemon) -> None:
         not_json = await c.post(
             "/v1/runs", content=b"{not json", headers={"content-type": "application/json"}
         )
-        assert error_of(not_json)[:2] == (422, "invalid_request")
+        assert error_of(not_json)[:2] == (400, "bad_request")
         assert error_of(await c.get("/v1/nowhere"))[:2] == (404, "not_found")
         assert error_of(await c.delete("/v1/runs"))[:2] == (405, "method_not_allowed")
         assert error_of(await c.get("/v1/runs", params={"limit": 0}))[0] == 422

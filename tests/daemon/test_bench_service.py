@@ -1,5 +1,7 @@
 """`treadle bench service --quick`, the smoke run, exercises the fault path (14.13): its
-faults phase kills a worker and restarts Redis, and nothing accepted is lost."""
+faults phase kills a worker and restarts Redis, and nothing accepted is lost; with
+`--adversary` a hostile tenant attacks the others (issue 13) and gets nothing it should
+not."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def test_the_quick_run_injects_faults_and_loses_nothing(tmp_path: Path) -> None:
     report = tmp_path / "service.json"
     proc = subprocess.run(
         [sys.executable, "-m", "treadle", "bench", "service", "--quick",
-         "--duration", "1.5", "--rate", "20", "--json", str(report)],
+         "--duration", "1.5", "--rate", "20", "--adversary", "--json", str(report)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -34,3 +36,8 @@ def test_the_quick_run_injects_faults_and_loses_nothing(tmp_path: Path) -> None:
     for phase in data["results"].values():
         assert phase["accepted"] > 0
         assert phase["runs_lost"] == 0 and phase["cross_tenant_reads_allowed"] == 0
+    attacked = data["results"]["adversary"]
+    assert attacked["victim_runs_lost"] == 0 and attacked["forbidden_reads_allowed"] == 0
+    assert attacked["forbidden_reads_tried"] > 0
+    assert attacked["regex_runs"] > 0 and attacked["regex_runs_finished"] == attacked["regex_runs"]
+    assert attacked["adversary_refusals"].get("429", 0) > 0  # its burst met its limits

@@ -8,9 +8,10 @@ from typing import Any, cast
 
 import pytest
 
+from treadle.runtime.daemon.definitions import DefinitionError
 from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
-from treadle.runtime.daemon.registry import DefinitionError, WorkflowRegistry
+from treadle.runtime.daemon.registry import WorkflowRegistry
 
 
 def prepare(text: str, allow: tuple[str, ...] = (), fmt: str = "yaml") -> Any:

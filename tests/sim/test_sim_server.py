@@ -228,3 +228,21 @@ def test_load_rules_and_cli(tmp_path: Any) -> None:
     assert "--replicas" in runner.invoke(sim_cli, ["serve", "--help"]).output
     bad = runner.invoke(sim_cli, ["serve", "--policy", "lifo"])
     assert bad.exit_code != 0 and "fcfs" in bad.output
+
+
+async def test_cache_salt_keeps_prefix_caches_apart() -> None:
+    """vLLM's `cache_salt`: prompts share cached blocks only with prompts of the same salt,
+    so one tenant's cached-token counts tell nothing of what another asked."""
+    text = "the quarterly numbers of the merger, " * 6
+
+    async def cached(client: httpx.AsyncClient, salt: str | None) -> int:
+        body = chat(text, **({"cache_salt": salt} if salt else {}))
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        return int(resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    async with serving() as (client, _):
+        assert await cached(client, "tenant-a") == 0
+        assert await cached(client, "tenant-a") > 0  # its own cache works
+        assert await cached(client, "tenant-b") == 0  # another salt: nothing shared
+        assert await cached(client, None) == 0  # nor with unsalted requests

@@ -251,3 +251,15 @@ async def test_a_malformed_entry_is_dropped(queue: WorkQueue) -> None:
     job = await queue.claim("w1")
     assert job is not None and job.run_id == "r"
     assert await queue.client.xlen(queue.keys.queue()) == 1
+
+
+async def test_finish_acks_releases_and_expires_in_one_transaction(queue: WorkQueue) -> None:
+    await queue.enqueue("r9")
+    job = await queue.claim("w1", block_ms=100)
+    assert job is not None
+    await queue.client.set("keep:r9", b"x")
+    assert await queue.finish(job, "w1", expire=["keep:r9"], expire_ms=60_000)
+    assert await queue.lease_owner("r9") is None
+    assert 0 < await queue.client.pttl("keep:r9") <= 60_000
+    assert await queue.client.xlen(queue.keys.queue()) == 0
+    assert not await queue.finish(job, "w1")  # acknowledged already

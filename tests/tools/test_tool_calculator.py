@@ -146,3 +146,13 @@ async def test_tool_call_returns_the_number_and_wraps_errors() -> None:
     assert "unknown function '__import__'" in info.value.reason
     with pytest.raises(ToolArgumentError):
         await calculator.invoke({"expr": "1"})
+
+
+@pytest.mark.anyio
+async def test_an_integer_too_large_for_a_float_is_a_clear_error() -> None:
+    """9**999 is a valid integer (3,170 bits) but the tool answers a float: say so, instead
+    of failing with an internal error while converting it."""
+    with pytest.raises(ToolError) as info:
+        await calculator.invoke({"expression": "9**999"})
+    assert "too large" in info.value.reason and "float" in info.value.reason
+    assert await calculator.invoke({"expression": "2**1000"}) == 2**1000

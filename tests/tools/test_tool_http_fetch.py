@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import anyio
 import httpx
 import pytest
 
@@ -25,6 +24,8 @@ from treadle.tools.web import ALLOW_PRIVATE_ENV, is_text_type
 
 #: bytes the endless stream had sent when each request stopped (by request id)
 STREAM_SENT: dict[str, int] = {}
+#: requests that reached /canary (a rebinding test's internal service)
+CANARY_HITS: list[str] = []
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -45,6 +46,9 @@ class Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         if path == "/hello":
             self.send_body(200, "text/plain; charset=utf-8", "héllo wörld".encode())
+        elif path == "/canary":
+            CANARY_HITS.append(self.path)
+            self.send_body(200, "text/plain", b"internal secret")
         elif path == "/json":
             self.send_body(200, "application/json", b'{"answer": 42}')
         elif path == "/latin1":
@@ -344,19 +348,54 @@ async def test_every_redirect_hop_is_checked(server: str, monkeypatch: pytest.Mo
 
 
 @pytest.mark.anyio
-async def test_a_name_that_resolves_differently_to_connect_is_refused(
+async def test_the_connection_goes_to_the_address_that_was_checked(
     server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DNS rebinding: the check before the request resolves `localhost` to a public address
-    (as a hostile name server could), the connection then goes to loopback: refused."""
+    """DNS rebinding: a hostile name server answers the check with a public address and the
+    connection's own lookup with loopback. The name is resolved once: the connection goes
+    to the public address it checked (unreachable here), and the internal service behind
+    loopback never sees the request."""
     monkeypatch.delenv(ALLOW_PRIVATE_ENV)
     port = httpx.URL(server).port
-    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+    answers = iter(["93.184.216.34"] + ["127.0.0.1"] * 10)
 
-    async def rebinding(host: str, *args: object, **kwargs: object) -> list[object]:
-        return public if host == "localhost" else await real(host, *args, **kwargs)
+    def rebinding(host: str, *args: object, **kwargs: object) -> list[object]:
+        if host != "rebind.test":
+            return real(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
 
-    real = anyio.getaddrinfo
-    monkeypatch.setattr(anyio, "getaddrinfo", rebinding)
-    with pytest.raises(ToolError, match=r"answered from an internal address \(127\.0\.0\.1\)"):
-        await fetch(f"http://localhost:{port}/hello")
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    CANARY_HITS.clear()
+    with pytest.raises(ToolError):
+        await fetch(f"http://rebind.test:{port}/canary", timeout_s=2)
+    assert CANARY_HITS == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::127.0.0.1]",  # IPv4-compatible IPv6
+        "[64:ff9b::7f00:1]",  # NAT64 (RFC 6052)
+        "[64:ff9b:1::a00:1]",  # local-use NAT64 (RFC 8215)
+        "[2002:7f00:1::1]",  # 6to4 of 127.0.0.1
+        "[2002:a9fe:a9fe::1]",  # 6to4 of the cloud metadata address
+        "[2001:0:4136:e378:8000:63bf:80ff:fffe]",  # Teredo, client 127.0.0.1
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+    ],
+)
+async def test_ipv4_inside_ipv6_is_checked_in_every_form(
+    host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ALLOW_PRIVATE_ENV)
+    with pytest.raises(ToolError, match="internal address"):
+        await fetch(f"http://{host}/")
+
+
+def test_public_addresses_in_ipv6_forms_stay_public() -> None:
+    import ipaddress
+
+    for text in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700:4700::1111"):
+        assert not web._internal(ipaddress.ip_address(text)), text

@@ -1,8 +1,10 @@
 """The HTTP API: `create_app(config)` builds the FastAPI application.
 
-Its lifespan opens the process's services (Redis clients, registry, quotas) and, unless
-told otherwise, runs in-process workers beside the API (`treadle serve`); `treadle serve
---no-worker` leaves execution to `treadle worker` processes on the same Redis.
+Its lifespan opens the process's services (Redis clients, registry, quotas) and the
+workers it is asked for: worker *processes* it supervises (`treadle serve`'s default: no
+tenant's run executes in the API's process, so none can slow its answers), or worker loops
+in this process (`treadle serve --in-process`, and the tests), or none (`treadle serve
+--no-worker`: execution is left to `treadle worker` processes on the same Redis).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from fastapi import FastAPI
 from treadle.runtime.daemon.api.body_limit import BodyLimitMiddleware
 from treadle.runtime.daemon.api.docs_ui import install_docs
 from treadle.runtime.daemon.api.errors import install_error_handlers
+from treadle.runtime.daemon.api.limits import InFlightMiddleware, TenantLimits
 from treadle.runtime.daemon.api.metrics import ApiMetrics, HttpMetricsMiddleware
+from treadle.runtime.daemon.api.options import OptionsMiddleware
 from treadle.runtime.daemon.api.routes_ops import router as ops_router
 from treadle.runtime.daemon.api.routes_runs import router as runs_router
 from treadle.runtime.daemon.api.routes_workflows import router as workflows_router
 from treadle.runtime.daemon.api.ui.daemon_view import mount as mount_ui
 from treadle.runtime.daemon.config import DaemonConfig
 from treadle.runtime.daemon.services import Services
+from treadle.runtime.daemon.supervisor import WorkerSupervisor
 from treadle.runtime.daemon.worker import Worker
 from treadle.runtime.daemon.worker_process import run_workers
 
@@ -36,19 +41,30 @@ as Server-Sent Events, cancel them. Every `/v1` call needs an API key
 """
 
 
-def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
-    """The API for `config`, with `workers` in-process workers (0: none)."""
+def create_app(
+    config: DaemonConfig,
+    *,
+    workers: int = 0,
+    worker_processes: int = 0,
+    log_level: str = "info",
+) -> FastAPI:
+    """The API for `config`, with `worker_processes` supervised worker processes of
+    `max(1, workers)` loops each, or else `workers` in-process worker loops (0: none)."""
     api_metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services.open(config)
         app.state.services = services
-        app.state.open_streams = 0
         try:
             async with anyio.create_task_group() as tg:
                 running: list[Worker] = []
-                if workers > 0:
+                if worker_processes > 0:
+                    supervisor = WorkerSupervisor(
+                        config, worker_processes, loops=max(1, workers), log_level=log_level
+                    )
+                    await tg.start(supervisor.run)
+                elif workers > 0:
                     running = await tg.start(
                         lambda **kw: run_workers(
                             services,
@@ -63,6 +79,8 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
                 finally:
                     for worker in running:
                         worker.stop()
+                    if worker_processes > 0:
+                        tg.cancel_scope.cancel()  # the supervisor drains its processes
         finally:
             await services.close()
 
@@ -71,20 +89,27 @@ def create_app(config: DaemonConfig, *, workers: int = 0) -> FastAPI:
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        # operation ids are the handlers' names (submit_run, get_run...): links use them
+        generate_unique_id_function=lambda route: route.name,
         docs_url=None,  # served from the package (`install_docs`), not from a CDN
         redoc_url=None,
     )
     app.state.api_metrics = api_metrics
     app.state.config = config
+    app.state.limits = limits = TenantLimits(config)
     install_error_handlers(app)
     install_docs(app)
     app.include_router(workflows_router)
     app.include_router(runs_router)
     app.include_router(ops_router)
     mount_ui(app)
-    # outermost first: the size limit refuses before anything else runs
+    # the last added is outermost: the body's limits refuse before anything else runs
+    app.add_middleware(OptionsMiddleware, api=app)
+    app.add_middleware(InFlightMiddleware, limits=limits)
     app.add_middleware(HttpMetricsMiddleware, metrics=api_metrics.http)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s
+    )
     return app
 
 

@@ -2,7 +2,9 @@
 
 The API key comes as `Authorization: Bearer <key>` or `X-API-Key: <key>`. A missing,
 malformed, unknown or revoked key — or a revoked tenant — gets the same 401, so the
-answer tells an attacker nothing about which part was wrong.
+answer tells an attacker nothing about which part was wrong. A known tenant's request then
+passes its limits (`TenantLimits`: rate, requests in progress), which hold for the whole
+request.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from treadle.runtime.daemon.api.errors import ApiError
+from treadle.runtime.daemon.api.limits import TenantLimits
 from treadle.runtime.daemon.services import Services
-from treadle.runtime.daemon.tenants import Tenant
+from treadle.runtime.daemon.tenants import Tenant, key_id_of
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `treadle tenants create`.")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key.")
@@ -23,6 +26,11 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="treadle"'}
 
 def services(request: Request) -> Services:
     found: Services = request.app.state.services
+    return found
+
+
+def limits(request: Request) -> TenantLimits:
+    found: TenantLimits = request.app.state.limits
     return found
 
 
@@ -35,11 +43,19 @@ async def tenant(
     if not token:
         raise ApiError(401, "an API key is required (Authorization: Bearer <key>)",
                        headers=_CHALLENGE)  # fmt: skip
-    found = await services(request).tenants.authenticate(token.strip())
+    token = token.strip()
+    tenant_limits = limits(request)
+    key_id = key_id_of(token)
+    if key_id is not None:
+        tenant_limits.precheck(key_id)
+    found = await services(request).tenants.authenticate(token)
     if found is None:
         raise ApiError(401, "the API key is not valid", headers=_CHALLENGE)
+    tenant_limits.admit(found.id, key_id)
+    tenant_limits.enter(found.id, request.scope)
     return found
 
 
 ServicesDep = Annotated[Services, Depends(services)]
+LimitsDep = Annotated[TenantLimits, Depends(limits)]
 TenantDep = Annotated[Tenant, Depends(tenant)]

@@ -1,12 +1,16 @@
-"""Request body size limit (413), as ASGI middleware in front of everything else.
+"""Request bodies: a size limit (413) and a time limit (408), as ASGI middleware in front
+of everything else.
 
-A request whose `Content-Length` is over the limit is refused before its body is read.
-A chunked request (no length) is read here up to the limit and then handed on, or refused
-as soon as it passes the limit, so no handler ever buffers an unbounded body.
+A request whose `Content-Length` is over the size limit is refused before its body is read.
+Otherwise the body is read here, at most up to the limit (a chunked body is refused as soon
+as it passes it) and within `timeout_s` of the request's head, then handed on; so no handler
+ever buffers an unbounded body or waits on a client that sends it slowly (or never). (The
+head's own time limit is the server's: `treadle.runtime.daemon.api.server`.)
 """
 
 from __future__ import annotations
 
+import anyio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,14 +20,14 @@ _CLOSE = {"connection": "close"}
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length: int | None = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -31,24 +35,28 @@ class BodyLimitMiddleware:
                 except ValueError:
                     refusal = error_response(400, "Content-Length is not a number", headers=_CLOSE)
                     return await refusal(scope, receive, send)
-        if length is not None:
-            if length > self.max_bytes:
-                return await _too_large(self.max_bytes)(scope, receive, send)
-            return await self.app(scope, receive, send)
-        # no length given: read (at most the limit) here, then replay it
+                if length > self.max_bytes:
+                    return await _too_large(self.max_bytes)(scope, receive, send)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                return await _too_large(self.max_bytes)(scope, receive, send)
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        with anyio.move_on_after(self.timeout_s) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                body = message.get("body", b"")
+                size += len(body)
+                if size > self.max_bytes:
+                    return await _too_large(self.max_bytes)(scope, receive, send)
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            late = error_response(
+                408, f"the request body did not arrive within {self.timeout_s:g} s",
+                headers=_CLOSE,
+            )  # fmt: skip
+            return await late(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:

@@ -7,14 +7,14 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from treadle.runtime.core.store import RunStatus
-from treadle.runtime.daemon.api.auth import ServicesDep, TenantDep
-from treadle.runtime.daemon.api.errors import ApiError
+from treadle.runtime.daemon.api.auth import LimitsDep, ServicesDep, TenantDep
+from treadle.runtime.daemon.api.responses import JSON_BODY, TENANT, errors
 from treadle.runtime.daemon.api.schemas import (
-    ErrorBody,
     InputIn,
     InputOut,
     PendingInput,
@@ -31,17 +31,6 @@ router = APIRouter(prefix="/v1", tags=["runs"])
 # W3C trace context, version 00 (later versions may append fields after the flags)
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _TRACESTATE_MAX = 512
-
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody, "description": "Missing or invalid API key."},
-    404: {"model": ErrorBody, "description": "No such run or workflow for this tenant."},
-    422: {"model": ErrorBody, "description": "Invalid request."},
-}
-_SUBMIT_ERRORS: dict[int | str, dict[str, object]] = {
-    **_ERRORS,
-    413: {"model": ErrorBody, "description": "The request body is too large."},
-    429: {"model": ErrorBody, "description": "A quota is exhausted; see Retry-After."},
-}
 
 RunId = Annotated[str, Path(max_length=128, description="A run id from POST /v1/runs.")]
 
@@ -65,7 +54,23 @@ def trace_meta(traceparent: str | None, tracestate: str | None) -> dict[str, str
     return meta
 
 
-@router.post("/runs", status_code=201, response_model=RunOut, responses=_SUBMIT_ERRORS)
+#: OpenAPI links from a new run to what can be done with it (clients and schemathesis's
+#: stateful tests follow them)
+_RUN_LINKS = {
+    name: {"operationId": operation, "parameters": {"run_id": "$response.body#/run_id"}}
+    for name, operation in [
+        ("GetRun", "get_run"), ("CancelRun", "cancel_run"), ("RunEvents", "run_events"),
+        ("AnswerRun", "answer_run"),
+    ]
+}  # fmt: skip
+
+
+@router.post(
+    "/runs",
+    status_code=201,
+    response_model=RunOut,
+    responses={**errors(*JSON_BODY, 404), 201: {"links": _RUN_LINKS}},
+)
 async def submit_run(
     body: RunIn,
     tenant: TenantDep,
@@ -88,19 +93,20 @@ async def submit_run(
     return RunOut.of(RunView(record))
 
 
-@router.get("/runs", response_model=RunList, responses=_ERRORS)
+@router.get("/runs", response_model=RunList, responses=errors(*TENANT))
 async def list_runs(
     tenant: TenantDep,
     services: ServicesDep,
     status: RunStatus | None = None,
     workflow: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=400)] = None,
+    cursor: Annotated[str | None, Query(max_length=400, pattern=r"^[A-Za-z0-9_-]*$")] = None,
     id_prefix: Annotated[
         str | None,
         Query(
             min_length=1,
             max_length=128,
+            pattern=r"^[A-Za-z0-9_-]+$",
             description="Only runs whose id starts with this (one page, newest first).",
         ),
     ] = None,
@@ -112,7 +118,7 @@ async def list_runs(
     return RunList(runs=[RunOut.of(v, full=False) for v in page.runs], next_cursor=page.next_cursor)
 
 
-@router.get("/runs/{run_id}", response_model=RunOut, responses=_ERRORS)
+@router.get("/runs/{run_id}", response_model=RunOut, responses=errors(*TENANT, 404))
 async def get_run(run_id: RunId, tenant: TenantDep, services: ServicesDep) -> RunOut:
     return RunOut.of(await services.runs.get(tenant, run_id))
 
@@ -121,7 +127,7 @@ async def get_run(run_id: RunId, tenant: TenantDep, services: ServicesDep) -> Ru
     "/runs/{run_id}/cancel",
     status_code=202,
     response_model=RunOut,
-    responses={**_ERRORS, 409: {"model": ErrorBody, "description": "The run has finished."}},
+    responses=errors(*TENANT, 404, 409),
 )
 async def cancel_run(run_id: RunId, tenant: TenantDep, services: ServicesDep) -> RunOut:
     """Ask for the run to be cancelled; the worker running it stops it (a queued run is
@@ -133,15 +139,14 @@ async def cancel_run(run_id: RunId, tenant: TenantDep, services: ServicesDep) ->
     "/runs/{run_id}/input",
     status_code=202,
     response_model=InputOut,
-    responses={
-        **_SUBMIT_ERRORS,
-        409: {
-            "model": ErrorBody,
-            "description": "The run is not waiting for this answer (finished, or the request "
-            "was answered with another key).",
-        },
-        422: {"model": ErrorBody, "description": "The answer does not fit the request."},
-    },
+    responses=errors(
+        *JSON_BODY,
+        404,
+        409,
+        e409="The run is not waiting for this answer (finished, or the request was answered "
+        "with another key).",
+        e422="Invalid request, or the answer does not fit the request.",
+    ),
 )
 async def answer_run(
     run_id: RunId, body: InputIn, tenant: TenantDep, services: ServicesDep
@@ -166,32 +171,25 @@ async def answer_run(
     "/runs/{run_id}/events",
     response_class=StreamingResponse,
     responses={
-        **_ERRORS,
+        **errors(*TENANT, 404),
         200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."},
-        503: {"model": ErrorBody, "description": "Too many event streams at once."},
     },
 )
 async def run_events(
-    request: Request,
     run_id: RunId,
     tenant: TenantDep,
     services: ServicesDep,
+    limits: LimitsDep,
     after: Annotated[int, Query(ge=0, description="Send events with seq > after.")] = 0,
     follow: Annotated[bool, Query(description="Keep streaming until the run ends.")] = True,
-    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=20, pattern=r"^[0-9]*$")] = None,
 ) -> StreamingResponse:
     """The run's events as Server-Sent Events (`id:` = seq). Resume with the
     `Last-Event-ID` header (EventSource sends it) or `?after=SEQ`."""
-    if last_event_id is not None and last_event_id.strip():
-        if not last_event_id.strip().isdigit():
-            raise ApiError(422, "Last-Event-ID must be an event seq (a non-negative integer)")
-        after = max(after, int(last_event_id.strip()))
+    if last_event_id:  # (digits only: the parameter's pattern)
+        after = max(after, int(last_event_id))
     await services.runs.get(tenant, run_id)  # 404 before the stream starts
-    state = request.app.state
-    if state.open_streams >= services.config.max_event_streams:
-        raise ApiError(503, "too many event streams are open; retry shortly",
-                       headers={"Retry-After": "5"})  # fmt: skip
-    state.open_streams += 1
+    release = limits.open_stream(tenant.id)
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -200,16 +198,18 @@ async def run_events(
             ):
                 yield chunk
         finally:
-            state.open_streams -= 1
+            release()
 
     return StreamingResponse(
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # also when the client left before the body started (the generator never ran)
+        background=BackgroundTask(release),
     )
 
 
-@router.get("/tenant", response_model=TenantOut, tags=["tenant"], responses={401: _ERRORS[401]})
+@router.get("/tenant", response_model=TenantOut, tags=["tenant"], responses=errors(*TENANT))
 async def get_tenant(tenant: TenantDep, services: ServicesDep) -> TenantOut:
     """The caller's quotas and current usage."""
     return TenantOut(

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Path, Response
 
 from treadle.runtime.daemon.api.auth import ServicesDep, TenantDep
 from treadle.runtime.daemon.api.errors import ApiError
+from treadle.runtime.daemon.api.responses import JSON_BODY, TENANT, errors
 from treadle.runtime.daemon.api.schemas import (
-    ErrorBody,
     WorkflowDetail,
     WorkflowIn,
     WorkflowList,
@@ -19,15 +19,23 @@ from treadle.runtime.daemon.registry import NAME, WorkflowInfo
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorBody, "description": "Missing or invalid API key."},
-    404: {"model": ErrorBody, "description": "No such workflow for this tenant."},
-    413: {"model": ErrorBody, "description": "The request body is too large."},
-    422: {"model": ErrorBody, "description": "Invalid request or workflow definition."},
-}
 
-
-@router.post("", status_code=201, response_model=WorkflowOut, responses=_ERRORS)
+@router.post(
+    "",
+    status_code=201,
+    response_model=WorkflowOut,
+    responses={
+        **errors(*JSON_BODY, e422="Invalid request or workflow definition."),
+        201: {
+            "links": {
+                "GetWorkflow": {
+                    "operationId": "get_workflow",
+                    "parameters": {"name": "$response.body#/name"},
+                }
+            }
+        },
+    },
+)
 async def register_workflow(
     body: WorkflowIn, tenant: TenantDep, services: ServicesDep, response: Response
 ) -> WorkflowOut:
@@ -43,13 +51,13 @@ async def register_workflow(
     return WorkflowOut.model_validate(info.model_dump())
 
 
-@router.get("", response_model=WorkflowList, responses=_ERRORS)
+@router.get("", response_model=WorkflowList, responses=errors(*TENANT))
 async def list_workflows(tenant: TenantDep, services: ServicesDep) -> WorkflowList:
     infos = await services.registry.list_workflows(tenant.id)
     return WorkflowList(workflows=[WorkflowOut.model_validate(i.model_dump()) for i in infos])
 
 
-@router.get("/{name}", response_model=WorkflowDetail, responses=_ERRORS)
+@router.get("/{name}", response_model=WorkflowDetail, responses=errors(*TENANT, 404))
 async def get_workflow(
     tenant: TenantDep, services: ServicesDep, name: str = Path(max_length=100)
 ) -> WorkflowDetail:
@@ -58,7 +66,7 @@ async def get_workflow(
     return await _detail(services, name, info)
 
 
-@router.get("/{name}/versions", response_model=WorkflowVersions, responses=_ERRORS)
+@router.get("/{name}/versions", response_model=WorkflowVersions, responses=errors(*TENANT, 404))
 async def list_versions(
     tenant: TenantDep, services: ServicesDep, name: str = Path(max_length=100)
 ) -> WorkflowVersions:
@@ -69,7 +77,9 @@ async def list_versions(
     return WorkflowVersions(versions=[WorkflowOut.model_validate(i.model_dump()) for i in infos])
 
 
-@router.get("/{name}/versions/{version}", response_model=WorkflowDetail, responses=_ERRORS)
+@router.get(
+    "/{name}/versions/{version}", response_model=WorkflowDetail, responses=errors(*TENANT, 404)
+)
 async def get_version(
     tenant: TenantDep,
     services: ServicesDep,

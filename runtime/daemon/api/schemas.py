@@ -56,6 +56,19 @@ class WorkflowVersions(BaseModel):
 
 
 class RunIn(_Strict):
+    # the README's example workflow (examples/research.yaml), registered
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "workflow": "research",
+                    "inputs": {"question": "How do serving engines make LLM agents fast?"},
+                }
+            ]
+        },
+    )
+
     workflow: str = Field(min_length=1, max_length=100, description="A registered name.")
     inputs: dict[str, Any] = Field(default_factory=dict)
     version: int | None = Field(

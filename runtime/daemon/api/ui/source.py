@@ -154,10 +154,11 @@ class DaemonSource:
 
     async def events(self, request: Request, run_id: str, after: int) -> StreamingResponse:
         # the API's own stream, with its tenant check and its limit on open streams
+        from treadle.runtime.daemon.api.auth import limits
         from treadle.runtime.daemon.api.routes_runs import run_events
 
-        return await run_events(request, run_id, self.tenant, self.services, after=after,
-                                follow=True, last_event_id=None)  # fmt: skip
+        return await run_events(run_id, self.tenant, self.services, limits(request),
+                                after=after, follow=True, last_event_id=None)  # fmt: skip
 
 
 class LocalSource:
