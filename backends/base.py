@@ -71,6 +71,12 @@ class SchedulingHints(BaseModel):
     is_last_step: bool = False
     next_tool: str | None = None
     tenant: str | None = None
+    #: LLM steps after this call on the program's longest path (0: its last LLM step)
+    steps_to_execution: int | None = None
+    #: predicted seconds of `next_tool` (what the program waits for after this call)
+    tool_duration_s: float | None = None
+    #: after this call the program waits for a person (unbounded: hold nothing for it)
+    human_wait: bool = False
 
 
 class LLMRequest(BaseModel):

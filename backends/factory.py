@@ -9,6 +9,7 @@ models:
   remote:  {backend: litellm, model: openai/gpt-4o-mini, api_key_env: OPENAI_API_KEY}
   sim:     {backend: sim, ...}            # treadle.backends.sim.backend.SimBackend options
   cluster: {backend: pool, policy: treadle, replicas: [{backend: openai_compat, ...}, ...]}
+  shared:  {backend: gateway, url: "http://gateway:9000/v1"}   # `treadle gateway`
 ```
 
 Each kind has a pydantic model that forbids unknown fields, so a typo is a `ValueError`
@@ -71,6 +72,28 @@ class OpenAICompatConfig(_Config):
         return url
 
 
+class GatewayConfig(_Config):
+    """`treadle gateway` (`backends/openai_compat/gateway_client.py`)."""
+
+    backend: Literal["gateway"]
+    url: str
+    model: str = Field(default="default", min_length=1)
+    name: str | None = None
+    api_key_env: str | None = None
+    timeout_s: PositiveFloat = 300.0
+    connect_timeout_s: PositiveFloat = 5.0
+    #: how long calls are sent again while the gateway is down (a restart)
+    outage_s: float = Field(default=30.0, ge=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {url!r})")
+        return url
+
+
 class LiteLLMConfig(_Config):
     backend: Literal["litellm"]
     model: str = Field(min_length=1)
@@ -113,6 +136,7 @@ class PoolConfig(BaseModel):
 KINDS: dict[str, type[BaseModel]] = {
     "scripted": ScriptedConfig,
     "openai_compat": OpenAICompatConfig,
+    "gateway": GatewayConfig,
     "litellm": LiteLLMConfig,
     "sim": SimConfig,
     "pool": PoolConfig,
@@ -221,6 +245,7 @@ def _check_pool(cfg: BaseModel) -> list[EntryProblem]:
 _CHECKS: dict[str, Callable[[BaseModel], list[EntryProblem]]] = {
     "scripted": _check_scripted,
     "openai_compat": _check_openai_compat,
+    "gateway": lambda cfg: [],
     "litellm": _check_litellm,
     "sim": _check_sim,
     "pool": _check_pool,
@@ -266,6 +291,30 @@ def _build_openai_compat(cfg: BaseModel) -> Backend:
     )
 
 
+def _build_gateway(cfg: BaseModel) -> Backend:
+    assert isinstance(cfg, GatewayConfig)
+    from treadle.backends.openai_compat.gateway_client import GatewayBackend
+
+    api_key = None
+    if cfg.api_key_env is not None:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise ValueError(
+                f"invalid 'gateway' model entry: api_key_env: "
+                f"environment variable {cfg.api_key_env} is not set"
+            )
+    return GatewayBackend(
+        cfg.url,
+        cfg.model,
+        outage_s=cfg.outage_s,
+        api_key=api_key,
+        timeout_s=cfg.timeout_s,
+        connect_timeout_s=cfg.connect_timeout_s,
+        headers=cfg.headers,
+        name=cfg.name,
+    )
+
+
 def _build_litellm(cfg: BaseModel) -> Backend:
     assert isinstance(cfg, LiteLLMConfig)
     from treadle.backends.litellm import LiteLLMBackend
@@ -307,6 +356,7 @@ def _build_pool(cfg: BaseModel) -> Backend:
 _BUILDERS: dict[str, Callable[[BaseModel], Backend]] = {
     "scripted": _build_scripted,
     "openai_compat": _build_openai_compat,
+    "gateway": _build_gateway,
     "litellm": _build_litellm,
     "sim": _build_sim,
     "pool": _build_pool,

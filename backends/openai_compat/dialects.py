@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 from pydantic import validate_call
 
 from treadle.backends.base import Capabilities, SchedulingHints
+from treadle.backends.openai_compat.hint_wire import BODY_FIELD, WireHints
 from treadle.backends.openai_compat.server_metrics import MetricNames
 
 # vllm/v1/metrics/loggers.py (PrometheusStatLogger). `vllm:gpu_cache_usage_perc` and
@@ -475,6 +476,26 @@ class SimDialect(_SaltMixin, Dialect):
         return body, headers
 
 
+class GatewayDialect(Dialect):
+    """`treadle gateway` (`treadle.runtime.gateway`): every hint in one `treadle` body
+    field (`hint_wire.WireHints`); the gateway schedules the call and adds the fields of
+    the replica it picks. Its `/metrics` are the gateway's own, not an engine's."""
+
+    name = "gateway"
+    health_path = "/health"
+
+    @validate_call
+    def __init__(self) -> None:
+        pass
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(streaming=True, tool_calls=True, prefix_cache=True, program_id=True)
+
+    def hint_fields(self, hints: SchedulingHints) -> tuple[dict[str, Any], dict[str, str]]:
+        return {BODY_FIELD: WireHints.from_hints(hints).to_wire()}, {}
+
+
 DIALECTS: dict[str, type[Dialect]] = {
     d.name: d
     for d in (
@@ -485,6 +506,7 @@ DIALECTS: dict[str, type[Dialect]] = {
         DynamoDialect,
         SimDialect,
         OpenAIDialect,
+        GatewayDialect,
     )
 }
 

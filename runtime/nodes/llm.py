@@ -20,6 +20,7 @@ from treadle.runtime.core.gateway import call_llm
 from treadle.runtime.core.values import as_text
 from treadle.runtime.nodes.base import NodeCall, NodeExecutor
 from treadle.runtime.nodes.tool import run_tool_calls
+from treadle.tools.base import Tool
 
 
 class LLMExecutor(NodeExecutor[LLMNode]):
@@ -49,6 +50,7 @@ async def run_llm_node(
     next_tool = next(iter(tools), None) or (
         facts.next_tools[0] if facts and facts.next_tools else None
     )
+    steps = facts.steps_to_execution if facts is not None else None
     repaired = False
     for turn in range(1, spec.max_turns + 1):
         request = LLMRequest(
@@ -64,6 +66,8 @@ async def run_llm_node(
                 tenant=ctx.options.tenant,
                 next_tool=next_tool,
                 is_last_step=last_step,
+                steps_to_execution=steps,
+                tool_duration_s=tool_duration(tools.get(next_tool or "")),
             ),
         )
         response = await call_llm(ctx, node, spec.model, request)
@@ -97,6 +101,14 @@ async def run_llm_node(
                 )
             )
     raise NodeError(node, "no answer within max_turns")
+
+
+def tool_duration(tool: Tool | None) -> float | None:
+    """How long `tool` is expected to take: its measured mean, else its declared
+    `expected_duration_s` (a hint a remote scheduler gets with the call before it)."""
+    if tool is None:
+        return None
+    return tool.stats.mean_s or tool.expected_duration_s
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)

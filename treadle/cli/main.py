@@ -561,6 +561,7 @@ BENCHMARKS = {
 def _register_subcommands() -> None:
     import importlib
 
+    from treadle.cli.gateway import gateway
     from treadle.cli.sim import app as sim_app
     from treadle.runtime.daemon.cli import register
     from treadle.runtime.daemon.remote import app as remote_app
@@ -568,6 +569,7 @@ def _register_subcommands() -> None:
     for name, module_name in BENCHMARKS.items():
         bench_app.command(name)(importlib.import_module(module_name).main)
     app.add_typer(sim_app, name="sim")
+    app.command("gateway")(gateway)
     app.add_typer(remote_app, name="remote")
     register(app)
 
