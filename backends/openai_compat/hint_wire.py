@@ -70,13 +70,13 @@ class WireHints(BaseModel):
             name = low[len(HEADER_PREFIX) :].replace("-", "_")
             if name not in cls.model_fields:
                 raise HintError(
-                    f"unknown header {key!r}; treadle headers: "
+                    f"unknown header {_header(name)}; treadle headers: "
                     + ", ".join(_header(f) for f in cls.model_fields)
                 )
             if name in ("last_llm_step", "human_wait"):
                 flag = _FLAGS.get(value.strip().lower())
                 if flag is None:
-                    raise HintError(f"header {key!r} must be true or false, got {value!r}")
+                    raise HintError(f"header {_header(name)} must be true or false, got {value!r}")
                 raw[name] = flag
             else:
                 raw[name] = value

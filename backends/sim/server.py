@@ -9,7 +9,8 @@ Endpoints:
   `data: {chunk}` lines in OpenAI's `chat.completion.chunk` format, then `data: [DONE]`;
   with `stream_options.include_usage` a last chunk carries `usage`). Tool calls come back
   in OpenAI's format (`tool_calls`, `finish_reason: "tool_calls"`). `usage` includes
-  `prompt_tokens_details.cached_tokens` (the prefix-cache hit).
+  `prompt_tokens_details.cached_tokens` (the prefix-cache hit). A client that disconnects
+  aborts its request in the engine, streamed or not (vLLM's `with_cancellation`).
 - `GET /v1/models`, `GET /health`.
 - `GET /metrics` — Prometheus text with vLLM's names: `vllm:num_requests_running`,
   `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a 0-1 fraction, as vLLM),
@@ -400,6 +401,31 @@ async def _admitted(answer: Awaitable[_T]) -> _T:
         raise _RequestError(500, str(exc)) from exc
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its (non-streamed) answer was ready."""
+
+
+async def _cancelled_on_disconnect(http: Request, answer: Awaitable[_T]) -> _T:
+    """`answer`, cancelled (and the request aborted in the engine) if the client
+    disconnects first, as vLLM's `with_cancellation` does for non-streamed requests."""
+    task = asyncio.ensure_future(answer)
+
+    async def watch() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise _ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     parts = []
     param = None
@@ -537,6 +563,10 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(_ClientGone)
+    async def _on_client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
     @app.exception_handler(_RequestError)
     async def _on_request_error(request: Request, exc: _RequestError) -> JSONResponse:
         return _error(exc.status, exc.message, exc.param)
@@ -596,7 +626,9 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
         )
         now = int(time.time())
         if not body.stream:
-            done = await _admitted(replica.complete(request, cache_salt=body.cache_salt))
+            done = await _cancelled_on_disconnect(
+                http, _admitted(replica.complete(request, cache_salt=body.cache_salt))
+            )
             message: dict[str, Any] = {"role": "assistant", "content": done.content}
             if done.tool_calls:
                 message["tool_calls"] = [c.to_openai() for c in done.tool_calls]
