@@ -80,18 +80,23 @@ class WireHints(BaseModel):
                 raw[name] = flag
             else:
                 raw[name] = value
+        from_headers = set(raw)
         if body_field is not None:
             if not isinstance(body_field, dict):
                 raise HintError(
                     f"'{BODY_FIELD}' must be an object, got {type(body_field).__name__}"
                 )
             raw.update(body_field)
+            from_headers -= set(body_field)
         if not raw:
             return _EMPTY
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else ""
+            if name in from_headers:
+                raise HintError(f"header {_header(name)}: {first['msg']}") from None
             where = ".".join(str(p) for p in first["loc"]) or BODY_FIELD
             raise HintError(f"{BODY_FIELD}.{where}: {first['msg']}") from None
 
