@@ -103,7 +103,9 @@ class Gateway:
         pool = self.pools.get(model)
         if pool is None:
             served = ", ".join(sorted(self.pools))
-            raise _Refused(404, f"the model `{model}` is not served here (served: {served})", "model")
+            raise _Refused(
+                404, f"the model `{model}` is not served here (served: {served})", "model"
+            )
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _Refused(400, "'messages' must be a non-empty list of messages", "messages")
@@ -120,14 +122,17 @@ class Gateway:
             content = m.get("content")
             if content is not None and not isinstance(content, str | list):
                 raise _Refused(
-                    400, f"messages[{i}].content must be a string, a list or null",
+                    400,
+                    f"messages[{i}].content must be a string, a list or null",
                     f"messages[{i}].content",
                 )
         if not isinstance(body.get("stream", False), bool):
             raise _Refused(400, "'stream' must be true or false", "stream")
         for name in ("max_tokens", "max_completion_tokens"):
             value = body.get(name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise _Refused(400, f"'{name}' must be a positive integer", name)
         try:
             hints = WireHints.parse(body.pop(BODY_FIELD, None), headers)
@@ -400,9 +405,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         return {
             "status": "ok",
             "models": {
-                name: [
-                    {"name": r.name, "breaker": r.breaker.state.value} for r in pool.replicas
-                ]
+                name: [{"name": r.name, "breaker": r.breaker.state.value} for r in pool.replicas]
                 for name, pool in gateway.pools.items()
             },
         }

@@ -69,7 +69,9 @@ class ReplicaConfig(_Strict):
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise GatewayConfigError(f"api_key_env: environment variable {self.api_key_env} is not set")
+            raise GatewayConfigError(
+                f"api_key_env: environment variable {self.api_key_env} is not set"
+            )
         return key
 
 
@@ -85,7 +87,9 @@ class ModelConfig(_Strict):
     @classmethod
     def _routing(cls, name: str) -> str:
         if name not in ROUTING_POLICIES:
-            raise ValueError(f"unknown routing {name!r}; expected one of {', '.join(ROUTING_POLICIES)}")
+            raise ValueError(
+                f"unknown routing {name!r}; expected one of {', '.join(ROUTING_POLICIES)}"
+            )
         return name
 
 

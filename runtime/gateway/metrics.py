@@ -114,9 +114,7 @@ class GatewayMetrics:
     def refused(self, status: int) -> None:
         self.requests.labels("", f"refused_{status}").inc()
 
-    def finished(
-        self, model: str, ok: bool, ttft_s: float | None, usage: dict[str, Any]
-    ) -> None:
+    def finished(self, model: str, ok: bool, ttft_s: float | None, usage: dict[str, Any]) -> None:
         self.requests.labels(model, "ok" if ok else "failed").inc()
         if ttft_s is not None:
             self.ttft.labels(model).observe(ttft_s)

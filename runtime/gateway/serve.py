@@ -35,9 +35,7 @@ def build_gateway(config: GatewayConfig, *, tracer_provider: Any = None) -> Gate
         tenant_weights=dict(config.tenants),
         program_idle_s=config.program_idle_s,
     )
-    return Gateway(
-        pools, scheduler, make_client(config), tracing=GatewayTracing(tracer_provider)
-    )
+    return Gateway(pools, scheduler, make_client(config), tracing=GatewayTracing(tracer_provider))
 
 
 class GatewayService:
@@ -61,7 +59,9 @@ class GatewayService:
             from redis.asyncio import Redis
 
             self._redis = Redis.from_url(self.config.redis_url)
-            self.state = GatewayState(self._redis, self.gateway.scheduler, prefix=self.config.redis_prefix)
+            self.state = GatewayState(
+                self._redis, self.gateway.scheduler, prefix=self.config.redis_prefix
+            )
             tenants, programs = await self.state.load()
             _log.info("gateway state: %d tenants, %d programs restored", tenants, programs)
         self._tg = anyio.create_task_group()

@@ -127,6 +127,4 @@ class GatewayState:
 
 def tenant_rows(raw: dict[Any, Any]) -> dict[str, dict[str, float]]:
     """The tenants hash as read back (for tools and tests)."""
-    return {
-        (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()
-    }
+    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}

@@ -162,9 +162,14 @@ def upstream_request(
     out["model"] = replica.model
     if out.get("stream") and dialect.stream_usage:
         options = out.get("stream_options")
-        out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        out["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     if hints.request_id is not None:
-        hints = hints.model_copy(update={"request_id": f"{hints.request_id}.{uuid.uuid4().hex[:8]}"})
+        hints = hints.model_copy(
+            update={"request_id": f"{hints.request_id}.{uuid.uuid4().hex[:8]}"}
+        )
     fields, headers = dialect.hint_fields(hints)
     out.update(fields)
     merged = {"content-type": "application/json", **replica.headers, **headers, **trace_headers}

@@ -34,9 +34,7 @@ class Recorded:
 def _recording(app: Any, recorded: Recorded) -> Any:
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
-            recorded.headers.append(
-                {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-            )
+            recorded.headers.append({k.decode().lower(): v.decode() for k, v in scope["headers"]})
         await app(scope, receive, send)
 
     return wrapped

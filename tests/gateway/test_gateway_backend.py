@@ -105,9 +105,7 @@ async def test_the_backend_waits_out_a_gateway_that_is_down() -> None:
         port = sock.getsockname()[1]
         url = f"http://127.0.0.1:{port}/v1"
         backend = GatewayBackend(url, MODEL, outage_s=20.0)
-        request = LLMRequest(
-            model="default", messages=[Message(role="user", content="Repair: x")], max_tokens=4
-        )
+        request = LLMRequest(model="default", messages=[Message(role="user", content="Repair: x")])
         answers = []
 
         async def call() -> None:

@@ -27,7 +27,10 @@ def gateway(
         str | None, typer.Option(help="The model name the replicas know (default: --model).")
     ] = None,
     dialect: Annotated[
-        str, typer.Option(help="The replicas' dialect: vllm, sglang, continuum, llamacpp, dynamo, sim, openai.")
+        str,
+        typer.Option(
+            help="The replicas' dialect: vllm, sglang, continuum, llamacpp, dynamo, sim, openai."
+        ),
     ] = "vllm",
     routing: Annotated[
         str, typer.Option(help="treadle, cache_aware, least_load or round_robin.")
@@ -75,7 +78,9 @@ def gateway(
                 redis_url=redis,
             )
         else:
-            raise GatewayConfigError("no replicas: give --replica URL (repeatable) or --config FILE")
+            raise GatewayConfigError(
+                "no replicas: give --replica URL (repeatable) or --config FILE"
+            )
     except (GatewayConfigError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
