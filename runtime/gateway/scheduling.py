@@ -127,14 +127,14 @@ class GatewayScheduler:
             remaining_cost_s=hints.remaining_cost_s or float(hints.steps_to_execution or 0),
             lane=self._lanes[model],
         )
-        fresh = pid not in sched.programs
-        sched.submit(call, now, tenant=tenant)
-        if fresh:
+        if pid not in sched.programs:
             attained = self.restored_attained.pop(pid, None)
             if attained:
-                p = sched.programs[pid]
+                # a program from before a restart keeps its least-attained-service level
+                p = sched.open_program(pid, tenant, now)
                 p.attained_s = attained
                 p.level = sched.level_of(attained)
+        sched.submit(call, now, tenant=tenant)
         self._pump()
         if call.state != DISPATCHED:
             event = anyio.Event()
@@ -222,8 +222,9 @@ class GatewayScheduler:
     def lane_of(self, model: str) -> int:
         return self._lanes[model]
 
-    def queued(self) -> int:
-        return self.scheduler.queued_calls
+    def waiting(self) -> int:
+        """Calls not yet sent: queued on a lane, or with a program waiting for admission."""
+        return len(self.scheduler.calls) - self.in_flight()
 
     def in_flight(self) -> int:
         return sum(lane.in_flight for lane in self.scheduler.lanes)

@@ -103,7 +103,14 @@ class GatewayState:
             pipe.hset(self.programs_key, mapping=program_rows)  # type: ignore[arg-type]
         if closed:
             pipe.hdel(self.programs_key, *closed)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except BaseException:
+            # not saved: keep it for the next save
+            gw.dirty_tenants |= tenants
+            gw.dirty_programs |= programs
+            gw.closed_programs |= closed - set(gw.programs)
+            raise
         self.saves += 1
         return len(tenant_rows) + len(program_rows) + len(closed)
 
@@ -117,12 +124,6 @@ class GatewayState:
             except Exception as exc:  # Redis away: keep scheduling, save when it is back
                 self.errors += 1
                 _log.warning("gateway state not saved to Redis: %s", exc)
-                self._requeue()
-
-    def _requeue(self) -> None:
-        gw = self.gateway
-        gw.dirty_tenants.update(gw.scheduler.tenants)
-        gw.dirty_programs.update(p for p in gw.programs if p in gw.scheduler.programs)
 
 
 def tenant_rows(raw: dict[Any, Any]) -> dict[str, dict[str, float]]:

@@ -6,10 +6,14 @@ own free port, optionally wrapped to record the requests they receive;
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,6 +24,7 @@ from treadle.backends.sim.realtime import SimReplica
 from treadle.backends.sim.server import build_replicas, create_app
 from treadle.runtime.gateway.config import GatewayConfig, parse_config
 from treadle.runtime.gateway.serve import GatewayService, running
+from treadle.testing.processes import wait_port
 
 MODEL = "sim-small"
 
@@ -96,3 +101,41 @@ async def gateway_over(
 ) -> AsyncIterator[tuple[GatewayService, str]]:
     async with running(config_for(urls, **extra), tracer_provider=tracer_provider) as (svc, url):
         yield svc, url
+
+
+class GatewayProcess:
+    """`treadle gateway ARGS` in a process of its own on `port` (to SIGKILL and restart);
+    its output goes to `log`."""
+
+    def __init__(self, args: list[str], port: int, log: Path) -> None:
+        self.args = [
+            sys.executable, "-m", "treadle.cli.main", "gateway", "--port", str(port),
+            "--log-level", "warning", *args,
+        ]  # fmt: skip
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> GatewayProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        # wait in a thread: the replicas this gateway talks to run in this event loop
+        await anyio.to_thread.run_sync(wait_port, self.port, "treadle gateway", self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
