@@ -57,7 +57,7 @@ def langgraph_agent(url: str, model: str, tenant: str, session: str) -> Any:
     llm = ChatOpenAI(
         model=model,
         base_url=url,
-        api_key="unused",  # type: ignore[arg-type]
+        api_key="unused",
         max_completion_tokens=16,
         default_headers={"X-Session-Id": session, "X-Treadle-Tenant": tenant},
     )

@@ -48,22 +48,22 @@ class GatewayState:
         """Restore tenants' accounting and open programs' service; returns how many of
         each were found."""
         sched = self.gateway.scheduler
-        tenants: dict[bytes, bytes] = await self.redis.hgetall(self.tenants_key)  # type: ignore[misc]
+        tenants = await self.redis.hgetall(self.tenants_key)
         vtime = await self.redis.get(self.vtime_key)
         if vtime is not None:
             sched.vtime = float(vtime)
         for raw_name, raw in tenants.items():
             data = json.loads(raw)
-            t = sched.tenant(raw_name.decode())
+            t = sched.tenant(_text(raw_name))
             t.vtime = float(data["vtime"])
             t.service_s = float(data["service_s"])
             t.programs_done = int(data.get("programs_done", 0))
             t.mean_program_s = float(data.get("mean_program_s", 0.0))
             t.version += 1
-        programs: dict[bytes, bytes] = await self.redis.hgetall(self.programs_key)  # type: ignore[misc]
+        programs = await self.redis.hgetall(self.programs_key)
         for raw_id, raw in programs.items():
             data = json.loads(raw)
-            self.gateway.restored_attained[raw_id.decode()] = float(data["attained_s"])
+            self.gateway.restored_attained[_text(raw_id)] = float(data["attained_s"])
         return len(tenants), len(programs)
 
     async def save(self) -> int:
@@ -128,4 +128,8 @@ class GatewayState:
 
 def tenant_rows(raw: dict[Any, Any]) -> dict[str, dict[str, float]]:
     """The tenants hash as read back (for tools and tests)."""
-    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+    return {_text(k): json.loads(v) for k, v in raw.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

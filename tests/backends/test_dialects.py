@@ -161,7 +161,16 @@ def test_capabilities() -> None:
     sim = SimDialect().capabilities
     assert sim.priority and sim.pin_ttl and sim.program_id and sim.metrics and sim.streaming
     assert OpenAIDialect().capabilities.metrics is False
-    assert set(DIALECTS) == {"vllm", "sglang", "continuum", "llamacpp", "dynamo", "sim", "openai", "gateway"}
+    assert set(DIALECTS) == {
+        "vllm",
+        "sglang",
+        "continuum",
+        "llamacpp",
+        "dynamo",
+        "sim",
+        "openai",
+        "gateway",
+    }
 
 
 def test_metric_names_match_servers() -> None:

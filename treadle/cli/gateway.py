@@ -89,10 +89,10 @@ def gateway(
         for r in mc.replicas:
             console.print(f"{name} -> {r.url} ({r.dialect})", highlight=False)
     console.print(f"treadle gateway: http://{host}:{port}/v1", highlight=False)
-    runner_options = {}
+    loop_factory = None
     if importlib.util.find_spec("uvloop") is not None:
         import uvloop
 
-        runner_options["loop_factory"] = uvloop.new_event_loop
-    with asyncio.Runner(**runner_options) as runner:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve(cfg, host, port, log_level))
