@@ -110,11 +110,26 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(_State(scheduler, pools))
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # a `labels()` lookup per call costs; each child is made once
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def refused(self, status: int) -> None:
-        self.requests.labels("", f"refused_{status}").inc()
+        self._child(self.requests, "", f"refused_{status}").inc()
 
-    def finished(self, model: str, ok: bool, ttft_s: float | None, usage: dict[str, Any]) -> None:
-        self.requests.labels(model, "ok" if ok else "failed").inc()
+    def retry(self, model: str) -> None:
+        self._child(self.retries, model).inc()
+
+    def aborted_call(self, model: str) -> None:
+        self._child(self.aborted, model).inc()
+
+    def finished(self, model: str, ok: bool, ttft_s: float | None) -> None:
+        self._child(self.requests, model, "ok" if ok else "failed").inc()
         if ttft_s is not None:
-            self.ttft.labels(model).observe(ttft_s)
+            self._child(self.ttft, model).observe(ttft_s)

@@ -16,9 +16,8 @@ from typing import Any
 
 import anyio
 import uvicorn
-from fastapi import FastAPI
 
-from treadle.runtime.gateway.app import Gateway, create_app
+from treadle.runtime.gateway.app import Gateway, GatewayApp, create_app
 from treadle.runtime.gateway.config import GatewayConfig
 from treadle.runtime.gateway.scheduling import GatewayScheduler
 from treadle.runtime.gateway.state import GatewayState
@@ -48,7 +47,7 @@ class GatewayService:
     ) -> None:
         self.config = config
         self.gateway = build_gateway(config, tracer_provider=tracer_provider)
-        self.app: FastAPI = create_app(self.gateway)
+        self.app: GatewayApp = create_app(self.gateway)
         self.state: GatewayState | None = None
         self.save_interval_s = save_interval_s
         self._tg: anyio.abc.TaskGroup | None = None

@@ -2,10 +2,10 @@
 `tracestate`) continues through the gateway to the engine, with a gateway span in between
 (`chat {model}`, kind SERVER, the replica and tokens as attributes).
 
-With OpenTelemetry installed, spans go to the global tracer provider (`treadle gateway`
-configures it from the `OTEL_*` environment, as `treadle run` does) or the one given;
-without it the caller's headers are forwarded unchanged, so the engine's spans still join
-the caller's trace.
+With OpenTelemetry installed and a tracer provider configured (`treadle gateway`
+configures the global one from the `OTEL_*` environment, as `treadle run` does, or one is
+given), spans go there; otherwise (no OpenTelemetry, or tracing off) the caller's headers
+are forwarded unchanged, so the engine's spans still join the caller's trace.
 """
 
 from __future__ import annotations
@@ -55,9 +55,18 @@ class GatewayTracing:
         self._in_context = trace.set_span_in_context
         self._kind = trace.SpanKind.SERVER
         self._tracer = trace.get_tracer("treadle.gateway", tracer_provider=tracer_provider)
+        self._provider = tracer_provider
+        self._get_provider = trace.get_tracer_provider
+        self._noop = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
+
+    def _recording(self) -> bool:
+        """Whether spans go anywhere: without a configured provider the gateway adds no
+        span (it would only cost time) and forwards the caller's context as it came."""
+        provider = self._provider or self._get_provider()
+        return not isinstance(provider, self._noop)
 
     def start(self, model: str, headers: Mapping[str, str]) -> GatewaySpan:
-        if self._tracer is None:
+        if self._tracer is None or not self._recording():
             return GatewaySpan(None, {k: headers[k] for k in TRACE_HEADERS if k in headers})
         carrier = {k: headers[k] for k in TRACE_HEADERS if k in headers}
         context = self._propagate.extract(carrier) if carrier else None

@@ -552,6 +552,7 @@ BENCHMARKS = {
     "overhead": "treadle.benchmarks.overhead",
     "dispatch": "treadle.benchmarks.dispatch",
     "agents": "treadle.benchmarks.agents.bench",
+    "gateway": "treadle.benchmarks.gateway_latency",
     "parallel": "treadle.benchmarks.parallel",
     "service": "treadle.benchmarks.service",
     "sse": "treadle.benchmarks.sse_latency",
