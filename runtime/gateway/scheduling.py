@@ -58,6 +58,9 @@ class ProgramInfo:
     tenant: str
     last_seen: float
     calls: int = 0
+    #: answers so far and their tokens (the next answer's expected length)
+    outputs: int = 0
+    output_tokens: int = 0
 
 
 class GatewayScheduler:
@@ -95,6 +98,9 @@ class GatewayScheduler:
         self.dirty_tenants: set[str] = set()
         self.dirty_programs: set[str] = set()
         self.closed_programs: set[str] = set()
+        #: mean answer length per tenant (moving), for programs with no answer yet
+        self._tenant_output: dict[str, float] = {}
+        self._any_output: float | None = None
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -119,7 +125,7 @@ class GatewayScheduler:
             self.closed_programs.discard(pid)
         info.last_seen = now
         info.calls += 1
-        output = max_tokens if max_tokens else DEFAULT_OUTPUT_TOKENS
+        output = self._expected_output(info, tenant, max_tokens)
         call = Call(
             f"{pid}#{info.calls}",
             pid,
@@ -179,6 +185,8 @@ class GatewayScheduler:
                 congested = self.ttft.congested(ttft_s, prompt)
         sched.complete(call, now, service_s=service, congested=congested)
         pid = admitted.program_id
+        if ok and completion_tokens:
+            self._learn_output(pid, admitted.hints.tenant or "default", completion_tokens)
         p = sched.programs.get(pid)
         if p is not None:
             self.dirty_tenants.add(p.tenant.name)
@@ -233,6 +241,30 @@ class GatewayScheduler:
         return {t.name: t.service_s for t in self.scheduler.tenants.values()}
 
     # -- internals -----------------------------------------------------------------------
+
+    def _expected_output(self, info: ProgramInfo, tenant: str, max_tokens: int | None) -> float:
+        """The answer's expected length: the program's mean so far, else its tenant's,
+        else the cap (at most a thousand tokens: a cap is a bound, not an estimate). A
+        good guess matters: a call is charged its estimate until it finishes."""
+        if info.outputs:
+            guess = info.output_tokens / info.outputs
+        elif tenant in self._tenant_output:
+            guess = self._tenant_output[tenant]
+        elif self._any_output is not None:  # a new tenant: what answers are like here
+            guess = self._any_output
+        else:
+            guess = min(max_tokens or DEFAULT_OUTPUT_TOKENS, 1024)
+        return min(guess, max_tokens) if max_tokens else guess
+
+    def _learn_output(self, pid: str, tenant: str, tokens: int) -> None:
+        info = self.programs.get(pid)
+        if info is not None:
+            info.outputs += 1
+            info.output_tokens += tokens
+        old = self._tenant_output.get(tenant)
+        self._tenant_output[tenant] = tokens if old is None else old + 0.1 * (tokens - old)
+        seen = self._any_output
+        self._any_output = tokens if seen is None else seen + 0.1 * (tokens - seen)
 
     def _close(self, pid: str) -> None:
         p = self.scheduler.programs.get(pid)
