@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 import anyio
 import httpx
+import orjson
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -113,11 +114,15 @@ async def _batch(
         while remaining[0] > 0:
             remaining[0] -= 1
             n = remaining[0]
-            body = (
-                '{"model": "%s", "messages": [{"role": "user", "content": "call %d of %d"}], '
-                '"max_tokens": %d, "stream": true, "stream_options": {"include_usage": true}}'
-                % (MODEL, n, w, tokens)
-            ).encode()
+            body = orjson.dumps(
+                {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"call {n} of {w}"}],
+                    "max_tokens": tokens,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            )
             samples.append(await _one(client, chat, body))
             on_call()
 
@@ -137,7 +142,8 @@ async def _bench(
     repeats: int, tokens: int, console: Console,
 ) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {"added_ttft_ms": {}, "added_total_ms": {}, "direct": {}, "gateway": {}}
-    limits = httpx.Limits(max_connections=max(levels) + 16, max_keepalive_connections=max(levels) + 16)
+    room = max(levels) + 16
+    limits = httpx.Limits(max_connections=room, max_keepalive_connections=room)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         for path in PATHS:  # warm up connections and both servers
             await _batch(client, urls[path], min(16, max(levels)), 64, tokens, lambda: None)
@@ -174,7 +180,7 @@ def main(
         str, typer.Option(help="Concurrency levels, comma-separated (streams at once).")
     ] = "1,10,100,500",
     calls_per_stream: Annotated[int, typer.Option(min=1, help="Calls per stream per batch.")] = 2,
-    min_calls: Annotated[int, typer.Option(min=1, help="At least this many calls per batch.")] = 200,
+    min_calls: Annotated[int, typer.Option(min=1, help="Calls per batch, at least.")] = 200,
     repeats: Annotated[int, typer.Option(min=1, help="Batches per path and level.")] = 3,
     tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 16,
     speed: Annotated[
@@ -196,23 +202,23 @@ def main(
     config = {
         "streams": levels, "calls_per_stream": calls_per_stream, "min_calls": min_calls,
         "repeats": repeats, "tokens": tokens, "speed": speed, "cpus": os.cpu_count(),
-        "gateway_max_in_flight": 2 * max(levels) + 64,
+        "gateway_max_in_flight": 2 * max(levels) + 64,  # above every level: no queueing
         "processes": "simulator server, gateway, client: one each",
     }  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="treadle-bench-gateway-") as tmp:
-        with _servers(Path(tmp), speed=speed, max_in_flight=config["gateway_max_in_flight"]) as (
-            direct,
-            gateway,
-        ):
-            urls = {"direct": direct, "gateway": gateway}
+    limit = 2 * max(levels) + 64
+    with (
+        tempfile.TemporaryDirectory(prefix="treadle-bench-gateway-") as tmp,
+        _servers(Path(tmp), speed=speed, max_in_flight=limit) as (direct, gateway),
+    ):
+        urls = {"direct": direct, "gateway": gateway}
 
-            async def measure() -> dict[str, Any]:
-                return await _bench(
-                    urls, levels, calls_per_stream=calls_per_stream, min_calls=min_calls,
-                    repeats=repeats, tokens=tokens, console=console,
-                )  # fmt: skip
+        async def measure() -> dict[str, Any]:
+            return await _bench(
+                urls, levels, calls_per_stream=calls_per_stream, min_calls=min_calls,
+                repeats=repeats, tokens=tokens, console=console,
+            )  # fmt: skip
 
-            results = _run(measure)
+        results = _run(measure)
     rows = []
     for level in levels:
         key = str(level)

@@ -59,7 +59,7 @@ async def test_two_workers_share_the_gateway_by_tenant_weight(redis_url: str) ->
         try:
             keys = {name: await daemon.tenant(name) for name in WEIGHTS}
             runs: dict[str, list[str]] = {name: [] for name in WEIGHTS}
-            for name, key in keys.items():
+            for key in keys.values():
                 await daemon.register(key, WORKFLOW)
             async with running_workers(daemon.services, 2) as workers:
                 async with (
