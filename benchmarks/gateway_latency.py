@@ -143,7 +143,9 @@ async def _bench(
 ) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {"added_ttft_ms": {}, "added_total_ms": {}, "direct": {}, "gateway": {}}
     room = max(levels) + 16
-    limits = httpx.Limits(max_connections=room, max_keepalive_connections=room)
+    # idle connections go before the servers' 5 s keep-alive closes them (the other
+    # path's batch can take longer than that)
+    limits = httpx.Limits(max_connections=room, max_keepalive_connections=room, keepalive_expiry=3)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         for path in PATHS:  # warm up connections and both servers
             await _batch(client, urls[path], min(16, max(levels)), 64, tokens, lambda: None)

@@ -146,6 +146,9 @@ async def serve(
                 lifespan="off",
                 access_log=False,
                 backlog=4096,
+                # clients' pools keep connections (httpx: 5 s); longer here, so a client
+                # does not reuse one the gateway is closing
+                timeout_keep_alive=30,
                 **uvicorn_options(),
             )
         )

@@ -197,5 +197,9 @@ def make_client(config: GatewayConfig) -> httpx.AsyncClient:
     """The one client for every replica: enough connections for thousands of streams."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=1024),
+        # idle connections are dropped before the engines' own keep-alive (uvicorn's 5 s,
+        # vLLM's default) closes them: reusing one the server is closing fails the call
+        limits=httpx.Limits(
+            max_connections=4096, max_keepalive_connections=1024, keepalive_expiry=4.0
+        ),
     )
