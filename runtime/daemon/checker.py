@@ -92,6 +92,15 @@ class DefinitionChecker:
             weakref.WeakKeyDictionary()
         )
 
+    async def start(self) -> None:
+        """Start the child now (the API's startup), so the first request does not wait for
+        it to import treadle; a failure is logged and the next request tries again."""
+        async with self._lock():
+            try:
+                await self._child()
+            except CheckFailed as exc:
+                log.warning("%s; the next request starts it again", exc)
+
     async def check(self, text: str, fmt: str, filename: str) -> Summary:
         """Check and compile a definition; `DefinitionError` says what is wrong with it."""
         try:
@@ -123,13 +132,16 @@ class DefinitionChecker:
             raise ProgramError(reply[1])
         return reply[1], reply[2]
 
-    async def _ask(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    def _lock(self) -> anyio.Lock:
         loop = asyncio.get_running_loop()
         lock = self._locks.get(loop)
         if lock is None:
             lock = self._locks[loop] = anyio.Lock()
-        async with lock:
+        return lock
+
+    async def _ask(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        async with self._lock():
             proc = await self._child()
             assert proc.stdin is not None and proc.stdout is not None
             done = False
