@@ -1,5 +1,4 @@
-"""A small synchronous client of the daemon's HTTP API (what `treadle submit`, `status`,
-`logs`, `answer` and `workflows` use). Errors come back as `ClientError` with the API's
+"""A small synchronous client of the daemon's HTTP API (what `treadle remote ...` uses). Errors come back as `ClientError` with the API's
 status, code and message.
 
 `events()` follows a run's Server-Sent Events and survives dropped connections: it
