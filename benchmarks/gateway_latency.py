@@ -15,7 +15,10 @@ and p99. The gateway runs with a fixed in-flight limit above the highest level
 scheduling, routing, the extra hop, passing the stream through), not scheduling delay.
 
 The report (`--json`) has `results.added_ttft_ms["<streams>"] = {"p50", "p99"}`, the same
-for `added_total_ms`, and the raw percentiles of each path (`direct`, `gateway`).
+for `added_total_ms`, and the raw percentiles of each path (`direct`, `gateway`). A call
+whose pooled connection the server had just closed (a read error before any byte: a
+keep-alive race of the client, not the path) is sent again on a new connection and timed
+from then; each path counts those (`resent_on_a_new_connection`).
 """
 
 from __future__ import annotations
@@ -87,23 +90,42 @@ def _servers(workdir: Path, *, speed: float, max_in_flight: int) -> Iterator[tup
         sim.stop()
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, float]:
-    """One streamed call: (TTFT s, total s)."""
+async def _one(
+    client: httpx.AsyncClient, url: str, body: bytes, resent: list[int]
+) -> tuple[float, float]:
+    """One streamed call: (TTFT s, total s). A call whose pooled connection the server had
+    closed (a read error before any byte) is sent again on a new one and timed from then;
+    `resent` counts those."""
     headers = {"content-type": "application/json"}
-    start = time.perf_counter()
-    ttft = None
-    async with client.stream("POST", url, content=body, headers=headers) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url} answered {r.status_code}: {(await r.aread())[:200]!r}")
-        async for _ in r.aiter_raw():
-            if ttft is None:
-                ttft = time.perf_counter() - start
-    total = time.perf_counter() - start
-    return (ttft if ttft is not None else total), total
+    for attempt in range(3):
+        start = time.perf_counter()
+        ttft = None
+        try:
+            async with client.stream("POST", url, content=body, headers=headers) as r:
+                if r.status_code != 200:
+                    raw = (await r.aread())[:200]
+                    raise RuntimeError(f"{url} answered {r.status_code}: {raw!r}")
+                async for _ in r.aiter_raw():
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if ttft is not None or attempt == 2:
+                raise
+            resent[0] += 1
+            continue
+        total = time.perf_counter() - start
+        return (ttft if ttft is not None else total), total
+    raise AssertionError("unreachable")
 
 
 async def _batch(
-    client: httpx.AsyncClient, url: str, streams: int, calls: int, tokens: int, on_call: Any
+    client: httpx.AsyncClient,
+    url: str,
+    streams: int,
+    calls: int,
+    tokens: int,
+    on_call: Any,
+    resent: list[int],
 ) -> list[tuple[float, float]]:
     """`streams` clients share `calls` calls, each sending its next when one finishes."""
     samples: list[tuple[float, float]] = []
@@ -123,13 +145,17 @@ async def _batch(
                     "stream_options": {"include_usage": True},
                 }
             )
-            samples.append(await _one(client, chat, body))
+            samples.append(await _one(client, chat, body, resent))
             on_call()
 
     async with anyio.create_task_group() as tg:
         for w in range(streams):
             tg.start_soon(worker, w)
     return samples
+
+
+def _nothing() -> None:
+    return None
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -145,10 +171,12 @@ async def _bench(
     room = max(levels) + 16
     # idle connections go before the servers' 5 s keep-alive closes them (the other
     # path's batch can take longer than that)
-    limits = httpx.Limits(max_connections=room, max_keepalive_connections=room, keepalive_expiry=3)
+    limits = httpx.Limits(
+        max_connections=room, max_keepalive_connections=room, keepalive_expiry=3.0
+    )
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         for path in PATHS:  # warm up connections and both servers
-            await _batch(client, urls[path], min(16, max(levels)), 64, tokens, lambda: None)
+            await _batch(client, urls[path], min(16, max(levels)), 64, tokens, _nothing, [0])
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console,
@@ -157,17 +185,19 @@ async def _bench(
                 calls = max(min_calls, streams * calls_per_stream)
                 task = progress.add_task(f"{streams:>4} streams", total=2 * repeats * calls)
                 pooled: dict[str, list[tuple[float, float]]] = {p: [] for p in PATHS}
+                resent = {p: [0] for p in PATHS}
                 for rep in range(repeats):
                     order = PATHS if rep % 2 == 0 else PATHS[::-1]
                     for path in order:
                         pooled[path] += await _batch(
                             client, urls[path], streams, calls, tokens,
-                            lambda t=task: progress.advance(t),
+                            lambda t=task: progress.advance(t), resent[path],
                         )  # fmt: skip
                 key = str(streams)
                 for path in PATHS:
                     out[path][key] = {
                         "calls": len(pooled[path]),
+                        "resent_on_a_new_connection": resent[path][0],
                         "ttft_ms": _pct([s[0] for s in pooled[path]]),
                         "total_ms": _pct([s[1] for s in pooled[path]]),
                     }

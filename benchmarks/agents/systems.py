@@ -19,6 +19,7 @@ from treadle.benchmarks.agents.baselines import (
     VLLMSystem,
 )
 from treadle.benchmarks.agents.frontend import Frontend
+from treadle.benchmarks.agents.scaleout import PerWorkerSchedulers
 from treadle.benchmarks.agents.treadle_system import TreadleSystem
 
 FACTORIES: dict[str, Callable[[], Frontend]] = {
@@ -28,6 +29,7 @@ FACTORIES: dict[str, Callable[[], Frontend]] = {
     "continuum": ContinuumSystem,
     "autellix": AutellixSystem,
     "treadle": TreadleSystem,
+    "treadle-per-worker": PerWorkerSchedulers,
     "bound": BoundSystem,
 }
 SYSTEMS = tuple(FACTORIES)
