@@ -68,7 +68,7 @@ class _Process:
 
 
 @contextlib.contextmanager
-def _servers(workdir: Path, *, speed: float, max_in_flight: int) -> Iterator[tuple[str, str]]:
+def _servers(workdir: Path, *, speed: float, max_in_flight: int) -> Iterator[tuple[str, str, int]]:
     sim_port, gw_port = free_port(), free_port()
     sim = _Process(
         ["sim", "serve", "--port", str(sim_port), "--speed", str(speed), "--model", MODEL,
@@ -84,7 +84,11 @@ def _servers(workdir: Path, *, speed: float, max_in_flight: int) -> Iterator[tup
     try:
         sim.start(sim_port, "the simulator server")
         gateway.start(gw_port, "treadle gateway")
-        yield f"http://127.0.0.1:{sim_port}/v1", f"http://127.0.0.1:{gw_port}/v1"
+        yield (
+            f"http://127.0.0.1:{sim_port}/v1",
+            f"http://127.0.0.1:{gw_port}/v1",
+            gateway.proc.pid,
+        )
     finally:
         gateway.stop()
         sim.stop()
@@ -154,6 +158,17 @@ async def _batch(
     return samples
 
 
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) process `pid` has used (Linux `/proc`; 0 elsewhere)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _nothing() -> None:
     return None
 
@@ -165,7 +180,7 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 async def _bench(
     urls: dict[str, str], levels: list[int], *, calls_per_stream: int, min_calls: int,
-    repeats: int, tokens: int, console: Console,
+    repeats: int, tokens: int, console: Console, gateway_pid: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {"added_ttft_ms": {}, "added_total_ms": {}, "direct": {}, "gateway": {}}
     room = max(levels) + 16
@@ -186,13 +201,17 @@ async def _bench(
                 task = progress.add_task(f"{streams:>4} streams", total=2 * repeats * calls)
                 pooled: dict[str, list[tuple[float, float]]] = {p: [] for p in PATHS}
                 resent = {p: [0] for p in PATHS}
+                gateway_cpu = 0.0
                 for rep in range(repeats):
                     order = PATHS if rep % 2 == 0 else PATHS[::-1]
                     for path in order:
+                        cpu_before = _cpu_s(gateway_pid)
                         pooled[path] += await _batch(
                             client, urls[path], streams, calls, tokens,
                             lambda t=task: progress.advance(t), resent[path],
                         )  # fmt: skip
+                        if path == "gateway":
+                            gateway_cpu += _cpu_s(gateway_pid) - cpu_before
                 key = str(streams)
                 for path in PATHS:
                     out[path][key] = {
@@ -201,6 +220,8 @@ async def _bench(
                         "ttft_ms": _pct([s[0] for s in pooled[path]]),
                         "total_ms": _pct([s[1] for s in pooled[path]]),
                     }
+                # the gateway process's CPU per call it passed on (user + system)
+                out["gateway"][key]["cpu_ms_per_call"] = 1000 * gateway_cpu / len(pooled["gateway"])
                 for metric in ("ttft_ms", "total_ms"):
                     d, g = out["direct"][key][metric], out["gateway"][key][metric]
                     out[f"added_{metric}"][key] = {q: g[q] - d[q] for q in ("p50", "p99")}
@@ -240,14 +261,14 @@ def main(
     limit = 2 * max(levels) + 64
     with (
         tempfile.TemporaryDirectory(prefix="treadle-bench-gateway-") as tmp,
-        _servers(Path(tmp), speed=speed, max_in_flight=limit) as (direct, gateway),
+        _servers(Path(tmp), speed=speed, max_in_flight=limit) as (direct, gateway, gw_pid),
     ):
         urls = {"direct": direct, "gateway": gateway}
 
         async def measure() -> dict[str, Any]:
             return await _bench(
                 urls, levels, calls_per_stream=calls_per_stream, min_calls=min_calls,
-                repeats=repeats, tokens=tokens, console=console,
+                repeats=repeats, tokens=tokens, console=console, gateway_pid=gw_pid,
             )  # fmt: skip
 
         results = _run(measure)
@@ -259,9 +280,11 @@ def main(
             level, d["ttft_ms"]["p50"], g["ttft_ms"]["p50"], results["added_ttft_ms"][key]["p50"],
             d["ttft_ms"]["p99"], g["ttft_ms"]["p99"], results["added_ttft_ms"][key]["p99"],
             results["added_total_ms"][key]["p50"], results["added_total_ms"][key]["p99"],
+            g["cpu_ms_per_call"],
         ])  # fmt: skip
     columns = ["streams", "TTFT p50 direct", "via gateway", "added", "TTFT p99 direct",
-               "via gateway", "added", "total added p50", "total added p99"]  # fmt: skip
+               "via gateway", "added", "total added p50", "total added p99",
+               "gateway CPU ms/call"]  # fmt: skip
     print_table("treadle bench gateway (ms)", columns, rows, console=Console(width=160))
     top = str(levels[-1])
     ratios = {

@@ -17,6 +17,7 @@ redis_url: redis://localhost:6379/0     # tenant accounting and programs survive
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ def config_from_flags(
     dialect: str = "vllm",
     routing: str = "treadle",
     max_in_flight: int | None = None,
-    tenants: list[str] = (),  # type: ignore[assignment]
+    tenants: Sequence[str] = (),
     redis_url: str | None = None,
 ) -> GatewayConfig:
     """The config of `treadle gateway --replica URL ... [--tenant NAME=WEIGHT ...]`: one

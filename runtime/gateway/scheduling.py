@@ -11,8 +11,10 @@ person thinks), and is told the next tool's predicted duration otherwise; a prog
 no call for `program_idle_s` is closed (its run ended without saying so).
 
 The cost of a call (GPU seconds, what fair shares count) is estimated at dispatch from the
-prompt and the answer cap, and corrected at completion from the usage the engine reports,
-as in `SchedulerAdmission`.
+prompt and the expected answer (the program's mean answer so far, else its tenant's, else
+all tenants', else the cap), and corrected at completion from the usage the engine
+reports, as in `SchedulerAdmission`: a call is charged its estimate while it runs, so a
+poor guess swings the shares until it finishes.
 """
 
 from __future__ import annotations
