@@ -160,13 +160,13 @@ async def handle_chat(gw: Gateway, scope: Scope, receive: Receive, send: Send) -
     task = asyncio.current_task()
     assert task is not None
     gone: list[bool] = []
+    finished: list[bool] = []
 
     def on_message(fut: asyncio.Future[Any]) -> None:
-        if (
-            not fut.cancelled()
-            and fut.exception() is None
-            and fut.result()["type"] == "http.disconnect"
-        ):
+        # `finished`: the handler returned before this ran (the task is uvicorn's again)
+        if finished or fut.cancelled() or fut.exception() is not None:
+            return
+        if fut.result()["type"] == "http.disconnect":
             gone.append(True)
             task.cancel()
 
@@ -202,6 +202,7 @@ async def handle_chat(gw: Gateway, scope: Scope, receive: Receive, send: Send) -
             call.close(error=f"{type(exc).__name__}: {exc}", ok=False)
         raise
     finally:
+        finished.append(True)
         watcher.remove_done_callback(on_message)
         watcher.cancel()
 
