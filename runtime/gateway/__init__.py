@@ -10,6 +10,7 @@ shares, least attained service per program, program affinity. Modules:
 - `scheduling`: programs and calls of the scheduler, per served model;
 - `state`: tenant accounting and the program table in Redis (a restart resumes shares);
 - `tracing`: the gateway's span between the caller's trace and the engine's;
+- `context`: `Gateway`, what the request path serves with;
 - `chat`: the hot path, `POST /v1/chat/completions`, a plain ASGI handler;
 - `app`: the rest of the HTTP API (models, health, metrics, program end);
 - `metrics`: Prometheus counters and gauges;

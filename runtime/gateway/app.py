@@ -11,42 +11,18 @@ The chat path is served by a plain ASGI handler; the other endpoints by FastAPI.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from treadle.runtime.gateway.chat import Receive, Scope, Send, handle_chat
-from treadle.runtime.gateway.metrics import GatewayMetrics
-from treadle.runtime.gateway.scheduling import GatewayScheduler
-from treadle.runtime.gateway.tracing import GatewayTracing
-from treadle.runtime.gateway.upstream import ModelPool
+from treadle.runtime.gateway.context import Gateway
+
+__all__ = ["Gateway", "GatewayApp", "create_app"]
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
-
-
-class Gateway:
-    """What the app serves with: the pools, the scheduler, the HTTP client, tracing and
-    metrics."""
-
-    def __init__(
-        self,
-        pools: dict[str, ModelPool],
-        scheduler: GatewayScheduler,
-        client: httpx.AsyncClient,
-        *,
-        tracing: GatewayTracing | None = None,
-        metrics: GatewayMetrics | None = None,
-    ) -> None:
-        self.pools = pools
-        self.scheduler = scheduler
-        self.client = client
-        self.tracing = tracing or GatewayTracing()
-        self.metrics = metrics or GatewayMetrics(scheduler, pools)
-        self.started = time.time()
 
 
 class GatewayApp:

@@ -29,7 +29,7 @@ from treadle.runtime.gateway.tracing import GatewaySpan
 from treadle.runtime.gateway.upstream import ModelPool, NoReplica, Routed, upstream_request
 
 if TYPE_CHECKING:
-    from treadle.runtime.gateway.app import Gateway
+    from treadle.runtime.gateway.context import Gateway
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
