@@ -321,6 +321,9 @@ class _Call:
                 assert self.routed is not None
                 self._retry(self.routed, f"the stream ended before its first chunk: {exc!r}")
                 continue
+            except BaseException:  # the client left while the first token was awaited
+                await response.aclose()
+                raise
             break
         self.ttft_s = time.perf_counter() - self.sent_at
         assert self.routed is not None
