@@ -19,6 +19,7 @@ from treadle import errors
 from treadle.errors import (
     BackendError,
     DaemonError,
+    GatewayError,
     GraphError,
     RunError,
     SetupError,
@@ -85,6 +86,9 @@ SUBTREE = {
     "RunInterrupted": DaemonError,
     "LoginRequired": DaemonError,
     "ClientError": DaemonError,
+    "GatewayConfigError": GatewayError,
+    "HintError": GatewayError,
+    "CallWithdrawn": GatewayError,
     "TracingUnavailable": SetupError,
     "MetricsUnavailable": SetupError,
     "RedisUnavailable": SetupError,

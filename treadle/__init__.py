@@ -30,6 +30,7 @@ from treadle.backends import (
 from treadle.errors import (
     BackendError,
     DaemonError,
+    GatewayError,
     GraphError,
     RunError,
     SetupError,
@@ -124,6 +125,7 @@ __all__ = [
     "ExtraHeaders",
     "FirstOf",
     "FuncNode",
+    "GatewayError",
     "Graph",
     "GraphError",
     "GraphFacts",

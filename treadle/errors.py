@@ -49,6 +49,10 @@ treadle's, so every layer (tools and backends included) may raise from it.
     │   ├── RunInterrupted             a worker stopped a run; its writes are refused
     │   ├── LoginRequired              the web view's request has no valid session
     │   └── ClientError                what `DaemonClient` raises for an error answer
+    ├── GatewayError               `treadle gateway` refused or could not serve a request
+    │   ├── GatewayConfigError         runtime.gateway.config: flags or a config file
+    │   ├── HintError                  openai_compat.hint_wire: malformed treadle hints
+    │   └── CallWithdrawn              runtime.gateway.scheduling: its program was closed
     └── SetupError                 what was asked needs something this install lacks
         ├── TracingUnavailable         the OpenTelemetry packages
         ├── MetricsUnavailable         prometheus-client
@@ -65,6 +69,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "DaemonError",
+    "GatewayError",
     "GraphError",
     "RunError",
     "SetupError",
@@ -114,6 +119,10 @@ class StoreError(TreadleError):
 
 class DaemonError(TreadleError):
     """The daemon (its HTTP API, workers, tenants, quotas) or its client refused something."""
+
+
+class GatewayError(TreadleError):
+    """`treadle gateway` refused a request, or could not serve it (its configuration)."""
 
 
 class SetupError(TreadleError):

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from treadle.backends.base import SchedulingHints
+from treadle.errors import GatewayError
 
 #: the body field that carries the hints
 BODY_FIELD = "treadle"
@@ -39,7 +40,7 @@ SESSION_HEADERS = ("x-treadle-session", "x-session-id")
 _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-class HintError(ValueError):
+class HintError(GatewayError, ValueError):
     """Hints that cannot be read; the message names the field and what is wrong."""
 
 

@@ -401,10 +401,6 @@ async def _admitted(answer: Awaitable[_T]) -> _T:
         raise _RequestError(500, str(exc)) from exc
 
 
-class _ClientGone(Exception):
-    """The client disconnected before its (non-streamed) answer was ready."""
-
-
 async def _cancelled_on_disconnect(http: Request, answer: Awaitable[_T]) -> _T:
     """`answer`, cancelled (and the request aborted in the engine) if the client
     disconnects first, as vLLM's `with_cancellation` does for non-streamed requests."""
@@ -420,7 +416,8 @@ async def _cancelled_on_disconnect(http: Request, answer: Awaitable[_T]) -> _T:
         return await task
     except asyncio.CancelledError:
         if watcher.done() and not watcher.cancelled():
-            raise _ClientGone() from None
+            # nobody reads it: nginx's "client closed request"
+            raise _RequestError(499, "the client disconnected") from None
         raise
     finally:
         watcher.cancel()
@@ -562,10 +559,6 @@ def create_app(replica: SimReplica, *, served_model_name: str | None = None) -> 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(_ClientGone)
-    async def _on_client_gone(request: Request, exc: _ClientGone) -> Response:
-        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
     @app.exception_handler(_RequestError)
     async def _on_request_error(request: Request, exc: _RequestError) -> JSONResponse:

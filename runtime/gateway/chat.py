@@ -24,9 +24,15 @@ import orjson
 from treadle.backends.base import SchedulingHints
 from treadle.backends.dispatch.routing import RequestFeatures
 from treadle.backends.openai_compat.hint_wire import BODY_FIELD, HintError, WireHints, session_of
+from treadle.errors import GatewayError
 from treadle.runtime.gateway.scheduling import Admitted, CallWithdrawn
 from treadle.runtime.gateway.tracing import GatewaySpan
-from treadle.runtime.gateway.upstream import ModelPool, NoReplica, Routed, upstream_request
+from treadle.runtime.gateway.upstream import (
+    ModelPool,
+    NoReplicaAvailable,
+    Routed,
+    upstream_request,
+)
 
 if TYPE_CHECKING:
     from treadle.runtime.gateway.context import Gateway
@@ -43,17 +49,14 @@ _KINDS = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError",
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-class Refused(Exception):
-    """A request the gateway answers itself (a 4xx, or a 503 when no replica can)."""
+class _Refused(GatewayError):
+    """A request the gateway answers itself (a 4xx, or a 503 when no replica can); it
+    never leaves the handler."""
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
-
-
-class _ClientGone(Exception):
-    pass
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
@@ -72,53 +75,53 @@ async def respond(send: Send, status: int, body: bytes, headers: list[Any] | Non
 def parse_chat(
     raw: bytes, headers: dict[str, str], pools: dict[str, ModelPool]
 ) -> tuple[dict[str, Any], ModelPool, WireHints]:
-    """The body, the model's pool and the hints of a chat request; `Refused` says what
+    """The body, the model's pool and the hints of a chat request; `_Refused` says what
     is wrong with it."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise Refused(400, f"the body is not JSON: {exc}") from None
+        raise _Refused(400, f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise Refused(400, f"the body must be a JSON object, got {type(body).__name__}")
+        raise _Refused(400, f"the body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise Refused(400, "'model' is required: the name of a served model", "model")
+        raise _Refused(400, "'model' is required: the name of a served model", "model")
     pool = pools.get(model)
     if pool is None:
         served = ", ".join(sorted(pools))
-        raise Refused(404, f"the model `{model}` is not served here (served: {served})", "model")
+        raise _Refused(404, f"the model `{model}` is not served here (served: {served})", "model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise Refused(400, "'messages' must be a non-empty list of messages", "messages")
+        raise _Refused(400, "'messages' must be a non-empty list of messages", "messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise Refused(400, f"messages[{i}] must be an object", f"messages[{i}]")
+            raise _Refused(400, f"messages[{i}] must be an object", f"messages[{i}]")
         role = m.get("role")
         if role not in _ROLES:
-            raise Refused(
+            raise _Refused(
                 400,
                 f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
                 f"messages[{i}].role",
             )
         content = m.get("content")
         if content is not None and not isinstance(content, str | list):
-            raise Refused(
+            raise _Refused(
                 400,
                 f"messages[{i}].content must be a string, a list or null",
                 f"messages[{i}].content",
             )
     if not isinstance(body.get("stream", False), bool):
-        raise Refused(400, "'stream' must be true or false", "stream")
+        raise _Refused(400, "'stream' must be true or false", "stream")
     for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
-            raise Refused(400, f"'{name}' must be a positive integer", name)
+            raise _Refused(400, f"'{name}' must be a positive integer", name)
     try:
         hints = WireHints.parse(body.pop(BODY_FIELD, None), headers)
     except HintError as exc:
-        raise Refused(400, str(exc), BODY_FIELD) from None
+        raise _Refused(400, str(exc), BODY_FIELD) from None
     return body, pool, hints
 
 
@@ -131,13 +134,14 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body; None when the client disconnected before sending all of it."""
     message = await receive()
     body = message.get("body", b"")
     while message.get("more_body"):
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone()
+            return None
         body += message.get("body", b"")
     return bytes(body)
 
@@ -145,14 +149,13 @@ async def _read_body(receive: Receive) -> bytes:
 async def handle_chat(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI handler of `POST /v1/chat/completions` (module docstring)."""
     started = time.perf_counter()
-    try:
-        raw = await _read_body(receive)
-    except _ClientGone:
+    raw = await _read_body(receive)
+    if raw is None:
         return
     headers = _headers(scope)
     try:
         body, pool, hints = parse_chat(raw, headers, gw.pools)
-    except Refused as exc:
+    except _Refused as exc:
         gw.metrics.refused(exc.status)
         await respond(send, exc.status, error_body(exc.status, str(exc), exc.param))
         return
@@ -247,13 +250,13 @@ class _Call:
 
     async def _send(self, stream: bool) -> httpx.Response:
         """The first replica that takes the call: its open response (a success, or a 4xx
-        that is the caller's). `Refused` (503) when none can."""
+        that is the caller's). `_Refused` (503) when none can."""
         gw, pool = self.gw, self.pool
         while True:
             try:
                 routed = pool.route(self.features, self.tried)
-            except NoReplica as exc:
-                raise Refused(503, str(exc)) from None
+            except NoReplicaAvailable as exc:
+                raise _Refused(503, str(exc)) from None
             self.routed = routed
             content, headers = upstream_request(
                 routed.replica, self.body, self.hints, self.span.headers
@@ -283,7 +286,7 @@ class _Call:
     async def whole(self, send: Send) -> None:
         try:
             response = await self._send(stream=False)
-        except Refused as exc:
+        except _Refused as exc:
             self.close(error=str(exc), ok=False)
             await respond(send, exc.status, error_body(exc.status, str(exc), exc.param))
             return
@@ -303,7 +306,7 @@ class _Call:
         while True:
             try:
                 response = await self._send(stream=True)
-            except Refused as exc:
+            except _Refused as exc:
                 self.close(error=str(exc), ok=False)
                 await respond(send, exc.status, error_body(exc.status, str(exc), exc.param))
                 return

@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 
 from treadle.backends.dispatch.routing import ROUTING_POLICIES
 from treadle.backends.openai_compat.dialects import DIALECTS, Dialect, make_dialect
-from treadle.errors import TreadleError
+from treadle.errors import GatewayError
 
 
-class GatewayConfigError(TreadleError, ValueError):
+class GatewayConfigError(GatewayError, ValueError):
     """The gateway's configuration is wrong; the message names the field."""
 
 

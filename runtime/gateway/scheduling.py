@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import anyio
 
 from treadle.backends.openai_compat.hint_wire import WireHints
+from treadle.errors import GatewayError
 from treadle.runtime.sched.limits import AIMDLimit, LimitConfig, TTFTSignal
 from treadle.runtime.sched.scheduler import DISPATCHED, Call, Scheduler
 
@@ -37,7 +38,7 @@ DECODE_S_PER_TOKEN = 0.002
 DEFAULT_OUTPUT_TOKENS = 256
 
 
-class CallWithdrawn(Exception):
+class CallWithdrawn(GatewayError):
     """The call's program was closed while the call waited."""
 
 

@@ -26,6 +26,7 @@ from treadle.backends.base import SchedulingHints
 from treadle.backends.dispatch.pool import CircuitBreaker
 from treadle.backends.dispatch.routing import (
     DEFAULT_CHUNK_TOKENS,
+    NoReplicaAvailable,
     RequestFeatures,
     Router,
     Ticket,
@@ -37,10 +38,6 @@ from treadle.runtime.gateway.config import GatewayConfig, ModelConfig
 
 #: characters per token of the estimate (as `treadle.backends.tokens.CHARS`)
 CHARS_PER_TOKEN = 4
-
-
-class NoReplica(Exception):
-    """Every replica of the model failed for this call or has its breaker open."""
 
 
 @dataclass(eq=False)
@@ -113,7 +110,7 @@ class ModelPool:
             self.router.set_available(i, usable)
             any_usable = any_usable or usable
         if not any_usable:
-            raise NoReplica(self.describe(tried))
+            raise NoReplicaAvailable(self.describe(tried))
         ticket = self.router.route(features)
         replica = self.replicas[ticket.replica]
         replica.breaker.on_attempt()
