@@ -54,6 +54,46 @@ def test_the_fit_recovers_a_known_profile() -> None:
     assert fit["request_overhead_s"] == pytest.approx(0.004, rel=0.1)
 
 
+def _tiled(base: Profile, tile: int, **rates: float) -> Profile:
+    return base.model_copy(
+        update={
+            "efficiency": Efficiency(**rates, attention_query_tile=tile),
+            "sources": {**base.sources, "efficiency.attention_query_tile": "test"},
+        }
+    )
+
+
+def _tile_probes(p: Profile, cached: tuple[int, ...], prefill: tuple[int, ...]) -> list[Sample]:
+    out = [Sample("prefill", n, ttft_s=0.01 + p.prefill_time(n)) for n in prefill]
+    for n in cached:
+        for suffix in (32, 512):
+            t = 0.01 + p.prefill_time(n + suffix, n)
+            out.append(Sample("cached", n + suffix, n, ttft_s=t))
+    for b in (1, 4, 32):
+        for c in (64, 3072):
+            t = p.decode_step_time(b, c)
+            out.append(Sample("decode", c, batch=b, context=c, decode_s=t))
+    return out
+
+
+def test_a_fit_with_a_small_query_tile_predicts_shapes_it_never_saw() -> None:
+    """A CPU-like engine whose attention re-reads the cached KV every 2 query tokens. (For
+    chunks of a few tiles or more, a tile of T costs what compute-bound attention at the
+    KV rate / T does, so any small tile fits; what matters is that the profile predicts.)"""
+    base = Profile.load("llamacpp_cpu_small")
+    real = _tiled(
+        base, 2, mfu=0.06, attention_mfu=0.03, mbu=0.02, kv_mbu=0.006, step_overhead_s=0.0
+    )
+    fit = fit_efficiency(base, _tile_probes(real, cached=(1024, 4096), prefill=(32, 2048, 4096)))
+    assert fit["fit_mape"] < 0.01
+    profile = calibrated_profile(base, fit, server="s", served_model="m", samples=1)
+    for n, cached in ((3100, 3000), (3000, 1000), (700, 0)):
+        predicted = profile.prefill_time(n, cached)
+        assert predicted == pytest.approx(real.prefill_time(n, cached), rel=0.03)
+    predicted = profile.decode_step_time(2, 2000)
+    assert predicted == pytest.approx(real.decode_step_time(2, 2000), rel=0.03)
+
+
 def test_a_calibrated_profile_says_where_its_numbers_come_from() -> None:
     fit = fit_efficiency(Profile.default(), probes(truth(), overhead=0.0))
     profile = calibrated_profile(
