@@ -165,7 +165,7 @@ class Probe:
                     f"{response.text[:300]}"
                 )
             async for line in response.aiter_lines():
-                if _OUTPUT.search(line):
+                if carries_output(line):
                     stamps.append(time.perf_counter() - start)
                 if _USAGE.search(line):
                     usage = json.loads(line.removeprefix("data:"))["usage"]
@@ -184,6 +184,13 @@ class Probe:
 
 #: a streamed chunk that carries output: non-empty `content` or a tool call delta
 _OUTPUT = re.compile(r'"(?:content":\s*"[^"]|tool_calls":\s*\[)')
+
+
+def carries_output(line: str) -> bool:
+    """Whether a raw server-sent-events line is a chunk with output (no JSON parsing)."""
+    return _OUTPUT.search(line) is not None
+
+
 #: the chunk with the token counts (`stream_options.include_usage`)
 _USAGE = re.compile(r'"usage":\s*\{')
 

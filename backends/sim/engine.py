@@ -492,7 +492,7 @@ class Engine:
         if chunks:
             tokens = B
             attn = float(sum_ctx + B)
-            read = sum_ctx
+            read = float(sum_ctx)
             kv_read = self.profile.kv_read_tokens
             for r, c in chunks:
                 a = r._computed

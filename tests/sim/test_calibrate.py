@@ -5,6 +5,7 @@ tests/realengine.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,10 +13,12 @@ import pytest
 from treadle.backends.sim.calibrate import (
     Sample,
     calibrated_profile,
+    carries_output,
     fit_efficiency,
     mape,
     simulate_mix,
     validate,
+    validate_replays,
 )
 from treadle.backends.sim.engine import EngineConfig
 from treadle.backends.sim.profile import Efficiency, Profile
@@ -137,3 +140,36 @@ def test_validation_replays_a_mix_on_the_engine() -> None:
 def test_mape_ignores_zero_measurements() -> None:
     assert mape([(1.1, 1.0), (5.0, 0.0)]) == pytest.approx(0.1)
     assert math.isnan(mape([]))
+
+
+def test_validation_takes_each_requests_median_over_replays_and_reports_each() -> None:
+    """Three replays of a mix, one of them stalled (every time doubled): the error is
+    taken against each request's median, and the stalled replay's own error and the
+    spread between replays are reported beside it, not hidden."""
+    real = truth()
+    config = EngineConfig()
+    mix = [Sample("mix", 800 + 300 * i, output_tokens=24, start_s=0.2 * i) for i in range(8)]
+    for s, (ttft, decode) in zip(mix, simulate_mix(real, mix, config), strict=True):
+        s.ttft_s, s.decode_s = ttft, decode
+    stalled = [dataclasses.replace(s, ttft_s=2 * s.ttft_s, decode_s=2 * s.decode_s) for s in mix]
+    v = validate_replays(real, [[mix, stalled, list(mix)]], config)
+    assert v["requests"] == 8 and v["replays"] == 3
+    assert v["ttft_mape"] == pytest.approx(0.0, abs=1e-9)
+    assert v["ttft_mape_each_replay"][1] == pytest.approx(0.5)
+    assert v["decode_mape_each_replay"][1] == pytest.approx(0.5)
+    assert v["ttft_spread_p50"] == pytest.approx(1.0)  # (2x - 1x) / 1x
+
+
+@pytest.mark.parametrize(
+    ("line", "output"),
+    [
+        ('data: {"choices":[{"delta":{"role":"assistant","content":null}}]}', False),
+        ('data: {"choices":[{"delta":{"content":""}}]}', False),
+        ('data: {"choices":[{"delta":{"content":"ab"}}]}', True),
+        ('data: {"choices": [{"delta": {"content": "\\n"}}]}', True),
+        ('data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}', True),
+        ('data: {"choices":[],"usage":{"prompt_tokens":5}}', False),
+    ],
+)
+def test_the_probe_client_tells_output_chunks_from_the_raw_line(line: str, output: bool) -> None:
+    assert carries_output(line) is output
