@@ -5,20 +5,31 @@ its own llama.cpp servers) runs three kinds of probes over the OpenAI chat API, 
 with `ignore_eos` so every answer has the length asked for:
 
 - **prefill**: one request at a time, prompts of growing length, one output token: the
-  time to first token (TTFT) against the prompt's tokens (`usage.prompt_tokens`), the
-  median of `reps` repetitions;
-- **cache hit**: a prompt, then the same prompt with a short suffix: TTFT with the prefix
-  served from the server's cache (`usage.prompt_tokens_details.cached_tokens`);
+  time to first token (TTFT) against the prompt's tokens (`usage.prompt_tokens`);
+- **cache hit**: a prompt, then the same prompt with a short and (separately) a long
+  suffix: TTFT with the prefix served from the server's cache
+  (`usage.prompt_tokens_details.cached_tokens`) — a short suffix is bound by reading the
+  cached KV, a long one by compute;
 - **decode**: B requests at once, prompts of C tokens, long answers: the time per decode
   step while all B decode together (the window between the last first token and the first
   last token), for B up to the server's batch and C up to its context.
 
+Every probe runs in `reps` passes and counts by its median time over them: the held-back
+mix runs on the same machine, so the fit must describe its typical speed, not its best
+(the minimum would fit an idle machine). The passes' spread is reported. The client does
+as little as it can per streamed chunk (it shares the cores with a local server): a time
+stamp and a pattern test on the raw line; only the usage chunk is parsed.
+
 The base profile gives the hardware and the model (and the engine's limits); the fit
-replaces its efficiencies: `step_overhead_s`, `mfu` and `mbu` (the roofline of
-`Profile.step_time`), plus the per-request overhead the engine does not model (HTTP,
+replaces its efficiencies: `step_overhead_s`, `mfu`, `attention_mfu`, `mbu`, `kv_mbu` and
+`attention_query_tile` (the roofline per kernel of `Profile.step_time`), plus the
+per-request overhead the engine does not model (HTTP,
 tokenising, the chat template), by least squares on relative errors: the four rates
 (`mfu`, `attention_mfu`, `mbu`, `kv_mbu`) by a simplex search in log space from several
-starts, the two additive constants, for each candidate, by weighted linear least squares.
+starts, the two additive constants, for each candidate, by weighted linear least squares;
+the query tile by trying each of `QUERY_TILES` (a tile of T costs what compute-bound
+attention at the KV rate / T costs for chunks of T tokens or more, so on a CPU the tile
+is loosely determined while the predictions are not).
 Attention and KV reads get their own efficiencies because their kernels run well below
 the GEMMs' and weight streaming's rates (several times on a CPU; on a GPU decode attention
 is bound by paged KV reads).
@@ -26,11 +37,14 @@ Every fitted number's `sources` note says which server, when, and from how many 
 
 **Validation** then replays a held-back mix — Poisson arrivals at half the rate the
 server serves such requests one at a time (sent in parts between the probe passes, so a
-machine whose speed drifts drifts under both), log-uniform prompt lengths, uniform answer
+machine whose speed drifts drifts under both; each part `MixSpec.repeats` times, with the
+same arrivals and lengths and fresh text), log-uniform prompt lengths, uniform answer
 lengths, a third of the prompts behind one of three shared prefixes — on the server and
 on the simulator (the engine in virtual time with the calibrated profile, the same
 arrivals, prompts and answer lengths), and reports the mean absolute percentage error of
-TTFT and of decode time (first to last token). Nothing here depends on the engine being
+TTFT and of decode time (first to last token) against each request's median over the
+replays, with each replay's own error and the replays' spread beside it. The fit never
+sees the mix. Nothing here depends on the engine being
 llama.cpp: the same command calibrates a profile for vLLM on a GPU.
 """
 

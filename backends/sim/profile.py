@@ -40,7 +40,7 @@ the peaks times `mfu` and `mbu`:
   tokens on `a` computed ones reads `kv_read_tokens(c, a)` = `k * a + tile * k * (k - 1) / 2`
   tokens of KV, `k = ceil(c / tile)` (None: a chunk reads its context once). A decode
   token reads its whole context; a short suffix on a long cached prefix reads the prefix
-  once per tile and is bound by memory, not compute.
+  once per tile, and is bound by those reads where they outlast its FLOPs.
 """
 
 from __future__ import annotations
