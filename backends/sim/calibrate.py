@@ -746,8 +746,8 @@ def validate(
 class ProbePlan:
     prefill_lengths: tuple[int, ...] = (32, 128, 512, 1024, 2048, 3072, 4096)
     cached_lengths: tuple[int, ...] = (256, 1024, 4096)
-    #: new tokens after each cached prefix: a short suffix is bound by reading the cached
-    #: KV, a long one by compute; the two tell the attention kernel's query tile
+    #: new tokens after each cached prefix: a short suffix can be bound by reading the
+    #: cached KV, a long one by compute
     cached_suffixes: tuple[int, ...] = (32, 512)
     decode_batches: tuple[int, ...] = (1, 2, 4)
     decode_contexts: tuple[int, ...] = (64, 1024, 3072)
