@@ -5,20 +5,31 @@ its own llama.cpp servers) runs three kinds of probes over the OpenAI chat API, 
 with `ignore_eos` so every answer has the length asked for:
 
 - **prefill**: one request at a time, prompts of growing length, one output token: the
-  time to first token (TTFT) against the prompt's tokens (`usage.prompt_tokens`), the
-  median of `reps` repetitions;
-- **cache hit**: a prompt, then the same prompt with a short suffix: TTFT with the prefix
-  served from the server's cache (`usage.prompt_tokens_details.cached_tokens`);
+  time to first token (TTFT) against the prompt's tokens (`usage.prompt_tokens`);
+- **cache hit**: a prompt, then the same prompt with a short and (separately) a long
+  suffix: TTFT with the prefix served from the server's cache
+  (`usage.prompt_tokens_details.cached_tokens`) — a short suffix is bound by reading the
+  cached KV, a long one by compute;
 - **decode**: B requests at once, prompts of C tokens, long answers: the time per decode
   step while all B decode together (the window between the last first token and the first
   last token), for B up to the server's batch and C up to its context.
 
+Every probe runs in `reps` passes and counts by its median time over them: the held-back
+mix runs on the same machine, so the fit must describe its typical speed, not its best
+(the minimum would fit an idle machine). The passes' spread is reported. The client does
+as little as it can per streamed chunk (it shares the cores with a local server): a time
+stamp and a pattern test on the raw line; only the usage chunk is parsed.
+
 The base profile gives the hardware and the model (and the engine's limits); the fit
-replaces its efficiencies: `step_overhead_s`, `mfu` and `mbu` (the roofline of
-`Profile.step_time`), plus the per-request overhead the engine does not model (HTTP,
+replaces its efficiencies: `step_overhead_s`, `mfu`, `attention_mfu`, `mbu`, `kv_mbu` and
+`attention_query_tile` (the roofline per kernel of `Profile.step_time`), plus the
+per-request overhead the engine does not model (HTTP,
 tokenising, the chat template), by least squares on relative errors: the four rates
 (`mfu`, `attention_mfu`, `mbu`, `kv_mbu`) by a simplex search in log space from several
-starts, the two additive constants, for each candidate, by weighted linear least squares.
+starts, the two additive constants, for each candidate, by weighted linear least squares;
+the query tile by trying each of `QUERY_TILES` (a tile of T costs what compute-bound
+attention at the KV rate / T costs for chunks of T tokens or more, so on a CPU the tile
+is loosely determined while the predictions are not).
 Attention and KV reads get their own efficiencies because their kernels run well below
 the GEMMs' and weight streaming's rates (several times on a CPU; on a GPU decode attention
 is bound by paged KV reads).
@@ -26,18 +37,23 @@ Every fitted number's `sources` note says which server, when, and from how many 
 
 **Validation** then replays a held-back mix — Poisson arrivals at half the rate the
 server serves such requests one at a time (sent in parts between the probe passes, so a
-machine whose speed drifts drifts under both), log-uniform prompt lengths, uniform answer
+machine whose speed drifts drifts under both; each part `MixSpec.repeats` times, with the
+same arrivals and lengths and fresh text), log-uniform prompt lengths, uniform answer
 lengths, a third of the prompts behind one of three shared prefixes — on the server and
 on the simulator (the engine in virtual time with the calibrated profile, the same
 arrivals, prompts and answer lengths), and reports the mean absolute percentage error of
-TTFT and of decode time (first to last token). Nothing here depends on the engine being
+TTFT and of decode time (first to last token) against each request's median over the
+replays, with each replay's own error and the replays' spread beside it. The fit never
+sees the mix. Nothing here depends on the engine being
 llama.cpp: the same command calibrates a profile for vLLM on a GPU.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import anyio
+import httpx
 
 from treadle.backends.base import LLMRequest, Message
 from treadle.backends.openai_compat.backend import OpenAICompatBackend
@@ -52,6 +69,7 @@ from treadle.backends.sim.blocks import Prompt
 from treadle.backends.sim.clock import VirtualClock
 from treadle.backends.sim.engine import Engine, EngineConfig, SimRequest
 from treadle.backends.sim.profile import Calibration, Efficiency, Profile
+from treadle.errors import BackendError
 
 Kind = Literal["prefill", "cached", "decode", "mix"]
 
@@ -110,8 +128,11 @@ class CalibrationReport:
 class Probe:
     """Streams requests to one server and times their tokens."""
 
-    def __init__(self, backend: OpenAICompatBackend, *, seed: int = 0) -> None:
+    def __init__(
+        self, backend: OpenAICompatBackend, client: httpx.AsyncClient, *, seed: int = 0
+    ) -> None:
         self.backend = backend
+        self.client = client
         self.rng = random.Random(seed)
         self.tokens_per_word = 1.0
         self._serial = 0
@@ -130,30 +151,62 @@ class Probe:
         self.tokens_per_word = max(0.1, (sample.prompt_tokens - empty.prompt_tokens) / words)
 
     async def send(self, text: str, max_tokens: int, *, times: list[float] | None = None) -> Sample:
+        """Stream one chat request and time its tokens (`times`, when given, gets the time
+        of every chunk that carries output, from the send).
+
+        The client shares the machine with the server it measures (on a small host, its
+        cores): it does as little as it can per streamed chunk — a time stamp and a
+        pattern search on the raw line; only the usage chunk is parsed."""
         request = LLMRequest(
             model="probe",
             messages=[Message(role="user", content=text)],
             max_tokens=max_tokens,
             temperature=0.0,
         )
-        start = time.perf_counter()
+        body, headers = self.backend.build_request(
+            request, stream=True, extra_body={"ignore_eos": True}
+        )
         stamps: list[float] = [] if times is None else times
-        usage = None
-        async for chunk in self.backend.stream(request, extra_body={"ignore_eos": True}):
-            if chunk.delta or chunk.tool_calls:
-                stamps.append(time.perf_counter() - start)
-            if chunk.usage is not None:
-                usage = chunk.usage
+        usage: dict[str, Any] | None = None
+        start = time.perf_counter()
+        async with self.client.stream(
+            "POST", self.backend.api_base + "/chat/completions", json=body, headers=headers
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise BackendError(
+                    f"{self.backend.name} answered HTTP {response.status_code}: "
+                    f"{response.text[:300]}"
+                )
+            async for line in response.aiter_lines():
+                if carries_output(line):
+                    stamps.append(time.perf_counter() - start)
+                if _USAGE.search(line):
+                    usage = json.loads(line.removeprefix("data:"))["usage"]
         if usage is None or not stamps:
-            raise RuntimeError(f"{self.backend.name} streamed no tokens or no usage")
+            raise BackendError(f"{self.backend.name} streamed no tokens or no usage")
+        details = usage.get("prompt_tokens_details") or {}
         return Sample(
             kind="prefill",
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_prompt_tokens,
-            output_tokens=usage.completion_tokens,
+            prompt_tokens=int(usage["prompt_tokens"]),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+            output_tokens=int(usage["completion_tokens"]),
             ttft_s=stamps[0],
             decode_s=stamps[-1] - stamps[0],
         )
+
+
+#: a streamed chunk that carries output: non-empty `content` or a tool call delta
+_OUTPUT = re.compile(r'"(?:content":\s*"[^"]|tool_calls":\s*\[)')
+
+
+def carries_output(line: str) -> bool:
+    """Whether a raw server-sent-events line is a chunk with output (no JSON parsing)."""
+    return _OUTPUT.search(line) is not None
+
+
+#: the chunk with the token counts (`stream_options.include_usage`)
+_USAGE = re.compile(r'"usage":\s*\{')
 
 
 def _median_sample(samples: Sequence[Sample]) -> Sample:
@@ -172,7 +225,7 @@ def _median_sample(samples: Sequence[Sample]) -> Sample:
     )
 
 
-#: a probe's identity across passes: (kind, nominal length, batch)
+#: a probe's identity across passes: (kind, nominal length, batch or cached suffix)
 ProbeKey = tuple[str, int, int]
 
 
@@ -184,11 +237,12 @@ async def probe_pass(probe: Probe, plan: ProbePlan) -> dict[ProbeKey, Sample]:
         sample.kind = "prefill"
         out["prefill", n, 1] = sample
     for n in plan.cached_lengths:
-        base = probe.text(n)
-        await probe.send(base, 1)
-        sample = await probe.send(base + " " + probe.text(32, unique=False), 1)
-        sample.kind = "cached"
-        out["cached", n, 1] = sample
+        for suffix in plan.cached_suffixes:
+            base = probe.text(n)
+            await probe.send(base, 1)
+            sample = await probe.send(base + " " + probe.text(suffix, unique=False), 1)
+            sample.kind = "cached"
+            out["cached", n, suffix] = sample
     for c in plan.decode_contexts:
         for b in plan.decode_batches:
             step = await probe_decode_step(probe, b, c, plan.decode_output)
@@ -232,6 +286,21 @@ def merge_passes(passes: Sequence[dict[ProbeKey, Sample]]) -> list[Sample]:
     return [_median_sample([p[k] for p in passes if k in p]) for k in keys]
 
 
+def probe_spread(passes: Sequence[dict[ProbeKey, Sample]]) -> dict[str, float]:
+    """How much the passes disagree: for each probe measured more than once, (slowest -
+    fastest) / median of its time; the median and the largest over the probes."""
+    spreads = []
+    for key in {k for p in passes for k in p}:
+        runs = [p[key] for p in passes if key in p]
+        times = [r.decode_s if key[0] == "decode" else r.ttft_s for r in runs]
+        mid = statistics.median(times)
+        if len(times) > 1 and mid > 0:
+            spreads.append((max(times) - min(times)) / mid)
+    if not spreads:
+        return {}
+    return {"probe_spread_p50": statistics.median(spreads), "probe_spread_max": max(spreads)}
+
+
 # -- the fit ---------------------------------------------------------------------------------
 
 
@@ -251,20 +320,22 @@ class _Row:
 
 
 def _prefill_steps(profile: Profile, n: int, cached: int) -> list[Work]:
-    """The work of each engine step of a lone prefill, chunked as `Profile.prefill_time`."""
+    """The work of each engine step of a lone prefill, chunked as `Profile.prefill_time`
+    (the KV each chunk reads by the profile's attention query tile)."""
     budget = profile.engine.max_num_batched_tokens
     cached = min(max(0, cached), n - 1)
     steps, done = [], cached
     while done < n:
         c = min(budget, n - done)
-        steps.append(_step(profile, c, c * done + c * (c + 1) / 2, done))
+        steps.append(_step(profile, c, c * done + c * (c + 1) / 2, profile.kv_read_tokens(c, done)))
         done += c
     return steps
 
 
 def _step(profile: Profile, tokens: float, attn_ctx: float, kv_read: float) -> Work:
-    """As the engine's step time: compute (GEMMs + attention) against memory (the weights
-    once, the KV read and written), with the stored sizes; the slopes carry the rates."""
+    """As the engine's step time: the GEMMs (FLOPs against the weights, read once) and
+    attention (FLOPs against the KV read and written), with the stored sizes; the slopes
+    carry the rates."""
     m = profile.model
     attention = 4.0 * m.layers * m.num_heads * m.head_dim * attn_ctx
     kv = profile.kv_storage_bytes_per_token * (kv_read + tokens)
@@ -273,7 +344,7 @@ def _step(profile: Profile, tokens: float, attn_ctx: float, kv_read: float) -> W
 
 def _time(steps: Sequence[Work], s: Slopes) -> float:
     a, c, b, d = s
-    return sum(max(a * f + c * g, b * w + d * k) for f, g, w, k in steps)
+    return sum(max(a * f, b * w) + max(c * g, d * k) for f, g, w, k in steps)
 
 
 def _rows(profile: Profile, samples: Sequence[Sample]) -> list[_Row]:
@@ -288,42 +359,46 @@ def _rows(profile: Profile, samples: Sequence[Sample]) -> list[_Row]:
     return rows
 
 
-def _solve(rows: Sequence[_Row], slopes: Slopes) -> tuple[float, float, float]:
-    """For fixed slopes, the constants `(r, o) >= 0` that minimise the squared relative
-    error; returns `(r, o, error)`."""
-    g = [_time(row.steps, slopes) for row in rows]
-    u = [1.0 if row.uses_r else 0.0 for row in rows]
-    v = [float(len(row.steps)) for row in rows]
-    w = [1.0 / row.target**2 for row in rows]
-    y = [row.target - gi for row, gi in zip(rows, g, strict=True)]
+class _System:
+    """The probes' rows with what does not depend on the slopes computed once: `solve`
+    runs for every point the simplex search tries."""
 
-    def fit(use_r: bool, use_o: bool) -> tuple[float, float]:
-        suu = sum(wi * ui * ui for wi, ui in zip(w, u, strict=True)) if use_r else 0.0
-        svv = sum(wi * vi * vi for wi, vi in zip(w, v, strict=True)) if use_o else 0.0
-        suv = sum(wi * ui * vi for wi, ui, vi in zip(w, u, v, strict=True))
+    def __init__(self, rows: Sequence[_Row]) -> None:
+        self.rows = rows
+        self.u = [1.0 if row.uses_r else 0.0 for row in rows]
+        self.v = [float(len(row.steps)) for row in rows]
+        self.w = [1.0 / row.target**2 for row in rows]
+        w, u, v = self.w, self.u, self.v
+        self.suu = sum(wi * ui * ui for wi, ui in zip(w, u, strict=True))
+        self.svv = sum(wi * vi * vi for wi, vi in zip(w, v, strict=True))
+        self.suv = sum(wi * ui * vi for wi, ui, vi in zip(w, u, v, strict=True))
+
+    def solve(self, slopes: Slopes) -> tuple[float, float, float]:
+        """For fixed slopes, the constants `(r, o) >= 0` that minimise the squared
+        relative error; returns `(r, o, error)`."""
+        w, u, v = self.w, self.u, self.v
+        y = [row.target - _time(row.steps, slopes) for row in self.rows]
         suy = sum(wi * ui * yi for wi, ui, yi in zip(w, u, y, strict=True))
         svy = sum(wi * vi * yi for wi, vi, yi in zip(w, v, y, strict=True))
-        if use_r and use_o:
-            det = suu * svv - suv * suv
-            if abs(det) > 1e-30:
-                return (svv * suy - suv * svy) / det, (suu * svy - suv * suy) / det
-        if use_r and suu > 0:
-            return suy / suu, 0.0
-        if use_o and svv > 0:
-            return 0.0, svy / svv
-        return 0.0, 0.0
-
-    best = (0.0, 0.0, math.inf)
-    for use_r, use_o in ((True, True), (True, False), (False, True), (False, False)):
-        r, o = fit(use_r, use_o)
-        if r < 0 or o < 0:
-            continue
-        err = sum(
-            wi * (r * ui + o * vi - yi) ** 2 for wi, ui, vi, yi in zip(w, u, v, y, strict=True)
-        )
-        if err < best[2]:
-            best = (r, o, err)
-    return best
+        syy = sum(wi * yi * yi for wi, yi in zip(w, y, strict=True))
+        suu, svv, suv = self.suu, self.svv, self.suv
+        candidates = [(0.0, 0.0)]
+        if suu > 0:
+            candidates.append((suy / suu, 0.0))
+        if svv > 0:
+            candidates.append((0.0, svy / svv))
+        det = suu * svv - suv * suv
+        if abs(det) > 1e-30:
+            candidates.append(((svv * suy - suv * svy) / det, (suu * svy - suv * suy) / det))
+        best = (0.0, 0.0, math.inf)
+        for r, o in candidates:
+            if r < 0 or o < 0:
+                continue
+            # sum of w * (r*u + o*v - y)^2, expanded
+            err = r * r * suu + o * o * svv + 2 * r * o * suv - 2 * r * suy - 2 * o * svy + syy
+            if err < best[2]:
+                best = (r, o, err)
+        return best
 
 
 def _nelder_mead(
@@ -369,10 +444,51 @@ def _nelder_mead(
     return simplex[i], values[i]
 
 
-def fit_efficiency(profile: Profile, samples: Sequence[Sample]) -> dict[str, float]:
-    """Fit `step_overhead_s`, `mfu`, `attention_mfu`, `mbu`, `kv_mbu` and the request
-    overhead to the probes (module docstring)."""
-    rows = _rows(profile, samples)
+#: attention query tiles the fit tries (None: a chunk reads its context once)
+QUERY_TILES: tuple[int | None, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, None)
+
+
+def with_query_tile(profile: Profile, tile: int | None) -> Profile:
+    return profile.model_copy(
+        update={"efficiency": profile.efficiency.model_copy(update={"attention_query_tile": tile})}
+    )
+
+
+def fit_efficiency(
+    profile: Profile, samples: Sequence[Sample], tiles: Sequence[int | None] = QUERY_TILES
+) -> dict[str, float]:
+    """Fit `step_overhead_s`, `mfu`, `attention_mfu`, `mbu`, `kv_mbu`, the attention query
+    tile (the best of `tiles`) and the request overhead to the probes (module docstring).
+    In the result `attention_query_tile` is 0 for None (a chunk reads its context once).
+
+    Every tile is tried from one start, the three best from all of them."""
+    if len(samples) < 6:
+        raise ValueError("too few probes to fit (need at least 6)")
+    screened = sorted(
+        (_fit_rates(with_query_tile(profile, t), samples, _STARTS[:1])[1], i)
+        for i, t in enumerate(tiles)
+    )
+    best: tuple[float, dict[str, float]] | None = None
+    for _, i in screened[:3]:
+        fit, err = _fit_rates(with_query_tile(profile, tiles[i]), samples, _STARTS)
+        if best is None or err < best[0]:
+            best = (err, {**fit, "attention_query_tile": float(tiles[i] or 0)})
+    assert best is not None
+    return best[1]
+
+
+#: where the simplex search starts, in log space around each rate alone explaining the
+#: probes: (GEMM FLOPs, attention FLOPs, weight bytes, KV bytes)
+_STARTS = ((0, 0, 0, 0), (0, 2, -2, -2), (-1, 1, -3, 0), (0, 3, -3, -3), (1, 0, -1, -4))
+
+
+def _fit_rates(
+    profile: Profile, samples: Sequence[Sample], starts: Sequence[tuple[int, ...]]
+) -> tuple[dict[str, float], float]:
+    """The rates and constants for the profile's attention query tile, and the fit's
+    objective (the sum of squared relative errors)."""
+    system = _System(_rows(profile, samples))
+    rows = system.rows
     if len(rows) < 6:
         raise ValueError("too few probes to fit (need at least 6)")
     peak = profile.gpu.peak_flops * profile.gpu.count
@@ -384,27 +500,26 @@ def fit_efficiency(profile: Profile, samples: Sequence[Sample]) -> dict[str, flo
         return a, c, b, d
 
     def error(x: list[float]) -> float:
-        return _solve(rows, slopes(x))[2]
+        return system.solve(slopes(x))[2]
 
-    # starting points: each rate alone explaining the probes, then spread around them
     a0 = statistics.median(r.target / sum(s[0] for s in r.steps) for r in rows if r.uses_r)
     b0 = statistics.median(r.target / sum(s[2] for s in r.steps) for r in rows)
     d0 = statistics.median(r.target / max(1.0, sum(s[3] for s in r.steps)) for r in rows)
     base = [math.log(a0), math.log(a0), math.log(b0), math.log(d0)]
     best_x, best_err = base, error(base)
-    for shift in ((0, 0, 0, 0), (0, 2, -2, -2), (-1, 1, -3, 0), (0, 3, -3, -3), (1, 0, -1, -4)):
+    for shift in starts:
         start = [v + s for v, s in zip(base, shift, strict=True)]
         x, err = _nelder_mead(error, start, step=1.5, iterations=400)
         if err < best_err:
             best_x, best_err = x, err
     s = slopes(best_x)
-    r, o, _ = _solve(rows, s)
+    r, o, _ = system.solve(s)
     predicted = [r * row.uses_r + o * len(row.steps) + _time(row.steps, s) for row in rows]
     mape = statistics.mean(
         abs(p - row.target) / row.target for p, row in zip(predicted, rows, strict=True)
     )
     a, c, b, d = s
-    return {
+    fit = {
         "mfu": min(1.0, 1.0 / (a * peak)),
         "attention_mfu": min(1.0, 1.0 / (c * peak)),
         "mbu": min(1.0, 1.0 / (b * bandwidth)),
@@ -413,6 +528,7 @@ def fit_efficiency(profile: Profile, samples: Sequence[Sample]) -> dict[str, flo
         "request_overhead_s": r,
         "fit_mape": mape,
     }
+    return fit, best_err
 
 
 def calibrated_profile(
@@ -423,9 +539,13 @@ def calibrated_profile(
         f"fitted by `treadle sim calibrate` against {server} ({served_model}) on {when}, "
         f"{samples} probes, mean |error| {fit['fit_mape']:.1%}"
     )
+    tile = round(fit.get("attention_query_tile", 0)) or None
     sources = dict(base.sources)
     for key in ("mfu", "attention_mfu", "mbu", "kv_mbu", "step_overhead_s"):
         sources[f"efficiency.{key}"] = note
+    sources.pop("efficiency.attention_query_tile", None)
+    if tile is not None:
+        sources["efficiency.attention_query_tile"] = f"the best of {QUERY_TILES} " + note
     return base.model_copy(
         update={
             "name": f"{base.name}-calibrated",
@@ -436,6 +556,7 @@ def calibrated_profile(
                 mbu=fit["mbu"],
                 kv_mbu=fit["kv_mbu"],
                 step_overhead_s=fit["step_overhead_s"],
+                attention_query_tile=tile,
             ),
             "sources": sources,
             "calibration": Calibration(
@@ -467,6 +588,9 @@ class MixSpec:
     prefix_tokens: int = 600
     shared_fraction: float = 0.35
     seed: int = 1
+    #: times each part is sent (the same arrivals and lengths, fresh text): the error is
+    #: taken against each request's median, and reported for every replay as well
+    repeats: int = 3
 
 
 async def run_mix(probe: Probe, spec: MixSpec, prefixes: Sequence[str]) -> list[Sample]:
@@ -534,6 +658,64 @@ def mape(pairs: Sequence[tuple[float, float]]) -> float:
     return statistics.mean(abs(p - m) / m for p, m in usable) if usable else math.nan
 
 
+def merge_replays(replays: Sequence[Sequence[Sample]]) -> list[Sample]:
+    """The replays of one part as one: each request's median time and token counts."""
+    merged = []
+    for same in zip(*replays, strict=True):
+        first = same[0]
+        merged.append(
+            Sample(
+                kind="mix",
+                prompt_tokens=round(statistics.median(s.prompt_tokens for s in same)),
+                cached_tokens=round(statistics.median(s.cached_tokens for s in same)),
+                output_tokens=first.output_tokens,
+                ttft_s=statistics.median(s.ttft_s for s in same),
+                decode_s=statistics.median(s.decode_s for s in same),
+                start_s=statistics.median(s.start_s for s in same),
+                prefix=first.prefix,
+                prefix_tokens=first.prefix_tokens,
+            )
+        )
+    return merged
+
+
+def replay_spread(replays: Sequence[Sequence[Sample]]) -> dict[str, float]:
+    """How much replays of the same requests disagree: the median over requests of
+    (slowest - fastest) / median, for TTFT and for decode time."""
+    out: dict[str, float] = {}
+    for name, get in (("ttft", lambda s: s.ttft_s), ("decode", lambda s: s.decode_s)):
+        spreads = []
+        for same in zip(*replays, strict=True):
+            times = [get(s) for s in same]
+            mid = statistics.median(times)
+            if mid > 0 and len(times) > 1:
+                spreads.append((max(times) - min(times)) / mid)
+        if spreads:
+            out[f"{name}_spread_p50"] = statistics.median(spreads)
+    return out
+
+
+def validate_replays(
+    profile: Profile, replays: Sequence[Sequence[Sequence[Sample]]], config: EngineConfig
+) -> dict[str, Any]:
+    """`validate` on each part's per-request medians over its replays (`replays[part]
+    [replay][request]`), with every replay's own errors and the replays' spread beside."""
+    out = validate(profile, [merge_replays(part) for part in replays], config)
+    n = min(len(part) for part in replays)
+    each = [validate(profile, [part[i] for part in replays], config) for i in range(n)]
+    out["ttft_mape_each_replay"] = [v["ttft_mape"] for v in each]
+    out["decode_mape_each_replay"] = [v["decode_mape"] for v in each]
+    out["replays"] = n
+    for part in replays:
+        for key, value in replay_spread(part).items():
+            out.setdefault(key + "_parts", []).append(value)
+    for key in ("ttft_spread_p50", "decode_spread_p50"):
+        values = out.pop(key + "_parts", [])
+        if values:
+            out[key] = statistics.median(values)
+    return out
+
+
 def validate(
     profile: Profile, parts: Sequence[Sequence[Sample]], config: EngineConfig
 ) -> dict[str, Any]:
@@ -564,6 +746,9 @@ def validate(
 class ProbePlan:
     prefill_lengths: tuple[int, ...] = (32, 128, 512, 1024, 2048, 3072, 4096)
     cached_lengths: tuple[int, ...] = (256, 1024, 4096)
+    #: new tokens after each cached prefix: a short suffix can be bound by reading the
+    #: cached KV, a long one by compute
+    cached_suffixes: tuple[int, ...] = (32, 512)
     decode_batches: tuple[int, ...] = (1, 2, 4)
     decode_contexts: tuple[int, ...] = (64, 1024, 3072)
     decode_output: int = 160
@@ -589,7 +774,29 @@ async def calibrate(
     spec = mix or MixSpec()
     say = echo or (lambda *_: None)
     started = time.perf_counter()
-    probe = Probe(backend, seed=seed)
+    # A fresh connection per request: servers close kept-alive connections on their own
+    # terms (llama.cpp's after a few requests), and a request sent on one that is closing
+    # fails; a loopback or LAN connect costs far less than the request overhead fitted.
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(backend.timeout_s, connect=10.0),
+        limits=httpx.Limits(max_keepalive_connections=0),
+    ) as client:
+        return await _calibrate(
+            Probe(backend, client, seed=seed), base, plan, spec, config, seed, say, started
+        )
+
+
+async def _calibrate(
+    probe: Probe,
+    base: Profile,
+    plan: ProbePlan,
+    spec: MixSpec,
+    config: EngineConfig | None,
+    seed: int,
+    say: Callable[..., Any],
+    started: float,
+) -> CalibrationReport:
+    backend = probe.backend
     await probe.learn_tokenizer()
     say(f"tokenizer: {probe.tokens_per_word:.2f} tokens per probe word")
     passes = [await probe_pass(probe, plan)]
@@ -604,11 +811,13 @@ async def calibrate(
     # GPU, little on a CPU, so this keeps either at most about half busy
     rate = min(spec.rate, 0.5 / max(service, 1e-6))
     parts_n = max(1, plan.reps - 1)
-    say(f"held-back mix: {spec.requests} requests at {rate:.2f}/s in {parts_n} part(s)")
-    parts: list[list[Sample]] = []
+    repeats = max(1, spec.repeats)
+    say(
+        f"held-back mix: {spec.requests} requests at {rate:.2f}/s in {parts_n} part(s), "
+        f"each sent {repeats} time(s)"
+    )
+    parts: list[list[list[Sample]]] = []
     for i in range(parts_n):
-        # each part its own prefixes: the simulator replays every part from a cold cache
-        prefixes = [probe.text(spec.prefix_tokens) for _ in range(spec.prefixes)]
         part = MixSpec(
             **{
                 **asdict(spec),
@@ -617,7 +826,12 @@ async def calibrate(
                 "seed": seed + 1 + i,
             }
         )
-        parts.append(await run_mix(probe, part, prefixes))
+        replays = []
+        for _ in range(repeats):
+            # each replay its own prefixes: the simulator replays it from a cold cache
+            prefixes = [probe.text(spec.prefix_tokens) for _ in range(spec.prefixes)]
+            replays.append(await run_mix(probe, part, prefixes))
+        parts.append(replays)
         passes.append(await probe_pass(probe, plan))
     samples = merge_passes(passes)
     say(f"{len(samples)} probes ({len(passes)} passes); fitting")
@@ -625,8 +839,9 @@ async def calibrate(
     profile = calibrated_profile(
         base, fit, server=backend.root_url, served_model=backend.model, samples=len(samples)
     )
-    validation = validate(profile, parts, config or EngineConfig())
+    validation = validate_replays(profile, parts, config or EngineConfig())
     validation["rate_per_s"] = rate
+    validation.update(probe_spread(passes))
     profile = profile.model_copy(
         update={
             "calibration": (profile.calibration or _missing()).model_copy(
@@ -639,7 +854,7 @@ async def calibrate(
     )
     return CalibrationReport(
         profile=profile,
-        samples=[*samples, *(s for part in parts for s in part)],
+        samples=[*samples, *(s for part in parts for replay in part for s in replay)],
         validation=validation,
         fit=fit,
         wall_s=time.perf_counter() - started,

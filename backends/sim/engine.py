@@ -56,8 +56,9 @@ The model, step by step:
   blocks are freed (cached ones stay cached and evictable) and it goes back to the waiting
   queue to be recomputed (prompt + tokens generated so far), keeping its output count.
   A step that had to preempt admits no waiting request (as vLLM). Nothing is ever dropped.
-- **Step time**: `Profile.step_time` (roofline) over the step's tokens, attention context
-  and KV reads.
+- **Step time**: `Profile.step_time` (a roofline per kernel: the GEMMs against the
+  weights, attention against the KV it reads, once per query tile of each chunk) over the
+  step's tokens, attention context and KV reads.
 - **Policies** (`EngineConfig.policy`, `waiting.py`): `fcfs` (arrival order), `priority`
   (lower `priority` first, then arrival; vLLM), `program` (vllm-continuum: waiting requests
   of a program that holds a pin first, then by the arrival of the request's program, then
@@ -162,13 +163,8 @@ class Engine:
         #: an arrival later truncates is reported as planned
         self.on_step: Callable[[StepInfo], None] | None = None
         # step-time coefficients (Profile.step_time, split for closed-form sums)
-        flops = profile.effective_flops
-        bw = profile.effective_bandwidth
         self._oh = profile.efficiency.step_overhead_s
-        self._c_tok = 2.0 * profile.model.params / flops
-        self._c_attn = profile.attn_flops_per_ctx_token / flops
-        self._c_w = profile.weight_bytes / bw
-        self._c_kv = profile.kv_bytes_per_token / bw
+        self._c_tok, self._c_attn, self._c_w, self._c_kv = profile.step_coefficients
         # running requests
         self._pre: dict[int, SimRequest] = {}  # prefilling, in admission order
         self._dec: dict[int, SimRequest] = {}  # decoding (aggregate form)
@@ -194,6 +190,7 @@ class Engine:
         self._t0 = 0.0
         self._k = 0
         self._coef = (0.0, 0.0, 0.0, 0.0)
+        self._gemm = 0.0
         self._chunks: list[tuple[SimRequest, int]] = []
         self._abort_later: list[SimRequest] = []
         self._seqs = itertools.count(1)
@@ -495,20 +492,25 @@ class Engine:
         if chunks:
             tokens = B
             attn = float(sum_ctx + B)
-            read = sum_ctx
+            read = float(sum_ctx)
+            kv_read = self.profile.kv_read_tokens
             for r, c in chunks:
                 a = r._computed
                 tokens += c
                 attn += c * a + c * (c + 1) / 2.0
-                read += a
-            dt = self._oh + max(
-                self._c_tok * tokens + self._c_attn * attn,
-                self._c_w + self._c_kv * (read + tokens),
+                read += kv_read(c, a)
+            dt = (
+                self._oh
+                + max(self._c_tok * tokens, self._c_w)
+                + max(self._c_attn * attn, self._c_kv * (read + tokens))
             )
             k = 1
         else:
-            a0 = self._c_tok * B + self._c_attn * (sum_ctx + B)
-            c0 = self._c_w + self._c_kv * (sum_ctx + B)
+            # the GEMMs' time is the same every step of the run; attention's grows with
+            # the contexts
+            self._gemm = max(self._c_tok * B, self._c_w)
+            a0 = self._c_attn * (sum_ctx + B)
+            c0 = self._c_kv * (sum_ctx + B)
             self._coef = (a0, self._c_attn * B, c0, self._c_kv * B)
             k = 1 if preempted else self._jump_length(S)
             dt = self._span(k)
@@ -536,7 +538,7 @@ class Engine:
     def _span(self, j: int) -> float:
         """Duration of the first `j` steps of the current decode run."""
         a, b, c, e = self._coef
-        return j * self._oh + sum_max_linear(a, b, c, e, j)
+        return j * (self._oh + self._gemm) + sum_max_linear(a, b, c, e, j)
 
     def _interrupt(self) -> None:
         """Something changed mid-run: end the run at the step now in progress."""

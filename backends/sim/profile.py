@@ -16,19 +16,31 @@ Public API (stable):
     p.weight_bytes                             # params * dtype bytes
     p.kv_capacity_tokens / p.kv_capacity_blocks
     p.step_time(tokens, attn_ctx, kv_read_tokens) -> seconds   # the roofline, one step
+    p.kv_read_tokens(c, computed) -> float     # KV a chunk of c new tokens reads
+    p.chunk_time(c, computed) -> seconds       # one step: a lone chunk of c new tokens
     p.prefill_time(n, cached=0) -> seconds     # a lone request's TTFT, chunked as the engine
     p.prefill_tokens_per_s(n) -> float
     p.decode_step_time(batch, context) -> seconds
     p.calibration                              # how it was measured, when calibrated
 
-The step-time model (docs/benchmarks.md): `t = overhead + max(flops / (peak * mfu),
-bytes / (bandwidth * mbu))` where `flops = 2 * params * tokens + 4 * layers * (heads *
-head_dim) * attn_ctx` (attn_ctx: the sum over the step's new tokens of the context each
-attends to, itself included; the attention term weighted by `mfu / attention_mfu` when a
-profile gives attention its own efficiency), and `bytes = weights + kv_bytes_per_token *
-(kv_read_tokens + tokens)` — the weights once per step, the KV cache each decoding request
-(and each prefill chunk's already-computed prefix) reads, and the KV the step's new tokens
-write.
+The step-time model (docs/benchmarks.md), a roofline per kernel, the kernels one after the
+other: `t = overhead + max(gemm_flops / flops, weight_bytes / bandwidth) +
+max(attention_flops / flops, kv_bytes / bandwidth)`, where `flops` and `bandwidth` are
+the peaks times `mfu` and `mbu`:
+
+- the GEMMs (projections, MLP): `2 * params * tokens` FLOPs against the weights, read once
+  per step — decode steps are bound by the weights, large prefill chunks by compute;
+- attention: `4 * layers * (heads * head_dim) * attn_ctx` FLOPs (attn_ctx: the sum over
+  the step's new tokens of the context each attends to, itself included; weighted by
+  `mfu / attention_mfu` when a profile gives attention its own efficiency) against the KV
+  it moves: `kv_bytes_per_token * (kv_read_tokens + tokens)` — the KV the new tokens write,
+  and the attended context read once *per query tile*: an attention kernel streams the
+  context past a tile of `attention_query_tile` query tokens at a time (FlashAttention's
+  row block on a GPU; on a CPU, llama.cpp's kernels reuse little), so a chunk of `c` new
+  tokens on `a` computed ones reads `kv_read_tokens(c, a)` = `k * a + tile * k * (k - 1) / 2`
+  tokens of KV, `k = ceil(c / tile)` (None: a chunk reads its context once). A decode
+  token reads its whole context; a short suffix on a long cached prefix reads the prefix
+  once per tile, and is bound by those reads where they outlast its FLOPs.
 """
 
 from __future__ import annotations
@@ -86,6 +98,9 @@ class Efficiency(BaseModel):
     #: achieved / peak bandwidth of reading the KV cache (decode attention over a long
     #: context) when it differs from streaming the weights (`mbu`); None: the same
     kv_mbu: float | None = Field(default=None, gt=0, le=1)
+    #: query tokens that share one read of the attended KV context (the attention kernel's
+    #: query tile); None: a whole prefill chunk reads its context once
+    attention_query_tile: int | None = Field(default=None, ge=1)
 
 
 class EngineLimits(BaseModel):
@@ -224,13 +239,41 @@ class Profile(BaseModel):
         e = self.efficiency
         return flops * (e.mfu / e.attention_mfu) if e.attention_mfu is not None else flops
 
+    @cached_property
+    def step_coefficients(self) -> tuple[float, float, float, float]:
+        """Seconds per GEMM token, per attended context token, for the weights, and per KV
+        token moved: `step_time` in the form the engine sums in closed form."""
+        flops = self.effective_flops
+        bw = self.effective_bandwidth
+        return (
+            2.0 * self.model.params / flops,
+            self.attn_flops_per_ctx_token / flops,
+            self.weight_bytes / bw,
+            self.kv_bytes_per_token / bw,
+        )
+
     def step_time(self, tokens: float, attn_ctx: float, kv_read_tokens: float) -> float:
         """Seconds for one engine step that computes `tokens` new tokens (see module doc)."""
-        flops = 2.0 * self.model.params * tokens + self.attn_flops_per_ctx_token * attn_ctx
-        nbytes = self.weight_bytes + self.kv_bytes_per_token * (kv_read_tokens + tokens)
-        return self.efficiency.step_overhead_s + max(
-            flops / self.effective_flops, nbytes / self.effective_bandwidth
+        tok, attn, weights, kv = self.step_coefficients
+        return (
+            self.efficiency.step_overhead_s
+            + max(tok * tokens, weights)
+            + max(attn * attn_ctx, kv * (kv_read_tokens + tokens))
         )
+
+    def kv_read_tokens(self, c: int, computed: int) -> float:
+        """Tokens of KV a chunk of `c` new tokens on `computed` ones reads: the context
+        before each query tile, once per tile (module doc)."""
+        tile = self.efficiency.attention_query_tile
+        if tile is None or c <= tile:
+            return float(computed)
+        k = -(-c // tile)
+        return k * computed + tile * k * (k - 1) / 2.0
+
+    def chunk_time(self, c: int, computed: int) -> float:
+        """One step that computes only a chunk of `c` new tokens on `computed` cached ones."""
+        attn_ctx = c * computed + c * (c + 1) / 2.0
+        return self.step_time(c, attn_ctx, self.kv_read_tokens(c, computed))
 
     def prefill_time(self, n: int, cached: int = 0) -> float:
         """Time to first token of a lone request with an `n`-token prompt, `cached` of them
@@ -241,7 +284,7 @@ class Profile(BaseModel):
         done, total = cached, 0.0
         while done < n:
             c = min(budget, n - done)
-            total += self.step_time(c, c * done + c * (c + 1) / 2, done)
+            total += self.chunk_time(c, done)
             done += c
         return total
 

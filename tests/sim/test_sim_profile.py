@@ -63,3 +63,49 @@ def test_roofline_regimes() -> None:
     assert p.prefill_time(20000, cached=10000) < p.prefill_time(20000)
     with pytest.raises(ValueError):
         p.prefill_time(10, cached=10)
+
+
+def _with_tile(p: Profile, tile: int | None) -> Profile:
+    return p.model_copy(
+        update={"efficiency": p.efficiency.model_copy(update={"attention_query_tile": tile})}
+    )
+
+
+def test_a_chunk_reads_its_context_once_per_query_tile() -> None:
+    p = _with_tile(Profile.default(), 4)
+    # tiles of 4 new tokens start after 100, 104 and 108 computed tokens
+    assert p.kv_read_tokens(10, 100) == 100 + 104 + 108
+    assert p.kv_read_tokens(4, 100) == 100  # one tile: one read, as a decode token
+    assert _with_tile(p, None).kv_read_tokens(10, 100) == 100  # a chunk: one read
+
+
+@pytest.mark.parametrize("profile", ["h100_sxm_llama31_8b", "llamacpp_cpu_small"])
+def test_a_short_suffix_on_a_long_cached_prefix_takes_at_least_the_kv_reads(
+    profile: str,
+) -> None:
+    """Attention for a few query tokens is bound by reading the cached KV, once per query
+    tile, not by its FLOPs: 40 new tokens on 4,100 cached ones take at least that long."""
+    p = Profile.load(profile)
+    cached, new = 4100, 40
+    kv_s = p.kv_bytes_per_token / p.effective_bandwidth  # one token of KV, read
+    tile = p.efficiency.attention_query_tile or new
+    reads = -(-new // tile) * cached
+    assert p.prefill_time(cached + new, cached) >= reads * kv_s
+    # ... and a kernel that re-reads the context for every query token (tile 1) is slower
+    # than one that reads it once for the whole chunk
+    per_token = _with_tile(p, 1).prefill_time(cached + new, cached)
+    once = _with_tile(p, None).prefill_time(cached + new, cached)
+    assert per_token >= new * cached * kv_s
+    assert per_token > once
+
+
+def test_the_kernels_add_up_the_gemms_and_attention_each_bound_by_their_own_roof() -> None:
+    """A step's GEMMs are bound by compute or by the weights, its attention by compute or
+    by the KV; the two kernels run one after the other, so their times add."""
+    p = Profile.default()
+    tok, attn, weights, kv = p.step_coefficients
+    oh = p.efficiency.step_overhead_s
+    # a big batch of decodes at long contexts: compute-bound GEMMs + memory-bound attention
+    b, ctx = 1024, 4000
+    assert tok * b > weights and kv * b * (ctx + 1) > attn * b * (ctx + 1)
+    assert p.decode_step_time(b, ctx) == pytest.approx(oh + tok * b + kv * b * (ctx + 1))

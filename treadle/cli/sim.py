@@ -7,6 +7,7 @@ prometheus-client) is imported only when a command runs, so `treadle --help` sta
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Annotated, cast
 
@@ -112,6 +113,13 @@ def calibrate(
     ] = None,
     quick: Annotated[bool, typer.Option(help="Fewer probes and a shorter mix.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the prompts and the mix.")] = 0,
+    nice: Annotated[
+        int,
+        typer.Option(
+            help="With --engine: the niceness the server and the client run at (0: as "
+            "started), so other work on a shared machine barely slows what is measured."
+        ),
+    ] = -10,
 ) -> None:
     """Fit a simulator profile to a real server, then report its error on a held-back mix.
 
@@ -135,21 +143,38 @@ def calibrate(
         quick=quick,
         seed=seed,
         echo=console.print,
+        nice=nice,
     )
     v = report.validation
     fit = report.fit
     console.print(
         f"fit: mfu {fit['mfu']:.4f}  attention_mfu {fit['attention_mfu']:.4f}  "
-        f"mbu {fit['mbu']:.4f}  step overhead {fit['step_overhead_s'] * 1e3:.3f} ms  "
+        f"mbu {fit['mbu']:.4f}  kv_mbu {fit['kv_mbu']:.4f}  "
+        f"query tile {round(fit.get('attention_query_tile', 0)) or 'chunk'}  "
+        f"step overhead {fit['step_overhead_s'] * 1e3:.3f} ms  "
         f"request overhead {fit['request_overhead_s'] * 1e3:.3f} ms  "
         f"(fit error {fit['fit_mape']:.1%})",
         highlight=False,
     )
     console.print(
         f"held-back mix ({v['requests']} requests): TTFT error {v['ttft_mape']:.1%}, "
-        f"decode error {v['decode_mape']:.1%} (mean absolute percentage)",
+        f"decode error {v['decode_mape']:.1%} (mean absolute percentage, against each "
+        f"request's median of {v.get('replays', 1)} replays)",
         highlight=False,
     )
+    if "ttft_mape_each_replay" in v:
+        each = ", ".join(
+            f"{t:.0%}/{d:.0%}"
+            for t, d in zip(v["ttft_mape_each_replay"], v["decode_mape_each_replay"], strict=True)
+        )
+        console.print(
+            f"each replay's TTFT/decode error: {each}; replays' spread (slowest - fastest) / "
+            f"median: TTFT {v.get('ttft_spread_p50', math.nan):.0%}, decode "
+            f"{v.get('decode_spread_p50', math.nan):.0%}; probes' spread over passes: "
+            f"{v.get('probe_spread_p50', math.nan):.0%} median, "
+            f"{v.get('probe_spread_max', math.nan):.0%} largest",
+            highlight=False,
+        )
     if out is not None:
         out.write_text(report.profile.model_dump_json(indent=2, exclude_none=True) + "\n")
         console.print(f"profile written to {out}")
