@@ -56,7 +56,10 @@ class TreadleSystem(Frontend):
         self._carried: dict[str, int] = {}
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(policy="priority", pin_pressure="release")
+        # no cap on pinned memory: admission has reserved every resident's working set, so
+        # a resident's pin takes nothing that is not its own (the engine's default cap of
+        # half the KV would drop the pins of the residents that happen to pin last)
+        return EngineConfig(policy="priority", pin_pressure="release", max_pinned_fraction=1.0)
 
     def attach(self, sim: Simulation) -> None:
         self.sim = sim
@@ -217,4 +220,5 @@ class TreadleSystem(Frontend):
             "suspensions": dict(s.suspensions),
             "steals": s.steals,
             "starvation_promotions": s.starvation_promotions,
+            "backfilled": s.backfilled,
         }
