@@ -78,8 +78,9 @@ def choose_lane(
     lane `exclude` (the lane held for a blocked head, see `reserved_lane`)."""
     need = p.kv_tokens
     home = p.home
-    if home is not None and home < len(lanes) and home != exclude and fits(lanes[home], need, config):
-        return home
+    home_lane = lanes[home] if home is not None and home != exclude and home < len(lanes) else None
+    if home_lane is not None and fits(home_lane, need, config):
+        return home_lane.index
     best: Lane | None = None
     best_key: tuple[float, int, int] = (0.0, 0, 0)
     name = p.tenant.name

@@ -192,8 +192,13 @@ class Scheduler:
         self.queued_calls = 0
         self.steals = 0
         self.starvation_promotions = 0
-        #: programs admitted past a blocked head (backfilling)
+        #: programs admitted past a blocked head (backfilling), and the state of the last
+        #: full try: the lane held for the head and the free KV on the others
         self.backfilled = 0
+        self._backfill_lane: int | None = None
+        self._backfill_free = math.inf
+        #: the program that joined the admission queue since the last admission pass
+        self._joined: Program | None = None
         self.suspensions: dict[str, int] = {}
 
     # -- bookkeeping helpers -------------------------------------------------------------
@@ -294,21 +299,23 @@ class Scheduler:
 
     def _wait_for_admission(self, p: Program, now: float) -> None:
         self.waitlist.push(p, now)
+        self._joined = p
 
     def admit_waiting(self, now: float) -> int:
         """Admit waiting runs while the lanes can carry them; returns how many. In order:
         a run that waited `starvation_s`, else tenants by virtual time and, within one,
         least attained service then arrival. A head that fits on no lane with a KV budget
-        holds the lane where it will fit soonest; up to `backfill` runs behind it may be
-        admitted to the other lanes meanwhile (nothing passes it on its own lane, so a
+        holds the lane where it will fit soonest, and runs behind it may be admitted to
+        the other lanes meanwhile (`_backfill`): nothing passes it on its own lane, so a
         large run is not starved by a stream of small ones, and memory that frees on
-        another lane does not sit idle behind it, whichever tenant is next)."""
+        another lane does not sit idle behind it, whichever tenant is next."""
         admitted = 0
+        joined, self._joined = self._joined, None
         while (p := self.waitlist.peek(now)) is not None:
             lane = self._lane_for(p)
             if lane is None:
-                if self._budgeted and self._below_cap():
-                    admitted += self._backfill(p, now)
+                if self.config.backfill and self._budgeted and self._below_cap():
+                    admitted += self._backfill(p, joined, now)
                 break
             self._take_waiting(p, lane, now)
             admitted += 1
@@ -328,11 +335,24 @@ class Scheduler:
         self.waitlist.remove(p, now)
         self._admit(p, lane, now)
 
-    def _backfill(self, head: Program, now: float) -> int:
-        """Admit up to `backfill` runs behind `head` (which fits nowhere) to lanes other
-        than the one held for it; the runs looked at and not admitted keep their places.
-        O(backfill x log n)."""
+    def _backfill(self, head: Program, joined: Program | None, now: float) -> int:
+        """Admit runs behind `head` (which fits nowhere) to lanes other than the one held
+        for it. The `backfill` runs next in order are tried only when memory has freed on
+        those lanes since they were last tried (otherwise they would not fit now either);
+        a run that just joined the queue is tried on its own. Runs tried and not admitted
+        keep their places. O(backfill x log n) per memory event, O(log n) per arrival."""
         held = reserved_lane(head, self.lanes)
+        free = sum(ln.kv_free() for ln in self.lanes if ln.index != held)
+        if held == self._backfill_lane and free <= self._backfill_free:
+            if joined is None or joined is head or joined.waiting_since is None:
+                return 0
+            lane = self._lane_for(joined, exclude=held)
+            if lane is None:
+                return 0
+            self._take_waiting(joined, lane, now)
+            self.backfilled += 1
+            self._backfill_free = sum(ln.kv_free() for ln in self.lanes if ln.index != held)
+            return 1
         looked: list[tuple[Program, float | None]] = [(head, head.waiting_since)]
         self.waitlist.remove(head, now)
         admitted = 0
@@ -350,6 +370,8 @@ class Scheduler:
             admitted += 1
         for p, since in looked:
             self.waitlist.push(p, now, since)
+        self._backfill_lane = held
+        self._backfill_free = sum(ln.kv_free() for ln in self.lanes if ln.index != held)
         return admitted
 
     def _lane_for(self, p: Program, exclude: int | None = None) -> int | None:
