@@ -19,6 +19,8 @@ module only measures what the runtime would measure and passes it on.
   (pressure 0): the pin is what keeps the reservation's blocks from eviction. It is
   released when the next call is scheduled, when the program is suspended (the engine's
   `release_pins`), when it ends, or by the engine under pressure (`pin_pressure="release"`).
+  The engine puts no cap on pinned memory (`max_pinned_fraction=1.0`): every pin holds
+  memory its resident has reserved.
 """
 
 from __future__ import annotations
