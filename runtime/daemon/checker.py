@@ -7,10 +7,12 @@ taken from every tenant's requests; a worker thread does not help, because it ho
 the event loop needs (measured here: a trivial request's p99 went from 0.2 ms to 29 ms while
 a thread parsed YAML). So the API asks a `DefinitionChecker`: a child process (`python -m
 treadle.runtime.daemon.checker`) that checks and compiles definitions for registering
-(`check`), keeps the compiled graphs by digest, and validates each new run's inputs against
-them (`validate`). It must answer within `timeout_s`, else it is killed, the request fails
-with a clear error, and the next request starts a fresh child. The child's CPU is shared
-with the API's by the operating system's scheduler, not by one event loop.
+(`check`), keeps the compiled graphs by digest, validates each new run's inputs against
+them (`validate`), checks answers to runs' requests for input (`answer`) and gives the
+declared graph's outline for the web view to draw (`outline`). It must answer within
+`timeout_s`, else it is killed, the request fails with a clear error, and the next request
+starts a fresh child. The child's CPU is shared with the API's by the operating system's
+scheduler, not by one event loop.
 
 The parent talks to its child over pipes, one request at a time, waiting on the pipes'
 file descriptors on whichever event loop asks (no thread hand-off: a submission's inputs
@@ -40,6 +42,7 @@ import anyio
 
 from treadle.errors import DaemonError
 from treadle.graphs.compile import CompiledGraph
+from treadle.graphs.outline import GraphOutline, outline_of
 from treadle.runtime.daemon.child_env import child_env
 from treadle.runtime.daemon.definitions import (
     DefinitionError,
@@ -49,6 +52,7 @@ from treadle.runtime.daemon.definitions import (
 )
 from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.worker import ProgramError
+from treadle.runtime.execution.inputs import InputRejected, answer_value
 from treadle.runtime.execution.runtime import InvalidInputs
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,15 @@ class DefinitionChecker:
             weakref.WeakKeyDictionary()
         )
 
+    async def start(self) -> None:
+        """Start the child now (the API's startup), so the first request does not wait for
+        it to import treadle; a failure is logged and the next request tries again."""
+        async with self._lock():
+            try:
+                await self._child()
+            except CheckFailed as exc:
+                log.warning("%s; the next request starts it again", exc)
+
     async def check(self, text: str, fmt: str, filename: str) -> Summary:
         """Check and compile a definition; `DefinitionError` says what is wrong with it."""
         try:
@@ -110,26 +123,52 @@ class DefinitionChecker:
     ) -> tuple[str, dict[str, Any]]:
         """(graph name, inputs as the run's record keeps them); `InvalidInputs` when they do
         not match, `ProgramError` when the definition is gone or no longer loads."""
-        reply = await self._ask(("inputs", digest, None, None, dict(inputs)))
+        reply = await self._about(digest, load, "inputs", dict(inputs))
+        if reply[0] == "invalid":
+            raise InvalidInputs(reply[1])
+        return reply[1], reply[2]
+
+    async def outline(self, digest: str, load: LoadDefinition) -> GraphOutline:
+        """The stored definition's graph as declared (for drawing it); `ProgramError` when
+        it is gone or no longer loads."""
+        reply = await self._about(digest, load, "outline")
+        found: GraphOutline = reply[1]
+        return found
+
+    async def answer(self, digest: str, load: LoadDefinition, node: str, value: Any) -> Any:
+        """`value` checked against the `ask` instance `node`, as the answer keeps it;
+        `InputRejected` when it does not fit, `ProgramError` as `spec`."""
+        reply = await self._about(digest, load, "answer", node, value)
+        if reply[0] == "rejected":
+            raise InputRejected(reply[1])
+        return reply[1]
+
+    async def _about(
+        self, digest: str, load: LoadDefinition, op: str, *args: Any
+    ) -> tuple[Any, ...]:
+        """Ask `op` about the definition `digest`, sending its text only when the child
+        does not hold it compiled; a "refused" answer raises `ProgramError`."""
+        reply = await self._ask((op, digest, None, None, *args))
         if reply[0] == "need":
             found = await load()
             if found is None:
                 raise ProgramError(f"no workflow definition with digest {digest}")
             fmt, text = found
-            reply = await self._ask(("inputs", digest, text, fmt, dict(inputs)))
-        if reply[0] == "invalid":
-            raise InvalidInputs(reply[1])
+            reply = await self._ask((op, digest, text, fmt, *args))
         if reply[0] == "refused":
             raise ProgramError(reply[1])
-        return reply[1], reply[2]
+        return reply
 
-    async def _ask(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    def _lock(self) -> anyio.Lock:
         loop = asyncio.get_running_loop()
         lock = self._locks.get(loop)
         if lock is None:
             lock = self._locks[loop] = anyio.Lock()
-        async with lock:
+        return lock
+
+    async def _ask(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        async with self._lock():
             proc = await self._child()
             assert proc.stdin is not None and proc.stdout is not None
             done = False
@@ -299,7 +338,7 @@ def _serve(settings: Settings, requests: IO[bytes], replies: IO[bytes]) -> None:
                 return ("refused", str(exc))
             keep(definition_digest(text, fmt), cg)
             return ("ok", summarize(cg))
-        _, digest, text, fmt, inputs = message
+        op, digest, text, fmt, *args = message
         found = compiled.get(digest)
         if found is None:
             if text is None:
@@ -310,6 +349,15 @@ def _serve(settings: Settings, requests: IO[bytes], replies: IO[bytes]) -> None:
                 return ("refused", str(exc))
             keep(digest, found)
         cg = found
+        if op == "outline":
+            return ("ok", outline_of(cg.spec))
+        if op == "answer":
+            node, value = args
+            try:
+                return ("ok", answer_value(cg, node, value))
+            except InputRejected as exc:
+                return ("rejected", str(exc))
+        (inputs,) = args
         try:
             validated = validate_inputs(cg, inputs)
         except InvalidInputs as exc:

@@ -472,29 +472,7 @@ def tenants_revoke(
     console.print(_run_tenants(redis, prefix, go))
 
 
-# -- client side -----------------------------------------------------------------------
-
-
-def _client(url: str, key: str) -> Any:
-    from treadle.runtime.daemon.client import DaemonClient
-
-    try:
-        return DaemonClient(url, key)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _call(fn: Any) -> Any:
-    import httpx
-
-    from treadle.runtime.daemon.client import ClientError
-
-    try:
-        return fn()
-    except ClientError as exc:
-        raise _fail(f"{exc.status} {exc.code}: {exc.message}") from None
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach the daemon: {exc}") from None
+# -- values given on the command line ----------------------------------------------
 
 
 def input_value(raw: str, option: str = "--input") -> Any:
@@ -510,166 +488,11 @@ def input_value(raw: str, option: str = "--input") -> Any:
         raise _fail(f"{option} is not valid JSON: {exc}") from None
 
 
-def _inputs(raw: str | None) -> dict[str, Any]:
-    value = input_value(raw) if raw is not None else {}
-    if not isinstance(value, dict):
-        raise _fail("--input must be a JSON object of input names to values")
-    return value
-
-
-def submit(
-    workflow: Annotated[
-        str, typer.Argument(help="A workflow file (registered first) or a registered name.")
-    ],
-    input: Annotated[
-        str | None, typer.Option("--input", "-i", help="Inputs as JSON, or @file.json.")
-    ] = None,
-    wait: Annotated[bool, typer.Option(help="Wait for the run to finish; print it.")] = False,
-    version: Annotated[
-        int | None, typer.Option(help="Run this version of the workflow (default: latest).")
-    ] = None,
-    url: UrlOpt = DEFAULT_URL,
-    key: KeyOpt = "",
-) -> None:
-    """Submit a run (registering the file's definition first when given a file)."""
-    inputs = _inputs(input)
-    path = Path(workflow)
-    with _client(url, key) as client:
-        name = workflow
-        if path.is_file():
-            fmt = "json" if path.suffix.lower() == ".json" else "yaml"
-            info = _call(lambda: client.register(path.read_text(), fmt, path.name))
-            name = info["name"]
-            err_console.print(f"registered {name} (version {info['version']})")
-        run = _call(lambda: client.submit(name, inputs, version=version))
-        if not wait:
-            print(run["run_id"])
-            return
-        err_console.print(f"run {run['run_id']} submitted; waiting")
-        final = _call(lambda: client.wait(run["run_id"]))
-        print(json.dumps(final, indent=2))
-        if final["status"] == "waiting":
-            err_console.print(f"waiting for input: treadle answer {run['run_id']} --input JSON")
-            raise typer.Exit(3)
-        if final["status"] != "succeeded":
-            raise typer.Exit(1)
-
-
-def status(
-    run_id: Annotated[str, typer.Argument(help="The run id.")],
-    url: UrlOpt = DEFAULT_URL,
-    key: KeyOpt = "",
-) -> None:
-    """Print a run's status, output or error (JSON)."""
-    with _client(url, key) as client:
-        print(json.dumps(_call(lambda: client.get_run(run_id)), indent=2))
-
-
-def logs(
-    run_id: Annotated[str, typer.Argument(help="The run id.")],
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep streaming until the run ends.")
-    ] = False,
-    after: Annotated[int, typer.Option(help="Only events after this seq.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON event per line.")] = False,
-    url: UrlOpt = DEFAULT_URL,
-    key: KeyOpt = "",
-) -> None:
-    """Print a run's events (Server-Sent Events; with --follow, as they happen)."""
-    with _client(url, key) as client:
-
-        def show() -> None:
-            for event in client.events(run_id, after=after, follow=follow):
-                print(json.dumps(event) if as_json else _event_line(event), flush=True)
-
-        _call(show)
-
-
-def answer(
-    run_id: Annotated[str, typer.Argument(help="The waiting run.")],
-    input: Annotated[str, typer.Option("--input", "-i", help="The answer: JSON, or @file.json.")],
-    node: Annotated[
-        str | None, typer.Option(help="The request answered, when the run waits on several.")
-    ] = None,
-    idempotency_key: Annotated[
-        str | None,
-        typer.Option("--idempotency-key", help="The same answer again changes nothing."),
-    ] = None,
-    url: UrlOpt = DEFAULT_URL,
-    key: KeyOpt = "",
-) -> None:
-    """Answer a waiting run's request for input on the daemon (it then goes on)."""
-    value = input_value(input)
-    with _client(url, key) as client:
-        out = _call(lambda: client.answer(run_id, value, node=node, key=idempotency_key))
-    print(json.dumps(out, indent=2))
-
-
-workflows_app = typer.Typer(help="Registered workflows and their versions (on the daemon).")
-
-
-@workflows_app.command("list")
-def workflows_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = "") -> None:
-    """The tenant's workflows, each at its latest version."""
-    from rich.table import Table
-
-    with _client(url, key) as client:
-        found = _call(client.workflows)["workflows"]
-    table = Table("name", "version", "digest", "nodes")
-    for wf in found:
-        table.add_row(wf["name"], str(wf["version"]), wf["digest"][:12], str(len(wf["nodes"])))
-    console.print(table)
-
-
-@workflows_app.command("versions")
-def workflows_versions(
-    name: Annotated[str, typer.Argument(help="A registered workflow name.")],
-    url: UrlOpt = DEFAULT_URL,
-    key: KeyOpt = "",
-) -> None:
-    """Every version of a workflow, oldest first."""
-    import datetime as dt
-
-    from rich.table import Table
-
-    with _client(url, key) as client:
-        found = _call(lambda: client.versions(name))["versions"]
-    table = Table("version", "digest", "registered", "nodes")
-    for wf in found:
-        when = dt.datetime.fromtimestamp(wf["updated_at"]).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(str(wf["version"]), wf["digest"][:12], when, ", ".join(wf["nodes"]))
-    console.print(table)
-
-
-@workflows_app.command("show")
-def workflows_show(
-    name: Annotated[str, typer.Argument(help="A registered workflow name.")],
-    version: Annotated[int | None, typer.Option(help="This version (default: latest).")] = None,
-    url: UrlOpt = DEFAULT_URL,
-    key: KeyOpt = "",
-) -> None:
-    """Print a workflow's definition (its latest version, or `--version`)."""
-    with _client(url, key) as client:
-        found = _call(lambda: client.workflow(name, version))
-    print(found["definition"], end="")
-
-
-def _event_line(event: dict[str, Any]) -> str:
-    skip = {"seq", "run_id", "ts", "kind"}
-    rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip and v is not None)
-    return f"{event.get('seq', '?'):>5} {event.get('kind', '?'):<20} {rest}"
-
-
 def register(app: typer.Typer) -> None:
     """Add the daemon's commands to `app` (the `treadle` CLI)."""
     app.command("serve")(serve)
     app.command("worker")(worker)
-    app.command("submit")(submit)
-    app.command("status")(status)
-    app.command("logs")(logs)
-    app.command("answer")(answer)
     app.add_typer(tenants_app, name="tenants")
-    app.add_typer(workflows_app, name="workflows")
 
 
 def main() -> None:

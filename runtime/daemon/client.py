@@ -1,6 +1,5 @@
-"""A small synchronous client of the daemon's HTTP API (what `treadle submit`, `status`,
-`logs`, `answer` and `workflows` use). Errors come back as `ClientError` with the API's
-status, code and message.
+"""A small synchronous client of the daemon's HTTP API (what `treadle remote ...` uses).
+Errors come back as `ClientError` with the API's status, code and message.
 
 `events()` follows a run's Server-Sent Events and survives dropped connections: it
 reconnects with `Last-Event-ID` (the last seq it saw) until the run is terminal, so no

@@ -36,6 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from treadle.graphs.compile import CompiledGraph
+from treadle.graphs.outline import GraphOutline, outline_of
 from treadle.runtime.core.store import RunRecord
 from treadle.runtime.daemon.checker import DefinitionChecker
 from treadle.runtime.daemon.definitions import (
@@ -52,6 +53,7 @@ from treadle.runtime.daemon.definitions import (
 from treadle.runtime.daemon.import_allowlist import ImportAllowList
 from treadle.runtime.daemon.keys import DaemonKeys
 from treadle.runtime.daemon.worker import ProgramError
+from treadle.runtime.execution.inputs import answer_value
 from treadle.runtime.execution.runtime import validate_inputs
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class WorkflowRegistry:
         self.allowlist = allowlist
         self.loader = DefinitionLoader(allowlist, models=models, max_bytes=max_bytes)
         self._cache: OrderedDict[str, CompiledGraph] = OrderedDict()
+        self._outlines: OrderedDict[str, GraphOutline] = OrderedDict()
         self._names: dict[tuple[str, str], tuple[float, WorkflowInfo | None]] = {}
         self._cache_size = cache_size
         self.checker = checker
@@ -191,6 +194,31 @@ class WorkflowRegistry:
         if fmt is None or text is None:
             return None
         return ("json" if fmt == b"json" else "yaml"), text.decode("utf-8")
+
+    async def outline(self, digest: str) -> GraphOutline:
+        """The stored definition's graph as declared, for drawing (cached; loaded by the
+        checker's process when there is one); `ProgramError` if unknown or unloadable."""
+        found = self._outlines.get(digest)
+        if found is not None:
+            self._outlines.move_to_end(digest)
+            return found
+        if self.checker is not None:
+            load = functools.partial(self.definition, digest)
+            found = await self.checker.outline(digest, load)
+        else:
+            found = outline_of((await self.compiled(digest)).spec)
+        self._outlines[digest] = found
+        while len(self._outlines) > self._cache_size:
+            self._outlines.popitem(last=False)
+        return found
+
+    async def check_answer(self, digest: str, node: str, value: Any) -> Any:
+        """An answer to the request of the `ask` instance `node` of a run of `digest`, as
+        the run keeps it (`InputRejected` when it does not fit; `ProgramError` as `spec`)."""
+        if self.checker is not None:
+            load = functools.partial(self.definition, digest)
+            return await self.checker.answer(digest, load, node, value)
+        return answer_value(await self.compiled(digest), node, value)
 
     async def validate_inputs(
         self, digest: str, inputs: Mapping[str, Any]

@@ -26,10 +26,7 @@ from treadle.runtime.daemon.cli import (
     DEFAULT_URL,
     KeyOpt,
     UrlOpt,
-    _call,
-    _client,
-    _event_line,
-    _inputs,
+    _fail,
     console,
     err_console,
     input_value,
@@ -43,6 +40,42 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
 RunArg = Annotated[str, typer.Argument(help="A run id, or a prefix only it has.")]
 #: exit codes of a run that failed, and of one that waits for input
 EXIT_FAILED, EXIT_WAITING = 1, 3
+
+
+def _client(url: str, key: str) -> Any:
+    from treadle.runtime.daemon.client import DaemonClient
+
+    try:
+        return DaemonClient(url, key)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _call(fn: Any) -> Any:
+    """`fn()`, its errors one line on stderr and exit 2 (no traceback)."""
+    import httpx
+
+    from treadle.runtime.daemon.client import ClientError
+
+    try:
+        return fn()
+    except ClientError as exc:
+        raise _fail(f"{exc.status} {exc.code}: {exc.message}") from None
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the daemon: {exc}") from None
+
+
+def _inputs(raw: str | None) -> dict[str, Any]:
+    value = input_value(raw) if raw is not None else {}
+    if not isinstance(value, dict):
+        raise _fail("--input must be a JSON object of input names to values")
+    return value
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    skip = {"seq", "run_id", "ts", "kind"}
+    rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip and v is not None)
+    return f"{event.get('seq', '?'):>5} {event.get('kind', '?'):<20} {rest}"
 
 
 def _print_json(value: Any) -> None:
@@ -273,3 +306,16 @@ def versions(
         table.add_row(str(wf["version"]), wf["digest"][:12], _when(wf["updated_at"]),
                       ", ".join(wf["nodes"]))  # fmt: skip
     console.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="A registered workflow name.")],
+    version: Annotated[int | None, typer.Option(help="This version (default: latest).")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = "",
+) -> None:
+    """Print a workflow's definition (its latest version, or `--version`)."""
+    with _client(url, key) as client:
+        found = _call(lambda: client.workflow(name, version))
+    print(found["definition"], end="")

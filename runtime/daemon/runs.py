@@ -213,16 +213,21 @@ class RunService:
         source = record.source or ""
         if not source.startswith(SOURCE_PREFIX):
             raise Conflict(f"run {run_id!r} was not submitted from a registered workflow")
-        try:
-            cg = await self.registry.compiled(source[len(SOURCE_PREFIX) :])
-        except ProgramError as exc:
-            raise Conflict(f"run {run_id!r}: its workflow cannot be loaded: {exc}") from None
+        digest = source[len(SOURCE_PREFIX) :]
+
+        async def check(at: str, answer: Any) -> Any:
+            # in the definition checker's process: no definition is loaded on the API's loop
+            try:
+                return await self.registry.check_answer(digest, at, answer)
+            except ProgramError as exc:
+                raise Conflict(f"run {run_id!r}: its workflow cannot be loaded: {exc}") from None
+
         await self.quotas.admit_run(tenant, run_id)
         resumed = False
         try:
             try:
                 result = await record_input(
-                    self.store, cg, run_id, value, node=node, key=key, record=record
+                    self.store, check, run_id, value, node=node, key=key, record=record
                 )
             except InputRejected as exc:
                 raise InvalidRequest(str(exc)) from None

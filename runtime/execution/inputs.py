@@ -4,6 +4,10 @@ and journals it, where the run's `ask` node finds it when the run resumes.
 Every way in uses it: `Runtime.resume(run_id, graph, input=...)`, `RunHandle.resume(...)`,
 `treadle resume RUN_ID --input ...`, and the daemon's `POST /v1/runs/{id}/input`.
 
+The answer's value is checked by an `AnswerCheck`: `answers_of(cg)` checks it against a
+compiled graph in this process; the daemon's API asks its definition checker's child
+process instead, so that no tenant's definition is compiled on the API's event loop.
+
 Idempotent on the client's key: an answer given again with the key it was first given
 with is accepted again (`replayed`) and changes nothing; another answer to a request that
 has one is a conflict. Recording does not resume the run: the caller does (the SDK
@@ -13,6 +17,7 @@ executes it; the daemon queues it for a worker).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +30,19 @@ from treadle.runtime.core.values import adapter
 from treadle.runtime.core.waiting import Answer, InputRequest, answer_key, answered_node
 from treadle.runtime.nodes.ask import check_answer
 
-__all__ = ["InputConflict", "InputRejected", "InputResult", "choose_request", "record_input"]
+__all__ = [
+    "AnswerCheck",
+    "InputConflict",
+    "InputRejected",
+    "InputResult",
+    "answer_value",
+    "answers_of",
+    "choose_request",
+    "record_input",
+]
+
+#: (ask instance, value) -> the value as the answer keeps it (JSON); raises `InputRejected`
+AnswerCheck = Callable[[str, Any], Awaitable[Any]]
 
 
 class InputRejected(RunError, ValueError):
@@ -47,9 +64,31 @@ class InputResult:
     pending: list[InputRequest]
 
 
+def answer_value(cg: CompiledGraph, node: str, value: Any) -> Any:
+    """`value` checked against the output type of the `ask` instance `node` of `cg`, as the
+    answer keeps it (JSON); `InputRejected` when it does not fit or `node` asks nothing."""
+    spec = cg.node_at(node)
+    if spec is None or not isinstance(spec.spec, AskNode):
+        raise InputRejected(f"{node!r} is not an ask node of workflow {cg.name!r}")
+    try:
+        checked = check_answer(spec.spec, value, node)
+    except OutputError as exc:
+        raise InputRejected(exc.reason) from None
+    return adapter(spec.spec.output).dump_python(checked, mode="json")
+
+
+def answers_of(cg: CompiledGraph) -> AnswerCheck:
+    """An `AnswerCheck` against `cg`, in this process."""
+
+    async def check(node: str, value: Any) -> Any:
+        return answer_value(cg, node, value)
+
+    return check
+
+
 async def record_input(
     store: StateStore,
-    cg: CompiledGraph,
+    check: AnswerCheck,
     run_id: str,
     value: Any,
     *,
@@ -59,7 +98,7 @@ async def record_input(
 ) -> InputResult:
     """Journal `value` as the answer to the run's request at `node` (which may be left out
     when the run waits on one request only), after checking it against the node's output
-    type. `record`, when the caller has just read it, saves reading it again."""
+    type (`check`). `record`, when the caller has just read it, saves reading it again."""
     if record is None:
         record = await store.get_run(run_id)
         if record is None:
@@ -81,18 +120,7 @@ async def record_input(
             f"run {run_id!r} ({record.status}) is not waiting for input at {node!r} "
             f"(open requests: {open_})"
         )
-    spec = cg.node_at(node)
-    if spec is None or not isinstance(spec.spec, AskNode):
-        raise InputRejected(f"{node!r} is not an ask node of workflow {cg.name!r}")
-    try:
-        checked = check_answer(spec.spec, value, node)
-    except OutputError as exc:
-        raise InputRejected(exc.reason) from None
-    answer = Answer(
-        value=adapter(spec.spec.output).dump_python(checked, mode="json"),
-        key=key,
-        answered_at=time.time(),
-    )
+    answer = Answer(value=await check(node, value), key=key, answered_at=time.time())
     # only the run writes its `pending_inputs` (when it parks; an answered request is gone
     # from the list then): two writers of the list could lose each other's requests
     await store.record(run_id, [], {answer_key(node): answer.model_dump_json().encode()})

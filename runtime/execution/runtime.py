@@ -58,7 +58,12 @@ from treadle.runtime.core.interceptors import (
 from treadle.runtime.core.journal import Journal
 from treadle.runtime.core.store import RunRecord, RunStatus, StateStore
 from treadle.runtime.core.waiting import InputPending, InputRequest, answer_key
-from treadle.runtime.execution.inputs import InputConflict, InputResult, record_input
+from treadle.runtime.execution.inputs import (
+    InputConflict,
+    InputResult,
+    answers_of,
+    record_input,
+)
 from treadle.runtime.execution.orchestrator import GraphScope
 from treadle.runtime.stores.memory import MemoryStore
 
@@ -183,8 +188,8 @@ class RunHandle:
             raise InputConflict(f"run {self.run_id!r} is not waiting for input")
         answered = None
         if input is not NO_INPUT:
-            answered = await record_input(self._store, self._cg, self.run_id, input,
-                                          node=node, key=key)  # fmt: skip
+            answered = await record_input(self._store, answers_of(self._cg), self.run_id,
+                                          input, node=node, key=key)  # fmt: skip
         self._done = anyio.Event()
         self._result = None
         self._wake.set()
@@ -361,7 +366,9 @@ class Runtime:
             raise KeyError(f"no run {run_id!r} in the store")
         cg = self.compile(graph)
         if input is not NO_INPUT:
-            await record_input(self.store, cg, run_id, input, node=node, key=key, record=record)
+            await record_input(
+                self.store, answers_of(cg), run_id, input, node=node, key=key, record=record
+            )
         async with self.open_run(cg, record, resume=True) as run:
             run._release()  # a run that parks again is left waiting in the store
             result = await run.result()

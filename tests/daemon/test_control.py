@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from daemon_support import FIVE, Daemon, error_of, slow_workflow
+from daemon_support import FIVE, Daemon, error_of, make_config, open_daemon, slow_workflow
 
 pytestmark = pytest.mark.anyio
 
@@ -148,3 +148,35 @@ async def test_a_deadline_resumes_a_waiting_run_with_its_default(daemon: Daemon)
     assert "run_waiting" in kinds  # it parked first, then the deadline queued it again
     received = [e for e in journal if e.kind == "input_received"]
     assert [e.defaulted for e in received] == [True]  # type: ignore[attr-defined]
+
+
+async def test_the_api_loads_no_definition_to_answer_or_draw_a_run(
+    api_only: Daemon, redis_url: str
+) -> None:
+    """Answering a run's request and drawing its page need the run's definition: the API
+    asks its definition checker's process, and never loads a definition on its own loop
+    (a tenant's large definition would stall every tenant's requests there)."""
+    key = await api_only.tenant("acme")
+    await api_only.register(key, APPROVAL)
+    registry = api_only.services.registry
+    async for workers in open_daemon(make_config(redis_url), workers=1):  # their own registry
+        assert workers.services.registry is not registry
+        async with api_only.client(key) as c:
+            body = {"workflow": "approval", "inputs": {"cmd": "deploy"}}
+            run = (await c.post("/v1/runs", json=body)).json()
+            await wait_status(api_only, key, run["run_id"], {"waiting"})
+            bad = await c.post(f"/v1/runs/{run['run_id']}/input", json={"value": {"x": 1}})
+            assert error_of(bad)[0] == 422 and "approved" in error_of(bad)[2]
+            url = f"/v1/runs/{run['run_id']}/input"
+            answered = await c.post(url, json={"value": {"approved": True}})
+            assert answered.status_code == 202, answered.text
+            login = await c.post("/ui/login", data={"key": key, "next": "/ui/"})
+            assert login.status_code == 303
+            state = await c.get(f"/ui/api/runs/{run['run_id']}/state")
+            assert state.status_code == 200, state.text
+            assert [n["id"] for n in state.json()["nodes"]] == ["plan", "approve", "act"]
+            page = await c.get(f"/ui/runs/{run['run_id']}")
+            assert page.status_code == 200 and "<svg" in page.text
+        done = await wait_status(api_only, key, run["run_id"], {"succeeded", "failed"})
+        assert done["status"] == "succeeded"
+    assert registry._cache == {}  # nothing compiled in the API's process

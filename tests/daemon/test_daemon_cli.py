@@ -1,15 +1,14 @@
-"""The daemon's CLI: `tenants create|list|revoke` against Redis, and `submit`, `status`,
-`logs` against a live server."""
+"""The daemon's CLI: `tenants create|list|revoke` against Redis, and `serve`'s options
+(the client commands, `treadle remote ...`, are in test_remote_cli.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import typer
-from daemon_support import FIVE, LiveServer, make_config
+from daemon_support import LiveServer, make_config
 from typer.testing import CliRunner
 
 from treadle.runtime.daemon.api.app import create_app
@@ -52,63 +51,6 @@ def test_tenants_create_list_revoke(redis_url: str) -> None:
     assert code == 0 and "1 keys" in out
     code, out, _ = invoke("tenants", "list", "--redis", redis_url)
     assert "revoked" in out
-
-
-def test_submit_status_and_logs(redis_url: str, live: LiveServer, tmp_path: Path) -> None:
-    _code, out, _ = invoke("tenants", "create", "acme", "--redis", redis_url)
-    env = {"TREADLE_URL": live.url, "TREADLE_API_KEY": out.strip()}
-    flow = tmp_path / "five.yaml"
-    flow.write_text(FIVE)
-    code, out, err = invoke("submit", str(flow), "--input", '{"topic": "cli"}', "--wait", env=env)
-    assert code == 0, err
-    run = json.loads(out)
-    assert run["status"] == "succeeded" and "registered five" in err
-    # by name, without waiting: just the run id
-    code, out, _ = invoke("submit", "five", "-i", '{"topic": "again"}', env=env)
-    assert code == 0 and len(out.strip()) == 32
-    code, out, _ = invoke("status", run["run_id"], env=env)
-    assert code == 0 and json.loads(out)["output"] == run["output"]
-    code, out, _ = invoke("logs", run["run_id"], "--json", env=env)
-    events = [json.loads(line) for line in out.splitlines()]
-    assert events[0]["kind"] == "run_started" and events[-1]["kind"] == "run_finished"
-    code, out, _ = invoke("logs", run["run_id"], "--follow", "--after", "3", env=env)
-    assert code == 0 and out.splitlines()[0].split()[0] == "4"
-    # errors are messages and exit codes, not tracebacks
-    code, _out, err = invoke("status", "0" * 32, env=env)
-    assert code == 2 and "404 not_found" in err
-    code, _out, err = invoke("submit", "five", "-i", '{"topic": 1}', env=env)
-    assert code == 2 and "422" in err
-    code, _out, err = invoke("status", "x", env={**env, "TREADLE_API_KEY": "wrong"})
-    assert code == 2 and "401" in err
-
-
-def test_answer_a_waiting_run_and_read_versions(
-    redis_url: str, live: LiveServer, tmp_path: Path
-) -> None:
-    from test_control import APPROVAL
-
-    _code, out, _ = invoke("tenants", "create", "acme", "--redis", redis_url)
-    env = {"TREADLE_URL": live.url, "TREADLE_API_KEY": out.strip()}
-    flow = tmp_path / "approval.yaml"
-    flow.write_text(APPROVAL)
-    code, out, err = invoke("submit", str(flow), "-i", '{"cmd": "ls"}', "--wait", env=env)
-    assert code == 3 and "treadle answer" in err, err
-    run = json.loads(out)
-    assert run["status"] == "waiting" and run["pending_inputs"][0]["node"] == "approve"
-    code, out, err = invoke("answer", run["run_id"], "--input", '{"approved": true}',
-                            "--idempotency-key", "k", env=env)  # fmt: skip
-    assert code == 0, err
-    assert json.loads(out)["node"] == "approve"
-    code, _out, err = invoke("answer", run["run_id"], "--input", '{"nope": 1}', env=env)
-    assert code == 2 and "409 conflict" in err
-    flow.write_text(APPROVAL.replace("Plan {cmd}", "Plan carefully {cmd}"))
-    assert invoke("submit", str(flow), "-i", '{"cmd": "ls"}', env=env)[0] == 0
-    code, out, _ = invoke("workflows", "versions", "approval", env=env)
-    assert code == 0 and "1" in out and "2" in out
-    code, out, _ = invoke("workflows", "show", "approval", "--version", "1", env=env)
-    assert code == 0 and "Plan {cmd}" in out and "carefully" not in out
-    code, out, _ = invoke("workflows", "list", env=env)
-    assert code == 0 and "approval" in out
 
 
 def test_models_file_is_yaml_or_json_and_errors_name_file_line_column(tmp_path: Path) -> None:

@@ -123,6 +123,10 @@ def test_resume_cancel_workflows_and_versions(env: dict[str, str], tmp_path: Pat
     assert [v["version"] for v in versions] == [1, 2]  # type: ignore[attr-defined]
     code, out, _ = remote(env, "versions", "approval")
     assert code == 0 and "Plan" not in out and "approve" in out
+    code, out, _ = remote(env, "show", "approval", "--version", "1")
+    assert code == 0 and "Plan {cmd}" in out and "carefully" not in out
+    code, out, _ = remote(env, "show", "approval")
+    assert code == 0 and "Plan carefully {cmd}" in out
     found = remote_json(env, "workflows")["workflows"]
     assert [(w["name"], w["version"]) for w in found] == [("approval", 2)]  # type: ignore[attr-defined]
     # cancel a slow run by prefix
@@ -135,3 +139,17 @@ def test_resume_cancel_workflows_and_versions(env: dict[str, str], tmp_path: Pat
     assert wait_for_status(env, slow_id, {"cancelled"})["status"] == "cancelled"
     code, _out, err = remote(env, "cancel", slow_id)
     assert code == 2 and "409" in err
+
+
+def test_refusals_are_one_line_with_the_status(env: dict[str, str], tmp_path: Path) -> None:
+    flow = tmp_path / "five.yaml"
+    flow.write_text(FIVE)
+    assert remote(env, "submit", str(flow), "-i", '{"topic": "x"}')[0] == 0
+    code, _out, err = remote(env, "submit", "five", "-i", '{"topic": 1}')
+    assert code == 2 and err.startswith("error: 422 ") and "topic" in err and "Traceback" not in err
+    code, _out, err = remote(env, "submit", "five", "-i", "[1]")
+    assert code == 2 and "--input must be a JSON object" in err
+    code, _out, err = remote({**env, "TREADLE_API_KEY": "trd_wrong"}, "runs")
+    assert code == 2 and err.startswith("error: 401 ")
+    code, _out, err = remote(env, "show", "nope")
+    assert code == 2 and err.startswith("error: 404 ")

@@ -47,7 +47,9 @@ async def test_serve_runs_workers_in_supervised_processes(redis_url: str, tmp_pa
         assert api.proc is not None
         await anyio.to_thread.run_sync(wait_port, port, "the API", api.proc)
         headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as c:
+        base = f"http://127.0.0.1:{port}"
+        # a loaded machine can be slow to answer; the test's own limits are the fail_afters
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as c:
 
             async def one_run(topic: str) -> dict[str, object]:
                 resp = await c.post(

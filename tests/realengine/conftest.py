@@ -51,6 +51,12 @@ def llama_server_binary() -> Path:
     return binary
 
 
+@pytest.fixture(autouse=True)
+def _needs_llama_server(llama_server_binary: Path) -> None:
+    """Every test here needs the binary, also those that start servers by themselves:
+    without it they skip (or fail under TREADLE_REQUIRE_REALENGINE=1)."""
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")

@@ -206,3 +206,26 @@ async def test_streamed_tokens_are_batched() -> None:
     assert tokens[0].text == "0 " and len(tokens) < 10
     finished = next(e for e in result.events if isinstance(e, LLMCallFinished))
     assert tokens[-1].seq < finished.seq
+
+
+async def test_a_pending_batch_goes_out_when_its_time_is_up() -> None:
+    """Text held for a batch is emitted when the batch's time is up, not when the next
+    piece (or the answer's end) arrives: a stream that pauses shows what it had."""
+    from collections.abc import AsyncIterator
+
+    from treadle.backends.base import StreamChunk, Usage
+    from treadle.runtime.core.events import LLMTokens
+    from treadle.runtime.core.gateway import TOKEN_BATCH_S
+
+    class Pausing(ScriptedBackend):
+        async def stream(self, request: LLMRequest) -> AsyncIterator[StreamChunk]:
+            yield StreamChunk(delta="a ")
+            yield StreamChunk(delta="b ")  # held: the first event has just gone out
+            await anyio.sleep(TOKEN_BATCH_S * 4)  # the stream pauses, the batch's time is up
+            yield StreamChunk(delta="c")
+            yield StreamChunk(finish_reason="stop", usage=Usage(completion_tokens=3))
+
+    g = Graph("pausing", inputs={"q": str})
+    g.output(a=g.llm("ask", "{q}", inputs={"q": g.input.q}).out)
+    result = await Runtime(models={"default": Pausing()}, stream_tokens=True).run(g, {"q": "x"})
+    assert [e.text for e in result.events if isinstance(e, LLMTokens)] == ["a ", "b ", "c"]

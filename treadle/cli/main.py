@@ -300,7 +300,7 @@ async def _watch(
     """Run (or, given the `resumed` run's record, resume) and show it: a live view in a
     terminal, then the result."""
     from treadle.cli.display import RunView, render_result
-    from treadle.runtime.execution.inputs import record_input
+    from treadle.runtime.execution.inputs import answers_of, record_input
 
     view = RunView(list(cg.nodes))
     live_ok = not as_json and console.is_terminal
@@ -308,7 +308,13 @@ async def _watch(
         value, node, key = answer if answer is not None else (NO_ANSWER, None, None)
         if value is not NO_ANSWER:  # checked against the request first (InputRejected)
             await record_input(
-                runtime.store, cg, resumed.run_id, value, node=node, key=key, record=resumed
+                runtime.store,
+                answers_of(cg),
+                resumed.run_id,
+                value,
+                node=node,
+                key=key,
+                record=resumed,
             )
         for event in await runtime.store.read_events(resumed.run_id):
             view.feed(event)  # what the run did before: finished nodes show as done

@@ -58,6 +58,8 @@ def create_app(
         app.state.services = services
         try:
             async with anyio.create_task_group() as tg:
+                if services.registry.checker is not None:
+                    tg.start_soon(services.registry.checker.start)
                 running: list[Worker] = []
                 if worker_processes > 0:
                     supervisor = WorkerSupervisor(

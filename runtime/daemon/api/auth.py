@@ -56,6 +56,16 @@ async def tenant(
     return found
 
 
-ServicesDep = Annotated[Services, Depends(services)]
-LimitsDep = Annotated[TenantLimits, Depends(limits)]
+# FastAPI runs a plain `def` dependency in a worker thread: two thread hand-offs a request
+# for reading an attribute. These are coroutines, so they run on the loop.
+async def _services_dependency(request: Request) -> Services:
+    return services(request)
+
+
+async def _limits_dependency(request: Request) -> TenantLimits:
+    return limits(request)
+
+
+ServicesDep = Annotated[Services, Depends(_services_dependency)]
+LimitsDep = Annotated[TenantLimits, Depends(_limits_dependency)]
 TenantDep = Annotated[Tenant, Depends(tenant)]

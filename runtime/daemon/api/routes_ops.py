@@ -29,7 +29,7 @@ _metrics_bearer = HTTPBearer(
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="treadle-metrics"'}
 
 
-def metrics_access(
+async def metrics_access(  # a coroutine: FastAPI would run a plain def in a thread
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_metrics_bearer)],
 ) -> None:

@@ -13,9 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from html import escape
 
-from treadle.graphs.kinds import kind_of
-from treadle.graphs.render import graph_edges
-from treadle.graphs.spec import GraphSpec
+from treadle.graphs.outline import GraphOutline
 
 NODE_W = 176
 NODE_H = 48
@@ -105,9 +103,11 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_LABEL else text[: _MAX_LABEL - 1] + "…"
 
 
-def layout(spec: GraphSpec) -> tuple[list[Box], list[tuple[str, str, bool]], float, float]:
+def layout(
+    spec: GraphOutline,
+) -> tuple[list[Box], list[tuple[str, str, bool]], float, float]:
     """Boxes, edges (source, target, is_control) and the drawing's width and height."""
-    all_edges = graph_edges(spec)
+    all_edges = spec.edges
     nodes = [node.id for node in spec.nodes]
     if spec.inputs:
         nodes.insert(0, INPUT)
@@ -133,14 +133,14 @@ def layout(spec: GraphSpec) -> tuple[list[Box], list[tuple[str, str, bool]], flo
                 title, subtitle = "outputs", ", ".join(spec.outputs)
             else:
                 node = specs[node_id]
-                lines = kind_of(node).label(node).split("\\n")
+                lines = node.label.split("\\n")
                 title, subtitle = node_id, " · ".join(lines[1:]) or node.kind
             boxes.append(Box(node_id, _short(title), _short(subtitle), x, y))
     edges = list(dict.fromkeys((src, dst, control) for src, dst, _l, control in all_edges))
     return boxes, edges, width, height
 
 
-def to_svg(spec: GraphSpec) -> str:
+def to_svg(spec: GraphOutline) -> str:
     """The DAG as an inline SVG element (nodes `pending` until the page says otherwise)."""
     boxes, edges, width, height = layout(spec)
     at = {box.id: box for box in boxes}

@@ -111,8 +111,8 @@ def ui_router(get_source: SourceGetter, *, base: str) -> APIRouter:
             record, status = await source.run(run_id)
         except NotFound as exc:
             return _html(not_found_page(str(exc), base=base, viewer=source.viewer), 404)
-        cg = await source.graph(record)
-        svg = to_svg(cg.spec) if cg is not None else None
+        outline = await source.outline(record)
+        svg = to_svg(outline) if outline is not None else None
         return _html(run_page(record.run_id, record.graph, status, svg, base=base,
                               viewer=source.viewer))  # fmt: skip
 

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from treadle.errors import TreadleError
 from treadle.graphs.compile import CompiledGraph
+from treadle.graphs.outline import GraphOutline, outline_of
 from treadle.runtime.core.events import Event
 from treadle.runtime.core.store import TERMINAL, RunRecord, RunStatus
 from treadle.runtime.daemon.api.sse import RETRY_MS, sse_message
@@ -31,7 +32,12 @@ from treadle.runtime.daemon.runs import RUN_ID, Conflict, InvalidRequest, NotFou
 from treadle.runtime.daemon.services import Services
 from treadle.runtime.daemon.tenants import Tenant
 from treadle.runtime.daemon.worker import ProgramError
-from treadle.runtime.execution.inputs import InputConflict, InputRejected, record_input
+from treadle.runtime.execution.inputs import (
+    InputConflict,
+    InputRejected,
+    answers_of,
+    record_input,
+)
 from treadle.runtime.execution.runtime import Runtime
 from treadle.runtime.stores.sqlite import SqliteStore
 
@@ -74,8 +80,8 @@ class RunSource(Protocol):
         """The record and the status to show; raises `NotFound`."""
         ...
 
-    async def graph(self, record: RunRecord) -> CompiledGraph | None:
-        """The run's compiled graph (None when it cannot be found or loaded any more)."""
+    async def outline(self, record: RunRecord) -> GraphOutline | None:
+        """The run's graph as declared (None when it cannot be found or loaded any more)."""
         ...
 
     async def state(self, run_id: str) -> dict[str, Any]: ...
@@ -122,12 +128,12 @@ class DaemonSource:
         view = await self.services.runs.get(self.tenant, run_id)
         return view.record, view.status
 
-    async def graph(self, record: RunRecord) -> CompiledGraph | None:
+    async def outline(self, record: RunRecord) -> GraphOutline | None:
         source = record.source or ""
         if not source.startswith(SOURCE_PREFIX):
             return None
-        try:
-            return await self.services.registry.compiled(source[len(SOURCE_PREFIX) :])
+        try:  # loaded by the definition checker's process, never on the API's loop
+            return await self.services.registry.outline(source[len(SOURCE_PREFIX) :])
         except ProgramError as exc:
             log.info("run %s: no graph to draw: %s", record.run_id, exc)
             return None
@@ -137,7 +143,7 @@ class DaemonSource:
         store = self.services.store
         events = await store.read_events(run_id)  # (the page has the live ones from events)
         outputs = await store.load_outputs(run_id)
-        return run_state(record, status, events, outputs, await self.graph(record))
+        return run_state(record, status, events, outputs, await self.outline(record))
 
     async def answer(
         self, run_id: str, value: Any, node: str | None, key: str | None
@@ -195,7 +201,12 @@ class LocalSource:
             raise NotFound(f"run {run_id!r} not found")
         return record, record.status
 
+    async def outline(self, record: RunRecord) -> GraphOutline | None:
+        cg = await self.graph(record)
+        return outline_of(cg.spec) if cg is not None else None
+
     async def graph(self, record: RunRecord) -> CompiledGraph | None:
+        """The run's compiled graph, loaded here (the local view runs its own runs)."""
         source = record.source
         if source is None:
             return None
@@ -211,7 +222,7 @@ class LocalSource:
         record, status = await self.run(run_id)
         events = await self.store.read_events(run_id)
         outputs = await self.store.load_outputs(run_id)
-        return run_state(record, status, events, outputs, await self.graph(record))
+        return run_state(record, status, events, outputs, await self.outline(record))
 
     async def answer(
         self, run_id: str, value: Any, node: str | None, key: str | None
@@ -221,8 +232,8 @@ class LocalSource:
         if cg is None:
             raise Conflict(f"run {run_id!r}: its workflow ({record.source}) cannot be loaded")
         try:
-            result = await record_input(self.store, cg, run_id, value, node=node, key=key,
-                                        record=record)  # fmt: skip
+            result = await record_input(self.store, answers_of(cg), run_id, value, node=node,
+                                        key=key, record=record)  # fmt: skip
         except InputRejected as exc:
             raise InvalidRequest(str(exc)) from None
         except InputConflict as exc:

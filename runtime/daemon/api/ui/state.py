@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from treadle.graphs.compile import CompiledGraph
+from treadle.graphs.outline import GraphOutline
 from treadle.graphs.spec import INPUT, FirstOf, Ref
 from treadle.runtime.core.events import (
     Event,
@@ -106,7 +106,7 @@ def run_state(
     status: str,
     events: Sequence[Event],
     outputs: Mapping[str, bytes],
-    cg: CompiledGraph | None,
+    outline: GraphOutline | None,
 ) -> dict[str, Any]:
     """The page's JSON for one run (`status`: as the API reports it)."""
     values = _decoded(outputs)
@@ -116,21 +116,20 @@ def run_state(
         if isinstance(event, NodeFailed):
             errors[event.node] = event.error
     nodes: list[dict[str, Any]] = []
-    specs = list(cg.spec.nodes) if cg is not None else []
-    for spec in specs:
+    for node in outline.nodes if outline is not None else []:
         inputs = {}
-        for name, binding in spec.inputs.items():
+        for name, binding in node.inputs.items():
             value = _resolve(binding, record.inputs, values)
             inputs[name] = None if value is _UNSET else _clip(value)
-        instances = [k for k in values if k != spec.id and _instance_of(k) == spec.id]
+        instances = [k for k in values if k != node.id and _instance_of(k) == node.id]
         nodes.append({
-            "id": spec.id,
-            "kind": spec.kind,
-            "status": statuses.get(spec.id, "pending"),
+            "id": node.id,
+            "kind": node.kind,
+            "status": statuses.get(node.id, "pending"),
             "inputs": inputs,
-            "output": _clip(values[spec.id]) if spec.id in values else None,
-            "has_output": spec.id in values,
-            "error": errors.get(spec.id),
+            "output": _clip(values[node.id]) if node.id in values else None,
+            "has_output": node.id in values,
+            "error": errors.get(node.id),
             "instances": len(instances),
         })  # fmt: skip
     timeline = build_timeline(events).to_dict() if events else None
