@@ -193,10 +193,10 @@ class Scheduler:
         self.steals = 0
         self.starvation_promotions = 0
         #: programs admitted past a blocked head (backfilling), and the state of the last
-        #: full try: the lane held for the head and the free KV on the others
+        #: full try: the lane held for the head and every lane's free KV
         self.backfilled = 0
         self._backfill_lane: int | None = None
-        self._backfill_free = math.inf
+        self._backfill_free: list[float] = []
         #: the program that joined the admission queue since the last admission pass
         self._joined: Program | None = None
         self.suspensions: dict[str, int] = {}
@@ -338,12 +338,16 @@ class Scheduler:
     def _backfill(self, head: Program, joined: Program | None, now: float) -> int:
         """Admit runs behind `head` (which fits nowhere) to lanes other than the one held
         for it. The `backfill` runs next in order are tried only when memory has freed on
-        those lanes since they were last tried (otherwise they would not fit now either);
+        one of those lanes since they were last tried (else they would not fit now either);
         a run that just joined the queue is tried on its own. Runs tried and not admitted
         keep their places. O(backfill x log n) per memory event, O(log n) per arrival."""
         held = reserved_lane(head, self.lanes)
-        free = sum(ln.kv_free() for ln in self.lanes if ln.index != held)
-        if held == self._backfill_lane and free <= self._backfill_free:
+        free = [ln.kv_free() for ln in self.lanes]
+        seen = self._backfill_free
+        unchanged = len(seen) == len(free) and all(
+            f <= s for i, (f, s) in enumerate(zip(free, seen, strict=True)) if i != held
+        )
+        if held == self._backfill_lane and unchanged:
             if joined is None or joined is head or joined.waiting_since is None:
                 return 0
             lane = self._lane_for(joined, exclude=held)
@@ -351,7 +355,7 @@ class Scheduler:
                 return 0
             self._take_waiting(joined, lane, now)
             self.backfilled += 1
-            self._backfill_free = sum(ln.kv_free() for ln in self.lanes if ln.index != held)
+            self._backfill_free = [ln.kv_free() for ln in self.lanes]
             return 1
         looked: list[tuple[Program, float | None]] = [(head, head.waiting_since)]
         self.waitlist.remove(head, now)
@@ -371,7 +375,7 @@ class Scheduler:
         for p, since in looked:
             self.waitlist.push(p, now, since)
         self._backfill_lane = held
-        self._backfill_free = sum(ln.kv_free() for ln in self.lanes if ln.index != held)
+        self._backfill_free = [ln.kv_free() for ln in self.lanes]
         return admitted
 
     def _lane_for(self, p: Program, exclude: int | None = None) -> int | None:
