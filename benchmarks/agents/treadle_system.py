@@ -19,6 +19,8 @@ module only measures what the runtime would measure and passes it on.
   (pressure 0): the pin is what keeps the reservation's blocks from eviction. It is
   released when the next call is scheduled, when the program is suspended (the engine's
   `release_pins`), when it ends, or by the engine under pressure (`pin_pressure="release"`).
+  The engine puts no cap on pinned memory (`max_pinned_fraction=1.0`): every pin holds
+  memory its resident has reserved.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class TreadleSystem(Frontend):
         self._carried: dict[str, int] = {}
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(policy="priority", pin_pressure="release")
+        # no cap on pinned memory: admission has reserved every resident's working set, so
+        # a resident's pin takes nothing that is not its own (the engine's default cap of
+        # half the KV would drop the pins of the residents that happen to pin last)
+        return EngineConfig(policy="priority", pin_pressure="release", max_pinned_fraction=1.0)
 
     def attach(self, sim: Simulation) -> None:
         self.sim = sim
@@ -217,4 +222,5 @@ class TreadleSystem(Frontend):
             "suspensions": dict(s.suspensions),
             "steals": s.steals,
             "starvation_promotions": s.starvation_promotions,
+            "backfilled": s.backfilled,
         }

@@ -25,6 +25,12 @@ fits, else the lane with the most free KV after admitting it (worst fit: it leav
 most room for everyone's growth); a lane with no residents takes any program that fits
 its whole budget, so one huge program still runs. Lanes without a budget (unknown KV) are
 not limited here (the in-flight limits hold).
+
+A head of the admission queue that fits nowhere holds one lane (`reserved_lane`: the one
+with the most free KV, where it fits soonest); programs behind it may be admitted to the
+other lanes meanwhile (backfilling, `Scheduler.admit_waiting`), so memory that frees
+elsewhere is not left idle while the head waits, and the head is not starved: nothing else
+is admitted to its lane.
 """
 
 from __future__ import annotations
@@ -65,16 +71,21 @@ def fits(lane: Lane, need: int, config: ResidencyConfig) -> bool:
     return lane.kv_reserved + need <= config.admit_fraction * lane.kv_budget
 
 
-def choose_lane(p: Program, lanes: Sequence[Lane], config: ResidencyConfig) -> int | None:
-    """The lane to admit `p` to, or None when none has room (module docstring)."""
+def choose_lane(
+    p: Program, lanes: Sequence[Lane], config: ResidencyConfig, exclude: int | None = None
+) -> int | None:
+    """The lane to admit `p` to, or None when none has room (module docstring); never
+    lane `exclude` (the lane held for a blocked head, see `reserved_lane`)."""
     need = p.kv_tokens
-    if p.home is not None and p.home < len(lanes) and fits(lanes[p.home], need, config):
-        return p.home
+    home = p.home
+    home_lane = lanes[home] if home is not None and home != exclude and home < len(lanes) else None
+    if home_lane is not None and fits(home_lane, need, config):
+        return home_lane.index
     best: Lane | None = None
     best_key: tuple[float, int, int] = (0.0, 0, 0)
     name = p.tenant.name
     for lane in lanes:
-        if not fits(lane, need, config):
+        if lane.index == exclude or not fits(lane, need, config):
             continue
         free = lane.kv_free() - need
         share = free / lane.kv_budget if lane.kv_budget else math.inf
@@ -82,6 +93,12 @@ def choose_lane(p: Program, lanes: Sequence[Lane], config: ResidencyConfig) -> i
         if best is None or key < best_key:
             best, best_key = lane, key
     return None if best is None else best.index
+
+
+def reserved_lane(p: Program, lanes: Sequence[Lane]) -> int:
+    """The lane held for a head `p` that fits nowhere: the one with the most free KV, where
+    it will fit soonest (its own lane on a tie: its cache may still be there)."""
+    return max(lanes, key=lambda ln: (ln.kv_free(), ln.index == p.home, -ln.index)).index
 
 
 def overflowing(lane: Lane, config: ResidencyConfig) -> bool:

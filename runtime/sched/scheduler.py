@@ -20,7 +20,11 @@ is held across a human wait. Lanes without a known budget admit while the calls 
 admitted runs do not back up (queued calls <= `backlog_factor` x the lanes' limits).
 
 The admission queue (`waitlist.py`) is ordered by tenant fair share, then least attained
-service, then arrival, with anti-starvation within a tenant.
+service, then arrival, with anti-starvation within a tenant. A head that fits on no lane
+holds the lane where it will fit soonest, and the runs behind it may take the others
+(backfilling, up to `backfill` of them per decision): otherwise one tenant's large head
+would leave memory idle on every other lane and starve the tenants behind it, whose
+programs would fit.
 
 **Calls: order on a lane.** Each lane lets only `limit` calls be in flight, a limit adapted
 from observed congestion (AIMD, `limits.py`) for backends whose memory is unknown (with a
@@ -42,7 +46,8 @@ When a lane has room the next call is chosen by:
 Every call decision is O(log n) in queued calls: a heap of tenants per lane, a heap of
 programs per (lane, tenant), a heap of calls per (lane, program), and a heap of calls by
 age per lane, all with lazy deletion (an entry carries a version; stale ones are dropped
-when they reach the top); admission is O(log n) in waiting programs the same way.
+when they reach the top); admission is O(log n) in waiting programs the same way
+(O(backfill x log n) when the head is blocked).
 Suspension scans the residents of one lane (as many as fit in its memory). With
 `count_comparisons=True` every key comparison is counted in `comparisons`, so a test can
 check the bound by counting rather than timing.
@@ -82,7 +87,9 @@ from treadle.runtime.sched.residency import (
     ResidencyConfig,
     choose_lane,
     choose_victims,
+    fits,
     overflowing,
+    reserved_lane,
 )
 from treadle.runtime.sched.waitlist import AdmissionQueue
 
@@ -123,6 +130,9 @@ class SchedulerConfig:
     steal_after_s: float = 1.0
     #: KV residency (lanes with a budget)
     residency: ResidencyConfig = field(default_factory=ResidencyConfig)
+    #: when the admission queue's head fits on no lane, at most this many programs behind
+    #: it are tried on the other lanes (backfilling; 0: the head blocks everyone)
+    backfill: int = 8
 
     def __post_init__(self) -> None:
         if self.las_quantum_s <= 0:
@@ -135,6 +145,8 @@ class SchedulerConfig:
             raise ValueError("backlog_factor must be >= 0")
         if self.max_active_programs is not None and self.max_active_programs < 1:
             raise ValueError("max_active_programs must be >= 1 or None")
+        if self.backfill < 0:
+            raise ValueError("backfill must be >= 0")
 
 
 class Scheduler:
@@ -180,6 +192,13 @@ class Scheduler:
         self.queued_calls = 0
         self.steals = 0
         self.starvation_promotions = 0
+        #: programs admitted past a blocked head (backfilling), and the state of the last
+        #: full try: the lane held for the head and every lane's free KV
+        self.backfilled = 0
+        self._backfill_lane: int | None = None
+        self._backfill_free: list[float] = []
+        #: the program that joined the admission queue since the last admission pass
+        self._joined: Program | None = None
         self.suspensions: dict[str, int] = {}
 
     # -- bookkeeping helpers -------------------------------------------------------------
@@ -280,39 +299,100 @@ class Scheduler:
 
     def _wait_for_admission(self, p: Program, now: float) -> None:
         self.waitlist.push(p, now)
+        self._joined = p
 
     def admit_waiting(self, now: float) -> int:
         """Admit waiting runs while the lanes can carry them; returns how many. In order:
         a run that waited `starvation_s`, else tenants by virtual time and, within one,
-        least attained service then arrival. The head waits when it does not fit (later
-        runs do not pass it, so a large run is not starved by a stream of small ones)."""
+        least attained service then arrival. A head that fits on no lane with a KV budget
+        holds the lane where it will fit soonest, and runs behind it may be admitted to
+        the other lanes meanwhile (`_backfill`): nothing passes it on its own lane, so a
+        large run is not starved by a stream of small ones, and memory that frees on
+        another lane does not sit idle behind it, whichever tenant is next."""
         admitted = 0
+        joined, self._joined = self._joined, None
         while (p := self.waitlist.peek(now)) is not None:
             lane = self._lane_for(p)
             if lane is None:
+                if self.config.backfill and self._budgeted and self._below_cap():
+                    admitted += self._backfill(p, joined, now)
                 break
-            if self.waitlist.starved(p, now):
-                self.starvation_promotions += 1
-            self.waitlist.remove(p, now)
-            self._admit(p, lane, now)
+            self._take_waiting(p, lane, now)
             admitted += 1
         return admitted
 
-    def _lane_for(self, p: Program) -> int | None:
-        """The lane `p` would be admitted to now, or None (it waits)."""
+    @property
+    def _budgeted(self) -> bool:
+        return any(lane.kv_budget is not None for lane in self.lanes)
+
+    def _below_cap(self) -> bool:
+        cap = self.config.max_active_programs
+        return cap is None or self.active_programs < cap
+
+    def _take_waiting(self, p: Program, lane: int, now: float) -> None:
+        if self.waitlist.starved(p, now):
+            self.starvation_promotions += 1
+        self.waitlist.remove(p, now)
+        self._admit(p, lane, now)
+
+    def _backfill(self, head: Program, joined: Program | None, now: float) -> int:
+        """Admit runs behind `head` (which fits nowhere) to lanes other than the one held
+        for it. The `backfill` runs next in order are tried only when memory has freed on
+        one of those lanes since they were last tried (else they would not fit now either);
+        a run that just joined the queue is tried on its own. Runs tried and not admitted
+        keep their places. O(backfill x log n) per memory event, O(log n) per arrival."""
+        held = reserved_lane(head, self.lanes)
+        free = [ln.kv_free() for ln in self.lanes]
+        seen = self._backfill_free
+        unchanged = len(seen) == len(free) and all(
+            f <= s for i, (f, s) in enumerate(zip(free, seen, strict=True)) if i != held
+        )
+        if held == self._backfill_lane and unchanged:
+            if joined is None or joined is head or joined.waiting_since is None:
+                return 0
+            lane = self._lane_for(joined, exclude=held)
+            if lane is None:
+                return 0
+            self._take_waiting(joined, lane, now)
+            self.backfilled += 1
+            self._backfill_free = [ln.kv_free() for ln in self.lanes]
+            return 1
+        looked: list[tuple[Program, float | None]] = [(head, head.waiting_since)]
+        self.waitlist.remove(head, now)
+        admitted = 0
+        for _ in range(self.config.backfill):
+            p = self.waitlist.peek(now)
+            if p is None or not self._below_cap():
+                break
+            lane = self._lane_for(p, exclude=held)
+            if lane is None:
+                looked.append((p, p.waiting_since))
+                self.waitlist.remove(p, now)
+                continue
+            self._take_waiting(p, lane, now)
+            self.backfilled += 1
+            admitted += 1
+        for p, since in looked:
+            self.waitlist.push(p, now, since)
+        self._backfill_lane = held
+        self._backfill_free = [ln.kv_free() for ln in self.lanes]
+        return admitted
+
+    def _lane_for(self, p: Program, exclude: int | None = None) -> int | None:
+        """The lane `p` would be admitted to now, or None (it waits); never `exclude`
+        (a lane held for a blocked head)."""
         cfg = self.config
-        if cfg.max_active_programs is not None and self.active_programs >= cfg.max_active_programs:
-            return None
-        if not self.lanes:
+        if not self._below_cap() or not self.lanes:
             return None
         bound = next((c.lane for c in p.pending_calls if c.lane is not None), None)
-        if any(lane.kv_budget is not None for lane in self.lanes):
+        if self._budgeted:
             if bound is not None:
-                fits = choose_lane(p, [self.lanes[bound]], cfg.residency) is not None
-                return bound if fits else None
+                ok = bound != exclude and fits(self.lanes[bound], p.kv_tokens, cfg.residency)
+                return bound if ok else None
             if self._place is not None:
-                return self._place(p, self.lanes)
-            return choose_lane(p, self.lanes, cfg.residency)
+                lane = self._place(p, self.lanes)
+                return None if lane == exclude else lane
+            return choose_lane(p, self.lanes, cfg.residency, exclude)
         if self.active_programs > 0:
             capacity = sum(lane.limit.value for lane in self.lanes)
             if self.queued_calls > cfg.backlog_factor * capacity:

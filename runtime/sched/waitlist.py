@@ -33,12 +33,14 @@ class AdmissionQueue:
         self._tenants: list[tuple[Any, Tenant, int]] = []
         self.count = 0
 
-    def push(self, p: Program, now: float) -> None:
+    def push(self, p: Program, now: float, since: float | None = None) -> None:
+        """`p` waits from now (or from `since`: it was only taken out to look behind it,
+        and keeps its place and its age)."""
         t = p.tenant
         p.admit_version += 1
-        p.waiting_since = now
+        p.waiting_since = now if since is None else since
         heapq.heappush(t.waiting, (self._key(p.level, p.arrival, p.seq), p, p.admit_version))
-        heapq.heappush(t.aged, (self._key(now, p.seq), p, p.admit_version))
+        heapq.heappush(t.aged, (self._key(p.waiting_since, p.seq), p, p.admit_version))
         t.n_waiting += 1
         self.count += 1
         if t.n_waiting == 1 or self._head(t, now) is p:  # a new head re-keys its tenant

@@ -1,9 +1,10 @@
 """`treadle bench agents` on small inputs: the workloads match their stated statistics,
 every system runs every program to completion above its physical limit, the baselines do
 what their systems document (vllm-continuum's pin rules, Autellix's PLAS/ATLAS order),
-treadle's admission keeps an admitted program's cache through a flood of newcomers and
-holds nothing across a human wait, the capacity search walks the grid as documented, and
-the report has the documented shape."""
+treadle's admission keeps an admitted program's cache through a flood of newcomers, its
+residents' pins are not capped at half the KV, and it holds nothing across a human wait;
+the capacity search walks the grid as documented, and the report has the documented
+shape."""
 
 from __future__ import annotations
 
@@ -220,6 +221,24 @@ def test_an_admitted_programs_cache_survives_a_flood_of_newcomers() -> None:
         hits[name] = (second.cached_tokens or 0) / second.prompt_tokens
     assert hits["treadle"] > 0.95  # its whole conversation was still there
     assert hits["vllm"] < 0.5  # FCFS let the newcomers evict it
+
+
+def test_treadle_pins_every_residents_conversation_past_half_the_kv() -> None:
+    keys = Keys()
+    # three programs of 30k tokens each in a tool loop on one replica of 100k tokens: all
+    # are resident (90k reserved), so all three pins hold memory that is theirs, though
+    # together they pin more than half the KV (the engine's default cap)
+    programs = [
+        _chain(i, [("tool", 5.0), ("tool", 5.0), (None, 0.0)], keys=keys, ctx=30_000)
+        for i in range(3)
+    ]
+    sim = _simulate(TreadleSystem(), _workload(programs, {"tool": 5.0}), kv_tokens=100_000)
+    metrics = sim.engines[0].metrics()
+    assert metrics.pins_set == 6 and metrics.pins_refused == 0
+    for prog in sim.programs:
+        for call in prog.calls[1:]:
+            req = call.request
+            assert req is not None and req.prompt_tokens - (req.cached_tokens or 0) <= 216
 
 
 def test_treadle_holds_nothing_across_a_human_wait() -> None:

@@ -197,6 +197,48 @@ def test_an_admission_decision_costs_logarithmically_many_comparisons() -> None:
 
     small = micro_admission(1_000, 300, counting=True)["comparisons_per_admission"]
     large = micro_admission(16_000, 300, counting=True)["comparisons_per_admission"]
-    # 16x the waiting programs: a linear scan would need ~16x the comparisons
+    # 16x the waiting programs: a linear scan would need ~16x the comparisons; a blocked
+    # head adds up to `backfill` programs tried behind it, each O(log n)
     assert large < 2.0 * small, (small, large)
-    assert large < 12 * math.log2(16_000), large
+    backfill = SchedulerConfig().backfill
+    assert large < (12 + 4 * backfill) * math.log2(16_000), large
+
+
+def test_a_blocked_head_holds_one_lane_and_the_programs_behind_it_take_the_others() -> None:
+    # two tenants of equal weight; "a" is ahead in fair share with a head too large for
+    # any lane now: without backfilling, "b"'s small programs would wait behind it while
+    # the other lane has room (and "b" would get nothing)
+    s = kv_scheduler(lanes=2, budget=1000, admit_fraction=0.9)
+    s.open_program("fill0", "a", 0.0, kv_tokens=700)
+    s.open_program("fill1", "a", 0.0, kv_tokens=500)
+    lanes = {pid: s.programs[pid].home for pid in ("fill0", "fill1")}
+    s.tenants["b"] = s.tenant("b")
+    s.tenants["b"].vtime = 5.0  # "a" (vtime 0) is behind its share: its head goes first
+    s.open_program("a-big", "a", 1.0, kv_tokens=600)  # fits on neither lane yet
+    assert not s.programs["a-big"].admitted
+    for i in range(3):
+        s.open_program(f"b{i}", "b", 2.0 + i, kv_tokens=150)
+    # the head holds the lane with the most free KV (fill1's); "b" fills the other one
+    held = lanes["fill1"]
+    assert admitted(s) == ["b0", "fill0", "fill1"]
+    assert s.programs["b0"].home == lanes["fill0"] != held
+    assert s.backfilled == 1 and not s.programs["b1"].admitted
+    assert all(p.home != held for p in s.programs.values() if p.program_id.startswith("b"))
+    # nothing passes the head on its lane: when that lane frees, the head goes first
+    s.close_program("fill1", 10.0)
+    assert s.programs["a-big"].admitted and s.programs["a-big"].home == held
+    # and the programs it held back keep their places (arrival order within "b")
+    s.close_program("fill0", 11.0)
+    assert s.programs["b1"].admitted and s.programs["b2"].admitted
+
+
+def test_without_backfilling_a_blocked_head_blocks_every_lane() -> None:
+    cfg = SchedulerConfig(limits=LimitConfig(initial=64, minimum=1, maximum=64), backfill=0)
+    s = Scheduler(2, cfg, kv_budgets=[1000, 1000])
+    s.open_program("fill0", "t", 0.0, kv_tokens=700)
+    s.open_program("fill1", "t", 0.0, kv_tokens=500)
+    s.open_program("big", "t", 1.0, kv_tokens=600)
+    s.open_program("small", "t", 2.0, kv_tokens=100)
+    assert admitted(s) == ["fill0", "fill1"]
+    with pytest.raises(ValueError):
+        SchedulerConfig(backfill=-1)
