@@ -24,7 +24,7 @@ from treadle.backends.sim import Profile
 from treadle.benchmarks.agents.sim import PointResult
 from treadle.benchmarks.agents.spec import BenchOutcome
 from treadle.benchmarks.common import mean, percentile, print_table
-from treadle.runtime.sched.scheduler import jain_index
+from treadle.runtime.sched.fairness import jain_index
 
 NAN = float("nan")
 #: overload is this many times each system's own capacity

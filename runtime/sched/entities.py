@@ -70,6 +70,11 @@ class Call:
     stolen: bool = False
     _pq: ProgramQueue | None = None
 
+    @property
+    def queued_on(self) -> int:
+        """The lane whose queue holds it (-1: none)."""
+        return -1 if self._pq is None else self._pq.lane
+
 
 @dataclass(eq=False, slots=True)
 class Tenant:

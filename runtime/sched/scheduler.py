@@ -1,59 +1,38 @@
 """Workflow-atomic scheduling: the order in which the LLM calls of all runs reach backends.
 
-The `Scheduler` is the policy core, pure data structures with no I/O and no clock of its own
-(every method takes `now`), like vLLM v1's `core/sched`: the agents benchmark drives it in
-virtual time, `treadle.runtime.sched.admission.SchedulerAdmission` puts it behind the
-runtime's `CallAdmission` hook for real runs, and nothing in it knows a run context (so it
-can serve many workers from one gateway).
+The `Scheduler` is the policy core, pure data with no I/O and no clock of its own (every
+method takes `now`), like vLLM v1's `core/sched`: the agents benchmark drives it in virtual
+time, `admission.SchedulerAdmission` puts it behind the runtime's `CallAdmission` hook, and
+`treadle gateway` serves every worker's calls from one. It decides at two levels.
 
-It decides at two levels.
+**Programs: admission and KV residency** (`residency.py`, `waitlist.py`). A program is
+admitted to a lane (replica) before any of its calls is scheduled, and stays resident
+with a reservation of its KV working set (`set_working_set`); a lane admits only while
+the working sets fit its KV budget, so an admitted program keeps its cache and one not
+admitted holds no KV. Residents that outgrow a lane are relieved by suspending idle ones
+(longest predicted idle first); a program waiting for a human is suspended at once. The
+admission queue is ordered by tenant fair share, least attained service, then arrival;
+a head that fits nowhere holds the lane where it will fit soonest while up to `backfill`
+programs behind it may take the others. Lanes without a known budget admit while the
+calls of admitted runs do not back up. The design and what measured it:
+docs/benchmarks.md, "treadle's scheduler".
 
-**Programs: admission and KV residency** (`residency.py`). A run (program) is *admitted*
-before any of its calls is scheduled, and then stays resident on a lane (replica) with a
-reservation of its KV working set (`set_working_set`, measured by the caller). A lane
-admits only while the working sets fit its KV budget, so an admitted program keeps its
-cache and is never thrashed by newcomers, and a program that is not admitted holds no KV
-at all. When residents outgrow a lane, idle ones (waiting for a tool) are suspended by
-cost and benefit (longest predicted idle first) and re-admitted with their next call; a
-program that waits for a human (`idle(..., human=True)`) is suspended at once, so nothing
-is held across a human wait. Lanes without a known budget admit while the calls of
-admitted runs do not back up (queued calls <= `backlog_factor` x the lanes' limits).
+**Calls: order on a lane.** Each lane lets `limit` calls be in flight (AIMD on observed
+congestion, `limits.py`, where the backend's memory is unknown). The next call is chosen
+by (1) **fair share across tenants** by weight, in virtual time (start-time fair
+queueing: serving a call advances its tenant by `service / weight` GPU seconds, estimated
+at dispatch and corrected at completion; a run's expected service is charged at admission
+and drawn down by its calls; a tenant that had no run open rejoins at the system's
+virtual time), then (2) **least attained service** within the tenant (`(level, program
+arrival)`; a call waiting `starvation_s` goes first), then (3) **critical path** within
+the program (most estimated work remaining after the call first).
 
-The admission queue (`waitlist.py`) is ordered by tenant fair share, then least attained
-service, then arrival, with anti-starvation within a tenant. A head that fits on no lane
-holds the lane where it will fit soonest, and the runs behind it may take the others
-(backfilling, up to `backfill` of them per decision): otherwise one tenant's large head
-would leave memory idle on every other lane and starve the tenants behind it, whose
-programs would fit.
-
-**Calls: order on a lane.** Each lane lets only `limit` calls be in flight, a limit adapted
-from observed congestion (AIMD, `limits.py`) for backends whose memory is unknown (with a
-KV budget the batch fits by construction and the limit can stay at the engine's seats).
-When a lane has room the next call is chosen by:
-
-1. **Fair share across tenants** by weight, in virtual time (start-time fair queueing):
-   serving a call advances its tenant's virtual time by `service / weight` (GPU seconds,
-   estimated at dispatch and corrected at completion; a run's expected service is charged
-   when it is admitted and drawn down by its calls); the backlogged tenant with the lowest
-   virtual time goes first (also at admission), and a tenant that had no run open rejoins
-   at the current system virtual time (no banked credit).
-2. **Least attained service** within a tenant: key `(level, program arrival)`, so one huge
-   program cannot hold back many short ones; a call that has waited `starvation_s` goes
-   first regardless, so nothing starves.
-3. **Critical path** within a program: the call with the most estimated work remaining
-   after it (`GraphFacts.remaining_cost_s`) goes first.
-
-Every call decision is O(log n) in queued calls: a heap of tenants per lane, a heap of
-programs per (lane, tenant), a heap of calls per (lane, program), and a heap of calls by
-age per lane, all with lazy deletion (an entry carries a version; stale ones are dropped
-when they reach the top); admission is O(log n) in waiting programs the same way
-(O(backfill x log n) when the head is blocked).
-Suspension scans the residents of one lane (as many as fit in its memory). With
-`count_comparisons=True` every key comparison is counted in `comparisons`, so a test can
-check the bound by counting rather than timing.
-
-Priorities passed to backends use treadle's convention (lower runs first): the program's
-level, so the engine's own queue and its preemption choice agree with the runtime's order.
+Every decision is O(log n): heaps of tenants per lane, of programs per (lane, tenant), of
+calls per (lane, program) and by age per lane, with lazy deletion (stale entries are
+dropped when they reach the top); admission likewise (O(backfill x log n) when the head is
+blocked). `count_comparisons=True` counts key comparisons (`comparisons`), so a test
+checks the bound by counting, not timing. Priorities passed to backends are the program's
+level (lower runs first), so the engine's queue and preemption agree with this order.
 """
 
 from __future__ import annotations
@@ -61,10 +40,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
+from treadle.runtime.sched.config import SchedulerConfig
 from treadle.runtime.sched.entities import (
     CANCELLED,
     DISPATCHED,
@@ -82,7 +61,7 @@ from treadle.runtime.sched.entities import (
     Tenant,
     TenantQueue,
 )
-from treadle.runtime.sched.limits import AIMDLimit, LimitConfig
+from treadle.runtime.sched.limits import AIMDLimit
 from treadle.runtime.sched.residency import (
     ResidencyConfig,
     choose_lane,
@@ -106,47 +85,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "Tenant",
-    "jain_index",
 ]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Knobs of the scheduling policy (see the module docstring)."""
-
-    #: attained service (GPU seconds) that ends level 0; each further level doubles it
-    las_quantum_s: float = 2.0
-    las_levels: int = 16
-    #: a call (or a program waiting for admission) this long goes first
-    starvation_s: float = 60.0
-    #: lanes without a KV budget: admit new runs while queued calls of admitted runs
-    #: <= this x the sum of lane limits
-    backlog_factor: float = 1.0
-    #: never more admitted, unfinished runs than this (None: no fixed cap)
-    max_active_programs: int | None = None
-    #: per-lane in-flight limits
-    limits: LimitConfig = field(default_factory=LimitConfig)
-    #: a call waiting this long on a full lane may be taken by an idle lane (homed calls)
-    steal_after_s: float = 1.0
-    #: KV residency (lanes with a budget)
-    residency: ResidencyConfig = field(default_factory=ResidencyConfig)
-    #: when the admission queue's head fits on no lane, at most this many programs behind
-    #: it are tried on the other lanes (backfilling; 0: the head blocks everyone)
-    backfill: int = 8
-
-    def __post_init__(self) -> None:
-        if self.las_quantum_s <= 0:
-            raise ValueError("las_quantum_s must be > 0")
-        if self.las_levels < 1:
-            raise ValueError("las_levels must be >= 1")
-        if self.starvation_s <= 0:
-            raise ValueError("starvation_s must be > 0")
-        if self.backlog_factor < 0:
-            raise ValueError("backlog_factor must be >= 0")
-        if self.max_active_programs is not None and self.max_active_programs < 1:
-            raise ValueError("max_active_programs must be >= 1 or None")
-        if self.backfill < 0:
-            raise ValueError("backfill must be >= 0")
 
 
 class Scheduler:
@@ -687,7 +626,7 @@ class Scheduler:
             return None
         age = lane.age_heap
         # entries go stale when their call left the queue or moved to another lane
-        while age and (age[0][1].state != QUEUED or _lane_of(age[0][1]) != lane.index):
+        while age and (age[0][1].state != QUEUED or age[0][1].queued_on != lane.index):
             heapq.heappop(age)
         if age and now - age[0][1].enqueued_at >= self.config.starvation_s:
             return age[0][1]
@@ -859,17 +798,3 @@ class Scheduler:
         """The backend priority (lower first) for the program's next call."""
         p = self.programs.get(program_id)
         return 0 if p is None else p.level
-
-
-def _lane_of(call: Call) -> int:
-    pq = call._pq
-    return -1 if pq is None else pq.lane
-
-
-def jain_index(values: Iterable[float]) -> float:
-    """Jain's fairness index (sum x)^2 / (n sum x^2): 1 when all equal, 1/n at worst."""
-    xs = [v for v in values if not math.isnan(v)]
-    if not xs:
-        return float("nan")
-    sq = sum(x * x for x in xs)
-    return (sum(xs) ** 2) / (len(xs) * sq) if sq > 0 else 1.0

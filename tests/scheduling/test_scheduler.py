@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from treadle.runtime.sched.fairness import jain_index
 from treadle.runtime.sched.limits import AIMDLimit, LimitConfig, TTFTSignal
 from treadle.runtime.sched.scheduler import (
     CANCELLED,
@@ -16,7 +17,6 @@ from treadle.runtime.sched.scheduler import (
     Call,
     Scheduler,
     SchedulerConfig,
-    jain_index,
 )
 
 

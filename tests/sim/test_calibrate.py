@@ -11,15 +11,13 @@ import math
 import pytest
 
 from treadle.backends.sim.calibrate import (
-    Sample,
-    calibrated_profile,
     carries_output,
-    fit_efficiency,
     mape,
     simulate_mix,
     validate,
     validate_replays,
 )
+from treadle.backends.sim.calibration_fit import Sample, calibrated_profile, fit_efficiency
 from treadle.backends.sim.engine import EngineConfig
 from treadle.backends.sim.profile import Efficiency, Profile
 
