@@ -2,7 +2,9 @@
 
 For every LLM node: how many LLM steps are still ahead of it on the longest path (0 means
 it is the program's last LLM step on every path through it — pinning its KV after it is
-useless), which tools follow it, and which other nodes share its prompt prefix. For the
+useless), which tools follow it, whether a person is asked right after it (the program
+then waits unboundedly: nothing should be held for it), and which other nodes share its
+prompt prefix. For the
 graph: the critical path by estimated cost, and every node's remaining cost to the end.
 What each kind contributes (its cost, its LLM steps, its prompt, the tools it calls) is
 said by the kind (`treadle.graphs.kinds`).
@@ -16,6 +18,7 @@ from collections.abc import Mapping
 
 from treadle.graphs.compiled import CompiledGraph, CompiledNode, GraphFacts, LLMFacts
 from treadle.graphs.kinds import kind_of
+from treadle.graphs.kinds.ask import AskNode
 from treadle.graphs.kinds.base import (
     FUNC_COST_S,
     LLM_STEP_COST_S,
@@ -98,12 +101,15 @@ def analyze(nodes: Mapping[str, CompiledNode]) -> GraphFacts:
             for child in nodes[nid].dependents
             for t in kind_of(nodes[child].spec).tools_called(nodes[child].spec)
         )
+        dependents = nodes[nid].dependents
         facts.llm[nid] = LLMFacts(
             node=nid,
             steps_to_execution=steps_after[nid],
             is_last_llm_step=steps_after[nid] == 0,
             next_tools=tuple(dict.fromkeys(own_tools + following)),
             prefix_group=key,
+            human_wait_next=bool(dependents)
+            and all(isinstance(nodes[child].spec, AskNode) for child in dependents),
         )
     facts.prefix_groups = {k: tuple(v) for k, v in groups.items()}
     return facts

@@ -69,6 +69,9 @@ class LLMFacts:
     next_tools: tuple[str, ...]
     #: nodes whose prompts start the same way (same model, system prompt, template head)
     prefix_group: str
+    #: every node right after this one asks a person (`ask`): once it ends, the program
+    #: waits for an answer, for as long as that takes (hold no KV for it)
+    human_wait_next: bool = False
 
 
 @dataclass

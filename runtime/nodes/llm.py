@@ -68,6 +68,8 @@ async def run_llm_node(
                 is_last_step=last_step,
                 steps_to_execution=steps,
                 tool_duration_s=tool_duration(tools.get(next_tool or "")),
+                # with tools, a turn may call one instead of ending the node
+                human_wait=facts is not None and facts.human_wait_next and not tools,
             ),
         )
         response = await call_llm(ctx, node, spec.model, request)

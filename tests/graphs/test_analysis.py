@@ -81,3 +81,18 @@ def test_rendering_names_every_node_and_edge() -> None:
     dot = to_dot(spec)
     assert '"search" -> "draft" [label="hits"];' in dot
     assert dot.strip().endswith("}")
+
+
+def test_a_person_asked_right_after_a_step_is_a_human_wait() -> None:
+    g = Graph("review", inputs={"q": str})
+    draft = g.llm("draft", "Draft {q}", inputs={"q": g.input.q})
+    ok = g.ask("approve", "Ship {d}?", output=bool, inputs={"d": draft})
+    both = g.llm("both", "Draft again {q}", inputs={"q": g.input.q})
+    ask2 = g.ask("confirm", "Sure about {b}?", output=bool, inputs={"b": both})
+    side = g.llm("side", "Note {b}", inputs={"b": both})  # `both` is followed by a step too
+    final = g.llm("final", "Ship {o} {c} {s}", inputs={"o": ok, "c": ask2, "s": side})
+    g.output(answer=final.out)
+    facts = g.compile().facts.llm
+    assert facts["draft"].human_wait_next  # only the ask follows it
+    assert not facts["both"].human_wait_next  # the program goes on with `side` meanwhile
+    assert not facts["side"].human_wait_next and not facts["final"].human_wait_next

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from treadle import Graph, Runtime, ScriptedBackend, ScriptRule, tool
-from treadle.backends.base import LLMRequest, Message
+from treadle.backends.base import LLMRequest, LLMResponse, Message
 from treadle.backends.scripted import generate_from_schema
 from treadle.runtime.core.events import LLMCallFinished, ToolCallFinished, ToolCallStarted
 
@@ -229,3 +229,25 @@ async def test_a_pending_batch_goes_out_when_its_time_is_up() -> None:
     g.output(a=g.llm("ask", "{q}", inputs={"q": g.input.q}).out)
     result = await Runtime(models={"default": Pausing()}, stream_tokens=True).run(g, {"q": "x"})
     assert [e.text for e in result.events if isinstance(e, LLMTokens)] == ["a ", "b ", "c"]
+
+
+async def test_a_step_before_a_person_says_so_in_its_hints() -> None:
+    """The call right before an `ask` carries `human_wait` (a scheduler holds nothing for
+    the program while the person thinks); the one after does not."""
+    seen: dict[str, bool] = {}
+
+    class Recording(ScriptedBackend):
+        async def generate(self, request: LLMRequest) -> LLMResponse:
+            assert request.hints is not None
+            seen[request.messages[-1].content or ""] = request.hints.human_wait
+            return await super().generate(request)
+
+    g = Graph("review", inputs={"q": str})
+    draft = g.llm("draft", "Draft {q}", inputs={"q": g.input.q})
+    ok = g.ask("approve", "Ship {d}?", output=bool, inputs={"d": draft})
+    g.output(a=g.llm("final", "Final {o}", inputs={"o": ok}).out)
+    rt = Runtime(models={"default": Recording()})
+    first = await rt.run(g, {"q": "x"})
+    assert first.status == "waiting"
+    await rt.resume(first.run_id, g, input=True)
+    assert seen == {"Draft x": True, "Final true": False}
