@@ -30,6 +30,9 @@ RunStatus = Literal[
     "pending", "running", "waiting", "interrupted", "succeeded", "failed", "cancelled"
 ]
 TERMINAL: frozenset[RunStatus] = frozenset({"succeeded", "failed", "cancelled"})
+#: beyond every event's seq (SQLite's integers and Redis stream ids stop at 2**63 - 1 and
+#: 2**64 - 1): reading after it finds nothing, whatever number a client sent
+MAX_SEQ = 2**63 - 1
 
 
 class RunRecord(BaseModel):

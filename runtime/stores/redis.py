@@ -54,7 +54,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from treadle.errors import StoreError
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import RunNotFound, RunRecord, RunStatus
+from treadle.runtime.core.store import MAX_SEQ, RunNotFound, RunRecord, RunStatus
 from treadle.runtime.stores import codec
 
 _MAX_BATCH = 256  # record calls sent in one pipeline at most
@@ -426,6 +426,8 @@ class RedisStore:
         return {_str(k): _bytes(v) for k, v in raw.items()}
 
     async def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        if after_seq >= MAX_SEQ:
+            return []  # (a stream id after 2**64 - 1 is an error in Redis)
         key = self.keys.events(run_id)
         start = f"{after_seq + 1}-0" if after_seq >= 0 else "-"
         out: list[Event] = []

@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 
 from treadle.runtime.core.events import Event
-from treadle.runtime.core.store import RunNotFound, RunRecord, RunStatus
+from treadle.runtime.core.store import MAX_SEQ, RunNotFound, RunRecord, RunStatus
 from treadle.runtime.stores import codec
 
 T = TypeVar("T")
@@ -249,6 +249,8 @@ class SqliteStore:
         return {node: bytes(data) for node, data in rows}
 
     async def read_events(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        if after_seq >= MAX_SEQ:
+            return []  # (a larger number does not fit SQLite's integers)
         rows = await self._call(
             lambda conn: conn.execute(
                 "SELECT data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",

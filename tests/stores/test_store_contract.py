@@ -200,6 +200,9 @@ async def test_record_outputs_and_events(store: StateStore) -> None:
     assert await store.read_events("r", after_seq=99) == []
     assert [e.seq for e in await store.read_events("r", after_seq=-1)] == [1, 2, 3, 4]
     assert await store.read_events("never") == []
+    # a client's Last-Event-ID or ?after= may be any number: past every seq, nothing
+    for huge in (2**63 - 1, 2**64 - 1, 10**20 - 1):
+        assert await store.read_events("r", after_seq=huge) == []
 
 
 async def test_record_overwrites_an_output_of_the_same_node(store: StateStore) -> None:
