@@ -113,7 +113,11 @@ async def _bench(*, runs: int, steps: int, tokens: int, workdir: Path) -> dict[s
     redis = RedisServer(workdir / "redis", appendonly=True)
     redis.start()
     port = free_port()
+    # one tenant follows every run at once: its per-tenant limits (16 streams by default)
+    # are sized to the load, since what is measured here is latency, not the limits
     api = DaemonProcess(["serve", "--redis", redis.url, "--port", str(port),
+                         "--tenant-event-streams", str(runs), "--tenant-in-flight",
+                         str(2 * runs + 8), "--tenant-rate", "0",
                          "--log-level", "warning"], workdir / "serve.log")  # fmt: skip
     admin = connect(redis.url, max_connections=runs + 8)
     live: list[tuple[str, float]] = []
